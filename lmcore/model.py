@@ -1,0 +1,493 @@
+"""The GPT of SPEC section 3, every component a config switch, one forward for all uses.
+
+`GPT.forward(ids, targets=None, reduction="mean", latent=None, cache=None)` serves
+training (mean loss), evaluation (per-token losses with reduction="none"), test-time
+training (with a `LatentMasks` module passed explicitly) and sampling (with a static
+`KVCache`, one token per call). Nothing is patched at run time.
+
+Components: tied embedding, product-key / hashed / no bigram, RMS norm, SmearGate, U-Net
+skips, blocks with residual mix to x0, GQA attention with q/k RMS norm, partial RoPE
+(NTK-rescaled past `rope_train_len`), per-head q gain, XSA, gated attention, shared value
+embedding, LeakyReLU(0.5)^2 MLP, logit softcap, and the `bos_mask` fix (SPEC section 7).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lmcore.attention import attention, resolve_backend
+from lmcore.config import ModelConfig, resolve_layers
+
+# Parameter-name fragments of the small "control" tensors (kept fp32, AdamW scalar group).
+CONTROL_PATTERNS = (
+    "attn_scale",
+    "mlp_scale",
+    "resid_mix",
+    "q_gain",
+    "skip_weights",
+    "smear",
+    "ve_layer_scales",
+    "ve_shared.scale",
+    "bigram.scale",
+)
+
+
+class CastedLinear(nn.Linear):
+    """Linear layer whose fp32 weight is cast to the input dtype at use.
+
+    With `qat_bits` set, training forwards use a straight-through fake quantization of
+    the weight (per-row scale = row max / (2^(b-1)-1), values in [-2^(b-1), 2^(b-1)-1]).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, zero_init: bool = False):
+        super().__init__(in_features, out_features, bias=bias)
+        self.zero_init = zero_init
+        self.qat_bits = 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.weight.to(x.dtype)
+        if self.qat_bits and self.training:
+            w = w + (fake_quantize_rows(self.weight, self.qat_bits).to(x.dtype) - w).detach()
+        b = self.bias.to(x.dtype) if self.bias is not None else None
+        return F.linear(x, w, b)
+
+
+@torch.no_grad()
+def fake_quantize_rows(w: Tensor, bits: int) -> Tensor:
+    """Per-row symmetric fake quantization used by late QAT (SPEC section 3)."""
+    qmax = 2 ** (bits - 1) - 1
+    w32 = w.float()
+    scale = (w32.abs().amax(dim=1) / qmax).clamp_min(1.0 / qmax)
+    return torch.clamp(torch.round(w32 / scale[:, None]), -qmax - 1, qmax) * scale[:, None]
+
+
+def rms_norm(x: Tensor) -> Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def rope_tables(cfg: ModelConfig, length: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """cos/sin of shape (length, rope_dims/2) for a sequence of `length` tokens.
+
+    Past `rope_train_len` the base grows as base * (L / train_len)^(rd / (rd - 2)).
+    """
+    rd = cfg.rope_dims or cfg.head_dim
+    base = cfg.rope_base
+    if length > cfg.rope_train_len:
+        base = base * (length / cfg.rope_train_len) ** (rd / (rd - 2))
+    inv_freq = 1.0 / (base ** (torch.arange(0, rd, 2, dtype=torch.float32, device=device) / rd))
+    t = torch.arange(length, dtype=torch.float32, device=device)
+    freqs = torch.outer(t, inv_freq)
+    return freqs.cos(), freqs.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate the first 2*cos.size(-1) dims of x (B, T, H, D); cos/sin are (T, rd/2)."""
+    half = cos.size(-1)
+    cos = cos[None, :, None, :].to(x.dtype)
+    sin = sin[None, :, None, :].to(x.dtype)
+    x1, x2, rest = x[..., :half], x[..., half : 2 * half], x[..., 2 * half :]
+    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin, rest), dim=-1)
+
+
+class LatentMasks(nn.Module):
+    """Per-block test-time-trainable masks (SPEC section 6): 4 vectors per block.
+
+    MLP: h = act(h) * sigmoid(mlp_mask) + mlp_bias before the MLP output projection.
+    Attention: out * sigmoid(attn_mask) + attn_bias after the attention projection.
+    """
+
+    def __init__(self, cfg: ModelConfig, init: float = 3.0):
+        super().__init__()
+        L = cfg.num_layers
+        self.mlp_mask = nn.Parameter(torch.full((L, cfg.mlp_hidden), float(init)))
+        self.mlp_bias = nn.Parameter(torch.zeros(L, cfg.mlp_hidden))
+        self.attn_mask = nn.Parameter(torch.full((L, cfg.model_dim), float(init)))
+        self.attn_bias = nn.Parameter(torch.zeros(L, cfg.model_dim))
+
+    @staticmethod
+    def apply(h: Tensor, mask: Tensor, bias: Tensor) -> Tensor:
+        return h * torch.sigmoid(mask).to(h.dtype) + bias.to(h.dtype)
+
+
+class KVCache:
+    """Static-shape key/value cache for one-token-at-a-time sampling.
+
+    Holds per-layer K and V of shape (B, Hkv, max_len, D), the previous token id and the
+    previous normalised input embedding (for the bigram and SmearGate), and `pos`, a 0-d
+    int64 tensor. RoPE uses the tables of `rope_len` (the length the model is sampled to),
+    so a cached decode of a sequence equals `forward` over it with `rope_len` = its length.
+    """
+
+    def __init__(self, model: GPT, batch: int, max_len: int, device: torch.device, dtype: torch.dtype):
+        cfg = model.cfg
+        shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
+        self.prev_ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.prev_x = torch.zeros(batch, 1, cfg.model_dim, device=device, dtype=dtype)
+        self.pos = torch.zeros((), dtype=torch.long, device=device)
+        self.max_len = max_len
+        cos, sin = rope_tables(cfg, max_len, device)
+        self.cos, self.sin = cos, sin
+        self.positions = torch.arange(max_len, device=device)
+
+    def reset(self) -> None:
+        self.pos.zero_()
+        self.prev_ids.zero_()
+        self.prev_x.zero_()
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, xsa: bool, gated: bool):
+        super().__init__()
+        self.cfg = cfg
+        self.layer = layer
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        kv_dim = cfg.num_kv_heads * cfg.head_dim
+        self.c_q = CastedLinear(cfg.model_dim, cfg.model_dim)
+        self.c_k = CastedLinear(cfg.model_dim, kv_dim)
+        self.c_v = CastedLinear(cfg.model_dim, kv_dim)
+        self.proj = CastedLinear(cfg.model_dim, cfg.model_dim, zero_init=True)
+        self.q_gain = nn.Parameter(torch.full((cfg.num_heads,), cfg.qk_gain_init))
+        self.xsa = xsa
+        self.attn_gate: nn.Linear | None = None
+        if gated:
+            self.attn_gate = nn.Linear(cfg.model_dim, cfg.num_heads, bias=True)
+            nn.init.zeros_(self.attn_gate.weight)
+            nn.init.constant_(self.attn_gate.bias, cfg.gate_bias_init)
+        self.backend = "math"
+
+    def forward(
+        self, x: Tensor, ve: Tensor | None, rope: tuple[Tensor, Tensor], cache: KVCache | None = None
+    ) -> Tensor:
+        B, T, _ = x.shape
+        H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
+        q = self.c_q(x).view(B, T, H, D)
+        k = self.c_k(x).view(B, T, Hkv, D)
+        v = self.c_v(x)
+        if ve is not None:
+            v = v + ve
+        v = v.view(B, T, Hkv, D)
+        q, k = rms_norm(q), rms_norm(k)
+        cos, sin = rope
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q = q * self.q_gain.to(q.dtype)[None, None, :, None]
+        if cache is None:
+            y = attention(q, k, v, self.backend)
+        else:
+            y = self._cached_attention(q, k, v, cache)
+        if self.xsa:  # remove the component along the head's own (unit) value vector
+            g = H // Hkv
+            yg = y.view(B, T, Hkv, g, D)
+            vn = F.normalize(v, dim=-1).unsqueeze(-2)
+            y = (yg - (yg * vn).sum(-1, keepdim=True) * vn).view(B, T, H, D)
+        if self.attn_gate is not None:
+            y = y * torch.sigmoid(self.attn_gate(x).to(y.dtype)).unsqueeze(-1)
+        return self.proj(y.reshape(B, T, H * D))
+
+    def _cached_attention(self, q: Tensor, k: Tensor, v: Tensor, cache: KVCache) -> Tensor:
+        # One new token per call (T == 1): write K/V at pos, attend to positions <= pos.
+        kc, vc = cache.k[self.layer], cache.v[self.layer]
+        idx = cache.pos.view(1)
+        kc.index_copy_(2, idx, k.transpose(1, 2).to(kc.dtype))
+        vc.index_copy_(2, idx, v.transpose(1, 2).to(vc.dtype))
+        mask = (cache.positions <= cache.pos)[None, None, None, :]
+        y = F.scaled_dot_product_attention(
+            q.transpose(1, 2), kc.to(q.dtype), vc.to(q.dtype), attn_mask=mask, enable_gqa=True
+        )
+        return y.transpose(1, 2)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.fc = CastedLinear(cfg.model_dim, cfg.mlp_hidden)
+        self.proj = CastedLinear(cfg.mlp_hidden, cfg.model_dim, zero_init=True)
+        self.slope = cfg.leaky_slope
+
+    def forward(self, x: Tensor, mask: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        h = F.leaky_relu(self.fc(x), negative_slope=self.slope).square()
+        if mask is not None:
+            h = LatentMasks.apply(h, *mask)
+        return self.proj(h)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, xsa: bool, gated: bool):
+        super().__init__()
+        d = cfg.model_dim
+        self.layer = layer
+        self.attn = Attention(cfg, layer, xsa, gated)
+        self.mlp = MLP(cfg)
+        self.attn_scale = nn.Parameter(torch.ones(d))
+        self.mlp_scale = nn.Parameter(torch.ones(d))
+        self.resid_mix = nn.Parameter(torch.stack((torch.ones(d), torch.zeros(d))))
+        self.ln_factor = 1.0 / math.sqrt(layer + 1) if cfg.ln_scale else 1.0
+
+    def forward(
+        self,
+        x: Tensor,
+        x0: Tensor,
+        ve: Tensor | None,
+        rope: tuple[Tensor, Tensor],
+        latent: LatentMasks | None = None,
+        cache: KVCache | None = None,
+    ) -> Tensor:
+        mix = self.resid_mix.to(x.dtype)
+        x = mix[0] * x + mix[1] * x0
+        a = self.attn(rms_norm(x) * self.ln_factor, ve, rope, cache)
+        mlp_mask = None
+        if latent is not None:
+            i = self.layer
+            a = LatentMasks.apply(a, latent.attn_mask[i], latent.attn_bias[i])
+            mlp_mask = (latent.mlp_mask[i], latent.mlp_bias[i])
+        x = x + self.attn_scale.to(x.dtype) * a
+        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.ln_factor, mlp_mask)
+
+
+def previous_ids(ids: Tensor, bos_mask: bool, bos_id: int) -> Tensor:
+    """The previous token of each position (0 at position 0, and at BOS with bos_mask)."""
+    prev = F.pad(ids[:, :-1], (1, 0), value=0)
+    if bos_mask:
+        prev = prev.masked_fill(ids == bos_id, 0)
+    return prev
+
+
+class ProductKeyBigram(nn.Module):
+    """embed_prev[prev] * embed_cur[cur] * scale (SPEC section 3)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_prev = nn.Embedding(cfg.vocab_size, cfg.model_dim)
+        self.embed_cur = nn.Embedding(cfg.vocab_size, cfg.model_dim)
+        nn.init.normal_(self.embed_prev.weight, std=0.02)
+        nn.init.normal_(self.embed_cur.weight, std=0.02)
+        self.scale = nn.Parameter(torch.tensor(cfg.bigram_scale_init))
+
+    def forward(self, ids: Tensor, prev: Tensor) -> Tensor:
+        h = self.embed_prev(prev) * self.embed_cur(ids)
+        return h * self.scale.to(h.dtype)
+
+
+class HashedBigram(nn.Module):
+    """Hash (prev, cur) into `buckets`, embed in `dim`, project to the model width."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.buckets = cfg.bigram_buckets
+        self.embed = nn.Embedding(cfg.bigram_buckets, cfg.bigram_dim)
+        nn.init.normal_(self.embed.weight, std=0.02)
+        self.proj = CastedLinear(cfg.bigram_dim, cfg.model_dim)
+        self.scale = nn.Parameter(torch.tensor(cfg.bigram_scale_init))
+
+    def bucket(self, ids: Tensor, prev: Tensor) -> Tensor:
+        h = torch.bitwise_xor(36313 * ids.long(), 27191 * prev.long()) % (self.buckets - 1)
+        return torch.where(prev == 0, torch.full_like(h, self.buckets - 1), h)
+
+    def forward(self, ids: Tensor, prev: Tensor) -> Tensor:
+        h = self.proj(self.embed(self.bucket(ids, prev)))
+        return h * self.scale.to(h.dtype)
+
+
+class SmearGate(nn.Module):
+    """x_t = (1 - g) x_t + g x_{t-1}, g = sigmoid(gate) per channel (x_{-1} = 0)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.gate = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: Tensor, prev_x: Tensor, keep_prev: Tensor | None) -> Tensor:
+        if keep_prev is not None:
+            prev_x = prev_x * keep_prev.unsqueeze(-1).to(prev_x.dtype)
+        g = torch.sigmoid(self.gate.to(x.dtype))
+        return (1 - g) * x + g * prev_x
+
+
+class ValueEmbedding(nn.Module):
+    """Embedding (vocab x ve_dim) -> linear to the KV width, times a scale (SPEC section 3)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        kv_dim = cfg.num_kv_heads * cfg.head_dim
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.ve_dim)
+        nn.init.normal_(self.embed.weight, std=0.01)
+        self.proj = CastedLinear(cfg.ve_dim, kv_dim) if cfg.ve_dim != kv_dim else None
+        self.scale = nn.Parameter(torch.tensor(cfg.ve_scale_init))
+
+    def forward(self, ids: Tensor) -> Tensor:
+        h = self.embed(ids)
+        if self.proj is not None:
+            h = self.proj(h)
+        return h * self.scale.to(h.dtype)
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        L, d = cfg.num_layers, cfg.model_dim
+        self.tok_emb = nn.Embedding(cfg.vocab_size, d)
+        self.bigram: nn.Module | None = {
+            "product_key": ProductKeyBigram,
+            "hashed": HashedBigram,
+            "none": lambda c: None,
+        }[cfg.bigram](cfg)
+        self.smear = SmearGate(d) if cfg.smear_gate else None
+        self.num_encoder = L // 2 if cfg.unet_skips else 0
+        n_skip = min(self.num_encoder, L - self.num_encoder)
+        self.skip_weights = nn.Parameter(torch.ones(n_skip, d)) if n_skip else None
+        xsa = set(resolve_layers(cfg.xsa_layers, L))
+        gated = set(resolve_layers(cfg.gated_attn_layers, L))
+        self.blocks = nn.ModuleList(Block(cfg, i, i in xsa, i in gated) for i in range(L))
+        self.ve_layers = resolve_layers(cfg.ve_layers, L)
+        if self.ve_layers:
+            self.ve_shared = ValueEmbedding(cfg)
+            self.ve_layer_scales = nn.ParameterList(nn.Parameter(torch.ones(1)) for _ in self.ve_layers)
+        else:
+            self.ve_shared = None
+            self.ve_layer_scales = nn.ParameterList()
+        self._init_weights()
+        self.set_attention_backend(cfg.attention, torch.device("cpu"))
+
+    # ------------------------------------------------------------------ setup
+    def _init_weights(self) -> None:
+        nn.init.normal_(self.tok_emb.weight, std=self.cfg.tied_embed_init_std)
+        scale = 1.0 / math.sqrt(2 * self.cfg.num_layers)
+        for name, m in self.named_modules():
+            if not isinstance(m, nn.Linear):
+                continue
+            if getattr(m, "zero_init", False):
+                nn.init.zeros_(m.weight)
+            elif m.weight.shape[0] >= 64 and m.weight.shape[1] >= 64:
+                nn.init.orthogonal_(m.weight)
+                if name.endswith(".proj"):
+                    with torch.no_grad():
+                        m.weight.mul_(scale)
+
+    def set_attention_backend(self, name: str, device: torch.device | str) -> str:
+        """Resolve `name` for `device` (raises if unavailable); returns the backend used."""
+        backend = resolve_backend(name, torch.device(device))
+        for b in self.blocks:
+            b.attn.backend = backend
+        self.attention_backend = backend
+        return backend
+
+    def set_qat(self, bits: int) -> None:
+        """Turn straight-through fake quantization of the block linears on (bits) or off (0)."""
+        for b in self.blocks:
+            for m in b.modules():
+                if isinstance(m, CastedLinear):
+                    m.qat_bits = bits
+
+    def embedding_params(self) -> list[nn.Parameter]:
+        """The embedding tables (token, bigram, value embedding)."""
+        out = [self.tok_emb.weight]
+        if isinstance(self.bigram, ProductKeyBigram):
+            out += [self.bigram.embed_prev.weight, self.bigram.embed_cur.weight]
+        elif isinstance(self.bigram, HashedBigram):
+            out.append(self.bigram.embed.weight)
+        if self.ve_shared is not None:
+            out.append(self.ve_shared.embed.weight)
+        return out
+
+    def cast_embeddings(self, dtype: torch.dtype) -> None:
+        """Store the embedding tables in `dtype` (bf16 on GPU, as the original does)."""
+        for p in self.embedding_params():
+            p.data = p.data.to(dtype)
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        ids: Tensor,
+        targets: Tensor | None = None,
+        reduction: str = "mean",
+        latent: LatentMasks | None = None,
+        cache: KVCache | None = None,
+    ) -> Tensor:
+        """Logits (B, T, V) without targets; otherwise the cross-entropy with `reduction`
+        ("mean", "sum" or "none" -> (B, T)). `latent` applies TTT masks; `cache` decodes
+        one token per call (T == 1) against a KVCache."""
+        cfg = self.cfg
+        x = self.embed(ids, cache)
+        x0 = x
+        if cache is None:
+            rope = rope_tables(cfg, ids.size(1), ids.device)
+        else:
+            rope = (cache.cos[cache.pos].unsqueeze(0), cache.sin[cache.pos].unsqueeze(0))
+        ve_base = self.ve_shared(ids) if self.ve_shared is not None else None
+        skips: list[Tensor] = []
+        for i, block in enumerate(self.blocks):
+            if i >= self.num_encoder and skips:
+                x = x + self.skip_weights[i - self.num_encoder].to(x.dtype) * skips.pop()
+            ve = None
+            if ve_base is not None and i in self.ve_layers:
+                ve = ve_base * self.ve_layer_scales[self.ve_layers.index(i)].to(ve_base.dtype)
+            x = block(x, x0, ve, rope, latent, cache)
+            if i < self.num_encoder:
+                skips.append(x)
+        if cache is not None:
+            cache.pos.add_(1)
+        logits = self.logits(rms_norm(x))
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction=reduction)
+        return loss.view(targets.shape) if reduction == "none" else loss
+
+    def embed(self, ids: Tensor, cache: KVCache | None = None) -> Tensor:
+        """Input stage: tok_emb + bigram, RMS norm, SmearGate (x0 of the blocks)."""
+        cfg = self.cfg
+        if cache is None:
+            prev = previous_ids(ids, cfg.bos_mask, cfg.bos_id)
+        else:
+            prev = cache.prev_ids if ids.size(1) == 1 else None
+            if prev is None:
+                raise ValueError("KVCache decoding takes one token per call")
+            # position 0 has no previous token; with bos_mask neither has a BOS token
+            prev = torch.where(cache.pos == 0, torch.zeros_like(prev), prev)
+            if cfg.bos_mask:
+                prev = prev.masked_fill(ids == cfg.bos_id, 0)
+        x = self.tok_emb(ids)
+        if self.bigram is not None:
+            x = x + self.bigram(ids, prev)
+        x = rms_norm(x)
+        if self.smear is not None:
+            if cache is None:
+                prev_x = F.pad(x[:, :-1], (0, 0, 1, 0))
+                keep = (ids != cfg.bos_id) if cfg.bos_mask else None
+            else:
+                prev_x = cache.prev_x.to(x.dtype) * (cache.pos > 0).to(x.dtype)
+                keep = (ids != cfg.bos_id) if cfg.bos_mask else None
+                cache.prev_x.copy_(x)
+            x = self.smear(x, prev_x, keep)
+        if cache is not None:
+            cache.prev_ids.copy_(ids)
+        return x
+
+    def logits(self, h: Tensor) -> Tensor:
+        z = F.linear(h, self.tok_emb.weight.to(h.dtype))
+        cap = self.cfg.logit_softcap
+        return cap * torch.tanh(z / cap) if cap > 0 else z
+
+
+def param_counts(model: GPT) -> dict[str, int]:
+    """Parameter counts, total and per component."""
+    groups: dict[str, int] = {}
+    for name, p in model.named_parameters():
+        parts = name.split(".")
+        if parts[0] == "blocks":
+            sub = parts[2]
+            key = {"attn": "blocks.attn", "mlp": "blocks.mlp"}.get(sub, "blocks.control")
+            if sub == "attn" and parts[3] == "attn_gate":
+                key = "blocks.attn_gate"
+        elif parts[0] in ("ve_shared", "ve_layer_scales"):
+            key = "value_embedding"
+        else:
+            key = parts[0]
+        groups[key] = groups.get(key, 0) + p.numel()
+    groups["total"] = sum(p.numel() for p in model.parameters())
+    return groups
