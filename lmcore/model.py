@@ -191,15 +191,19 @@ class Attention(nn.Module):
 
     def _cached_attention(self, q: Tensor, k: Tensor, v: Tensor, cache: KVCache) -> Tensor:
         # One new token per call (T == 1): write K/V at pos, attend to positions <= pos.
+        # Plain matmuls over the cache in its own dtype (no per-step copy of the cache,
+        # no host sync: pos stays a device tensor, so one CUDA graph serves every step).
         kc, vc = cache.k[self.layer], cache.v[self.layer]
         idx = cache.pos.view(1)
         kc.index_copy_(2, idx, k.transpose(1, 2).to(kc.dtype))
         vc.index_copy_(2, idx, v.transpose(1, 2).to(vc.dtype))
-        mask = (cache.positions <= cache.pos)[None, None, None, :]
-        y = F.scaled_dot_product_attention(
-            q.transpose(1, 2), kc.to(q.dtype), vc.to(q.dtype), attn_mask=mask, enable_gqa=True
-        )
-        return y.transpose(1, 2)
+        B, _, H, D = q.shape
+        Hkv = kc.size(1)
+        qg = q.reshape(B, Hkv, H // Hkv, D).to(kc.dtype)
+        s = torch.matmul(qg, kc.transpose(-1, -2)).float() * (1.0 / math.sqrt(D))
+        s = s.masked_fill(cache.positions > cache.pos, float("-inf"))
+        y = torch.matmul(torch.softmax(s, -1).to(vc.dtype), vc)
+        return y.reshape(B, 1, H, D).to(q.dtype)
 
 
 class MLP(nn.Module):
@@ -418,7 +422,8 @@ class GPT(nn.Module):
         if cache is None:
             rope = rope_tables(cfg, ids.size(1), ids.device)
         else:
-            rope = (cache.cos[cache.pos].unsqueeze(0), cache.sin[cache.pos].unsqueeze(0))
+            idx = cache.pos.view(1)
+            rope = (cache.cos.index_select(0, idx), cache.sin.index_select(0, idx))
         ve_base = self.ve_shared(ids) if self.ve_shared is not None else None
         skips: list[Tensor] = []
         for i, block in enumerate(self.blocks):
