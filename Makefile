@@ -18,6 +18,7 @@ env: $(VENV)/.ready
 
 test: $(VENV)/.ready
 	$(VPY) -m pytest -q tests
+	$(VPY) -m pytest -q --nbval-lax notebooks/
 
 smoke: $(VENV)/.ready
 	$(VPY) -m lmcore study smoke

@@ -379,6 +379,7 @@ SMOKE = replace(
         log_every=20,
         val_every=50,
         compile=False,
+        ema="bias_corrected",  # the original's EMA from init ruins short runs (SPEC 7)
     ),
     quant=replace(RECORD.quant, calib_seqs=4, calib_len=128, calib_batch=4, passthrough_max_numel=4096, gptq_block=32),
     eval=replace(RECORD.eval, seq_len=128, stride=32, batch_seqs=16, ttt_chunk_tokens=2048, ttt_epochs=1, ttt_batch_seqs=8, ttt_lr=0.002, compile=False),

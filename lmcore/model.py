@@ -356,7 +356,12 @@ class GPT(nn.Module):
             self.ve_shared = None
             self.ve_layer_scales = nn.ParameterList()
         self._init_weights()
-        self.set_attention_backend(cfg.attention, torch.device("cpu"))
+        # The backend is resolved for a device: a CUDA-only choice starts as the CPU default
+        # until train/eval/pack call set_attention_backend(cfg.attention, device).
+        try:
+            self.set_attention_backend(cfg.attention, torch.device("cpu"))
+        except ValueError:
+            self.set_attention_backend("auto", torch.device("cpu"))
 
     # ------------------------------------------------------------------ setup
     def _init_weights(self) -> None:

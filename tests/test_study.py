@@ -1,0 +1,220 @@
+"""lmcore.study: Papermill batches (two seeds -> two run folders with executed notebooks;
+a failing run recorded and the batch going on), parameter parsing, paths, seed tables
+and the challenge test on synthetic runs, the attention sweep's unavailable backends, a
+failing sweep run, the notebooks' structure, and one tiny real run end to end."""
+
+from __future__ import annotations
+
+import ast
+import json
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbformat.v4 import new_code_cell, new_notebook
+
+from lmcore import study
+from lmcore.cli import main
+from tests.test_plots import fake_run
+
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
+
+
+def _tiny_notebook(path: Path) -> Path:
+    nb = new_notebook()
+    nb.metadata = {"kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
+                   "language_info": {"name": "python"}}
+    params = new_code_cell('seed = 0\nrun_dir = "unused"\nfail_seed = -1\nlabel = "x"')
+    params.metadata["tags"] = ["parameters"]
+    work = new_code_cell(
+        "import json, pathlib\n"
+        "p = pathlib.Path(run_dir)\n"
+        "(p / 'out.json').write_text(json.dumps({'seed': seed, 'label': label}))\n"
+        "print('seed', seed)"
+    )
+    boom = new_code_cell("if seed == fail_seed:\n    raise RuntimeError(f'boom at seed {seed}')")
+    nb.cells = [params, work, boom]
+    nbformat.write(nb, path)
+    return path
+
+
+def test_batch_two_seeds_two_run_folders(tmp_path: Path):
+    nb = _tiny_notebook(tmp_path / "tiny.ipynb")
+    runs = tmp_path / "runs"
+    s = study.run_batch(nb, {"label": "hello"}, seeds=[1, 2], runs_dir=runs, root=tmp_path, stream=False, log=None)
+    assert s["ok"] == ["tiny-s1", "tiny-s2"] and s["failed"] == []
+    for seed in (1, 2):
+        rd = runs / f"tiny-s{seed}"
+        executed = nbformat.read(rd / "notebook.ipynb", as_version=4)
+        assert any("injected-parameters" in c.metadata.get("tags", []) for c in executed.cells)
+        assert json.loads((rd / "out.json").read_text()) == {"seed": seed, "label": "hello"}
+        assert not (rd / "FAILED.json").exists()
+    summary = json.loads(Path(s["summary_path"]).read_text())
+    assert summary["ok"] == ["tiny-s1", "tiny-s2"] and summary["parameters"] == {"label": "hello"}
+
+
+def test_batch_failure_is_recorded_and_the_batch_goes_on(tmp_path: Path, capsys):
+    nb = _tiny_notebook(tmp_path / "tiny.ipynb")
+    runs = tmp_path / "runs"
+    rc = main(["study", "run", str(nb), "-p", "fail_seed", "2", "-p", "label", "lab", "--seeds", "2", "3",
+               "--runs-dir", str(runs), "--quiet"])
+    assert rc == 1
+    failed = json.loads((runs / "tiny-s2" / "FAILED.json").read_text())
+    assert "boom at seed 2" in failed["error"] and failed["seed"] == 2
+    assert (runs / "tiny-s2" / "notebook.ipynb").is_file()  # the partly executed notebook is kept
+    assert json.loads((runs / "tiny-s3" / "out.json").read_text())["seed"] == 3
+    assert not (runs / "tiny-s3" / "FAILED.json").exists()
+    batches = list((runs / "batches").glob("tiny-*.json"))
+    assert len(batches) == 1
+    summary = json.loads(batches[0].read_text())
+    assert summary["ok"] == ["tiny-s3"] and summary["failed"] == ["tiny-s2"]
+    assert "failed" in capsys.readouterr().out
+
+
+def test_batch_out_dir_and_no_seeds(tmp_path: Path):
+    nb = _tiny_notebook(tmp_path / "tiny.ipynb")
+    s = study.run_batch(nb, runs_dir=tmp_path / "runs", out_dir=tmp_path / "executed", name="one",
+                        root=tmp_path, stream=False, log=None)
+    assert s["ok"] == ["one"]
+    assert (tmp_path / "executed" / "one.ipynb").is_file()
+    assert json.loads((tmp_path / "runs" / "one" / "out.json").read_text())["seed"] == 0
+
+
+def test_parse_param():
+    assert study.parse_param('["train.iterations=5", "eval.ttt=false"]') == ["train.iterations=5", "eval.ttt=false"]
+    assert study.parse_param("3") == 3 and study.parse_param("0.5") == 0.5
+    assert study.parse_param("true") is True and study.parse_param("null") is None
+    assert study.parse_param("smoke") == "smoke" and study.parse_param("runs/x-s1") == "runs/x-s1"
+
+
+def test_repo_root_and_resolve(tmp_path: Path):
+    assert study.repo_root(REPO / "notebooks") == REPO
+    assert study.repo_root(REPO / "lmcore") == REPO
+    assert study.resolve("runs/x", REPO) == REPO / "runs" / "x"
+    assert study.resolve(tmp_path / "abs") == tmp_path / "abs"
+    with study.at_root(tmp_path) as r:
+        assert Path.cwd() == r == tmp_path.resolve()
+
+
+def test_field_variants():
+    assert study.field_variants("model.bigram", ["hashed", "none"]) == {
+        "hashed": ["model.bigram=hashed"], "none": ["model.bigram=none"]}
+    assert study.field_variants("model.gated_attn_layers", [[0, 2]]) == {"0,2": ["model.gated_attn_layers=0,2"]}
+
+
+def test_seeds_table_and_test(tmp_path: Path):
+    runs = tmp_path / "runs"
+    for seed, loss in ((1, 5.000), (2, 5.002), (3, 4.999)):
+        fake_run(runs / f"cand-s{seed}", "seeds", "candidate", seed, bpb=loss / 1.6, loss=loss)
+    for seed, loss in ((1, 5.020), (2, 5.021), (3, 5.019)):
+        fake_run(runs / f"ref-s{seed}", "seeds", "reference", seed, bpb=loss / 1.6, loss=loss)
+    table = study.seeds_table([str(runs / "cand-s*")], root=tmp_path)
+    assert list(table["seed"]) == [1, 2, 3] and list(table["val_loss"]) == [5.000, 5.002, 4.999]
+    summ = study.seeds_summary(table).set_index("metric")
+    assert summ.loc["val_loss", "n"] == 3 and summ.loc["val_loss", "mean"] == pytest.approx(5.000333333)
+    res = study.seeds_test(table, reference_runs=[str(runs / "ref-s*")], root=tmp_path)
+    assert res.reference_n == 3 and res.improvement == pytest.approx(0.019666667)
+    assert res.passed and res.p_value < 0.01 and "PASSES" in res.statement
+    # a published number, in bpb: converted to nats with the runs' bytes/token (4600 / 2000)
+    res = study.seeds_test(table, reference_bpb=3.1)
+    assert res.reference_n == 1 and res.reference_mean == pytest.approx(3.1 * 0.6931471805599453 * 2.3)
+    res = study.seeds_test(table, reference_loss=5.004)
+    assert not res.passed and res.improvement < 0.005
+    with pytest.raises(ValueError, match="reference"):
+        study.seeds_test(table)
+    with pytest.raises(FileNotFoundError):
+        study.seeds_table([str(runs / "nothing-*")], root=tmp_path)
+    t = study.welch_table(res)
+    assert "p_value" in set(t["what"])
+
+
+def test_seeds_table_cli(tmp_path: Path, capsys):
+    runs = tmp_path / "runs"
+    for seed, loss in ((1, 5.000), (2, 5.002)):
+        fake_run(runs / f"c-s{seed}", seed=seed, loss=loss)
+    rc = main(["study", "seeds-table", str(runs / "c-s*"), "--reference-loss", "5.1"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "val_loss" in out and "p = " in out and "c-s2" in out
+
+
+def test_attention_sweep_reports_unavailable_backends(tmp_path: Path):
+    # on a CPU machine FA3 / FA2 cannot run: recorded with the reason, never trained
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    df = study.attention_sweep(["fa3", "fa2"], runs_dir=tmp_path / "runs", root=REPO, log=None)
+    assert list(df["variant"]) == ["fa3", "fa2"]
+    assert list(df["status"]) == ["unavailable", "unavailable"]
+    assert all(isinstance(e, str) and e for e in df["error"])
+    assert not any((tmp_path / "runs" / "attention" / f"{b}-s1337" / "model.pt").exists() for b in ("fa3", "fa2"))
+
+
+def test_sweep_records_failed_runs_and_goes_on(tmp_path: Path):
+    df = study.sweep("bad", {"a": ["model.bigram=trigram"], "b": ["train.nope=1"]}, runs_dir=tmp_path / "runs",
+                     root=REPO, log=None)
+    assert list(df["status"]) == ["failed", "failed"]
+    fa = json.loads((tmp_path / "runs" / "bad" / "a-s1337" / "FAILED.json").read_text())
+    assert "model.bigram" in fa["error"] and fa["phase"] == "config/data"
+    assert "train.nope" in df.iloc[1]["error"]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def test_notebook_structure(path: Path):
+    nb = nbformat.read(path, as_version=4)
+    nbformat.validate(nb)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert code, "no code cell"
+    first = code[0]
+    assert "parameters" in first.metadata.get("tags", []), "first code cell must be tagged `parameters`"
+    tree = ast.parse(first.source)
+    assert tree.body, "empty parameters cell"
+    for stmt in tree.body:
+        assert isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name), (
+            f"{path.name}: parameters cell may hold only `name = literal` lines: {ast.unparse(stmt)}")
+        ast.literal_eval(stmt.value)  # raises on anything but a literal
+    for c in code:
+        assert c.outputs == [] and c.execution_count is None, f"{path.name}: outputs must be stripped"
+    for c in code[1:]:
+        assert "lmcore" in c.source or "study." in c.source or "plots." in c.source, (
+            f"{path.name}: every cell calls lmcore: {c.source[:60]!r}")
+
+
+def test_expected_notebooks_exist():
+    names = {p.name for p in NOTEBOOKS}
+    assert {"01_train.ipynb", "02_ablation_attention.ipynb", "03_ablation_bigram.ipynb",
+            "04_ablation_gated_attention.ipynb", "05_seeds.ipynb", "06_figures.ipynb"} <= names
+
+
+@pytest.mark.slow
+def test_run_one_end_to_end(tmp_path: Path):
+    ov = ["train.iterations=3", "train.warmdown_iters=1", "train.batch_tokens=1024", "train.grad_accum=1",
+          "train.val_every=0", "train.log_every=1", "train.ema=off", "data.val_max_tokens=1024",
+          "quant.calib_seqs=1", "quant.calib_len=32", "eval.stride=64", "eval.ttt_chunk_tokens=512"]
+    row = study.run_one(tmp_path / "runs" / "one", overrides=ov, seed=3, study="t", variant="v", progress=False,
+                        log=None)
+    assert row["status"] == "ok" and row["steps"] == 3 and row["seed"] == 3
+    assert row["val_bpb"] > 0 and row["total_bytes"] > 0 and row["score_source"].startswith("eval")
+    st = json.loads((tmp_path / "runs" / "one" / "study.json").read_text())
+    assert st["status"] == "ok" and set(st["phases"]) == {"data", "train", "pack", "eval"}
+    table = study.run_table(row)
+    assert "artifact bytes" in set(table["what"])
+    # run again into the same folder: the earlier run is replaced
+    row2 = study.run_one(tmp_path / "runs" / "one", overrides=ov, seed=4, progress=False, log=None)
+    assert row2["status"] == "ok" and row2["seed"] == 4
+
+
+@pytest.mark.slow
+def test_multi_process_run_goes_through_torchrun(tmp_path: Path):
+    # num_gpus > 1: train and eval run under torchrun (2 CPU ranks with gloo here), pack as a
+    # subprocess; their output is streamed to `log` and the run folder is read back
+    ov = ["train.iterations=2", "train.warmdown_iters=1", "train.batch_tokens=1024", "train.grad_accum=2",
+          "train.val_every=0", "train.log_every=1", "train.ema=off", "data.val_max_tokens=1024",
+          "quant.calib_seqs=1", "quant.calib_len=32", "eval.stride=64", "eval.ttt_chunk_tokens=512"]
+    lines: list[str] = []
+    row = study.run_one(tmp_path / "mp", overrides=ov, seed=5, num_gpus=2, log=lines.append)
+    assert row["status"] == "ok" and row["world_size"] == 2 and row["steps"] == 2
+    assert any("torch.distributed.run" in ln and "--nproc_per_node=2" in ln for ln in lines)
+    assert any("eval: wrote" in ln for ln in lines)
+    assert json.loads((tmp_path / "mp" / "eval.json").read_text())["world_size"] == 2

@@ -1,0 +1,354 @@
+"""Tests of lmcore.train and lmcore.smoke_data on CPU: the smoke run from a fresh folder
+(val loss below the unigram entropy), bit-exact resume, DDP under torchrun (gloo) against
+one process, the run folder's files, and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lmcore import cli
+from lmcore.config import preset
+from lmcore.data import list_shards, read_shard
+from lmcore.runs import read_jsonl
+from lmcore.runtime import DistInfo
+from lmcore.train import EMA, latest_checkpoint, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine two spinning OpenMP threads per
+    process slow these CPU runs down 10x or more whenever another process competes."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(one_thread, tmp_path_factory):
+    """`lmcore train --preset smoke --run-dir runs/a` in an empty folder (builds the data)."""
+    work = tmp_path_factory.mktemp("fresh_clone")
+    old = os.getcwd()
+    os.chdir(work)
+    try:
+        t = time.perf_counter()
+        rc = cli.main(["train", "--preset", "smoke", "--run-dir", "runs/a", "--no-progress", "--compare-ema"])
+        seconds = time.perf_counter() - t
+    finally:
+        os.chdir(old)
+    return {"work": work, "rc": rc, "seconds": seconds, "run": work / "runs" / "a", "data": work / "data" / "smoke"}
+
+
+def _overrides(smoke_run, *extra):
+    d = smoke_run["data"]
+    return [f"data.data_dir={d}", f"data.tokenizer={d / 'tokenizer.model'}", *extra]
+
+
+def _unigram_entropy(data_dir: Path) -> float:
+    toks = np.concatenate([np.asarray(read_shard(f)) for f in list_shards(data_dir, "fineweb_train_*.bin")])
+    counts = np.bincount(toks.astype(np.int64)).astype(np.float64)
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+def test_smoke_cli_run_beats_unigram_entropy(smoke_run):
+    assert smoke_run["rc"] == 0
+    run = smoke_run["run"]
+    summary = json.loads((run / "summary.json").read_text())
+    h = _unigram_entropy(smoke_run["data"])
+    print(
+        f"smoke run: {smoke_run['seconds']:.1f}s, val loss {summary['val_loss']:.4f} "
+        f"(raw {summary['val_loss_raw']:.4f}, ema {summary['val_loss_ema']:.4f}), unigram entropy {h:.4f}"
+    )
+    assert summary["completed"] and summary["steps"] == 200 and summary["stopped_by"] == "iterations"
+    assert summary["val_loss"] < h
+    assert summary["val_loss_raw"] < h - 1.0  # the raw weights are far below
+    assert summary["val_loss"] == summary["val_loss_ema"]  # the smoke preset keeps its (bias-corrected) EMA
+    # SPEC 7: the seed's EMA drags in the initial weights; the bias-corrected one does not
+    assert summary["ema"] == "bias_corrected" and summary["ema_alt"] == "original"
+    assert summary["val_loss_ema"] < summary["val_loss_ema_alt"]
+    print(f"smoke EMA original-mode val loss {summary['val_loss_ema_alt']:.4f}")
+    for key in (
+        "tokens",
+        "wall_time_s",
+        "train_time_s",
+        "tokens_per_s",
+        "mean_step_ms",
+        "val_bpb",
+        "git_commit",
+        "card",
+        "attention_backend",
+        "world_size",
+        "seed",
+        "torch_version",
+        "peak_rss_mib",
+    ):
+        assert key in summary
+    assert summary["tokens"] == 200 * 4096 and summary["card"] == "cpu" and summary["world_size"] == 1
+    # run folder: config, metrics, final model, final checkpoint
+    assert json.loads((run / "config.json").read_text())["name"] == "smoke"
+    rows = read_jsonl(run / "metrics.jsonl")
+    train_rows = [r for r in rows if r["kind"] == "train"]
+    assert {"step", "train_loss", "lr_mul", "tokens", "elapsed_ms", "step_ms", "tokens_per_s"} <= set(train_rows[0])
+    assert train_rows[-1]["step"] == 200 and train_rows[-1]["train_loss"] < train_rows[0]["train_loss"]
+    vals = [r for r in rows if r["kind"] == "val"]
+    assert [(r["step"], r["weights"]) for r in vals] == [
+        (0, "raw"),
+        (50, "raw"),
+        (100, "raw"),
+        (150, "raw"),
+        (200, "raw"),
+        (200, "ema_original"),
+        (200, "ema"),
+    ]
+    assert any(r["kind"] == "event" and r["event"] == "late_qat" for r in rows)
+    saved = torch.load(run / "model.pt", weights_only=True)
+    assert saved["config"]["name"] == "smoke" and "tok_emb.weight" in saved["model"]
+    assert latest_checkpoint(run).name == "step_000200.pt"
+    assert not list(run.glob("**/*.tmp"))
+
+
+def test_smoke_data_is_idempotent(smoke_run):
+    from lmcore.smoke_data import ensure_smoke_data
+
+    d = smoke_run["data"]
+    info = ensure_smoke_data(d, d / "tokenizer.model", progress=False)
+    assert info["built"] is False and info["val_docs"] >= 1 and info["train_tokens"] > 500_000
+    assert (d / "tokenizer.model").stat().st_size > 0
+
+
+def _equal_nested(a, b, path="") -> None:
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert set(a) == set(b), path
+        for k in a:
+            _equal_nested(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            _equal_nested(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, path
+
+
+def test_resume_is_bit_identical(smoke_run, tmp_path):
+    cfg = preset(
+        "smoke",
+        _overrides(
+            smoke_run,
+            "train.iterations=24",
+            "train.warmdown_iters=12",
+            "train.val_every=8",
+            "train.log_every=4",
+            "train.ema=bias_corrected",
+            "train.checkpoint_every=6",
+        ),
+    )
+    full = train(cfg, tmp_path / "full", progress=False, compare_ema=True)
+    assert full.completed and full.qat_step is not None and full.qat_step > 14  # QAT after the interruption
+    part = train(cfg, tmp_path / "cut", progress=False, max_steps=14)
+    assert not part.completed and part.steps == 14 and part.stopped_by == "max_steps"
+    assert latest_checkpoint(tmp_path / "cut").name == "step_000014.pt"
+    assert not (tmp_path / "cut" / "model.pt").exists()
+    rest = train(cfg, tmp_path / "cut", resume=True, progress=False, compare_ema=True)
+    assert rest.completed and rest.steps == 24 and rest.qat_step == full.qat_step
+
+    a = torch.load(tmp_path / "full" / "checkpoints" / "step_000024.pt", weights_only=True)
+    b = torch.load(tmp_path / "cut" / "checkpoints" / "step_000024.pt", weights_only=True)
+    for key in ("model", "optimizers", "ema", "loader", "step", "qat"):
+        _equal_nested(a[key], b[key], key)
+    _equal_nested(
+        torch.load(tmp_path / "full" / "model.pt", weights_only=True)["model"],
+        torch.load(tmp_path / "cut" / "model.pt", weights_only=True)["model"],
+        "model.pt",
+    )
+    assert rest.val_loss == full.val_loss and rest.val_loss_raw == full.val_loss_raw
+    assert rest.ema_alt == "original" and rest.val_loss_ema_alt == full.val_loss_ema_alt
+    # the metrics of the resumed run hold each step once, as the uninterrupted run's
+    key = lambda r: (r["kind"], r["step"], r.get("weights"))
+    rows_a = [key(r) for r in read_jsonl(tmp_path / "full" / "metrics.jsonl")]
+    rows_b = [key(r) for r in read_jsonl(tmp_path / "cut" / "metrics.jsonl")]
+    assert rows_a == rows_b
+    losses = lambda p: [r["train_loss"] for r in read_jsonl(p / "metrics.jsonl") if r["kind"] == "train"]
+    assert losses(tmp_path / "full") == losses(tmp_path / "cut")
+
+    # resuming with other settings than iterations / wallclock / log / checkpoint is refused
+    other = cfg.override(["train.matrix_lr=0.03"])
+    with pytest.raises(ValueError, match="train.matrix_lr"):
+        train(other, tmp_path / "cut", resume=True, progress=False)
+    # a fresh run into a folder that holds a run is refused
+    with pytest.raises(ValueError, match="already holds a run"):
+        train(cfg, tmp_path / "full", progress=False)
+
+
+def test_warmup_steps_are_undone(smoke_run, tmp_path, monkeypatch):
+    """The compile warm-up (CUDA only) must leave no trace: forced on CPU here, QAT graph included."""
+    import lmcore.train as lt
+
+    cfg = preset("smoke", _overrides(smoke_run, "train.iterations=8", "train.warmdown_iters=8", "train.val_every=0"))
+    plain = train(cfg, tmp_path / "plain", progress=False)
+    monkeypatch.setattr(lt, "_compile_warmup_steps", lambda tc, device: 4)
+    warm = train(cfg, tmp_path / "warm", progress=False)
+    assert plain.qat_step == 7 and warm.qat_step == 7
+    a = torch.load(tmp_path / "plain" / "checkpoints" / "step_000008.pt", weights_only=True)
+    b = torch.load(tmp_path / "warm" / "checkpoints" / "step_000008.pt", weights_only=True)
+    for key in ("model", "optimizers", "ema", "loader"):
+        _equal_nested(a[key], b[key], key)
+
+
+def test_ema_modes():
+    model = torch.nn.Linear(3, 2, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    ema_o, ema_b = EMA(model, 0.9, "original"), EMA(model, 0.9, "bias_corrected")
+    with torch.no_grad():
+        model.weight.fill_(3.0)
+    for e in (ema_o, ema_b):
+        e.update()
+        e.update()
+    # original: 0.81 * 1 + 0.19 * 3; bias corrected: the initial weights carry nothing
+    assert torch.allclose(ema_o.weights()["weight"], torch.full((2, 3), 0.81 + 0.19 * 3))
+    assert torch.allclose(ema_b.weights()["weight"], torch.full((2, 3), 3.0))
+    # each mode's average of the same run can be derived from the other
+    assert torch.allclose(ema_o.weights("bias_corrected")["weight"], torch.full((2, 3), 3.0))
+    assert torch.allclose(ema_b.weights("original")["weight"], torch.full((2, 3), 0.81 + 0.19 * 3))
+    state = ema_b.state_dict()
+    fresh = EMA(model, 0.9, "bias_corrected")
+    fresh.load_state_dict(state)
+    assert fresh.steps == 2 and torch.equal(fresh.weights()["weight"], ema_b.weights()["weight"])
+    with pytest.raises(ValueError):
+        EMA(model, 0.9, "delayed")
+
+
+def test_torchrun_two_ranks_match_one_process(smoke_run, tmp_path):
+    sets = _overrides(
+        smoke_run,
+        "train.iterations=10",
+        "train.warmdown_iters=4",
+        "train.log_every=1",
+        "train.val_every=0",
+        "train.ema=off",
+    )
+    args = [x for s in sets for x in ("--set", s)]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    ddp = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "lmcore",
+            "train",
+            "--preset",
+            "smoke",
+            "--run-dir",
+            str(tmp_path / "ddp"),
+            "--no-progress",
+            *args,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    one = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lmcore",
+            "train",
+            "--preset",
+            "smoke",
+            "--run-dir",
+            str(tmp_path / "one"),
+            "--no-progress",
+            *args,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+    s_ddp = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    s_one = json.loads((tmp_path / "one" / "summary.json").read_text())
+    assert s_ddp["world_size"] == 2 and s_ddp["grad_accum_per_rank"] == 1 and s_one["grad_accum_per_rank"] == 2
+    curve = lambda p: [(r["step"], r["train_loss"]) for r in read_jsonl(p / "metrics.jsonl") if r["kind"] == "train"]
+    a, b = curve(tmp_path / "ddp"), curve(tmp_path / "one")
+    assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, 11))
+    for (s, la), (_, lb) in zip(a, b):
+        assert abs(la - lb) < 1e-3, (s, la, lb)
+    assert abs(s_ddp["val_loss"] - s_one["val_loss"]) < 1e-3
+
+
+def test_bad_input(smoke_run, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "--preset", "nope", "--run-dir", str(tmp_path / "x")])
+    assert e.value.code == 2 and "nope" in capsys.readouterr().err
+    rc = cli.main(["train", "--preset", "smoke", "--set", "train.nope=1", "--run-dir", str(tmp_path / "x")])
+    assert rc == 2 and "train.nope" in capsys.readouterr().err
+    rc = cli.main(["train", "--preset", "smoke", "--set", "train.iterations=abc", "--run-dir", str(tmp_path / "x")])
+    assert rc == 2 and "train.iterations" in capsys.readouterr().err
+    rc = cli.main(["train", "--run-dir", str(tmp_path / "x")])
+    assert rc == 2 and "--preset" in capsys.readouterr().err
+    rc = cli.main(["train", "--preset", "smoke", "--resume", "--run-dir", str(tmp_path / "empty")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "nothing to resume" in err and "checkpoints" in err
+    rc = cli.main(["train", "--resume", str(tmp_path / "empty")])
+    assert rc == 2 and "nothing to resume" in capsys.readouterr().err
+    # grad_accum must split evenly over the processes
+    with pytest.raises(ValueError, match="grad_accum"):
+        train(preset("smoke", _overrides(smoke_run)), tmp_path / "y", DistInfo(rank=0, world_size=3))
+    assert not (tmp_path / "y").exists()
+
+
+def test_cli_max_steps_then_resume(smoke_run, tmp_path, capsys):
+    run = tmp_path / "r"
+    sets = [
+        x
+        for s in _overrides(smoke_run, "train.iterations=6", "train.val_every=0", "train.ema=off")
+        for x in ("--set", s)
+    ]
+    assert (
+        cli.main(["train", "--preset", "smoke", *sets, "--run-dir", str(run), "--no-progress", "--max-steps", "4"]) == 0
+    )
+    first = json.loads((run / "summary.json").read_text())
+    assert first["completed"] is False and first["steps"] == 4
+    # `--resume RUN_DIR` alone: the config comes from the run's config.json
+    assert cli.main(["train", "--resume", str(run), "--no-progress"]) == 0
+    done = json.loads((run / "summary.json").read_text())
+    assert done["completed"] and done["steps"] == 6 and (run / "model.pt").exists()
+    assert [r["step"] for r in read_jsonl(run / "metrics.jsonl") if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]
+    capsys.readouterr()
+
+
+def test_cli_help_texts():
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    p = sub.choices["train"]
+    for action in p._actions:
+        if action.dest != "help":
+            assert action.help, action.dest
