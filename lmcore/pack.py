@@ -56,7 +56,7 @@ PACK_JSON = "pack.json"
 SIZE_LIMIT = 16_000_000
 # lmcore modules that a training + evaluation submission does not need.
 CODE_EXCLUDED = frozenset(
-    {"__main__.py", "cli.py", "info.py", "fineweb.py", "smoke_data.py", "study.py", "submission.py"}
+    {"__main__.py", "cli.py", "info.py", "fineweb.py", "smoke_data.py", "study.py", "plots.py", "stats.py", "submission.py"}
 )
 
 __all__ = ["ArtifactError", "code_bytes", "load", "load_state", "load_state_file", "pack_run", "verify"]
