@@ -1,0 +1,241 @@
+"""Tests of lmcore.submission: export of three smoke runs, the compliance check, and the
+exported single-file train_gpt.py run outside lmcore (same val_bpb as the lmcore run)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmcore import cli
+from lmcore.config import preset
+from lmcore.evaluate import eval_run
+from lmcore.pack import pack_run
+from lmcore.smoke_data import ensure_smoke_data
+from lmcore.submission import export_script, needed_modules, parse_log
+from lmcore.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+SEEDS = (1, 2, 3)
+
+
+def _overrides(data: Path) -> list[str]:
+    return [
+        f"data.data_dir={data}",
+        f"data.tokenizer={data / 'tokenizer.model'}",
+        "train.iterations=10",
+        "train.warmdown_iters=4",
+        "train.batch_tokens=2048",
+        "train.grad_accum=1",
+        "train.val_every=5",
+        "train.log_every=2",
+        "train.ema=off",
+        "data.val_max_tokens=2048",
+        "quant.calib_seqs=2",
+        "quant.calib_len=64",
+        "eval.stride=64",
+        "eval.ttt_chunk_tokens=512",
+    ]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        data = ROOT / "data" / "smoke"
+        ensure_smoke_data(data, data / "tokenizer.model", progress=False)
+        base = tmp_path_factory.mktemp("sub_runs")
+        dirs = []
+        for s in SEEDS:
+            cfg = preset("smoke", _overrides(data) + [f"train.seed={s}"])
+            rd = base / f"s{s}"
+            train(cfg, rd, progress=False)
+            pack_run(rd, progress=False)
+            eval_run(rd, progress=False, log=lambda m: None)
+            dirs.append(rd)
+    finally:
+        torch.set_num_threads(n)
+    return {"dirs": dirs, "base": base, "data": data}
+
+
+@pytest.fixture(scope="module")
+def export(runs):
+    out = runs["base"] / "submission"
+    args = [
+        "submission",
+        "export",
+        "--runs",
+        *map(str, runs["dirs"]),
+        "--out",
+        str(out),
+        "--name",
+        "t",
+        "--author",
+        "me",
+    ]
+    assert cli.main(args) == 0
+    return out
+
+
+def _check(folder: Path, capsys, *extra: str) -> tuple[int, str]:
+    rc = cli.main(["submission", "check", str(folder), *extra])
+    return rc, capsys.readouterr().out
+
+
+def _copy(src: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "copy"
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_export_files_and_check_passes(export, runs, capsys):
+    names = {p.name for p in export.iterdir()}
+    assert {"train_gpt.py", "README.md", "submission.json", *(f"train_seed{s}.log" for s in SEEDS)} <= names
+    sub = json.loads((export / "submission.json").read_text())
+    code = (export / "train_gpt.py").stat().st_size
+    assert sub["code_bytes"] == code and f"{code:,}" in (export / "README.md").read_text()
+    assert sub["seeds"] == list(SEEDS)
+    for s, rd in zip(SEEDS, runs["dirs"]):
+        ev = json.loads((rd / "eval.json").read_text())
+        pk = json.loads((rd / "pack.json").read_text())
+        r = sub["seed_results"][str(s)]
+        assert r["val_bpb"] == ev["bpb"] and r["artifact_bytes"] == pk["model_bytes"] + code
+        lg = parse_log((export / f"train_seed{s}.log").read_text())
+        assert abs(lg["val_bpb"] - ev["bpb"]) < 1e-7 and lg["ttt"].startswith("score-first")
+    assert sub["ttt"]["declared"] and sub["ttt"]["score_first"]
+    rc, out = _check(export, capsys)
+    assert rc == 0, out
+    assert out.startswith("PASS")
+    # a reference far worse than the runs: the significance bar is reported and passes
+    rc, out = _check(export, capsys, "--reference-loss", str(sub["val_loss"] + 1.0))
+    assert rc == 0 and "one-sided p" in out, out
+    rc, out = _check(export, capsys, "--reference-bpb", str(sub["val_bpb"]))
+    assert rc == 1 and "does NOT pass" in out
+
+
+def test_check_fails_inflated_artifact(export, tmp_path, capsys):
+    d = _copy(export, tmp_path)
+    (d / "model_seed2.int6.ptz").write_bytes(b"\0" * 16_000_001)
+    rc, out = _check(d, capsys)
+    assert rc == 1 and "seed 2: total bytes" in out and "artifact file" in out, out
+    # inflated byte count in submission.json and the log
+    d2 = tmp_path / "copy2"
+    shutil.copytree(export, d2)
+    sub = json.loads((d2 / "submission.json").read_text())
+    sub["seed_results"]["1"]["model_bytes"] = 16_000_000
+    (d2 / "submission.json").write_text(json.dumps(sub))
+    rc, out = _check(d2, capsys)
+    assert rc == 1 and "seed 1: total bytes" in out and "> 16,000,000" in out, out
+
+
+def test_check_fails_601s_training(export, tmp_path, capsys):
+    d = _copy(export, tmp_path)
+    log = d / "train_seed3.log"
+    text = log.read_text()
+    import re
+
+    log.write_text(re.sub(r"^train_time: .*$", "train_time: 601.000s", text, flags=re.MULTILINE))
+    rc, out = _check(d, capsys)
+    assert rc == 1 and "seed 3: training took 601.0s > 600s" in out, out
+
+
+def test_check_fails_val_bpb_disagreeing_with_logs(export, tmp_path, capsys):
+    d = _copy(export, tmp_path)
+    sub = json.loads((d / "submission.json").read_text())
+    sub["seed_results"]["2"]["val_bpb"] += 0.01
+    (d / "submission.json").write_text(json.dumps(sub))
+    rc, out = _check(d, capsys)
+    assert rc == 1 and "seed 2: submission.json val_bpb" in out and "disagrees with train_seed2.log" in out, out
+    assert "val_bpb" in out and "mean of the seeds" in out
+
+
+def test_missing_file_and_config_mismatch(export, runs, tmp_path, capsys):
+    d = _copy(export, tmp_path)
+    (d / "README.md").unlink()
+    rc, out = _check(d, capsys)
+    assert rc == 1 and "README.md: required file missing" in out
+    other = tmp_path / "other"
+    shutil.copytree(runs["dirs"][0], other)
+    cfg = json.loads((other / "config.json").read_text())
+    cfg["train"]["seed"] = 99
+    cfg["train"]["iterations"] = 11
+    (other / "config.json").write_text(json.dumps(cfg))
+    rc = cli.main(["submission", "export", "--runs", str(runs["dirs"][1]), str(other), "--out", str(tmp_path / "x")])
+    assert rc == 2 and "train.iterations" in capsys.readouterr().err
+
+
+def test_needed_modules_record():
+    mods = needed_modules(preset("record"))
+    assert {"train", "pack", "evaluate", "model", "quant", "data"} <= set(mods)
+    assert not {"study", "plots", "fineweb", "info", "cli", "smoke_data", "submission"} & set(mods)
+    assert "smoke_data" in needed_modules(preset("smoke"))
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONNOUSERSITE="1")
+    return env
+
+
+def test_exported_script_is_self_contained_and_reproduces(export, runs, tmp_path):
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    shutil.copyfile(export / "train_gpt.py", work / "train_gpt.py")
+    assert not (work / "lmcore").exists()
+    # the embedded importer wins over the installed lmcore, and refuses modules not embedded
+    probe = (
+        "import sys, torch; before=set(sys.modules)\n"  # torch.hub itself imports tqdm when installed
+        "import train_gpt; train_gpt._install_importer();"
+        "import lmcore, lmcore.train, lmcore.pack, lmcore.evaluate;"
+        "bad=[m for n,m in sys.modules.items() if n.startswith('lmcore') and not m.__file__.startswith(train_gpt._SELF)];"
+        "assert not bad, bad\n"
+        "try:\n import lmcore.study\nexcept ModuleNotFoundError as e: print('refused', e)\n"
+        "heavy=[m for m in ('pandas','matplotlib','tqdm','huggingface_hub','papermill') if m in set(sys.modules) - before]\n"
+        "assert not heavy, heavy\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", probe], cwd=work, env=_env(), check=False, capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 0, r.stderr
+    assert "refused" in r.stdout
+    # without site-packages lmcore is not importable at all (nothing is in this folder)
+    r = subprocess.run(
+        [sys.executable, "-S", "-c", "import lmcore"], cwd=work, env=_env(), check=False, capture_output=True, text=True
+    )
+    assert r.returncode != 0
+    # run it: seed 2, the same data, on CPU in one process
+    data = runs["data"]
+    cmd = [
+        sys.executable,
+        "train_gpt.py",
+        "--no-progress",
+        "--set",
+        "train.seed=2",
+        "--set",
+        f"data.data_dir={data}",
+        "--set",
+        f"data.tokenizer={data / 'tokenizer.model'}",
+    ]
+    r = subprocess.run(cmd, cwd=work, env=_env(), check=False, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rd = work / "run_seed2"
+    ev = json.loads((rd / "eval.json").read_text())
+    ref = json.loads((runs["dirs"][1] / "eval.json").read_text())
+    assert abs(ev["bpb"] - ref["bpb"]) < 1e-3, (ev["bpb"], ref["bpb"])
+    pk = json.loads((rd / "pack.json").read_text())
+    assert pk["code_bytes"] == (work / "train_gpt.py").stat().st_size
+    lg = parse_log((rd / "train_seed2.log").read_text())
+    assert abs(lg["val_bpb"] - ev["bpb"]) < 1e-7 and lg["code_bytes"] == pk["code_bytes"]
+    assert "final val_loss:" in r.stdout
+
+
+def test_export_script_text_is_deterministic():
+    cfg = preset("record")
+    assert export_script(cfg) == export_script(cfg)
