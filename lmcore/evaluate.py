@@ -745,6 +745,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def register_cli(sub: Any) -> None:
+    from lmcore.info import add_overrides_arg
+
     p = sub.add_parser(
         "eval",
         help="sliding-window + LatentMask TTT eval of a run's packed model; writes eval.json",
@@ -756,14 +758,7 @@ def register_cli(sub: Any) -> None:
     p.add_argument("--no-ttt", action="store_true", help="sliding-window eval only, no test-time training")
     p.add_argument("--no-baseline", action="store_true", help="skip the plain sliding eval (no TTT gain recorded)")
     p.add_argument("--stride", type=int, default=None, help="window stride (default: eval.stride of the config)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.FIELD=VALUE",
-        help="override a config field, e.g. --set eval.ttt_epochs=2 (repeatable)",
-    )
+    add_overrides_arg(p, "eval.ttt_epochs=2")
     p.add_argument("--device", default="auto", help="auto | cuda | cpu (default: auto)")
     p.add_argument("--no-progress", action="store_true", help="no per-chunk progress lines")
     p.set_defaults(func=_cmd_eval)

@@ -29,13 +29,18 @@ def add_config_args(p: argparse.ArgumentParser, default_preset: str | None = "sm
     """--preset / --config / --set, shared by every command that takes a config."""
     p.add_argument("--preset", default=default_preset, choices=sorted(PRESETS), help="configuration preset")
     p.add_argument("--config", default=None, help="a config.json to start from instead of a preset")
+    add_overrides_arg(p)
+
+
+def add_overrides_arg(p: argparse.ArgumentParser, example: str = "train.iterations=100") -> None:
+    """--set SECTION.FIELD=VALUE (repeatable) into args.overrides."""
     p.add_argument(
         "--set",
         dest="overrides",
         action="append",
         default=[],
         metavar="SECTION.FIELD=VALUE",
-        help="override one field, e.g. --set train.iterations=100 (repeatable)",
+        help=f"override one config field, e.g. --set {example} (repeatable)",
     )
 
 

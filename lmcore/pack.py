@@ -391,18 +391,13 @@ def _cmd_pack(args: argparse.Namespace) -> int:
 
 
 def register_cli(sub: Any) -> None:
+    from lmcore.info import add_overrides_arg
+
     p = sub.add_parser("pack", help="quantize a run into model.int6.ptz (GPTQ int6 + Brotli) and write pack.json")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--run-dir", help="run folder with config.json and model.pt")
     g.add_argument("--verify", metavar="FILE", help="verify an artifact (checksum, index, dequantization)")
     p.add_argument("--device", default=None, help="auto | cpu | cuda (default: the config's quant.device)")
     p.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.FIELD=VALUE",
-        help="override a config field for packing, e.g. --set quant.calib_seqs=8 (repeatable)",
-    )
+    add_overrides_arg(p, "quant.calib_seqs=8")
     p.set_defaults(func=_cmd_pack)
