@@ -45,3 +45,12 @@ def shared_dir() -> Path:
     if not SHARED.exists():
         pytest.skip("../shared is not present")
     return SHARED
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models: one intra-op thread is faster and immune to a busy shared machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

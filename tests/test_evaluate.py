@@ -70,13 +70,7 @@ def tiny_tokens(n: int, seed: int = 0) -> torch.Tensor:
     return t
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: threading only adds overhead (and contention on shared CI machines).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------- reference

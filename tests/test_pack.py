@@ -21,12 +21,7 @@ from lmcore.runs import sha256_file
 from tests.conftest import randomize_, tiny_model_cfg
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny_config() -> Config:
