@@ -222,6 +222,7 @@ def main() -> None:
 
     device = torch.device(args.device)
     if device.type == "cuda":
+        device = torch.device("cuda", device.index or 0)  # set_device needs an index (torch 2.11)
         torch.cuda.set_device(device)
     run_dir = Path(args.run_dir)
     model, cfg = load_lmcore(run_dir, device, args.random_model)

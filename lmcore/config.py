@@ -179,7 +179,8 @@ class EvalConfig:
     ttt_warmup_frac: float = 0.05
     ttt_flat_until: float = 0.70
     mask_init: float = 3.0
-    compile: bool = True
+    compile: bool = True  # compile the scoring forward (CUDA)
+    compile_train: bool = False  # also compile the mask-training step: pays off on long val sets
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,8 @@ summed on the device in float64. On CUDA the scoring forward is compiled once
 (`dynamic=False`, the latent masks a forward argument); a short last batch is padded to
 the fixed shape with masked rows, so nothing recompiles. The no-TTT sliding eval runs
 through the same graph with identity masks (sigmoid = 1, bias = 0). Mask training runs
-eager unless `compile_train` (its compile outlasts the training of a ~30-chunk val set).
+eager unless `compile_train` (eval.compile_train): on one H100 that compile costs ~45 s
+more and saves ~0.4 s a chunk, so it pays off beyond ~110 chunks, not on the proxy val.
 
 Ranks. Each chunk's windows are split across ranks in contiguous slices; each training
 batch of `ttt_batch_seqs` sequences is split across ranks in contiguous slices and the
@@ -652,7 +653,7 @@ def eval_run(
         f"eval {artifact}: {tokens.numel() - 1:,} targets, seq_len {ecfg.seq_len}, stride {ecfg.stride}, "
         f"ttt {ecfg.ttt}, world {dist.world_size}, attention {backend}, bf16 {bf16}"
     )
-    ev = Evaluator(model, ecfg, tables, dev, bf16, dist)
+    ev = Evaluator(model, ecfg, tables, dev, bf16, dist, compile_train=ecfg.compile_train)
     if ev.compiled:
         say("eval: compiling (warm-up)...")
         ev.warmup(tokens)

@@ -49,7 +49,10 @@ the meta JSON holding the format name, the full lmcore config (so an artifact is
 self-contained), each tensor's treatment and original dtype, and the quantizer settings.
 The payload is compressed in independent chunks of `CHUNK_SIZE` bytes so that Brotli-11
 runs on all CPU cores (Brotli releases the GIL); the chunk size is fixed, so the file
-bytes depend only on the payload, not on the number of cores. Every stored number is
+bytes depend only on the payload, not on the number of cores. On a trained proxy1 model
+(27.9 MB payload) 1 MiB chunks gave 11,748,762 bytes against 11,749,703 for one stream
+(chunking cost nothing there), in 6.9 s on 16 H100-host cores where the original's single
+stream of its same-size payload took 86.9 s. Every stored number is
 rounded to the stored grid before it is written, so the same inputs on the same device
 give the same file. A wrong magic, a truncated or padded file, a failed
 decompression, a checksum mismatch or an inconsistent index raise `ArtifactError`
