@@ -325,10 +325,11 @@ def test_cli_bad_run_dir_exits_2(tmp_path, capsys):
     assert str(empty / "model.int6.ptz") in capsys.readouterr().err
 
 
-def test_eval_run_writes_eval_json(tmp_path, capsys):
+def test_eval_run_writes_eval_json(tmp_path, capsys, monkeypatch):
     """`lmcore eval` end to end on a real packed artifact of a tiny model."""
     spm = pytest.importorskip("sentencepiece")
     pytest.importorskip("brotli")
+    import lmcore.evaluate as evaluate_mod
     from lmcore.cli import main
     from lmcore.data import write_shard
     from lmcore.evaluate import eval_run
@@ -366,8 +367,19 @@ def test_eval_run_writes_eval_json(tmp_path, capsys):
     run.mkdir()
     blob, *_ = pack_state(tiny_model(6).state_dict(), cfg, CPU)
     (run / "model.int6.ptz").write_bytes(blob)
-    assert main(["eval", "--run-dir", str(run), "--device", "cpu", "--no-progress", "--set", "eval.ttt_epochs=1"]) == 0
+    seen: list[bool] = []
+
+    class Recording(evaluate_mod.Evaluator):  # eval.compile_train must reach the Evaluator
+        def __init__(self, *a, compile_train: bool = False, **k):
+            seen.append(compile_train)
+            super().__init__(*a, compile_train=compile_train, **k)
+
+    monkeypatch.setattr(evaluate_mod, "Evaluator", Recording)
+    args = ["eval", "--run-dir", str(run), "--device", "cpu", "--no-progress", "--set", "eval.ttt_epochs=1"]
+    assert main([*args, "--set", "eval.compile_train=true"]) == 0
+    assert seen == [True]
     out = json.loads((run / "eval.json").read_text())
+    assert out["eval_config"]["compile_train"] is True and out["compiled"] is False  # no compile on CPU
     n = (len(ids) - 1) // 32 * 32
     assert out["tokens"] == out["ttt"]["tokens"] == out["sliding"]["tokens"] == n
     assert out["bytes"] == sum(out["ttt"]["chunk_bytes"])
