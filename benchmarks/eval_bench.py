@@ -37,7 +37,7 @@ from lmcore.bpb import ByteTables
 from lmcore.config import PRESETS, Config
 from lmcore.data import build_shards, iter_docs, list_shards, load_val_tokens
 from lmcore.evaluate import Evaluator
-from lmcore.runtime import card_name, synchronize
+from lmcore.runtime import card_name, pick_device, synchronize
 
 
 def log(msg: str) -> None:
@@ -220,10 +220,7 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="folder for eval_bench.json")
     args = ap.parse_args()
 
-    device = torch.device(args.device)
-    if device.type == "cuda":
-        device = torch.device("cuda", device.index or 0)  # set_device needs an index (torch 2.11)
-        torch.cuda.set_device(device)
+    device = pick_device(args.device)
     run_dir = Path(args.run_dir)
     model, cfg = load_lmcore(run_dir, device, args.random_model)
     cfg = cfg.override(args.overrides)

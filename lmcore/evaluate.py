@@ -224,7 +224,8 @@ class Evaluator:
     One Evaluator serves the sliding baseline and TTT with a single compiled graph per
     grad mode: the same `LatentMasks` object is used throughout (identity values for the
     baseline). `compile=None` compiles the scoring forward on CUDA when cfg.compile;
-    `compile_train` also compiles the mask-training forward+backward. `pad=None` pads
+    `compile_train` (None: cfg.compile_train) also compiles the mask-training
+    forward+backward where the scoring forward is compiled. `pad=None` pads
     batches to a fixed shape exactly where a compiled graph runs them.
     """
 
@@ -238,7 +239,7 @@ class Evaluator:
         dist: DistInfo = ONE_PROCESS,
         compile: bool | None = None,
         pad: bool | None = None,
-        compile_train: bool = False,
+        compile_train: bool | None = None,
     ):
         self.device = torch.device(device)
         self.model = model
@@ -249,7 +250,9 @@ class Evaluator:
         if compile is None:
             compile = cfg.compile and self.device.type == "cuda"
         self.compiled = bool(compile)
-        self.compile_train = self.compiled and compile_train
+        if compile_train is None:
+            compile_train = cfg.compile_train
+        self.compile_train = self.compiled and bool(compile_train)
         self.pad = self.compiled if pad is None else bool(pad)
         self.pad_train = self.pad and (self.compile_train or pad is not None)
         compiled_model = torch.compile(model, dynamic=False) if self.compiled else model
@@ -653,7 +656,7 @@ def eval_run(
         f"eval {artifact}: {tokens.numel() - 1:,} targets, seq_len {ecfg.seq_len}, stride {ecfg.stride}, "
         f"ttt {ecfg.ttt}, world {dist.world_size}, attention {backend}, bf16 {bf16}"
     )
-    ev = Evaluator(model, ecfg, tables, dev, bf16, dist, compile_train=ecfg.compile_train)
+    ev = Evaluator(model, ecfg, tables, dev, bf16, dist)
     if ev.compiled:
         say("eval: compiling (warm-up)...")
         ev.warmup(tokens)

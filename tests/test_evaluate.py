@@ -297,6 +297,18 @@ def _rank_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+def test_compile_train_comes_from_the_config():
+    """cfg.compile_train decides whether mask training uses the compiled forward (the
+    compile is lazy: constructing the Evaluator compiles nothing)."""
+    tables = tiny_tables(3)
+    on = Evaluator(tiny_model(3), replace(ECFG, compile_train=True), tables, CPU, compile=True)
+    off = Evaluator(tiny_model(3), ECFG, tables, CPU, compile=True)
+    assert on.compile_train and on.fwd_train is on.fwd and on.pad_train
+    assert not off.compile_train and off.fwd_train is off.model and not off.pad_train
+    eager = Evaluator(tiny_model(3), replace(ECFG, compile_train=True), tables, CPU, compile=False)
+    assert not eager.compile_train and eager.fwd_train is eager.model
+
+
 def test_two_ranks_equal_one(tmp_path):
     import torch.multiprocessing as mp
 
@@ -370,9 +382,9 @@ def test_eval_run_writes_eval_json(tmp_path, capsys, monkeypatch):
     seen: list[bool] = []
 
     class Recording(evaluate_mod.Evaluator):  # eval.compile_train must reach the Evaluator
-        def __init__(self, *a, compile_train: bool = False, **k):
-            seen.append(compile_train)
-            super().__init__(*a, compile_train=compile_train, **k)
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            seen.append(self.cfg.compile_train)
 
     monkeypatch.setattr(evaluate_mod, "Evaluator", Recording)
     args = ["eval", "--run-dir", str(run), "--device", "cpu", "--no-progress", "--set", "eval.ttt_epochs=1"]

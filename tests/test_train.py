@@ -249,49 +249,15 @@ def test_torchrun_two_ranks_match_one_process(smoke_run, tmp_path):
     }
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
-    ddp = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            "-m",
-            "lmcore",
-            "train",
-            "--preset",
-            "smoke",
-            "--run-dir",
-            str(tmp_path / "ddp"),
-            "--no-progress",
-            *args,
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+
+    def train(launcher: list[str], name: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", *launcher, "lmcore", "train", "--preset", "smoke",
+               "--run-dir", str(tmp_path / name), "--no-progress", *args]
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
+
+    ddp = train(["torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m"], "ddp")
     assert ddp.returncode == 0, ddp.stderr[-3000:]
-    one = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "lmcore",
-            "train",
-            "--preset",
-            "smoke",
-            "--run-dir",
-            str(tmp_path / "one"),
-            "--no-progress",
-            *args,
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    one = train([], "one")
     assert one.returncode == 0, one.stderr[-3000:]
     s_ddp = json.loads((tmp_path / "ddp" / "summary.json").read_text())
     s_one = json.loads((tmp_path / "one" / "summary.json").read_text())
