@@ -2,8 +2,10 @@
 
 This is the only place (with the entry points) that reads the environment: torchrun's
 RANK / WORLD_SIZE / LOCAL_RANK are read here and passed to the library explicitly.
-Every handler returns an exit status; a library error that names bad input (ConfigError,
-ShardError, ArtifactError, ...) is printed as one line and exits with status 2.
+Every handler returns an exit status. lmcore's own bad-input errors (`lmcore.errors.UserError`
+and its subclasses: ConfigError, ShardError, ArtifactError, ...) are printed as one line
+naming the file, field or value, with exit status 2; any other exception is a bug and keeps
+its traceback. Ctrl-C ends with one line and status 130.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+
+from lmcore.errors import UserError
 
 # Modules that contribute subcommands: each has `register_cli(subparsers)`.
 _CLI_MODULES = [
@@ -43,19 +47,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-class UserError(Exception):
-    """Marker base: errors caused by bad input, reported without a traceback."""
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as e:
-        # Library errors about input (ConfigError, ShardError, ...) subclass ValueError.
+    except UserError as e:
         print(f"lmcore {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"lmcore {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

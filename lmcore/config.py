@@ -9,6 +9,8 @@ section, field or unparsable value raises `ConfigError` naming it.
 
 from __future__ import annotations
 
+from lmcore.errors import InputError
+
 import dataclasses
 import json
 import typing
@@ -20,7 +22,7 @@ from typing import Any
 LayerSpec = str | list[int]
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A configuration value, field or file is invalid; the message names it."""
 
 

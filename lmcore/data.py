@@ -18,6 +18,8 @@ and the stream position can be saved and restored for exact resumption.
 
 from __future__ import annotations
 
+from lmcore.errors import InputError
+
 import argparse
 import gzip
 import hashlib
@@ -49,7 +51,7 @@ SHARD_PATTERNS = {"val": VAL_PATTERN, "train": TRAIN_PATTERN}
 PathLike = str | os.PathLike[str]
 
 
-class ShardError(ValueError):
+class ShardError(InputError):
     """A shard file or shard folder is invalid; the message names the file and the fault."""
 
 

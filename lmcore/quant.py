@@ -61,6 +61,8 @@ naming the file and the problem.
 
 from __future__ import annotations
 
+from lmcore.errors import InputError
+
 import contextlib
 import hashlib
 import json
@@ -115,7 +117,7 @@ _NP_DTYPES: dict[str, Any] = {
 }
 
 
-class ArtifactError(ValueError):
+class ArtifactError(InputError):
     """A compressed model file is truncated, corrupted or not an lmcore artifact."""
 
 

@@ -127,3 +127,17 @@ def test_challenge_test_fails_small_or_noisy_improvements():
 def test_bpb_to_nats():
     # 1 bit per byte at 2 bytes per token = 2 bits per token = 2 ln 2 nats per token
     assert bpb_to_nats(1.0, tokens=100, nbytes=200) == pytest.approx(2 * math.log(2))
+
+
+def test_challenge_bars_name_both_rules():
+    from lmcore.stats import challenge_bars
+
+    cand, ref = [2.500, 2.510, 2.505], [2.520, 2.525, 2.518]
+    bars = challenge_bars(cand, ref)
+    assert set(bars) == {"readme", "practice"}
+    # improvement 0.016 nats: clears the practice bar (p ~ 0.007 < 0.25) but not the
+    # README's 0.005-nat margin at p < 0.01 (p ~ 0.021)
+    assert bars["practice"].passed and bars["practice"].min_improvement == 0.0 and bars["practice"].alpha == 0.25
+    assert not bars["readme"].passed and bars["readme"].min_improvement == 0.005 and bars["readme"].alpha == 0.01
+    assert 0.01 < bars["readme"].p_value < 0.05 and bars["practice"].p_value < bars["readme"].p_value
+    assert bars["readme"].statement.startswith("README bar") and "#1902" in bars["practice"].statement
