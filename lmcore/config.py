@@ -13,6 +13,7 @@ from lmcore.errors import InputError
 
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -140,7 +141,15 @@ class TrainConfig:
     grad_clip: float = 0.3
     ema_decay: float = 0.997
     ema: str = "original"  # original (starts at init) | bias_corrected | off
-    late_qat_threshold: float = 0.15  # LR multiplier below which late QAT turns on; 0 = never
+    # lmcore's own late QAT (off in every preset). The original's late QAT never runs: its switch
+    # is a class attribute flipped inside a model compiled with fullgraph=True, which torch.compile
+    # constant-folds at the first trace (openai/parameter-golf #315, #1032, #667). Measured on
+    # 2xH200, 400 steps with QAT "on" from step 1 (SPEC 8b): the original's loss curve equals
+    # lmcore's without QAT to the 4th decimal (val_bpb 1.7997 vs 1.8002), while real QAT gives
+    # 2.7617. So `record` trains without fake quantization, as the original effectively does.
+    # > 0: straight-through fake int(model.qat_bits) in the block linears once the LR multiplier
+    # drops below this value (the original's written rule used 0.15).
+    lmcore_late_qat_threshold: float = 0.0
     val_every: int = 0  # steps between validations; 0 = only at the end
     log_every: int = 50
     checkpoint_every: int = 0  # steps between checkpoints; 0 = only at the end
@@ -196,8 +205,17 @@ class Config:
 
     def validate(self) -> Config:
         self.model.validate()
-        if self.data.seq_len <= 0:
-            raise ConfigError("data.seq_len must be positive")
+        _check_finite(self)
+        for key in _POSITIVE:
+            sec, name = key.split(".")
+            v = getattr(getattr(self, sec), name)
+            if v <= 0:
+                raise ConfigError(f"{key}={v} must be positive")
+        for key in _NON_NEGATIVE:
+            sec, name = key.split(".")
+            v = getattr(getattr(self, sec), name)
+            if v < 0:
+                raise ConfigError(f"{key}={v} must be >= 0")
         if self.train.batch_tokens % (self.train.grad_accum * self.data.seq_len):
             raise ConfigError(
                 f"train.batch_tokens={self.train.batch_tokens} must be a multiple of "
@@ -235,7 +253,7 @@ class Config:
             sec: dict[str, Any] = {}
             for k, val in v.items():
                 if k not in known:
-                    raise ConfigError(f"{source}: unknown field {f.name}.{k}")
+                    raise ConfigError(f"{source}: unknown field {f.name}.{k}" + _RENAMED.get(f"{f.name}.{k}", ""))
                 sec[k] = _coerce(val, _field_type(cls, k), f"{f.name}.{k}")
             kwargs[f.name] = cls(**sec)
         unknown = set(d) - {f.name for f in dataclasses.fields(Config)}
@@ -267,11 +285,19 @@ class Config:
             sec_name, fname = parts
             cls = _SECTIONS[sec_name]
             if fname not in {f.name for f in dataclasses.fields(cls)}:
-                raise ConfigError(f"override {a!r}: unknown field {sec_name}.{fname}")
+                raise ConfigError(f"override {a!r}: unknown field {sec_name}.{fname}" + _RENAMED.get(key.strip(), ""))
             val = _parse_str(raw.strip(), _field_type(cls, fname), key)
             cfg = replace(cfg, **{sec_name: replace(getattr(cfg, sec_name), **{fname: val})})
         return cfg.validate()
 
+
+# Fields that were renamed: the message for a config or override that still uses the old name.
+_RENAMED = {
+    "train.late_qat_threshold": (
+        " (renamed train.lmcore_late_qat_threshold: lmcore's own late QAT, off by default because the "
+        "original's late QAT never runs, SPEC section 3)"
+    ),
+}
 
 _SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "quant": QuantConfig, "eval": EvalConfig}
 
@@ -337,6 +363,31 @@ def _parse_str(raw: str, tp: Any, key: str) -> Any:
     if s and all(p.strip().lstrip("-").isdigit() for p in s.split(",")):
         return [int(p) for p in s.split(",")]
     return raw
+
+
+# Integer fields that must be >= 1, and numbers that must be >= 0 (checked by Config.validate).
+_POSITIVE = (
+    "model.vocab_size", "model.num_layers", "model.model_dim", "model.num_heads", "model.num_kv_heads",
+    "model.mlp_hidden", "data.seq_len", "train.iterations", "train.batch_tokens", "train.grad_accum",
+    "quant.calib_seqs", "quant.calib_len", "quant.calib_batch", "quant.gptq_block", "eval.seq_len",
+    "eval.stride", "eval.batch_seqs", "eval.ttt_chunk_tokens", "eval.ttt_batch_seqs",
+)
+_NON_NEGATIVE = (
+    "train.warmdown_iters", "train.compile_warmup_steps", "train.max_wallclock_seconds", "train.matrix_lr",
+    "train.embed_lr", "train.scalar_lr", "train.grad_clip", "train.lmcore_late_qat_threshold", "train.val_every",
+    "train.log_every", "train.checkpoint_every", "data.val_max_tokens", "eval.ttt_lr", "eval.ttt_epochs",
+)
+
+
+def _check_finite(cfg: Config) -> None:
+    """Every float field is finite (a NaN learning rate would train on NaN silently)."""
+    for sec in _SECTIONS:
+        section = getattr(cfg, sec)
+        for f in dataclasses.fields(section):
+            v = getattr(section, f.name)
+            vals = v if isinstance(v, tuple) else (v,)
+            if any(isinstance(x, float) and not math.isfinite(x) for x in vals):
+                raise ConfigError(f"{sec}.{f.name}={v!r} must be a finite number")
 
 
 # ---------------------------------------------------------------------------- presets

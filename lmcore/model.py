@@ -14,6 +14,7 @@ embedding, LeakyReLU(0.5)^2 MLP, logit softcap, and the `bos_mask` fix (SPEC sec
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -357,11 +358,19 @@ class GPT(nn.Module):
             self.ve_layer_scales = nn.ParameterList()
         self._init_weights()
         # The backend is resolved for a device: a CUDA-only choice starts as the CPU default
-        # until train/eval/pack call set_attention_backend(cfg.attention, device).
+        # until train/eval/pack call set_attention_backend(cfg.attention, device). That
+        # stand-in is never silent: `attention_fallback` says why, and the first forward that
+        # runs it warns.
+        self.attention_fallback: str | None = None
+        self._fallback_warned = False
         try:
             self.set_attention_backend(cfg.attention, torch.device("cpu"))
-        except ValueError:
+        except ValueError as e:
             self.set_attention_backend("auto", torch.device("cpu"))
+            self.attention_fallback = (
+                f"model.attention={cfg.attention!r}: {e}; running {self.attention_backend!r} until "
+                "set_attention_backend() is called"
+            )
 
     # ------------------------------------------------------------------ setup
     def _init_weights(self) -> None:
@@ -384,6 +393,7 @@ class GPT(nn.Module):
         for b in self.blocks:
             b.attn.backend = backend
         self.attention_backend = backend
+        self.attention_fallback = None
         return backend
 
     def set_qat(self, bits: int) -> None:
@@ -421,6 +431,9 @@ class GPT(nn.Module):
         """Logits (B, T, V) without targets; otherwise the cross-entropy with `reduction`
         ("mean", "sum" or "none" -> (B, T)). `latent` applies TTT masks; `cache` decodes
         one token per call (T == 1) against a KVCache."""
+        if self.attention_fallback is not None and not self._fallback_warned and not torch.compiler.is_compiling():
+            warnings.warn(self.attention_fallback, stacklevel=2)
+            self._fallback_warned = True
         cfg = self.cfg
         x = self.embed(ids, cache)
         x0 = x

@@ -1,18 +1,75 @@
-"""Run folders and safe file writes: atomic text/JSON/bytes writes, sha256, JSONL appends.
+"""Run folders and safe file writes: atomic text/JSON/bytes writes, sha256, JSONL appends,
+and the lock that keeps two jobs out of one run folder.
 
 Everything lmcore writes into a run folder goes through these helpers so that an
 interrupted process never leaves a half-written file behind: data is written to a
 temporary file in the same directory, flushed, fsynced and renamed over the target.
+`RunLock` is an exclusive, non-blocking `flock` on RUN/.lock, held for a job's lifetime and
+released by the operating system when the process ends, however it ends.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
+import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
+
+from lmcore.errors import InputError
+
+LOCK_NAME = ".lock"
+
+
+class RunFolderBusy(InputError):
+    """Another process holds the run folder's lock; the message names the folder and holder."""
+
+
+class RunLock:
+    """Exclusive lock on a run folder (RUN/.lock) for the life of one job.
+
+    `acquire()` creates the folder if needed and fails at once with RunFolderBusy, naming
+    the holder (pid, host, since), when another process holds it. Use as a context manager.
+    """
+
+    def __init__(self, run_dir: str | Path, job: str = "lmcore"):
+        self.path = Path(run_dir) / LOCK_NAME
+        self.job = job
+        self._fd: int | None = None
+
+    def acquire(self) -> RunLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "another process"
+            os.close(fd)
+            raise RunFolderBusy(
+                f"{self.path.parent}: the run folder is in use ({holder}); wait for that job to end "
+                "or choose another run folder"
+            ) from None
+        os.ftruncate(fd, 0)
+        info = f"{self.job}, pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+        os.pwrite(fd, info.encode("utf-8"), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -69,7 +126,7 @@ def read_jsonl(path: str | Path) -> list[dict]:
         except json.JSONDecodeError:
             if i == len(lines) - 1:
                 break
-            raise ValueError(f"{p}: line {i + 1} is not valid JSON")
+            raise InputError(f"{p}: line {i + 1} is not valid JSON")
     return out
 
 

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from lmcore.errors import InputError
+
 
 def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     """"auto" -> cuda:local_rank if CUDA is available, else cpu. Asking for cuda without it fails."""
@@ -21,12 +23,12 @@ def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise ValueError(f"device {name!r} requested but CUDA is not available")
+            raise InputError(f"device {name!r} requested but CUDA is not available")
         dev = torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
         torch.cuda.set_device(dev)
         return dev
     if name != "cpu":
-        raise ValueError(f"unknown device {name!r}: expected auto, cuda or cpu")
+        raise InputError(f"unknown device {name!r}: expected auto, cuda or cpu")
     return torch.device("cpu")
 
 
@@ -34,7 +36,7 @@ def use_bf16(device: torch.device, precision: str = "auto") -> bool:
     if precision == "auto":
         return device.type == "cuda"
     if precision not in ("bf16", "fp32"):
-        raise ValueError(f"precision {precision!r}: expected auto, bf16 or fp32")
+        raise InputError(f"precision {precision!r}: expected auto, bf16 or fp32")
     return precision == "bf16"
 
 

@@ -7,8 +7,10 @@ steps Muon (matrices) and AdamW (embeddings, control tensors) with the LR multip
 `lmcore.optim.lr_multiplier` and the Muon momentum warm-up. On CUDA the model is
 compiled (fullgraph, static shapes) and `compile_warmup_steps` steps run first (late-QAT
 graph included) after which weights, optimizer states and loader are restored; training
-time excludes that warm-up, validations and checkpoint writes. Late QAT switches on when
-the multiplier drops below `late_qat_threshold`. An EMA (fp32, `ema_decay`) of all
+time excludes that warm-up, validations and checkpoint writes. lmcore's own late QAT (off
+in every preset: the original's never runs, SPEC section 3) switches on when the
+multiplier drops below `lmcore_late_qat_threshold`; starting within the first 10% of the
+run is flagged in the log and summary.json (`qat_warning`). An EMA (fp32, `ema_decay`) of all
 weights is kept in one of three modes: "original" (starts at the initial weights, as the
 seed), "bias_corrected" (starts at zero and divides by 1 - decay^steps, so the initial
 weights carry no weight), "off". At the end the raw and the EMA weights are both
@@ -18,7 +20,15 @@ Run folder: config.json, metrics.jsonl (train / val / event lines), summary.json
 model.pt ({"model": state_dict on CPU, "config": dict}) and checkpoints/step_NNNNNN.pt
 (model, optimizers, EMA, loader position, step, train time, QAT flag, RNG states), all
 written atomically by rank 0. `train(..., resume=True)` continues from the latest
-checkpoint bit-exactly (on CPU); `max_steps` ends a session early with a checkpoint.
+readable checkpoint bit-exactly (on CPU; an unreadable one is named and skipped);
+`max_steps` ends a session early with a checkpoint.
+
+Never silent: rank 0 holds RUN/.lock for the whole job (a second job on the folder stops at
+once); everything that can be checked (config, shards, tokenizer) is checked before the
+folder is written; a non-finite gradient norm (checked every step, one step late so the GPU
+never waits) stops training with `NonFiniteLoss` and saves nothing after the last good
+checkpoint; SIGTERM (preemption) ends the session at the next step with a checkpoint
+(stopped_by "sigterm"), so a run killed before its first periodic checkpoint still resumes.
 """
 
 from __future__ import annotations
@@ -31,6 +41,9 @@ import math
 import os
 import random
 import re
+import signal
+import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -42,8 +55,9 @@ import torch.distributed as tdist
 from torch import Tensor, nn
 
 from lmcore.config import SMOKE, Config, ConfigError
+from lmcore.errors import InputError, InputNotFound
 from lmcore.optim import build_optimizers, lr_multiplier, muon_momentum
-from lmcore.runs import append_jsonl, atomic_write_bytes, atomic_write_json, atomic_write_text, read_jsonl
+from lmcore.runs import RunLock, append_jsonl, atomic_write_bytes, atomic_write_json, atomic_write_text, read_jsonl
 from lmcore.runtime import (
     DistInfo,
     autocast,
@@ -56,13 +70,21 @@ from lmcore.runtime import (
     use_bf16,
 )
 
-__all__ = ["EMA", "RESUMABLE_FIELDS", "RunResult", "evaluate_val", "latest_checkpoint", "register_cli", "train"]
+__all__ = [
+    "EMA", "NonFiniteLoss", "RESUMABLE_FIELDS", "RunResult", "evaluate_val", "latest_checkpoint", "register_cli", "train",
+]
 
 # Fields that may differ between a run's config.json and the config it is resumed with.
 RESUMABLE_FIELDS = ("train.iterations", "train.max_wallclock_seconds", "train.log_every", "train.checkpoint_every")
 CHECKPOINT_FORMAT = 1
 _CKPT_RE = re.compile(r"^step_(\d+)\.pt$")
 SINGLE_PROCESS = DistInfo()  # the default: one process, rank 0
+QAT_EARLY_FRACTION = 0.10  # lmcore's QAT starting before this fraction of the run is flagged
+EXIT_SIGTERM = 143  # the CLI's exit status after a SIGTERM checkpoint (128 + 15)
+
+
+class NonFiniteLoss(InputError):
+    """Training produced a NaN/inf loss or gradient norm; nothing was saved after the last good checkpoint."""
 
 
 @dataclass
@@ -71,8 +93,8 @@ class RunResult:
 
     run_dir: str
     preset: str
-    completed: bool  # False when the session ended early (max_steps); resume to finish
-    stopped_by: str  # iterations | wallclock | max_steps
+    completed: bool  # False when the session ended early (max_steps, sigterm); resume to finish
+    stopped_by: str  # iterations | wallclock | max_steps | sigterm
     steps: int
     tokens: int
     wall_time_s: float  # this session, start to end
@@ -91,8 +113,10 @@ class RunResult:
     ema_alt: str | None  # with compare_ema: the other EMA mode, derived from the same run
     val_loss_ema_alt: float | None
     val_bpb_ema_alt: float | None
-    qat_step: int | None
-    attention_backend: str
+    qat_step: int | None  # lmcore's own late QAT (None: never on, as the original effectively trains)
+    qat_warning: str | None  # set when that QAT started within the first 10% of the run
+    attention_requested: str  # model.attention as configured ("auto" or a backend)
+    attention_backend: str  # the backend that ran
     world_size: int
     grad_accum_per_rank: int
     seed: int
@@ -238,17 +262,37 @@ def evaluate_val(
 # ---------------------------------------------------------------------------- run folder
 
 
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The checkpoint with the highest step in run_dir/checkpoints (None if none)."""
+def checkpoints(run_dir: str | Path) -> list[Path]:
+    """run_dir/checkpoints/step_*.pt, highest step first."""
     d = Path(run_dir) / "checkpoints"
     if not d.is_dir():
-        return None
-    best: tuple[int, Path] | None = None
-    for p in d.iterdir():
-        m = _CKPT_RE.match(p.name)
-        if m and (best is None or int(m.group(1)) > best[0]):
-            best = (int(m.group(1)), p)
-    return best[1] if best else None
+        return []
+    found = [(int(m.group(1)), p) for p in d.iterdir() if (m := _CKPT_RE.match(p.name))]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The checkpoint with the highest step in run_dir/checkpoints (None if none)."""
+    found = checkpoints(run_dir)
+    return found[0] if found else None
+
+
+def load_resumable_checkpoint(run_dir: str | Path) -> tuple[Path, dict[str, Any], list[str]]:
+    """The newest checkpoint that loads: (path, state, notes naming each unreadable newer one).
+
+    Raises InputError naming every file when none loads.
+    """
+    notes: list[str] = []
+    for path in checkpoints(run_dir):
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+                raise ValueError(f"not an lmcore checkpoint of format {CHECKPOINT_FORMAT}")
+        except Exception as e:  # noqa: BLE001 - any unpickling failure means an unusable file
+            notes.append(f"{path}: unreadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+            continue
+        return path, state, notes
+    raise InputError(f"{run_dir}: no readable checkpoint to resume from: " + "; ".join(notes))
 
 
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -265,7 +309,7 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def _check_resume_config(run_dir: Path, cfg: Config) -> None:
     path = run_dir / "config.json"
     if not path.is_file():
-        raise ValueError(f"{run_dir}: cannot resume, no config.json in the run folder")
+        raise InputNotFound(f"{run_dir}: cannot resume, no config.json in the run folder")
     saved = Config.load(path)
     a, b = _flat(saved.to_dict()), _flat(cfg.to_dict())
     diffs = [
@@ -274,30 +318,28 @@ def _check_resume_config(run_dir: Path, cfg: Config) -> None:
         if a.get(k) != b.get(k) and k not in RESUMABLE_FIELDS
     ]
     if diffs:
-        raise ValueError(
+        raise ConfigError(
             f"{run_dir}: cannot resume with a different configuration: "
             + "; ".join(diffs)
             + f" (only {', '.join(RESUMABLE_FIELDS)} may change)"
         )
 
 
-def _prepare_run_dir(run_dir: Path, cfg: Config, resume: bool) -> Path | None:
-    """Validate the folder for a fresh run or a resume; returns the checkpoint to resume."""
+def _prepare_run_dir(run_dir: Path, cfg: Config, resume: bool) -> None:
+    """Validate the folder for a fresh run or a resume."""
     if resume:
-        ckpt = latest_checkpoint(run_dir)
-        if ckpt is None:
-            raise ValueError(
+        if latest_checkpoint(run_dir) is None:
+            raise InputNotFound(
                 f"{run_dir}: nothing to resume: no checkpoints/step_*.pt in the run folder"
                 + ("" if run_dir.exists() else " (the folder does not exist)")
             )
         _check_resume_config(run_dir, cfg)
-        return ckpt
+        return
     if (run_dir / "model.pt").exists() or latest_checkpoint(run_dir) is not None:
-        raise ValueError(
+        raise InputError(
             f"{run_dir}: already holds a run (model.pt or checkpoints); resume it with --resume "
             "or choose another --run-dir"
         )
-    return None
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -376,7 +418,8 @@ def train(
     `max_steps` ends this session after that many optimizer steps, with a checkpoint
     (completed=False); the schedule still runs to cfg.train.iterations. `compare_ema`
     also evaluates the other EMA mode (original vs bias_corrected) of the same run (the
-    kept weights are still the configured mode's).
+    kept weights are still the configured mode's). SIGTERM, when this runs in the main
+    thread, ends the session at the next step with a checkpoint (stopped_by "sigterm").
     """
     wall0 = time.perf_counter()
     cfg = cfg.validate()
@@ -385,17 +428,91 @@ def train(
         raise ConfigError(f"train.grad_accum={tc.grad_accum} is not divisible by the world size {dist.world_size}")
     accum = tc.grad_accum // dist.world_size
     if max_steps is not None and max_steps < 0:
-        raise ValueError(f"max_steps must be >= 0, got {max_steps}")
+        raise InputError(f"max_steps must be >= 0, got {max_steps}")
     run_dir = Path(run_dir)
-    ckpt_path = _prepare_run_dir(run_dir, cfg, resume)
-    device = pick_device(tc.device, dist.local_rank)
-    created_pg = dist.distributed and not tdist.is_initialized()
-    init_distributed(dist, device)
+    existed = run_dir.exists()
+    lock = RunLock(run_dir, "lmcore train").acquire() if dist.is_main else None
+    created_pg = False
     try:
-        return _train(cfg, run_dir, dist, accum, device, ckpt_path, progress, max_steps, compare_ema, wall0)
+        _prepare_run_dir(run_dir, cfg, resume)
+        device = pick_device(tc.device, dist.local_rank)
+        created_pg = dist.distributed and not tdist.is_initialized()
+        init_distributed(dist, device)
+        with _StopSignal() as stop:
+            return _train(cfg, run_dir, dist, accum, device, resume, progress, max_steps, compare_ema, wall0, stop)
+    except BaseException:
+        if lock is not None and not existed and {p.name for p in run_dir.iterdir()} <= {".lock"}:
+            lock.release()
+            lock = None
+            (run_dir / ".lock").unlink(missing_ok=True)
+            run_dir.rmdir()  # nothing was written: leave no half-started folder behind
+        raise
     finally:
         if created_pg and tdist.is_initialized():
             tdist.destroy_process_group()
+        if lock is not None:
+            lock.release()
+
+
+class _StopSignal:
+    """While active (main thread only), SIGTERM sets `requested` instead of killing the process."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+    def __enter__(self) -> _StopSignal:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handler)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+
+class _FiniteWatch:
+    """Checks every step's gradient norm for NaN/inf without making the GPU wait.
+
+    On CUDA each step's flag is copied to pinned host memory asynchronously and read one
+    step later (by then it is long done); on CPU it is read at once. `push` and `flush`
+    return the first bad step seen, or None. The gradient norm is computed after DDP's
+    all-reduce, so every rank sees the same flags and stops at the same step.
+    """
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.host = torch.zeros(2, dtype=torch.bool, pin_memory=self.cuda)
+        self.pending: list[tuple[int, int, Any]] = []  # (slot, step, event)
+        self.n = 0
+
+    def push(self, step: int, grad_norm: Tensor) -> int | None:
+        bad = ~torch.isfinite(grad_norm)
+        if not self.cuda:
+            return step if bool(bad) else None
+        slot = self.n % 2
+        self.n += 1
+        self.host[slot].copy_(bad, non_blocking=True)
+        ev = torch.cuda.Event()
+        ev.record()
+        self.pending.append((slot, step, ev))
+        return self._check(keep=1)
+
+    def flush(self) -> int | None:
+        return self._check(keep=0)
+
+    def _check(self, keep: int) -> int | None:
+        first = None
+        while len(self.pending) > keep:
+            slot, step, ev = self.pending.pop(0)
+            ev.synchronize()
+            if first is None and bool(self.host[slot]):
+                first = step
+        return first
 
 
 def _train(
@@ -404,11 +521,12 @@ def _train(
     dist: DistInfo,
     accum: int,
     device: torch.device,
-    ckpt_path: Path | None,
+    resume: bool,
     progress: bool,
     max_steps: int | None,
     compare_ema: bool,
     wall0: float,
+    stop: _StopSignal,
 ) -> RunResult:
     from lmcore.bpb import ByteTables
     from lmcore.data import DistributedTokenLoader, load_val_tokens
@@ -421,32 +539,41 @@ def _train(
         if dist.distributed:
             tdist.barrier()
 
-    # ---- run folder, data
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if ckpt_path is None:
-            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-        if _is_smoke_data(cfg):
-            from lmcore.smoke_data import ensure_smoke_data
+    # ---- data first: a bad shard, tokenizer or checkpoint is reported before anything is written
+    if main and _is_smoke_data(cfg):
+        from lmcore.smoke_data import ensure_smoke_data
 
-            ensure_smoke_data(cfg.data.data_dir, cfg.data.tokenizer, progress=progress)
-        cfg.save(run_dir / "config.json")
+        ensure_smoke_data(cfg.data.data_dir, cfg.data.tokenizer, progress=progress)
     barrier()
-    metrics = run_dir / "metrics.jsonl"
-
-    def log(obj: dict[str, Any]) -> None:
-        if main:
-            append_jsonl(metrics, obj)
-
     bf16 = use_bf16(device, tc.precision)
     seq_len = cfg.data.seq_len
     loader = DistributedTokenLoader(cfg.data.data_dir, cfg.data.train_pattern, dist.rank, dist.world_size)
     val_tokens = load_val_tokens(cfg.data.data_dir, cfg.data.val_pattern, seq_len, cfg.data.val_max_tokens)
     tables = ByteTables.from_sentencepiece(cfg.data.tokenizer, cfg.model.vocab_size).to(device)
     if tables.size > cfg.model.vocab_size:
-        raise ValueError(
+        raise ConfigError(
             f"{cfg.data.tokenizer}: tokenizer has {tables.size} pieces, more than model.vocab_size={cfg.model.vocab_size}"
         )
+    ckpt_path: Path | None = None
+    ckpt: dict[str, Any] | None = None
+    if resume:
+        ckpt_path, ckpt, unreadable = load_resumable_checkpoint(run_dir)
+        for note in unreadable:
+            if main:
+                print(f"warning: {note}; resuming from {ckpt_path.name} instead", file=sys.stderr, flush=True)
+
+    # ---- run folder
+    metrics = run_dir / "metrics.jsonl"
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if ckpt_path is None:
+            metrics.unlink(missing_ok=True)
+        cfg.save(run_dir / "config.json")
+    barrier()
+
+    def log(obj: dict[str, Any]) -> None:
+        if main:
+            append_jsonl(metrics, obj)
 
     # ---- model and optimizers
     seed_all(tc.seed)
@@ -464,7 +591,7 @@ def _train(
         )
     train_model = ddp if ddp is not None else fwd
     n_params = sum(p.numel() for p in model.parameters())
-    qat_possible = tc.late_qat_threshold > 0 and cfg.model.qat_bits > 0 and tc.warmdown_iters > 0
+    qat_possible = tc.lmcore_late_qat_threshold > 0 and cfg.model.qat_bits > 0 and tc.warmdown_iters > 0
 
     pin = device.type == "cuda"
 
@@ -484,26 +611,26 @@ def _train(
                     loss = train_model(x, y)
                 (loss * (1.0 / accum)).backward()
             loss_sum += loss.detach()
-        if tc.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        # the norm (after DDP's all-reduce, so equal on every rank) also flags NaN/inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else math.inf)
         opt.step()
         opt.zero_grad()
-        return loss_sum / accum
+        return loss_sum / accum, grad_norm
 
     # ---- state: fresh or from a checkpoint
     step, train_ms, qat_on, qat_step = 0, 0.0, False, None
-    ckpt: dict[str, Any] | None = None
-    if ckpt_path is not None:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        if ckpt.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{ckpt_path}: unknown checkpoint format {ckpt.get('format')!r}")
+    qat_warning: str | None = None
+    if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizers"])
         loader.load_state_dict(ckpt["loader"])
         step, train_ms = int(ckpt["step"]), float(ckpt["train_ms"])
         qat_on, qat_step = bool(ckpt["qat"]), ckpt.get("qat_step")
+        qat_warning = ckpt.get("qat_warning")
         if main:
             _truncate_metrics(metrics, step)
+        for note in unreadable:
+            log({"kind": "event", "step": step, "event": "checkpoint_unreadable", "detail": note})
         say(f"resuming {run_dir} from {ckpt_path.name} (step {step}, {train_ms / 1000:.1f}s trained)")
 
     # ---- compile warm-up (CUDA), then restore everything
@@ -533,7 +660,7 @@ def _train(
         ema = EMA(model, tc.ema_decay, tc.ema)
         if ckpt is not None:
             if ckpt.get("ema") is None:
-                raise ValueError(f"{ckpt_path}: checkpoint has no EMA state but train.ema={tc.ema!r}")
+                raise InputError(f"{ckpt_path}: checkpoint has no EMA state but train.ema={tc.ema!r}")
             ema.load_state_dict(ckpt["ema"])
     if ckpt is not None:
         _set_rng_state(ckpt["rng"], device)
@@ -552,6 +679,7 @@ def _train(
             "loader": loader.state_dict(),
             "qat": qat_on,
             "qat_step": qat_step,
+            "qat_warning": qat_warning,
             "rng": _rng_state(device),
             "config": cfg.to_dict(),
             "world_size": dist.world_size,
@@ -581,9 +709,24 @@ def _train(
 
     # ---- the loop
     cap_ms = 1000.0 * tc.max_wallclock_seconds if tc.max_wallclock_seconds > 0 else None
+    if qat_possible and not qat_on and cap_ms is None:
+        first = next((i for i in range(step, tc.iterations) if lr_multiplier(i, 0.0, tc) < tc.lmcore_late_qat_threshold), None)
+        if first is not None and first < QAT_EARLY_FRACTION * tc.iterations:
+            say("warning: " + _qat_early_message(first, first / tc.iterations, tc, cfg.model.qat_bits, "will start"))
     stop_after: int | None = None
+    sigterm_at: int | None = None
     stopped_by = "iterations"
     session_steps = 0
+    watch = _FiniteWatch(device)
+
+    def diverged(bad_step: int) -> None:
+        log({"kind": "event", "step": bad_step, "event": "non_finite_loss"})
+        last = latest_checkpoint(run_dir)
+        raise NonFiniteLoss(
+            f"{run_dir}: non-finite loss, gradient or weights (NaN/inf) at step {bad_step}; training stopped and nothing "
+            f"was saved after it; last good checkpoint: {last if last else 'none (train.checkpoint_every=0)'}. "
+            "Check the learning rates (train.matrix_lr, train.embed_lr, train.scalar_lr) and train.grad_clip"
+        )
     last_log = (step, train_ms)
     model.train()
     synchronize(device)
@@ -598,6 +741,9 @@ def _train(
         if stop_after is not None and step >= stop_after:
             stopped_by = "wallclock"
             break
+        if sigterm_at is not None:
+            stopped_by = "sigterm"
+            break
         if max_steps is not None and session_steps >= max_steps:
             stopped_by = "max_steps"
             break
@@ -607,33 +753,47 @@ def _train(
             validate("raw")
             t0 = time.perf_counter()
         mul = lr_multiplier(step, now_ms(), tc)
-        if qat_possible and not qat_on and mul < tc.late_qat_threshold:
+        if qat_possible and not qat_on and mul < tc.lmcore_late_qat_threshold:
             model.set_qat(cfg.model.qat_bits)
             qat_on, qat_step = True, step
-            log({"kind": "event", "step": step, "event": "late_qat", "lr_mul": mul})
-            say(f"step {step}: late QAT on (int{cfg.model.qat_bits}), lr_mul {mul:.4f}")
+            frac = now_ms() / cap_ms if cap_ms is not None else step / tc.iterations
+            if frac < QAT_EARLY_FRACTION:
+                qat_warning = _qat_early_message(step, frac, tc, cfg.model.qat_bits, "started")
+                say("warning: " + qat_warning)
+            log({"kind": "event", "step": step, "event": "late_qat", "lr_mul": mul, "warning": qat_warning})
+            say(f"step {step}: lmcore late QAT on (int{cfg.model.qat_bits}), lr_mul {mul:.4f}")
         opt.set_lr_mul(mul)
         opt.set_momentum(muon_momentum(step, tc))
-        loss = train_step()
+        loss, grad_norm = train_step()
         if ema is not None:
             ema.update()
         step += 1
         session_steps += 1
+        bad = watch.push(step, grad_norm)
+        if bad is not None:
+            diverged(bad)
         elapsed = now_ms()
-        if cap_ms is not None:
-            reached = elapsed >= cap_ms
-            if dist.distributed:
-                flag = torch.tensor(int(reached), device=device)
-                tdist.all_reduce(flag, op=tdist.ReduceOp.MAX)
-                reached = bool(flag.item())
-            if reached and stop_after is None:
-                stop_after = step
+        reached, sig = cap_ms is not None and elapsed >= cap_ms, stop.requested
+        log_now = tc.log_every > 0 and (step <= 10 or step % tc.log_every == 0 or step >= tc.iterations)
+        if dist.distributed and (cap_ms is not None or log_now):  # every rank stops at the same step
+            flags = torch.tensor([int(reached), int(sig)], device=device)
+            tdist.all_reduce(flags, op=tdist.ReduceOp.MAX)
+            reached, sig = bool(flags[0].item()), bool(flags[1].item())
+        elif dist.distributed:
+            sig = False  # seen at the next all-reduce
+        if reached and stop_after is None:
+            stop_after = step
+        if sig and sigterm_at is None:
+            sigterm_at = step
+            say(f"step {step}: SIGTERM received: writing a checkpoint and stopping")
         end_now = step >= tc.iterations or stop_after == step  # (a max_steps pause logs nothing extra)
-        if tc.log_every > 0 and (step <= 10 or step % tc.log_every == 0 or end_now):
+        if tc.log_every > 0 and (log_now or end_now):
             if dist.distributed:
                 tdist.all_reduce(loss, op=tdist.ReduceOp.SUM)
                 loss = loss / dist.world_size
             loss_v = float(loss.item())
+            if not math.isfinite(loss_v):
+                diverged(watch.flush() or step)
             elapsed = now_ms()
             step_ms = (elapsed - last_log[1]) / max(step - last_log[0], 1)
             last_log = (step, elapsed)
@@ -659,16 +819,20 @@ def _train(
                 f"{tok_s / 1e3:.1f}k tok/s {step_ms:.1f} ms/step eta {_fmt_eta(eta)}"
             )
         pause = max_steps is not None and session_steps >= max_steps
-        if tc.checkpoint_every > 0 and step % tc.checkpoint_every == 0 and not (end_now or pause):
+        if tc.checkpoint_every > 0 and step % tc.checkpoint_every == 0 and not (end_now or pause or sig):
             synchronize(device)
             train_ms = now_ms()
+            if (bad := watch.flush()) is not None or not _all_finite(model):
+                diverged(bad or step)
             save_checkpoint()
             t0 = time.perf_counter()
 
     synchronize(device)
     train_ms = now_ms()
+    if (bad := watch.flush()) is not None or not _all_finite(model):
+        diverged(bad or step)
     save_checkpoint()  # the end of this session: raw weights, optimizers, EMA, position
-    completed = stopped_by != "max_steps"
+    completed = stopped_by not in ("max_steps", "sigterm")
 
     # ---- final evaluation: raw and EMA weights; keep the EMA (raw if off)
     raw = ema_r = alt_r = None
@@ -713,6 +877,8 @@ def _train(
         val_loss_ema_alt=alt_r["loss"] if alt_r else None,
         val_bpb_ema_alt=alt_r["bpb"] if alt_r else None,
         qat_step=qat_step,
+        qat_warning=qat_warning,
+        attention_requested=cfg.model.attention,
         attention_backend=backend,
         world_size=dist.world_size,
         grad_accum_per_rank=accum,
@@ -734,6 +900,21 @@ def _train(
         else:
             say(f"stopped after {session_steps} steps this session (step {step}); resume with --resume")
     return result
+
+
+@torch.no_grad()
+def _all_finite(model: nn.Module) -> bool:
+    """Every parameter finite (one device sync: called only before a checkpoint is written)."""
+    flags = [torch.isfinite(p).all() for p in model.parameters()]
+    return bool(torch.stack(flags).all().item())
+
+
+def _qat_early_message(step: int, frac: float, tc: Any, bits: int, verb: str) -> str:
+    return (
+        f"lmcore late QAT (fake int{bits}) {verb} at step {step}, {100 * frac:.1f}% into the run (within the first "
+        f"{100 * QAT_EARLY_FRACTION:.0f}%): train.lmcore_late_qat_threshold={tc.lmcore_late_qat_threshold} is "
+        f"reached early with train.warmdown_iters={tc.warmdown_iters}; most of the run trains quantized"
+    )
 
 
 def _compile_warmup_steps(tc: Any, device: torch.device) -> int:
@@ -784,16 +965,16 @@ def _cmd_train(args: argparse.Namespace, env: dict[str, str] | None = None) -> i
     env = dict(os.environ) if env is None else env  # the CLI is the only place reading it
     resume = bool(args.resume)
     if isinstance(args.resume, str) and args.run_dir and Path(args.resume) != Path(args.run_dir):
-        raise ValueError(f"--resume {args.resume} and --run-dir {args.run_dir} name different folders")
+        raise InputError(f"--resume {args.resume} and --run-dir {args.run_dir} name different folders")
     run_dir_arg = args.run_dir or (args.resume if isinstance(args.resume, str) else None)
     if not run_dir_arg:
-        raise ValueError("give --run-dir (or --resume RUN_DIR)")
+        raise InputError("give --run-dir (or --resume RUN_DIR)")
     run_dir = Path(run_dir_arg)
     if args.config or args.preset:
         cfg = config_from_args(args)
     elif resume:
         if not (run_dir / "config.json").is_file():
-            raise ValueError(f"{run_dir}: nothing to resume: no config.json in the run folder")
+            raise InputNotFound(f"{run_dir}: nothing to resume: no config.json in the run folder")
         cfg = Config.load(run_dir / "config.json").override(args.overrides)
     else:
         raise ConfigError("give --preset or --config (or --resume with a run folder holding config.json)")
@@ -813,6 +994,11 @@ def _cmd_train(args: argparse.Namespace, env: dict[str, str] | None = None) -> i
     )
     if info.is_main:
         print(json.dumps(result.to_dict(), indent=2))
+    if result.stopped_by == "sigterm":
+        if info.is_main:
+            print(f"lmcore train: stopped by SIGTERM at step {result.steps}; checkpoint written; "
+                  f"continue with: lmcore train --resume {run_dir}", file=sys.stderr)
+        return EXIT_SIGTERM
     return 0
 
 

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -70,3 +71,40 @@ def test_resolve_layers():
     assert resolve_layers([4, 1], 5) == [1, 4]
     with pytest.raises(ConfigError):
         resolve_layers("5", 5)
+
+
+def test_every_preset_trains_without_qat():
+    """The original's late QAT never runs (SPEC 3): no preset switches lmcore's own QAT on."""
+    for name, cfg in PRESETS.items():
+        assert cfg.train.lmcore_late_qat_threshold == 0.0, name
+    assert preset("record", ["train.lmcore_late_qat_threshold=0.15"]).train.lmcore_late_qat_threshold == 0.15
+
+
+def test_renamed_qat_field_says_where_it_went(tmp_path):
+    with pytest.raises(ConfigError, match="renamed train.lmcore_late_qat_threshold"):
+        preset("record", ["train.late_qat_threshold=0.15"])
+    d = PRESETS["record"].to_dict()
+    d["train"]["late_qat_threshold"] = 0.15
+    del d["train"]["lmcore_late_qat_threshold"]
+    p = tmp_path / "old.json"
+    p.write_text(json.dumps(d))
+    with pytest.raises(ConfigError, match=r"old\.json: unknown field train\.late_qat_threshold \(renamed"):
+        Config.load(p)
+
+
+@pytest.mark.parametrize(
+    "bad, needle",
+    [
+        ("train.grad_accum=0", "train.grad_accum=0 must be positive"),
+        ("train.batch_tokens=0", "train.batch_tokens=0 must be positive"),
+        ("train.iterations=0", "train.iterations=0 must be positive"),
+        ("train.iterations=-5", "train.iterations=-5 must be positive"),
+        ("train.matrix_lr=nan", "train.matrix_lr=nan must be a finite number"),
+        ("train.embed_lr=inf", "train.embed_lr=inf must be a finite number"),
+        ("train.warmdown_iters=-1", "train.warmdown_iters=-1 must be >= 0"),
+        ("eval.stride=0", "eval.stride=0 must be positive"),
+    ],
+)
+def test_degenerate_values_are_refused(bad, needle):
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        preset("smoke", [bad])

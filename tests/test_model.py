@@ -207,3 +207,38 @@ def test_rope_rescales_past_train_len():
     c16, _ = rope_tables(cfg, 16, torch.device("cpu"))
     assert torch.allclose(c8[:, 0], c16[:8, 0])  # first frequency is always 1
     assert not torch.allclose(c8[:, 1], c16[:8, 1])  # the others slow down
+
+
+def test_qat_switch_reaches_the_compiled_model():
+    """The original's late-QAT switch never reached its compiled model (SPEC 3); lmcore's must.
+
+    Compiled with fullgraph like training; the aot_eager backend keeps the test fast on CPU
+    (what is under test is dynamo's tracing and guards, the same for every backend).
+    """
+    torch._dynamo.reset()
+    cfg = tiny_model_cfg()
+    model = randomize_(GPT(cfg), std=0.1).train()
+    compiled = torch.compile(model, fullgraph=True, dynamic=False, backend="aot_eager")
+    ids = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    tgt = torch.roll(ids, -1, 1)
+    plain = compiled(ids, tgt).item()
+    model.set_qat(6)
+    quantized = compiled(ids, tgt).item()
+    eager_quantized = model(ids, tgt).item()
+    model.set_qat(0)
+    again = compiled(ids, tgt).item()
+    assert quantized != plain and quantized == pytest.approx(eager_quantized, abs=1e-5)
+    assert again == pytest.approx(plain, abs=1e-6)
+
+
+def test_attention_fallback_is_reported():
+    """A backend that cannot run here is replaced by a stand-in only with a reason and a warning."""
+    model = GPT(tiny_model_cfg(attention="fa3"))
+    assert model.attention_backend == "sdpa"
+    assert "model.attention='fa3'" in model.attention_fallback and "not available on cpu" in model.attention_fallback
+    ids = torch.zeros(1, 8, dtype=torch.long)
+    with pytest.warns(UserWarning, match="model.attention='fa3'.*running 'sdpa'"):
+        model(ids)
+    model.set_attention_backend("math", "cpu")  # resolved explicitly: no stand-in any more
+    assert model.attention_fallback is None and model.attention_backend == "math"
+    assert GPT(tiny_model_cfg(attention="sdpa")).attention_fallback is None

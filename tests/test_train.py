@@ -112,7 +112,10 @@ def test_smoke_cli_run_beats_unigram_entropy(smoke_run):
         (200, "ema_original"),
         (200, "ema"),
     ]
-    assert any(r["kind"] == "event" and r["event"] == "late_qat" for r in rows)
+    # record and every preset train without fake quantization, as the original effectively does
+    assert not any(r["kind"] == "event" and r["event"] == "late_qat" for r in rows)
+    assert summary["qat_step"] is None and summary["qat_warning"] is None
+    assert summary["attention_requested"] == "auto" and summary["attention_backend"] == "sdpa"
     saved = torch.load(run / "model.pt", weights_only=True)
     assert saved["config"]["name"] == "smoke" and "tok_emb.weight" in saved["model"]
     assert latest_checkpoint(run).name == "step_000200.pt"
@@ -154,6 +157,7 @@ def test_resume_is_bit_identical(smoke_run, tmp_path):
             "train.log_every=4",
             "train.ema=bias_corrected",
             "train.checkpoint_every=6",
+            "train.lmcore_late_qat_threshold=0.15",  # lmcore's own QAT, switched on across the resume
         ),
     )
     full = train(cfg, tmp_path / "full", progress=False, compare_ema=True)
@@ -197,7 +201,13 @@ def test_warmup_steps_are_undone(smoke_run, tmp_path, monkeypatch):
     """The compile warm-up (CUDA only) must leave no trace: forced on CPU here, QAT graph included."""
     import lmcore.train as lt
 
-    cfg = preset("smoke", _overrides(smoke_run, "train.iterations=8", "train.warmdown_iters=8", "train.val_every=0"))
+    cfg = preset(
+        "smoke",
+        _overrides(
+            smoke_run, "train.iterations=8", "train.warmdown_iters=8", "train.val_every=0",
+            "train.lmcore_late_qat_threshold=0.15",
+        ),
+    )
     plain = train(cfg, tmp_path / "plain", progress=False)
     monkeypatch.setattr(lt, "_compile_warmup_steps", lambda tc, device: 4)
     warm = train(cfg, tmp_path / "warm", progress=False)
@@ -318,3 +328,183 @@ def test_cli_help_texts():
     for action in p._actions:
         if action.dest != "help":
             assert action.help, action.dest
+
+
+# ---------------------------------------------------------------------------- QAT as the original runs
+
+
+def _count_fake_quant(monkeypatch) -> list[int]:
+    import lmcore.model as lm
+
+    calls = [0]
+    real = lm.fake_quantize_rows
+
+    def counting(w, bits):
+        calls[0] += 1
+        return real(w, bits)
+
+    monkeypatch.setattr(lm, "fake_quantize_rows", counting)
+    return calls
+
+
+def test_record_trains_unquantized_at_every_step(smoke_run, tmp_path, monkeypatch):
+    """record's train settings with the LR multiplier under 0.15 from step 1 (warmdown 3500, as in
+    SPEC 8b): not one forward is fake-quantized. The original's written rule would quantize all."""
+    calls = _count_fake_quant(monkeypatch)
+    rec = preset("record").train
+    cfg = preset(
+        "smoke",
+        _overrides(
+            smoke_run, "train.iterations=12", "train.warmdown_iters=3500", "train.val_every=0", "train.ema=off",
+            f"train.lmcore_late_qat_threshold={rec.lmcore_late_qat_threshold}",
+        ),
+    )
+    r = train(cfg, tmp_path / "rec", progress=False)
+    assert r.completed and r.steps == 12 and calls[0] == 0 and r.qat_step is None and r.qat_warning is None
+    rows = read_jsonl(tmp_path / "rec" / "metrics.jsonl")
+    assert all(r["lr_mul"] < 0.15 for r in rows if r["kind"] == "train")  # the old rule's condition held throughout
+    assert not [r for r in rows if r.get("event") == "late_qat"]
+
+
+def test_lmcore_qat_switch_changes_training_and_warns_when_early(smoke_run, tmp_path, monkeypatch, capsys):
+    sets = ("train.iterations=12", "train.warmdown_iters=3500", "train.val_every=0", "train.ema=off", "train.log_every=1")
+    off = train(preset("smoke", _overrides(smoke_run, *sets)), tmp_path / "off", progress=False)
+    calls = _count_fake_quant(monkeypatch)
+    on_cfg = preset("smoke", _overrides(smoke_run, *sets, "train.lmcore_late_qat_threshold=0.15"))
+    on = train(on_cfg, tmp_path / "on", progress=True)
+    out = capsys.readouterr().out
+    assert on.qat_step == 0 and calls[0] > 0
+    assert "within the first 10%" in on.qat_warning and "step 0" in on.qat_warning
+    assert json.loads((tmp_path / "on" / "summary.json").read_text())["qat_warning"] == on.qat_warning
+    assert out.count("warning: lmcore late QAT") == 2  # predicted before the loop, then when it starts
+    losses = lambda p: [r["train_loss"] for r in read_jsonl(p / "metrics.jsonl") if r["kind"] == "train"]
+    # the first step's loss is equal (zero-initialised output projections); later ones are not
+    assert losses(tmp_path / "on")[0] == losses(tmp_path / "off")[0]
+    assert losses(tmp_path / "on")[-1] != losses(tmp_path / "off")[-1]
+    # started late (step 9 of 12): switched on without a warning
+    late = train(on_cfg.override(["train.warmdown_iters=20"]), tmp_path / "late", progress=False)
+    assert late.qat_step == 10 and late.qat_warning is None
+
+
+# ---------------------------------------------------------------------------- never silent
+
+
+def _cli_sets(smoke_run, *extra) -> list[str]:
+    return [x for s in _overrides(smoke_run, *extra) for x in ("--set", s)]
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(smoke_run, tmp_path, monkeypatch, capsys):
+    import lmcore.train as lt
+
+    real = lt.lr_multiplier
+    monkeypatch.setattr(lt, "lr_multiplier", lambda step, ms, tc: float("inf") if step == 4 else real(step, ms, tc))
+    run = tmp_path / "nan"
+    sets = _cli_sets(smoke_run, "train.iterations=12", "train.val_every=0", "train.checkpoint_every=3", "train.log_every=100")
+    rc = cli.main(["train", "--preset", "smoke", *sets, "--run-dir", str(run), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "non-finite" in err and "step 000003" not in err and "step_000003.pt" in err
+    assert [p.name for p in lt.checkpoints(run)] == ["step_000003.pt"]  # nothing saved after the blow-up
+    good = torch.load(run / "checkpoints" / "step_000003.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in good["model"].values())
+    assert not (run / "model.pt").exists() and not (run / "summary.json").exists()
+    assert [r["event"] for r in read_jsonl(run / "metrics.jsonl") if r["kind"] == "event"] == ["non_finite_loss"]
+
+
+def test_config_errors_leave_no_run_folder(smoke_run, tmp_path, capsys):
+    for bad in ("train.grad_accum=0", "train.batch_tokens=0", "train.iterations=0", "train.matrix_lr=nan"):
+        rc = cli.main(["train", "--preset", "smoke", "--set", bad, "--run-dir", str(tmp_path / "x")])
+        err = capsys.readouterr().err
+        assert rc == 2 and bad.split("=")[0] in err and len(err.strip().splitlines()) == 1, (bad, err)
+        assert not (tmp_path / "x").exists()
+    # missing data: named, and still no half-started folder
+    rc = cli.main(["train", "--preset", "smoke", "--set", f"data.data_dir={tmp_path / 'nodata'}",
+                   "--set", f"data.tokenizer={smoke_run['data'] / 'tokenizer.model'}", "--run-dir", str(tmp_path / "y")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "nodata" in err and not (tmp_path / "y").exists()
+
+
+def test_second_job_on_a_run_folder_is_refused(smoke_run, tmp_path, capsys):
+    run = tmp_path / "busy"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from lmcore.runs import RunLock; RunLock(sys.argv[1], 'holder')"
+         ".acquire(); print('locked', flush=True); time.sleep(60)", str(run)],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        sets = _cli_sets(smoke_run, "train.iterations=4", "train.val_every=0")
+        rc = cli.main(["train", "--preset", "smoke", *sets, "--run-dir", str(run), "--no-progress"])
+        err = capsys.readouterr().err
+        assert rc == 2 and "in use" in err and f"pid {holder.pid}" in err and len(err.strip().splitlines()) == 1
+        assert sorted(p.name for p in run.iterdir()) == [".lock"]  # nothing written by the refused job
+    finally:
+        holder.kill()
+        holder.wait()
+    # the lock dies with its holder: the folder is usable again
+    assert cli.main(["train", "--preset", "smoke", *sets, "--run-dir", str(run), "--no-progress"]) == 0
+    capsys.readouterr()
+
+
+def test_resume_skips_an_unreadable_checkpoint(smoke_run, tmp_path, capsys):
+    sets = _cli_sets(smoke_run, "train.iterations=9", "train.val_every=0", "train.checkpoint_every=3", "train.ema=off")
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert cli.main(["train", "--preset", "smoke", *sets, "--run-dir", str(full), "--no-progress"]) == 0
+    assert cli.main(["train", "--preset", "smoke", *sets, "--run-dir", str(cut), "--no-progress", "--max-steps", "7"]) == 0
+    newest = cut / "checkpoints" / "step_000007.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])  # truncated, as by a crash of the disk or the copy
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", str(cut), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "step_000007.pt: unreadable checkpoint" in err and "resuming from step_000006.pt" in err
+    a = json.loads((full / "summary.json").read_text())
+    b = json.loads((cut / "summary.json").read_text())
+    assert b["completed"] and b["steps"] == 9 and b["val_loss"] == a["val_loss"]  # as if never interrupted
+    # no readable checkpoint at all: one line naming the files
+    for p in (cut / "checkpoints").glob("*.pt"):
+        p.write_bytes(b"garbage")
+    rc = cli.main(["train", "--resume", str(cut), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "no readable checkpoint" in err and "step_000009.pt" in err and len(err.strip().splitlines()) == 1
+
+
+def _start_train(smoke_run, run: Path, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    sets = _cli_sets(smoke_run, "train.val_every=0", "train.log_every=1", "train.ema=off", *extra)
+    cmd = [sys.executable, "-m", "lmcore", "train", "--preset", "smoke", *sets, "--run-dir", str(run), "--no-progress"]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_step(run: Path, step: int, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    t = time.time()
+    while time.time() - t < timeout:
+        rows = read_jsonl(run / "metrics.jsonl") if (run / "metrics.jsonl").exists() else []
+        if any(r["kind"] == "train" and r["step"] >= step for r in rows):
+            return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.1)
+    raise AssertionError(f"no step {step} in {timeout}s")
+
+
+def test_sigterm_checkpoints_and_resumes_ctrl_c_says_one_line(smoke_run, tmp_path):
+    import signal
+
+    run = tmp_path / "pre"
+    proc = _start_train(smoke_run, run, "train.iterations=100000", "train.checkpoint_every=0")
+    _wait_for_step(run, 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("lmcore train: stopped by SIGTERM")
+    s = json.loads((run / "summary.json").read_text())
+    assert s["stopped_by"] == "sigterm" and not s["completed"] and s["steps"] >= 3
+    assert latest_checkpoint(run).name == f"step_{s['steps']:06d}.pt"  # no periodic checkpoint was due
+    rc = cli.main(["train", "--resume", str(run), "--set", f"train.iterations={s['steps'] + 2}", "--no-progress"])
+    assert rc == 0 and json.loads((run / "summary.json").read_text())["steps"] == s["steps"] + 2
+
+    run2 = tmp_path / "int"
+    proc = _start_train(smoke_run, run2, "train.iterations=100000")
+    _wait_for_step(run2, 2, proc)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and err.strip().splitlines() == ["lmcore train: interrupted"], err
