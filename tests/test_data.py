@@ -1,5 +1,6 @@
-"""Tests for lmcore.data: shard format, folder check (CLI), document reading, shard
-building with a tiny SentencePiece model, the training loader and the val loader."""
+"""Tests for lmcore.data and lmcore.corpus: shard format, folder check (CLI), document
+reading, shard building with a tiny SentencePiece model, the training loader and the val
+loader."""
 
 from __future__ import annotations
 
@@ -12,16 +13,15 @@ import numpy as np
 import pytest
 import torch
 
-from lmcore import cli, data
+from lmcore import cli, corpus, data
+from lmcore.corpus import build_shards, iter_docs
 from lmcore.data import (
     HEADER_BYTES,
     MAGIC,
     DistributedTokenLoader,
     ShardError,
     TokenStream,
-    build_shards,
     check_dir,
-    iter_docs,
     load_val_tokens,
     read_header,
     read_shard,
@@ -487,6 +487,7 @@ def test_load_val_tokens(tmp_path: Path) -> None:
         load_val_tokens(tmp_path / "missing", "fineweb_val_*.bin", seq_len=16)
 
 
-def test_module_reads_no_environment() -> None:
-    src = Path(data.__file__).read_text()
+@pytest.mark.parametrize("module", [data, corpus])
+def test_module_reads_no_environment(module) -> None:
+    src = Path(module.__file__).read_text()
     assert "os.environ" not in src and "getenv" not in src

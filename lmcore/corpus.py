@@ -1,0 +1,319 @@
+"""Building token shards from documents (SPEC.md section 1): reading a `.jsonl[.xz|.gz]`
+file of documents, tokenizing it into a shard folder, and `lmcore data build`.
+
+Documents: one JSON object a line with a string "text"; blank lines are skipped.
+
+Building: each document becomes [BOS] + its SentencePiece ids (no EOS). The first
+`val_docs` documents form the `fineweb_val_NNNNNN.bin` stream, the rest the
+`fineweb_train_NNNNNN.bin` stream; each stream is cut into files of at most
+`shard_tokens` tokens (the format: `lmcore.data`). Tokenization runs on every core, in
+document order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import json
+import lzma
+import multiprocessing as mp
+import os
+from collections import deque
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+from lmcore.data import MAX_TOKEN_ID, SHARD_PATTERNS, PathLike, shard_name, write_shard
+from lmcore.runs import atomic_write_json
+
+# ---------------------------------------------------------------------------------------
+# Documents
+# ---------------------------------------------------------------------------------------
+
+
+def _open_text(path: Path) -> IO[str]:
+    name = path.name.lower()
+    if name.endswith(".xz"):
+        return lzma.open(path, "rt", encoding="utf-8")
+    if name.endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
+def iter_docs(path: PathLike) -> Iterator[str]:
+    """Yield the "text" field of each line of a `.jsonl` / `.jsonl.xz` (or `.gz`) file.
+
+    Blank lines are skipped; a line that is not a JSON object with a string "text"
+    raises ValueError naming the file and the 1-based line number.
+    """
+    p = Path(path)
+    with _open_text(p) as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{p}: line {lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                raise ValueError(f'{p}: line {lineno}: expected an object with a string "text"')  # noqa: TRY004
+            yield obj["text"]
+
+
+# ---------------------------------------------------------------------------------------
+# Building shards
+# ---------------------------------------------------------------------------------------
+
+_BATCH_DOCS = 128  # documents per tokenization task
+_worker_sp: Any = None  # the SentencePiece model of a pool worker (loaded once)
+
+
+def _load_sp(model_path: str) -> Any:
+    import sentencepiece as spm
+
+    return spm.SentencePieceProcessor(model_file=model_path)
+
+
+def _encode(sp: Any, texts: list[str]) -> np.ndarray:
+    """[BOS] + ids for every text, concatenated, as uint16."""
+    bos = sp.bos_id()
+    ids = sp.encode(texts, out_type=int, num_threads=1)
+    out = np.empty(sum(len(x) for x in ids) + len(ids), dtype=np.uint16)
+    pos = 0
+    for x in ids:
+        out[pos] = bos
+        out[pos + 1 : pos + 1 + len(x)] = x
+        pos += len(x) + 1
+    return out
+
+
+def _worker_init(model_path: str) -> None:
+    global _worker_sp
+    _worker_sp = _load_sp(model_path)
+
+
+def _worker_encode(texts: list[str]) -> np.ndarray:
+    return _encode(_worker_sp, texts)
+
+
+def _batches(docs: Iterable[str], val_docs: int) -> Iterator[tuple[str, list[str]]]:
+    """(split, texts) batches in document order; no batch straddles the val/train cut."""
+    batch: list[str] = []
+    split = "val"
+    for n, text in enumerate(docs):
+        if n == val_docs:
+            if batch:
+                yield split, batch
+                batch = []
+            split = "train"
+        batch.append(text)
+        if len(batch) >= _BATCH_DOCS:
+            yield split, batch
+            batch = []
+    if batch:
+        yield split, batch
+
+
+class _SplitWriter:
+    """Buffers one split's token stream and writes it as files of `shard_tokens` tokens."""
+
+    def __init__(self, out_dir: Path, split: str, shard_tokens: int) -> None:
+        self.out_dir, self.split, self.shard_tokens = out_dir, split, shard_tokens
+        self.buf: list[np.ndarray] = []
+        self.buffered = 0
+        self.tokens = 0
+        self.files: list[str] = []
+
+    def add(self, arr: np.ndarray) -> None:
+        self.buf.append(arr)
+        self.buffered += arr.size
+        self.tokens += arr.size
+        while self.buffered >= self.shard_tokens:
+            self._flush(self.shard_tokens)
+
+    def _flush(self, n: int) -> None:
+        data = np.concatenate(self.buf) if len(self.buf) > 1 else self.buf[0]
+        name = shard_name(self.split, len(self.files))
+        write_shard(self.out_dir / name, data[:n])
+        self.files.append(name)
+        rest = data[n:]
+        self.buf = [rest] if rest.size else []
+        self.buffered = int(rest.size)
+
+    def close(self) -> None:
+        if self.buffered:
+            self._flush(self.buffered)
+
+
+def _existing_shards(out_dir: Path) -> list[Path]:
+    if not out_dir.is_dir():
+        return []
+    return sorted(p for pat in SHARD_PATTERNS.values() for p in out_dir.glob(pat))
+
+
+def build_shards(
+    docs: PathLike | Iterable[str],
+    tokenizer: PathLike,
+    out_dir: PathLike,
+    val_docs: int,
+    shard_tokens: int = 100_000_000,
+    workers: int | None = None,
+    progress: bool = True,
+    overwrite: bool = False,
+) -> dict[str, int]:
+    """Tokenize documents into val and train shards in `out_dir`.
+
+    `docs` is a `.jsonl[.xz]` path (see `iter_docs`) or an iterable of texts. Each doc
+    becomes [BOS] + SentencePiece ids; the first `val_docs` docs form the val stream, the
+    rest the train stream, each cut into files of at most `shard_tokens` tokens.
+    Tokenization uses `workers` processes (None: all cores; <= 1: this process), each
+    loading the model once; results are consumed in document order with a bounded number
+    of batches in flight, so memory stays flat on any corpus size. Every file is written
+    atomically; `build.json` (counts and inputs) is written last.
+
+    An `out_dir` that already holds shards is refused unless `overwrite`, in which case
+    shards of the old build that this build did not rewrite are removed at the end.
+    Returns {"val_tokens", "train_tokens", "val_files", "train_files", "docs"}.
+    """
+    import sentencepiece  # noqa: F401  (fail early with ImportError if missing)
+    from tqdm import tqdm
+
+    if val_docs < 0:
+        raise ValueError(f"val_docs must be >= 0, got {val_docs}")
+    if shard_tokens <= 0:
+        raise ValueError(f"shard_tokens must be > 0, got {shard_tokens}")
+    tok_path = Path(tokenizer)
+    if not tok_path.is_file():
+        raise FileNotFoundError(f"{tok_path}: tokenizer model not found")
+    docs_path: Path | None = None
+    if isinstance(docs, (str, os.PathLike)):
+        docs_path = Path(docs)
+        if not docs_path.is_file():
+            raise FileNotFoundError(f"{docs_path}: documents file not found")
+        doc_iter: Iterable[str] = iter_docs(docs_path)
+    else:
+        doc_iter = docs
+
+    sp = _load_sp(str(tok_path))
+    vocab, bos = int(sp.vocab_size()), int(sp.bos_id())
+    if vocab > MAX_TOKEN_ID + 1:
+        raise ValueError(f"{tok_path}: vocab size {vocab} does not fit uint16 shards")
+    if not 0 <= bos < vocab:
+        raise ValueError(f"{tok_path}: tokenizer has no valid BOS piece (bos_id={bos})")
+
+    out = Path(out_dir)
+    old = _existing_shards(out)
+    if old and not overwrite:
+        raise ValueError(
+            f"{out}: already holds {len(old)} shard files (e.g. {old[0].name}); "
+            "remove them, choose another output folder, or pass overwrite"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    if overwrite and (out / "build.json").exists():
+        (out / "build.json").unlink()
+
+    nproc = (os.cpu_count() or 1) if workers is None else int(workers)
+    writers = {s: _SplitWriter(out, s, shard_tokens) for s in ("val", "train")}
+    n_docs = 0
+    bar = tqdm(desc="tokenizing", unit="doc", disable=not progress, dynamic_ncols=True)
+
+    def consume(split: str, n: int, arr: np.ndarray) -> None:
+        nonlocal n_docs
+        if split == "train" and writers["val"].buffered:
+            writers["val"].close()  # the val stream is complete: free its buffer
+        writers[split].add(arr)
+        n_docs += n
+        bar.update(n)
+        bar.set_postfix(tokens=writers["val"].tokens + writers["train"].tokens, refresh=False)
+
+    try:
+        if nproc <= 1:
+            for split, texts in _batches(doc_iter, val_docs):
+                consume(split, len(texts), _encode(sp, texts))
+        else:
+            with mp.get_context().Pool(nproc, _worker_init, (str(tok_path),)) as pool:
+                pending: deque[tuple[str, int, Any]] = deque()
+                for split, texts in _batches(doc_iter, val_docs):
+                    pending.append((split, len(texts), pool.apply_async(_worker_encode, (texts,))))
+                    if len(pending) >= 4 * nproc:
+                        s, n, res = pending.popleft()
+                        consume(s, n, res.get())
+                while pending:
+                    s, n, res = pending.popleft()
+                    consume(s, n, res.get())
+        for w in writers.values():
+            w.close()
+    finally:
+        bar.close()
+
+    written = {out / f for w in writers.values() for f in w.files}
+    for stale in old:
+        if stale not in written and stale.exists():
+            stale.unlink()
+
+    counts = {
+        "val_tokens": writers["val"].tokens,
+        "train_tokens": writers["train"].tokens,
+        "val_files": len(writers["val"].files),
+        "train_files": len(writers["train"].files),
+        "docs": n_docs,
+    }
+    atomic_write_json(
+        out / "build.json",
+        {
+            **counts,
+            "docs_path": str(docs_path.resolve()) if docs_path else None,
+            "tokenizer": str(tok_path.resolve()),
+            "tokenizer_sha256": hashlib.sha256(tok_path.read_bytes()).hexdigest(),
+            "val_docs": val_docs,
+            "shard_tokens": shard_tokens,
+            "bos_id": bos,
+            "vocab_size": vocab,
+            "files": {s: w.files for s, w in writers.items()},
+        },
+    )
+    return counts
+
+
+
+def _cmd_build(args: argparse.Namespace) -> int:
+    counts = build_shards(
+        args.docs,
+        args.tokenizer,
+        args.out,
+        val_docs=args.val_docs,
+        shard_tokens=args.shard_tokens,
+        workers=args.workers,
+        progress=not args.no_progress,
+        overwrite=args.overwrite,
+    )
+    print(json.dumps(counts, indent=2))
+    return 0
+
+
+def add_build_parser(sub: Any) -> None:
+    """Add `build` to the subparsers of `lmcore data`."""
+    b = sub.add_parser(
+        "build",
+        help="tokenize a .jsonl[.xz] of documents into val/train shards",
+        description="Each doc becomes [BOS] + SentencePiece ids; the first --val-docs docs "
+        "form fineweb_val_*.bin, the rest fineweb_train_*.bin. Prints the counts as JSON.",
+    )
+    b.add_argument("--docs", required=True, help='documents: JSON lines with a "text" field (.jsonl or .jsonl.xz)')
+    b.add_argument("--tokenizer", required=True, help="SentencePiece model file (.model)")
+    b.add_argument("--out", required=True, help="output folder for the shards and build.json")
+    b.add_argument(
+        "--val-docs", type=int, required=True, help="number of leading documents that form the validation split"
+    )
+    b.add_argument(
+        "--shard-tokens", type=int, default=100_000_000, help="maximum tokens per shard file (default: 100,000,000)"
+    )
+    b.add_argument(
+        "--workers", type=int, default=None, help="tokenizer processes (default: all cores; 1 = no subprocesses)"
+    )
+    b.add_argument("--no-progress", action="store_true", help="do not show a progress bar")
+    b.add_argument("--overwrite", action="store_true", help="replace shards already in --out (stale ones are removed)")
+    b.set_defaults(func=_cmd_build)
