@@ -1,7 +1,10 @@
 """Building token shards from documents (SPEC.md section 1): reading a `.jsonl[.xz|.gz]`
 file of documents, tokenizing it into a shard folder, and `lmcore data build`.
 
-Documents: one JSON object a line with a string "text"; blank lines are skipped.
+Documents: one JSON object a line with a string "text"; blank lines are skipped. Bad
+input (a missing or unloadable tokenizer, a line that is not UTF-8 or not such an object,
+a truncated or corrupt compressed file) raises `lmcore.errors.InputError` (or
+`InputNotFound`) naming the file and, for a line, its number.
 
 Building: each document becomes [BOS] + its SentencePiece ids (no EOS). The first
 `val_docs` documents form the `fineweb_val_NNNNNN.bin` stream, the rest the
@@ -26,7 +29,9 @@ from typing import IO, Any
 
 import numpy as np
 
+from lmcore.bpb import load_sentencepiece
 from lmcore.data import MAX_TOKEN_ID, SHARD_PATTERNS, PathLike, shard_name, write_shard
+from lmcore.errors import InputError, InputNotFound
 from lmcore.runs import atomic_write_json
 
 # ---------------------------------------------------------------------------------------
@@ -34,33 +39,56 @@ from lmcore.runs import atomic_write_json
 # ---------------------------------------------------------------------------------------
 
 
-def _open_text(path: Path) -> IO[str]:
+def _open_binary(path: Path) -> IO[bytes]:
     name = path.name.lower()
     if name.endswith(".xz"):
-        return lzma.open(path, "rt", encoding="utf-8")
+        return lzma.open(path, "rb")
     if name.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
+        return gzip.open(path, "rb")
+    return open(path, "rb")
+
+
+def _parse_line(path: Path, lineno: int, raw: bytes) -> str | None:
+    """The "text" of one JSON line (None for a blank line); InputError naming the line."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        bad = f"byte 0x{raw[e.start]:02x} at column {e.start + 1}"
+        raise InputError(f"{path}: line {lineno}: not valid UTF-8 ({bad})") from None
+    if not line.strip():
+        return None
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}: line {lineno}: not valid JSON ({e.msg})") from None
+    if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+        raise InputError(f'{path}: line {lineno}: expected an object with a string "text"')
+    return obj["text"]
 
 
 def iter_docs(path: PathLike) -> Iterator[str]:
     """Yield the "text" field of each line of a `.jsonl` / `.jsonl.xz` (or `.gz`) file.
 
-    Blank lines are skipped; a line that is not a JSON object with a string "text"
-    raises ValueError naming the file and the 1-based line number.
+    Blank lines are skipped. A missing file raises `InputNotFound`; a line that is not
+    UTF-8, or not a JSON object with a string "text", and a compressed file that is
+    truncated or corrupt raise `InputError` naming the file and the 1-based line number.
     """
     p = Path(path)
-    with _open_text(p) as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{p}: line {lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                raise ValueError(f'{p}: line {lineno}: expected an object with a string "text"')  # noqa: TRY004
-            yield obj["text"]
+    if not p.is_file():
+        raise InputNotFound(f"{p}: documents file not found")
+    return _read_docs(p)
+
+
+def _read_docs(p: Path) -> Iterator[str]:
+    lineno = 0
+    try:
+        with _open_binary(p) as f:
+            for lineno, raw in enumerate(f, start=1):
+                text = _parse_line(p, lineno, raw)
+                if text is not None:
+                    yield text
+    except (OSError, EOFError, lzma.LZMAError) as e:  # truncated/corrupt .xz or .gz, a read error
+        raise InputError(f"{p}: cannot read past line {lineno}, a truncated or corrupt file? ({e})") from None
 
 
 # ---------------------------------------------------------------------------------------
@@ -69,12 +97,6 @@ def iter_docs(path: PathLike) -> Iterator[str]:
 
 _BATCH_DOCS = 128  # documents per tokenization task
 _worker_sp: Any = None  # the SentencePiece model of a pool worker (loaded once)
-
-
-def _load_sp(model_path: str) -> Any:
-    import sentencepiece as spm
-
-    return spm.SentencePieceProcessor(model_file=model_path)
 
 
 def _encode(sp: Any, texts: list[str]) -> np.ndarray:
@@ -92,7 +114,7 @@ def _encode(sp: Any, texts: list[str]) -> np.ndarray:
 
 def _worker_init(model_path: str) -> None:
     global _worker_sp
-    _worker_sp = _load_sp(model_path)
+    _worker_sp = load_sentencepiece(model_path)
 
 
 def _worker_encode(texts: list[str]) -> np.ndarray:
@@ -178,36 +200,30 @@ def build_shards(
     shards of the old build that this build did not rewrite are removed at the end.
     Returns {"val_tokens", "train_tokens", "val_files", "train_files", "docs"}.
     """
-    import sentencepiece  # noqa: F401  (fail early with ImportError if missing)
     from tqdm import tqdm
 
     if val_docs < 0:
-        raise ValueError(f"val_docs must be >= 0, got {val_docs}")
+        raise InputError(f"--val-docs must be >= 0, got {val_docs}")
     if shard_tokens <= 0:
-        raise ValueError(f"shard_tokens must be > 0, got {shard_tokens}")
+        raise InputError(f"--shard-tokens must be > 0, got {shard_tokens}")
     tok_path = Path(tokenizer)
-    if not tok_path.is_file():
-        raise FileNotFoundError(f"{tok_path}: tokenizer model not found")
+    sp = load_sentencepiece(tok_path)
+    vocab, bos = int(sp.vocab_size()), int(sp.bos_id())
+    if vocab > MAX_TOKEN_ID + 1:
+        raise InputError(f"{tok_path}: vocab size {vocab} does not fit uint16 shards")
+    if not 0 <= bos < vocab:
+        raise InputError(f"{tok_path}: tokenizer has no valid BOS piece (bos_id={bos})")
     docs_path: Path | None = None
     if isinstance(docs, (str, os.PathLike)):
         docs_path = Path(docs)
-        if not docs_path.is_file():
-            raise FileNotFoundError(f"{docs_path}: documents file not found")
         doc_iter: Iterable[str] = iter_docs(docs_path)
     else:
         doc_iter = docs
 
-    sp = _load_sp(str(tok_path))
-    vocab, bos = int(sp.vocab_size()), int(sp.bos_id())
-    if vocab > MAX_TOKEN_ID + 1:
-        raise ValueError(f"{tok_path}: vocab size {vocab} does not fit uint16 shards")
-    if not 0 <= bos < vocab:
-        raise ValueError(f"{tok_path}: tokenizer has no valid BOS piece (bos_id={bos})")
-
     out = Path(out_dir)
     old = _existing_shards(out)
     if old and not overwrite:
-        raise ValueError(
+        raise InputError(
             f"{out}: already holds {len(old)} shard files (e.g. {old[0].name}); "
             "remove them, choose another output folder, or pass overwrite"
         )

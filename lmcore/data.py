@@ -223,14 +223,15 @@ class TokenStream:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         names = [f.name for f in self.files]
+        where = self.files[0].parent
         if "files" in state and list(state["files"]) != names:
-            raise ValueError(
-                f"stream state was saved over {len(state['files'])} shards "
-                f"({state['files'][:2]}...), this stream has {len(names)} ({names[:2]}...)"
+            raise InputError(
+                f"{where}: the saved stream state is over {len(state['files'])} shards "
+                f"({state['files'][:2]}...), this folder has {len(names)} ({names[:2]}...)"
             )
         idx, pos = int(state["file_idx"]), int(state["pos"])
         if not 0 <= idx < len(self.files) or not 0 <= pos <= self.sizes[idx]:
-            raise ValueError(f"stream state out of range: file_idx={idx}, pos={pos}")
+            raise InputError(f"{where}: saved stream state out of range: file_idx={idx}, pos={pos}")
         self.file_idx, self.pos = idx, pos
 
 
@@ -293,7 +294,7 @@ def load_val_tokens(
         n += toks.size
     usable = ((n - 1) // seq_len) * seq_len
     if usable <= 0:
-        raise ValueError(f"{data_dir}: validation split has {n} tokens, too short for seq_len {seq_len}")
+        raise ShardError(f"{data_dir}: validation split has {n} tokens, too short for seq_len {seq_len}")
     return torch.from_numpy(np.concatenate(parts)[: usable + 1])
 
 

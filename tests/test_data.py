@@ -15,6 +15,7 @@ import torch
 
 from lmcore import cli, corpus, data
 from lmcore.corpus import build_shards, iter_docs
+from lmcore.errors import InputError, InputNotFound
 from lmcore.data import (
     HEADER_BYTES,
     MAGIC,
@@ -210,11 +211,37 @@ def test_iter_docs(tmp_path: Path, texts: list[str], name: str) -> None:
 def test_iter_docs_malformed_line(tmp_path: Path) -> None:
     p = tmp_path / "bad.jsonl"
     p.write_text('{"text": "a"}\n\n{"text": "b"}\n{"text": oops}\n', encoding="utf-8")
-    with pytest.raises(ValueError, match=r"bad\.jsonl: line 4"):
+    with pytest.raises(InputError, match=r"bad\.jsonl: line 4"):
         list(iter_docs(p))
     p.write_text('{"text": "a"}\n{"title": "b"}\n', encoding="utf-8")
-    with pytest.raises(ValueError, match=r"line 2"):
+    with pytest.raises(InputError, match=r"line 2"):
         list(iter_docs(p))
+
+
+def test_iter_docs_names_the_line_that_is_not_utf8(tmp_path: Path) -> None:
+    p = tmp_path / "latin1.jsonl"
+    lines = [json.dumps({"text": f"doc {i}"}).encode() for i in range(5000)]
+    lines[2] = '{"text": "caf\u00e9"}'.encode("latin-1")  # a raw 0xe9 byte on line 3
+    p.write_bytes(b"\n".join(lines) + b"\n")
+    with pytest.raises(InputError, match=r"latin1\.jsonl: line 3: not valid UTF-8 \(byte 0xe9"):
+        list(iter_docs(p))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "corrupt"])
+def test_iter_docs_damaged_xz(tmp_path: Path, texts: list[str], damage: str) -> None:
+    p = _write_jsonl(tmp_path / "d.jsonl.xz", texts)
+    raw = p.read_bytes()
+    if damage == "truncated":
+        p.write_bytes(raw[: len(raw) // 2])
+    else:
+        p.write_bytes(raw[:200] + bytes(b ^ 0xFF for b in raw[200:400]) + raw[400:])
+    with pytest.raises(InputError, match=r"d\.jsonl\.xz: cannot read past line \d+"):
+        list(iter_docs(p))
+
+
+def test_iter_docs_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(InputNotFound, match="nope.jsonl"):
+        iter_docs(tmp_path / "nope.jsonl")  # raised at once, not at the first document
 
 
 # ---------------------------------------------------------------------------------------
@@ -324,6 +351,46 @@ def test_build_cli(tmp_path: Path, sp_model: Path, texts: list[str], capsys: pyt
     assert rc == 2 and "missing.jsonl" in capsys.readouterr().err
 
 
+def _build_argv(docs: Path, tokenizer: Path, out: Path, val_docs: int = 5, *extra: str) -> list[str]:
+    return ["data", "build", "--docs", str(docs), "--tokenizer", str(tokenizer), "--out", str(out),
+            "--val-docs", str(val_docs), "--workers", "1", "--no-progress", *extra]  # fmt: skip
+
+
+def _one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+def test_build_cli_bad_tokenizer(tmp_path: Path, texts: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    docs = _write_jsonl(tmp_path / "d.jsonl", texts)
+    garbage = tmp_path / "x.model"
+    garbage.write_bytes(random.Random(1).randbytes(3000))
+    assert cli.main(_build_argv(docs, garbage, tmp_path / "o")) == 2
+    err = _one_error_line(capsys)
+    assert f"{garbage}: not a loadable SentencePiece model" in err
+    assert cli.main(_build_argv(docs, tmp_path / "missing.model", tmp_path / "o")) == 2
+    assert f"{tmp_path / 'missing.model'}: SentencePiece model not found" in _one_error_line(capsys)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated_xz", "latin1"])
+def test_build_cli_bad_docs_file(
+    tmp_path: Path, sp_model: Path, texts: list[str], capsys: pytest.CaptureFixture[str], damage: str
+) -> None:
+    if damage == "truncated_xz":
+        docs = _write_jsonl(tmp_path / "d.jsonl.xz", texts)
+        docs.write_bytes(docs.read_bytes()[: docs.stat().st_size // 2])
+        needle = f"{docs}: cannot read past line"
+    else:
+        docs = _write_jsonl(tmp_path / "d.jsonl", texts)
+        with open(docs, "ab") as f:
+            f.write(b'{"text": "\xff"}\n')
+        needle = f"{docs}: line {len(texts) + 1}: not valid UTF-8"
+    assert cli.main(_build_argv(docs, sp_model, tmp_path / "o")) == 2
+    assert needle in _one_error_line(capsys)
+
+
 def test_build_rejects_tokenizer_without_bos(tmp_path: Path, texts: list[str]) -> None:
     import sentencepiece as spm
 
@@ -338,7 +405,7 @@ def test_build_rejects_tokenizer_without_bos(tmp_path: Path, texts: list[str]) -
         eos_id=-1,
         minloglevel=2,
     )
-    with pytest.raises(ValueError, match="BOS"):
+    with pytest.raises(InputError, match="nobos.model: tokenizer has no valid BOS"):
         build_shards(texts, tmp_path / "nobos.model", tmp_path / "o", 1, workers=1, progress=False)
 
 
@@ -458,8 +525,10 @@ def test_distributed_loader_errors(tmp_path: Path, stream_dir: tuple[Path, np.nd
     with pytest.raises(ShardError, match="no shards matching"):
         DistributedTokenLoader(d, "nothing_*.bin")
     ld = DistributedTokenLoader(d)
-    with pytest.raises(ValueError, match="shards"):
+    with pytest.raises(InputError, match=f"{d}: the saved stream state is over 1 shards"):
         ld.load_state_dict({"file_idx": 0, "pos": 0, "files": ["other.bin"]})
+    with pytest.raises(InputError, match="out of range: file_idx=9"):
+        ld.load_state_dict({"file_idx": 9, "pos": 0})
 
 
 def test_loader_keeps_one_shard_mapped(stream_dir: tuple[Path, np.ndarray]) -> None:
@@ -479,7 +548,7 @@ def test_load_val_tokens(tmp_path: Path) -> None:
     assert v.numel() == ((120 - 1) // 16) * 16 + 1 and v.tolist() == list(range(113))
     v = load_val_tokens(tmp_path, "fineweb_val_*.bin", seq_len=149)
     assert v.numel() == 150
-    with pytest.raises(ValueError, match="too short"):
+    with pytest.raises(ShardError, match="too short"):
         load_val_tokens(tmp_path, "fineweb_val_*.bin", seq_len=150)
     with pytest.raises(ValueError, match="too short"):
         load_val_tokens(tmp_path, "fineweb_val_*.bin", seq_len=16, max_tokens=10)
