@@ -160,9 +160,8 @@ def _plan(manifest: dict[str, Any] | None, variant: str, train_shards: int) -> t
     stats = entry.get("stats") or {}
     val_shards = int(stats.get("files_val", 1))
     if "files_train" in stats and train_shards > int(stats["files_train"]):
-        raise InputError(
-            f"--train-shards: the {variant} repo has {int(stats['files_train'])} train shards, {train_shards} were requested"
-        )
+        have = int(stats["files_train"])
+        raise InputError(f"--train-shards: the {variant} repo has {have} train shards, {train_shards} were requested")
     tok_name = entry.get("tokenizer_name")
     tok_entry = next((t for t in manifest.get("tokenizers", []) if t.get("name") == tok_name), None)
     tok_files = [str(tok_entry[k]) for k in ("model_path", "vocab_path") if tok_entry and tok_entry.get(k)]

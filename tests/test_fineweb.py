@@ -177,7 +177,9 @@ def test_missing_upstream_file(tmp_path: Path, sp_model: Path, capsys: pytest.Ca
     assert f"{tmp_path / 'no_hub'}: local hub mirror folder not found" in capsys.readouterr().err
 
 
-def test_more_shards_than_the_manifest_lists(tmp_path: Path, sp_model: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_more_shards_than_the_manifest_lists(
+    tmp_path: Path, sp_model: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     hub = _make_hub(tmp_path / "hub", sp_model, manifest=True, train=5)
     argv = ["fineweb", "--train-shards", "6", "--out", str(tmp_path / "d"), "--hub-dir", str(hub), "--no-progress"]
     assert cli.main(argv) == 2
