@@ -10,7 +10,9 @@ Building: each document becomes [BOS] + its SentencePiece ids (no EOS). The firs
 `val_docs` documents form the `fineweb_val_NNNNNN.bin` stream, the rest the
 `fineweb_train_NNNNNN.bin` stream; each stream is cut into files of at most
 `shard_tokens` tokens (the format: `lmcore.data`). Tokenization runs on every core, in
-document order.
+document order. No documents, or no train documents left after `val_docs`, is an error.
+A build is written into a temporary folder inside the output folder and moved into place
+only once it succeeded (build.json last): a failed build leaves the output as it was.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import json
 import lzma
 import multiprocessing as mp
 import os
+import shutil
+import tempfile
 from collections import deque
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -176,63 +180,13 @@ def _existing_shards(out_dir: Path) -> list[Path]:
     return sorted(p for pat in SHARD_PATTERNS.values() for p in out_dir.glob(pat))
 
 
-def build_shards(
-    docs: PathLike | Iterable[str],
-    tokenizer: PathLike,
-    out_dir: PathLike,
-    val_docs: int,
-    shard_tokens: int = 100_000_000,
-    workers: int | None = None,
-    progress: bool = True,
-    overwrite: bool = False,
-) -> dict[str, int]:
-    """Tokenize documents into val and train shards in `out_dir`.
-
-    `docs` is a `.jsonl[.xz]` path (see `iter_docs`) or an iterable of texts. Each doc
-    becomes [BOS] + SentencePiece ids; the first `val_docs` docs form the val stream, the
-    rest the train stream, each cut into files of at most `shard_tokens` tokens.
-    Tokenization uses `workers` processes (None: all cores; <= 1: this process), each
-    loading the model once; results are consumed in document order with a bounded number
-    of batches in flight, so memory stays flat on any corpus size. Every file is written
-    atomically; `build.json` (counts and inputs) is written last.
-
-    An `out_dir` that already holds shards is refused unless `overwrite`, in which case
-    shards of the old build that this build did not rewrite are removed at the end.
-    Returns {"val_tokens", "train_tokens", "val_files", "train_files", "docs"}.
-    """
+def _tokenize(
+    doc_iter: Iterable[str], tok_path: Path, sp: Any, val_docs: int, writers: dict[str, _SplitWriter],
+    nproc: int, progress: bool,
+) -> int:  # fmt: skip
+    """Encode the documents into the split writers, in document order; return the doc count."""
     from tqdm import tqdm
 
-    if val_docs < 0:
-        raise InputError(f"--val-docs must be >= 0, got {val_docs}")
-    if shard_tokens <= 0:
-        raise InputError(f"--shard-tokens must be > 0, got {shard_tokens}")
-    tok_path = Path(tokenizer)
-    sp = load_sentencepiece(tok_path)
-    vocab, bos = int(sp.vocab_size()), int(sp.bos_id())
-    if vocab > MAX_TOKEN_ID + 1:
-        raise InputError(f"{tok_path}: vocab size {vocab} does not fit uint16 shards")
-    if not 0 <= bos < vocab:
-        raise InputError(f"{tok_path}: tokenizer has no valid BOS piece (bos_id={bos})")
-    docs_path: Path | None = None
-    if isinstance(docs, (str, os.PathLike)):
-        docs_path = Path(docs)
-        doc_iter: Iterable[str] = iter_docs(docs_path)
-    else:
-        doc_iter = docs
-
-    out = Path(out_dir)
-    old = _existing_shards(out)
-    if old and not overwrite:
-        raise InputError(
-            f"{out}: already holds {len(old)} shard files (e.g. {old[0].name}); "
-            "remove them, choose another output folder, or pass overwrite"
-        )
-    out.mkdir(parents=True, exist_ok=True)
-    if overwrite and (out / "build.json").exists():
-        (out / "build.json").unlink()
-
-    nproc = (os.cpu_count() or 1) if workers is None else int(workers)
-    writers = {s: _SplitWriter(out, s, shard_tokens) for s in ("val", "train")}
     n_docs = 0
     bar = tqdm(desc="tokenizing", unit="doc", disable=not progress, dynamic_ncols=True)
 
@@ -264,33 +218,120 @@ def build_shards(
             w.close()
     finally:
         bar.close()
+    return n_docs
 
-    written = {out / f for w in writers.values() for f in w.files}
+
+def _commit(tmp: Path, out: Path, names: list[str], old: list[Path]) -> None:
+    """Move a finished build from `tmp` into `out`: the old build.json goes first (so a
+    crash within these few renames leaves a folder marked unfinished by its absence), then
+    the new shards replace the old ones, old shards not rewritten are removed, and the new
+    build.json comes last."""
+    (out / "build.json").unlink(missing_ok=True)
+    for name in names:
+        os.replace(tmp / name, out / name)
     for stale in old:
-        if stale not in written and stale.exists():
-            stale.unlink()
+        if stale.name not in names:
+            stale.unlink(missing_ok=True)
+    os.replace(tmp / "build.json", out / "build.json")
 
-    counts = {
-        "val_tokens": writers["val"].tokens,
-        "train_tokens": writers["train"].tokens,
-        "val_files": len(writers["val"].files),
-        "train_files": len(writers["train"].files),
-        "docs": n_docs,
-    }
-    atomic_write_json(
-        out / "build.json",
-        {
-            **counts,
-            "docs_path": str(docs_path.resolve()) if docs_path else None,
-            "tokenizer": str(tok_path.resolve()),
-            "tokenizer_sha256": hashlib.sha256(tok_path.read_bytes()).hexdigest(),
-            "val_docs": val_docs,
-            "shard_tokens": shard_tokens,
-            "bos_id": bos,
-            "vocab_size": vocab,
-            "files": {s: w.files for s, w in writers.items()},
-        },
-    )
+
+def build_shards(
+    docs: PathLike | Iterable[str],
+    tokenizer: PathLike,
+    out_dir: PathLike,
+    val_docs: int,
+    shard_tokens: int = 100_000_000,
+    workers: int | None = None,
+    progress: bool = True,
+    overwrite: bool = False,
+    require_train: bool = True,
+) -> dict[str, int]:
+    """Tokenize documents into val and train shards in `out_dir`.
+
+    `docs` is a `.jsonl[.xz]` path (see `iter_docs`) or an iterable of texts. Each doc
+    becomes [BOS] + SentencePiece ids; the first `val_docs` docs form the val stream, the
+    rest the train stream, each cut into files of at most `shard_tokens` tokens.
+    `val_docs=0` gives a train split alone; with `require_train` (the default) `val_docs`
+    must be smaller than the number of documents, else the build is refused (False allows
+    a val-only folder). No documents at all is an error.
+    Tokenization uses `workers` processes (None: all cores; <= 1: this process), each
+    loading the model once; results are consumed in document order with a bounded number
+    of batches in flight, so memory stays flat on any corpus size.
+
+    The build is written into a temporary folder inside `out_dir` and moved into place
+    only once it succeeded, `build.json` (counts and inputs) last; a failed or interrupted
+    build leaves `out_dir` as it was. An `out_dir` that already holds shards is refused
+    unless `overwrite`; then the old shards this build did not rewrite are removed, and
+    other files in `out_dir` are kept. Bad input raises `InputError` / `InputNotFound`.
+    Returns {"val_tokens", "train_tokens", "val_files", "train_files", "docs"}.
+    """
+    if val_docs < 0:
+        raise InputError(f"--val-docs must be >= 0, got {val_docs}")
+    if shard_tokens <= 0:
+        raise InputError(f"--shard-tokens must be > 0, got {shard_tokens}")
+    tok_path = Path(tokenizer)
+    sp = load_sentencepiece(tok_path)
+    vocab, bos = int(sp.vocab_size()), int(sp.bos_id())
+    if vocab > MAX_TOKEN_ID + 1:
+        raise InputError(f"{tok_path}: vocab size {vocab} does not fit uint16 shards")
+    if not 0 <= bos < vocab:
+        raise InputError(f"{tok_path}: tokenizer has no valid BOS piece (bos_id={bos})")
+    docs_path: Path | None = None
+    if isinstance(docs, (str, os.PathLike)):
+        docs_path = Path(docs)
+        doc_iter: Iterable[str] = iter_docs(docs_path)
+    else:
+        doc_iter = docs
+    docs_label = str(docs_path) if docs_path else "the documents given"
+
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: the output is not a folder")
+    old = _existing_shards(out)
+    if old and not overwrite:
+        raise InputError(
+            f"{out}: already holds {len(old)} shard files (e.g. {old[0].name}); "
+            "remove them, choose another output folder, or pass overwrite"
+        )
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".lmcore-build-", dir=out))
+    try:
+        nproc = (os.cpu_count() or 1) if workers is None else int(workers)
+        writers = {s: _SplitWriter(tmp, s, shard_tokens) for s in ("val", "train")}
+        n_docs = _tokenize(doc_iter, tok_path, sp, val_docs, writers, nproc, progress)
+        if n_docs == 0:
+            raise InputError(f'{docs_label}: no documents (expected JSON lines with a "text")')
+        if require_train and n_docs <= val_docs:
+            raise InputError(
+                f"--val-docs {val_docs} leaves no train documents: {docs_label} holds {n_docs} documents"
+            )
+        counts = {
+            "val_tokens": writers["val"].tokens,
+            "train_tokens": writers["train"].tokens,
+            "val_files": len(writers["val"].files),
+            "train_files": len(writers["train"].files),
+            "docs": n_docs,
+        }
+        atomic_write_json(
+            tmp / "build.json",
+            {
+                **counts,
+                "docs_path": str(docs_path.resolve()) if docs_path else None,
+                "tokenizer": str(tok_path.resolve()),
+                "tokenizer_sha256": hashlib.sha256(tok_path.read_bytes()).hexdigest(),
+                "val_docs": val_docs,
+                "shard_tokens": shard_tokens,
+                "bos_id": bos,
+                "vocab_size": vocab,
+                "files": {s: w.files for s, w in writers.items()},
+            },
+        )
+        _commit(tmp, out, [f for w in writers.values() for f in w.files], old)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if created and not any(out.iterdir()):
+            out.rmdir()
     return counts
 
 
@@ -322,7 +363,11 @@ def add_build_parser(sub: Any) -> None:
     b.add_argument("--tokenizer", required=True, help="SentencePiece model file (.model)")
     b.add_argument("--out", required=True, help="output folder for the shards and build.json")
     b.add_argument(
-        "--val-docs", type=int, required=True, help="number of leading documents that form the validation split"
+        "--val-docs",
+        type=int,
+        required=True,
+        help="number of leading documents that form the validation split "
+        "(0: none; it must leave at least one train document)",
     )
     b.add_argument(
         "--shard-tokens", type=int, default=100_000_000, help="maximum tokens per shard file (default: 100,000,000)"
@@ -331,5 +376,9 @@ def add_build_parser(sub: Any) -> None:
         "--workers", type=int, default=None, help="tokenizer processes (default: all cores; 1 = no subprocesses)"
     )
     b.add_argument("--no-progress", action="store_true", help="do not show a progress bar")
-    b.add_argument("--overwrite", action="store_true", help="replace shards already in --out (stale ones are removed)")
+    b.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the shards already in --out once the new build succeeded (stale ones are removed)",
+    )
     b.set_defaults(func=_cmd_build)

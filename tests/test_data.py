@@ -97,6 +97,19 @@ def _make_dir(d: Path, val: list[np.ndarray], train: list[np.ndarray]) -> Path:
     return d
 
 
+def _build_argv(docs: Path, tokenizer: Path, out: Path, val_docs: int = 5, *extra: str, workers: int = 1) -> list[str]:
+    """`lmcore data build` arguments."""
+    return ["data", "build", "--docs", str(docs), "--tokenizer", str(tokenizer), "--out", str(out),
+            "--val-docs", str(val_docs), "--workers", str(workers), "--no-progress", *extra]  # fmt: skip
+
+
+def _one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
+    """The CLI's stderr, checked to be one line."""
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
 # ---------------------------------------------------------------------------------------
 # Shard format
 
@@ -287,8 +300,13 @@ def test_build_shards(tmp_path: Path, sp_model: Path, texts: list[str], name: st
 
 def test_build_shards_from_texts_and_edge_splits(tmp_path: Path, sp_model: Path, texts: list[str]) -> None:
     enc = _expected_stream(sp_model, texts[:30])
-    # more val docs than docs: everything is val, no train file
-    c = build_shards(texts[:30], sp_model, tmp_path / "a", val_docs=100, workers=1, progress=False)
+    # as many val docs as docs, or more: no train split is left, an error
+    for val_docs in (30, 100):
+        with pytest.raises(InputError, match=f"--val-docs {val_docs} leaves no train documents: .* holds 30 documents"):
+            build_shards(texts[:30], sp_model, tmp_path / "a", val_docs=val_docs, workers=1, progress=False)
+        assert not (tmp_path / "a").exists()
+    # unless a val-only folder is asked for
+    c = build_shards(texts[:30], sp_model, tmp_path / "a", val_docs=100, workers=1, progress=False, require_train=False)
     assert c["val_tokens"] == sum(map(len, enc)) and c["train_files"] == 0 and c["docs"] == 30
     # no val docs
     c = build_shards(iter(texts[:30]), sp_model, tmp_path / "b", val_docs=0, workers=2, progress=False)
@@ -305,9 +323,91 @@ def test_build_refuses_existing_shards_unless_overwrite(tmp_path: Path, sp_model
     n_before = len(list(out.glob("fineweb_train_*.bin")))
     with pytest.raises(ValueError, match="already holds"):
         build_shards(texts, sp_model, out, 10, workers=1, progress=False)
+    (out / "notes.txt").write_text("mine")
     c = build_shards(texts, sp_model, out, 10, shard_tokens=10**6, workers=1, progress=False, overwrite=True)
     assert c["train_files"] == 1 and n_before > 1
-    assert [f.name for f in out.glob("fineweb_train_*.bin")] == ["fineweb_train_000000.bin"]
+    assert sorted(f.name for f in out.iterdir()) == [
+        "build.json", "fineweb_train_000000.bin", "fineweb_val_000000.bin", "notes.txt"
+    ]  # fmt: skip
+    assert (out / "notes.txt").read_text() == "mine"
+    assert json.loads((out / "build.json").read_text())["shard_tokens"] == 10**6
+
+
+def _snapshot(d: Path) -> dict[str, bytes | None]:
+    """Every path under `d` with its bytes (None for a folder)."""
+    return {str(p.relative_to(d)): (p.read_bytes() if p.is_file() else None) for p in sorted(d.rglob("*"))}
+
+
+@pytest.fixture()
+def old_build(tmp_path: Path, sp_model: Path, texts: list[str]) -> tuple[Path, dict[str, bytes | None]]:
+    """A finished build of 1,500 docs (several val and train shards) and its snapshot."""
+    out = tmp_path / "out"
+    c = build_shards(texts * 5, sp_model, out, 100, shard_tokens=5000, workers=1, progress=False)
+    assert c["val_files"] >= 1 and c["train_files"] >= 3
+    (out / "notes.txt").write_text("mine")
+    return out, _snapshot(out)
+
+
+@pytest.mark.parametrize("case", ["empty", "blank_lines", "no_train_docs", "malformed_line_1300"])
+def test_failed_overwrite_leaves_the_old_build(
+    tmp_path: Path,
+    sp_model: Path,
+    texts: list[str],
+    old_build: tuple[Path, dict[str, bytes | None]],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    case: str,
+) -> None:
+    out, before = old_build
+    docs = tmp_path / "docs.jsonl"
+    val_docs = 100
+    if case == "empty":
+        docs.write_bytes(b"")
+        needle = f"{docs}: no documents"
+    elif case == "blank_lines":
+        docs.write_text("\n  \n\n", encoding="utf-8")
+        needle = f"{docs}: no documents"
+    elif case == "no_train_docs":
+        _write_jsonl(docs, texts[:100])
+        needle = f"--val-docs 100 leaves no train documents: {docs} holds 100 documents"
+    else:  # fails after many shards of the new build were written
+        _write_jsonl(docs, texts * 5)
+        lines = docs.read_text(encoding="utf-8").splitlines(keepends=True)
+        lines[1299] = '{"text": oops}\n'
+        docs.write_text("".join(lines), encoding="utf-8")
+        needle = f"{docs}: line 1300: not valid JSON"
+    written: list[str] = []
+    real_write = corpus.write_shard
+    monkeypatch.setattr(corpus, "write_shard", lambda p, toks: (written.append(Path(p).name), real_write(p, toks))[1])
+    argv = _build_argv(docs, sp_model, out, val_docs, "--overwrite", "--shard-tokens", "2000", workers=2)
+    assert cli.main(argv) == 2
+    assert needle in _one_error_line(capsys)
+    assert _snapshot(out) == before  # every old file byte-identical, no temporary folder left
+    if case == "malformed_line_1300":
+        assert len(written) > 5 and "fineweb_val_000000.bin" in written
+
+
+def test_build_that_crashes_midway_leaves_the_old_build(
+    sp_model: Path, texts: list[str], old_build: tuple[Path, dict[str, bytes | None]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out, before = old_build
+    calls = []
+    real_encode = corpus._encode
+
+    def encode(sp, batch):
+        calls.append(len(batch))
+        if len(calls) == 6:
+            raise RuntimeError("encoder crashed")
+        return real_encode(sp, batch)
+
+    monkeypatch.setattr(corpus, "_encode", encode)
+    with pytest.raises(RuntimeError, match="encoder crashed"):
+        build_shards(texts * 5, sp_model, out, 100, shard_tokens=1000, workers=1, progress=False, overwrite=True)
+    assert len(calls) == 6 and _snapshot(out) == before
+    # a build into a new folder that fails leaves no folder behind
+    with pytest.raises(InputError, match="no documents"):
+        build_shards([], sp_model, out.parent / "new", 0, workers=1, progress=False)
+    assert not (out.parent / "new").exists()
 
 
 def test_build_cli(tmp_path: Path, sp_model: Path, texts: list[str], capsys: pytest.CaptureFixture[str]) -> None:
@@ -349,17 +449,6 @@ def test_build_cli(tmp_path: Path, sp_model: Path, texts: list[str], capsys: pyt
         ]
     )
     assert rc == 2 and "missing.jsonl" in capsys.readouterr().err
-
-
-def _build_argv(docs: Path, tokenizer: Path, out: Path, val_docs: int = 5, *extra: str) -> list[str]:
-    return ["data", "build", "--docs", str(docs), "--tokenizer", str(tokenizer), "--out", str(out),
-            "--val-docs", str(val_docs), "--workers", "1", "--no-progress", *extra]  # fmt: skip
-
-
-def _one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
-    return err
 
 
 def test_build_cli_bad_tokenizer(tmp_path: Path, texts: list[str], capsys: pytest.CaptureFixture[str]) -> None:
