@@ -5,6 +5,11 @@ Shard file: 256 little-endian int32 header words [MAGIC, VERSION, num_tokens, 0,
 followed by num_tokens little-endian uint16 token ids. Every reader validates magic,
 version and file size, and a bad file raises `ShardError` naming the file and the fault.
 
+Token ids must also be below the vocabulary size: `check_dir` (`lmcore data check`)
+checks every id against `--vocab-size`, else the folder's build.json "vocab_size" (the
+piece count of the tokenizer it was built with), else the challenge's 1024; the loaders
+check every shard they read once, when given `vocab_size`.
+
 Training loader: one contiguous stream over the sorted train shards, wrapping around;
 each step takes a chunk of world_size spans of (local_tokens + 1) tokens and every rank
 keeps its own span (x = span[:-1], y = span[1:]). Shards are memory-mapped one at a time,
@@ -32,6 +37,9 @@ HEADER_WORDS = 256
 HEADER_BYTES = HEADER_WORDS * 4
 TOKEN_BYTES = 2
 MAX_TOKEN_ID = 65535
+
+DEFAULT_VOCAB_SIZE = 1024  # the challenge's tokenizer
+_CHECK_CHUNK = 1 << 24  # tokens scanned at a time by check_token_ids
 
 TRAIN_PATTERN = "fineweb_train_*.bin"
 VAL_PATTERN = "fineweb_val_*.bin"
@@ -145,18 +153,65 @@ def list_shards(data_dir: PathLike, pattern: str) -> list[Path]:
     return files
 
 
-def check_dir(data_dir: PathLike) -> dict[str, Any]:
+def check_token_ids(path: PathLike, tokens: np.ndarray, vocab_size: int, source: str = "") -> None:
+    """Raise ShardError naming `path`, the first id >= `vocab_size`, its position and the
+    vocabulary size (and `source`, where that size came from) if `tokens` holds one."""
+    for start in range(0, tokens.size, _CHECK_CHUNK):
+        part = tokens[start : start + _CHECK_CHUNK]
+        if int(part.max()) >= vocab_size:
+            i = int(np.argmax(part >= vocab_size))
+            where = f" ({source})" if source else ""
+            raise ShardError(
+                f"{path}: token id {int(part[i])} at position {start + i} is outside "
+                f"the vocabulary of {vocab_size} ids{where}"
+            )
+
+
+def folder_vocab_size(data_dir: PathLike) -> tuple[int, str]:
+    """(vocabulary size, where it came from) of a shard folder: the "vocab_size" of its
+    build.json (the tokenizer's piece count), else the challenge's 1024.
+
+    A build.json that is not JSON, or whose "vocab_size" is not an integer in 1..65536,
+    raises InputError naming it.
+    """
+    meta = Path(data_dir) / "build.json"
+    if not meta.is_file():
+        return DEFAULT_VOCAB_SIZE, f"the default; no {meta.name}"
+    try:
+        info = json.loads(meta.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{meta}: not valid JSON ({e})") from None
+    if not isinstance(info, dict) or "vocab_size" not in info:
+        return DEFAULT_VOCAB_SIZE, f"the default; no vocab_size in {meta}"
+    v = info["vocab_size"]
+    if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_TOKEN_ID + 1:
+        raise InputError(f"{meta}: vocab_size must be an integer in 1..{MAX_TOKEN_ID + 1}, got {v!r}")
+    return v, f"vocab_size of {meta}"
+
+
+def check_dir(data_dir: PathLike, vocab_size: int | None = None) -> dict[str, Any]:
     """Validate every val and train shard of a folder (read-only); return token counts.
 
-    Returns {"dir": ..., "val": {"files": n, "tokens": N}, "train": {...}}. Raises
-    ShardError at the first bad file (val shards first, each split in sorted order), or
-    for a missing folder or a split without any shard.
+    Headers and sizes are checked first, then every token id against `vocab_size` (None:
+    `folder_vocab_size`). Returns {"dir", "vocab_size", "vocab_from", "val": {"files": n,
+    "tokens": N}, "train": {...}}. Raises ShardError at the first bad file (val shards
+    first, each split in sorted order), or for a missing folder or a split without any
+    shard; InputError for a vocabulary size outside 1..65536.
     """
     d = _dir_or_error(data_dir)
-    out: dict[str, Any] = {"dir": str(d)}
-    for split, pattern in SHARD_PATTERNS.items():
-        files = list_shards(d, pattern)
-        out[split] = {"files": len(files), "tokens": sum(read_header(f) for f in files)}
+    if vocab_size is None:
+        vocab_size, source = folder_vocab_size(d)
+    elif not 1 <= vocab_size <= MAX_TOKEN_ID + 1:
+        raise InputError(f"--vocab-size must be in 1..{MAX_TOKEN_ID + 1}, got {vocab_size}")
+    else:
+        source = "--vocab-size"
+    out: dict[str, Any] = {"dir": str(d), "vocab_size": vocab_size, "vocab_from": source}
+    files = {split: list_shards(d, pattern) for split, pattern in SHARD_PATTERNS.items()}
+    for split, names in files.items():
+        out[split] = {"files": len(names), "tokens": sum(read_header(f) for f in names)}
+    for names in files.values():
+        for f in names:
+            check_token_ids(f, read_shard(f), vocab_size, source)
     return out
 
 
@@ -169,11 +224,14 @@ class TokenStream:
     """One contiguous token stream over `files` (in the given order), wrapping around.
 
     Only the shard being read is memory-mapped; headers of all files are validated up
-    front. The position is (file index, offset in that file): see `state_dict`.
+    front, and with `vocab_size` every shard's ids once, when it is first mapped. The
+    position is (file index, offset in that file): see `state_dict`.
     """
 
-    def __init__(self, files: Sequence[PathLike]) -> None:
+    def __init__(self, files: Sequence[PathLike], vocab_size: int | None = None) -> None:
         self.files = [Path(f) for f in files]
+        self.vocab_size = vocab_size
+        self._checked: set[int] = set()
         if not self.files:
             raise ShardError("TokenStream: no shard files given")
         self.sizes = [read_header(f) for f in self.files]
@@ -189,6 +247,9 @@ class TokenStream:
             self._tokens = None  # drop the previous mapping before opening the next
             self._tokens = read_shard(self.files[self.file_idx])
             self._loaded_idx = self.file_idx
+            if self.vocab_size is not None and self.file_idx not in self._checked:
+                check_token_ids(self.files[self.file_idx], self._tokens, self.vocab_size)
+                self._checked.add(self.file_idx)
         assert self._tokens is not None
         return self._tokens
 
@@ -239,7 +300,8 @@ class DistributedTokenLoader:
     """Per-rank batches from the sorted train shards of `data_dir` (SPEC.md section 1).
 
     Every call advances the shared stream by world_size * (local_tokens + 1) tokens, the
-    same on every rank, and returns this rank's span as int64 CPU tensors.
+    same on every rank, and returns this rank's span as int64 CPU tensors. With
+    `vocab_size`, a shard holding an id >= vocab_size raises ShardError when first read.
     """
 
     def __init__(
@@ -248,11 +310,12 @@ class DistributedTokenLoader:
         pattern: str = TRAIN_PATTERN,
         rank: int = 0,
         world_size: int = 1,
+        vocab_size: int | None = None,
     ) -> None:
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"invalid rank {rank} for world size {world_size}")
         self.rank, self.world_size = rank, world_size
-        self.stream = TokenStream(list_shards(data_dir, pattern))
+        self.stream = TokenStream(list_shards(data_dir, pattern), vocab_size)
 
     def next_batch(self, global_tokens: int, seq_len: int, grad_accum: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         local = global_tokens // (self.world_size * grad_accum)
@@ -275,10 +338,15 @@ class DistributedTokenLoader:
 
 
 def load_val_tokens(
-    data_dir: PathLike, pattern: str = VAL_PATTERN, seq_len: int = 2048, max_tokens: int = 0
+    data_dir: PathLike,
+    pattern: str = VAL_PATTERN,
+    seq_len: int = 2048,
+    max_tokens: int = 0,
+    vocab_size: int | None = None,
 ) -> torch.Tensor:
     """The sorted val shards concatenated as int64, cut to ((n - 1) // seq_len) * seq_len + 1
-    tokens, where n is the total (capped at `max_tokens` when > 0)."""
+    tokens, where n is the total (capped at `max_tokens` when > 0). With `vocab_size`, every
+    shard read is checked whole: an id >= vocab_size raises ShardError naming it."""
     if seq_len <= 0:
         raise ValueError(f"seq_len must be > 0, got {seq_len}")
     files = list_shards(data_dir, pattern)
@@ -288,6 +356,8 @@ def load_val_tokens(
         if max_tokens > 0 and n >= max_tokens:
             break
         toks = read_shard(f)
+        if vocab_size is not None:
+            check_token_ids(f, toks, vocab_size)
         if max_tokens > 0:
             toks = toks[: max_tokens - n]
         parts.append(np.asarray(toks, dtype=np.int64))
@@ -304,7 +374,7 @@ def load_val_tokens(
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    print(json.dumps(check_dir(args.dir), indent=2))
+    print(json.dumps(check_dir(args.dir, args.vocab_size), indent=2))
     return 0
 
 
@@ -325,8 +395,16 @@ def register_cli(subparsers: Any) -> None:
     c = sub.add_parser(
         "check",
         help="validate every shard of a folder and print token counts per split",
-        description="Reads every fineweb_val_*.bin and fineweb_train_*.bin header and size "
-        "(nothing is modified); a bad file is named and the exit status is 2.",
+        description="Reads every fineweb_val_*.bin and fineweb_train_*.bin header and size, "
+        "then checks that every token id is below the vocabulary size (nothing is modified); "
+        "a bad file is named and the exit status is 2.",
     )
     c.add_argument("dir", help="folder holding fineweb_{val,train}_*.bin shards")
+    c.add_argument(
+        "--vocab-size",
+        type=int,
+        default=None,
+        help="vocabulary size the ids must be below (default: the folder's build.json "
+        f"vocab_size, else {DEFAULT_VOCAB_SIZE})",
+    )
     c.set_defaults(func=_cmd_check)

@@ -149,6 +149,8 @@ def test_check_dir_accepts_a_good_dir(tmp_path: Path, capsys: pytest.CaptureFixt
     res = check_dir(tmp_path)
     assert res == {
         "dir": str(tmp_path),
+        "vocab_size": 1024,
+        "vocab_from": f"the default; no vocab_size in {tmp_path / 'build.json'}",
         "val": {"files": 1, "tokens": 10},
         "train": {"files": 2, "tokens": 150},
     }
@@ -201,6 +203,72 @@ def test_check_rejects_bad_shard(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert sorted(p.name for p in tmp_path.iterdir()) == listing
     with pytest.raises(ShardError, match="fineweb_train_000001.bin"):
         read_shard(bad)
+
+
+def _folder_with_bad_id(d: Path, bad_id: int, pos: int) -> Path:
+    """A good folder except for one id in fineweb_train_000001.bin at `pos`; returns that file."""
+    train1 = np.arange(100) % 50
+    train1[pos] = bad_id
+    _make_dir(d, [np.arange(10)], [np.arange(100) % 50, train1, np.arange(7)])
+    return d / "fineweb_train_000001.bin"
+
+
+@pytest.mark.parametrize("chunk", [1 << 24, 7])  # 7: the first bad id is found across scan chunks
+def test_check_rejects_ids_outside_the_vocabulary(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, chunk: int
+) -> None:
+    monkeypatch.setattr(data, "_CHECK_CHUNK", chunk)
+    bad = _folder_with_bad_id(tmp_path, 1024, 37)
+    before = _snapshot(tmp_path)
+    # no build.json: the challenge's 1024
+    assert cli.main(["data", "check", str(tmp_path)]) == 2
+    err = _one_error_line(capsys)
+    assert f"{bad}: token id 1024 at position 37 is outside the vocabulary of 1024 ids (the default" in err
+    # --vocab-size wins
+    assert cli.main(["data", "check", str(tmp_path), "--vocab-size", "1025"]) == 0
+    assert json.loads(capsys.readouterr().out)["vocab_size"] == 1025
+    assert cli.main(["data", "check", str(tmp_path), "--vocab-size", "40"]) == 2
+    assert "fineweb_train_000000.bin: token id 40 at position 40 is outside the vocabulary of 40 ids" in (
+        _one_error_line(capsys)
+    )
+    # build.json's vocab_size (the tokenizer's piece count)
+    (tmp_path / "build.json").write_text(json.dumps({"vocab_size": 2048}))
+    assert cli.main(["data", "check", str(tmp_path)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["vocab_size"] == 2048 and out["vocab_from"] == f"vocab_size of {tmp_path / 'build.json'}"
+    (tmp_path / "build.json").write_text(json.dumps({"vocab_size": 1000}))
+    assert cli.main(["data", "check", str(tmp_path)]) == 2
+    err = _one_error_line(capsys)
+    assert f"{bad}: token id 1024 at position 37 is outside the vocabulary of 1000 ids (vocab_size of" in err
+    (tmp_path / "build.json").unlink()
+    assert _snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize(
+    "argv_tail, content, needle",
+    [
+        (["--vocab-size", "0"], None, "--vocab-size must be in 1..65536, got 0"),
+        ([], "{not json", "build.json: not valid JSON"),
+        ([], '{"vocab_size": "1024"}', "build.json: vocab_size must be an integer in 1..65536, got '1024'"),
+    ],
+)
+def test_check_bad_vocabulary_size(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv_tail: list[str], content: str | None, needle: str
+) -> None:
+    _make_dir(tmp_path, [np.arange(10)], [np.arange(100)])
+    if content is not None:
+        (tmp_path / "build.json").write_text(content)
+    assert cli.main(["data", "check", str(tmp_path), *argv_tail]) == 2
+    assert needle in _one_error_line(capsys)
+
+
+def test_check_uses_the_vocabulary_of_the_build(tmp_path: Path, sp_model: Path, texts: list[str]) -> None:
+    import sentencepiece as spm
+
+    build_shards(texts, sp_model, tmp_path, 10, workers=1, progress=False)
+    res = check_dir(tmp_path)
+    assert res["vocab_size"] == spm.SentencePieceProcessor(model_file=str(sp_model)).vocab_size() < 1024
+    assert res["vocab_from"] == f"vocab_size of {tmp_path / 'build.json'}"
 
 
 def test_check_missing_dir_and_missing_split(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -618,6 +686,32 @@ def test_distributed_loader_errors(tmp_path: Path, stream_dir: tuple[Path, np.nd
         ld.load_state_dict({"file_idx": 0, "pos": 0, "files": ["other.bin"]})
     with pytest.raises(InputError, match="out of range: file_idx=9"):
         ld.load_state_dict({"file_idx": 9, "pos": 0})
+
+
+def test_loaders_check_ids_against_vocab_size(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bad = _folder_with_bad_id(tmp_path, 60, 37)
+    write_shard(tmp_path / "fineweb_val_000001.bin", [3, 4, 70])
+    # without vocab_size nothing changes
+    ld = DistributedTokenLoader(tmp_path)
+    for _ in range(4):
+        ld.next_batch(64, 8)
+    assert load_val_tokens(tmp_path, seq_len=4).numel() == 13
+    # with it, a shard holding an id >= vocab_size is refused when first read
+    ld = DistributedTokenLoader(tmp_path, vocab_size=60)
+    ld.next_batch(64, 8)  # 65 tokens of the first (good) shard
+    with pytest.raises(ShardError, match=f"{bad}: token id 60 at position 37 is outside the vocabulary of 60 ids"):
+        ld.next_batch(64, 8)
+    with pytest.raises(ShardError, match="fineweb_val_000001.bin: token id 70 at position 2 .* of 64 ids"):
+        load_val_tokens(tmp_path, seq_len=4, vocab_size=64)
+    assert load_val_tokens(tmp_path, seq_len=4, vocab_size=71).numel() == 13
+    # every shard is checked once, however often the stream wraps around
+    checked: list[str] = []
+    real_check = data.check_token_ids
+    monkeypatch.setattr(data, "check_token_ids", lambda p, *a: (checked.append(Path(p).name), real_check(p, *a))[1])
+    ld = DistributedTokenLoader(tmp_path, vocab_size=61)
+    for _ in range(3 * 207 // 9 + 1):  # wraps around the 207-token stream 3 times
+        ld.next_batch(8, 8)
+    assert checked == [f"fineweb_train_{i:06d}.bin" for i in range(3)]
 
 
 def test_loader_keeps_one_shard_mapped(stream_dir: tuple[Path, np.ndarray]) -> None:

@@ -101,6 +101,8 @@ def test_download_with_manifest(tmp_path: Path, sp_model: Path) -> None:
     assert sorted(p.name for p in out.iterdir()) == ["datasets", "manifest.json", "tokenizers"]
     assert check_dir(out / DS) == {
         "dir": str(out / DS),
+        "vocab_size": 1024,
+        "vocab_from": "the default; no build.json",
         "val": {"files": 2, "tokens": 201},
         "train": {"files": 3, "tokens": 900},
     }
