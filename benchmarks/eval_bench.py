@@ -35,7 +35,8 @@ sys.path.insert(0, str(ROOT))
 
 from lmcore.bpb import ByteTables
 from lmcore.config import PRESETS, Config
-from lmcore.data import build_shards, iter_docs, list_shards, load_val_tokens
+from lmcore.corpus import build_shards, iter_docs
+from lmcore.data import list_shards, load_val_tokens
 from lmcore.evaluate import Evaluator
 from lmcore.runtime import card_name, pick_device, synchronize
 

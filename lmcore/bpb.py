@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
+
+from lmcore.errors import InputError, InputNotFound
 
 try:  # sentencepiece is needed only to build tables from a model file
     import sentencepiece as _spm
@@ -53,15 +56,22 @@ __all__ = [
 ]
 
 
-def load_sentencepiece(model: str | Path | Any) -> Any:
-    """Return a SentencePieceProcessor for a model path, or the processor itself."""
-    if isinstance(model, (str, Path)):
+def load_sentencepiece(model: str | os.PathLike[str] | Any) -> Any:
+    """Return a SentencePieceProcessor for a model path, or the processor itself.
+
+    A missing file raises `InputNotFound`, a file sentencepiece cannot load `InputError`,
+    both naming the file.
+    """
+    if isinstance(model, (str, os.PathLike)):
         if _spm is None:
             raise ImportError("sentencepiece is required to read a tokenizer model")
         path = Path(model)
         if not path.is_file():
-            raise FileNotFoundError(f"SentencePiece model not found: {path}")
-        return _spm.SentencePieceProcessor(model_file=str(path))
+            raise InputNotFound(f"{path}: SentencePiece model not found")
+        try:
+            return _spm.SentencePieceProcessor(model_file=str(path))
+        except (RuntimeError, OSError) as e:  # how sentencepiece reports a bad file
+            raise InputError(f"{path}: not a loadable SentencePiece model ({e})") from None
     if not hasattr(model, "id_to_piece") or not hasattr(model, "get_piece_size"):
         raise TypeError(f"expected a path or a SentencePieceProcessor, got {type(model).__name__}")
     return model

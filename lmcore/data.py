@@ -1,14 +1,14 @@
-"""Token shards: the challenge's binary format, building shards from documents, checking a
-shard folder, and the training / validation loaders (SPEC.md section 1).
+"""Token shards: the challenge's binary format, checking a shard folder, and the training /
+validation loaders (SPEC.md section 1). Building shards from documents: `lmcore.corpus`.
 
 Shard file: 256 little-endian int32 header words [MAGIC, VERSION, num_tokens, 0, ...]
 followed by num_tokens little-endian uint16 token ids. Every reader validates magic,
 version and file size, and a bad file raises `ShardError` naming the file and the fault.
 
-Building: each document becomes [BOS] + its SentencePiece ids (no EOS). The first
-`val_docs` documents form the `fineweb_val_NNNNNN.bin` stream, the rest the
-`fineweb_train_NNNNNN.bin` stream; each stream is cut into files of at most
-`shard_tokens` tokens. Tokenization runs on every core, in document order.
+Token ids must also be below the vocabulary size: `check_dir` (`lmcore data check`)
+checks every id against `--vocab-size`, else the folder's build.json "vocab_size" (the
+piece count of the tokenizer it was built with), else the challenge's 1024; the loaders
+check every shard they read once, when given `vocab_size`.
 
 Training loader: one contiguous stream over the sorted train shards, wrapping around;
 each step takes a chunk of world_size spans of (local_tokens + 1) tokens and every rank
@@ -18,24 +18,18 @@ and the stream position can be saved and restored for exact resumption.
 
 from __future__ import annotations
 
-from lmcore.errors import InputError
-
 import argparse
-import gzip
-import hashlib
 import json
-import lzma
-import multiprocessing as mp
 import os
-from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import torch
 
-from lmcore.runs import atomic_write_bytes, atomic_write_json
+from lmcore.errors import InputError
+from lmcore.runs import atomic_write_bytes
 
 MAGIC = 20240520
 VERSION = 1
@@ -43,6 +37,9 @@ HEADER_WORDS = 256
 HEADER_BYTES = HEADER_WORDS * 4
 TOKEN_BYTES = 2
 MAX_TOKEN_ID = 65535
+
+DEFAULT_VOCAB_SIZE = 1024  # the challenge's tokenizer
+_CHECK_CHUNK = 1 << 24  # tokens scanned at a time by check_token_ids
 
 TRAIN_PATTERN = "fineweb_train_*.bin"
 VAL_PATTERN = "fineweb_val_*.bin"
@@ -156,268 +153,66 @@ def list_shards(data_dir: PathLike, pattern: str) -> list[Path]:
     return files
 
 
-def check_dir(data_dir: PathLike) -> dict[str, Any]:
+def check_token_ids(path: PathLike, tokens: np.ndarray, vocab_size: int, source: str = "") -> None:
+    """Raise ShardError naming `path`, the first id >= `vocab_size`, its position and the
+    vocabulary size (and `source`, where that size came from) if `tokens` holds one."""
+    for start in range(0, tokens.size, _CHECK_CHUNK):
+        part = tokens[start : start + _CHECK_CHUNK]
+        if int(part.max()) >= vocab_size:
+            i = int(np.argmax(part >= vocab_size))
+            where = f" ({source})" if source else ""
+            raise ShardError(
+                f"{path}: token id {int(part[i])} at position {start + i} is outside "
+                f"the vocabulary of {vocab_size} ids{where}"
+            )
+
+
+def folder_vocab_size(data_dir: PathLike) -> tuple[int, str]:
+    """(vocabulary size, where it came from) of a shard folder: the "vocab_size" of its
+    build.json (the tokenizer's piece count), else the challenge's 1024.
+
+    A build.json that is not JSON, or whose "vocab_size" is not an integer in 1..65536,
+    raises InputError naming it.
+    """
+    meta = Path(data_dir) / "build.json"
+    if not meta.is_file():
+        return DEFAULT_VOCAB_SIZE, f"the default; no {meta.name}"
+    try:
+        info = json.loads(meta.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{meta}: not valid JSON ({e})") from None
+    if not isinstance(info, dict) or "vocab_size" not in info:
+        return DEFAULT_VOCAB_SIZE, f"the default; no vocab_size in {meta}"
+    v = info["vocab_size"]
+    if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_TOKEN_ID + 1:
+        raise InputError(f"{meta}: vocab_size must be an integer in 1..{MAX_TOKEN_ID + 1}, got {v!r}")
+    return v, f"vocab_size of {meta}"
+
+
+def check_dir(data_dir: PathLike, vocab_size: int | None = None) -> dict[str, Any]:
     """Validate every val and train shard of a folder (read-only); return token counts.
 
-    Returns {"dir": ..., "val": {"files": n, "tokens": N}, "train": {...}}. Raises
-    ShardError at the first bad file (val shards first, each split in sorted order), or
-    for a missing folder or a split without any shard.
+    Headers and sizes are checked first, then every token id against `vocab_size` (None:
+    `folder_vocab_size`). Returns {"dir", "vocab_size", "vocab_from", "val": {"files": n,
+    "tokens": N}, "train": {...}}. Raises ShardError at the first bad file (val shards
+    first, each split in sorted order), or for a missing folder or a split without any
+    shard; InputError for a vocabulary size outside 1..65536.
     """
     d = _dir_or_error(data_dir)
-    out: dict[str, Any] = {"dir": str(d)}
-    for split, pattern in SHARD_PATTERNS.items():
-        files = list_shards(d, pattern)
-        out[split] = {"files": len(files), "tokens": sum(read_header(f) for f in files)}
-    return out
-
-
-# ---------------------------------------------------------------------------------------
-# Documents
-# ---------------------------------------------------------------------------------------
-
-
-def _open_text(path: Path) -> IO[str]:
-    name = path.name.lower()
-    if name.endswith(".xz"):
-        return lzma.open(path, "rt", encoding="utf-8")
-    if name.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
-
-
-def iter_docs(path: PathLike) -> Iterator[str]:
-    """Yield the "text" field of each line of a `.jsonl` / `.jsonl.xz` (or `.gz`) file.
-
-    Blank lines are skipped; a line that is not a JSON object with a string "text"
-    raises ValueError naming the file and the 1-based line number.
-    """
-    p = Path(path)
-    with _open_text(p) as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{p}: line {lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                raise ValueError(f'{p}: line {lineno}: expected an object with a string "text"')  # noqa: TRY004
-            yield obj["text"]
-
-
-# ---------------------------------------------------------------------------------------
-# Building shards
-# ---------------------------------------------------------------------------------------
-
-_BATCH_DOCS = 128  # documents per tokenization task
-_worker_sp: Any = None  # the SentencePiece model of a pool worker (loaded once)
-
-
-def _load_sp(model_path: str) -> Any:
-    import sentencepiece as spm
-
-    return spm.SentencePieceProcessor(model_file=model_path)
-
-
-def _encode(sp: Any, texts: list[str]) -> np.ndarray:
-    """[BOS] + ids for every text, concatenated, as uint16."""
-    bos = sp.bos_id()
-    ids = sp.encode(texts, out_type=int, num_threads=1)
-    out = np.empty(sum(len(x) for x in ids) + len(ids), dtype=np.uint16)
-    pos = 0
-    for x in ids:
-        out[pos] = bos
-        out[pos + 1 : pos + 1 + len(x)] = x
-        pos += len(x) + 1
-    return out
-
-
-def _worker_init(model_path: str) -> None:
-    global _worker_sp
-    _worker_sp = _load_sp(model_path)
-
-
-def _worker_encode(texts: list[str]) -> np.ndarray:
-    return _encode(_worker_sp, texts)
-
-
-def _batches(docs: Iterable[str], val_docs: int) -> Iterator[tuple[str, list[str]]]:
-    """(split, texts) batches in document order; no batch straddles the val/train cut."""
-    batch: list[str] = []
-    split = "val"
-    for n, text in enumerate(docs):
-        if n == val_docs:
-            if batch:
-                yield split, batch
-                batch = []
-            split = "train"
-        batch.append(text)
-        if len(batch) >= _BATCH_DOCS:
-            yield split, batch
-            batch = []
-    if batch:
-        yield split, batch
-
-
-class _SplitWriter:
-    """Buffers one split's token stream and writes it as files of `shard_tokens` tokens."""
-
-    def __init__(self, out_dir: Path, split: str, shard_tokens: int) -> None:
-        self.out_dir, self.split, self.shard_tokens = out_dir, split, shard_tokens
-        self.buf: list[np.ndarray] = []
-        self.buffered = 0
-        self.tokens = 0
-        self.files: list[str] = []
-
-    def add(self, arr: np.ndarray) -> None:
-        self.buf.append(arr)
-        self.buffered += arr.size
-        self.tokens += arr.size
-        while self.buffered >= self.shard_tokens:
-            self._flush(self.shard_tokens)
-
-    def _flush(self, n: int) -> None:
-        data = np.concatenate(self.buf) if len(self.buf) > 1 else self.buf[0]
-        name = shard_name(self.split, len(self.files))
-        write_shard(self.out_dir / name, data[:n])
-        self.files.append(name)
-        rest = data[n:]
-        self.buf = [rest] if rest.size else []
-        self.buffered = int(rest.size)
-
-    def close(self) -> None:
-        if self.buffered:
-            self._flush(self.buffered)
-
-
-def _existing_shards(out_dir: Path) -> list[Path]:
-    if not out_dir.is_dir():
-        return []
-    return sorted(p for pat in SHARD_PATTERNS.values() for p in out_dir.glob(pat))
-
-
-def build_shards(
-    docs: PathLike | Iterable[str],
-    tokenizer: PathLike,
-    out_dir: PathLike,
-    val_docs: int,
-    shard_tokens: int = 100_000_000,
-    workers: int | None = None,
-    progress: bool = True,
-    overwrite: bool = False,
-) -> dict[str, int]:
-    """Tokenize documents into val and train shards in `out_dir`.
-
-    `docs` is a `.jsonl[.xz]` path (see `iter_docs`) or an iterable of texts. Each doc
-    becomes [BOS] + SentencePiece ids; the first `val_docs` docs form the val stream, the
-    rest the train stream, each cut into files of at most `shard_tokens` tokens.
-    Tokenization uses `workers` processes (None: all cores; <= 1: this process), each
-    loading the model once; results are consumed in document order with a bounded number
-    of batches in flight, so memory stays flat on any corpus size. Every file is written
-    atomically; `build.json` (counts and inputs) is written last.
-
-    An `out_dir` that already holds shards is refused unless `overwrite`, in which case
-    shards of the old build that this build did not rewrite are removed at the end.
-    Returns {"val_tokens", "train_tokens", "val_files", "train_files", "docs"}.
-    """
-    import sentencepiece  # noqa: F401  (fail early with ImportError if missing)
-    from tqdm import tqdm
-
-    if val_docs < 0:
-        raise ValueError(f"val_docs must be >= 0, got {val_docs}")
-    if shard_tokens <= 0:
-        raise ValueError(f"shard_tokens must be > 0, got {shard_tokens}")
-    tok_path = Path(tokenizer)
-    if not tok_path.is_file():
-        raise FileNotFoundError(f"{tok_path}: tokenizer model not found")
-    docs_path: Path | None = None
-    if isinstance(docs, (str, os.PathLike)):
-        docs_path = Path(docs)
-        if not docs_path.is_file():
-            raise FileNotFoundError(f"{docs_path}: documents file not found")
-        doc_iter: Iterable[str] = iter_docs(docs_path)
+    if vocab_size is None:
+        vocab_size, source = folder_vocab_size(d)
+    elif not 1 <= vocab_size <= MAX_TOKEN_ID + 1:
+        raise InputError(f"--vocab-size must be in 1..{MAX_TOKEN_ID + 1}, got {vocab_size}")
     else:
-        doc_iter = docs
-
-    sp = _load_sp(str(tok_path))
-    vocab, bos = int(sp.vocab_size()), int(sp.bos_id())
-    if vocab > MAX_TOKEN_ID + 1:
-        raise ValueError(f"{tok_path}: vocab size {vocab} does not fit uint16 shards")
-    if not 0 <= bos < vocab:
-        raise ValueError(f"{tok_path}: tokenizer has no valid BOS piece (bos_id={bos})")
-
-    out = Path(out_dir)
-    old = _existing_shards(out)
-    if old and not overwrite:
-        raise ValueError(
-            f"{out}: already holds {len(old)} shard files (e.g. {old[0].name}); "
-            "remove them, choose another output folder, or pass overwrite"
-        )
-    out.mkdir(parents=True, exist_ok=True)
-    if overwrite and (out / "build.json").exists():
-        (out / "build.json").unlink()
-
-    nproc = (os.cpu_count() or 1) if workers is None else int(workers)
-    writers = {s: _SplitWriter(out, s, shard_tokens) for s in ("val", "train")}
-    n_docs = 0
-    bar = tqdm(desc="tokenizing", unit="doc", disable=not progress, dynamic_ncols=True)
-
-    def consume(split: str, n: int, arr: np.ndarray) -> None:
-        nonlocal n_docs
-        if split == "train" and writers["val"].buffered:
-            writers["val"].close()  # the val stream is complete: free its buffer
-        writers[split].add(arr)
-        n_docs += n
-        bar.update(n)
-        bar.set_postfix(tokens=writers["val"].tokens + writers["train"].tokens, refresh=False)
-
-    try:
-        if nproc <= 1:
-            for split, texts in _batches(doc_iter, val_docs):
-                consume(split, len(texts), _encode(sp, texts))
-        else:
-            with mp.get_context().Pool(nproc, _worker_init, (str(tok_path),)) as pool:
-                pending: deque[tuple[str, int, Any]] = deque()
-                for split, texts in _batches(doc_iter, val_docs):
-                    pending.append((split, len(texts), pool.apply_async(_worker_encode, (texts,))))
-                    if len(pending) >= 4 * nproc:
-                        s, n, res = pending.popleft()
-                        consume(s, n, res.get())
-                while pending:
-                    s, n, res = pending.popleft()
-                    consume(s, n, res.get())
-        for w in writers.values():
-            w.close()
-    finally:
-        bar.close()
-
-    written = {out / f for w in writers.values() for f in w.files}
-    for stale in old:
-        if stale not in written and stale.exists():
-            stale.unlink()
-
-    counts = {
-        "val_tokens": writers["val"].tokens,
-        "train_tokens": writers["train"].tokens,
-        "val_files": len(writers["val"].files),
-        "train_files": len(writers["train"].files),
-        "docs": n_docs,
-    }
-    atomic_write_json(
-        out / "build.json",
-        {
-            **counts,
-            "docs_path": str(docs_path.resolve()) if docs_path else None,
-            "tokenizer": str(tok_path.resolve()),
-            "tokenizer_sha256": hashlib.sha256(tok_path.read_bytes()).hexdigest(),
-            "val_docs": val_docs,
-            "shard_tokens": shard_tokens,
-            "bos_id": bos,
-            "vocab_size": vocab,
-            "files": {s: w.files for s, w in writers.items()},
-        },
-    )
-    return counts
+        source = "--vocab-size"
+    out: dict[str, Any] = {"dir": str(d), "vocab_size": vocab_size, "vocab_from": source}
+    files = {split: list_shards(d, pattern) for split, pattern in SHARD_PATTERNS.items()}
+    for split, names in files.items():
+        out[split] = {"files": len(names), "tokens": sum(read_header(f) for f in names)}
+    for names in files.values():
+        for f in names:
+            check_token_ids(f, read_shard(f), vocab_size, source)
+    return out
 
 
 # ---------------------------------------------------------------------------------------
@@ -429,11 +224,14 @@ class TokenStream:
     """One contiguous token stream over `files` (in the given order), wrapping around.
 
     Only the shard being read is memory-mapped; headers of all files are validated up
-    front. The position is (file index, offset in that file): see `state_dict`.
+    front, and with `vocab_size` every shard's ids once, when it is first mapped. The
+    position is (file index, offset in that file): see `state_dict`.
     """
 
-    def __init__(self, files: Sequence[PathLike]) -> None:
+    def __init__(self, files: Sequence[PathLike], vocab_size: int | None = None) -> None:
         self.files = [Path(f) for f in files]
+        self.vocab_size = vocab_size
+        self._checked: set[int] = set()
         if not self.files:
             raise ShardError("TokenStream: no shard files given")
         self.sizes = [read_header(f) for f in self.files]
@@ -449,6 +247,9 @@ class TokenStream:
             self._tokens = None  # drop the previous mapping before opening the next
             self._tokens = read_shard(self.files[self.file_idx])
             self._loaded_idx = self.file_idx
+            if self.vocab_size is not None and self.file_idx not in self._checked:
+                check_token_ids(self.files[self.file_idx], self._tokens, self.vocab_size)
+                self._checked.add(self.file_idx)
         assert self._tokens is not None
         return self._tokens
 
@@ -483,14 +284,15 @@ class TokenStream:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         names = [f.name for f in self.files]
+        where = self.files[0].parent
         if "files" in state and list(state["files"]) != names:
-            raise ValueError(
-                f"stream state was saved over {len(state['files'])} shards "
-                f"({state['files'][:2]}...), this stream has {len(names)} ({names[:2]}...)"
+            raise InputError(
+                f"{where}: the saved stream state is over {len(state['files'])} shards "
+                f"({state['files'][:2]}...), this folder has {len(names)} ({names[:2]}...)"
             )
         idx, pos = int(state["file_idx"]), int(state["pos"])
         if not 0 <= idx < len(self.files) or not 0 <= pos <= self.sizes[idx]:
-            raise ValueError(f"stream state out of range: file_idx={idx}, pos={pos}")
+            raise InputError(f"{where}: saved stream state out of range: file_idx={idx}, pos={pos}")
         self.file_idx, self.pos = idx, pos
 
 
@@ -498,7 +300,8 @@ class DistributedTokenLoader:
     """Per-rank batches from the sorted train shards of `data_dir` (SPEC.md section 1).
 
     Every call advances the shared stream by world_size * (local_tokens + 1) tokens, the
-    same on every rank, and returns this rank's span as int64 CPU tensors.
+    same on every rank, and returns this rank's span as int64 CPU tensors. With
+    `vocab_size`, a shard holding an id >= vocab_size raises ShardError when first read.
     """
 
     def __init__(
@@ -507,11 +310,12 @@ class DistributedTokenLoader:
         pattern: str = TRAIN_PATTERN,
         rank: int = 0,
         world_size: int = 1,
+        vocab_size: int | None = None,
     ) -> None:
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"invalid rank {rank} for world size {world_size}")
         self.rank, self.world_size = rank, world_size
-        self.stream = TokenStream(list_shards(data_dir, pattern))
+        self.stream = TokenStream(list_shards(data_dir, pattern), vocab_size)
 
     def next_batch(self, global_tokens: int, seq_len: int, grad_accum: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         local = global_tokens // (self.world_size * grad_accum)
@@ -534,10 +338,15 @@ class DistributedTokenLoader:
 
 
 def load_val_tokens(
-    data_dir: PathLike, pattern: str = VAL_PATTERN, seq_len: int = 2048, max_tokens: int = 0
+    data_dir: PathLike,
+    pattern: str = VAL_PATTERN,
+    seq_len: int = 2048,
+    max_tokens: int = 0,
+    vocab_size: int | None = None,
 ) -> torch.Tensor:
     """The sorted val shards concatenated as int64, cut to ((n - 1) // seq_len) * seq_len + 1
-    tokens, where n is the total (capped at `max_tokens` when > 0)."""
+    tokens, where n is the total (capped at `max_tokens` when > 0). With `vocab_size`, every
+    shard read is checked whole: an id >= vocab_size raises ShardError naming it."""
     if seq_len <= 0:
         raise ValueError(f"seq_len must be > 0, got {seq_len}")
     files = list_shards(data_dir, pattern)
@@ -547,13 +356,15 @@ def load_val_tokens(
         if max_tokens > 0 and n >= max_tokens:
             break
         toks = read_shard(f)
+        if vocab_size is not None:
+            check_token_ids(f, toks, vocab_size)
         if max_tokens > 0:
             toks = toks[: max_tokens - n]
         parts.append(np.asarray(toks, dtype=np.int64))
         n += toks.size
     usable = ((n - 1) // seq_len) * seq_len
     if usable <= 0:
-        raise ValueError(f"{data_dir}: validation split has {n} tokens, too short for seq_len {seq_len}")
+        raise ShardError(f"{data_dir}: validation split has {n} tokens, too short for seq_len {seq_len}")
     return torch.from_numpy(np.concatenate(parts)[: usable + 1])
 
 
@@ -562,28 +373,15 @@ def load_val_tokens(
 # ---------------------------------------------------------------------------------------
 
 
-def _cmd_build(args: argparse.Namespace) -> int:
-    counts = build_shards(
-        args.docs,
-        args.tokenizer,
-        args.out,
-        val_docs=args.val_docs,
-        shard_tokens=args.shard_tokens,
-        workers=args.workers,
-        progress=not args.no_progress,
-        overwrite=args.overwrite,
-    )
-    print(json.dumps(counts, indent=2))
-    return 0
-
-
 def _cmd_check(args: argparse.Namespace) -> int:
-    print(json.dumps(check_dir(args.dir), indent=2))
+    print(json.dumps(check_dir(args.dir, args.vocab_size), indent=2))
     return 0
 
 
 def register_cli(subparsers: Any) -> None:
     """Add `lmcore data build` and `lmcore data check`."""
+    from lmcore.corpus import add_build_parser  # corpus imports this module
+
     p = subparsers.add_parser(
         "data",
         help="build token shards from documents, or check a shard folder",
@@ -592,33 +390,21 @@ def register_cli(subparsers: Any) -> None:
     sub = p.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
     sub.required = True
 
-    b = sub.add_parser(
-        "build",
-        help="tokenize a .jsonl[.xz] of documents into val/train shards",
-        description="Each doc becomes [BOS] + SentencePiece ids; the first --val-docs docs "
-        "form fineweb_val_*.bin, the rest fineweb_train_*.bin. Prints the counts as JSON.",
-    )
-    b.add_argument("--docs", required=True, help='documents: JSON lines with a "text" field (.jsonl or .jsonl.xz)')
-    b.add_argument("--tokenizer", required=True, help="SentencePiece model file (.model)")
-    b.add_argument("--out", required=True, help="output folder for the shards and build.json")
-    b.add_argument(
-        "--val-docs", type=int, required=True, help="number of leading documents that form the validation split"
-    )
-    b.add_argument(
-        "--shard-tokens", type=int, default=100_000_000, help="maximum tokens per shard file (default: 100,000,000)"
-    )
-    b.add_argument(
-        "--workers", type=int, default=None, help="tokenizer processes (default: all cores; 1 = no subprocesses)"
-    )
-    b.add_argument("--no-progress", action="store_true", help="do not show a progress bar")
-    b.add_argument("--overwrite", action="store_true", help="replace shards already in --out (stale ones are removed)")
-    b.set_defaults(func=_cmd_build)
+    add_build_parser(sub)
 
     c = sub.add_parser(
         "check",
         help="validate every shard of a folder and print token counts per split",
-        description="Reads every fineweb_val_*.bin and fineweb_train_*.bin header and size "
-        "(nothing is modified); a bad file is named and the exit status is 2.",
+        description="Reads every fineweb_val_*.bin and fineweb_train_*.bin header and size, "
+        "then checks that every token id is below the vocabulary size (nothing is modified); "
+        "a bad file is named and the exit status is 2.",
     )
     c.add_argument("dir", help="folder holding fineweb_{val,train}_*.bin shards")
+    c.add_argument(
+        "--vocab-size",
+        type=int,
+        default=None,
+        help="vocabulary size the ids must be below (default: the folder's build.json "
+        f"vocab_size, else {DEFAULT_VOCAB_SIZE})",
+    )
     c.set_defaults(func=_cmd_check)

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from lmcore.data import ShardError, read_header, shard_name
+from lmcore.errors import InputError, InputNotFound
 
 DEFAULT_REPO_ID = "willdepueoai/parameter-golf"
 DEFAULT_REMOTE_ROOT = "datasets"
@@ -43,7 +44,7 @@ VARIANTS: dict[str, tuple[str, str]] = {
 STAGING_DIR = ".lmcore-download"
 
 # fetch(repo_filename, dest_dir) -> local path of the fetched file.
-# A file missing from the repo must raise FileNotFoundError.
+# A file missing from the repo must raise FileNotFoundError (lmcore's raise InputNotFound).
 FetchFn = Callable[[str, Path], "str | os.PathLike[str]"]
 
 
@@ -73,7 +74,7 @@ def hf_fetch(repo_id: str = DEFAULT_REPO_ID) -> FetchFn:
                 )
             )
         except not_found as e:
-            raise FileNotFoundError(f"{repo_filename} not found in dataset repo {repo_id}") from e
+            raise InputNotFound(f"{repo_filename} not found in dataset repo {repo_id}") from e
 
     return fetch
 
@@ -86,7 +87,7 @@ def fake_hub_fetch(hub_dir: str | os.PathLike[str]) -> FetchFn:
     def fetch(repo_filename: str, dest_dir: Path) -> str:
         src = root / repo_filename
         if not src.is_file():
-            raise FileNotFoundError(f"{repo_filename} not found in local hub mirror {root}")
+            raise InputNotFound(f"{repo_filename} not found in local hub mirror {root}")
         dst = Path(dest_dir) / repo_filename
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src, dst)
@@ -96,7 +97,7 @@ def fake_hub_fetch(hub_dir: str | os.PathLike[str]) -> FetchFn:
 
 
 def _validate(path: Path, label: str) -> None:
-    """Raise ShardError / ValueError if `path` is not a complete file of its kind."""
+    """Raise ShardError / InputError if `path` is not a complete file of its kind."""
     name = path.name
     if name.endswith(".bin"):
         read_header(path)
@@ -106,14 +107,14 @@ def _validate(path: Path, label: str) -> None:
         try:
             spm.SentencePieceProcessor(model_file=str(path))
         except (RuntimeError, OSError) as e:  # how sentencepiece reports a bad file
-            raise ValueError(f"{label}: not a loadable SentencePiece model ({e})") from None
+            raise InputError(f"{label}: not a loadable SentencePiece model ({e})") from None
     elif name.endswith(".json"):
         try:
             json.loads(path.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{label}: not valid JSON ({e})") from None
+            raise InputError(f"{label}: not valid JSON ({e})") from None
     elif path.stat().st_size == 0:
-        raise ValueError(f"{label}: empty file")
+        raise InputError(f"{label}: empty file")
 
 
 def _is_complete(path: Path) -> bool:
@@ -155,13 +156,12 @@ def _plan(manifest: dict[str, Any] | None, variant: str, train_shards: int) -> t
         return 1, [f"tokenizers/{tokenizer}"]
     entry = next((d for d in manifest.get("datasets", []) if d.get("name") == dataset), None)
     if entry is None:
-        raise ValueError(f"manifest.json lists no dataset named {dataset}")
+        raise InputError(f"manifest.json lists no dataset named {dataset}")
     stats = entry.get("stats") or {}
     val_shards = int(stats.get("files_val", 1))
     if "files_train" in stats and train_shards > int(stats["files_train"]):
-        raise ValueError(
-            f"{variant}: the repo has {int(stats['files_train'])} train shards, {train_shards} were requested"
-        )
+        have = int(stats["files_train"])
+        raise InputError(f"--train-shards: the {variant} repo has {have} train shards, {train_shards} were requested")
     tok_name = entry.get("tokenizer_name")
     tok_entry = next((t for t in manifest.get("tokenizers", []) if t.get("name") == tok_name), None)
     tok_files = [str(tok_entry[k]) for k in ("model_path", "vocab_path") if tok_entry and tok_entry.get(k)]
@@ -191,9 +191,9 @@ def download_fineweb(
     from tqdm import tqdm
 
     if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}; known variants: {', '.join(sorted(VARIANTS))}")
+        raise InputError(f"unknown variant {variant!r}; known variants: {', '.join(sorted(VARIANTS))}")
     if train_shards < 0:
-        raise ValueError(f"train_shards must be >= 0, got {train_shards}")
+        raise InputError(f"--train-shards must be >= 0, got {train_shards}")
     fetch = fetch or hf_fetch(repo_id)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -217,7 +217,7 @@ def download_fineweb(
     if have_manifest:
         manifest = json.loads(man_path.read_text(encoding="utf-8"))
         if not isinstance(manifest, dict):
-            raise ValueError(f"{man_path}: expected a JSON object")
+            raise InputError(f"{man_path}: expected a JSON object")
 
     # 2. Everything else, planned from the manifest or the known naming.
     dataset, _ = VARIANTS[variant]
@@ -272,7 +272,7 @@ def download_fineweb(
 def _cmd_fineweb(args: argparse.Namespace) -> int:
     fetch = fake_hub_fetch(args.hub_dir) if args.hub_dir else None
     if args.hub_dir and not Path(args.hub_dir).is_dir():
-        raise FileNotFoundError(f"{args.hub_dir}: local hub mirror folder not found")
+        raise InputNotFound(f"{args.hub_dir}: local hub mirror folder not found")
     result = download_fineweb(
         args.out,
         variant=args.variant,

@@ -5,7 +5,7 @@ installation itself (the `pydoc_data.topics` help topics, and the docstrings of 
 library modules, read with `ast` from their source files, nothing imported), shuffles
 them with a fixed seed, trains a 1,024-piece SentencePiece BPE tokenizer on them
 (bos_id=1, no EOS, unk_id=0, byte fallback, one thread: deterministic) and writes
-challenge-format shards with `lmcore.data.build_shards` (each doc is [BOS] + ids; the
+challenge-format shards with `lmcore.corpus.build_shards` (each doc is [BOS] + ids; the
 first 5% of the docs are the validation split). It needs no network and no ../shared,
 so `lmcore train --preset smoke` works on a fresh clone.
 
@@ -154,7 +154,7 @@ def ensure_smoke_data(data_dir: str | Path, tokenizer_path: str | Path, progress
         info = json.loads((data_dir / "smoke.json").read_text())
         info["built"] = False
         return info
-    from lmcore.data import build_shards
+    from lmcore.corpus import build_shards
 
     if progress:
         print(f"building the smoke corpus in {data_dir} (from Python's own documentation)", flush=True)

@@ -21,9 +21,11 @@ from lmcore.bpb import (
     bpb,
     byte_count_report,
     doc_bytes,
+    load_sentencepiece,
     stream_bytes,
     token_bytes,
 )
+from lmcore.errors import InputError, InputNotFound
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 OFFICIAL_TOKENIZER = SHARED / "tokenizers" / "fineweb_1024_bpe.model"
@@ -128,6 +130,19 @@ def test_tables_padded_vocab_and_path(tiny_sp, tmp_path: Path) -> None:
     assert ByteTables.from_sentencepiece(str(path), vocab_size=8).size == n
     with pytest.raises(FileNotFoundError):
         ByteTables.from_sentencepiece(tmp_path / "missing.model")
+
+
+def test_bad_tokenizer_files_are_named(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.model"
+    with pytest.raises(InputNotFound, match=f"{missing}: SentencePiece model not found"):
+        load_sentencepiece(missing)
+    garbage = tmp_path / "x.model"
+    garbage.write_bytes(random.Random(0).randbytes(3000))
+    for load in (load_sentencepiece, ByteTables.from_sentencepiece, lambda m: byte_count_report(m, ["a"])):
+        with pytest.raises(InputError, match=f"{garbage}: not a loadable SentencePiece model"):
+            load(garbage)
+        with pytest.raises(InputError, match="not a loadable"):
+            load(str(garbage))
 
 
 def test_token_bytes_rule() -> None:

@@ -1,5 +1,6 @@
-"""Tests for lmcore.data: shard format, folder check (CLI), document reading, shard
-building with a tiny SentencePiece model, the training loader and the val loader."""
+"""Tests for lmcore.data and lmcore.corpus: shard format, folder check (CLI), document
+reading, shard building with a tiny SentencePiece model, the training loader and the val
+loader."""
 
 from __future__ import annotations
 
@@ -12,16 +13,16 @@ import numpy as np
 import pytest
 import torch
 
-from lmcore import cli, data
+from lmcore import cli, corpus, data
+from lmcore.corpus import build_shards, iter_docs
+from lmcore.errors import InputError, InputNotFound
 from lmcore.data import (
     HEADER_BYTES,
     MAGIC,
     DistributedTokenLoader,
     ShardError,
     TokenStream,
-    build_shards,
     check_dir,
-    iter_docs,
     load_val_tokens,
     read_header,
     read_shard,
@@ -96,6 +97,19 @@ def _make_dir(d: Path, val: list[np.ndarray], train: list[np.ndarray]) -> Path:
     return d
 
 
+def _build_argv(docs: Path, tokenizer: Path, out: Path, val_docs: int = 5, *extra: str, workers: int = 1) -> list[str]:
+    """`lmcore data build` arguments."""
+    return ["data", "build", "--docs", str(docs), "--tokenizer", str(tokenizer), "--out", str(out),
+            "--val-docs", str(val_docs), "--workers", str(workers), "--no-progress", *extra]  # fmt: skip
+
+
+def _one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
+    """The CLI's stderr, checked to be one line."""
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
 # ---------------------------------------------------------------------------------------
 # Shard format
 
@@ -135,6 +149,8 @@ def test_check_dir_accepts_a_good_dir(tmp_path: Path, capsys: pytest.CaptureFixt
     res = check_dir(tmp_path)
     assert res == {
         "dir": str(tmp_path),
+        "vocab_size": 1024,
+        "vocab_from": f"the default; no vocab_size in {tmp_path / 'build.json'}",
         "val": {"files": 1, "tokens": 10},
         "train": {"files": 2, "tokens": 150},
     }
@@ -189,6 +205,72 @@ def test_check_rejects_bad_shard(tmp_path: Path, capsys: pytest.CaptureFixture[s
         read_shard(bad)
 
 
+def _folder_with_bad_id(d: Path, bad_id: int, pos: int) -> Path:
+    """A good folder except for one id in fineweb_train_000001.bin at `pos`; returns that file."""
+    train1 = np.arange(100) % 50
+    train1[pos] = bad_id
+    _make_dir(d, [np.arange(10)], [np.arange(100) % 50, train1, np.arange(7)])
+    return d / "fineweb_train_000001.bin"
+
+
+@pytest.mark.parametrize("chunk", [1 << 24, 7])  # 7: the first bad id is found across scan chunks
+def test_check_rejects_ids_outside_the_vocabulary(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, chunk: int
+) -> None:
+    monkeypatch.setattr(data, "_CHECK_CHUNK", chunk)
+    bad = _folder_with_bad_id(tmp_path, 1024, 37)
+    before = _snapshot(tmp_path)
+    # no build.json: the challenge's 1024
+    assert cli.main(["data", "check", str(tmp_path)]) == 2
+    err = _one_error_line(capsys)
+    assert f"{bad}: token id 1024 at position 37 is outside the vocabulary of 1024 ids (the default" in err
+    # --vocab-size wins
+    assert cli.main(["data", "check", str(tmp_path), "--vocab-size", "1025"]) == 0
+    assert json.loads(capsys.readouterr().out)["vocab_size"] == 1025
+    assert cli.main(["data", "check", str(tmp_path), "--vocab-size", "40"]) == 2
+    assert "fineweb_train_000000.bin: token id 40 at position 40 is outside the vocabulary of 40 ids" in (
+        _one_error_line(capsys)
+    )
+    # build.json's vocab_size (the tokenizer's piece count)
+    (tmp_path / "build.json").write_text(json.dumps({"vocab_size": 2048}))
+    assert cli.main(["data", "check", str(tmp_path)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["vocab_size"] == 2048 and out["vocab_from"] == f"vocab_size of {tmp_path / 'build.json'}"
+    (tmp_path / "build.json").write_text(json.dumps({"vocab_size": 1000}))
+    assert cli.main(["data", "check", str(tmp_path)]) == 2
+    err = _one_error_line(capsys)
+    assert f"{bad}: token id 1024 at position 37 is outside the vocabulary of 1000 ids (vocab_size of" in err
+    (tmp_path / "build.json").unlink()
+    assert _snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize(
+    "argv_tail, content, needle",
+    [
+        (["--vocab-size", "0"], None, "--vocab-size must be in 1..65536, got 0"),
+        ([], "{not json", "build.json: not valid JSON"),
+        ([], '{"vocab_size": "1024"}', "build.json: vocab_size must be an integer in 1..65536, got '1024'"),
+    ],
+)
+def test_check_bad_vocabulary_size(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv_tail: list[str], content: str | None, needle: str
+) -> None:
+    _make_dir(tmp_path, [np.arange(10)], [np.arange(100)])
+    if content is not None:
+        (tmp_path / "build.json").write_text(content)
+    assert cli.main(["data", "check", str(tmp_path), *argv_tail]) == 2
+    assert needle in _one_error_line(capsys)
+
+
+def test_check_uses_the_vocabulary_of_the_build(tmp_path: Path, sp_model: Path, texts: list[str]) -> None:
+    import sentencepiece as spm
+
+    build_shards(texts, sp_model, tmp_path, 10, workers=1, progress=False)
+    res = check_dir(tmp_path)
+    assert res["vocab_size"] == spm.SentencePieceProcessor(model_file=str(sp_model)).vocab_size() < 1024
+    assert res["vocab_from"] == f"vocab_size of {tmp_path / 'build.json'}"
+
+
 def test_check_missing_dir_and_missing_split(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["data", "check", str(tmp_path / "nope")]) == 2
     assert "missing directory" in capsys.readouterr().err
@@ -210,11 +292,37 @@ def test_iter_docs(tmp_path: Path, texts: list[str], name: str) -> None:
 def test_iter_docs_malformed_line(tmp_path: Path) -> None:
     p = tmp_path / "bad.jsonl"
     p.write_text('{"text": "a"}\n\n{"text": "b"}\n{"text": oops}\n', encoding="utf-8")
-    with pytest.raises(ValueError, match=r"bad\.jsonl: line 4"):
+    with pytest.raises(InputError, match=r"bad\.jsonl: line 4"):
         list(iter_docs(p))
     p.write_text('{"text": "a"}\n{"title": "b"}\n', encoding="utf-8")
-    with pytest.raises(ValueError, match=r"line 2"):
+    with pytest.raises(InputError, match=r"line 2"):
         list(iter_docs(p))
+
+
+def test_iter_docs_names_the_line_that_is_not_utf8(tmp_path: Path) -> None:
+    p = tmp_path / "latin1.jsonl"
+    lines = [json.dumps({"text": f"doc {i}"}).encode() for i in range(5000)]
+    lines[2] = '{"text": "caf\u00e9"}'.encode("latin-1")  # a raw 0xe9 byte on line 3
+    p.write_bytes(b"\n".join(lines) + b"\n")
+    with pytest.raises(InputError, match=r"latin1\.jsonl: line 3: not valid UTF-8 \(byte 0xe9"):
+        list(iter_docs(p))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "corrupt"])
+def test_iter_docs_damaged_xz(tmp_path: Path, texts: list[str], damage: str) -> None:
+    p = _write_jsonl(tmp_path / "d.jsonl.xz", texts)
+    raw = p.read_bytes()
+    if damage == "truncated":
+        p.write_bytes(raw[: len(raw) // 2])
+    else:
+        p.write_bytes(raw[:200] + bytes(b ^ 0xFF for b in raw[200:400]) + raw[400:])
+    with pytest.raises(InputError, match=r"d\.jsonl\.xz: cannot read past line \d+"):
+        list(iter_docs(p))
+
+
+def test_iter_docs_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(InputNotFound, match="nope.jsonl"):
+        iter_docs(tmp_path / "nope.jsonl")  # raised at once, not at the first document
 
 
 # ---------------------------------------------------------------------------------------
@@ -260,8 +368,13 @@ def test_build_shards(tmp_path: Path, sp_model: Path, texts: list[str], name: st
 
 def test_build_shards_from_texts_and_edge_splits(tmp_path: Path, sp_model: Path, texts: list[str]) -> None:
     enc = _expected_stream(sp_model, texts[:30])
-    # more val docs than docs: everything is val, no train file
-    c = build_shards(texts[:30], sp_model, tmp_path / "a", val_docs=100, workers=1, progress=False)
+    # as many val docs as docs, or more: no train split is left, an error
+    for val_docs in (30, 100):
+        with pytest.raises(InputError, match=f"--val-docs {val_docs} leaves no train documents: .* holds 30 documents"):
+            build_shards(texts[:30], sp_model, tmp_path / "a", val_docs=val_docs, workers=1, progress=False)
+        assert not (tmp_path / "a").exists()
+    # unless a val-only folder is asked for
+    c = build_shards(texts[:30], sp_model, tmp_path / "a", val_docs=100, workers=1, progress=False, require_train=False)
     assert c["val_tokens"] == sum(map(len, enc)) and c["train_files"] == 0 and c["docs"] == 30
     # no val docs
     c = build_shards(iter(texts[:30]), sp_model, tmp_path / "b", val_docs=0, workers=2, progress=False)
@@ -278,9 +391,91 @@ def test_build_refuses_existing_shards_unless_overwrite(tmp_path: Path, sp_model
     n_before = len(list(out.glob("fineweb_train_*.bin")))
     with pytest.raises(ValueError, match="already holds"):
         build_shards(texts, sp_model, out, 10, workers=1, progress=False)
+    (out / "notes.txt").write_text("mine")
     c = build_shards(texts, sp_model, out, 10, shard_tokens=10**6, workers=1, progress=False, overwrite=True)
     assert c["train_files"] == 1 and n_before > 1
-    assert [f.name for f in out.glob("fineweb_train_*.bin")] == ["fineweb_train_000000.bin"]
+    assert sorted(f.name for f in out.iterdir()) == [
+        "build.json", "fineweb_train_000000.bin", "fineweb_val_000000.bin", "notes.txt"
+    ]  # fmt: skip
+    assert (out / "notes.txt").read_text() == "mine"
+    assert json.loads((out / "build.json").read_text())["shard_tokens"] == 10**6
+
+
+def _snapshot(d: Path) -> dict[str, bytes | None]:
+    """Every path under `d` with its bytes (None for a folder)."""
+    return {str(p.relative_to(d)): (p.read_bytes() if p.is_file() else None) for p in sorted(d.rglob("*"))}
+
+
+@pytest.fixture()
+def old_build(tmp_path: Path, sp_model: Path, texts: list[str]) -> tuple[Path, dict[str, bytes | None]]:
+    """A finished build of 1,500 docs (several val and train shards) and its snapshot."""
+    out = tmp_path / "out"
+    c = build_shards(texts * 5, sp_model, out, 100, shard_tokens=5000, workers=1, progress=False)
+    assert c["val_files"] >= 1 and c["train_files"] >= 3
+    (out / "notes.txt").write_text("mine")
+    return out, _snapshot(out)
+
+
+@pytest.mark.parametrize("case", ["empty", "blank_lines", "no_train_docs", "malformed_line_1300"])
+def test_failed_overwrite_leaves_the_old_build(
+    tmp_path: Path,
+    sp_model: Path,
+    texts: list[str],
+    old_build: tuple[Path, dict[str, bytes | None]],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    case: str,
+) -> None:
+    out, before = old_build
+    docs = tmp_path / "docs.jsonl"
+    val_docs = 100
+    if case == "empty":
+        docs.write_bytes(b"")
+        needle = f"{docs}: no documents"
+    elif case == "blank_lines":
+        docs.write_text("\n  \n\n", encoding="utf-8")
+        needle = f"{docs}: no documents"
+    elif case == "no_train_docs":
+        _write_jsonl(docs, texts[:100])
+        needle = f"--val-docs 100 leaves no train documents: {docs} holds 100 documents"
+    else:  # fails after many shards of the new build were written
+        _write_jsonl(docs, texts * 5)
+        lines = docs.read_text(encoding="utf-8").splitlines(keepends=True)
+        lines[1299] = '{"text": oops}\n'
+        docs.write_text("".join(lines), encoding="utf-8")
+        needle = f"{docs}: line 1300: not valid JSON"
+    written: list[str] = []
+    real_write = corpus.write_shard
+    monkeypatch.setattr(corpus, "write_shard", lambda p, toks: (written.append(Path(p).name), real_write(p, toks))[1])
+    argv = _build_argv(docs, sp_model, out, val_docs, "--overwrite", "--shard-tokens", "2000", workers=2)
+    assert cli.main(argv) == 2
+    assert needle in _one_error_line(capsys)
+    assert _snapshot(out) == before  # every old file byte-identical, no temporary folder left
+    if case == "malformed_line_1300":
+        assert len(written) > 5 and "fineweb_val_000000.bin" in written
+
+
+def test_build_that_crashes_midway_leaves_the_old_build(
+    sp_model: Path, texts: list[str], old_build: tuple[Path, dict[str, bytes | None]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out, before = old_build
+    calls = []
+    real_encode = corpus._encode
+
+    def encode(sp, batch):
+        calls.append(len(batch))
+        if len(calls) == 6:
+            raise RuntimeError("encoder crashed")
+        return real_encode(sp, batch)
+
+    monkeypatch.setattr(corpus, "_encode", encode)
+    with pytest.raises(RuntimeError, match="encoder crashed"):
+        build_shards(texts * 5, sp_model, out, 100, shard_tokens=1000, workers=1, progress=False, overwrite=True)
+    assert len(calls) == 6 and _snapshot(out) == before
+    # a build into a new folder that fails leaves no folder behind
+    with pytest.raises(InputError, match="no documents"):
+        build_shards([], sp_model, out.parent / "new", 0, workers=1, progress=False)
+    assert not (out.parent / "new").exists()
 
 
 def test_build_cli(tmp_path: Path, sp_model: Path, texts: list[str], capsys: pytest.CaptureFixture[str]) -> None:
@@ -324,6 +519,35 @@ def test_build_cli(tmp_path: Path, sp_model: Path, texts: list[str], capsys: pyt
     assert rc == 2 and "missing.jsonl" in capsys.readouterr().err
 
 
+def test_build_cli_bad_tokenizer(tmp_path: Path, texts: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    docs = _write_jsonl(tmp_path / "d.jsonl", texts)
+    garbage = tmp_path / "x.model"
+    garbage.write_bytes(random.Random(1).randbytes(3000))
+    assert cli.main(_build_argv(docs, garbage, tmp_path / "o")) == 2
+    err = _one_error_line(capsys)
+    assert f"{garbage}: not a loadable SentencePiece model" in err
+    assert cli.main(_build_argv(docs, tmp_path / "missing.model", tmp_path / "o")) == 2
+    assert f"{tmp_path / 'missing.model'}: SentencePiece model not found" in _one_error_line(capsys)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated_xz", "latin1"])
+def test_build_cli_bad_docs_file(
+    tmp_path: Path, sp_model: Path, texts: list[str], capsys: pytest.CaptureFixture[str], damage: str
+) -> None:
+    if damage == "truncated_xz":
+        docs = _write_jsonl(tmp_path / "d.jsonl.xz", texts)
+        docs.write_bytes(docs.read_bytes()[: docs.stat().st_size // 2])
+        needle = f"{docs}: cannot read past line"
+    else:
+        docs = _write_jsonl(tmp_path / "d.jsonl", texts)
+        with open(docs, "ab") as f:
+            f.write(b'{"text": "\xff"}\n')
+        needle = f"{docs}: line {len(texts) + 1}: not valid UTF-8"
+    assert cli.main(_build_argv(docs, sp_model, tmp_path / "o")) == 2
+    assert needle in _one_error_line(capsys)
+
+
 def test_build_rejects_tokenizer_without_bos(tmp_path: Path, texts: list[str]) -> None:
     import sentencepiece as spm
 
@@ -338,7 +562,7 @@ def test_build_rejects_tokenizer_without_bos(tmp_path: Path, texts: list[str]) -
         eos_id=-1,
         minloglevel=2,
     )
-    with pytest.raises(ValueError, match="BOS"):
+    with pytest.raises(InputError, match="nobos.model: tokenizer has no valid BOS"):
         build_shards(texts, tmp_path / "nobos.model", tmp_path / "o", 1, workers=1, progress=False)
 
 
@@ -458,8 +682,36 @@ def test_distributed_loader_errors(tmp_path: Path, stream_dir: tuple[Path, np.nd
     with pytest.raises(ShardError, match="no shards matching"):
         DistributedTokenLoader(d, "nothing_*.bin")
     ld = DistributedTokenLoader(d)
-    with pytest.raises(ValueError, match="shards"):
+    with pytest.raises(InputError, match=f"{d}: the saved stream state is over 1 shards"):
         ld.load_state_dict({"file_idx": 0, "pos": 0, "files": ["other.bin"]})
+    with pytest.raises(InputError, match="out of range: file_idx=9"):
+        ld.load_state_dict({"file_idx": 9, "pos": 0})
+
+
+def test_loaders_check_ids_against_vocab_size(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bad = _folder_with_bad_id(tmp_path, 60, 37)
+    write_shard(tmp_path / "fineweb_val_000001.bin", [3, 4, 70])
+    # without vocab_size nothing changes
+    ld = DistributedTokenLoader(tmp_path)
+    for _ in range(4):
+        ld.next_batch(64, 8)
+    assert load_val_tokens(tmp_path, seq_len=4).numel() == 13
+    # with it, a shard holding an id >= vocab_size is refused when first read
+    ld = DistributedTokenLoader(tmp_path, vocab_size=60)
+    ld.next_batch(64, 8)  # 65 tokens of the first (good) shard
+    with pytest.raises(ShardError, match=f"{bad}: token id 60 at position 37 is outside the vocabulary of 60 ids"):
+        ld.next_batch(64, 8)
+    with pytest.raises(ShardError, match="fineweb_val_000001.bin: token id 70 at position 2 .* of 64 ids"):
+        load_val_tokens(tmp_path, seq_len=4, vocab_size=64)
+    assert load_val_tokens(tmp_path, seq_len=4, vocab_size=71).numel() == 13
+    # every shard is checked once, however often the stream wraps around
+    checked: list[str] = []
+    real_check = data.check_token_ids
+    monkeypatch.setattr(data, "check_token_ids", lambda p, *a: (checked.append(Path(p).name), real_check(p, *a))[1])
+    ld = DistributedTokenLoader(tmp_path, vocab_size=61)
+    for _ in range(3 * 207 // 9 + 1):  # wraps around the 207-token stream 3 times
+        ld.next_batch(8, 8)
+    assert checked == [f"fineweb_train_{i:06d}.bin" for i in range(3)]
 
 
 def test_loader_keeps_one_shard_mapped(stream_dir: tuple[Path, np.ndarray]) -> None:
@@ -479,7 +731,7 @@ def test_load_val_tokens(tmp_path: Path) -> None:
     assert v.numel() == ((120 - 1) // 16) * 16 + 1 and v.tolist() == list(range(113))
     v = load_val_tokens(tmp_path, "fineweb_val_*.bin", seq_len=149)
     assert v.numel() == 150
-    with pytest.raises(ValueError, match="too short"):
+    with pytest.raises(ShardError, match="too short"):
         load_val_tokens(tmp_path, "fineweb_val_*.bin", seq_len=150)
     with pytest.raises(ValueError, match="too short"):
         load_val_tokens(tmp_path, "fineweb_val_*.bin", seq_len=16, max_tokens=10)
@@ -487,6 +739,7 @@ def test_load_val_tokens(tmp_path: Path) -> None:
         load_val_tokens(tmp_path / "missing", "fineweb_val_*.bin", seq_len=16)
 
 
-def test_module_reads_no_environment() -> None:
-    src = Path(data.__file__).read_text()
+@pytest.mark.parametrize("module", [data, corpus])
+def test_module_reads_no_environment(module) -> None:
+    src = Path(module.__file__).read_text()
     assert "os.environ" not in src and "getenv" not in src

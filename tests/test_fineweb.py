@@ -101,6 +101,8 @@ def test_download_with_manifest(tmp_path: Path, sp_model: Path) -> None:
     assert sorted(p.name for p in out.iterdir()) == ["datasets", "manifest.json", "tokenizers"]
     assert check_dir(out / DS) == {
         "dir": str(out / DS),
+        "vocab_size": 1024,
+        "vocab_from": "the default; no build.json",
         "val": {"files": 2, "tokens": 201},
         "train": {"files": 3, "tokens": 900},
     }
@@ -165,10 +167,25 @@ def test_corrupt_upstream_shard_is_not_placed(tmp_path: Path, sp_model: Path) ->
     assert read_shard(out / DS / "fineweb_train_000000.bin").size == 300
 
 
-def test_missing_upstream_file(tmp_path: Path, sp_model: Path) -> None:
+def test_missing_upstream_file(tmp_path: Path, sp_model: Path, capsys: pytest.CaptureFixture[str]) -> None:
     hub = _make_hub(tmp_path / "hub", sp_model, manifest=False, train=2)
     with pytest.raises(FileNotFoundError, match="fineweb_train_000002.bin"):
         download_fineweb(tmp_path / "d", train_shards=3, fetch=fake_hub_fetch(hub), progress=False)
+    argv = ["fineweb", "--train-shards", "3", "--out", str(tmp_path / "d"), "--hub-dir", str(hub), "--no-progress"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "fineweb_train_000002.bin not found in local hub mirror" in err
+    assert cli.main([*argv[:-2], str(tmp_path / "no_hub"), "--no-progress"]) == 2
+    assert f"{tmp_path / 'no_hub'}: local hub mirror folder not found" in capsys.readouterr().err
+
+
+def test_more_shards_than_the_manifest_lists(
+    tmp_path: Path, sp_model: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    hub = _make_hub(tmp_path / "hub", sp_model, manifest=True, train=5)
+    argv = ["fineweb", "--train-shards", "6", "--out", str(tmp_path / "d"), "--hub-dir", str(hub), "--no-progress"]
+    assert cli.main(argv) == 2
+    assert "--train-shards: the sp1024 repo has 5 train shards, 6 were requested" in capsys.readouterr().err
 
 
 def test_unknown_variant(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
