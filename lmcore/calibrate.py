@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lmcore.errors import InputError
 from lmcore.model import GPT, KVCache
 
 
@@ -153,7 +154,7 @@ def sample_calibration(
     device = torch.device(device)
     n, L = int(qcfg.calib_seqs), int(qcfg.calib_len)
     if n <= 0 or L <= 0:
-        raise ValueError(f"calibration needs calib_seqs > 0 and calib_len > 0 (got {n}, {L})")
+        raise InputError(f"quant.calib_seqs={n}, quant.calib_len={L}: calibration needs both > 0")
     batch = max(1, min(int(qcfg.calib_batch), n))
     vocab = model.cfg.vocab_size
     if use_graph is None:

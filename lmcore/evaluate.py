@@ -55,6 +55,7 @@ from torch import Tensor
 
 from lmcore.bpb import LN2, BpbMeter, ByteTables, token_bytes
 from lmcore.config import EvalConfig
+from lmcore.errors import InputError, InputNotFound
 from lmcore.model import GPT, LatentMasks
 from lmcore.runtime import DistInfo, autocast, synchronize
 
@@ -113,9 +114,9 @@ class WindowPlan:
 def plan_windows(total: int, seq_len: int, stride: int) -> WindowPlan:
     """Windows of length min(seq_len, total) ending at min(L + k * stride, total)."""
     if total <= 0:
-        raise ValueError(f"nothing to evaluate: {total} targets")
+        raise InputError(f"nothing to evaluate: {total} targets (see data.val_max_tokens and the val shards)")
     if seq_len <= 0 or not 0 < stride <= seq_len:
-        raise ValueError(f"need 0 < stride <= seq_len, got stride={stride}, seq_len={seq_len}")
+        raise InputError(f"eval.stride={stride}, eval.seq_len={seq_len}: need 0 < stride <= seq_len")
     L = min(seq_len, total)
     n = 1 + -(-(total - L) // stride)
     ends = torch.clamp(L + torch.arange(n, dtype=torch.int64) * stride, max=total)
@@ -144,7 +145,7 @@ class ChunkPlan:
 def plan_chunks(plan: WindowPlan, chunk_tokens: int) -> ChunkPlan:
     """Assign each window to the chunk holding its first scored target."""
     if chunk_tokens <= 0:
-        raise ValueError(f"ttt_chunk_tokens must be > 0, got {chunk_tokens}")
+        raise InputError(f"eval.ttt_chunk_tokens={chunk_tokens}: must be > 0")
     n_chunks = -(-plan.total // chunk_tokens)
     wc = torch.clamp(plan.first_scored // chunk_tokens, max=n_chunks - 1)
     counts = torch.bincount(wc, minlength=n_chunks)
@@ -514,7 +515,7 @@ def plain_eval(
     tok = tokens.to(device, torch.int64).reshape(-1)
     n_seqs = (tok.numel() - 1) // seq_len
     if n_seqs <= 0:
-        raise ValueError(f"{tok.numel()} tokens are too few for seq_len {seq_len}")
+        raise InputError(f"{tok.numel()} val tokens are too few for seq_len {seq_len}")
     lo, hi = rank_slice(n_seqs, dist.rank, dist.world_size)
     views = tok.unfold(0, seq_len + 1, seq_len)  # (n_seqs, seq_len + 1)
     meter = BpbMeter(tables, device)
@@ -596,10 +597,10 @@ def ttt_eval(
 # ---------------------------------------------------------------------------- runs
 
 
-def _load_packed(path: Path, device: torch.device) -> tuple[GPT, Any]:
+def _load_packed(path: Path, device: torch.device, info: dict[str, Any] | None = None) -> tuple[GPT, Any]:
     from lmcore import pack
 
-    return pack.load(path, device)
+    return pack.load(path, device, info=info)
 
 
 def eval_run(
@@ -619,22 +620,34 @@ def eval_run(
     The model comes only from `run_dir/model.int6.ptz` (via `lmcore.pack.load`); data,
     tokenizer and eval settings from the run's config, with `overrides`
     ("section.field=value"), `ttt` (None: cfg.eval.ttt) and `stride` applied. With
-    `baseline` the plain sliding eval (no TTT) runs too and the TTT gain is recorded.
+    `baseline` the plain sliding eval (no TTT) runs too and the TTT gain is recorded
+    (a diagnostic pass: the score needs only the TTT pass).
+
+    Attention: the stored config's backend if it runs on the device, else "auto"; a
+    backend set with `overrides` (model.attention=...) is insisted on. eval.json's
+    "attention" is {"requested", "used", "fallback": why requested was not used, or None}.
+
+    Time (eval.json "time_s", seconds on this process; rank 0 writes eval.json): load
+    (artifact, tokenizer tables, val tokens), compile, sliding (the plain pass, if run),
+    ttt (the TTT scoring pass: ttt_score scoring + ttt_train mask training), and total:
+    the wall time from the start of the artifact load to the final score.
     """
     from lmcore.data import load_val_tokens
+    from lmcore.pack import set_attention
     from lmcore.runs import atomic_write_json
     from lmcore.runtime import card_name, git_commit, init_distributed, pick_device, use_bf16
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise FileNotFoundError(f"run folder not found: {run_dir}")
+        raise InputNotFound(f"run folder not found: {run_dir}")
     artifact = run_dir / "model.int6.ptz"
     if not artifact.is_file():
-        raise FileNotFoundError(f"{artifact}: packed model not found (run `lmcore pack` on {run_dir} first)")
+        raise InputNotFound(f"{artifact}: packed model not found (run `lmcore pack` on {run_dir} first)")
     dev = device if isinstance(device, torch.device) else pick_device(device, dist.local_rank)
     init_distributed(dist, dev)
     t0 = time.perf_counter()
-    model, cfg = _load_packed(artifact, dev)
+    loaded: dict[str, Any] = {}
+    model, cfg = _load_packed(artifact, dev, info=loaded)
     stored_attention = cfg.model.attention
     extra = list(overrides or [])
     if stride is not None:
@@ -643,9 +656,13 @@ def eval_run(
         extra.append(f"eval.ttt={'true' if ttt else 'false'}")
     cfg = cfg.override(extra)
     model = model.to(dev)
+    attention = loaded["attention"]
     if cfg.model.attention != stored_attention:  # asked for explicitly: no fallback
-        model.set_attention_backend(cfg.model.attention, dev)
-    backend = model.attention_backend
+        try:
+            attention = set_attention(model, cfg.model.attention, dev, strict=True)
+        except ValueError as e:
+            raise InputError(f"model.attention={cfg.model.attention}: {e}") from None
+    backend = attention["used"]
     ecfg = cfg.eval
     tables = ByteTables.from_sentencepiece(cfg.data.tokenizer, cfg.model.vocab_size)
     tokens = load_val_tokens(cfg.data.data_dir, cfg.data.val_pattern, ecfg.seq_len, cfg.data.val_max_tokens)
@@ -656,6 +673,8 @@ def eval_run(
         f"eval {artifact}: {tokens.numel() - 1:,} targets, seq_len {ecfg.seq_len}, stride {ecfg.stride}, "
         f"ttt {ecfg.ttt}, world {dist.world_size}, attention {backend}, bf16 {bf16}"
     )
+    if attention["fallback"]:
+        say(f"eval: attention {attention['requested']} cannot run here, using {backend} ({attention['fallback']})")
     ev = Evaluator(model, ecfg, tables, dev, bf16, dist)
     if ev.compiled:
         say("eval: compiling (warm-up)...")
@@ -667,7 +686,7 @@ def eval_run(
         "artifact_bytes": artifact.stat().st_size,
         "card": card_name(dev),
         "world_size": dist.world_size,
-        "attention": backend,
+        "attention": attention,
         "bf16": bf16,
         "compiled": ev.compiled,
         "eval_config": dataclasses.asdict(cfg.eval),
@@ -760,7 +779,12 @@ def register_cli(sub: Any) -> None:
     )
     p.add_argument("--run-dir", required=True, help="run folder holding model.int6.ptz (and its config)")
     p.add_argument("--no-ttt", action="store_true", help="sliding-window eval only, no test-time training")
-    p.add_argument("--no-baseline", action="store_true", help="skip the plain sliding eval (no TTT gain recorded)")
+    p.add_argument(
+        "--no-baseline",
+        action="store_true",
+        help="skip the plain sliding eval (no TTT gain recorded); a submission's evaluation skips it, "
+        "and its time counts in the wall time time_s.total",
+    )
     p.add_argument("--stride", type=int, default=None, help="window stride (default: eval.stride of the config)")
     add_overrides_arg(p, "eval.ttt_epochs=2")
     p.add_argument("--device", default="auto", help="auto | cuda | cpu (default: auto)")

@@ -5,24 +5,35 @@ the model itself (`lmcore.calibrate`), collects Hessians and quantizes (`lmcore.
 and writes `model.int6.ptz` (atomically) and `pack.json`:
 
 * model_bytes: the size of `model.int6.ptz`;
-* code_bytes: see below; total_bytes = model_bytes + code_bytes, limit 16,000,000
-  (decimal) and whether it fits;
+* code_bytes: the bytes of `train_gpt.py` as `lmcore submission export` writes it for
+  this config (see below); total_bytes = model_bytes + code_bytes, `fits` = total_bytes
+  <= SIZE_LIMIT (16,000,000, decimal);
 * sha256 of the artifact, the per-phase timings (calibration, hessians, quantize = GPTQ
   + int8 + scale coding, serialize, compress, write), the calibration mode and speed;
+* calibration_time_s and calibration_budget: see below;
+* attention: the backend the config asked for, the one used and, when they differ, why
+  (`{"requested", "used", "fallback"}`; e.g. a model packed with fa3, loaded on CPU);
 * the reconstruction error per tensor class (mse, relative mse and, for int6, the
   relative Hessian-weighted error tr(E H E^T) / tr(W H W^T)).
 
-Code bytes. A submission ships one script; until lmcore can export that single file, the
-code counted is the source of the lmcore modules needed to train, pack and evaluate a
-model: every `lmcore/*.py` file except those that only serve the command line, data
-download/preparation helpers for this workplace, studies and the exporter itself
-(`CODE_EXCLUDED`). The files and their sizes are listed in pack.json. This overcounts
-(docstrings, tests of alternatives, CPU paths) rather than undercounts.
+Code bytes. The challenge counts the script that would be submitted: the single-file
+`train_gpt.py` that `lmcore.submission.export_script` generates for the config (lmcore's
+modules embedded, the config baked in). `pack_run` counts exactly that script:
+`lmcore.submission.code_bytes_of_export(cfg)` for the config the artifact is packed with,
+or the `code_bytes` its caller passes (the exported script passes its own size).
+
+Calibration time. lmcore's calibration samples its tokens from the model itself and
+reads no training data, so it counts in neither the training nor the evaluation budget
+(as accepted records do: openai/parameter-golf #1019, #1204; calibration that reads
+training data would have to fit in the 600 s of training, #1868). Its time is recorded
+anyway (`calibration_time_s`) and shown in the submission log.
 
 `load(path, device)` verifies the artifact (magic, sizes, Brotli streams, sha256 of the
 payload) and rebuilds the GPT from the config stored inside it and the dequantized
 weights (with their original dtypes); `load_state(path)` returns the dequantized state
-dict and the config. A bad file raises `ArtifactError` (a ValueError: the CLI exits 2).
+dict and the config. A bad file raises `ArtifactError` (an `lmcore.errors.InputError`:
+the CLI prints one line naming the file and exits 2); so do a missing or foreign
+`model.pt` (naming it).
 """
 
 from __future__ import annotations
@@ -39,6 +50,7 @@ import torch
 from torch import Tensor
 
 from lmcore.config import Config
+from lmcore.errors import InputError, InputNotFound
 from lmcore.quant import (
     FORMAT_NAME,
     VERSION,
@@ -53,35 +65,25 @@ from lmcore.quant import (
 
 ARTIFACT_NAME = "model.int6.ptz"
 PACK_JSON = "pack.json"
-SIZE_LIMIT = 16_000_000
-# lmcore modules that a training + evaluation submission does not need.
-CODE_EXCLUDED = frozenset(
-    {"__main__.py", "cli.py", "info.py", "fineweb.py", "smoke_data.py", "study.py", "plots.py", "stats.py", "submission.py"}
+SIZE_LIMIT = 16_000_000  # the challenge's artifact limit: code bytes + model bytes (decimal)
+CODE_BYTES_DEFINITION = "bytes of train_gpt.py as `lmcore submission export` writes it for this config"
+CALIBRATION_BUDGET = (
+    "self-generated: calibration samples the model itself and reads no training data, so it counts "
+    "in neither the training nor the evaluation budget (openai/parameter-golf #1019, #1204; "
+    "calibration reading training data must fit in the 600 s of training, #1868)"
 )
 
-__all__ = ["ArtifactError", "code_bytes", "load", "load_state", "load_state_file", "pack_run", "verify"]
-
-
-# ---------------------------------------------------------------------------- code bytes
-
-
-def code_bytes(root: str | Path | None = None) -> dict[str, Any]:
-    """{"files": {relative path: bytes}, "total": sum, "definition": text} for the counted code."""
-    pkg = Path(root) if root is not None else Path(__file__).resolve().parent
-    files = {}
-    for p in sorted(pkg.glob("*.py")):
-        if p.name in CODE_EXCLUDED:
-            continue
-        files[f"{pkg.name}/{p.name}"] = p.stat().st_size
-    return {
-        "definition": (
-            "bytes of the lmcore source files needed to train, pack and evaluate "
-            f"(lmcore/*.py except {', '.join(sorted(CODE_EXCLUDED))}); "
-            "to be replaced by the size of the single-file submission script once it exists"
-        ),
-        "files": files,
-        "total": sum(files.values()),
-    }
+__all__ = [
+    "SIZE_LIMIT",
+    "ArtifactError",
+    "build_model",
+    "load",
+    "load_state",
+    "load_state_file",
+    "pack_run",
+    "set_attention",
+    "verify",
+]
 
 
 # ---------------------------------------------------------------------------- loading weights
@@ -91,15 +93,15 @@ def load_state_file(path: str | Path) -> dict[str, Tensor]:
     """The model state dict of a `model.pt` (a state dict or {"model": state dict, ...})."""
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"{p}: model file not found")
+        raise InputNotFound(f"{p}: model file not found")
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad input file
-        raise ValueError(f"{p}: cannot read the model file ({type(e).__name__}: {e})") from None
+        raise InputError(f"{p}: cannot read the model file ({type(e).__name__}: {_one_line(e)})") from None
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         obj = obj["model"]
     if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise ValueError(f"{p}: expected a state dict of tensors (or a dict with key 'model')")
+        raise InputError(f"{p}: expected a state dict of tensors (or a dict with key 'model')")
     out = {}
     for k, v in obj.items():
         for prefix in ("_orig_mod.", "module."):
@@ -109,8 +111,66 @@ def load_state_file(path: str | Path) -> dict[str, Tensor]:
     return out
 
 
-def build_model(cfg: Config, state: dict[str, Tensor], device: torch.device | str, attention: str | None = None):
-    """A GPT for cfg.model holding exactly the tensors of `state` (dtypes kept), on `device`."""
+def _one_line(e: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(e).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _state_mismatch(expected: dict[str, Tensor], state: dict[str, Tensor]) -> str | None:
+    """One line saying how `state` differs from `expected` (names and shapes), or None."""
+
+    def some(names: list[str]) -> str:
+        return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = [
+        f"{k} {list(state[k].shape)} != {list(expected[k].shape)}"
+        for k in sorted(set(expected) & set(state))
+        if state[k].shape != expected[k].shape
+    ]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} tensors missing ({some(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected ({some(unexpected)})")
+    if shapes:
+        parts.append(f"{len(shapes)} of another shape ({some(shapes)})")
+    return "; ".join(parts) or None
+
+
+def set_attention(model: Any, requested: str, device: torch.device | str, strict: bool = False) -> dict[str, Any]:
+    """Put the `requested` attention backend on `model` for `device`.
+
+    If it cannot run there, raise (`strict`) or use "auto" instead. Returns
+    {"requested", "used", "fallback"}: fallback is None, or why `requested` could not be
+    used (`lmcore.attention.resolve_backend`'s message).
+    """
+    try:
+        used = model.set_attention_backend(requested, device)
+        return {"requested": requested, "used": used, "fallback": None}
+    except ValueError as e:
+        if strict:
+            raise
+        used = model.set_attention_backend("auto", device)
+        return {"requested": requested, "used": used, "fallback": str(e)}
+
+
+def build_model(
+    cfg: Config,
+    state: dict[str, Tensor],
+    device: torch.device | str,
+    attention: str | None = None,
+    info: dict[str, Any] | None = None,
+    source: str = "weights",
+):
+    """A GPT for cfg.model holding exactly the tensors of `state` (dtypes kept), on `device`.
+
+    The attention backend is `attention` (insisted on: raises if it cannot run on
+    `device`), else the config's if it runs there, else "auto". If `info` is a dict it
+    receives "attention": {"requested", "used", "fallback"} (see `set_attention`). Weights
+    that do not fit the config's model raise InputError naming `source` (their file).
+    """
     from lmcore.model import GPT
 
     try:
@@ -119,18 +179,17 @@ def build_model(cfg: Config, state: dict[str, Tensor], device: torch.device | st
     except ValueError:  # the config's attention backend cannot be resolved on this host
         with torch.device("meta"):
             model = GPT(dataclasses.replace(cfg.model, attention="auto"))
-    try:
-        model.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as e:
-        raise ValueError(f"weights do not match the config's model: {e}") from None
+    problem = _state_mismatch(model.state_dict(), state)
+    if problem:
+        raise InputError(f"{source}: weights do not match the config's model: {problem}")
+    model.load_state_dict(state, strict=True, assign=True)
     model = model.to(device)
-    name = attention or cfg.model.attention
     try:
-        model.set_attention_backend(name, device)
-    except ValueError:
-        if attention is not None:
-            raise
-        model.set_attention_backend("auto", device)  # e.g. packed with fa3, loaded on CPU
+        choice = set_attention(model, attention or cfg.model.attention, device, strict=attention is not None)
+    except ValueError as e:  # an explicit choice that cannot run here
+        raise InputError(str(e)) from None
+    if info is not None:
+        info["attention"] = choice
     return model
 
 
@@ -149,12 +208,15 @@ def pack_state(
     progress: bool = False,
     bf16: bool | None = None,
     extras: dict[str, Any] | None = None,
+    source: str = "weights",
 ) -> tuple[bytes, dict[str, Any], dict[str, Tensor], dict[str, Any]]:
     """Calibrate, collect Hessians, quantize and compress one state dict.
 
     Returns (artifact file bytes, report, dequantized state dict, meta). The report has
-    timings, calibration info, tensor counts and the reconstruction errors. If `extras`
-    is a dict it receives the calibration "tokens" and the "hessians" (for comparisons).
+    timings, calibration info and time, the attention backend used (with the fallback
+    reason, if any), tensor counts and the reconstruction errors. If `extras` is a dict it
+    receives the calibration "tokens" and the "hessians" (for comparisons). `source` names
+    the weights' file in the error raised when they do not fit the config's model.
     """
     from lmcore.calibrate import sample_calibration
     from lmcore.quant import collect_hessians
@@ -169,9 +231,13 @@ def pack_state(
     t_all = time.perf_counter()
 
     t0 = time.perf_counter()
-    model = build_model(cfg, state, dev)
+    built: dict[str, Any] = {}
+    model = build_model(cfg, state, dev, info=built, source=source)
     synchronize(dev)
     timings["load_model"] = time.perf_counter() - t0
+    att = built["attention"]
+    if att["fallback"]:
+        _log(progress, f"attention: {att['requested']} cannot run here, using {att['used']} ({att['fallback']})")
 
     _log(progress, f"calibration: {qc.calib_seqs} x {qc.calib_len} tokens on {dev} (T={qc.calib_temperature})")
     calib_info: dict[str, Any] = {}
@@ -179,7 +245,11 @@ def pack_state(
     tokens = sample_calibration(model, qc, dev, bf16, info=calib_info)
     synchronize(dev)
     timings["calibration"] = time.perf_counter() - t0
-    _log(progress, f"calibration: {timings['calibration']:.2f}s ({calib_info.get('mode')})")
+    _log(
+        progress,
+        f"calibration: {timings['calibration']:.2f}s ({calib_info.get('mode')}; samples the model, reads no "
+        "training data: in neither the training nor the evaluation budget)",
+    )
 
     t0 = time.perf_counter()
     hessians = collect_hessians(model, tokens, dev, bf16, damp=qc.hessian_damp)
@@ -238,6 +308,9 @@ def pack_state(
         "payload_bytes": len(payload),
         "timings_s": timings,
         "calibration": calib_info,
+        "calibration_time_s": timings["calibration"],
+        "calibration_budget": CALIBRATION_BUDGET,
+        "attention": att,
         "tensor_kinds": counts,
         "errors": errors,
         "bf16": bf16,
@@ -250,42 +323,48 @@ def pack_run(
     device: str | torch.device | None = None,
     progress: bool = True,
     overrides: list[str] | None = None,
+    code_bytes: int | None = None,
 ) -> dict[str, Any]:
     """Pack `run_dir` (config.json + model.pt) into model.int6.ptz + pack.json; returns pack.json.
 
     `device`: "auto" | "cpu" | "cuda" (default: the config's quant.device). `overrides`
     ("section.field=value", e.g. quant.calib_seqs=8) apply on top of the run's config
-    and are stored in the artifact.
+    and are stored in the artifact. `code_bytes`: the size of the submission script; None
+    counts the `train_gpt.py` that `lmcore submission export` writes for this config.
     """
     from lmcore.runs import atomic_write_bytes, atomic_write_json, sha256_bytes
     from lmcore.runtime import card_name, git_commit, pick_device
 
     run = Path(run_dir)
     if not run.is_dir():
-        raise FileNotFoundError(f"run folder not found: {run}")
+        raise InputNotFound(f"run folder not found: {run}")
     cfg = Config.load(run / "config.json").override(overrides)
-    state = load_state_file(run / "model.pt")
+    weights = run / "model.pt"
+    state = load_state_file(weights)
+    if code_bytes is None:
+        from lmcore.submission import code_bytes_of_export  # not embedded in train_gpt.py, which passes its size
+
+        code_bytes = code_bytes_of_export(cfg)
     dev = device if isinstance(device, torch.device) else pick_device(device or cfg.quant.device)
     _log(progress, f"{run}: {sum(t.numel() for t in state.values()):,} parameters, device {dev}")
-    blob, report, _deq, _meta = pack_state(state, cfg, dev, progress=progress)
+    blob, report, _deq, _meta = pack_state(state, cfg, dev, progress=progress, source=str(weights))
     t0 = time.perf_counter()
     out_path = run / ARTIFACT_NAME
     atomic_write_bytes(out_path, blob)
     report["timings_s"]["write"] = time.perf_counter() - t0
-    code = code_bytes()
-    total = len(blob) + code["total"]
+    total = len(blob) + code_bytes
     info = {
         "artifact": ARTIFACT_NAME,
         "format": f"{FORMAT_NAME} v{VERSION}",
         "config_name": cfg.name,
         "model_bytes": len(blob),
-        "code_bytes": code["total"],
+        "code_bytes": code_bytes,
+        "code_bytes_definition": CODE_BYTES_DEFINITION,
         "total_bytes": total,
         "limit_bytes": SIZE_LIMIT,
         "fits": total <= SIZE_LIMIT,
         "headroom_bytes": SIZE_LIMIT - total,
         "sha256": sha256_bytes(blob),
-        "code": code,
         "device": str(dev),
         "card": card_name(dev),
         "torch": torch.__version__,
@@ -316,17 +395,23 @@ def load_state(path: str | Path) -> tuple[dict[str, Tensor], Config]:
     return state, cfg
 
 
-def load(path: str | Path, device: str | torch.device = "cpu", attention: str | None = None):
+def load(
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    attention: str | None = None,
+    info: dict[str, Any] | None = None,
+):
     """(GPT, Config) rebuilt from a verified artifact, in eval mode, on `device`.
 
     The attention backend is the stored config's if it runs on `device`, else "auto"
-    (pass `attention` to insist on one).
+    (pass `attention` to insist on one). If `info` is a dict it receives "attention":
+    {"requested", "used", "fallback"} (see `set_attention`).
     """
     state, cfg = load_state(path)
     try:
-        model = build_model(cfg, state, device, attention)
-    except ValueError as e:
-        raise ArtifactError(f"{path}: {e}") from None
+        model = build_model(cfg, state, device, attention, info=info, source=str(path))
+    except InputError as e:
+        raise ArtifactError(str(e)) from None
     return model.eval(), cfg
 
 
@@ -365,12 +450,12 @@ def _summary(info: dict[str, Any]) -> str:
     lines = [
         f"artifact      {info['artifact']}  sha256 {info['sha256'][:16]}...",
         f"model bytes   {info['model_bytes']:>12,}",
-        f"code bytes    {info['code_bytes']:>12,}  ({len(info['code']['files'])} files)",
+        f"code bytes    {info['code_bytes']:>12,}  ({info['code_bytes_definition']})",
         (
             f"total         {info['total_bytes']:>12,}  limit {info['limit_bytes']:,}  "
             f"{'fits' if info['fits'] else 'DOES NOT FIT'} ({info['headroom_bytes']:+,})"
         ),
-        f"device        {info['card']}  calibration mode: {cal.get('mode')}",
+        f"device        {info['card']}  calibration mode: {cal.get('mode')}  attention: {_attention_text(info)}",
         "timings (s)   " + "  ".join(f"{k} {t[k]:.2f}" for k in _PHASES if k in t),
     ]
     for cls, e in info["errors"].items():
@@ -379,12 +464,19 @@ def _summary(info: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _attention_text(info: dict[str, Any]) -> str:
+    att = info.get("attention") or {}
+    if not att.get("fallback"):
+        return str(att.get("used"))
+    return f"{att['used']} ({att['requested']} cannot run here: {att['fallback']})"
+
+
 def _cmd_pack(args: argparse.Namespace) -> int:
     if args.verify:
         print(json.dumps(verify(args.verify), indent=2))
         return 0
     if not args.run_dir:
-        raise ValueError("give --run-dir RUN (pack a run) or --verify FILE (check an artifact)")
+        raise InputError("give --run-dir RUN (pack a run) or --verify FILE (check an artifact)")
     info = pack_run(args.run_dir, device=args.device, progress=not args.no_progress, overrides=args.overrides)
     print(_summary(info))
     return 0

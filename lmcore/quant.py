@@ -61,8 +61,6 @@ naming the file and the problem.
 
 from __future__ import annotations
 
-from lmcore.errors import InputError
-
 import contextlib
 import hashlib
 import json
@@ -79,6 +77,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lmcore.errors import InputError
 from lmcore.model import CONTROL_PATTERNS, CastedLinear
 
 MAGIC = b"LMCPTZ"
@@ -586,7 +585,7 @@ def dequantize(stored: dict[str, Tensor], meta: dict[str, dict]) -> dict[str, Te
             elif kind in (FP16, FP32, RAW):
                 t = stored[name].to(dt)
             else:
-                raise ValueError(f"unknown treatment {kind!r} for {name}")
+                raise ArtifactError(f"tensor {name}: unknown treatment {kind!r}")
         except KeyError as e:
             raise ArtifactError(f"tensor {name}: stored part {e.args[0]!r} is missing") from None
         if list(t.shape) != list(entry["shape"]):

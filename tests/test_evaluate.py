@@ -337,14 +337,11 @@ def test_cli_bad_run_dir_exits_2(tmp_path, capsys):
     assert str(empty / "model.int6.ptz") in capsys.readouterr().err
 
 
-def test_eval_run_writes_eval_json(tmp_path, capsys, monkeypatch):
-    """`lmcore eval` end to end on a real packed artifact of a tiny model."""
+def _packed_run(tmp_path: Path, attention: str = "math") -> tuple[Path, list[int]]:
+    """A run folder holding only the packed artifact of a tiny model, its data and tokenizer."""
     spm = pytest.importorskip("sentencepiece")
     pytest.importorskip("brotli")
-    import lmcore.evaluate as evaluate_mod
-    from lmcore.cli import main
     from lmcore.data import write_shard
-    from lmcore.evaluate import eval_run
     from lmcore.pack import pack_state
 
     text = [f"the {w} of {v} is {w}{v} and more text here" for w in ("cat", "dog", "sun", "sea") for v in range(40)]
@@ -370,7 +367,7 @@ def test_eval_run_writes_eval_json(tmp_path, capsys, monkeypatch):
     write_shard(data / "fineweb_val_000000.bin", ids)
     cfg = replace(
         SMOKE,
-        model=tiny_model_cfg(vocab_size=VOCAB),
+        model=tiny_model_cfg(vocab_size=VOCAB, attention=attention),
         data=replace(SMOKE.data, data_dir=str(data), tokenizer=str(tmp_path / "tok.model"), seq_len=32),
         quant=replace(SMOKE.quant, calib_seqs=2, calib_len=32, calib_batch=2),
         eval=replace(ECFG, ttt_chunk_tokens=64),
@@ -379,6 +376,16 @@ def test_eval_run_writes_eval_json(tmp_path, capsys, monkeypatch):
     run.mkdir()
     blob, *_ = pack_state(tiny_model(6).state_dict(), cfg, CPU)
     (run / "model.int6.ptz").write_bytes(blob)
+    return run, ids
+
+
+def test_eval_run_writes_eval_json(tmp_path, capsys, monkeypatch):
+    """`lmcore eval` end to end on a real packed artifact of a tiny model."""
+    import lmcore.evaluate as evaluate_mod
+    from lmcore.cli import main
+    from lmcore.evaluate import eval_run
+
+    run, ids = _packed_run(tmp_path)
     seen: list[bool] = []
 
     class Recording(evaluate_mod.Evaluator):  # eval.compile_train must reach the Evaluator
@@ -399,5 +406,38 @@ def test_eval_run_writes_eval_json(tmp_path, capsys, monkeypatch):
     assert out["eval_config"]["ttt_epochs"] == 1 and out["world_size"] == 1 and out["card"] == "cpu"
     assert len(out["chunk_gain_bpb"]) == out["chunks"] == math.ceil(n / 64)
     assert {"load", "compile", "ttt_score", "ttt_train"} <= set(out["time_s"])
+    ts = out["time_s"]  # the wall total spans every phase, from the artifact load to the score
+    assert ts["total"] >= ts["load"] + ts["compile"] + ts["sliding"] + ts["ttt"] > 0
+    assert ts["ttt"] >= ts["ttt_score"] + ts["ttt_train"]
+    assert out["attention"] == {"requested": "math", "used": "math", "fallback": None}
     res = eval_run(run, ttt=False, stride=32, device="cpu", progress=False, write=False)
     assert "ttt" not in res and res["sliding"]["stride"] == 32
+
+
+def test_eval_run_reports_the_attention_fallback(tmp_path, capsys):
+    """A model packed with fa3, evaluated on CPU: another backend, named with the reason in the
+    log and eval.json; insisting on an unavailable backend is one line + exit 2."""
+    from lmcore.cli import main
+    from lmcore.evaluate import eval_run
+
+    run, _ids = _packed_run(tmp_path, attention="fa3")
+    lines: list[str] = []
+    out = eval_run(run, ttt=False, device="cpu", progress=False, log=lines.append)
+    att = json.loads((run / "eval.json").read_text())["attention"]
+    assert att == out["attention"] and att["requested"] == "fa3" and att["used"] not in (None, "fa3")
+    assert "'fa3' is not available on cpu" in att["fallback"], att
+    assert any(f"attention fa3 cannot run here, using {att['used']}" in m for m in lines), lines
+    args = ["eval", "--run-dir", str(run), "--device", "cpu", "--no-progress", "--set", "model.attention=fa2"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "model.attention=fa2" in err[0] and "not available on cpu" in err[0], err
+
+
+def test_cli_bad_stride_is_one_line_and_writes_nothing(tmp_path, capsys):
+    from lmcore.cli import main
+
+    run, _ids = _packed_run(tmp_path)
+    assert main(["eval", "--run-dir", str(run), "--device", "cpu", "--no-progress", "--stride", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "eval.stride=0" in err[0], err
+    assert not (run / "eval.json").exists()

@@ -18,6 +18,7 @@ from lmcore.config import PRESETS, Config
 from lmcore.model import GPT
 from lmcore.quant import ArtifactError, dequantize, read_artifact, serialize
 from lmcore.runs import sha256_file
+from lmcore.submission import code_bytes_of_export, export_script
 from tests.conftest import randomize_, tiny_model_cfg
 
 
@@ -34,8 +35,10 @@ def _tiny_config() -> Config:
     ).validate()
 
 
-def _make_run(root: Path, bf16_embeddings: bool = True, wrap: bool = True) -> tuple[Path, Config, dict]:
-    cfg = _tiny_config()
+def _make_run(
+    root: Path, bf16_embeddings: bool = True, wrap: bool = True, cfg: Config | None = None
+) -> tuple[Path, Config, dict]:
+    cfg = cfg or _tiny_config()
     torch.manual_seed(0)
     model = randomize_(GPT(cfg.model), seed=3, std=0.1)
     if bf16_embeddings:
@@ -97,17 +100,18 @@ def test_pack_json_accounting(packed):
     on_disk = json.loads((run / pack.PACK_JSON).read_text())
     assert on_disk["sha256"] == info["sha256"] == sha256_file(path)
     assert on_disk["model_bytes"] == path.stat().st_size
-    files = on_disk["code"]["files"]
-    assert "lmcore/model.py" in files and "lmcore/quant.py" in files and "lmcore/pack.py" in files
-    assert "lmcore/cli.py" not in files
-    assert on_disk["code_bytes"] == sum(files.values()) == sum(
-        (Path(pack.__file__).parent / Path(f).name).stat().st_size for f in files
-    )
+    # code bytes: the exported single-file train_gpt.py for this config, nothing else
+    script = export_script(Config.load(run / "config.json"))
+    assert on_disk["code_bytes"] == len(script.encode("utf-8")) == code_bytes_of_export(_cfg)
+    assert "train_gpt.py" in on_disk["code_bytes_definition"] and "code" not in on_disk
     assert on_disk["total_bytes"] == on_disk["model_bytes"] + on_disk["code_bytes"]
     assert on_disk["limit_bytes"] == 16_000_000 and on_disk["fits"] is True
     for k in ("calibration", "hessians", "quantize", "serialize", "compress", "write"):
         assert on_disk["timings_s"][k] >= 0
     assert on_disk["calibration"]["mode"] == "eager"
+    assert on_disk["calibration_time_s"] == on_disk["timings_s"]["calibration"] > 0
+    assert "reads no training data" in on_disk["calibration_budget"]
+    assert on_disk["attention"] == {"requested": "math", "used": "math", "fallback": None}
     errs = on_disk["errors"]
     assert {"int6.attn", "int6.mlp", "int8", "fp16"} <= set(errs)
     assert 0 < errs["int6.mlp"]["hessian_rel_err"] < 1
@@ -224,3 +228,56 @@ def test_cli_pack_run(tmp_path, capsys):
     cfg.save(empty / "config.json")
     assert main(["pack", "--run-dir", str(empty), "--device", "cpu", "--no-progress"]) == 2
     assert "model.pt" in capsys.readouterr().err
+
+
+def _one_error_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lmcore pack: error:"), err
+    return lines[0]
+
+
+def test_cli_pack_foreign_weights_name_the_file(tmp_path, capsys):
+    """A model.pt of another model, or not a torch file at all: one line naming R/model.pt,
+    exit 2, and no artifact or pack.json written."""
+    run, cfg, _sd = _make_run(tmp_path)
+    weights = run / "model.pt"
+    other = GPT(replace(cfg.model, num_layers=2, model_dim=32, mlp_hidden=64, ve_layers="1"))
+    torch.save(other.state_dict(), weights)
+    args = ["pack", "--run-dir", str(run), "--device", "cpu", "--no-progress"]
+    assert main(args) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert f"{weights}: weights do not match the config's model" in line and "missing" in line, line
+    weights.write_text("not a torch file\n")
+    assert main(args) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert f"{weights}: cannot read the model file" in line, line
+    assert not (run / pack.ARTIFACT_NAME).exists() and not (run / pack.PACK_JSON).exists()
+
+
+def test_pack_on_cpu_reports_the_attention_fallback(tmp_path, capsys):
+    """A config asking for fa3 packs on CPU with another backend and says so (log and pack.json)."""
+    cfg = _tiny_config()
+    cfg = replace(cfg, model=replace(cfg.model, attention="fa3"))
+    run, _cfg, _sd = _make_run(tmp_path, cfg=cfg)
+    info = pack.pack_run(run, device="cpu", progress=True)
+    err = capsys.readouterr().err
+    att = json.loads((run / pack.PACK_JSON).read_text())["attention"]
+    assert att == info["attention"]
+    assert att["requested"] == "fa3" and att["used"] not in (None, "fa3")
+    assert "'fa3' is not available on cpu" in att["fallback"], att
+    assert f"attention: fa3 cannot run here, using {att['used']}" in err, err
+    # insisting on fa3 when loading is bad input naming the backend, not a silent fallback
+    with pytest.raises(ArtifactError, match="fa3"):
+        pack.load(run / pack.ARTIFACT_NAME, attention="fa3")
+    info2: dict = {}
+    model, _ = pack.load(run / pack.ARTIFACT_NAME, info=info2)
+    assert info2["attention"] == att and model.attention_backend == att["used"]
+
+
+def test_cli_pack_bad_calibration_setting_is_one_line(tmp_path, capsys):
+    run, _cfg, _sd = _make_run(tmp_path)
+    args = ["pack", "--run-dir", str(run), "--device", "cpu", "--no-progress", "--set", "quant.calib_seqs=0"]
+    assert main(args) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert "quant.calib_seqs=0" in line, line
+    assert not (run / pack.ARTIFACT_NAME).exists() and not (run / pack.PACK_JSON).exists()

@@ -18,7 +18,7 @@ from lmcore.config import preset
 from lmcore.evaluate import eval_run
 from lmcore.pack import pack_run
 from lmcore.smoke_data import ensure_smoke_data
-from lmcore.submission import export_script, needed_modules, parse_log
+from lmcore.submission import _significance, export_script, needed_modules, parse_log
 from lmcore.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,17 +107,45 @@ def test_export_files_and_check_passes(export, runs, capsys):
         pk = json.loads((rd / "pack.json").read_text())
         r = sub["seed_results"][str(s)]
         assert r["val_bpb"] == ev["bpb"] and r["artifact_bytes"] == pk["model_bytes"] + code
+        # pack.json counted exactly the train_gpt.py that the export wrote (seeds 1-3: same length)
+        assert pk["code_bytes"] == code and pk["total_bytes"] == r["artifact_bytes"], (pk["code_bytes"], code)
         lg = parse_log((export / f"train_seed{s}.log").read_text())
         assert abs(lg["val_bpb"] - ev["bpb"]) < 1e-7 and lg["ttt"].startswith("score-first")
+        # eval_time is the wall time from the artifact load to the final score; the scoring pass apart
+        assert lg["eval_time"] == pytest.approx(ev["time_s"]["total"], abs=1e-3) == r["eval_seconds"]
+        assert lg["eval_scoring_time"] == pytest.approx(ev["time_s"]["ttt"], abs=1e-3) == r["eval_scoring_seconds"]
+        assert lg["calibration_time"] == pytest.approx(pk["calibration_time_s"], abs=1e-3)
+        assert "plain pass" in (export / f"train_seed{s}.log").read_text()  # lmcore eval ran it (the default)
     assert sub["ttt"]["declared"] and sub["ttt"]["score_first"]
     rc, out = _check(export, capsys)
     assert rc == 0, out
-    assert out.startswith("PASS")
-    # a reference far worse than the runs: the significance bar is reported and passes
+    assert out.startswith("PASS") and "NOTE evaluation time: wall max" in out and "scoring pass alone" in out, out
+    # a reference far worse than the runs: both bars are stated, and both pass
     rc, out = _check(export, capsys, "--reference-loss", str(sub["val_loss"] + 1.0))
-    assert rc == 0 and "one-sided p" in out, out
+    assert rc == 0, out
+    assert "NOTE significance (reference val_loss" in out and "README bar (0.005 nats, p < 0.01)" in out, out
+    assert "maintainers' frontier bar (p < 0.25, #1902)" in out
+    assert "README bar passed; maintainers' frontier bar passed" in out
+    # the runs' own score as the reference: the README bar fails (a FAIL line), the other is a note
     rc, out = _check(export, capsys, "--reference-bpb", str(sub["val_bpb"]))
-    assert rc == 1 and "does NOT pass" in out
+    assert rc == 1, out
+    fail = [x for x in out.splitlines() if x.startswith("FAIL")]
+    assert len(fail) == 1 and "README bar" in fail[0] and "does NOT pass" in fail[0], out
+    assert "NOTE significance" in out and "maintainers' frontier bar" in out
+    # per-seed reference losses, pooled
+    worse = [str(sub["val_loss"] + d) for d in (0.9, 1.0, 1.1)]
+    rc, out = _check(export, capsys, "--reference-losses", *worse)
+    assert rc == 0 and "reference val_loss of 3 seeds, pooled" in out and "(std 0.10000, 3 seeds)" in out, out
+
+
+def test_significance_states_both_bars():
+    """An improvement of 0.004 nats with a small spread: below the README's 0.005-nat bar
+    (a failure), above the maintainers' p < 0.25 bar (a note); both say which bar."""
+    per = {str(i): {"val_loss": v, "val_bpb": v / 2} for i, v in enumerate((2.500, 2.502, 2.498))}
+    fails, notes = _significance(per, None, 2.504, None)
+    assert len(fails) == 1 and "README bar (0.005 nats, p < 0.01)" in fails[0] and "does NOT pass" in fails[0]
+    assert any("maintainers' frontier bar (p < 0.25, #1902)" in n and "PASSES" in n for n in notes), notes
+    assert "significance: README bar NOT passed; maintainers' frontier bar passed" in notes
 
 
 def test_check_fails_inflated_artifact(export, tmp_path, capsys):
@@ -154,6 +182,60 @@ def test_check_fails_val_bpb_disagreeing_with_logs(export, tmp_path, capsys):
     rc, out = _check(d, capsys)
     assert rc == 1 and "seed 2: submission.json val_bpb" in out and "disagrees with train_seed2.log" in out, out
     assert "val_bpb" in out and "mean of the seeds" in out
+
+
+def test_check_judges_evaluation_by_the_wall_time(runs, tmp_path, capsys):
+    """A run whose plain pass made the evaluation 701 s from load to score while its TTT
+    pass took 450 s: the log shows every phase, and the check FAILS on the wall time."""
+    rd = tmp_path / "slow"
+    shutil.copytree(runs["dirs"][0], rd)
+    ev = json.loads((rd / "eval.json").read_text())
+    ev["time_s"].update(load=1.0, compile=0.0, sliding=250.0, ttt=450.0, ttt_score=200.0, ttt_train=249.5, total=701.0)
+    (rd / "eval.json").write_text(json.dumps(ev))
+    out = tmp_path / "sub"
+    assert cli.main(["submission", "export", "--runs", str(rd), "--out", str(out)]) == 0
+    capsys.readouterr()
+    log = (out / f"train_seed{SEEDS[0]}.log").read_text()
+    assert "eval_phases: load 1.000s, compile 0.000s, plain pass 250.000s" in log
+    assert "ttt scoring 200.000s, ttt training 249.500s" in log
+    assert "eval_time: 701.000s (wall" in log and "eval_scoring_time: 450.000s" in log
+    rc, text = _check(out, capsys)
+    assert rc == 1, text
+    assert f"FAIL seed {SEEDS[0]}: evaluation took 701.0s > 600s (wall time" in text, text
+    assert "the scoring pass alone took 450.0s" in text
+    assert "NOTE evaluation time: wall max 701.0s" in text and "scoring pass alone max 450.0s" in text
+
+
+def _check_error(folder: Path, capsys) -> str:
+    """`lmcore submission check folder` must exit 2 with one error line; returns it."""
+    assert cli.main(["submission", "check", str(folder)]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lmcore submission: error:") and not captured.out, captured
+    return lines[0]
+
+
+def test_check_bad_input_is_one_line_exit_2(export, tmp_path, capsys):
+    d = _copy(export, tmp_path)
+    sj = d / "submission.json"
+    good = json.loads(sj.read_text())
+    sj.write_text(json.dumps([good]))  # a JSON array
+    line = _check_error(d, capsys)
+    assert str(sj) in line and "expected a JSON object, got an array" in line, line
+    bad = dict(good, code_bytes=str(good["code_bytes"]))  # a string where an integer belongs
+    sj.write_text(json.dumps(bad))
+    line = _check_error(d, capsys)
+    assert str(sj) in line and "field code_bytes must be an integer, got a string" in line, line
+    bad = json.loads(json.dumps(good))
+    bad["seed_results"]["2"]["model_bytes"] = 1.5
+    sj.write_text(json.dumps(bad))
+    line = _check_error(d, capsys)
+    assert str(sj) in line and "field seed_results.2.model_bytes must be an integer" in line, line
+    # a file instead of the folder; a folder that does not exist
+    line = _check_error(sj, capsys)
+    assert str(sj) in line and "a submission folder is expected" in line, line
+    line = _check_error(tmp_path / "nowhere", capsys)
+    assert str(tmp_path / "nowhere") in line and "not found" in line, line
 
 
 def test_missing_file_and_config_mismatch(export, runs, tmp_path, capsys):
@@ -193,6 +275,7 @@ def test_exported_script_is_self_contained_and_reproduces(export, runs, tmp_path
     probe = (
         "import sys, torch; before=set(sys.modules)\n"  # torch.hub itself imports tqdm when installed
         "import train_gpt; train_gpt._install_importer();"
+        "assert 'submission' not in train_gpt.SOURCES and 'pack' in train_gpt.SOURCES, sorted(train_gpt.SOURCES);"
         "import lmcore, lmcore.train, lmcore.pack, lmcore.evaluate;"
         "bad=[m for n,m in sys.modules.items() if n.startswith('lmcore') and not m.__file__.startswith(train_gpt._SELF)];"
         "assert not bad, bad\n"
@@ -231,9 +314,17 @@ def test_exported_script_is_self_contained_and_reproduces(export, runs, tmp_path
     assert abs(ev["bpb"] - ref["bpb"]) < 1e-3, (ev["bpb"], ref["bpb"])
     pk = json.loads((rd / "pack.json").read_text())
     assert pk["code_bytes"] == (work / "train_gpt.py").stat().st_size
-    lg = parse_log((rd / "train_seed2.log").read_text())
+    log = (rd / "train_seed2.log").read_text()
+    lg = parse_log(log)
     assert abs(lg["val_bpb"] - ev["bpb"]) < 1e-7 and lg["code_bytes"] == pk["code_bytes"]
     assert "final val_loss:" in r.stdout
+    # the submission's evaluation does only what the score needs: no plain pass unless asked
+    assert "sliding" not in ev and ev["time_s"]["sliding"] is None and "plain pass" not in log
+    assert lg["eval_time"] == pytest.approx(ev["time_s"]["total"], abs=1e-3)
+    r = subprocess.run(
+        [sys.executable, "train_gpt.py", "--help"], cwd=work, env=_env(), check=False, capture_output=True, text=True
+    )
+    assert r.returncode == 0 and "--plain-pass" in r.stdout, r.stdout + r.stderr
 
 
 def test_export_script_text_is_deterministic():
