@@ -55,7 +55,7 @@ def ensure_val_shards(data_dir: Path, pattern: str, docs: str | None, tokenizer:
         raise SystemExit(f"no validation shards in {data_dir} and no --docs to build them from")
     t0 = time.perf_counter()
     texts = itertools.islice(iter_docs(docs), val_docs)
-    counts = build_shards(texts, tokenizer, data_dir, val_docs=val_docs, progress=False)
+    counts = build_shards(texts, tokenizer, data_dir, val_docs=val_docs, progress=False, require_train=False)
     log(f"built val shards in {data_dir}: {counts['val_tokens']:,} tokens in {time.perf_counter() - t0:.1f}s")
 
 

@@ -665,7 +665,7 @@ def eval_run(
     backend = attention["used"]
     ecfg = cfg.eval
     tables = ByteTables.from_sentencepiece(cfg.data.tokenizer, cfg.model.vocab_size)
-    tokens = load_val_tokens(cfg.data.data_dir, cfg.data.val_pattern, ecfg.seq_len, cfg.data.val_max_tokens)
+    tokens = load_val_tokens(cfg.data.data_dir, cfg.data.val_pattern, ecfg.seq_len, cfg.data.val_max_tokens, vocab_size=cfg.model.vocab_size)
     bf16 = use_bf16(dev, cfg.train.precision)
     load_s = time.perf_counter() - t0
     say: LogFn = log if dist.is_main else (lambda s: None)

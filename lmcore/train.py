@@ -547,8 +547,9 @@ def _train(
     barrier()
     bf16 = use_bf16(device, tc.precision)
     seq_len = cfg.data.seq_len
-    loader = DistributedTokenLoader(cfg.data.data_dir, cfg.data.train_pattern, dist.rank, dist.world_size)
-    val_tokens = load_val_tokens(cfg.data.data_dir, cfg.data.val_pattern, seq_len, cfg.data.val_max_tokens)
+    vocab = cfg.model.vocab_size  # every shard read is checked against it (an id past it is named, never indexed)
+    loader = DistributedTokenLoader(cfg.data.data_dir, cfg.data.train_pattern, dist.rank, dist.world_size, vocab_size=vocab)
+    val_tokens = load_val_tokens(cfg.data.data_dir, cfg.data.val_pattern, seq_len, cfg.data.val_max_tokens, vocab_size=vocab)
     tables = ByteTables.from_sentencepiece(cfg.data.tokenizer, cfg.model.vocab_size).to(device)
     if tables.size > cfg.model.vocab_size:
         raise ConfigError(

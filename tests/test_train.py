@@ -508,3 +508,23 @@ def test_sigterm_checkpoints_and_resumes_ctrl_c_says_one_line(smoke_run, tmp_pat
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and err.strip().splitlines() == ["lmcore train: interrupted"], err
+
+
+def test_token_ids_past_the_vocabulary_are_named_not_indexed(smoke_run, tmp_path, capsys):
+    """A shard with an id >= model.vocab_size: one line naming the shard and the id (it used to die
+    in the embedding with an IndexError traceback, a device-side assert on CUDA)."""
+    import shutil
+
+    from lmcore.data import write_shard
+
+    bad = tmp_path / "data"
+    shutil.copytree(smoke_run["data"], bad)
+    shard = sorted(bad.glob("fineweb_train_*.bin"))[-1]
+    toks = np.asarray(read_shard(shard)).copy()
+    toks[7] = 1024 + 5
+    write_shard(shard, toks)
+    rc = cli.main(["train", "--preset", "smoke", "--set", f"data.data_dir={bad}",
+                   "--set", f"data.tokenizer={bad / 'tokenizer.model'}", "--run-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert rc == 2 and shard.name in err and "1029" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "run" / "model.pt").exists() and not (tmp_path / "run" / "summary.json").exists()
