@@ -24,9 +24,14 @@ run: its folder holds only study.json with status "unavailable" and the reason f
 
 Batches (`run_batch`, `lmcore study run`): the notebook is executed by Papermill once
 per seed (or once), with `seed` and `run_dir` injected when the notebook declares them;
-the executed notebook is saved as <run folder>/notebook.ipynb (or into --out-dir). A
-failed execution writes <run folder>/FAILED.json and the batch goes on; the batch
-summary (ok / failed) is written to runs_dir/batches/<name>-<time>.json.
+a parameter the notebook does not declare, or a file that is not a notebook, is refused
+before anything runs (`InputError`). The executed notebook is saved as <run
+folder>/notebook.ipynb (or into --out-dir). A failed execution writes <run
+folder>/FAILED.json and the batch goes on; the batch summary (ok / failed) is written to
+runs_dir/batches/<name>-<time>.json.
+
+Bad input (a parameter, a notebook, a run folder, a reference) raises
+`lmcore.errors.InputError` / `InputNotFound`, which the command line prints as one line.
 
 The smoke study (`smoke_study`, `lmcore study smoke`, `make smoke`): 01_train, the bigram
 ablation and 06_figures executed by Papermill into runs/smoke, figures into figures/.
@@ -55,6 +60,7 @@ import pandas as pd
 from lmcore import plots
 from lmcore.config import SMOKE, Config
 from lmcore.config import preset as make_preset
+from lmcore.errors import InputError, InputNotFound
 from lmcore.runs import atomic_write_json
 from lmcore.stats import (
     CHALLENGE_ALPHA,
@@ -238,7 +244,7 @@ def prepare_data(cfg: Config, root: str | Path | None = None, progress: bool = T
 
             info = dict(check_dir(cfg.data.data_dir))
             if not Path(cfg.data.tokenizer).is_file():
-                raise FileNotFoundError(f"tokenizer not found: {r / cfg.data.tokenizer}")
+                raise InputNotFound(f"tokenizer not found: {r / cfg.data.tokenizer} (data.tokenizer)")
         info["data_dir"] = str(resolve(cfg.data.data_dir, r))
         info["time_s"] = round(time.perf_counter() - t0, 3)
     if progress:
@@ -330,7 +336,7 @@ def train_phase(
     With num_gpus > 1 it runs under torchrun as a subprocess, its output streamed.
     """
     if if_exists not in ("replace", "reuse", "error"):
-        raise ValueError(f"if_exists={if_exists!r}: expected replace, reuse or error")
+        raise InputError(f"if_exists={if_exists!r}: expected replace, reuse or error")
     ov = _run_overrides(overrides, seed)
     cfg = make_preset(preset, ov)
     with at_root(root) as r:
@@ -643,7 +649,7 @@ def attention_sweep(
 
 def expand_runs(patterns: str | Iterable[str | Path], root: str | Path | None = None) -> list[Path]:
     """Run folders from paths or glob patterns (relative to the repository root), in
-    order, without duplicates; a pattern that matches nothing raises FileNotFoundError."""
+    order, without duplicates. A pattern that matches nothing raises InputNotFound."""
     pats = [patterns] if isinstance(patterns, (str, Path)) else list(patterns)
     r = Path(root).resolve() if root is not None else repo_root()
     out: list[Path] = []
@@ -654,7 +660,7 @@ def expand_runs(patterns: str | Iterable[str | Path], root: str | Path | None = 
         else:
             hits = [ap] if ap.is_dir() else []
         if not hits:
-            raise FileNotFoundError(f"no run folder matches {p!r} (under {r})")
+            raise InputNotFound(f"no run folder matches {str(p)!r} (under {r})")
         out += [h for h in hits if h not in out]
     return out
 
@@ -761,22 +767,28 @@ def seeds_test(
     the same validation split). One number is a published result, taken as exact.
     """
     cand = _losses(df)
+    if not cand:
+        raise InputError(f"the runs {', '.join(map(str, df['run']))} have no val_loss (not trained / evaluated?)")
     if reference_runs:
         ref_df = seeds_table(reference_runs, root)
         ref: float | list[float] = _losses(ref_df)
         if not ref:
-            raise ValueError("the reference runs have no val_loss (not trained / evaluated?)")
+            raise InputError(f"the reference runs {', '.join(map(str, ref_df['run']))} have no val_loss "
+                             "(not trained / evaluated?)")
     elif reference_loss is not None:
         ref = float(reference_loss) if isinstance(reference_loss, (int, float)) else [float(x) for x in reference_loss]
     elif reference_bpb is not None:
         bpt = _bytes_per_token(df)
         if bpt is None:
-            raise ValueError("reference_bpb needs eval.json (tokens, bytes) in the candidate runs to convert "
+            raise InputError("reference_bpb needs eval.json (tokens, bytes) in the candidate runs to convert "
                              "bits per byte to nats per token; give reference_loss instead")
         conv = lambda b: bpb_to_nats(float(b), 1.0, bpt)
         ref = conv(reference_bpb) if isinstance(reference_bpb, (int, float)) else [conv(b) for b in reference_bpb]
     else:
-        raise ValueError("give a reference: reference_runs, reference_loss (nats) or reference_bpb")
+        raise InputError("give a reference: reference_runs, reference_loss (nats) or reference_bpb")
+    vals = [ref] if isinstance(ref, float) else ref
+    if not vals or not all(math.isfinite(v) for v in vals):
+        raise InputError(f"the reference needs finite values, got {ref!r}")
     return challenge_test(cand, ref, min_improvement=min_improvement, alpha=alpha, metric="val_loss (nats/token)")
 
 
@@ -800,10 +812,26 @@ def parse_param(value: str) -> Any:
 
 
 def notebook_parameters(notebook: str | Path) -> dict[str, Any]:
-    """The parameters a notebook declares (Papermill's inspection of its `parameters` cell)."""
+    """The parameters a notebook declares (Papermill's inspection of its `parameters` cell).
+    InputNotFound for a missing file, InputError for one that is not a Jupyter notebook."""
+    import nbformat
     import papermill as pm
 
-    return dict(pm.inspect_notebook(str(notebook)))
+    nb = Path(notebook)
+    try:
+        data = json.loads(nb.read_text(encoding="utf-8"))
+    except (FileNotFoundError, IsADirectoryError):
+        raise InputNotFound(f"notebook not found: {nb}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"not a Jupyter notebook: {nb} (not JSON: {e})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("nbformat"), int):
+        raise InputError(f"not a Jupyter notebook: {nb} (JSON without an nbformat version)")
+    try:
+        return dict(pm.inspect_notebook(str(nb)))
+    except nbformat.ValidationError as e:
+        raise InputError(f"not a valid Jupyter notebook: {nb} ({str(e).splitlines()[0]})") from None
+
+
 
 
 def run_notebook(
@@ -852,7 +880,8 @@ def run_batch(
 
     Run folder: runs_dir/<name>-s<seed> (runs_dir/<name> without seeds), name defaulting
     to the notebook's stem. The notebook gets `seed` and `run_dir` (absolute) when it
-    declares them, on top of `parameters`. The executed notebook is saved as
+    declares them, on top of `parameters`; a parameter it does not declare raises
+    InputError before anything runs. The executed notebook is saved as
     <run folder>/notebook.ipynb, or out_dir/<run name>.ipynb. A failure writes
     <run folder>/FAILED.json and the batch continues. Returns the batch summary (also
     written to runs_dir/batches/<name>-<time>.json): runs with status ok / failed.
@@ -866,8 +895,12 @@ def run_batch(
         if cand.is_file():
             nb = cand
         else:
-            raise FileNotFoundError(f"notebook not found: {notebook}")
+            raise InputNotFound(f"notebook not found: {notebook}")
     declared = notebook_parameters(nb)
+    unknown = sorted(set(parameters or {}) - set(declared))
+    if unknown:
+        raise InputError(f"{nb}: unknown parameter(s) {', '.join(unknown)}; the notebook declares "
+                         f"{', '.join(declared) or 'no parameters'}")
     base_name = name or nb.stem
     runs = resolve(runs_dir, r)
     outs = resolve(out_dir, r) if out_dir is not None else None
@@ -1030,6 +1063,8 @@ def _one_or_list(v: list[float] | None) -> float | list[float] | None:
 
 
 def _cmd_figures(args: argparse.Namespace) -> int:
+    if not resolve(args.runs_dir).is_dir():
+        raise InputNotFound(f"runs folder not found: {resolve(args.runs_dir)} (--runs-dir)")
     res = plots.export_figures(resolve(args.runs_dir), resolve(args.out))
     made = [p for v in res.values() if not isinstance(v, str) for p in v]
     print(resolve(args.out) if made else "no figure written")

@@ -1,7 +1,9 @@
 """lmcore.study: Papermill batches (two seeds -> two run folders with executed notebooks;
-a failing run recorded and the batch going on), parameter parsing, paths, seed tables
-and the challenge test on synthetic runs, the attention sweep's unavailable backends, a
-failing sweep run, the notebooks' structure, and one tiny real run end to end."""
+a failing run recorded and the batch going on; undeclared parameters and files that are
+not notebooks refused before anything runs), parameter parsing, paths, seed tables and the
+challenge test on synthetic runs, one-line errors for bad input, the attention sweep's
+unavailable backends, a failing sweep run, the notebooks' structure, and one tiny real run
+end to end."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from nbformat.v4 import new_code_cell, new_notebook
 
 from lmcore import study
 from lmcore.cli import main
+from lmcore.errors import InputError, InputNotFound
 from tests.test_plots import fake_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -81,6 +84,79 @@ def test_batch_out_dir_and_no_seeds(tmp_path: Path):
     assert json.loads((tmp_path / "runs" / "one" / "out.json").read_text())["seed"] == 0
 
 
+def _one_error_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_batch_refuses_an_undeclared_parameter(tmp_path: Path, capsys):
+    nb = _tiny_notebook(tmp_path / "tiny.ipynb")
+    runs = tmp_path / "runs"
+    rc = main(["study", "run", str(nb), "-p", "lable", "x", "-p", "label", "y", "--runs-dir", str(runs), "--quiet"])
+    line = _one_error_line(capsys.readouterr().err)
+    assert rc == 2 and "lable" in line and str(nb) in line
+    assert "seed, run_dir, fail_seed, label" in line  # the declared parameters
+    assert not runs.exists()  # refused before anything ran or was written
+    with pytest.raises(InputError, match="unknown parameter.*lable"):
+        study.run_batch(nb, {"lable": "x"}, runs_dir=runs, root=tmp_path, stream=False, log=None)
+    assert not runs.exists()
+
+
+@pytest.mark.parametrize("content", [b"hello\n", b"\xff\xfe", b"[1, 2]", b"{}"],
+                         ids=["text", "binary", "list", "empty"])
+def test_batch_refuses_a_file_that_is_not_a_notebook(tmp_path: Path, capsys, content: bytes):
+    bad = tmp_path / "x.ipynb"
+    bad.write_bytes(content)
+    runs = tmp_path / "runs"
+    rc = main(["study", "run", str(bad), "--runs-dir", str(runs), "--quiet"])
+    line = _one_error_line(capsys.readouterr().err)
+    assert rc == 2 and f"not a Jupyter notebook: {bad}" in line
+    assert not runs.exists()
+
+
+def test_batch_missing_notebook_is_one_line(tmp_path: Path, capsys):
+    with pytest.raises(InputNotFound):
+        study.run_batch(tmp_path / "nope.ipynb", runs_dir=tmp_path / "runs", root=tmp_path, log=None)
+    rc = main(["study", "run", str(tmp_path / "nope.ipynb"), "--runs-dir", str(tmp_path / "runs")])
+    line = _one_error_line(capsys.readouterr().err)
+    assert rc == 2 and f"notebook not found: {tmp_path / 'nope.ipynb'}" in line
+    assert not (tmp_path / "runs").exists()
+
+
+def test_bad_input_errors_are_one_line(tmp_path: Path, capsys):
+    rc = main(["study", "seeds-table", str(tmp_path / "nothing-*")])
+    line = _one_error_line(capsys.readouterr().err)
+    assert rc == 2 and repr(str(tmp_path / "nothing-*")) in line
+    rc = main(["study", "figures", "--runs-dir", str(tmp_path / "none"), "--out", str(tmp_path / "figs")])
+    line = _one_error_line(capsys.readouterr().err)
+    assert rc == 2 and str(tmp_path / "none") in line and not (tmp_path / "figs").exists()
+    fake_run(tmp_path / "runs" / "c-s1", seed=1, loss=5.0)
+    rc = main(["study", "seeds-table", str(tmp_path / "runs" / "c-s1"), "--reference-loss", "nan"])
+    out, err = capsys.readouterr()
+    assert rc == 2 and "nan" in _one_error_line(err) and "c-s1" in out
+    with pytest.raises(InputError, match="if_exists='keep'"):
+        study.train_phase(tmp_path / "t", if_exists="keep", log=None)
+    assert not (tmp_path / "t").exists()
+    untrained = tmp_path / "runs" / "empty"
+    untrained.mkdir()
+    (untrained / "study.json").write_text("{}")
+    with pytest.raises(InputError, match="empty.*no val_loss"):
+        study.seeds_test(study.seeds_table([untrained]), reference_loss=5.0)
+
+
+def test_prepare_data_missing_tokenizer(tmp_path: Path):
+    from lmcore.data import shard_name, write_shard
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for split in ("val", "train"):
+        write_shard(data / shard_name(split, 0), list(range(100)))
+    cfg = study.make_config("smoke", [f"data.data_dir={data}", f"data.tokenizer={tmp_path / 'tok.model'}"])
+    with pytest.raises(InputNotFound, match="tok.model"):
+        study.prepare_data(cfg, tmp_path, progress=False)
+
+
 def test_parse_param():
     assert study.parse_param('["train.iterations=5", "eval.ttt=false"]') == ["train.iterations=5", "eval.ttt=false"]
     assert study.parse_param("3") == 3 and study.parse_param("0.5") == 0.5
@@ -121,9 +197,9 @@ def test_seeds_table_and_test(tmp_path: Path):
     assert res.reference_n == 1 and res.reference_mean == pytest.approx(3.1 * 0.6931471805599453 * 2.3)
     res = study.seeds_test(table, reference_loss=5.004)
     assert not res.passed and res.improvement < 0.005
-    with pytest.raises(ValueError, match="reference"):
+    with pytest.raises(InputError, match="reference"):
         study.seeds_test(table)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(InputNotFound, match="nothing-"):
         study.seeds_table([str(runs / "nothing-*")], root=tmp_path)
     t = study.welch_table(res)
     assert "p_value" in set(t["what"])
