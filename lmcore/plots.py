@@ -1,7 +1,8 @@
 """Run folders into pandas tables, and the study's figures.
 
 Loading. `find_runs(runs_dir)` finds every run folder below `runs_dir` (a folder holding
-config.json, summary.json, FAILED.json or study.json; checkpoints are not runs).
+config.json, summary.json, FAILED.json or study.json; checkpoints are not runs, nor are the
+backups of replaced runs, `replaced-YYYYmmdd-HHMMSS` subfolders: `is_backup`).
 `load_run` flattens one folder into a dict: what the study layer recorded (study.json:
 study, variant, seed, overrides), the config (preset, bigram, gated layers, attention),
 training (summary.json), packing (pack.json: model / code / total bytes) and evaluation
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -39,6 +41,7 @@ __all__ = [
     "display_figures",
     "export_figures",
     "find_runs",
+    "is_backup",
     "load_metrics",
     "load_run",
     "load_runs",
@@ -51,6 +54,9 @@ __all__ = [
 ]
 
 RUN_MARKERS = ("config.json", "summary.json", "FAILED.json", "study.json")
+# A replaced run's files, moved aside inside its run folder by the study layer.
+BACKUP_PREFIX = "replaced-"
+_BACKUP_NAME = re.compile(re.escape(BACKUP_PREFIX) + r"\d{8}-\d{6}(-\d+)?")
 SIZE_LIMIT = 16_000_000
 
 
@@ -70,8 +76,14 @@ def _read_json(path: Path) -> dict[str, Any] | None:
         return {"_unreadable": str(path)}
 
 
+def is_backup(path: str | Path) -> bool:
+    """Whether `path` is the backup of a replaced run (RUN/replaced-YYYYmmdd-HHMMSS)."""
+    return _BACKUP_NAME.fullmatch(Path(path).name) is not None
+
+
 def find_runs(runs_dir: str | Path = "runs") -> list[Path]:
-    """Every run folder below `runs_dir` (itself included), sorted; [] if it does not exist."""
+    """Every run folder below `runs_dir` (itself included), sorted; [] if it does not exist.
+    Checkpoints and backups of replaced runs are not runs."""
     root = Path(runs_dir)
     if not root.is_dir():
         return []
@@ -79,7 +91,8 @@ def find_runs(runs_dir: str | Path = "runs") -> list[Path]:
     for marker in RUN_MARKERS:
         for p in root.rglob(marker):
             d = p.parent
-            if "checkpoints" in d.relative_to(root).parts:
+            parts = d.relative_to(root).parts
+            if "checkpoints" in parts or any(is_backup(x) for x in parts):
                 continue
             found.add(d)
     return sorted(found)

@@ -17,6 +17,14 @@ evaluation run as `torchrun --standalone --nproc_per_node=N -m lmcore ...` subpr
 streamed line by line, and packing as a `python -m lmcore pack` subprocess: a notebook
 kernel never hosts ranks. A failed phase writes FAILED.json (phase, error, traceback).
 
+Replacing a run. A run folder that already holds a finished run (summary.json or
+eval.json; for a batch also notebook.ipynb) is never overwritten in place: before the new
+run starts, the study layer says which run it holds (status, score, date) and moves its
+files into RUN/replaced-YYYYmmdd-HHMMSS/. A failure then leaves FAILED.json beside that
+backup, a success the new results beside it; `plots.find_runs` and `expand_runs` skip
+backups. This is `if_exists="replace"` of the phase runners and every `run_batch`;
+"reuse" keeps a finished run with the same config, "error" lets train refuse.
+
 Sweeps (`sweep`, `attention_sweep`): one run per variant and seed in
 runs_dir/<study>/<variant>-s<seed>. An attention backend that cannot run here is not
 run: its folder holds only study.json with status "unavailable" and the reason from
@@ -103,8 +111,9 @@ __all__ = [
 
 LogFn = Callable[[str], None]
 
-# Files a run folder may hold that `if_exists="replace"` clears (the executed notebook,
-# notebook.ipynb, is kept: Papermill may be writing it while the run executes).
+# Files of an unfinished run that `if_exists="replace"` deletes (a finished run is moved
+# aside instead: `_set_aside`). The executed notebook, notebook.ipynb, is kept: Papermill
+# may be writing it while the run executes.
 RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "model.pt", "model.int6.ptz", "pack.json",
              "eval.json", "study.json", "FAILED.json")
 RUN_DIRS = ("checkpoints",)
@@ -270,7 +279,40 @@ def _update_study(run_dir: Path, **fields: Any) -> dict[str, Any]:
     return st
 
 
-def _clear_run(run_dir: Path) -> None:
+def _set_aside(
+    run_dir: Path,
+    log: LogFn | None,
+    markers: Sequence[str] = ("summary.json", "eval.json"),
+    keep: Sequence[str] = ("notebook.ipynb",),
+    extra: Sequence[Path] = (),
+) -> Path | None:
+    """When `run_dir` holds a finished run (a file of `markers`, or one of `extra`), say
+    which and move its files (all but `keep`), its checkpoints and `extra` into
+    run_dir/replaced-YYYYmmdd-HHMMSS/, which is returned (None: nothing to set aside)."""
+    found = [run_dir / m for m in markers if (run_dir / m).is_file()] + [Path(e) for e in extra if Path(e).is_file()]
+    if not found:
+        return None
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    backup, n = run_dir / f"{plots.BACKUP_PREFIX}{stamp}", 1
+    while backup.exists():
+        n += 1
+        backup = run_dir / f"{plots.BACKUP_PREFIX}{stamp}-{n}"
+    row = plots.load_run(run_dir)
+    score = f"val_bpb {row['val_bpb']:.4f} from {row['score_source']}" if row["val_bpb"] is not None else "no score"
+    when = _dt.datetime.fromtimestamp(max(f.stat().st_mtime for f in found)).strftime("%Y-%m-%d %H:%M:%S")
+    _say(log)(f"{run_dir} holds an earlier run (status {row['status']}, {score}, written {when}): moving its "
+              f"files to {backup}/ before the new run starts; the new run's results (or FAILED.json) go to {run_dir}")
+    backup.mkdir(parents=True)
+    own = [f for f in run_dir.iterdir() if (f.is_file() or f.name in RUN_DIRS) and f.name not in keep]
+    for f in [*own, *(Path(e) for e in extra if Path(e).is_file())]:
+        shutil.move(f, backup / f.name)
+    return backup
+
+
+def _clear_run(run_dir: Path, log: LogFn | None = None) -> None:
+    """Make room for a new run: a finished one is moved aside (`_set_aside`), the files of
+    an unfinished one are deleted."""
+    _set_aside(run_dir, log)
     for f in RUN_FILES:
         (run_dir / f).unlink(missing_ok=True)
     for d in RUN_DIRS:
@@ -331,8 +373,9 @@ def train_phase(
 ) -> Path:
     """Train preset + overrides (+ seed) into `run_dir`; returns the absolute run folder.
 
-    `if_exists`: "replace" clears an earlier run in the folder (run files only),
-    "reuse" keeps a finished training with the same config, "error" lets train refuse.
+    `if_exists`: "replace" moves a finished earlier run into a backup subfolder (and
+    deletes an unfinished one's files; see the module docstring), "reuse" keeps a finished
+    training with the same config, "error" lets train refuse.
     With num_gpus > 1 it runs under torchrun as a subprocess, its output streamed.
     """
     if if_exists not in ("replace", "reuse", "error"):
@@ -345,7 +388,7 @@ def train_phase(
             _say(log)(f"train: reusing {rd} (finished, same config)")
             return rd
         if if_exists == "replace":
-            _clear_run(rd)
+            _clear_run(rd, log)
         rd.mkdir(parents=True, exist_ok=True)
         (rd / "FAILED.json").unlink(missing_ok=True)
         _update_study(rd, study=study, variant=variant, preset=preset, overrides=list(overrides),
@@ -483,7 +526,7 @@ def run_one(
             except BaseException as e:
                 rd.mkdir(parents=True, exist_ok=True)
                 if if_exists == "replace":
-                    _clear_run(rd)
+                    _clear_run(rd, log)
                 _update_study(rd, study=study, variant=variant, preset=preset, overrides=list(overrides),
                               seed=seed, num_gpus=int(num_gpus))
                 _record_failure(rd, "config/data", e)
@@ -632,7 +675,7 @@ def attention_sweep(
                 if state != "available":
                     say(f"=== attention: {b} is unavailable on {dev}: {state}")
                     rd.mkdir(parents=True, exist_ok=True)
-                    _clear_run(rd)
+                    _clear_run(rd, log)
                     _update_study(rd, study="attention", variant=b, preset=preset, overrides=list(overrides),
                                   seed=int(seed), num_gpus=int(num_gpus), attention=b, status="unavailable",
                                   reason=state, device=dev)
@@ -649,14 +692,15 @@ def attention_sweep(
 
 def expand_runs(patterns: str | Iterable[str | Path], root: str | Path | None = None) -> list[Path]:
     """Run folders from paths or glob patterns (relative to the repository root), in
-    order, without duplicates. A pattern that matches nothing raises InputNotFound."""
+    order, without duplicates; a glob skips backups of replaced runs. A pattern that
+    matches nothing raises InputNotFound."""
     pats = [patterns] if isinstance(patterns, (str, Path)) else list(patterns)
     r = Path(root).resolve() if root is not None else repo_root()
     out: list[Path] = []
     for p in pats:
         ap = resolve(p, r)
         if any(c in str(p) for c in "*?["):
-            hits = sorted(Path(h) for h in glob.glob(str(ap)) if Path(h).is_dir())
+            hits = sorted(Path(h) for h in glob.glob(str(ap)) if Path(h).is_dir() and not plots.is_backup(h))
         else:
             hits = [ap] if ap.is_dir() else []
         if not hits:
@@ -882,9 +926,11 @@ def run_batch(
     to the notebook's stem. The notebook gets `seed` and `run_dir` (absolute) when it
     declares them, on top of `parameters`; a parameter it does not declare raises
     InputError before anything runs. The executed notebook is saved as
-    <run folder>/notebook.ipynb, or out_dir/<run name>.ipynb. A failure writes
-    <run folder>/FAILED.json and the batch continues. Returns the batch summary (also
-    written to runs_dir/batches/<name>-<time>.json): runs with status ok / failed.
+    <run folder>/notebook.ipynb, or out_dir/<run name>.ipynb. A run folder holding an
+    earlier run has its files moved to a backup subfolder first (module docstring). A
+    failure writes <run folder>/FAILED.json and the batch continues. Returns the batch
+    summary (also written to runs_dir/batches/<name>-<time>.json): runs with status ok /
+    failed.
     """
     say = _say(log)
     r = Path(root).resolve() if root is not None else repo_root()
@@ -911,6 +957,9 @@ def run_batch(
     results = []
     for i, (run_name, seed) in enumerate(jobs, 1):
         rd = runs / run_name
+        out_nb = (outs / f"{run_name}.ipynb") if outs is not None else (rd / "notebook.ipynb")
+        _set_aside(rd, say, markers=("summary.json", "eval.json", "notebook.ipynb"), keep=(),
+                   extra=[out_nb] if outs is not None else [])
         rd.mkdir(parents=True, exist_ok=True)
         (rd / "FAILED.json").unlink(missing_ok=True)
         params = dict(parameters or {})
@@ -921,7 +970,6 @@ def run_batch(
                 say(f"warning: {nb.name} has no `seed` parameter; seed {seed} only names the run folder")
         if "run_dir" in declared and "run_dir" not in (parameters or {}):
             params["run_dir"] = str(rd)
-        out_nb = (outs / f"{run_name}.ipynb") if outs is not None else (rd / "notebook.ipynb")
         say(f"=== [{i}/{len(jobs)}] {nb.name} -> {out_nb}" + (f" (seed {seed})" if seed is not None else ""))
         t0 = time.perf_counter()
         entry: dict[str, Any] = {"name": run_name, "seed": seed, "run_dir": str(rd), "notebook": str(out_nb),

@@ -168,3 +168,12 @@ def test_partial_data_skips_only_what_is_missing(tmp_path: Path):
     assert isinstance(res["artifact_size"], str) and "pack.json" in res["artifact_size"]
     assert isinstance(res["ttt_gain_per_chunk"], str) and "eval.json" in res["ttt_gain_per_chunk"]
     assert not isinstance(res["loss_curves"], str) and not isinstance(res["throughput_by_backend"], str)
+
+
+def test_find_runs_skips_backups_of_replaced_runs(runs_dir: Path):
+    backup = runs_dir / "bigram" / "hashed-s1" / "replaced-20261128-101010"
+    fake_run(backup, "bigram", "hashed", 1, 9.0)
+    fake_run(runs_dir / "bigram" / "hashed-s1" / "replaced-20261128-101010-2", "bigram", "hashed", 1, 9.0)
+    assert plots.is_backup(backup) and not plots.is_backup(runs_dir / "bigram" / "hashed-s1")
+    df = plots.load_runs(runs_dir)
+    assert len(df) == 11 and 9.0 not in set(df["val_bpb"])

@@ -1,21 +1,22 @@
 """lmcore.study: Papermill batches (two seeds -> two run folders with executed notebooks;
 a failing run recorded and the batch going on; undeclared parameters and files that are
-not notebooks refused before anything runs), parameter parsing, paths, seed tables and the
-challenge test on synthetic runs, one-line errors for bad input, the attention sweep's
-unavailable backends, a failing sweep run, the notebooks' structure, and one tiny real run
-end to end."""
+not notebooks refused before anything runs; a finished run moved to a backup before it is
+replaced), parameter parsing, paths, seed tables and the challenge test on synthetic runs,
+one-line errors for bad input, the attention sweep's unavailable backends, a failing sweep
+run, the notebooks' structure, and one tiny real run end to end."""
 
 from __future__ import annotations
 
 import ast
 import json
+import re
 from pathlib import Path
 
 import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_notebook
 
-from lmcore import study
+from lmcore import plots, study
 from lmcore.cli import main
 from lmcore.errors import InputError, InputNotFound
 from tests.test_plots import fake_run
@@ -37,7 +38,7 @@ def _tiny_notebook(path: Path) -> Path:
         "print('seed', seed)"
     )
     boom = new_code_cell("if seed == fail_seed:\n    raise RuntimeError(f'boom at seed {seed}')")
-    nb.cells = [params, work, boom]
+    nb.cells = [params, boom, work]
     nbformat.write(nb, path)
     return path
 
@@ -122,6 +123,83 @@ def test_batch_missing_notebook_is_one_line(tmp_path: Path, capsys):
     line = _one_error_line(capsys.readouterr().err)
     assert rc == 2 and f"notebook not found: {tmp_path / 'nope.ipynb'}" in line
     assert not (tmp_path / "runs").exists()
+
+
+def _backups(run_dir: Path) -> list[Path]:
+    return sorted(d for d in run_dir.iterdir() if d.is_dir() and re.fullmatch(r"replaced-\d{8}-\d{6}(-\d+)?", d.name))
+
+
+def _files(d: Path) -> dict[str, bytes]:
+    return {f.name: f.read_bytes() for f in d.iterdir() if f.is_file()}
+
+
+def test_batch_into_a_finished_run_backs_it_up_first(tmp_path: Path):
+    nb = _tiny_notebook(tmp_path / "tiny.ipynb")
+    runs = tmp_path / "runs"
+    rd = fake_run(runs / "tiny", seed=5, bpb=2.0)
+    (rd / "notebook.ipynb").write_text("{}")
+    old = _files(rd)
+    lines: list[str] = []
+    # a failing run: FAILED.json beside the backup, no old result left in place
+    s = study.run_batch(nb, {"fail_seed": 0}, runs_dir=runs, root=tmp_path, stream=False, log=lines.append)
+    assert s["failed"] == ["tiny"]
+    [b1] = _backups(rd)
+    assert _files(b1) == old
+    assert set(_files(rd)) == {"FAILED.json", "notebook.ipynb"}
+    said = [ln for ln in lines if "earlier run" in ln]
+    assert len(said) == 1 and str(rd) in said[0] and "val_bpb 2.0000" in said[0] and str(b1) in said[0]
+    assert lines.index(said[0]) < next(i for i, ln in enumerate(lines) if ln.startswith("=== [1/1]"))
+    # backups are not runs
+    assert plots.find_runs(runs) == [rd]
+    assert list(study.seeds_table([str(runs / "t*")], root=tmp_path)["run"]) == ["tiny"]
+    with pytest.raises(InputNotFound):
+        study.expand_runs([str(rd / "*")], root=tmp_path)
+    # a successful run: the new results beside both backups
+    failed_files = _files(rd)
+    s = study.run_batch(nb, runs_dir=runs, root=tmp_path, stream=False, log=None)
+    assert s["ok"] == ["tiny"]
+    b1_again, b2 = _backups(rd)
+    assert b1_again == b1 and _files(b2) == failed_files
+    assert set(_files(rd)) == {"notebook.ipynb", "out.json"}
+
+
+def test_batch_out_dir_backs_up_the_executed_notebook(tmp_path: Path):
+    nb = _tiny_notebook(tmp_path / "tiny.ipynb")
+    runs, outs = tmp_path / "runs", tmp_path / "executed"
+    study.run_batch(nb, runs_dir=runs, out_dir=outs, root=tmp_path, stream=False, log=None)
+    first = (outs / "tiny.ipynb").read_bytes()
+    study.run_batch(nb, {"fail_seed": 0}, runs_dir=runs, out_dir=outs, root=tmp_path, stream=False, log=None)
+    [b] = _backups(runs / "tiny")
+    assert (b / "tiny.ipynb").read_bytes() == first and (b / "out.json").is_file()
+    assert not (runs / "tiny" / "out.json").exists() and (runs / "tiny" / "FAILED.json").is_file()
+
+
+def test_replace_in_the_phase_runners_backs_up_a_finished_run(tmp_path: Path):
+    # run_one: a run failing at its config replaces a finished run
+    rd = fake_run(tmp_path / "runs" / "one", seed=5, bpb=2.0)
+    old = _files(rd)
+    lines: list[str] = []
+    row = study.run_one(rd, overrides=["model.bigram=trigram"], raise_errors=False, root=REPO, log=lines.append)
+    assert row["status"] == "failed" and "model.bigram" in row["error"]
+    [b] = _backups(rd)
+    assert _files(b) == old
+    assert set(_files(rd)) == {"FAILED.json", "study.json"}
+    assert any(str(rd) in ln and "val_bpb 2.0000" in ln and str(b) in ln for ln in lines)
+    # train_phase, failing in training; the executed notebook is left where Papermill writes it
+    rd2 = fake_run(tmp_path / "runs" / "two", seed=6, bpb=2.5)
+    (rd2 / "notebook.ipynb").write_text("{}")
+    (rd2 / "checkpoints").mkdir()
+    (rd2 / "checkpoints" / "step_5.pt").write_bytes(b"x")
+    old2 = _files(rd2)
+    with pytest.raises(InputError, match="nodata"):
+        study.train_phase(rd2, overrides=[f"data.data_dir={tmp_path / 'nodata'}"], progress=False, root=REPO,
+                          log=None)
+    [b2] = _backups(rd2)
+    assert _files(b2) == {k: v for k, v in old2.items() if k != "notebook.ipynb"}
+    assert (b2 / "checkpoints" / "step_5.pt").is_file() and not (rd2 / "checkpoints").exists()
+    assert {"FAILED.json", "notebook.ipynb"} <= set(_files(rd2))
+    assert not {"summary.json", "eval.json", "pack.json"} & set(_files(rd2))
+    assert [Path(p) for p in plots.load_runs(tmp_path / "runs")["path"]] == [rd.resolve(), rd2.resolve()]
 
 
 def test_bad_input_errors_are_one_line(tmp_path: Path, capsys):
@@ -276,9 +354,12 @@ def test_run_one_end_to_end(tmp_path: Path):
     assert st["status"] == "ok" and set(st["phases"]) == {"data", "train", "pack", "eval"}
     table = study.run_table(row)
     assert "artifact bytes" in set(table["what"])
-    # run again into the same folder: the earlier run is replaced
+    # run again into the same folder: the earlier run is replaced, its files kept in a backup
     row2 = study.run_one(tmp_path / "runs" / "one", overrides=ov, seed=4, progress=False, log=None)
     assert row2["status"] == "ok" and row2["seed"] == 4
+    [backup] = _backups(tmp_path / "runs" / "one")
+    assert plots.load_run(backup)["seed"] == 3 and plots.load_run(backup)["status"] == "ok"
+
 
 
 @pytest.mark.slow
