@@ -1,9 +1,10 @@
 """lmcore.study: Papermill batches (two seeds -> two run folders with executed notebooks;
 a failing run recorded and the batch going on; undeclared parameters and files that are
 not notebooks refused before anything runs; a finished run moved to a backup before it is
-replaced), parameter parsing, paths, seed tables and the challenge test on synthetic runs,
-one-line errors for bad input, the attention sweep's unavailable backends, a failing sweep
-run, the notebooks' structure, and one tiny real run end to end."""
+replaced), parameter parsing, paths, seed tables and both significance bars on synthetic
+runs (library, command line and the seeds notebook), one-line errors for bad input, the
+attention sweep's unavailable backends, a failing sweep run, the notebooks' structure,
+and one tiny real run end to end."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from nbformat.v4 import new_code_cell, new_notebook
 from lmcore import plots, study
 from lmcore.cli import main
 from lmcore.errors import InputError, InputNotFound
+from lmcore.stats import challenge_bars, challenge_test
 from tests.test_plots import fake_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -283,13 +285,64 @@ def test_seeds_table_and_test(tmp_path: Path):
     assert "p_value" in set(t["what"])
 
 
-def test_seeds_table_cli(tmp_path: Path, capsys):
+CAND_LOSSES = (5.000, 5.003, 4.999)
+REF_LOSSES = (5.004, 5.006, 5.005)  # improvement ~0.0043 nats: the practice bar passes, the README's does not
+METRIC = "val_loss (nats/token)"
+
+
+def _seed_runs(tmp_path: Path) -> tuple[Path, Path]:
     runs = tmp_path / "runs"
-    for seed, loss in ((1, 5.000), (2, 5.002)):
-        fake_run(runs / f"c-s{seed}", seed=seed, loss=loss)
-    rc = main(["study", "seeds-table", str(runs / "c-s*"), "--reference-loss", "5.1"])
+    for seed, loss in enumerate(CAND_LOSSES, 1):
+        fake_run(runs / f"cand-s{seed}", "seeds", "candidate", seed, bpb=loss / 1.6, loss=loss)
+    for seed, loss in enumerate(REF_LOSSES, 1):
+        fake_run(runs / f"ref-s{seed}", "seeds", "reference", seed, bpb=loss / 1.6, loss=loss)
+    return runs / "cand-s*", runs / "ref-s*"
+
+
+def test_seeds_bars_states_both_bars(tmp_path: Path):
+    cand, ref = _seed_runs(tmp_path)
+    table = study.seeds_table([str(cand)])
+    bars = study.seeds_bars(table, reference_runs=[str(ref)])
+    expected = challenge_bars(CAND_LOSSES, REF_LOSSES, metric=METRIC)
+    assert bars == expected
+    assert not bars["readme"].passed and bars["practice"].passed
+    assert bars["readme"].statement.startswith("README bar (0.005 nats, p < 0.01)")
+    assert bars["practice"].statement.startswith("maintainers' frontier bar (p < 0.25")
+    t = study.welch_table(bars).set_index("what")
+    assert list(t.columns) == ["readme", "practice"]
+    for key in ("readme", "practice"):
+        for field in ("p_value", "t", "df", "min_improvement", "alpha", "passed"):
+            assert t.loc[field, key] == getattr(expected[key], field)
+    # seeds_test keeps its meaning: one test, the README's bar by default
+    assert study.seeds_test(table, reference_runs=[str(ref)]) == challenge_test(CAND_LOSSES, REF_LOSSES, metric=METRIC)
+    # one published number (taken as exact: its std is nan, so compare the statements)
+    got, want = study.seeds_bars(table, reference_loss=5.01), challenge_bars(CAND_LOSSES, 5.01, metric=METRIC)
+    assert {k: r.statement for k, r in got.items()} == {k: r.statement for k, r in want.items()}
+
+
+def test_seeds_table_cli(tmp_path: Path, capsys):
+    cand, ref = _seed_runs(tmp_path)
+    rc = main(["study", "seeds-table", str(cand), "--reference-runs", str(ref)])
     out = capsys.readouterr().out
-    assert rc == 0 and "val_loss" in out and "p = " in out and "c-s2" in out
+    assert rc == 0 and "val_loss" in out and "cand-s3" in out
+    for bar in challenge_bars(CAND_LOSSES, REF_LOSSES, metric=METRIC).values():
+        assert bar.statement in out
+    assert "readme" in out and "practice" in out
+
+
+def test_seeds_notebook_states_both_bars(tmp_path: Path):
+    # 05_seeds on existing (synthetic) runs: nothing is trained
+    cand, ref = _seed_runs(tmp_path)
+    s = study.run_batch(REPO / "notebooks" / "05_seeds.ipynb", {"run_dirs": [str(cand)], "reference_runs": [str(ref)]},
+                        runs_dir=tmp_path / "batch", root=REPO, stream=False, log=None)
+    assert s["ok"] == ["05_seeds"], s
+    executed = nbformat.read(tmp_path / "batch" / "05_seeds" / "notebook.ipynb", as_version=4)
+    last = [c for c in executed.cells if c.cell_type == "code"][-1]
+    printed = "".join(o.get("text", "") for o in last.outputs if o.output_type == "stream")
+    bars = challenge_bars(CAND_LOSSES, REF_LOSSES, metric=METRIC)
+    assert printed.splitlines() == [bars["readme"].statement, bars["practice"].statement]
+    table = next(o for o in last.outputs if o.output_type == "execute_result")["data"]["text/plain"]
+    assert "readme" in table and "practice" in table
 
 
 def test_attention_sweep_reports_unavailable_backends(tmp_path: Path):
@@ -359,7 +412,6 @@ def test_run_one_end_to_end(tmp_path: Path):
     assert row2["status"] == "ok" and row2["seed"] == 4
     [backup] = _backups(tmp_path / "runs" / "one")
     assert plots.load_run(backup)["seed"] == 3 and plots.load_run(backup)["status"] == "ok"
-
 
 
 @pytest.mark.slow
