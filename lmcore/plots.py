@@ -1,10 +1,11 @@
 """Run folders into pandas tables, and the study's figures.
 
 Loading. `find_runs(runs_dir)` finds every run folder below `runs_dir` (a folder holding
-config.json, summary.json, FAILED.json or study.json; checkpoints are not runs).
+config.json, summary.json, FAILED.json or study.json; checkpoints are not runs, nor are the
+backups of replaced runs, `replaced-YYYYmmdd-HHMMSS` subfolders: `is_backup`).
 `load_run` flattens one folder into a dict: what the study layer recorded (study.json:
 study, variant, seed, overrides), the config (preset, bigram, gated layers, attention),
-training (summary.json), packing (pack.json: model / code / total bytes) and evaluation
+training (summary.json), packing (pack.json: model / code / total bytes, fits) and evaluation
 (eval.json: TTT and sliding bpb, TTT gain). `val_bpb` / `val_loss` are the run's score:
 from eval.json (the packed model, after TTT) when present, else the pre-quantization
 numbers of summary.json; `score_source` says which. `load_runs` makes the DataFrame,
@@ -12,14 +13,17 @@ numbers of summary.json; `score_source` says which. `load_runs` makes the DataFr
 
 Figures. Each `plot_*` function takes that DataFrame and returns a matplotlib `Figure`
 (object API, no pyplot state), or raises `NoData` with the reason when no run has what
-it needs. `save_figure` writes PNG and SVG; `export_figures` makes every figure of the
-study into a folder, skipping (and reporting) those without data.
+it needs. Sizes and "fits" are pack.json's own numbers, never recomputed here; the
+limit line is `lmcore.pack.SIZE_LIMIT`. `save_figure` writes PNG and SVG;
+`export_figures` makes every figure of the study into a folder, skipping (and
+reporting) those without data.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -39,6 +43,7 @@ __all__ = [
     "display_figures",
     "export_figures",
     "find_runs",
+    "is_backup",
     "load_metrics",
     "load_run",
     "load_runs",
@@ -51,7 +56,9 @@ __all__ = [
 ]
 
 RUN_MARKERS = ("config.json", "summary.json", "FAILED.json", "study.json")
-SIZE_LIMIT = 16_000_000
+# A replaced run's files, moved aside inside its run folder by the study layer.
+BACKUP_PREFIX = "replaced-"
+_BACKUP_NAME = re.compile(re.escape(BACKUP_PREFIX) + r"\d{8}-\d{6}(-\d+)?")
 
 
 class NoData(Exception):
@@ -70,8 +77,14 @@ def _read_json(path: Path) -> dict[str, Any] | None:
         return {"_unreadable": str(path)}
 
 
+def is_backup(path: str | Path) -> bool:
+    """Whether `path` is the backup of a replaced run (RUN/replaced-YYYYmmdd-HHMMSS)."""
+    return _BACKUP_NAME.fullmatch(Path(path).name) is not None
+
+
 def find_runs(runs_dir: str | Path = "runs") -> list[Path]:
-    """Every run folder below `runs_dir` (itself included), sorted; [] if it does not exist."""
+    """Every run folder below `runs_dir` (itself included), sorted; [] if it does not exist.
+    Checkpoints and backups of replaced runs are not runs."""
     root = Path(runs_dir)
     if not root.is_dir():
         return []
@@ -79,7 +92,8 @@ def find_runs(runs_dir: str | Path = "runs") -> list[Path]:
     for marker in RUN_MARKERS:
         for p in root.rglob(marker):
             d = p.parent
-            if "checkpoints" in d.relative_to(root).parts:
+            parts = d.relative_to(root).parts
+            if "checkpoints" in parts or any(is_backup(x) for x in parts):
                 continue
             found.add(d)
     return sorted(found)
@@ -359,32 +373,40 @@ def plot_throughput_by_backend(df: pd.DataFrame) -> Figure:
 
 
 def plot_artifact_size(df: pd.DataFrame, max_runs: int = 30) -> Figure:
-    """Artifact bytes per run, stacked by component (compressed model, code), vs the limit."""
-    if "model_bytes" not in df.columns:
+    """Artifact bytes per run as pack.json counts them: the compressed model, then the rest
+    of total_bytes (the code), each bar marked with pack.json's "fits"; the limit line."""
+    from lmcore.pack import SIZE_LIMIT
+
+    if not {"model_bytes", "total_bytes"} <= set(df.columns):
         raise NoData("no run has pack.json")
-    ok = df[df["model_bytes"].notna()]
+    ok = df[df["model_bytes"].notna() & df["total_bytes"].notna()]
     if ok.empty:
-        raise NoData("no run has pack.json (model/code bytes)")
+        raise NoData("no run has pack.json (model/total bytes)")
     ok = ok.head(max_runs)
     labels = [_label(r) for _, r in ok.iterrows()]
     model = ok["model_bytes"].astype(float).to_numpy()
-    code = ok["code_bytes"].fillna(0).astype(float).to_numpy()
+    total = ok["total_bytes"].astype(float).to_numpy()
     fig = _new_figure(8, max(2.5, 0.35 * len(ok) + 1.5))
     ax = fig.subplots()
     y = range(len(ok))
     ax.barh(y, model, color="tab:blue", label="model (int6 + Brotli)")
-    ax.barh(y, code, left=model, color="tab:orange", label="code")
+    ax.barh(y, total - model, left=model, color="tab:orange", label="code")
+    for yi, t, fits in zip(y, total, ok.get("fits", pd.Series([None] * len(ok)))):
+        verdict = "fits: ?" if pd.isna(fits) else ("fits" if bool(fits) else "DOES NOT FIT")
+        ax.text(t, yi, f" {t:,.0f} ({verdict})", va="center", fontsize=6, color="black" if verdict == "fits" else "red")
     ax.set_yticks(list(y), labels, fontsize=7)
     ax.invert_yaxis()
-    top = float((model + code).max())
+    top = float(total.max())
     if top > 0.25 * SIZE_LIMIT:
-        ax.axvline(SIZE_LIMIT, color="red", ls="--", lw=1, label="limit 16,000,000")
+        ax.axvline(SIZE_LIMIT, color="red", ls="--", lw=1, label=f"limit {SIZE_LIMIT:,}")
         title = "artifact size by component"
+        top = max(top, SIZE_LIMIT)
     else:
-        title = f"artifact size by component (limit 16,000,000 bytes; largest here {top:,.0f})"
+        title = f"artifact size by component (limit {SIZE_LIMIT:,} bytes; largest here {top:,.0f})"
+    ax.set_xlim(0, 1.25 * top)  # room for the totals written after the bars
     ax.set(xlabel="bytes", title=title)
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:,.0f}"))
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=3, frameon=False)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3, frameon=False)
     ax.grid(axis="x", alpha=0.3)
     return fig
 

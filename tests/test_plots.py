@@ -168,3 +168,32 @@ def test_partial_data_skips_only_what_is_missing(tmp_path: Path):
     assert isinstance(res["artifact_size"], str) and "pack.json" in res["artifact_size"]
     assert isinstance(res["ttt_gain_per_chunk"], str) and "eval.json" in res["ttt_gain_per_chunk"]
     assert not isinstance(res["loss_curves"], str) and not isinstance(res["throughput_by_backend"], str)
+
+
+def test_find_runs_skips_backups_of_replaced_runs(runs_dir: Path):
+    backup = runs_dir / "bigram" / "hashed-s1" / "replaced-20261128-101010"
+    fake_run(backup, "bigram", "hashed", 1, 9.0)
+    fake_run(runs_dir / "bigram" / "hashed-s1" / "replaced-20261128-101010-2", "bigram", "hashed", 1, 9.0)
+    assert plots.is_backup(backup) and not plots.is_backup(runs_dir / "bigram" / "hashed-s1")
+    df = plots.load_runs(runs_dir)
+    assert len(df) == 11 and 9.0 not in set(df["val_bpb"])
+
+
+def test_artifact_size_figure_takes_sizes_and_fits_from_pack_json(tmp_path: Path):
+    from lmcore.pack import SIZE_LIMIT
+
+    runs = tmp_path / "runs"
+    sizes = {"small": (15_000_000, 900_000, True), "big": (15_990_000, 10_500, False)}
+    for name, (model, code, fits) in sizes.items():
+        d = fake_run(runs / name, None, None)
+        (d / "pack.json").write_text(json.dumps({"model_bytes": model, "code_bytes": code,
+                                                 "total_bytes": model + code, "fits": fits}))
+    df = plots.load_runs(runs)
+    assert list(df["fits"]) == [False, True] and list(df["total_bytes"]) == [16_000_500, 15_900_000]
+    ax = plots.plot_artifact_size(df).axes[0]
+    ends = sorted(round(p.get_x() + p.get_width()) for p in ax.patches)
+    assert ends == sorted([15_000_000, 15_900_000, 15_990_000, 16_000_500])  # model bars, then model + code
+    texts = [t.get_text() for t in ax.texts]
+    assert any("16,000,500" in t and "DOES NOT FIT" in t for t in texts)
+    assert any("15,900,000" in t and "(fits)" in t for t in texts)
+    assert [ln.get_xdata()[0] for ln in ax.lines] == [SIZE_LIMIT]

@@ -1,20 +1,26 @@
 """lmcore.study: Papermill batches (two seeds -> two run folders with executed notebooks;
-a failing run recorded and the batch going on), parameter parsing, paths, seed tables
-and the challenge test on synthetic runs, the attention sweep's unavailable backends, a
-failing sweep run, the notebooks' structure, and one tiny real run end to end."""
+a failing run recorded and the batch going on; undeclared parameters and files that are
+not notebooks refused before anything runs; a finished run moved to a backup before it is
+replaced), parameter parsing, paths, seed tables and both significance bars on synthetic
+runs (library, command line and the seeds notebook), one-line errors for bad input, the
+attention sweep's unavailable backends, a failing sweep run, the notebooks' structure,
+and one tiny real run end to end."""
 
 from __future__ import annotations
 
 import ast
 import json
+import re
 from pathlib import Path
 
 import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_notebook
 
-from lmcore import study
+from lmcore import plots, study
 from lmcore.cli import main
+from lmcore.errors import InputError, InputNotFound
+from lmcore.stats import challenge_bars, challenge_test
 from tests.test_plots import fake_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,7 +40,7 @@ def _tiny_notebook(path: Path) -> Path:
         "print('seed', seed)"
     )
     boom = new_code_cell("if seed == fail_seed:\n    raise RuntimeError(f'boom at seed {seed}')")
-    nb.cells = [params, work, boom]
+    nb.cells = [params, boom, work]
     nbformat.write(nb, path)
     return path
 
@@ -81,6 +87,156 @@ def test_batch_out_dir_and_no_seeds(tmp_path: Path):
     assert json.loads((tmp_path / "runs" / "one" / "out.json").read_text())["seed"] == 0
 
 
+def _one_error_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_batch_refuses_an_undeclared_parameter(tmp_path: Path, capsys):
+    nb = _tiny_notebook(tmp_path / "tiny.ipynb")
+    runs = tmp_path / "runs"
+    rc = main(["study", "run", str(nb), "-p", "lable", "x", "-p", "label", "y", "--runs-dir", str(runs), "--quiet"])
+    line = _one_error_line(capsys.readouterr().err)
+    assert rc == 2 and "lable" in line and str(nb) in line
+    assert "seed, run_dir, fail_seed, label" in line  # the declared parameters
+    assert not runs.exists()  # refused before anything ran or was written
+    with pytest.raises(InputError, match="unknown parameter.*lable"):
+        study.run_batch(nb, {"lable": "x"}, runs_dir=runs, root=tmp_path, stream=False, log=None)
+    assert not runs.exists()
+
+
+@pytest.mark.parametrize("content", [b"hello\n", b"\xff\xfe", b"[1, 2]", b"{}"],
+                         ids=["text", "binary", "list", "empty"])
+def test_batch_refuses_a_file_that_is_not_a_notebook(tmp_path: Path, capsys, content: bytes):
+    bad = tmp_path / "x.ipynb"
+    bad.write_bytes(content)
+    runs = tmp_path / "runs"
+    rc = main(["study", "run", str(bad), "--runs-dir", str(runs), "--quiet"])
+    line = _one_error_line(capsys.readouterr().err)
+    assert rc == 2 and f"not a Jupyter notebook: {bad}" in line
+    assert not runs.exists()
+
+
+def test_batch_missing_notebook_is_one_line(tmp_path: Path, capsys):
+    with pytest.raises(InputNotFound):
+        study.run_batch(tmp_path / "nope.ipynb", runs_dir=tmp_path / "runs", root=tmp_path, log=None)
+    rc = main(["study", "run", str(tmp_path / "nope.ipynb"), "--runs-dir", str(tmp_path / "runs")])
+    line = _one_error_line(capsys.readouterr().err)
+    assert rc == 2 and f"notebook not found: {tmp_path / 'nope.ipynb'}" in line
+    assert not (tmp_path / "runs").exists()
+
+
+def _backups(run_dir: Path) -> list[Path]:
+    return sorted(d for d in run_dir.iterdir() if d.is_dir() and re.fullmatch(r"replaced-\d{8}-\d{6}(-\d+)?", d.name))
+
+
+def _files(d: Path) -> dict[str, bytes]:
+    return {f.name: f.read_bytes() for f in d.iterdir() if f.is_file()}
+
+
+def test_batch_into_a_finished_run_backs_it_up_first(tmp_path: Path):
+    nb = _tiny_notebook(tmp_path / "tiny.ipynb")
+    runs = tmp_path / "runs"
+    rd = fake_run(runs / "tiny", seed=5, bpb=2.0)
+    (rd / "notebook.ipynb").write_text("{}")
+    old = _files(rd)
+    lines: list[str] = []
+    # a failing run: FAILED.json beside the backup, no old result left in place
+    s = study.run_batch(nb, {"fail_seed": 0}, runs_dir=runs, root=tmp_path, stream=False, log=lines.append)
+    assert s["failed"] == ["tiny"]
+    [b1] = _backups(rd)
+    assert _files(b1) == old
+    assert set(_files(rd)) == {"FAILED.json", "notebook.ipynb"}
+    said = [ln for ln in lines if "earlier run" in ln]
+    assert len(said) == 1 and str(rd) in said[0] and "val_bpb 2.0000" in said[0] and str(b1) in said[0]
+    assert lines.index(said[0]) < next(i for i, ln in enumerate(lines) if ln.startswith("=== [1/1]"))
+    # backups are not runs
+    assert plots.find_runs(runs) == [rd]
+    assert list(study.seeds_table([str(runs / "t*")], root=tmp_path)["run"]) == ["tiny"]
+    with pytest.raises(InputNotFound):
+        study.expand_runs([str(rd / "*")], root=tmp_path)
+    # a successful run: the new results beside both backups
+    failed_files = _files(rd)
+    s = study.run_batch(nb, runs_dir=runs, root=tmp_path, stream=False, log=None)
+    assert s["ok"] == ["tiny"]
+    b1_again, b2 = _backups(rd)
+    assert b1_again == b1 and _files(b2) == failed_files
+    assert set(_files(rd)) == {"notebook.ipynb", "out.json"}
+
+
+def test_batch_out_dir_backs_up_the_executed_notebook(tmp_path: Path):
+    nb = _tiny_notebook(tmp_path / "tiny.ipynb")
+    runs, outs = tmp_path / "runs", tmp_path / "executed"
+    study.run_batch(nb, runs_dir=runs, out_dir=outs, root=tmp_path, stream=False, log=None)
+    first = (outs / "tiny.ipynb").read_bytes()
+    study.run_batch(nb, {"fail_seed": 0}, runs_dir=runs, out_dir=outs, root=tmp_path, stream=False, log=None)
+    [b] = _backups(runs / "tiny")
+    assert (b / "tiny.ipynb").read_bytes() == first and (b / "out.json").is_file()
+    assert not (runs / "tiny" / "out.json").exists() and (runs / "tiny" / "FAILED.json").is_file()
+
+
+def test_replace_in_the_phase_runners_backs_up_a_finished_run(tmp_path: Path):
+    # run_one: a run failing at its config replaces a finished run
+    rd = fake_run(tmp_path / "runs" / "one", seed=5, bpb=2.0)
+    old = _files(rd)
+    lines: list[str] = []
+    row = study.run_one(rd, overrides=["model.bigram=trigram"], raise_errors=False, root=REPO, log=lines.append)
+    assert row["status"] == "failed" and "model.bigram" in row["error"]
+    [b] = _backups(rd)
+    assert _files(b) == old
+    assert set(_files(rd)) == {"FAILED.json", "study.json"}
+    assert any(str(rd) in ln and "val_bpb 2.0000" in ln and str(b) in ln for ln in lines)
+    # train_phase, failing in training; the executed notebook is left where Papermill writes it
+    rd2 = fake_run(tmp_path / "runs" / "two", seed=6, bpb=2.5)
+    (rd2 / "notebook.ipynb").write_text("{}")
+    (rd2 / "checkpoints").mkdir()
+    (rd2 / "checkpoints" / "step_5.pt").write_bytes(b"x")
+    old2 = _files(rd2)
+    with pytest.raises(InputError, match="nodata"):
+        study.train_phase(rd2, overrides=[f"data.data_dir={tmp_path / 'nodata'}"], progress=False, root=REPO,
+                          log=None)
+    [b2] = _backups(rd2)
+    assert _files(b2) == {k: v for k, v in old2.items() if k != "notebook.ipynb"}
+    assert (b2 / "checkpoints" / "step_5.pt").is_file() and not (rd2 / "checkpoints").exists()
+    assert {"FAILED.json", "notebook.ipynb"} <= set(_files(rd2))
+    assert not {"summary.json", "eval.json", "pack.json"} & set(_files(rd2))
+    assert [Path(p) for p in plots.load_runs(tmp_path / "runs")["path"]] == [rd.resolve(), rd2.resolve()]
+
+
+def test_bad_input_errors_are_one_line(tmp_path: Path, capsys):
+    rc = main(["study", "seeds-table", str(tmp_path / "nothing-*")])
+    line = _one_error_line(capsys.readouterr().err)
+    assert rc == 2 and repr(str(tmp_path / "nothing-*")) in line
+    rc = main(["study", "figures", "--runs-dir", str(tmp_path / "none"), "--out", str(tmp_path / "figs")])
+    line = _one_error_line(capsys.readouterr().err)
+    assert rc == 2 and str(tmp_path / "none") in line and not (tmp_path / "figs").exists()
+    fake_run(tmp_path / "runs" / "c-s1", seed=1, loss=5.0)
+    rc = main(["study", "seeds-table", str(tmp_path / "runs" / "c-s1"), "--reference-loss", "nan"])
+    out, err = capsys.readouterr()
+    assert rc == 2 and "nan" in _one_error_line(err) and "c-s1" in out
+    with pytest.raises(InputError, match="if_exists='keep'"):
+        study.train_phase(tmp_path / "t", if_exists="keep", log=None)
+    assert not (tmp_path / "t").exists()
+    untrained = tmp_path / "runs" / "empty"
+    untrained.mkdir()
+    (untrained / "study.json").write_text("{}")
+    with pytest.raises(InputError, match="empty.*no val_loss"):
+        study.seeds_test(study.seeds_table([untrained]), reference_loss=5.0)
+
+
+def test_prepare_data_missing_tokenizer(tmp_path: Path):
+    from lmcore.data import shard_name, write_shard
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for split in ("val", "train"):
+        write_shard(data / shard_name(split, 0), list(range(100)))
+    cfg = study.make_config("smoke", [f"data.data_dir={data}", f"data.tokenizer={tmp_path / 'tok.model'}"])
+    with pytest.raises(InputNotFound, match="tok.model"):
+        study.prepare_data(cfg, tmp_path, progress=False)
+
+
 def test_parse_param():
     assert study.parse_param('["train.iterations=5", "eval.ttt=false"]') == ["train.iterations=5", "eval.ttt=false"]
     assert study.parse_param("3") == 3 and study.parse_param("0.5") == 0.5
@@ -121,21 +277,72 @@ def test_seeds_table_and_test(tmp_path: Path):
     assert res.reference_n == 1 and res.reference_mean == pytest.approx(3.1 * 0.6931471805599453 * 2.3)
     res = study.seeds_test(table, reference_loss=5.004)
     assert not res.passed and res.improvement < 0.005
-    with pytest.raises(ValueError, match="reference"):
+    with pytest.raises(InputError, match="reference"):
         study.seeds_test(table)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(InputNotFound, match="nothing-"):
         study.seeds_table([str(runs / "nothing-*")], root=tmp_path)
     t = study.welch_table(res)
     assert "p_value" in set(t["what"])
 
 
-def test_seeds_table_cli(tmp_path: Path, capsys):
+CAND_LOSSES = (5.000, 5.003, 4.999)
+REF_LOSSES = (5.004, 5.006, 5.005)  # improvement ~0.0043 nats: the practice bar passes, the README's does not
+METRIC = "val_loss (nats/token)"
+
+
+def _seed_runs(tmp_path: Path) -> tuple[Path, Path]:
     runs = tmp_path / "runs"
-    for seed, loss in ((1, 5.000), (2, 5.002)):
-        fake_run(runs / f"c-s{seed}", seed=seed, loss=loss)
-    rc = main(["study", "seeds-table", str(runs / "c-s*"), "--reference-loss", "5.1"])
+    for seed, loss in enumerate(CAND_LOSSES, 1):
+        fake_run(runs / f"cand-s{seed}", "seeds", "candidate", seed, bpb=loss / 1.6, loss=loss)
+    for seed, loss in enumerate(REF_LOSSES, 1):
+        fake_run(runs / f"ref-s{seed}", "seeds", "reference", seed, bpb=loss / 1.6, loss=loss)
+    return runs / "cand-s*", runs / "ref-s*"
+
+
+def test_seeds_bars_states_both_bars(tmp_path: Path):
+    cand, ref = _seed_runs(tmp_path)
+    table = study.seeds_table([str(cand)])
+    bars = study.seeds_bars(table, reference_runs=[str(ref)])
+    expected = challenge_bars(CAND_LOSSES, REF_LOSSES, metric=METRIC)
+    assert bars == expected
+    assert not bars["readme"].passed and bars["practice"].passed
+    assert bars["readme"].statement.startswith("README bar (0.005 nats, p < 0.01)")
+    assert bars["practice"].statement.startswith("maintainers' frontier bar (p < 0.25")
+    t = study.welch_table(bars).set_index("what")
+    assert list(t.columns) == ["readme", "practice"]
+    for key in ("readme", "practice"):
+        for field in ("p_value", "t", "df", "min_improvement", "alpha", "passed"):
+            assert t.loc[field, key] == getattr(expected[key], field)
+    # seeds_test keeps its meaning: one test, the README's bar by default
+    assert study.seeds_test(table, reference_runs=[str(ref)]) == challenge_test(CAND_LOSSES, REF_LOSSES, metric=METRIC)
+    # one published number (taken as exact: its std is nan, so compare the statements)
+    got, want = study.seeds_bars(table, reference_loss=5.01), challenge_bars(CAND_LOSSES, 5.01, metric=METRIC)
+    assert {k: r.statement for k, r in got.items()} == {k: r.statement for k, r in want.items()}
+
+
+def test_seeds_table_cli(tmp_path: Path, capsys):
+    cand, ref = _seed_runs(tmp_path)
+    rc = main(["study", "seeds-table", str(cand), "--reference-runs", str(ref)])
     out = capsys.readouterr().out
-    assert rc == 0 and "val_loss" in out and "p = " in out and "c-s2" in out
+    assert rc == 0 and "val_loss" in out and "cand-s3" in out
+    for bar in challenge_bars(CAND_LOSSES, REF_LOSSES, metric=METRIC).values():
+        assert bar.statement in out
+    assert "readme" in out and "practice" in out
+
+
+def test_seeds_notebook_states_both_bars(tmp_path: Path):
+    # 05_seeds on existing (synthetic) runs: nothing is trained
+    cand, ref = _seed_runs(tmp_path)
+    s = study.run_batch(REPO / "notebooks" / "05_seeds.ipynb", {"run_dirs": [str(cand)], "reference_runs": [str(ref)]},
+                        runs_dir=tmp_path / "batch", root=REPO, stream=False, log=None)
+    assert s["ok"] == ["05_seeds"], s
+    executed = nbformat.read(tmp_path / "batch" / "05_seeds" / "notebook.ipynb", as_version=4)
+    last = [c for c in executed.cells if c.cell_type == "code"][-1]
+    printed = "".join(o.get("text", "") for o in last.outputs if o.output_type == "stream")
+    bars = challenge_bars(CAND_LOSSES, REF_LOSSES, metric=METRIC)
+    assert printed.splitlines() == [bars["readme"].statement, bars["practice"].statement]
+    table = next(o for o in last.outputs if o.output_type == "execute_result")["data"]["text/plain"]
+    assert "readme" in table and "practice" in table
 
 
 def test_attention_sweep_reports_unavailable_backends(tmp_path: Path):
@@ -200,9 +407,11 @@ def test_run_one_end_to_end(tmp_path: Path):
     assert st["status"] == "ok" and set(st["phases"]) == {"data", "train", "pack", "eval"}
     table = study.run_table(row)
     assert "artifact bytes" in set(table["what"])
-    # run again into the same folder: the earlier run is replaced
+    # run again into the same folder: the earlier run is replaced, its files kept in a backup
     row2 = study.run_one(tmp_path / "runs" / "one", overrides=ov, seed=4, progress=False, log=None)
     assert row2["status"] == "ok" and row2["seed"] == 4
+    [backup] = _backups(tmp_path / "runs" / "one")
+    assert plots.load_run(backup)["seed"] == 3 and plots.load_run(backup)["status"] == "ok"
 
 
 @pytest.mark.slow
