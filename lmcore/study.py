@@ -257,7 +257,7 @@ def prepare_data(cfg: Config, root: str | Path | None = None, progress: bool = T
         else:
             from lmcore.data import check_dir
 
-            info = dict(check_dir(cfg.data.data_dir))
+            info = dict(check_dir(cfg.data.data_dir, cfg.model.vocab_size))
             if not Path(cfg.data.tokenizer).is_file():
                 raise InputNotFound(f"tokenizer not found: {r / cfg.data.tokenizer} (data.tokenizer)")
         info["data_dir"] = str(resolve(cfg.data.data_dir, r))
