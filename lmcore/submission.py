@@ -51,6 +51,9 @@ REQUIRED_FILES = ("train_gpt.py", "README.md", "submission.json")
 ROOT_MODULES = ("train", "pack", "evaluate")
 # Imported only by command-line helpers (never on the train / pack / eval path).
 CLI_ONLY = frozenset({"info", "cli", "__main__", "fineweb", "study", "plots", "submission"})
+# Building shards from documents: reached from train only through the `lmcore data build` CLI
+# registration, needed in the script only when it builds the smoke corpus itself.
+DATA_BUILD_ONLY = frozenset({"corpus"})
 # Third-party modules the script may import.
 ALLOWED_THIRD_PARTY = frozenset({"torch", "numpy", "sentencepiece", "brotli"})
 
@@ -95,13 +98,13 @@ def needed_modules(cfg: Config, pkg: Path = _PKG) -> list[str]:
     serve the command line (info: train's CLI; never reached from `train()`); smoke_data
     only when the config trains on the smoke corpus (train() then builds it if missing).
     """
-    todo = list(ROOT_MODULES) + (["smoke_data"] if _uses_smoke_data(cfg) else [])
+    smoke = _uses_smoke_data(cfg)
+    todo = list(ROOT_MODULES) + (["smoke_data"] if smoke else [])
+    skip = CLI_ONLY | ({"smoke_data"} if not smoke else set()) | (DATA_BUILD_ONLY if not smoke else set())
     seen: set[str] = set()
     while todo:
         m = todo.pop()
-        if m in seen or m in CLI_ONLY:
-            continue
-        if m == "smoke_data" and not _uses_smoke_data(cfg):
+        if m in seen or m in skip:
             continue
         seen.add(m)
         mods, _ = _lmcore_imports((pkg / f"{m}.py").read_text(encoding="utf-8"))
@@ -245,14 +248,14 @@ _SELF = os.path.abspath(__file__)
 
 
 class _EmbeddedLmcore(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Serves `lmcore` and `lmcore.X` from SOURCES; refuses any other lmcore module."""
+    """Serves `lmcore` and `lmcore.X` from the embedded sources; refuses any other lmcore module."""
 
     def find_spec(self, fullname, path=None, target=None):
         if fullname == "lmcore":
             return importlib.util.spec_from_loader(fullname, self, origin=_SELF + "/lmcore/__init__.py", is_package=True)
         if fullname.startswith("lmcore."):
             name = fullname.split(".", 1)[1]
-            if name not in SOURCES:
+            if name not in MODULES:
                 raise ModuleNotFoundError(f"No module named {fullname!r} (not embedded in train_gpt.py)", name=fullname)
             return importlib.util.spec_from_loader(fullname, self, origin=_SELF + "/lmcore/" + name + ".py")
         return None
@@ -273,13 +276,19 @@ class _EmbeddedLmcore(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         exec(compile(src, spec.origin, "exec"), module.__dict__)
 
 
+_SOURCES = {}
+
+
 def _source(name):
-    """A module's source: SOURCES holds it Brotli-compressed and base85-encoded."""
+    """A module's source: SOURCES holds every module's, as one Brotli-compressed, base85-encoded
+    JSON object (one stream compresses better than one per module)."""
     import base64
 
     import brotli
 
-    return brotli.decompress(base64.b85decode(SOURCES[name])).decode("utf-8")
+    if not _SOURCES:
+        _SOURCES.update(json.loads(brotli.decompress(base64.b85decode(SOURCES))))
+    return _SOURCES[name]
 
 
 def _install_importer():
@@ -367,12 +376,19 @@ def export_script(cfg: Config, pkg: Path = _PKG, minify: bool = True) -> str:
     bad = third_party_imports(mods, pkg) - ALLOWED_THIRD_PARTY - {"tqdm"}
     if bad:
         raise ValueError(f"the exported modules import {sorted(bad)}, beyond torch/numpy/sentencepiece/brotli")
-    parts = [_SCRIPT_HEAD, f"LMCORE_VERSION = {__version__!r}\n", f"CONFIG_JSON = {cfg.to_json()!r}\n", "SOURCES = {\n"]
-    for m in mods:  # compressed: code bytes count against the 16,000,000-byte artifact
+    sources = {}
+    for m in mods:
         src = (pkg / f"{m}.py").read_text(encoding="utf-8")
-        blob = brotli.compress((minify_source(src) if minify else src).encode("utf-8"), quality=11)
-        parts.append(f"    {m!r}: {base64.b85encode(blob).decode('ascii')!r},\n")
-    parts.append("}\n")
+        sources[m] = minify_source(src) if minify else src
+    # compressed as one stream: code bytes count against the 16,000,000-byte artifact
+    blob = base64.b85encode(brotli.compress(json.dumps(sources).encode("utf-8"), quality=11)).decode("ascii")
+    parts = [
+        _SCRIPT_HEAD,
+        f"LMCORE_VERSION = {__version__!r}\n",
+        f"CONFIG_JSON = {cfg.to_json()!r}\n",
+        f"MODULES = {tuple(mods)!r}\n",
+        f"SOURCES = {blob!r}\n",
+    ]
     parts.append(_LOG_SOURCE)
     parts.append(_SCRIPT_BODY)
     return "".join(parts)
