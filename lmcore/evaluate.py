@@ -57,7 +57,7 @@ from lmcore.bpb import LN2, BpbMeter, ByteTables, token_bytes
 from lmcore.config import EvalConfig
 from lmcore.errors import InputError, InputNotFound
 from lmcore.model import GPT, LatentMasks
-from lmcore.runtime import DistInfo, autocast, synchronize
+from lmcore.runtime import DistInfo, autocast, dist_from_env, shutdown_distributed, synchronize
 
 __all__ = [
     "ChunkPlan",
@@ -734,20 +734,10 @@ def eval_run(
 # ---------------------------------------------------------------------------- CLI
 
 
-def _dist_from_env() -> DistInfo:
-    # CLI only: torchrun's variables become an explicit DistInfo for the library.
+def _cmd_eval(args: argparse.Namespace) -> int:
     import os
 
-    env = os.environ
-    return DistInfo(
-        rank=int(env.get("RANK", "0")),
-        world_size=int(env.get("WORLD_SIZE", "1")),
-        local_rank=int(env.get("LOCAL_RANK", "0")),
-    )
-
-
-def _cmd_eval(args: argparse.Namespace) -> int:
-    dist = _dist_from_env()
+    dist = dist_from_env(os.environ)  # the CLI is the only place reading the environment
     res = eval_run(
         args.run_dir,
         overrides=args.overrides,
@@ -762,8 +752,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         keys = ("loss", "bpb", "tokens", "bytes", "chunks", "ttt_gain_bpb", "card", "world_size", "time_s")
         print(json.dumps({k: res.get(k) for k in keys}, indent=2))
         sys.stdout.flush()
-    if dist.world_size > 1 and tdist.is_initialized():
-        tdist.destroy_process_group()
+    if dist.world_size > 1:
+        shutdown_distributed()
     return 0
 
 

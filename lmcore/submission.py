@@ -312,12 +312,10 @@ def main(argv=None):
     from lmcore import evaluate, pack, train
     from lmcore.config import Config
     from lmcore.runs import atomic_write_text, read_jsonl
-    from lmcore.runtime import DistInfo, init_distributed, pick_device
+    from lmcore.runtime import dist_from_env, init_distributed, pick_device, shutdown_distributed
 
     assert lmcore.__file__.startswith(_SELF), "lmcore must come from train_gpt.py"
-    env = os.environ  # a command line: torchrun's variables are read here only
-    info = DistInfo(rank=int(env.get("RANK", "0")), world_size=int(env.get("WORLD_SIZE", "1")),
-                    local_rank=int(env.get("LOCAL_RANK", "0")))
+    info = dist_from_env(os.environ)  # a command line: torchrun's variables are read here only
     cfg = Config.from_dict(json.loads(CONFIG_JSON), source="train_gpt.py").override(args.overrides)
     run_dir = args.run_dir or f"run_seed{cfg.train.seed}"
     progress = not args.no_progress
@@ -344,8 +342,7 @@ def main(argv=None):
         print(f"final val_loss:{ev['loss']:.8f} val_bpb:{ev['bpb']:.8f} "
               f"(total bytes {pk['total_bytes']:,}, wall {time.perf_counter() - t0:.1f}s)", flush=True)
     barrier()
-    if info.distributed and tdist.is_initialized():
-        tdist.destroy_process_group()
+    shutdown_distributed()
     return 0
 
 

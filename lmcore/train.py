@@ -62,10 +62,12 @@ from lmcore.runtime import (
     DistInfo,
     autocast,
     card_name,
+    dist_from_env,
     git_commit,
     init_distributed,
     pick_device,
     seed_all,
+    shutdown_distributed,
     synchronize,
     use_bf16,
 )
@@ -448,8 +450,8 @@ def train(
             run_dir.rmdir()  # nothing was written: leave no half-started folder behind
         raise
     finally:
-        if created_pg and tdist.is_initialized():
-            tdist.destroy_process_group()
+        if created_pg:
+            shutdown_distributed()
         if lock is not None:
             lock.release()
 
@@ -979,11 +981,7 @@ def _cmd_train(args: argparse.Namespace, env: dict[str, str] | None = None) -> i
         cfg = Config.load(run_dir / "config.json").override(args.overrides)
     else:
         raise ConfigError("give --preset or --config (or --resume with a run folder holding config.json)")
-    info = DistInfo(
-        rank=int(env.get("RANK", "0")),
-        world_size=int(env.get("WORLD_SIZE", "1")),
-        local_rank=int(env.get("LOCAL_RANK", "0")),
-    )
+    info = dist_from_env(env)
     result = train(
         cfg,
         run_dir,

@@ -422,7 +422,10 @@ def test_multi_process_run_goes_through_torchrun(tmp_path: Path):
           "train.val_every=0", "train.log_every=1", "train.ema=off", "data.val_max_tokens=1024",
           "quant.calib_seqs=1", "quant.calib_len=32", "eval.stride=64", "eval.ttt_chunk_tokens=512"]
     lines: list[str] = []
-    row = study.run_one(tmp_path / "mp", overrides=ov, seed=5, num_gpus=2, log=lines.append)
+    try:
+        row = study.run_one(tmp_path / "mp", overrides=ov, seed=5, num_gpus=2, log=lines.append)
+    finally:
+        print("\n".join(lines))
     assert row["status"] == "ok" and row["world_size"] == 2 and row["steps"] == 2
     assert any("torch.distributed.run" in ln and "--nproc_per_node=2" in ln for ln in lines)
     assert any("eval: wrote" in ln for ln in lines)
