@@ -14,6 +14,7 @@ from lmcore.errors import InputError
 import dataclasses
 import json
 import math
+import os
 import typing
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -439,7 +440,29 @@ SMOKE = replace(
     eval=replace(RECORD.eval, seq_len=128, stride=32, batch_seqs=16, ttt_chunk_tokens=2048, ttt_epochs=1, ttt_batch_seqs=8, ttt_lr=0.002, compile=False),
 )
 
-PRESETS: dict[str, Config] = {"record": RECORD, "proxy1": PROXY1, "smoke": SMOKE}
+# The smoke model and data made tiny: every phase (train, pack, eval with TTT) in seconds on a
+# CPU, to exercise a notebook or a study end to end, not to measure anything. 10 steps of
+# 2,048 tokens, a 2,048-token validation slice, EMA off (10 steps are too few for decay 0.997).
+TINY = replace(
+    SMOKE,
+    name="tiny",
+    data=replace(SMOKE.data, val_max_tokens=2048),
+    train=replace(
+        SMOKE.train, iterations=10, warmdown_iters=4, batch_tokens=2048, grad_accum=1, val_every=5, log_every=2,
+        ema="off",
+    ),
+    quant=replace(SMOKE.quant, calib_seqs=2, calib_len=64),
+    eval=replace(SMOKE.eval, stride=64, ttt_chunk_tokens=512),
+)
+
+PRESETS: dict[str, Config] = {"record": RECORD, "proxy1": PROXY1, "smoke": SMOKE, "tiny": TINY}
+
+
+def is_smoke_config(cfg: Config) -> bool:
+    """Whether `cfg` trains on the smoke corpus (data and tokenizer where `smoke` keeps them):
+    then training builds that corpus itself when it is missing."""
+    same = lambda a, b: os.path.normpath(a) == os.path.normpath(b)  # noqa: E731
+    return same(cfg.data.data_dir, SMOKE.data.data_dir) and same(cfg.data.tokenizer, SMOKE.data.tokenizer)
 
 
 def preset(name: str, overrides: list[str] | None = None) -> Config:

@@ -42,6 +42,7 @@ import argparse
 import dataclasses
 import json
 import math
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -603,6 +604,9 @@ def _load_packed(path: Path, device: torch.device, info: dict[str, Any] | None =
     return pack.load(path, device, info=info)
 
 
+_OUTPUT_RE = re.compile(r"eval(-[A-Za-z0-9._-]+)?\.json")
+
+
 def eval_run(
     run_dir: str | Path,
     overrides: list[str] | None = None,
@@ -614,8 +618,12 @@ def eval_run(
     baseline: bool = True,
     log: LogFn = print,
     write: bool = True,
+    output: str = "eval.json",
 ) -> dict[str, Any]:
-    """Evaluate the packed artifact of a run; writes run_dir/eval.json (rank 0) and returns it.
+    """Evaluate the packed artifact of a run; writes run_dir/`output` (rank 0) and returns it.
+
+    `output` is "eval.json" (the run's score) or "eval-NAME.json" (an eval-only variant, e.g. a
+    TTT setting swept on the same packed model).
 
     The model comes only from `run_dir/model.int6.ptz` (via `lmcore.pack.load`); data,
     tokenizer and eval settings from the run's config, with `overrides`
@@ -638,6 +646,8 @@ def eval_run(
     from lmcore.runtime import card_name, git_commit, init_distributed, pick_device, use_bf16
 
     run_dir = Path(run_dir)
+    if not _OUTPUT_RE.fullmatch(output):
+        raise InputError(f"output={output!r}: expected eval.json or eval-NAME.json (NAME: letters, digits, . _ -)")
     if not run_dir.is_dir():
         raise InputNotFound(f"run folder not found: {run_dir}")
     artifact = run_dir / "model.int6.ptz"
@@ -726,8 +736,8 @@ def eval_run(
         "total": time.perf_counter() - t0,
     }
     if write and dist.is_main:
-        atomic_write_json(run_dir / "eval.json", out)
-        say(f"eval: wrote {run_dir / 'eval.json'}")
+        atomic_write_json(run_dir / output, out)
+        say(f"eval: wrote {run_dir / output}")
     return out
 
 
@@ -747,6 +757,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         dist=dist,
         progress=not args.no_progress,
         baseline=not args.no_baseline,
+        output=args.output,
     )
     if dist.is_main:
         keys = ("loss", "bpb", "tokens", "bytes", "chunks", "ttt_gain_bpb", "card", "world_size", "time_s")
@@ -778,5 +789,11 @@ def register_cli(sub: Any) -> None:
     p.add_argument("--stride", type=int, default=None, help="window stride (default: eval.stride of the config)")
     add_overrides_arg(p, "eval.ttt_epochs=2")
     p.add_argument("--device", default="auto", help="auto | cuda | cpu (default: auto)")
+    p.add_argument(
+        "--output",
+        default="eval.json",
+        metavar="FILE",
+        help="file name in the run folder: eval.json (default) or eval-NAME.json for an eval-only variant",
+    )
     p.add_argument("--no-progress", action="store_true", help="no per-chunk progress lines")
     p.set_defaults(func=_cmd_eval)

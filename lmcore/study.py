@@ -70,7 +70,7 @@ from typing import Any
 import pandas as pd
 
 from lmcore import plots
-from lmcore.config import SMOKE, Config
+from lmcore.config import Config, is_smoke_config
 from lmcore.config import preset as make_preset
 from lmcore.errors import InputError, InputNotFound
 from lmcore.runs import atomic_write_json
@@ -240,17 +240,13 @@ def environment(root: str | Path | None = None) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["what", "value"])
 
 
-def _is_smoke_data(cfg: Config) -> bool:
-    norm = lambda p: str(Path(p))
-    return norm(cfg.data.data_dir) == norm(SMOKE.data.data_dir) and norm(cfg.data.tokenizer) == norm(SMOKE.data.tokenizer)
-
 
 def prepare_data(cfg: Config, root: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
     """Build the offline smoke corpus when `cfg` uses the smoke data paths, else check the
     shards of cfg.data.data_dir; returns what was found (and the time it took)."""
     t0 = time.perf_counter()
     with at_root(root) as r:
-        if _is_smoke_data(cfg):
+        if is_smoke_config(cfg):
             from lmcore.smoke_data import ensure_smoke_data
 
             info = dict(ensure_smoke_data(cfg.data.data_dir, cfg.data.tokenizer, progress=progress))

@@ -39,7 +39,7 @@ from typing import Any
 
 import brotli
 
-from lmcore.config import SMOKE, Config
+from lmcore.config import Config, is_smoke_config
 from lmcore.errors import InputError, InputNotFound
 from lmcore.pack import SIZE_LIMIT
 
@@ -84,12 +84,6 @@ def _lmcore_imports(source: str) -> tuple[set[str], set[str]]:
     return mods, other
 
 
-def _uses_smoke_data(cfg: Config) -> bool:
-    import os
-
-    same = lambda a, b: os.path.normpath(a) == os.path.normpath(b)
-    return same(cfg.data.data_dir, SMOKE.data.data_dir) and same(cfg.data.tokenizer, SMOKE.data.tokenizer)
-
 
 def needed_modules(cfg: Config, pkg: Path = _PKG) -> list[str]:
     """The lmcore modules the exported script must embed for `cfg` (sorted).
@@ -98,7 +92,7 @@ def needed_modules(cfg: Config, pkg: Path = _PKG) -> list[str]:
     serve the command line (info: train's CLI; never reached from `train()`); smoke_data
     only when the config trains on the smoke corpus (train() then builds it if missing).
     """
-    smoke = _uses_smoke_data(cfg)
+    smoke = is_smoke_config(cfg)
     todo = list(ROOT_MODULES) + (["smoke_data"] if smoke else [])
     skip = CLI_ONLY | ({"smoke_data"} if not smoke else set()) | (DATA_BUILD_ONLY if not smoke else set())
     seen: set[str] = set()

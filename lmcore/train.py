@@ -54,7 +54,7 @@ import torch
 import torch.distributed as tdist
 from torch import Tensor, nn
 
-from lmcore.config import SMOKE, Config, ConfigError
+from lmcore.config import Config, ConfigError, is_smoke_config
 from lmcore.errors import InputError, InputNotFound
 from lmcore.optim import build_optimizers, lr_multiplier, muon_momentum
 from lmcore.runs import RunLock, append_jsonl, atomic_write_bytes, atomic_write_json, atomic_write_text, read_jsonl
@@ -389,10 +389,6 @@ def _cpu_state(model: nn.Module) -> dict[str, Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
-def _is_smoke_data(cfg: Config) -> bool:
-    same = lambda a, b: os.path.normpath(a) == os.path.normpath(b)
-    return same(cfg.data.data_dir, SMOKE.data.data_dir) and same(cfg.data.tokenizer, SMOKE.data.tokenizer)
-
 
 def _fmt_eta(seconds: float) -> str:
     if not math.isfinite(seconds) or seconds < 0:
@@ -542,7 +538,7 @@ def _train(
             tdist.barrier()
 
     # ---- data first: a bad shard, tokenizer or checkpoint is reported before anything is written
-    if main and _is_smoke_data(cfg):
+    if main and is_smoke_config(cfg):
         from lmcore.smoke_data import ensure_smoke_data
 
         ensure_smoke_data(cfg.data.data_dir, cfg.data.tokenizer, progress=progress)

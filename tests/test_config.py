@@ -108,3 +108,13 @@ def test_renamed_qat_field_says_where_it_went(tmp_path):
 def test_degenerate_values_are_refused(bad, needle):
     with pytest.raises(ConfigError, match=re.escape(needle)):
         preset("smoke", [bad])
+
+
+def test_tiny_preset_is_smoke_made_tiny():
+    from lmcore.config import SMOKE, is_smoke_config
+
+    tiny = preset("tiny")
+    assert tiny.model == SMOKE.model and tiny.data.data_dir == SMOKE.data.data_dir and is_smoke_config(tiny)
+    assert (tiny.train.iterations, tiny.train.batch_tokens, tiny.train.grad_accum, tiny.train.ema) == (10, 2048, 1, "off")
+    assert tiny.data.val_max_tokens == 2048 and tiny.eval.ttt_chunk_tokens == 512
+    assert not is_smoke_config(preset("tiny", ["data.data_dir=data/proxy"])) and not is_smoke_config(preset("record"))

@@ -412,6 +412,15 @@ def test_eval_run_writes_eval_json(tmp_path, capsys, monkeypatch):
     assert out["attention"] == {"requested": "math", "used": "math", "fallback": None}
     res = eval_run(run, ttt=False, stride=32, device="cpu", progress=False, write=False)
     assert "ttt" not in res and res["sliding"]["stride"] == 32
+    # an eval-only variant goes to its own file; eval.json (the run's score) stays as it was
+    before = (run / "eval.json").read_bytes()
+    args = ["eval", "--run-dir", str(run), "--device", "cpu", "--no-progress", "--set", "eval.ttt_lr=0.004"]
+    assert main([*args, "--output", "eval-lr4.json"]) == 0
+    variant = json.loads((run / "eval-lr4.json").read_text())
+    assert variant["eval_config"]["ttt_lr"] == 0.004 and (run / "eval.json").read_bytes() == before
+    capsys.readouterr()
+    assert main([*args, "--output", "../escape.json"]) == 2
+    assert "eval.json or eval-NAME.json" in capsys.readouterr().err and not (run.parent / "escape.json").exists()
 
 
 def test_eval_run_reports_the_attention_fallback(tmp_path, capsys):
