@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         ratio = base / r["ms"] if not math.isnan(base) else float("nan")
         rel = " / ".join(f"{r[f'rel_{t}']:.2e}" for t in ("out", "dq", "dk", "dv"))
         mx = f"{r['max_out']:.1e} / {r['max_dq']:.1e}"
-        print(f"{name:<20}{r['fwd_ms']:>8.3f}{r['ms']:>12.3f}{ratio:>14.2f}x   {rel:<38}{mx:<20}{card}")
+        print(f"{name:<20}{r['fwd_ms']:>8.3f}{r['ms']:>12.3f}{ratio:>14.2f}x   {rel:<38} {mx:<20}{card}")
     print("(ratio = sdpa_flash fwd+bwd time / backend's: >1 is faster than sdpa_flash)")
     if a.json:
         out = {"card": card, "torch": torch.__version__, "shape": shape, "fa3_build": fa3_desc, "results": results}

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # FlashAttention-3 on the GPU machine, as ONE job (issue 14):
 # 1. builds FA3 with scripts/build_fa3.sh from .fa3/fa3-src.tar.xz (timed; in the background)
-# 2. pytest -m cuda tests/test_attention.py with FA3 installed (fwd + bwd vs fp32 at the
+# 2. attention_bench.py (--profile) for every FA3 wheel in $FA3_WHEELS (default wheels/:
+#    builds of scripts/build_fa3.sh, e.g. with ptxas 12.8 or PackGQA; wheels/exp/: builds of
+#    patched sources, e.g. other tile sizes), each in its own process
+# 3. pytest -m cuda tests/test_attention.py with FA3 installed (fwd + bwd vs fp32 at the
 #    record's shape, FA3 error vs the other fused kernels', torch.compile)
-# 3. attention_bench.py for every FA3 wheel in $FA3_WHEELS (default wheels/: builds of
-#    scripts/build_fa3.sh such as ptxas 12.8 or PackGQA) -> the fastest at B=48 T=2048
-#    fwd+bwd is "the" FA3 below; wheels in $FA3_WHEELS/exp/ (builds of patched sources,
-#    e.g. other tile sizes) are measured the same way but never chosen
+# "The" FA3 of 3 and 4 is $FA3_TABLE_BUILD (default lmcore.hd64bf16: build_fa3.sh's default).
 # 4. checks the wheel built in 1 (errors + timing), then the table: attention fwd+bwd for
 #    fa3, sdpa_cudnn, sdpa_flash, and step time at `record`'s per-GPU batch for the original
 #    script with real FA3 (its own flash_attn_interface import), the original with the FA2
@@ -15,6 +15,7 @@
 # `start` runs it detached (setsid) and polls; `poll` (the next call, issued within 30 s of
 # the last) goes on. Carry .whl (brotli), .data, .ref, .fa3 and the wheels.
 #   bash benchmarks/fa3_job.sh start [POLL_S]  |  bash benchmarks/fa3_job.sh poll [POLL_S]
+# FA3_ONLY_TABLE=1 skips 1-3 and the check in 4: only the table.
 # Leaves $OUT/fa3_job.log (the job's log), $OUT/fa3_results.tgz (every log and JSON) and
 # $OUT/fa3_table.md (the table).
 set -uo pipefail
@@ -54,37 +55,33 @@ job() {
   for w in "${FA3_WHEELS:-wheels}"/flash_attn_3-*.whl "${FA3_WHEELS:-wheels}"/exp/flash_attn_3-*.whl; do
     [ -f "$w" ] || continue
     v=$(basename "$w" | sed -E 's/^flash_attn_3-[^+]*\+?([^-]*)-.*/\1/'); v=${v:-plain}
-    python3 -m pip install -q --no-index --no-deps --target "/tmp/fa3/$v" "$w" || continue
+    python3 -m pip install -q --no-index --no-deps --upgrade --target "/tmp/fa3/$v" "$w" || continue
     case $w in */exp/*) exps+=("$v") ;; *) variants+=("$v") ;; esac
   done
-  echo "FA3 builds: ${variants[*]}; experiments (measured, never chosen): ${exps[*]}"
-  local bpid=""
-  if [ "${FA3_JOB_BUILD:-1}" = 1 ]; then
+  echo "FA3 builds: ${variants[*]}; patched-source experiments: ${exps[*]}"
+  PYTHONPATH=$BASE python3 -m lmcore data build --docs .data/proxy_docs.jsonl.xz --tokenizer "$TOK" \
+    --out "$D" --val-docs 1500 --shard-tokens 10000000 --no-progress --overwrite > "$R/shards.log" 2>&1 || tail -3 "$R/shards.log"
+  local bpid="" only=${FA3_ONLY_TABLE:-0} best=${FA3_TABLE_BUILD:-lmcore.hd64bf16}
+  [ -d "/tmp/fa3/$best" ] || { echo "FA3 build $best is not among the wheels; stopping"; return 1; }
+  local FA3=/tmp/fa3/$best
+  if [ "$only" != 1 ] && [ "${FA3_JOB_BUILD:-1}" = 1 ]; then
     echo "== FA3 build on this machine, in the background ($((SECONDS - T0)) s)"
     (MAX_JOBS=8 nice -n 5 timeout 900 bash scripts/build_fa3.sh "$S/gpubuild" > "$R/build_gpu.out" 2>&1; echo "rc $?" >> "$R/build_gpu.out") &
     bpid=$!
   fi
-  python3 -m lmcore data build --docs .data/proxy_docs.jsonl.xz --tokenizer "$TOK" \
-    --out "$D" --val-docs 1500 --shard-tokens 10000000 --no-progress --overwrite > "$R/shards.log" 2>&1 || tail -3 "$R/shards.log"
 
-  echo "== attention micro-benchmarks per FA3 variant ($((SECONDS - T0)) s)"
-  local best="" best_ms=1e9 ms
-  for v in "${variants[@]}" "${exps[@]}"; do
-    PYTHONPATH=/tmp/fa3/$v:$BASE timeout 300 python3 benchmarks/attention_bench.py --iters 30 --profile \
-      --json "$R/attn_$v.json" > "$R/attn_$v.log" 2>&1; echo "rc $?" >> "$R/attn_$v.log"
-    echo "-- $v"; grep -v "^    " "$R/attn_$v.log" | tail -9
-    case " ${exps[*]} " in *" $v "*) continue ;; esac
-    ms=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['results']['fa3']['ms'])" "$R/attn_$v.json" 2>/dev/null) || continue
-    if python3 -c "import sys; sys.exit(not float(sys.argv[1]) < float(sys.argv[2]))" "$ms" "$best_ms"; then best=$v; best_ms=$ms; fi
-  done
-  echo "fastest FA3 variant: ${best:-none} ($best_ms ms fwd+bwd)"
-  [ -n "$best" ] || { echo "no FA3 variant ran; stopping"; return 1; }
-  local FA3=/tmp/fa3/$best
-
-  echo "== pytest -m cuda tests/test_attention.py with $best ($((SECONDS - T0)) s)"
-  PYTHONPATH=$FA3:$BASE timeout 600 python3 -m pytest -q -m cuda -s -rs tests/test_attention.py \
-    > "$R/pytest_cuda.log" 2>&1; echo "rc $?" >> "$R/pytest_cuda.log"
-  grep -E "relative error|^fa3 |passed|failed|SKIPPED|Error|rc " "$R/pytest_cuda.log" | cut -c1-400
+  if [ "$only" != 1 ]; then
+    echo "== attention micro-benchmarks per FA3 build ($((SECONDS - T0)) s)"
+    for v in "${variants[@]}" "${exps[@]}"; do
+      PYTHONPATH=/tmp/fa3/$v:$BASE timeout 300 python3 benchmarks/attention_bench.py --iters 30 --profile \
+        --json "$R/attn_$v.json" > "$R/attn_$v.log" 2>&1; echo "rc $?" >> "$R/attn_$v.log"
+      echo "-- $v"; grep -v "^    " "$R/attn_$v.log" | tail -9
+    done
+    echo "== pytest -m cuda tests/test_attention.py with $best ($((SECONDS - T0)) s)"
+    PYTHONPATH=$FA3:$BASE timeout 600 python3 -m pytest -q -m cuda -s -rs tests/test_attention.py \
+      > "$R/pytest_cuda.log" 2>&1; echo "rc $?" >> "$R/pytest_cuda.log"
+    grep -E "relative error|^fa3 |passed|failed|SKIPPED|Error|rc " "$R/pytest_cuda.log" | cut -c1-400
+  fi
 
   if [ -n "$bpid" ]; then
     echo "== wait for the FA3 build ($((SECONDS - T0)) s)"

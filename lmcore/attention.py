@@ -9,7 +9,8 @@ Backends:
 * ``fa3``: FlashAttention-3 (module ``flash_attn_interface`` with its compiled operators
   ``torch.ops.flash_attn_3``), Hopper (sm90) only. Not on the package index: build it with
   ``scripts/build_fa3.sh``. A module of that name without the operators (such as a stand-in
-  that routes to SDPA) is reported unavailable, never run as FA3.
+  that routes to SDPA) is reported unavailable, never run as FA3. On an H200 at the
+  record's shape its fwd+bwd is 1.11x sdpa_cudnn's speed and 1.68x sdpa_flash's.
 * ``fa2``: FlashAttention-2 (package ``flash_attn``), sm80+.
 * ``sdpa_flash``: torch SDPA restricted to its FLASH_ATTENTION kernel (FlashAttention-2).
 * ``sdpa_cudnn``: torch SDPA restricted to its CUDNN_ATTENTION kernel (cuDNN 9 fused
@@ -368,7 +369,7 @@ def _auto_order(device: torch.device) -> tuple[str, ...]:
     if device.type != "cuda" or _cuda_reason(device) is not None:
         return ("sdpa", "math")
     major, _ = _capability(device)
-    if major == 9:  # Hopper (H100, H200): FA3_ORDER_PLACEHOLDER
+    if major == 9:  # Hopper. H200: fa3 1.96 ms, sdpa_cudnn 2.17, sdpa_flash 3.30
         return ("fa3", "sdpa_cudnn", "fa2", "sdpa_flash", "sdpa", "math")
     if major == 10:  # Blackwell datacenter: cuDNN's fused kernel (no FA3 build for sm100)
         return ("sdpa_cudnn", "fa2", "sdpa_flash", "sdpa", "math")
