@@ -26,7 +26,7 @@
 #                    tell builds of patched sources apart
 #   FA3_WORK (scratch, default /tmp/fa3_build), MAX_JOBS (default nproc), NVCC_THREADS (2),
 #   PYTHON (default python3: the interpreter whose torch the wheel is built against),
-#   CUDA_HOME (default: /usr/local/cuda, else the toolkit of the nvcc on PATH)
+#   CUDA_HOME (default: /usr/local/cuda, else the toolkit of the nvcc on PATH; CUDA 12.8 or 13+)
 # Prints the wheel, its sha256, the commits, toolchain, enabled kernels, per-object
 # compile times and register/spill use; the full compiler log is OUT_DIR/fa3_build.log.
 set -euo pipefail
@@ -55,6 +55,13 @@ if [ -z "${CUDA_HOME:-}" ]; then
   fi
 fi
 [ -n "${CUDA_HOME:-}" ] && [ -x "$CUDA_HOME/bin/nvcc" ] || die "CUDA toolkit (nvcc + headers) not found; set CUDA_HOME"
+# FA3's setup.py builds offline with CUDA 12.8 or 13+ only: with another 12.x it fetches nvcc
+# 12.6 + ptxas 12.8 from NVIDIA (and, told to stay offline, fails on the missing nvcc)
+NVCC_REL=$("$CUDA_HOME/bin/nvcc" --version | sed -n 's/.*release \([0-9]*\.[0-9]*\).*/\1/p')
+case $NVCC_REL in
+  12.8 | 1[3-9].* | [2-9][0-9].*) ;;
+  *) die "nvcc $NVCC_REL at $CUDA_HOME: an offline FA3 build needs CUDA 12.8 or 13+ (set CUDA_HOME)" ;;
+esac
 command -v ninja >/dev/null || die "ninja not found (pip install ninja)"
 "$PY" -c 'import torch, setuptools, wheel, packaging' || die "$PY needs torch, setuptools, wheel and packaging"
 # -lcudart needs an unversioned libcudart.so (pip-style toolkits ship only libcudart.so.NN)
