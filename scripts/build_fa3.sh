@@ -9,7 +9,7 @@
 # hopper/setup.py's own FLASH_ATTENTION_DISABLE_* flags: that is what makes it build in a
 # few minutes. The cluster switch stays on (at head dim 64 it adds no kernel).
 #
-# usage: scripts/build_fa3.sh [OUT_DIR]      (default .fa3/dist, ignored by git)
+# usage: scripts/build_fa3.sh [OUT_DIR]      (default .fa3/wheel, ignored by git)
 #   then: python3 -m pip install OUT_DIR/flash_attn_3-*.whl  (or --target DIR + PYTHONPATH)
 #
 # Sources, the first that exists:
@@ -22,6 +22,7 @@
 #   FA3_PACKGQA=1    also compile the PackGQA forward kernels (FA3 then decides per call)
 #   FA3_PTXAS=PATH   assemble the device code with this ptxas (e.g. CUDA 12.8's, which
 #                    upstream prefers) instead of the toolkit's; see scripts/fa3_ptxas.sh
+#                    (neither is faster at the record's shape: benchmarks/RESULTS.md)
 #   FA3_TAG=NAME    appended to the wheel's local version (3.0.0+lmcore.hd64bf16...NAME), to
 #                    tell builds of patched sources apart
 #   FA3_WORK (scratch, default /tmp/fa3_build), MAX_JOBS (default nproc), NVCC_THREADS (2),
@@ -33,7 +34,7 @@ set -euo pipefail
 FA_PIN=0251105a2fb19d2957484b7f023cd8c115286ced
 CUTLASS_PIN=7127592069c2fe01b041e174ba4345ef9b279671
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-OUT=${1:-$REPO/.fa3/dist}
+OUT=${1:-$REPO/.fa3/wheel}
 mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
 WORK=${FA3_WORK:-/tmp/fa3_build}
 PY=$(command -v "${PYTHON:-python3}")
