@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  fa3 build: {fa3_desc}{', has PackGQA kernels' if packgqa else ''}")
             if packgqa:
                 fa3_func = importlib.import_module("flash_attn_interface").flash_attn_func
-                runs.append(("fa3+packgqa", lambda q, k, v: fa3_func(q, k, v, causal=True, pack_gqa=True)))
+                runs.append(("fa3+packgqa", lambda q, k, v, f=fa3_func: f(q, k, v, causal=True, pack_gqa=True)))
         if a.compile:
             runs.append((f"{b}+compile", torch.compile(lambda q, k, v, b=b: attention(q, k, v, b), fullgraph=True)))
 
@@ -183,8 +183,10 @@ def main(argv: list[str] | None = None) -> int:
 
     base = results.get("sdpa_flash", {}).get("ms", float("nan"))
     print()
-    print(f"{'backend':<20}{'fwd ms':>8}{'fwd+bwd ms':>12}{'vs sdpa_flash':>15}   "
-          f"{'rel err out / dq / dk / dv (vs fp32)':<38}{'max|err| out / dq':<20}card")
+    print(
+        f"{'backend':<20}{'fwd ms':>8}{'fwd+bwd ms':>12}{'vs sdpa_flash':>15}   "
+        f"{'rel err out / dq / dk / dv (vs fp32)':<38}{'max|err| out / dq':<20}card"
+    )
     for name, r in results.items():
         ratio = base / r["ms"] if not math.isnan(base) else float("nan")
         rel = " / ".join(f"{r[f'rel_{t}']:.2e}" for t in ("out", "dq", "dk", "dv"))

@@ -63,7 +63,13 @@ def main(res: Path, variant: str) -> int:
     for att in ("fa3", "sdpa_cudnn"):
         s = _json(res / f"lm_{att}_summary.json")
         ms = s.get("mean_step_ms")
-        rows.append((f"lmcore, model.attention={att}", ms, f"ran {s.get('attention_backend', '-')}, {s.get('steps', '-')} steps"))
+        rows.append(
+            (
+                f"lmcore, model.attention={att}",
+                ms,
+                f"ran {s.get('attention_backend', '-')}, {s.get('steps', '-')} steps",
+            )
+        )
     ref = rows[0][1]
     print(f"Step time at `record`'s per-GPU batch ({TOKENS_PER_STEP:,} tokens = 8 x 48 x 2048), same job:")
     print()
@@ -79,7 +85,9 @@ def main(res: Path, variant: str) -> int:
 
     print("FA3 builds, fa3 fwd / fwd+bwd ms at the same shape (each its own process, same job):")
     print()
-    print("| build | fa3 fwd ms | fa3 fwd+bwd ms | fa3+packgqa fwd / fwd+bwd ms | sdpa_cudnn fwd+bwd ms (same process) |")
+    print(
+        "| build | fa3 fwd ms | fa3 fwd+bwd ms | fa3+packgqa fwd / fwd+bwd ms | sdpa_cudnn fwd+bwd ms (same process) |"
+    )
     print("|---|---|---|---|---|")
     for path in sorted(res.glob("attn_*.json")):
         a = _json(path).get("results", {})

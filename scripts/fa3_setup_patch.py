@@ -19,8 +19,10 @@ PATCHES = [
     # wheel.bdist_wheel is only a deprecated alias in recent wheel releases.
     (
         "from wheel.bdist_wheel import bdist_wheel as _bdist_wheel",
-        "try:\n    from setuptools.command.bdist_wheel import bdist_wheel as _bdist_wheel\n"
-        "except ImportError:\n    from wheel.bdist_wheel import bdist_wheel as _bdist_wheel",
+        (
+            "try:\n    from setuptools.command.bdist_wheel import bdist_wheel as _bdist_wheel\n"
+            "except ImportError:\n    from wheel.bdist_wheel import bdist_wheel as _bdist_wheel"
+        ),
     ),
 ]
 

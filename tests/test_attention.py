@@ -384,4 +384,6 @@ def test_cuda_fa3_error_no_larger_than_other_fused_kernels(record_case) -> None:
     print(f"fa3 {fa3}; " + "; ".join(f"{b} {e}" for b, e in errs.items()))
     for t in ("out", "dq", "dk", "dv"):
         worst = max(e[t] for e in errs.values())
-        assert fa3[t] <= 1.1 * worst, f"{t}: fa3 {fa3[t]:.3g} vs {', '.join(f'{b} {e[t]:.3g}' for b, e in errs.items())}"
+        assert fa3[t] <= 1.1 * worst, (
+            f"{t}: fa3 {fa3[t]:.3g} vs {', '.join(f'{b} {e[t]:.3g}' for b, e in errs.items())}"
+        )
