@@ -6,7 +6,11 @@ Layout everywhere: q is (B, T, H, D), k and v are (B, T, Hkv, D) with H % Hkv ==
 
 Backends:
 
-* ``fa3``: FlashAttention-3 (module ``flash_attn_interface``), Hopper (sm90) only.
+* ``fa3``: FlashAttention-3 (module ``flash_attn_interface`` with its compiled operators
+  ``torch.ops.flash_attn_3``), Hopper (sm90) only. Not on the package index: build it with
+  ``scripts/build_fa3.sh``. A module of that name without the operators (such as a stand-in
+  that routes to SDPA) is reported unavailable, never run as FA3. On an H200 at the
+  record's shape its fwd+bwd is 1.11x sdpa_cudnn's speed and 1.68x sdpa_flash's.
 * ``fa2``: FlashAttention-2 (package ``flash_attn``), sm80+.
 * ``sdpa_flash``: torch SDPA restricted to its FLASH_ATTENTION kernel (FlashAttention-2).
 * ``sdpa_cudnn``: torch SDPA restricted to its CUDNN_ATTENTION kernel (cuDNN 9 fused
@@ -14,9 +18,8 @@ Backends:
 * ``sdpa``: plain torch SDPA, torch picks the kernel (the CPU path; works everywhere).
 * ``math``: the reference, softmax(q k^T / sqrt(D) + causal mask) v computed explicitly in
   float32; slow, any device.
-* ``auto`` (only for `resolve_backend`): on CUDA the first available of fa3, sdpa_cudnn
-  (on sm90/sm10x, where cuDNN's kernel is the fast one), fa2, sdpa_flash, sdpa_cudnn,
-  sdpa; elsewhere sdpa.
+* ``auto`` (only for `resolve_backend`): on CUDA the first available backend of the
+  order measured fastest for the device (`_auto_order`), elsewhere sdpa.
 
 GQA: FA2/FA3 take fewer kv heads natively. SDPA's ``enable_gqa`` (torch >= 2.5) is
 honoured by the flash kernel (CUDA and CPU) and, since torch 2.8, by the cuDNN kernel
@@ -26,7 +29,9 @@ CUDA inputs falls back to torch's math kernel for GQA shapes (correct, slow).
 
 `available_backends` reports for every backend "available" or the reason it is not;
 `resolve_backend` turns a name (or "auto") into an available backend and raises
-ValueError naming the backend and the reason otherwise, never falling back silently.
+`InputError` naming the backend and the reason otherwise, never falling back silently.
+`math_reference` gives the float32 output and gradients that the fused kernels are
+validated against (tests, benchmarks/attention_bench.py).
 `attention` runs an already-resolved backend and is torch.compile(fullgraph=True)
 friendly: it keeps no state, and the SDPA kernel choice is a ``sdpa_kernel`` context,
 which dynamo traces.
@@ -44,6 +49,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lmcore.errors import InputError
+
 try:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 except ImportError:  # pragma: no cover - torch < 2.3
@@ -57,6 +64,7 @@ __all__ = [
     "attention",
     "available_backends",
     "math_attention",
+    "math_reference",
     "resolve_backend",
 ]
 
@@ -119,6 +127,26 @@ def math_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         scores = scores.masked_fill(future, float("-inf"))
         y = torch.matmul(torch.softmax(scores, dim=-1), vf)  # B, Hkv, g, T, D
     return y.permute(0, 3, 1, 2, 4).reshape(B, T, H, D).to(q.dtype)
+
+
+def math_reference(
+    q: Tensor, k: Tensor, v: Tensor, dout: Tensor, batch_chunk: int = 8
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """float32 causal attention and its gradients: (out, dq, dk, dv) for upstream grad `dout`.
+
+    Computed in float32 from the (possibly bf16) inputs, `batch_chunk` sequences at a time,
+    so memory stays bounded at long sequences (the scores are H*T*T floats a sequence).
+    """
+    outs: list[list[Tensor]] = [[], [], [], []]
+    with torch.enable_grad():
+        for i in range(0, q.shape[0], batch_chunk):
+            qc, kc, vc = (t[i : i + batch_chunk].detach().float().requires_grad_() for t in (q, k, v))
+            y = math_attention(qc, kc, vc)
+            grads = torch.autograd.grad(y, (qc, kc, vc), dout[i : i + batch_chunk].float())
+            for acc, t in zip(outs, (y.detach(), *grads)):
+                acc.append(t)
+    out, dq, dk, dv = (torch.cat(parts) for parts in outs)
+    return out, dq, dk, dv
 
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, backend: str) -> Tensor:
@@ -211,10 +239,28 @@ def _fa_import_reason(name: str) -> str | None:
     fn = getattr(mod, "flash_attn_func", None)
     if fn is None:
         return f"{modname} has no flash_attn_func"
-    if name == "fa3" and not hasattr(mod, "flash_attn_varlen_func"):
-        where = getattr(mod, "__file__", "?")
-        return f"{modname} at {where} is a stand-in (no flash_attn_varlen_func), not FA3"
+    if name == "fa3":
+        r = _fa3_ops_reason(mod)
+        if r is not None:
+            return f"{modname} at {getattr(mod, '__file__', '?')} is not FA3: {r}"
     _FA_FUNCS[name] = fn
+    return None
+
+
+def _fa3_ops_reason(mod: Any) -> str | None:
+    """None if module `mod` runs FA3's compiled operators, else why not.
+
+    The real flash_attn_interface imports flash_attn_3._C, which registers
+    torch.ops.flash_attn_3.{fwd,bwd}, and calls them through its `flash_attn_3_gpu`.
+    """
+    ops = getattr(mod, "flash_attn_3_gpu", None)
+    if ops is None:
+        return "it has no flash_attn_3_gpu (FA3's compiled operators); a stand-in?"
+    for op in ("fwd", "bwd"):
+        try:
+            getattr(ops, op)
+        except (AttributeError, RuntimeError):
+            return f"operator flash_attn_3.{op} is not registered (a broken build?)"
     return None
 
 
@@ -318,19 +364,23 @@ def available_backends(
 
 
 def _auto_order(device: torch.device) -> tuple[str, ...]:
+    """Backends for "auto", fastest first, as measured at the record's shape (bf16, B=48,
+    T=2048, 8/4 heads of 64, fwd+bwd; benchmarks/RESULTS.md)."""
     if device.type != "cuda" or _cuda_reason(device) is not None:
         return ("sdpa", "math")
     major, _ = _capability(device)
-    if major in (9, 10):  # Hopper / Blackwell datacenter: cuDNN's fused kernel is fastest
+    if major == 9:  # Hopper. H200: fa3 1.96 ms, sdpa_cudnn 2.17, sdpa_flash 3.30
         return ("fa3", "sdpa_cudnn", "fa2", "sdpa_flash", "sdpa", "math")
-    return ("fa3", "fa2", "sdpa_flash", "sdpa_cudnn", "sdpa", "math")
+    if major == 10:  # Blackwell datacenter: cuDNN's fused kernel (no FA3 build for sm100)
+        return ("sdpa_cudnn", "fa2", "sdpa_flash", "sdpa", "math")
+    return ("fa2", "sdpa_flash", "sdpa_cudnn", "sdpa", "math")
 
 
 def resolve_backend(name: str, device: torch.device | str | None = "cpu", dtype: torch.dtype | None = None) -> str:
     """An available backend for `name` on `device` ("auto" picks the fastest available).
 
-    Raises ValueError naming the backend and the reason when `name` is unknown or cannot
-    run here; never substitutes another backend for an explicit name.
+    Raises `InputError` (a ValueError) naming the backend and the reason when `name` is
+    unknown or cannot run here; never substitutes another backend for an explicit name.
     """
     key = name.strip().lower()
     dev = _as_device(device)
@@ -346,8 +396,8 @@ def resolve_backend(name: str, device: torch.device | str | None = "cpu", dtype:
             f"no attention backend available on {dev}: " + "; ".join(reasons)
         )
     if key not in BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r}; choose from auto, {', '.join(BACKENDS)}")
+        raise InputError(f"unknown attention backend {name!r}; choose from auto, {', '.join(BACKENDS)}")
     r = _reason(key, dev, dt, probe=True)
     if r is not None:
-        raise ValueError(f"attention backend {key!r} is not available on {dev}: {r}")
+        raise InputError(f"attention backend {key!r} is not available on {dev}: {r}")
     return key
