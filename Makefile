@@ -4,7 +4,7 @@ PY ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
 
-.PHONY: test smoke env clean-env
+.PHONY: test smoke env clean-env fa3
 
 $(VENV)/.ready: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -22,6 +22,11 @@ test: $(VENV)/.ready
 
 smoke: $(VENV)/.ready
 	$(VPY) -m lmcore study smoke
+
+# FlashAttention-3 wheel (GPU machine with a CUDA toolkit; see README): not part of test/smoke.
+FA3_OUT ?= .fa3/wheel
+fa3:
+	bash scripts/build_fa3.sh $(FA3_OUT)
 
 clean-env:
 	rm -rf $(VENV)

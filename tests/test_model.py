@@ -1,8 +1,6 @@
 from __future__ import annotations
 
-import itertools
 import json
-from dataclasses import replace
 
 import pytest
 import torch
