@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# Quality at equal wall time, as ONE job: the original script and lmcore's `record` preset, each
+# on 2 GPUs under torchrun (grad accum 4), 150 s training cap (CAP_S), seed 1337, proxy data, FA3
+# in both where a wheel is carried (.fa3/dist/*.whl: the original imports its own
+# flash_attn_interface, no shim; lmcore's auto picks fa3). On a machine with 4 GPUs the two runs
+# go side by side (GPUs 0,1 and 2,3), else one after the other. Prints the table (card, steps,
+# mean step ms, raw and EMA val_bpb); each poll leaves $OUT/capped_2gpu.log, table.md (once
+# done) and capped_results.tgz (logs, summary.json, metrics).
+# It takes longer than one device call, so `start` runs it detached (setsid) and polls; `poll`
+# (the next call, within 30 s of the last) goes on. Carry .whl (brotli), .data, .ref, .fa3.
+#   bash benchmarks/capped_2gpu.sh start [POLL_S]  |  bash benchmarks/capped_2gpu.sh poll [POLL_S]
+set -uo pipefail
+S=/tmp/capped
+MODE=${1:-poll}
+POLL_S=${2:-540}
+CAP_S=${CAP_S:-150}
+
+stamp() { while IFS= read -r l; do printf '%(%H:%M:%S)T %s\n' -1 "$l"; done; }
+
+original() {  # GPUS LOG
+  local log=$2
+  CUDA_VISIBLE_DEVICES=$1 DATA_PATH=$D TOKENIZER_PATH=$TOK MAX_WALLCLOCK_SECONDS=$CAP_S SEED=1337 \
+    TTT_ENABLED=0 RUN_ID=capped TRAIN_LOG_EVERY=50 \
+    setsid timeout 900 python3 -m torch.distributed.run --standalone --nproc_per_node=2 \
+    "$S/src/.ref/seed_train_gpt.py" > "$log" 2>&1 &
+  local pid=$!
+  while kill -0 $pid 2>/dev/null; do  # after its post-EMA diagnostic it goes on to calibration: stop there
+    if grep -q "DIAGNOSTIC post_ema" "$log"; then sleep 2; kill -- -$pid 2>/dev/null; break; fi
+    sleep 3
+  done
+  wait $pid 2>/dev/null
+}
+
+lmcore_run() {  # GPUS LOG
+  CUDA_VISIBLE_DEVICES=$1 timeout 900 python3 -m torch.distributed.run --standalone --nproc_per_node=2 \
+    -m lmcore train --preset record --set data.data_dir="$D" --set data.tokenizer="$TOK" \
+    --set train.max_wallclock_seconds="$CAP_S" --set train.log_every=50 --no-progress \
+    --run-dir "$R/lmcore_run" > "$2" 2>&1
+}
+
+job() {
+  cd "$S/src" || exit 1
+  export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+  R=$S/res TOK=$S/src/.data/fineweb_1024_bpe.model D=$S/proxy
+  mkdir -p "$R"
+  echo "== setup"
+  nvidia-smi --query-gpu=name,uuid,memory.total,driver_version --format=csv,noheader
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl .fa3/dist/*.whl 2>&1 | tail -2
+  export PYTHONPATH=/tmp/site:$S/src
+  python3 -c "import torch, flash_attn_interface as f; print('torch', torch.__version__, 'fa3', f.__file__)"
+  python3 -m lmcore data build --docs .data/proxy_docs.jsonl.xz --tokenizer "$TOK" --out "$D" \
+    --val-docs 1500 --shard-tokens 10000000 --no-progress || return 1
+  local n
+  n=$(nvidia-smi -L | wc -l)
+  echo "== training, cap $CAP_S s, $n GPUs"
+  if [ "$n" -ge 4 ]; then
+    original 0,1 "$R/original.log" & lmcore_run 2,3 "$R/lmcore.log" & wait
+  else
+    original 0,1 "$R/original.log"; lmcore_run 0,1 "$R/lmcore.log"
+  fi
+  echo "== report"
+  python3 - "$R/original.log" "$R/lmcore_run/summary.json" "$n" "$CAP_S" <<'PY' | tee "$R/table.md"
+import json, re, sys
+log, s = open(sys.argv[1]).read(), json.load(open(sys.argv[2]))
+steps = re.findall(r"step:(\d+)/\d+ val_loss:([\d.]+) val_bpb:([\d.]+) train_time:(\d+)ms step_avg:([\d.]+)ms", log)
+ema = re.search(r"DIAGNOSTIC post_ema val_loss:([\d.]+) val_bpb:([\d.]+)", log)
+st, _, obpb, _, oms = steps[-1] if steps else ("?", 0, "nan", 0, "nan")
+print(f"card: {s['card']}; 2 ranks under torchrun (grad accum 4), record preset, {sys.argv[4]} s cap, seed 1337, "
+      f"proxy data; {'side by side on one 4-GPU host' if int(sys.argv[3]) >= 4 else 'one after the other'}")
+print("| run | attention | steps | mean step ms | val_bpb raw | val_bpb EMA |")
+print("|---|---|---|---|---|---|")
+print(f"| original | its flash_attn_interface (FA3 wheel) | {st} | {float(oms):.1f} | {float(obpb):.4f} | "
+      f"{float(ema.group(2)) if ema else float('nan'):.4f} |")
+print(f"| lmcore `record` | {s['attention_backend']} | {s['steps']} | {s['mean_step_ms']:.1f} | "
+      f"{s['val_bpb_raw']:.4f} | {s['val_bpb_ema']:.4f} |")
+PY
+  tar -czf "$S/results.tgz" -C "$R" --exclude='*.pt' --exclude=checkpoints . 2>/dev/null
+  echo "== done"
+}
+
+poll() {
+  local t0=$SECONDS seen=0
+  while [ $((SECONDS - t0)) -lt "$POLL_S" ]; do
+    if [ -f "$S/job.log" ]; then
+      tail -n +$((seen + 1)) "$S/job.log"; seen=$(wc -l < "$S/job.log")
+      grep -q "^.\{9\}== done" "$S/job.log" && break
+      kill -0 "$(cat "$S/pid")" 2>/dev/null || { echo "job ended without == done"; break; }
+    fi
+    sleep 5
+  done
+  cp "$S/job.log" "$OUT/capped_2gpu.log" 2>/dev/null
+  [ -f "$S/res/table.md" ] && cp "$S/res/table.md" "$OUT/"
+  if [ -f "$S/results.tgz" ]; then cp "$S/results.tgz" "$OUT/capped_results.tgz"
+  else tar -czf "$OUT/capped_results.tgz" -C "$S/res" --exclude='*.pt' --exclude=checkpoints . 2>/dev/null; fi
+}
+
+case $MODE in
+  start)
+    rm -rf "$S"; mkdir -p "$S/src"
+    cp -a . "$S/src/"
+    setsid bash -c "$(declare -f stamp original lmcore_run job); S=$S CAP_S=$CAP_S job 2>&1 | stamp" \
+      > "$S/job.log" 2>&1 < /dev/null &
+    echo $! > "$S/pid"
+    poll ;;
+  poll) poll ;;
+  *) echo "usage: $0 start|poll [POLL_S]"; exit 2 ;;
+esac
