@@ -1,7 +1,7 @@
 """`lmcore pack`: turn a trained run into the compressed int6 artifact and its accounting.
 
 `pack_run(run_dir)` reads `config.json` and `model.pt`, samples calibration tokens from
-the model itself (`lmcore.calibrate`), collects Hessians and quantizes (`lmcore.quant`),
+the model itself (`lmcore.calibrate`), collects Hessians and quantizes (`lmcore.quant`, `lmcore.gptq`),
 and writes `model.int6.ptz` (atomically) and `pack.json`:
 
 * model_bytes: the size of `model.int6.ptz`;
@@ -17,9 +17,9 @@ and writes `model.int6.ptz` (atomically) and `pack.json`:
   relative Hessian-weighted error tr(E H E^T) / tr(W H W^T)).
 
 Code bytes. The challenge counts the script that would be submitted: the single-file
-`train_gpt.py` that `lmcore.submission.export_script` generates for the config (lmcore's
+`train_gpt.py` that `lmcore.export.export_script` generates for the config (lmcore's
 modules embedded, the config baked in). `pack_run` counts exactly that script:
-`lmcore.submission.code_bytes_of_export(cfg)` for the config the artifact is packed with,
+`lmcore.export.code_bytes_of_export(cfg)` for the config the artifact is packed with,
 or the `code_bytes` its caller passes (the exported script passes its own size).
 
 Calibration time. lmcore's calibration samples its tokens from the model itself and
@@ -49,19 +49,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lmcore.artifact import FORMAT_NAME, VERSION, ArtifactError, compress, read_artifact, serialize
 from lmcore.config import Config
 from lmcore.errors import InputError, InputNotFound
-from lmcore.quant import (
-    FORMAT_NAME,
-    VERSION,
-    ArtifactError,
-    compress,
-    dequantize,
-    error_report,
-    quantize_state_dict,
-    read_artifact,
-    serialize,
-)
+from lmcore.quant import dequantize, error_report, quantize_state_dict
 
 ARTIFACT_NAME = "model.int6.ptz"
 PACK_JSON = "pack.json"
@@ -219,7 +210,7 @@ def pack_state(
     the weights' file in the error raised when they do not fit the config's model.
     """
     from lmcore.calibrate import sample_calibration
-    from lmcore.quant import collect_hessians
+    from lmcore.gptq import collect_hessians
     from lmcore.runtime import synchronize, use_bf16
 
     dev = torch.device(device)
@@ -342,7 +333,7 @@ def pack_run(
     weights = run / "model.pt"
     state = load_state_file(weights)
     if code_bytes is None:
-        from lmcore.submission import code_bytes_of_export  # not embedded in train_gpt.py, which passes its size
+        from lmcore.export import code_bytes_of_export  # not embedded in train_gpt.py, which passes its size
 
         code_bytes = code_bytes_of_export(cfg)
     dev = device if isinstance(device, torch.device) else pick_device(device or cfg.quant.device)

@@ -1,4 +1,4 @@
-"""The artifact (lmcore.pack + lmcore.quant container): round trip, accounting, bad files, CLI."""
+"""The artifact (lmcore.pack + the lmcore.artifact container): round trip, accounting, bad files, CLI."""
 
 from __future__ import annotations
 
@@ -13,14 +13,14 @@ import pytest
 import torch
 
 from lmcore import pack
+from lmcore.artifact import ArtifactError, read_artifact, serialize
 from lmcore.cli import main
 from lmcore.config import PRESETS, Config
+from lmcore.export import code_bytes_of_export, export_script
 from lmcore.model import GPT
-from lmcore.quant import ArtifactError, dequantize, read_artifact, serialize
+from lmcore.quant import dequantize
 from lmcore.runs import sha256_file
-from lmcore.submission import code_bytes_of_export, export_script
 from tests.conftest import randomize_, tiny_model_cfg
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -125,7 +125,7 @@ def test_pack_is_deterministic_and_accepts_plain_state_dict(tmp_path, packed):
 
 
 def test_container_round_trip_all_dtypes():
-    from lmcore.quant import compress, decompress, deserialize
+    from lmcore.artifact import compress, decompress, deserialize
 
     tensors = {
         "a": torch.randn(3, 4),
@@ -182,7 +182,7 @@ def test_bad_artifacts_raise_naming_the_file(packed, tmp_path):
 
 
 def test_valid_container_with_inconsistent_meta_is_rejected(packed, tmp_path):
-    from lmcore.quant import compress
+    from lmcore.artifact import compress
 
     stored, meta = read_artifact(packed[0] / pack.ARTIFACT_NAME)
     del stored["blocks.0.mlp.fc.weight.su8"]

@@ -1,4 +1,4 @@
-"""Quantization pieces (lmcore.quant) and self-generated calibration (lmcore.calibrate), on CPU."""
+"""Quantization pieces (lmcore.quant, lmcore.gptq) and self-generated calibration (lmcore.calibrate), on CPU."""
 
 from __future__ import annotations
 
@@ -9,23 +9,18 @@ import torch
 
 from lmcore.calibrate import sample_calibration, sample_reference
 from lmcore.config import PRESETS, QuantConfig
-from lmcore.model import GPT, CastedLinear
-from lmcore.quant import (
-    FP16,
-    INT6,
-    INT8,
+from lmcore.gptq import (
     collect_hessians,
     gptq_quantize,
     gptq_quantize_many,
     hessian_error,
-    plan,
-    quantize_int8_rows,
     rtn_quantize,
     scale_to_u8,
     u8_to_scale,
 )
+from lmcore.model import GPT, CastedLinear
+from lmcore.quant import FP16, INT6, INT8, plan, quantize_int8_rows
 from tests.conftest import randomize_, tiny_model_cfg
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

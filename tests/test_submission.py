@@ -14,11 +14,13 @@ import pytest
 import torch
 
 from lmcore import cli
+from lmcore.compliance import _significance
 from lmcore.config import preset
 from lmcore.evaluate import eval_run
+from lmcore.export import export_script, needed_modules
 from lmcore.pack import pack_run
+from lmcore.runlog import parse_log
 from lmcore.smoke_data import ensure_smoke_data
-from lmcore.submission import _significance, export_script, needed_modules, parse_log
 from lmcore.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -273,11 +275,11 @@ def test_exported_script_is_self_contained_and_reproduces(export, runs, tmp_path
     assert not (work / "lmcore").exists()
     # the embedded importer wins over the installed lmcore, and refuses modules not embedded
     probe = (
-        "import sys, torch; before=set(sys.modules)\n"  # torch.hub itself imports tqdm when installed
-        "import train_gpt; train_gpt._install_importer();"
-        "assert 'submission' not in train_gpt.MODULES and 'pack' in train_gpt.MODULES, train_gpt.MODULES;"
-        "import lmcore, lmcore.train, lmcore.pack, lmcore.evaluate;"
-        "bad=[m for n,m in sys.modules.items() if n.startswith('lmcore') and not m.__file__.startswith(train_gpt._SELF)];"
+        "import os, sys, torch; before=set(sys.modules)\n"  # torch.hub itself imports tqdm when installed
+        "import train_gpt; f = train_gpt.install(vars(train_gpt)); me = os.path.abspath(train_gpt.__file__)\n"
+        "assert 'lmcore/submission.py' not in f.sources and 'lmcore/pack.py' in f.sources, sorted(f.sources)\n"
+        "import lmcore, lmcore.train, lmcore.pack, lmcore.evaluate\n"
+        "bad=[m for n,m in sys.modules.items() if n.startswith('lmcore') and not m.__file__.startswith(me)]\n"
         "assert not bad, bad\n"
         "try:\n import lmcore.study\nexcept ModuleNotFoundError as e: print('refused', e)\n"
         "heavy=[m for m in ('pandas','matplotlib','tqdm','huggingface_hub','papermill') if m in set(sys.modules) - before]\n"
