@@ -96,6 +96,7 @@ class Muon(torch.optim.Optimizer):
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict],
+        *,
         lr: float = 0.02,
         momentum: float = 0.95,
         ns_steps: int = 5,

@@ -1,6 +1,7 @@
-"""Where and how code runs: device choice, autocast precision, seeding, distributed info,
-and facts for run summaries (card name, git commit). No environment reads: the CLI passes
-rank / world size in explicitly."""
+"""Where and how code runs: device choice, autocast precision, seeding, distributed info
+(and each rank's share of a list of items), and facts for run summaries (card name, git
+commit). No environment reads: the CLI passes rank / world size in explicitly
+(`dist_from_env(os.environ)`)."""
 
 from __future__ import annotations
 
@@ -75,6 +76,14 @@ class DistInfo:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
+
+
+ONE_PROCESS = DistInfo()  # the default everywhere: one process, rank 0
+
+
+def rank_slice(n: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Contiguous share [lo, hi) of n items for `rank` (the shares of all ranks tile [0, n))."""
+    return (n * rank) // world_size, (n * (rank + 1)) // world_size
 
 
 def init_distributed(info: DistInfo, device: torch.device) -> None:

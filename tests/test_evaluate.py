@@ -229,6 +229,33 @@ def test_sliding_with_stride_equal_window_equals_plain():
     assert slide["bpb"] == pytest.approx(plain["bpb"], abs=1e-9)
 
 
+def test_plain_eval_is_one_function_for_train_and_eval():
+    """lmcore.validate.plain_eval (training's validation, evaluation's plain pass) against the
+    sequences scored one by one: the batching, the padding and the train/eval mode change nothing."""
+    from lmcore import validate
+
+    model, tables = tiny_model(7), tiny_tables(7)
+    tokens = tiny_tokens(11 * 32 + 5, seed=7)  # 11 sequences of 32 (+ a tail that is never scored)
+    nats = nbytes = 0.0
+    with torch.no_grad():
+        for i in range(11):
+            w = tokens[i * 32 : (i + 1) * 32 + 1]
+            nll = model(w[None, :-1], w[None, 1:], reduction="none")
+            nats += float(nll.double().sum())
+            lead = tables.leading_space[w[1:]] & ~tables.boundary[w[:-1]]
+            nbytes += float((tables.base_bytes[w[1:]].long() + lead.long()).sum())
+    assert plain_eval is validate.plain_eval
+    model.train()
+    for batch_seqs, pad in ((1, False), (4, False), (4, True), (32, True), (512, False)):
+        r = validate.plain_eval(model, tokens, 32, tables, CPU, batch_seqs=batch_seqs, pad=pad)
+        assert r["tokens"] == 11 * 32 and r["bytes"] == nbytes, (batch_seqs, pad)
+        assert r["nats"] == pytest.approx(nats, rel=1e-6), (batch_seqs, pad)
+        assert r["bpb"] == pytest.approx(nats / math.log(2) / nbytes, rel=1e-6)
+        assert model.training  # the caller's mode is restored
+    with pytest.raises(ValueError, match="too few"):
+        validate.plain_eval(model, tokens[:32], 32, tables, CPU)
+
+
 @pytest.mark.parametrize("ttt", [False, True])
 def test_fast_path_matches_reference(ttt):
     model, tables = tiny_model(1), tiny_tables(1)

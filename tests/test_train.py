@@ -122,6 +122,41 @@ def test_smoke_cli_run_beats_unigram_entropy(smoke_run):
     assert not list(run.glob("**/*.tmp"))
 
 
+def test_final_val_loss_is_the_one_validation_of_model_pt(smoke_run):
+    """Training validates with lmcore.validate.plain_eval, the function evaluation's plain pass
+    uses: run on model.pt (the kept EMA weights) it gives summary.json's val_loss, exactly with
+    training's batches and to 1e-6 with evaluation's (padded batches of 32)."""
+    from lmcore.bpb import ByteTables
+    from lmcore.config import Config
+    from lmcore.data import load_val_tokens
+    from lmcore.evaluate import plain_eval
+    from lmcore.model import GPT
+
+    run, d = smoke_run["run"], smoke_run["data"]
+    summary = json.loads((run / "summary.json").read_text())
+    cfg = Config.load(run / "config.json")
+    model = GPT(cfg.model)
+    model.load_state_dict(torch.load(run / "model.pt", weights_only=True)["model"])
+    model.set_attention_backend(summary["attention_backend"], torch.device("cpu"))
+    seq_len = cfg.data.seq_len
+    tokens = load_val_tokens(d, cfg.data.val_pattern, seq_len, cfg.data.val_max_tokens)
+    tables = ByteTables.from_sentencepiece(d / "tokenizer.model", cfg.model.vocab_size)
+    as_trained = plain_eval(model, tokens, seq_len, tables, "cpu", batch_seqs=65_536 // seq_len, pad=False)
+    assert as_trained["loss"] == summary["val_loss"] and as_trained["bpb"] == summary["val_bpb"]
+    as_evaluated = plain_eval(model, tokens, seq_len, tables, "cpu")
+    assert as_evaluated["loss"] == pytest.approx(summary["val_loss"], abs=1e-6)
+
+
+def test_training_loop_fits_one_screen():
+    """The loop (`_train`) stays readable as one screen: under 150 lines."""
+    import inspect
+
+    import lmcore.train as lt
+
+    n = len(inspect.getsource(lt._train).splitlines())
+    assert n < 150, f"lmcore.train._train is {n} lines"
+
+
 def test_smoke_data_is_idempotent(smoke_run):
     from lmcore.smoke_data import ensure_smoke_data
 
@@ -368,7 +403,7 @@ def test_record_trains_unquantized_at_every_step(smoke_run, tmp_path, monkeypatc
 
 def test_lmcore_qat_switch_changes_training_and_warns_when_early(smoke_run, tmp_path, monkeypatch, capsys):
     sets = ("train.iterations=12", "train.warmdown_iters=3500", "train.val_every=0", "train.ema=off", "train.log_every=1")
-    off = train(preset("smoke", _overrides(smoke_run, *sets)), tmp_path / "off", progress=False)
+    train(preset("smoke", _overrides(smoke_run, *sets)), tmp_path / "off", progress=False)
     calls = _count_fake_quant(monkeypatch)
     on_cfg = preset("smoke", _overrides(smoke_run, *sets, "train.lmcore_late_qat_threshold=0.15"))
     on = train(on_cfg, tmp_path / "on", progress=True)
