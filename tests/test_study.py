@@ -432,3 +432,17 @@ def test_multi_process_run_goes_through_torchrun(tmp_path: Path):
     assert any("torch.distributed.run" in ln and "--nproc_per_node=2" in ln for ln in lines)
     assert any("eval: wrote" in ln for ln in lines)
     assert json.loads((tmp_path / "mp" / "eval.json").read_text())["world_size"] == 2
+
+
+def test_a_sweep_run_is_a_subprocess_that_records_its_own_failure(tmp_path: Path):
+    # the real job command (`lmcore study run-one`): training fails at its start, in the subprocess
+    lines: list[str] = []
+    df = study.sweep("sub", {"short": ["data.val_max_tokens=16"]}, preset="tiny", runs_dir=tmp_path / "runs",
+                     devices=["cpu"], progress=False, root=REPO, log=lines.append)
+    rd = tmp_path / "runs" / "sub" / "short-s1337"
+    assert list(df["status"]) == ["failed"]
+    failed = json.loads((rd / "FAILED.json").read_text())
+    assert failed["phase"] == "train" and "val" in failed["error"]  # written by the run itself, kept by the pool
+    log = (rd / "run.log").read_text()
+    assert "-m lmcore study run-one --run-dir" in log.splitlines()[0] and "lmcore study: error:" in log
+    assert any("sub/short-s1337: FAILED after" in ln for ln in lines)

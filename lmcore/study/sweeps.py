@@ -29,7 +29,7 @@ from typing import Any
 import pandas as pd
 
 from lmcore.config import Config
-from lmcore.errors import InputNotFound
+from lmcore.errors import InputError, InputNotFound
 from lmcore.study.folders import clear_run, record_failure, set_aside, update_study
 from lmcore.study.paths import LogFn, print_line, resolve, root_of, say_to
 from lmcore.study.results import eval_table, load_runs
@@ -111,7 +111,7 @@ def sweep(
     slot on a CPU), `num_gpus` each; see the module docstring. Returns the runs' DataFrame
     (`load_runs`), in sweep order."""
     if if_exists not in IF_EXISTS:
-        raise ValueError(f"if_exists={if_exists!r}: expected replace, reuse or error")
+        raise InputError(f"if_exists={if_exists!r}: expected replace, reuse or error")
     say = say_to(log)
     r = root_of(root)
     base = resolve(runs_dir, r)
@@ -239,7 +239,7 @@ def eval_sweep(
     keeps one made with the same eval config. A failed variant writes
     FAILED-eval-<name>.json and the others go on. Returns `eval_table(run_dir)`."""
     if if_exists not in ("replace", "reuse"):
-        raise ValueError(f"if_exists={if_exists!r}: expected replace or reuse")
+        raise InputError(f"if_exists={if_exists!r}: expected replace or reuse")
     say = say_to(log)
     r = root_of(root)
     rd = resolve(run_dir, r)
