@@ -1,29 +1,20 @@
-"""Run folders into pandas tables, and the study's figures.
+"""The study's figures, from the run tables of `lmcore.study.results`.
 
-Loading. `find_runs(runs_dir)` finds every run folder below `runs_dir` (a folder holding
-config.json, summary.json, FAILED.json or study.json; checkpoints are not runs, nor are the
-backups of replaced runs, `replaced-YYYYmmdd-HHMMSS` subfolders: `is_backup`).
-`load_run` flattens one folder into a dict: what the study layer recorded (study.json:
-study, variant, seed, overrides), the config (preset, bigram, gated layers, attention),
-training (summary.json), packing (pack.json: model / code / total bytes, fits) and evaluation
-(eval.json: TTT and sliding bpb, TTT gain). `val_bpb` / `val_loss` are the run's score:
-from eval.json (the packed model, after TTT) when present, else the pre-quantization
-numbers of summary.json; `score_source` says which. `load_runs` makes the DataFrame,
-`load_metrics` a run's metrics.jsonl lines, `chunk_gains` its per-chunk TTT gains.
+Each `plot_*` function takes a runs DataFrame (`load_runs`; `plot_eval_sweep` an
+`eval_table`) and returns a matplotlib `Figure` (object API, no pyplot state: in a notebook
+with `%matplotlib inline`, a Figure as a cell's last expression is shown inline), or raises
+`NoData` with the reason when no run has what it needs. Sizes and "fits" are pack.json's own
+numbers, never recomputed here; the limit line is `lmcore.pack.SIZE_LIMIT`. `save_figure`
+writes PNG and SVG; `export_figures` makes every figure of the study into a folder, skipping
+(and reporting) those without data.
 
-Figures. Each `plot_*` function takes that DataFrame and returns a matplotlib `Figure`
-(object API, no pyplot state), or raises `NoData` with the reason when no run has what
-it needs. Sizes and "fits" are pack.json's own numbers, never recomputed here; the
-limit line is `lmcore.pack.SIZE_LIMIT`. `save_figure` writes PNG and SVG;
-`export_figures` makes every figure of the study into a folder, skipping (and
-reporting) those without data.
+The loading and table functions (`load_runs`, `load_run`, `find_runs`, `aggregate`,
+`comparison_table`, ...) live in `lmcore.study.results` and are importable from here too.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -32,16 +23,28 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
-from lmcore.runs import read_jsonl
+from lmcore.study.results import (
+    BACKUP_PREFIX,
+    aggregate,
+    chunk_gains,
+    comparison_table,
+    find_runs,
+    finite,
+    is_backup,
+    load_metrics,
+    load_run,
+    load_runs,
+)
 
 __all__ = [
+    "BACKUP_PREFIX",
     "FIGURES",
     "NoData",
     "aggregate",
     "chunk_gains",
     "comparison_table",
-    "display_figures",
     "export_figures",
+    "figure",
     "find_runs",
     "is_backup",
     "load_metrics",
@@ -49,226 +52,16 @@ __all__ = [
     "load_runs",
     "plot_artifact_size",
     "plot_bpb_by_variant",
+    "plot_eval_sweep",
     "plot_loss_curves",
     "plot_throughput_by_backend",
     "plot_ttt_gain",
     "save_figure",
 ]
 
-RUN_MARKERS = ("config.json", "summary.json", "FAILED.json", "study.json")
-# A replaced run's files, moved aside inside its run folder by the study layer.
-BACKUP_PREFIX = "replaced-"
-_BACKUP_NAME = re.compile(re.escape(BACKUP_PREFIX) + r"\d{8}-\d{6}(-\d+)?")
-
 
 class NoData(Exception):
     """A figure has nothing to show; the message says why."""
-
-
-# ---------------------------------------------------------------------------- loading
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except (json.JSONDecodeError, OSError, UnicodeDecodeError):
-        return {"_unreadable": str(path)}
-
-
-def is_backup(path: str | Path) -> bool:
-    """Whether `path` is the backup of a replaced run (RUN/replaced-YYYYmmdd-HHMMSS)."""
-    return _BACKUP_NAME.fullmatch(Path(path).name) is not None
-
-
-def find_runs(runs_dir: str | Path = "runs") -> list[Path]:
-    """Every run folder below `runs_dir` (itself included), sorted; [] if it does not exist.
-    Checkpoints and backups of replaced runs are not runs."""
-    root = Path(runs_dir)
-    if not root.is_dir():
-        return []
-    found: set[Path] = set()
-    for marker in RUN_MARKERS:
-        for p in root.rglob(marker):
-            d = p.parent
-            parts = d.relative_to(root).parts
-            if "checkpoints" in parts or any(is_backup(x) for x in parts):
-                continue
-            found.add(d)
-    return sorted(found)
-
-
-def _get(d: dict[str, Any] | None, *keys: str, default: Any = None) -> Any:
-    cur: Any = d
-    for k in keys:
-        if not isinstance(cur, dict) or k not in cur:
-            return default
-        cur = cur[k]
-    return cur
-
-
-def _layers(v: Any) -> str | None:
-    if v is None:
-        return None
-    if isinstance(v, list):
-        return ",".join(str(i) for i in v) if v else "none"
-    return str(v)
-
-
-def load_run(run_dir: str | Path, runs_dir: str | Path | None = None) -> dict[str, Any]:
-    """One run folder as a flat dict (see the module docstring); missing values are None."""
-    d = Path(run_dir)
-    base = Path(runs_dir) if runs_dir is not None else d.parent
-    try:
-        name = d.resolve().relative_to(base.resolve()).as_posix()
-    except ValueError:
-        name = d.name
-    name = d.name if name in ("", ".") else name
-    cfg = _read_json(d / "config.json")
-    summ = _read_json(d / "summary.json")
-    pack = _read_json(d / "pack.json")
-    ev = _read_json(d / "eval.json")
-    study = _read_json(d / "study.json") or {}
-    failed = _read_json(d / "FAILED.json")
-    row: dict[str, Any] = {
-        "run": name,
-        "path": str(d.resolve()),
-        "study": study.get("study"),
-        "variant": study.get("variant"),
-        "seed": study.get("seed", _get(summ, "seed", default=_get(cfg, "train", "seed"))),
-        "preset": _get(cfg, "name", default=study.get("preset")),
-        "overrides": " ".join(study.get("overrides") or []) or None,
-        "bigram": _get(cfg, "model", "bigram"),
-        "gated_attn_layers": _layers(_get(cfg, "model", "gated_attn_layers")),
-        "attention_requested": _get(cfg, "model", "attention", default=study.get("attention")),
-        "iterations": _get(cfg, "train", "iterations"),
-        "num_gpus": study.get("num_gpus"),
-    }
-    # training
-    for k in ("steps", "tokens", "train_time_s", "wall_time_s", "tokens_per_s", "mean_step_ms",
-              "peak_memory_mib", "peak_rss_mib", "val_loss_raw", "val_bpb_raw", "val_loss_ema",
-              "val_bpb_ema", "world_size", "card", "git_commit", "completed"):
-        row[k] = _get(summ, k)
-    row["attention_backend"] = _get(summ, "attention_backend")
-    row["prequant_val_loss"] = _get(summ, "val_loss")
-    row["prequant_val_bpb"] = _get(summ, "val_bpb")
-    # packing
-    row["model_bytes"] = _get(pack, "model_bytes")
-    row["code_bytes"] = _get(pack, "code_bytes")
-    row["total_bytes"] = _get(pack, "total_bytes")
-    row["fits"] = _get(pack, "fits")
-    row["pack_time_s"] = _get(pack, "timings_s", "total")
-    # evaluation
-    row["eval_loss"] = _get(ev, "loss")
-    row["eval_bpb"] = _get(ev, "bpb")
-    row["sliding_bpb"] = _get(ev, "sliding", "bpb")
-    row["sliding_loss"] = _get(ev, "sliding", "loss")
-    row["ttt_bpb"] = _get(ev, "ttt", "bpb")
-    row["ttt_gain_bpb"] = _get(ev, "ttt_gain_bpb")
-    row["eval_time_s"] = _get(ev, "time_s", "total")
-    row["eval_tokens"] = _get(ev, "tokens")
-    row["eval_bytes"] = _get(ev, "bytes")
-    # the score
-    if row["eval_bpb"] is not None:
-        row["val_bpb"], row["val_loss"] = row["eval_bpb"], row["eval_loss"]
-        row["score_source"] = "eval (packed" + (", TTT)" if row["ttt_bpb"] is not None else ")")
-    elif row["prequant_val_bpb"] is not None:
-        row["val_bpb"], row["val_loss"] = row["prequant_val_bpb"], row["prequant_val_loss"]
-        row["score_source"] = "train (pre-quantization)"
-    else:
-        row["val_bpb"] = row["val_loss"] = row["score_source"] = None
-    # status
-    if failed is not None:
-        row["status"] = "failed"
-        row["error"] = failed.get("error") or failed.get("_unreadable") or "failed"
-    elif study.get("status") == "unavailable":
-        row["status"] = "unavailable"
-        row["error"] = study.get("reason")
-    elif ev is not None:
-        row["status"] = "ok"
-        row["error"] = None
-    elif pack is not None:
-        row["status"] = "packed"
-        row["error"] = None
-    elif summ is not None:
-        row["status"] = "trained" if summ.get("completed", True) else "incomplete"
-        row["error"] = None
-    else:
-        row["status"] = "incomplete"
-        row["error"] = None
-    return row
-
-
-def load_runs(runs_dir: str | Path = "runs", runs: Iterable[str | Path] | None = None) -> pd.DataFrame:
-    """A DataFrame with one row per run folder below `runs_dir` (or of the given `runs`)."""
-    dirs = [Path(r) for r in runs] if runs is not None else find_runs(runs_dir)
-    rows = [load_run(d, runs_dir) for d in dirs]
-    df = pd.DataFrame(rows)
-    if df.empty:
-        df = pd.DataFrame(columns=list(load_run(Path(runs_dir) / "_none_").keys()))
-    return df
-
-
-def load_metrics(run_dir: str | Path, kind: str | None = "train") -> pd.DataFrame:
-    """metrics.jsonl of a run as a DataFrame (only lines of `kind`, unless None)."""
-    rows = read_jsonl(Path(run_dir) / "metrics.jsonl")
-    if kind is not None:
-        rows = [r for r in rows if r.get("kind", "train") == kind]
-    return pd.DataFrame(rows)
-
-
-def chunk_gains(run_dir: str | Path) -> list[float] | None:
-    """Per-chunk TTT gain (sliding bpb - TTT bpb) from eval.json, or None."""
-    ev = _read_json(Path(run_dir) / "eval.json")
-    g = _get(ev, "chunk_gain_bpb")
-    if g:
-        return [float(x) for x in g]
-    base, ttt = _get(ev, "sliding", "chunk_bpb"), _get(ev, "ttt", "chunk_bpb")
-    if base and ttt:
-        return [float(b) - float(t) for b, t in zip(base, ttt)]
-    return None
-
-
-# ---------------------------------------------------------------------------- tables
-
-
-def _finite(v: Any) -> bool:
-    return v is not None and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def aggregate(df: pd.DataFrame, by: str | list[str] = "variant",
-              metrics: Iterable[str] = ("val_bpb", "val_loss", "tokens_per_s", "total_bytes", "ttt_gain_bpb")
-              ) -> pd.DataFrame:
-    """Mean, std and count of `metrics` per group of `by` (only runs with a score)."""
-    by_l = [by] if isinstance(by, str) else list(by)
-    cols = [m for m in metrics if m in df.columns]
-    ok = df[df["val_bpb"].notna()] if "val_bpb" in df.columns else df
-    if ok.empty:
-        return pd.DataFrame(columns=by_l)
-    num = ok[by_l + cols].copy()
-    for c in cols:
-        num[c] = pd.to_numeric(num[c], errors="coerce")
-    g = num.groupby(by_l, dropna=False, sort=False)
-    out = g[cols].agg(["mean", "std"])
-    out.columns = [f"{c}_{s}" for c, s in out.columns]
-    out.insert(0, "n", g.size())
-    return out.reset_index()
-
-
-COMPARISON_COLUMNS = [
-    "variant", "seed", "status", "val_bpb", "val_loss", "prequant_val_bpb", "ttt_gain_bpb",
-    "tokens_per_s", "mean_step_ms", "attention_backend", "total_bytes", "fits", "error",
-]
-
-
-def comparison_table(df: pd.DataFrame, columns: list[str] | None = None) -> pd.DataFrame:
-    """The columns of a sweep worth comparing, in a fixed order (missing ones left out)."""
-    cols = [c for c in (columns or COMPARISON_COLUMNS) if c in df.columns]
-    return df[cols].reset_index(drop=True)
-
-
-# ---------------------------------------------------------------------------- figures
 
 
 def _new_figure(w: float = 7.0, h: float = 4.0) -> Figure:
@@ -278,7 +71,7 @@ def _new_figure(w: float = 7.0, h: float = 4.0) -> Figure:
 def _label(row: pd.Series) -> str:
     if row.get("study") and row.get("variant"):
         s = f"{row['study']}:{row['variant']}"
-        return s + (f" s{row['seed']}" if _finite(row.get("seed")) else "")
+        return s + (f" s{row['seed']}" if finite(row.get("seed")) else "")
     return str(row["run"])
 
 
@@ -423,13 +216,76 @@ def plot_ttt_gain(df: pd.DataFrame, max_runs: int = 16) -> Figure:
     fig = _new_figure(8, 4.0)
     ax = fig.subplots()
     for label, g, total in series[:max_runs]:
-        tag = f" (total {total:+.4f})" if _finite(total) else ""
+        tag = f" (total {total:+.4f})" if finite(total) else ""
         ax.plot(range(len(g)), g, marker="." if len(g) < 60 else None, lw=1, label=label + tag)
     ax.axhline(0.0, color="black", lw=0.8)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set(xlabel="validation chunk", ylabel="bpb gain (sliding - TTT)", title="test-time training gain per chunk")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
+    return fig
+
+
+def _setting_key(v: Any) -> str:
+    v = v.item() if hasattr(v, "item") else v  # numpy scalars (from pandas) as Python numbers
+    return json.dumps(v, sort_keys=True, default=str)
+
+
+def _sort_key(v: Any) -> tuple[int, float, str]:
+    v = v.item() if hasattr(v, "item") else v
+    return (0, float(v), "") if finite(v) else (1, 0.0, str(v))
+
+
+def plot_eval_sweep(table: pd.DataFrame, metric: str = "bpb") -> Figure:
+    """Eval-only variants of one packed model (an `eval_table`): `metric` by setting, one
+    panel per eval field a variant changed alone (x: its values, the run's own setting
+    marked), variants that changed several fields in a last panel; the dotted line is the
+    sliding-window bpb without TTT."""
+    ok = table[(table["status"] == "ok") & table[metric].notna()] if metric in table.columns else table.iloc[0:0]
+    if ok.empty:
+        raise NoData(f"no evaluation has a {metric} (run an eval-only sweep first)")
+    fields = [c for c in table.columns if c.startswith("eval.")]
+    base = ok[ok["variant"] == "run"]
+    ref = base.iloc[0] if len(base) else None
+
+    def reference(f: str) -> str:
+        if ref is not None:
+            return _setting_key(ref[f])
+        return pd.Series([_setting_key(v) for v in ok[f]]).mode().iloc[0]
+
+    panels: dict[str, list[tuple[Any, float, bool]]] = {}
+    for _, row in ok.iterrows():
+        if row["variant"] == "run":
+            continue
+        changed = [f for f in fields if _setting_key(row[f]) != reference(f)]
+        if len(changed) == 1:
+            panels.setdefault(changed[0], []).append((row[changed[0]], float(row[metric]), False))
+        else:
+            panels.setdefault("variants", []).append((row["variant"], float(row[metric]), False))
+    if ref is not None:
+        for f in [k for k in panels if k != "variants"]:
+            panels[f].append((ref[f], float(ref[metric]), True))
+        if not panels:  # only the run's own evaluation
+            panels["variants"] = [("run", float(ref[metric]), True)]
+    fig = _new_figure(max(5.0, 3.8 * len(panels)), 4.0)
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    sliding = pd.to_numeric(ok["sliding_bpb"], errors="coerce").dropna() if metric == "bpb" else pd.Series([])
+    for ax, (name, pts) in zip(axes, panels.items()):
+        pts = sorted(pts, key=lambda p: _sort_key(p[0]))
+        x = range(len(pts))
+        ax.plot(list(x), [p[1] for p in pts], marker="o", color="tab:blue", lw=1.2)
+        for xi, (_v, y, own) in zip(x, pts):
+            if own:
+                ax.plot([xi], [y], marker="o", ms=9, mfc="none", mec="red", mew=1.5, label="the run's own setting")
+        if len(sliding):
+            ax.axhline(float(sliding.median()), color="gray", ls=":", lw=1, label="no TTT (sliding window)")
+        ax.set_xticks(list(x), [str(p[0]) for p in pts], fontsize=8)
+        ax.ticklabel_format(axis="y", useOffset=False, style="plain")
+        ax.set(title=name, xlabel=name if name != "variants" else "variant", ylabel=f"val {metric} (lower is better)")
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    if handles:
+        axes[0].legend(dict(zip(labels, handles)).values(), dict(zip(labels, handles)).keys(), fontsize=7)
     return fig
 
 
@@ -485,18 +341,17 @@ def export_figures(
     return out
 
 
-def display_figures(result: dict[str, list[Path] | str]) -> None:
-    """Show the PNGs of an `export_figures` result inline (in a notebook), else print paths."""
+def figure(name: str, df: pd.DataFrame | str | Path = "runs", save_to: str | Path | None = None) -> Figure | str:
+    """The figure `name` of FIGURES from a runs DataFrame (or a runs folder), written as
+    save_to/name.{png,svg} when `save_to` is given; or the reason it was skipped
+    ("NAME: skipped: ...") when no run has its data. A notebook cell ending with it shows
+    either."""
+    if not isinstance(df, pd.DataFrame):
+        df = load_runs(df)
     try:
-        from IPython.display import Image, display
-    except ImportError:  # pragma: no cover - IPython comes with the notebook tools
-        display = None
-    for name, v in result.items():
-        if isinstance(v, str):
-            print(f"{name}: {v}")
-        elif display is not None:
-            pngs = [p for p in v if Path(p).suffix == ".png"]
-            for p in pngs:
-                display(Image(filename=str(p)))
-        else:
-            print(f"{name}: {', '.join(map(str, v))}")
+        fig = FIGURES[name](df)
+    except NoData as e:
+        return f"{name}: skipped: {e}"
+    if save_to is not None:
+        save_figure(fig, save_to, name)
+    return fig

@@ -1,5 +1,5 @@
-"""lmcore.stats against known values: t quantiles from tables, closed forms for df = 1 and 2,
-a textbook Welch example, and the challenge's one-sided test."""
+"""lmcore.stats against known values: a textbook Welch example, p-values of the challenge's
+one-sided tests computed once with scipy.stats, the cases without spread, and both bars."""
 
 from __future__ import annotations
 
@@ -7,66 +7,7 @@ import math
 
 import pytest
 
-from lmcore.stats import (
-    betainc,
-    bpb_to_nats,
-    challenge_test,
-    mean_std,
-    t_cdf,
-    t_ppf,
-    t_sf,
-    welch_t,
-)
-
-
-@pytest.mark.parametrize(
-    "q, df, expected",
-    [
-        (0.99, 10, 2.764),  # the classic table values (3 decimals)
-        (0.975, 10, 2.228),
-        (0.95, 1, 6.314),
-        (0.995, 5, 4.032),
-        (0.999, 3, 10.215),
-        (0.9, 30, 1.310),
-        (0.975, 1e9, 1.960),
-    ],
-)
-def test_t_quantiles_match_tables(q, df, expected):
-    assert t_ppf(q, df) == pytest.approx(expected, abs=6e-4)
-    assert t_cdf(expected, df) == pytest.approx(q, abs=2e-4)
-
-
-def test_t_quantiles_match_reference_to_many_digits():
-    # values from scipy.stats.t.ppf (computed once; scipy is not a dependency)
-    assert t_ppf(0.99, 10) == pytest.approx(2.7637694581126957, rel=1e-11)
-    assert t_ppf(0.99, 2.5) == pytest.approx(5.353111173030872, rel=1e-11)
-    assert t_cdf(-1.5, 3.3) == pytest.approx(0.11125159835964593, rel=1e-12)
-    assert t_cdf(0.3, 100) == pytest.approx(0.6176000598498482, rel=1e-12)
-
-
-@pytest.mark.parametrize("t", [-30.0, -2.0, -0.5, 0.0, 0.1, 1.0, 3.0, 50.0])
-def test_t_cdf_closed_forms(t):
-    assert t_cdf(t, 1) == pytest.approx(0.5 + math.atan(t) / math.pi, abs=1e-13)  # Cauchy
-    assert t_cdf(t, 2) == pytest.approx(0.5 + t / (2 * math.sqrt(2 + t * t)), abs=1e-13)
-    assert t_cdf(t, 7) + t_sf(t, 7) == pytest.approx(1.0, abs=1e-14)
-    assert t_cdf(-t, 7) == pytest.approx(t_sf(t, 7), abs=1e-14)
-
-
-def test_t_limits_and_errors():
-    assert t_cdf(math.inf, 3) == 1.0 and t_cdf(-math.inf, 3) == 0.0
-    assert t_cdf(1.0, math.inf) == pytest.approx(0.8413447460685429, abs=1e-14)
-    with pytest.raises(ValueError):
-        t_cdf(1.0, 0)
-    with pytest.raises(ValueError):
-        t_ppf(1.0, 5)
-
-
-def test_betainc_known_values():
-    assert betainc(0.5, 0.5, 0.3) == pytest.approx(2 / math.pi * math.asin(math.sqrt(0.3)), abs=1e-13)
-    assert betainc(2, 3, 0.4) == pytest.approx(0.5248, abs=1e-13)  # 1 - sum of binomial terms
-    assert betainc(1, 1, 0.37) == pytest.approx(0.37, abs=1e-14)
-    assert betainc(50, 60, 0.45) == pytest.approx(0.4642352914306031, rel=1e-10)
-    assert betainc(3, 4, 0.0) == 0.0 and betainc(3, 4, 1.0) == 1.0
+from lmcore.stats import bpb_to_nats, challenge_test, mean_std
 
 
 def test_mean_std():
@@ -84,11 +25,37 @@ A2 = [27.1, 22.0, 20.8, 23.4, 23.4, 23.5, 25.8, 22.0, 24.8, 20.2, 21.9, 22.1, 22
 
 
 def test_welch_textbook_example():
-    t, df = welch_t(A1, A2)
-    assert t == pytest.approx(-2.455356398286006, rel=1e-12)
-    assert df == pytest.approx(24.98852929023142, rel=1e-12)
-    assert 2 * t_cdf(t, df) == pytest.approx(0.021378001462866992, rel=1e-9)
-    assert round(t, 2) == -2.46 and round(df, 1) == 25.0
+    # A1 beats A2 (lower is better) with no margin: t = 2.46, df = 25.0, one-sided p = 0.021 / 2
+    r = challenge_test(A1, A2, min_improvement=0.0, alpha=0.05)
+    assert r.t == pytest.approx(2.455356398286006, rel=1e-12)
+    assert r.df == pytest.approx(24.98852929023142, rel=1e-12)
+    assert 2 * r.p_value == pytest.approx(0.021378001462866992, rel=1e-9)
+    assert round(r.t, 2) == 2.46 and round(r.df, 1) == 25.0 and r.passed
+    # the other direction: the same t with its sign flipped, p the complement
+    r = challenge_test(A2, A1, min_improvement=0.0)
+    assert r.t == pytest.approx(-2.455356398286006, rel=1e-12)
+    assert r.p_value == pytest.approx(1 - 0.021378001462866992 / 2, rel=1e-9) and not r.passed
+
+
+def test_p_values_match_the_t_distribution_tables():
+    # one sample against an exact reference: t is the table's quantile, so p is the tail it names
+    # (t_{0.99, 2} = 6.965, t_{0.975, 4} = 2.776, t_{0.95, 9} = 1.833)
+    for n, t_table, tail in ((3, 6.965, 0.01), (5, 2.776, 0.025), (10, 1.833, 0.05)):
+        cand = [float(i) for i in range(n)]  # mean (n - 1) / 2, std sqrt(n (n + 1) / 12)
+        m, s = mean_std(cand)
+        ref = m + t_table * s / math.sqrt(n)  # improvement over the margin 0 is t_table standard errors
+        r = challenge_test(cand, ref, min_improvement=0.0)
+        assert r.t == pytest.approx(t_table, rel=1e-12) and r.df == n - 1
+        assert r.p_value == pytest.approx(tail, abs=2e-4)
+
+
+def test_samples_without_spread_are_decided_directly():
+    r = challenge_test([1.0, 1.0], [1.1, 1.1])
+    assert math.isinf(r.t) and r.t > 0 and r.p_value == 0.0 and r.passed and math.isnan(r.df)
+    r = challenge_test([1.0, 1.0], 0.9)
+    assert math.isinf(r.t) and r.t < 0 and r.p_value == 1.0 and not r.passed and r.df == 1.0
+    r = challenge_test([1.0, 1.0], 1.005)  # the improvement is the margin exactly
+    assert math.isnan(r.t) and r.p_value == 0.5 and not r.passed
 
 
 def test_challenge_test_two_samples():

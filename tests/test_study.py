@@ -48,7 +48,7 @@ def _tiny_notebook(path: Path) -> Path:
 def test_batch_two_seeds_two_run_folders(tmp_path: Path):
     nb = _tiny_notebook(tmp_path / "tiny.ipynb")
     runs = tmp_path / "runs"
-    s = study.run_batch(nb, {"label": "hello"}, seeds=[1, 2], runs_dir=runs, root=tmp_path, stream=False, log=None)
+    s = study.run_batch(nb, parameters={"label": "hello"}, seeds=[1, 2], runs_dir=runs, root=tmp_path, log=None)
     assert s["ok"] == ["tiny-s1", "tiny-s2"] and s["failed"] == []
     for seed in (1, 2):
         rd = runs / f"tiny-s{seed}"
@@ -81,7 +81,7 @@ def test_batch_failure_is_recorded_and_the_batch_goes_on(tmp_path: Path, capsys)
 def test_batch_out_dir_and_no_seeds(tmp_path: Path):
     nb = _tiny_notebook(tmp_path / "tiny.ipynb")
     s = study.run_batch(nb, runs_dir=tmp_path / "runs", out_dir=tmp_path / "executed", name="one",
-                        root=tmp_path, stream=False, log=None)
+                        root=tmp_path, log=None)
     assert s["ok"] == ["one"]
     assert (tmp_path / "executed" / "one.ipynb").is_file()
     assert json.loads((tmp_path / "runs" / "one" / "out.json").read_text())["seed"] == 0
@@ -102,7 +102,7 @@ def test_batch_refuses_an_undeclared_parameter(tmp_path: Path, capsys):
     assert "seed, run_dir, fail_seed, label" in line  # the declared parameters
     assert not runs.exists()  # refused before anything ran or was written
     with pytest.raises(InputError, match="unknown parameter.*lable"):
-        study.run_batch(nb, {"lable": "x"}, runs_dir=runs, root=tmp_path, stream=False, log=None)
+        study.run_batch(nb, parameters={"lable": "x"}, runs_dir=runs, root=tmp_path, log=None)
     assert not runs.exists()
 
 
@@ -143,14 +143,15 @@ def test_batch_into_a_finished_run_backs_it_up_first(tmp_path: Path):
     old = _files(rd)
     lines: list[str] = []
     # a failing run: FAILED.json beside the backup, no old result left in place
-    s = study.run_batch(nb, {"fail_seed": 0}, runs_dir=runs, root=tmp_path, stream=False, log=lines.append)
+    s = study.run_batch(nb, parameters={"fail_seed": 0}, runs_dir=runs, root=tmp_path, log=lines.append)
     assert s["failed"] == ["tiny"]
     [b1] = _backups(rd)
     assert _files(b1) == old
-    assert set(_files(rd)) == {"FAILED.json", "notebook.ipynb"}
+    assert set(_files(rd)) == {"FAILED.json", "notebook.ipynb", "notebook.log"}
+    assert "boom at seed 0" in json.loads((rd / "FAILED.json").read_text())["error"]
     said = [ln for ln in lines if "earlier run" in ln]
     assert len(said) == 1 and str(rd) in said[0] and "val_bpb 2.0000" in said[0] and str(b1) in said[0]
-    assert lines.index(said[0]) < next(i for i, ln in enumerate(lines) if ln.startswith("=== [1/1]"))
+    assert lines.index(said[0]) < next(i for i, ln in enumerate(lines) if ln.startswith("[1/1] tiny: started"))
     # backups are not runs
     assert plots.find_runs(runs) == [rd]
     assert list(study.seeds_table([str(runs / "t*")], root=tmp_path)["run"]) == ["tiny"]
@@ -158,19 +159,19 @@ def test_batch_into_a_finished_run_backs_it_up_first(tmp_path: Path):
         study.expand_runs([str(rd / "*")], root=tmp_path)
     # a successful run: the new results beside both backups
     failed_files = _files(rd)
-    s = study.run_batch(nb, runs_dir=runs, root=tmp_path, stream=False, log=None)
+    s = study.run_batch(nb, runs_dir=runs, root=tmp_path, log=None)
     assert s["ok"] == ["tiny"]
     b1_again, b2 = _backups(rd)
     assert b1_again == b1 and _files(b2) == failed_files
-    assert set(_files(rd)) == {"notebook.ipynb", "out.json"}
+    assert set(_files(rd)) == {"notebook.ipynb", "notebook.log", "out.json"}
 
 
 def test_batch_out_dir_backs_up_the_executed_notebook(tmp_path: Path):
     nb = _tiny_notebook(tmp_path / "tiny.ipynb")
     runs, outs = tmp_path / "runs", tmp_path / "executed"
-    study.run_batch(nb, runs_dir=runs, out_dir=outs, root=tmp_path, stream=False, log=None)
+    study.run_batch(nb, runs_dir=runs, out_dir=outs, root=tmp_path, log=None)
     first = (outs / "tiny.ipynb").read_bytes()
-    study.run_batch(nb, {"fail_seed": 0}, runs_dir=runs, out_dir=outs, root=tmp_path, stream=False, log=None)
+    study.run_batch(nb, parameters={"fail_seed": 0}, runs_dir=runs, out_dir=outs, root=tmp_path, log=None)
     [b] = _backups(runs / "tiny")
     assert (b / "tiny.ipynb").read_bytes() == first and (b / "out.json").is_file()
     assert not (runs / "tiny" / "out.json").exists() and (runs / "tiny" / "FAILED.json").is_file()
@@ -232,9 +233,9 @@ def test_prepare_data_missing_tokenizer(tmp_path: Path):
     data.mkdir()
     for split in ("val", "train"):
         write_shard(data / shard_name(split, 0), list(range(100)))
-    cfg = study.make_config("smoke", [f"data.data_dir={data}", f"data.tokenizer={tmp_path / 'tok.model'}"])
+    cfg = study.make_config("smoke", overrides=[f"data.data_dir={data}", f"data.tokenizer={tmp_path / 'tok.model'}"])
     with pytest.raises(InputNotFound, match="tok.model"):
-        study.prepare_data(cfg, tmp_path, progress=False)
+        study.prepare_data(cfg, root=tmp_path, progress=False)
 
 
 def test_parse_param():
@@ -249,8 +250,12 @@ def test_repo_root_and_resolve(tmp_path: Path):
     assert study.repo_root(REPO / "lmcore") == REPO
     assert study.resolve("runs/x", REPO) == REPO / "runs" / "x"
     assert study.resolve(tmp_path / "abs") == tmp_path / "abs"
-    with study.at_root(tmp_path) as r:
-        assert Path.cwd() == r == tmp_path.resolve()
+
+
+def test_no_module_of_the_study_changes_the_working_directory():
+    # notebooks run with notebooks/ as the working directory: paths are resolved, never chdir'ed
+    for f in (REPO / "lmcore" / "study").glob("*.py"):
+        assert "chdir" not in f.read_text(), f
 
 
 def test_field_variants():
@@ -333,8 +338,9 @@ def test_seeds_table_cli(tmp_path: Path, capsys):
 def test_seeds_notebook_states_both_bars(tmp_path: Path):
     # 05_seeds on existing (synthetic) runs: nothing is trained
     cand, ref = _seed_runs(tmp_path)
-    s = study.run_batch(REPO / "notebooks" / "05_seeds.ipynb", {"run_dirs": [str(cand)], "reference_runs": [str(ref)]},
-                        runs_dir=tmp_path / "batch", root=REPO, stream=False, log=None)
+    s = study.run_batch(REPO / "notebooks" / "05_seeds.ipynb",
+                        parameters={"run_dirs": [str(cand)], "reference_runs": [str(ref)]},
+                        runs_dir=tmp_path / "batch", root=REPO, log=None)
     assert s["ok"] == ["05_seeds"], s
     executed = nbformat.read(tmp_path / "batch" / "05_seeds" / "notebook.ipynb", as_version=4)
     last = [c for c in executed.cells if c.cell_type == "code"][-1]
@@ -391,16 +397,14 @@ def test_notebook_structure(path: Path):
 def test_expected_notebooks_exist():
     names = {p.name for p in NOTEBOOKS}
     assert {"01_train.ipynb", "02_ablation_attention.ipynb", "03_ablation_bigram.ipynb",
-            "04_ablation_gated_attention.ipynb", "05_seeds.ipynb", "06_figures.ipynb"} <= names
+            "04_ablation_gated_attention.ipynb", "05_seeds.ipynb", "06_figures.ipynb", "07_ttt.ipynb"} <= names
 
 
 @pytest.mark.slow
 def test_run_one_end_to_end(tmp_path: Path):
-    ov = ["train.iterations=3", "train.warmdown_iters=1", "train.batch_tokens=1024", "train.grad_accum=1",
-          "train.val_every=0", "train.log_every=1", "train.ema=off", "data.val_max_tokens=1024",
-          "quant.calib_seqs=1", "quant.calib_len=32", "eval.stride=64", "eval.ttt_chunk_tokens=512"]
-    row = study.run_one(tmp_path / "runs" / "one", overrides=ov, seed=3, study="t", variant="v", progress=False,
-                        log=None)
+    ov = ["train.iterations=3", "train.warmdown_iters=1", "train.val_every=0"]
+    row = study.run_one(tmp_path / "runs" / "one", preset="tiny", overrides=ov, seed=3, study="t", variant="v",
+                        progress=False, log=None)
     assert row["status"] == "ok" and row["steps"] == 3 and row["seed"] == 3
     assert row["val_bpb"] > 0 and row["total_bytes"] > 0 and row["score_source"].startswith("eval")
     st = json.loads((tmp_path / "runs" / "one" / "study.json").read_text())
@@ -408,7 +412,7 @@ def test_run_one_end_to_end(tmp_path: Path):
     table = study.run_table(row)
     assert "artifact bytes" in set(table["what"])
     # run again into the same folder: the earlier run is replaced, its files kept in a backup
-    row2 = study.run_one(tmp_path / "runs" / "one", overrides=ov, seed=4, progress=False, log=None)
+    row2 = study.run_one(tmp_path / "runs" / "one", preset="tiny", overrides=ov, seed=4, progress=False, log=None)
     assert row2["status"] == "ok" and row2["seed"] == 4
     [backup] = _backups(tmp_path / "runs" / "one")
     assert plots.load_run(backup)["seed"] == 3 and plots.load_run(backup)["status"] == "ok"
@@ -418,15 +422,27 @@ def test_run_one_end_to_end(tmp_path: Path):
 def test_multi_process_run_goes_through_torchrun(tmp_path: Path):
     # num_gpus > 1: train and eval run under torchrun (2 CPU ranks with gloo here), pack as a
     # subprocess; their output is streamed to `log` and the run folder is read back
-    ov = ["train.iterations=2", "train.warmdown_iters=1", "train.batch_tokens=1024", "train.grad_accum=2",
-          "train.val_every=0", "train.log_every=1", "train.ema=off", "data.val_max_tokens=1024",
-          "quant.calib_seqs=1", "quant.calib_len=32", "eval.stride=64", "eval.ttt_chunk_tokens=512"]
+    ov = ["train.iterations=2", "train.warmdown_iters=1", "train.grad_accum=2", "train.val_every=0"]
     lines: list[str] = []
     try:
-        row = study.run_one(tmp_path / "mp", overrides=ov, seed=5, num_gpus=2, log=lines.append)
+        row = study.run_one(tmp_path / "mp", preset="tiny", overrides=ov, seed=5, num_gpus=2, log=lines.append)
     finally:
         print("\n".join(lines))
     assert row["status"] == "ok" and row["world_size"] == 2 and row["steps"] == 2
     assert any("torch.distributed.run" in ln and "--nproc_per_node=2" in ln for ln in lines)
     assert any("eval: wrote" in ln for ln in lines)
     assert json.loads((tmp_path / "mp" / "eval.json").read_text())["world_size"] == 2
+
+
+def test_a_sweep_run_is_a_subprocess_that_records_its_own_failure(tmp_path: Path):
+    # the real job command (`lmcore study run-one`): training fails at its start, in the subprocess
+    lines: list[str] = []
+    df = study.sweep("sub", {"short": ["data.val_max_tokens=16"]}, preset="tiny", runs_dir=tmp_path / "runs",
+                     devices=["cpu"], progress=False, root=REPO, log=lines.append)
+    rd = tmp_path / "runs" / "sub" / "short-s1337"
+    assert list(df["status"]) == ["failed"]
+    failed = json.loads((rd / "FAILED.json").read_text())
+    assert failed["phase"] == "train" and "val" in failed["error"]  # written by the run itself, kept by the pool
+    log = (rd / "run.log").read_text()
+    assert "-m lmcore study run-one --run-dir" in log.splitlines()[0] and "lmcore study: error:" in log
+    assert any("sub/short-s1337: FAILED after" in ln for ln in lines)
