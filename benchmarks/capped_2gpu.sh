@@ -6,8 +6,8 @@
 # go side by side (GPUs 0,1 and 2,3), else one after the other. Prints the table (card, steps,
 # mean step ms, raw and EMA val_bpb); each poll leaves $OUT/capped_2gpu.log, table.md (once
 # done) and capped_results.tgz (logs, summary.json, metrics).
-# It takes longer than one device call, so `start` runs it detached (setsid) and polls; `poll`
-# (the next call, within 30 s of the last) goes on. Carry .whl (brotli), .data, .ref, .fa3.
+# It can take longer than one device call, so `start` runs it detached (benchmarks/detached.sh)
+# and polls; `poll` (the next call, within 30 s of the last) goes on. Carry .whl, .data, .ref, .fa3.
 #   bash benchmarks/capped_2gpu.sh start [POLL_S]  |  bash benchmarks/capped_2gpu.sh poll [POLL_S]
 set -uo pipefail
 S=/tmp/capped
@@ -15,7 +15,7 @@ MODE=${1:-poll}
 POLL_S=${2:-540}
 CAP_S=${CAP_S:-150}
 
-stamp() { while IFS= read -r l; do printf '%(%H:%M:%S)T %s\n' -1 "$l"; done; }
+source benchmarks/detached.sh  # stamp, detached_poll, detached_main
 
 original() {  # GPUS LOG
   local log=$2
@@ -74,34 +74,15 @@ print(f"| original | its flash_attn_interface (FA3 wheel) | {st} | {float(oms):.
 print(f"| lmcore `record` | {s['attention_backend']} | {s['steps']} | {s['mean_step_ms']:.1f} | "
       f"{s['val_bpb_raw']:.4f} | {s['val_bpb_ema']:.4f} |")
 PY
-  tar -czf "$S/results.tgz" -C "$R" --exclude='*.pt' --exclude=checkpoints . 2>/dev/null
   echo "== done"
 }
 
-poll() {
-  local t0=$SECONDS seen=0
-  while [ $((SECONDS - t0)) -lt "$POLL_S" ]; do
-    if [ -f "$S/job.log" ]; then
-      tail -n +$((seen + 1)) "$S/job.log"; seen=$(wc -l < "$S/job.log")
-      grep -q "^.\{9\}== done" "$S/job.log" && break
-      kill -0 "$(cat "$S/pid")" 2>/dev/null || { echo "job ended without == done"; break; }
-    fi
-    sleep 5
-  done
+collect() {
+  [ -n "${OUT:-}" ] || return 0
   cp "$S/job.log" "$OUT/capped_2gpu.log" 2>/dev/null
-  [ -f "$S/res/table.md" ] && cp "$S/res/table.md" "$OUT/"
-  if [ -f "$S/results.tgz" ]; then cp "$S/results.tgz" "$OUT/capped_results.tgz"
-  else tar -czf "$OUT/capped_results.tgz" -C "$S/res" --exclude='*.pt' --exclude=checkpoints . 2>/dev/null; fi
+  cp "$S/res/table.md" "$OUT/" 2>/dev/null
+  [ -d "$S/res" ] && tar -C "$S/res" -czf "$OUT/capped_results.tgz" --exclude='*.pt' --exclude=checkpoints .
+  return 0
 }
 
-case $MODE in
-  start)
-    rm -rf "$S"; mkdir -p "$S/src"
-    cp -a . "$S/src/"
-    setsid bash -c "$(declare -f stamp original lmcore_run job); S=$S CAP_S=$CAP_S job 2>&1 | stamp" \
-      > "$S/job.log" 2>&1 < /dev/null &
-    echo $! > "$S/pid"
-    poll ;;
-  poll) poll ;;
-  *) echo "usage: $0 start|poll [POLL_S]"; exit 2 ;;
-esac
+detached_main benchmarks/capped_2gpu.sh "CAPPED" "$MODE" || exit $?

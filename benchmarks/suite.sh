@@ -22,7 +22,7 @@ S=/tmp/suite
 MODE=${1:-poll}
 POLL_S=${2:-560}
 
-stamp() { while IFS= read -r l; do printf '%(%H:%M:%S)T %s\n' -1 "$l"; done; }
+source benchmarks/detached.sh  # stamp, detached_poll, detached_main
 
 job() {
   cd "$S/src" || exit 1
@@ -76,31 +76,4 @@ collect() {
   return 0
 }
 
-poll() {
-  local end=$((SECONDS + POLL_S)) off
-  off=$(cat "$S/poll.offset" 2>/dev/null || echo 0)
-  while :; do
-    if [ -f "$S/job.log" ]; then
-      tail -c +$((off + 1)) "$S/job.log"
-      off=$(stat -c %s "$S/job.log"); echo "$off" > "$S/poll.offset"
-    fi
-    [ -f "$S/DONE" ] && { echo "SUITE DONE"; break; }
-    (( SECONDS >= end )) && { echo "SUITE STILL RUNNING (poll again within 30 s)"; break; }
-    sleep 10
-  done
-  collect
-}
-
-case $MODE in
-  start)
-    [ -e "$S" ] && { echo "$S exists: a suite already ran on this machine; use poll"; poll; exit; }
-    mkdir -p "$S/src"
-    tar --exclude=./.git --exclude=./runs --exclude=./data -cf - . | tar -C "$S/src" -xf - || exit 1
-    (cd "$S/src" && setsid nohup bash -c "source benchmarks/suite.sh job; job 2>&1 | stamp > $S/job.log; touch $S/DONE" \
-      > "$S/nohup.log" 2>&1 < /dev/null &)
-    sleep 2
-    poll ;;
-  poll) poll ;;
-  job) ;;  # sourced by the detached shell for the functions
-  *) echo "usage: suite.sh start|poll [POLL_S]"; exit 2 ;;
-esac
+detached_main benchmarks/suite.sh "SUITE" "$MODE" || exit $?

@@ -1,0 +1,42 @@
+# Sourced by the device jobs that outlast one device call (suite.sh, fa3_job.sh,
+# capped_2gpu.sh): `start` copies the working tree to $S/src and runs the script's `job`
+# function there detached (setsid, so it survives the call), its output timestamped into
+# $S/job.log; `poll` prints the log's new lines until $S/DONE appears or POLL_S seconds
+# have passed, then runs the script's `collect` (copy results under $OUT). Issue each poll
+# within 30 s of the last call's return, or the machine is given back.
+# The sourcing script sets S (scratch folder), POLL_S and defines job() and collect(), then:
+#   detached_main SCRIPT NAME MODE      (MODE: start | poll | job)
+
+stamp() { while IFS= read -r l; do printf '%(%H:%M:%S)T %s\n' -1 "$l"; done; }
+
+detached_poll() {  # NAME
+  local end=$((SECONDS + POLL_S)) off
+  off=$(cat "$S/poll.offset" 2>/dev/null || echo 0)
+  while :; do
+    if [ -f "$S/job.log" ]; then
+      tail -c +$((off + 1)) "$S/job.log"
+      off=$(stat -c %s "$S/job.log"); echo "$off" > "$S/poll.offset"
+    fi
+    [ -f "$S/DONE" ] && { echo "$1 DONE"; break; }
+    (( SECONDS >= end )) && { echo "$1 STILL RUNNING (poll again within 30 s)"; break; }
+    sleep 5
+  done
+  collect
+}
+
+detached_main() {  # SCRIPT NAME MODE
+  local script=$1 name=$2
+  case $3 in
+    start)
+      [ -e "$S" ] && { echo "$S exists: the job already ran on this machine; use poll"; detached_poll "$name"; return; }
+      mkdir -p "$S/src"
+      tar --exclude=./.git --exclude=./runs --exclude=./data -cf - . | tar -C "$S/src" -xf - || return 1
+      (cd "$S/src" && setsid nohup bash -c "source $script job; job 2>&1 | stamp > $S/job.log; touch $S/DONE" \
+        > "$S/nohup.log" 2>&1 < /dev/null &)
+      sleep 2
+      detached_poll "$name" ;;
+    poll) detached_poll "$name" ;;
+    job) ;;  # sourced by the detached shell for the functions
+    *) echo "usage: $script start|poll [POLL_S]"; return 2 ;;
+  esac
+}
