@@ -36,6 +36,7 @@ __all__ = [
     "Evaluator",
     "SignMomentum",
     "WindowPlan",
+    "eval_output",
     "eval_run",
     "plain_eval",
     "plan_chunks",
@@ -57,7 +58,17 @@ def _load_packed(path: Path, device: torch.device, info: dict[str, Any] | None =
     return pack.load(path, device, info=info)
 
 
-_OUTPUT_RE = re.compile(r"eval(-[A-Za-z0-9._-]+)?\.json")
+EVAL_NAME = r"[A-Za-z0-9._-]+"  # an eval-only variant's name: RUN/eval-NAME.json
+_OUTPUT_RE = re.compile(rf"eval(-{EVAL_NAME})?\.json")
+
+
+def eval_output(name: str | None) -> str:
+    """The file an evaluation writes into the run folder: eval.json for None, else eval-NAME.json."""
+    if name is None:
+        return "eval.json"
+    if not re.fullmatch(EVAL_NAME, name):
+        raise InputError(f"eval variant name {name!r}: use letters, digits, '.', '_' or '-'")
+    return f"eval-{name}.json"
 
 
 def eval_run(

@@ -98,12 +98,10 @@ def _items(overrides: Sequence[str], section: str) -> list[str]:
 
 
 def eval_file(name: str | None) -> str:
-    """eval.json for name None, else eval-NAME.json (NAME: letters, digits, . _ -)."""
-    if name is None:
-        return "eval.json"
-    if not name or not all(c.isascii() and (c.isalnum() or c in "._-") for c in name):
-        raise InputError(f"eval variant name {name!r}: use letters, digits, '.', '_' or '-'")
-    return f"eval-{name}.json"
+    """eval.json for name None, else eval-NAME.json (the rule is lmcore.evaluate's)."""
+    from lmcore.evaluate import eval_output  # torch: imported when a phase needs it
+
+    return eval_output(name)
 
 
 def prepare_data(cfg: Config, *, root: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
