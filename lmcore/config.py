@@ -142,6 +142,7 @@ class TrainConfig:
     grad_clip: float = 0.3
     ema_decay: float = 0.997
     ema: str = "original"  # original (starts at init) | bias_corrected | off
+    compare_ema: bool = False  # also validate the other EMA mode's weights of the same run at the end
     # lmcore's own late QAT (off in every preset). The original's late QAT never runs: its switch
     # is a class attribute flipped inside a model compiled with fullgraph=True, which torch.compile
     # constant-folds at the first trace (openai/parameter-golf #315, #1032, #667). Measured on
@@ -440,6 +441,17 @@ SMOKE = replace(
     eval=replace(RECORD.eval, seq_len=128, stride=32, batch_seqs=16, ttt_chunk_tokens=2048, ttt_epochs=1, ttt_batch_seqs=8, ttt_lr=0.002, compile=False),
 )
 
+# The GPU study's proxy run (runs/README.md): proxy1 cut to 500 steps of 196,608 tokens (98M
+# tokens, about 100 s on one H200), warmdown 200 (proxy1's 40%). The EMA is bias_corrected:
+# the original's EMA starts at the initial weights and keeps 0.997^500 = 22% of them after 500
+# steps, against 0.997^7000 < 1e-9 in a record run, where the two modes are equal; with
+# compare_ema both modes of every run are validated, which is the EMA ablation.
+PROXY500 = replace(
+    PROXY1,
+    name="proxy500",
+    train=replace(PROXY1.train, iterations=500, warmdown_iters=200, ema="bias_corrected", compare_ema=True),
+)
+
 # The smoke model and data made tiny: every phase (train, pack, eval with TTT) in seconds on a
 # CPU, to exercise a notebook or a study end to end, not to measure anything. 10 steps of
 # 2,048 tokens, a 2,048-token validation slice, EMA off (10 steps are too few for decay 0.997).
@@ -455,7 +467,7 @@ TINY = replace(
     eval=replace(SMOKE.eval, stride=64, ttt_chunk_tokens=512),
 )
 
-PRESETS: dict[str, Config] = {"record": RECORD, "proxy1": PROXY1, "smoke": SMOKE, "tiny": TINY}
+PRESETS: dict[str, Config] = {"record": RECORD, "proxy1": PROXY1, "proxy500": PROXY500, "smoke": SMOKE, "tiny": TINY}
 
 
 def is_smoke_config(cfg: Config) -> bool:

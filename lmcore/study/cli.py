@@ -54,6 +54,16 @@ def _cmd_run_one(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from lmcore.study.plan import run_plan
+
+    df = run_plan(args.plan, runs_dir=args.runs_dir, devices=_devices(args.devices), num_gpus=args.num_gpus,
+                  if_exists=args.if_exists, progress=not args.no_progress, log=print)
+    for _, row in df.iterrows():
+        print(f"{row['status']:>11}  {row['run']}  val_bpb {row['val_bpb']} ({row['score_source']})")
+    return 1 if (df["status"] == "failed").any() else 0
+
+
 def _cmd_smoke(args: argparse.Namespace) -> int:
     s = smoke_study(runs_dir=args.runs_dir, figures_dir=args.figures_dir, stream=not args.quiet)
     print(f"smoke study done in {s['time_s']['total']:.0f}s: " + ", ".join(
@@ -162,6 +172,23 @@ def _add_run_one(ss: Any) -> None:
     o.set_defaults(func=_cmd_run_one)
 
 
+def _add_plan(ss: Any) -> None:
+    o = ss.add_parser(
+        "plan",
+        help="every run of a study plan (JSON: variants, seeds, ablations, an eval sweep) in one batch on the GPUs",
+        description="Trains, packs and evaluates every variant and seed of PLAN into RUNS_DIR/<study>/"
+        "<variant>-s<seed>, seed-major, as jobs of one GPU pool, then runs the plan's eval sweep; the plan is "
+        "copied to RUNS_DIR/<study>/plan.json for the tables and figures. Exit status 1 when any run failed.",
+    )
+    o.add_argument("plan", help="the plan file, e.g. studies/gpu.json")
+    o.add_argument("--runs-dir", default="runs")
+    o.add_argument("--devices", default=None, metavar="0,1,...", help="the GPUs to share (default: every visible GPU)")
+    o.add_argument("--num-gpus", type=int, default=1, help="GPUs per run")
+    o.add_argument("--if-exists", choices=IF_EXISTS, default="replace")
+    o.add_argument("--no-progress", action="store_true")
+    o.set_defaults(func=_cmd_plan)
+
+
 def register_cli(sub: Any) -> None:
     p = sub.add_parser(
         "study",
@@ -173,6 +200,7 @@ def register_cli(sub: Any) -> None:
     ss.required = True
     _add_run(ss)
     _add_run_one(ss)
+    _add_plan(ss)
 
     s = ss.add_parser(
         "smoke",

@@ -143,7 +143,8 @@ def load_run(run_dir: str | Path, runs_dir: str | Path | None = None) -> dict[st
     # training
     for k in ("steps", "tokens", "train_time_s", "wall_time_s", "tokens_per_s", "mean_step_ms",
               "peak_memory_mib", "peak_rss_mib", "val_loss_raw", "val_bpb_raw", "val_loss_ema",
-              "val_bpb_ema", "world_size", "card", "git_commit", "completed"):
+              "val_bpb_ema", "ema", "ema_alt", "val_loss_ema_alt", "val_bpb_ema_alt", "world_size", "card",
+              "git_commit", "completed"):
         row[k] = _get(summ, k)
     row["attention_backend"] = _get(summ, "attention_backend")
     row["prequant_val_loss"] = _get(summ, "val_loss")

@@ -47,7 +47,7 @@ from lmcore.study.run import (
 )
 from lmcore.study.schedule import Job, run_pool
 
-__all__ = ["attention_sweep", "eval_sweep", "field_variants", "run_command", "sweep", "variant_dir"]
+__all__ = ["attention_sweep", "eval_sweep", "field_variants", "run_command", "sweep", "sweep_job", "variant_dir"]
 
 
 def field_variants(field: str, values: Iterable[Any], *, named: bool = False) -> dict[str, list[str]]:
@@ -120,37 +120,13 @@ def sweep(
     data: dict[tuple[str, str], BaseException | None] = {}
     for variant, extra in variants.items():
         for seed in seeds:
-            rd = variant_dir(base, study, variant, int(seed))
+            rd, job = sweep_job(base, study, variant, int(seed), preset=preset, overrides=[*overrides, *extra],
+                                pack_overrides=pack_overrides, eval_overrides=eval_overrides, ttt=ttt,
+                                num_gpus=num_gpus, pack=pack, evaluate=evaluate, if_exists=if_exists,
+                                progress=progress, data=data, root=r, log=log)
             order.append(rd)
-            ov = [*overrides, *extra]
-            try:
-                check_sections(pack_overrides, "pack")
-                check_sections(eval_overrides, "eval")
-                cfg = make_config(preset, overrides=ov, seed=seed)
-                key = (cfg.data.data_dir, cfg.data.tokenizer)
-                if key not in data:
-                    data[key] = _prepared(cfg, r, progress)
-                if data[key] is not None:
-                    raise data[key]  # type: ignore[misc]
-            except Exception as e:  # noqa: BLE001 - recorded in the run folder, the sweep goes on
-                rd.mkdir(parents=True, exist_ok=True)
-                if if_exists == "replace":
-                    clear_run(rd, log)
-                update_study(rd, study=study, variant=variant, preset=preset, overrides=ov, seed=int(seed),
-                             num_gpus=int(num_gpus))
-                record_failure(rd, "config/data", e)
-                say(f"{study}/{rd.name}: FAILED before it started: {type(e).__name__}: {e}")
-                continue
-            if if_exists == "replace":
-                clear_run(rd, log)
-            rd.mkdir(parents=True, exist_ok=True)
-            update_study(rd, study=study, variant=variant, preset=preset, overrides=ov, seed=int(seed),
-                         num_gpus=int(num_gpus), status="queued")
-            cmd = run_command(rd, preset=preset, overrides=ov, seed=int(seed), pack_overrides=pack_overrides,
-                              eval_overrides=eval_overrides, ttt=ttt, num_gpus=num_gpus, study=study, variant=variant,
-                              pack=pack, evaluate=evaluate, if_exists=if_exists, progress=progress)
-            jobs.append(Job(f"{study}/{rd.name}", cmd, rd / "run.log", num_gpus=num_gpus,
-                            failed_file=rd / "FAILED.json", info={"phase": "run"}))
+            if job is not None:
+                jobs.append(job)
     results = run_pool(jobs, devices=devices, cwd=r, log=log, heartbeat_s=heartbeat_s) if jobs else []
     for job, res in zip(jobs, results):
         if res.status == "failed":
@@ -158,6 +134,46 @@ def sweep(
     df = load_runs(base, runs=order)
     say(f"sweep {study}: " + ", ".join(f"{n} {s}" for s, n in df["status"].value_counts().items()))
     return df
+
+
+def sweep_job(
+    base: Path, study: str, variant: str, seed: int, *, preset: str, overrides: Sequence[str],
+    pack_overrides: Sequence[str], eval_overrides: Sequence[str], ttt: bool | None, num_gpus: int, pack: bool,
+    evaluate: bool, if_exists: str, progress: bool, data: dict[tuple[str, str], BaseException | None], root: Path,
+    log: LogFn | None,
+) -> tuple[Path, Job | None]:
+    """One run of a sweep: its folder (base/study/variant-sSEED) and its pool job, or None
+    when its config or data is bad (then recorded as failed in the folder). The data is
+    prepared once per (data_dir, tokenizer) of `data`, which remembers the outcome."""
+    rd = variant_dir(base, study, variant, seed)
+    ov = list(overrides)
+    try:
+        check_sections(pack_overrides, "pack")
+        check_sections(eval_overrides, "eval")
+        cfg = make_config(preset, overrides=ov, seed=seed)
+        key = (cfg.data.data_dir, cfg.data.tokenizer)
+        if key not in data:
+            data[key] = _prepared(cfg, root, progress)
+        if data[key] is not None:
+            raise data[key]  # type: ignore[misc]
+    except Exception as e:  # noqa: BLE001 - recorded in the run folder, the sweep goes on
+        rd.mkdir(parents=True, exist_ok=True)
+        if if_exists == "replace":
+            clear_run(rd, log)
+        update_study(rd, study=study, variant=variant, preset=preset, overrides=ov, seed=seed, num_gpus=int(num_gpus))
+        record_failure(rd, "config/data", e)
+        say_to(log)(f"{study}/{rd.name}: FAILED before it started: {type(e).__name__}: {e}")
+        return rd, None
+    if if_exists == "replace":
+        clear_run(rd, log)
+    rd.mkdir(parents=True, exist_ok=True)
+    update_study(rd, study=study, variant=variant, preset=preset, overrides=ov, seed=seed, num_gpus=int(num_gpus),
+                 status="queued")
+    cmd = run_command(rd, preset=preset, overrides=ov, seed=seed, pack_overrides=pack_overrides,
+                      eval_overrides=eval_overrides, ttt=ttt, num_gpus=num_gpus, study=study, variant=variant,
+                      pack=pack, evaluate=evaluate, if_exists=if_exists, progress=progress)
+    return rd, Job(f"{study}/{rd.name}", cmd, rd / "run.log", num_gpus=num_gpus, failed_file=rd / "FAILED.json",
+                   info={"phase": "run"})
 
 
 def _prepared(cfg: Config, root: Path, progress: bool) -> BaseException | None:
