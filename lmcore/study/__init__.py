@@ -12,6 +12,9 @@ One module per concern; everything a notebook calls is importable from here
 - `schedule`: the GPU pool, `run_pool`: jobs on k GPUs each via CUDA_VISIBLE_DEVICES, queued
   until GPUs free up, failures recorded, live progress.
 - `sweeps`: `sweep`, `attention_sweep` and `eval_sweep` as pool jobs; `field_variants`.
+- `plan`: a whole study as one JSON plan (variants, seeds, ablations, an eval sweep), run as
+  one batch (`load_plan`, `run_plan`); `report`: its tables (mean ± std, Welch p per
+  ablation, `plan_markdown`); `figures`: its figures (`export_plan_figures`).
 - `seeds`: seed batches and both significance bars of the challenge.
 - `results`: run folders into pandas tables (`load_runs`, `run_table`, `eval_table`, ...).
 - `notebooks`: Papermill (`run_notebook`, `run_batch` over seeds on the pool).
@@ -37,6 +40,8 @@ from lmcore.study.results import (
     load_runs,
     run_table,
 )
+from lmcore.study.plan import Plan, load_plan, run_plan
+from lmcore.study.report import ablation_table, plan_frame, plan_markdown, plan_tables
 from lmcore.study.run import eval_phase, make_config, pack_phase, prepare_data, run_one, train_phase
 from lmcore.study.schedule import Job, JobResult, default_devices, run_pool
 from lmcore.study.seeds import (
@@ -55,6 +60,8 @@ __all__ = [
     "SMOKE_STUDY_OVERRIDES",
     "Job",
     "JobResult",
+    "Plan",
+    "ablation_table",
     "aggregate",
     "attention_sweep",
     "comparison_table",
@@ -66,11 +73,15 @@ __all__ = [
     "expand_runs",
     "field_variants",
     "find_runs",
+    "load_plan",
     "load_run",
     "load_runs",
     "make_config",
     "notebook_parameters",
     "pack_phase",
+    "plan_frame",
+    "plan_markdown",
+    "plan_tables",
     "parse_param",
     "prepare_data",
     "reference_runs",
@@ -80,6 +91,7 @@ __all__ = [
     "run_batch",
     "run_notebook",
     "run_one",
+    "run_plan",
     "run_pool",
     "run_table",
     "seed_runs",

@@ -99,12 +99,36 @@ def _cmd_seeds_table(args: argparse.Namespace) -> int:
 
 def _cmd_figures(args: argparse.Namespace) -> int:
     from lmcore import plots
+    from lmcore.study.figures import export_plan_figures
+    from lmcore.study.report import find_plans
 
-    if not resolve(args.runs_dir).is_dir():
-        raise InputNotFound(f"runs folder not found: {resolve(args.runs_dir)} (--runs-dir)")
-    res = plots.export_figures(resolve(args.runs_dir), resolve(args.out))
-    made = [p for v in res.values() if not isinstance(v, str) for p in v]
+    runs = resolve(args.runs_dir)
+    if not runs.is_dir():
+        raise InputNotFound(f"runs folder not found: {runs} (--runs-dir)")
+    plans = find_plans(runs)
+    if plans:  # the studies' figures, from their plans
+        results = [export_plan_figures(p, runs, resolve(args.out)) for p in plans]
+    else:
+        results = [plots.export_figures(runs, resolve(args.out))]
+    made = [p for res in results for v in res.values() if not isinstance(v, str) for p in v]
     print(resolve(args.out) if made else "no figure written")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from lmcore.runs import atomic_write_text
+    from lmcore.study.report import find_plans, plan_markdown
+
+    runs = resolve(args.runs_dir)
+    plans = [resolve(args.plan)] if args.plan else find_plans(runs)
+    if not plans:
+        raise InputNotFound(f"no plan.json under {runs} (--runs-dir); give --plan")
+    text = "\n".join(plan_markdown(p, runs) for p in plans)
+    if args.out:
+        atomic_write_text(resolve(args.out), text)
+        print(resolve(args.out))
+    else:
+        print(text)
     return 0
 
 
@@ -210,7 +234,7 @@ def register_cli(sub: Any) -> None:
         "the figures into --figures-dir, whose path is printed last.",
     )
     s.add_argument("--runs-dir", default="runs/smoke")
-    s.add_argument("--figures-dir", default="figures")
+    s.add_argument("--figures-dir", default="runs/smoke/figures")
     s.add_argument("--quiet", action="store_true", help="do not stream the cells' output")
     s.set_defaults(func=_cmd_smoke)
 
@@ -229,7 +253,17 @@ def register_cli(sub: Any) -> None:
                    help="reference val bpb value(s), converted to nats with the runs' bytes per token")
     t.set_defaults(func=_cmd_seeds_table)
 
-    f = ss.add_parser("figures", help="export every figure from the runs under --runs-dir (PNG + SVG)")
+    rp = ss.add_parser("report", help="the tables of a study plan's ablations (Markdown: mean ± std, Welch p)",
+                       description="One table per ablation of each plan.json under --runs-dir (or --plan): each "
+                       "variant's mean ± std over seeds, its difference from the baseline and one-sided Welch "
+                       "p-values both ways; then the eval sweep.")
+    rp.add_argument("--runs-dir", default="runs")
+    rp.add_argument("--plan", default=None, help="one plan file (default: every RUNS_DIR/*/plan.json)")
+    rp.add_argument("--out", default=None, help="write the Markdown here instead of printing it")
+    rp.set_defaults(func=_cmd_report)
+
+    f = ss.add_parser("figures", help="export every figure from the runs under --runs-dir (PNG + SVG): each "
+                      "study plan's figures, or without a plan.json the generic ones")
     f.add_argument("--runs-dir", default="runs")
     f.add_argument("--out", default="figures")
     f.set_defaults(func=_cmd_figures)

@@ -167,7 +167,7 @@ def read_plan(raw: dict[str, Any], source: str = "plan") -> Plan:
         names = {variant_dir(Path("."), study, v, s).name for v in variants for s in (variants[v].seeds or seeds)}
         if sweep_run not in names:
             raise InputError(f"{source}: eval_sweep.run: {sweep_run!r} is not one of the plan's runs "
-                             f"(VARIANT-sSEED, e.g. {sorted(names)[0]})")
+                             f"(VARIANT-sSEED, e.g. {min(names)})")
         for n, ov in es["variants"].items():
             sweep_vars[n] = tuple(check_sections(_strs(ov, f"{source}: eval_sweep.variants.{n}"), "eval"))
         sweep_ttt = es.get("ttt")

@@ -1,6 +1,7 @@
 """The smoke study (`lmcore study smoke`, `make smoke`): 01_train (data, train, pack, eval),
 the bigram ablation (3 runs) and 06_figures, each executed by Papermill on the CPU, offline,
-in minutes; executed notebooks into the run folders under runs/smoke, figures into figures/.
+in minutes; executed notebooks into the run folders under runs/smoke, figures into
+runs/smoke/figures (figures/ holds the committed GPU study figures).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ SMOKE_STUDY_OVERRIDES = [
 def smoke_study(
     *,
     runs_dir: str | Path = "runs/smoke",
-    figures_dir: str | Path = "figures",
+    figures_dir: str | Path = "runs/smoke/figures",
     notebooks_dir: str | Path = "notebooks",
     overrides: Sequence[str] | None = None,
     stream: bool = True,
