@@ -118,6 +118,9 @@ class DataConfig:
     val_max_tokens: int = 0  # 0 = the whole validation split
 
 
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     seed: int = 1337
@@ -157,6 +160,10 @@ class TrainConfig:
     checkpoint_every: int = 0  # steps between checkpoints; 0 = only at the end
     device: str = "auto"  # auto | cuda | cpu
     compile: bool = True  # torch.compile on CUDA (never on CPU)
+    compile_mode: str = "default"  # torch.compile mode: default | max-autotune-no-cudagraphs | max-autotune
+    ddp_bucket_cap_mb: float = 25.0  # DDP gradient bucket size (torch's default 25)
+    ddp_grad_as_bucket_view: bool = False  # DDP gradients as views into its buckets (saves a copy)
+    profile_step: int = 0  # > 0: profile that optimizer step into RUN/profile/ (lmcore.profiling)
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
 
 
@@ -223,6 +230,8 @@ class Config:
                 f"train.batch_tokens={self.train.batch_tokens} must be a multiple of "
                 f"train.grad_accum * data.seq_len = {self.train.grad_accum * self.data.seq_len}"
             )
+        if self.train.compile_mode not in COMPILE_MODES:
+            raise ConfigError(f"train.compile_mode={self.train.compile_mode!r}: expected one of {', '.join(COMPILE_MODES)}")
         if self.train.ema not in ("original", "bias_corrected", "off"):
             raise ConfigError(f"train.ema={self.train.ema!r}: expected original, bias_corrected or off")
         return self
@@ -371,13 +380,14 @@ def _parse_str(raw: str, tp: Any, key: str) -> Any:
 _POSITIVE = (
     "model.vocab_size", "model.num_layers", "model.model_dim", "model.num_heads", "model.num_kv_heads",
     "model.mlp_hidden", "data.seq_len", "train.iterations", "train.batch_tokens", "train.grad_accum",
-    "quant.calib_seqs", "quant.calib_len", "quant.calib_batch", "quant.gptq_block", "eval.seq_len",
+    "train.ddp_bucket_cap_mb", "quant.calib_seqs", "quant.calib_len", "quant.calib_batch", "quant.gptq_block", "eval.seq_len",
     "eval.stride", "eval.batch_seqs", "eval.ttt_chunk_tokens", "eval.ttt_batch_seqs",
 )
 _NON_NEGATIVE = (
     "train.warmdown_iters", "train.compile_warmup_steps", "train.max_wallclock_seconds", "train.matrix_lr",
     "train.embed_lr", "train.scalar_lr", "train.grad_clip", "train.lmcore_late_qat_threshold", "train.val_every",
     "train.log_every", "train.checkpoint_every", "data.val_max_tokens", "eval.ttt_lr", "eval.ttt_epochs",
+    "train.profile_step",
 )
 
 

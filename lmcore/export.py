@@ -47,7 +47,8 @@ PACKAGE = "lmcore"
 ROOT_MODULES = ("entry",)
 # Imported only by command-line helpers or by the export itself (never on the train / pack / eval path).
 CLI_ONLY = frozenset(
-    {"info", "cli", "__main__", "fineweb", "study", "plots", "submission", "export", "compliance", "bootstrap"}
+    {"info", "cli", "__main__", "fineweb", "study", "plots", "submission", "export", "compliance", "bootstrap",
+     "profiling", "flops"}
 )
 # Building shards from documents: reached from train only through the `lmcore data build` CLI
 # registration, needed in the script only when it builds the smoke corpus itself.

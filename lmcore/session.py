@@ -219,11 +219,13 @@ def start_session(
     backend = model.set_attention_backend(cfg.model.attention, device)
     opt = build_optimizers(model, tc)
     compiled = device.type == "cuda" and tc.compile
-    forward: nn.Module = torch.compile(model, fullgraph=True, dynamic=False) if compiled else model
+    mode = None if tc.compile_mode == "default" else tc.compile_mode
+    forward: nn.Module = torch.compile(model, fullgraph=True, dynamic=False, mode=mode) if compiled else model
     ddp = None
     if dist.distributed:
         ddp = nn.parallel.DistributedDataParallel(
-            forward, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
+            forward, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False,
+            bucket_cap_mb=tc.ddp_bucket_cap_mb, gradient_as_bucket_view=tc.ddp_grad_as_bucket_view,
         )
     s = Session(
         cfg=cfg, run_dir=run_dir, dist=dist, device=device, progress=progress, accum=tc.grad_accum // dist.world_size,

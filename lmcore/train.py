@@ -34,6 +34,7 @@ checkpoint; SIGTERM (preemption) ends the session at the next step with a checkp
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -229,7 +230,8 @@ def _train(
             _start_qat(s, st, mul, frac=clock.ms() / cap_ms if cap_ms is not None else st.step / tc.iterations)
         s.opt.set_lr_mul(mul)
         s.opt.set_momentum(muon_momentum(st.step, tc))
-        loss, grad_norm = s.train_step()
+        with _profiled(s, st.step + 1):
+            loss, grad_norm = s.train_step()
         if s.ema is not None:
             s.ema.update()
         st.step += 1
@@ -255,6 +257,16 @@ def _train(
     clock.stop()
     _checkpoint(s, st, watch)  # the end of this session: raw weights, optimizers, EMA, position
     return _finish(s, st, stopped_by=stopped_by, session_steps=session_steps, compare_ema=compare_ema, wall0=wall0)
+
+
+def _profiled(s: Session, step: int) -> contextlib.AbstractContextManager[None]:
+    """train.profile_step's profiler around that step on rank 0 (lmcore.profiling, imported
+    only then: the exported script does not embed it), else nothing."""
+    if step != s.cfg.train.profile_step or not s.dist.is_main:
+        return contextlib.nullcontext()
+    from lmcore.profiling import profile_step
+
+    return profile_step(s.run_dir / "profile", s.device, step=step)
 
 
 def _stop_reason(

@@ -295,18 +295,22 @@ def test_torchrun_two_ranks_match_one_process(smoke_run, tmp_path):
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
 
-    def train(launcher: list[str], name: str) -> subprocess.CompletedProcess:
+    def train(launcher: list[str], name: str, *extra: str) -> subprocess.CompletedProcess:
         cmd = [sys.executable, "-m", *launcher, "lmcore", "train", "--preset", "smoke",
-               "--run-dir", str(tmp_path / name), "--no-progress", *args]
+               "--run-dir", str(tmp_path / name), "--no-progress", *args, *extra]
         return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
 
-    ddp = train(["torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m"], "ddp")
+    # the DDP switches (small buckets, gradients as bucket views) change no number
+    ddp = train(["torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m"], "ddp",
+                "--set", "train.ddp_bucket_cap_mb=0.01", "--set", "train.ddp_grad_as_bucket_view=true")
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     one = train([], "one")
     assert one.returncode == 0, one.stderr[-3000:]
     s_ddp = json.loads((tmp_path / "ddp" / "summary.json").read_text())
     s_one = json.loads((tmp_path / "one" / "summary.json").read_text())
     assert s_ddp["world_size"] == 2 and s_ddp["grad_accum_per_rank"] == 1 and s_one["grad_accum_per_rank"] == 2
+    saved = json.loads((tmp_path / "ddp" / "config.json").read_text())["train"]
+    assert saved["ddp_bucket_cap_mb"] == 0.01 and saved["ddp_grad_as_bucket_view"] is True
     curve = lambda p: [(r["step"], r["train_loss"]) for r in read_jsonl(p / "metrics.jsonl") if r["kind"] == "train"]
     a, b = curve(tmp_path / "ddp"), curve(tmp_path / "one")
     assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, 11))

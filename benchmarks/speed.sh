@@ -1,0 +1,121 @@
+#!/usr/bin/env bash
+# Issue 16's speed table as ONE job on a 2-GPU machine (nvidia-h200-x2): at `record`'s batch
+# (786,432 tokens a step: 8 micro-batches of 48 x 2048 on one GPU, 4 per rank on two), STEPS
+# steps after the compile warm-up, no warmdown, seed 1337, proxy data:
+#   peak   the bf16 matmul peak of the card (benchmarks/matmul_peak.py), for the MFU
+#   orig1  the original script on 1 GPU, with real FA3 (its own flash_attn_interface import)
+#          and with the FA2 shim (.ref/flash_attn_interface.py)
+#   lm1    lmcore on 1 GPU: "before" (today's defaults, fa3) and "after" (+ $LEVERS), each with
+#          one step profiled (train.profile_step: RUN/profile/breakdown.json)
+#   orig2  the original with real FA3, 2 ranks under torchrun (NCCL)
+#   lm2    lmcore before and after, 2 ranks under torchrun
+#   math   the same math: 200 steps of lmcore before twice (run-to-run noise) and after once
+#          (MATH_STEPS; runs on GPU 0 and 1 side by side)
+# Runs one at a time (the math pairs aside), so no two timed runs share the machine.
+# Then benchmarks/speed_report.py prints the table (card, kernel, ranks, step ms, tokens/s
+# per GPU, MFU, ratios to the original with FA3 and FA2), the profile's breakdown and the
+# same-math check. STAGES picks stages (default: all, in the order above). LEVERS: the
+# --set overrides of "after" (default: DDP buckets of 100 MB as gradient views).
+# It outlasts one device call: `start` runs it detached (benchmarks/detached.sh) and polls;
+# `poll` (the next call, within 30 s of the last) goes on. Carry .whl, .data, .ref and .fa3.
+# Each poll leaves $OUT/speed.log, and once done $OUT/speed_table.md and
+# $OUT/speed_results.tgz (logs, summaries, metrics, the profiles' breakdowns and traces).
+#   bash benchmarks/speed.sh start [POLL_S]  |  bash benchmarks/speed.sh poll [POLL_S]
+set -uo pipefail
+S=/tmp/speed
+MODE=${1:-poll}
+POLL_S=${2:-540}
+STEPS=${STEPS:-40}
+MATH_STEPS=${MATH_STEPS:-200}
+STAGES=${STAGES:-peak orig1 lm1 orig2 lm2 math}
+LEVERS=${LEVERS:-train.ddp_bucket_cap_mb=100 train.ddp_grad_as_bucket_view=true}
+
+source benchmarks/detached.sh  # stamp, detached_poll, detached_main
+
+has() { [[ " $STAGES " == *" $1 "* ]]; }
+
+# orig NAME GPUS NPROC SCRIPT_DIR PYTHONPATH: the original for STEPS steps, stopped after its
+# last step line (it would go on to calibration); log in $R/NAME.log
+orig() {
+  local name=$1 gpus=$2 nproc=$3 dir=$4 pp=$5 log=$R/$1.log
+  echo "== $name ($((SECONDS - T0)) s)"
+  mkdir -p "$S/run_$name"
+  (cd "$S/run_$name" && CUDA_VISIBLE_DEVICES=$gpus DATA_PATH=$D TOKENIZER_PATH=$TOK ITERATIONS=$STEPS \
+    WARMDOWN_ITERS=0 MAX_WALLCLOCK_SECONDS=0 SEED=1337 TTT_ENABLED=0 TRAIN_LOG_EVERY=10 RUN_ID=$name \
+    PYTHONPATH=$pp setsid timeout 600 python3 -m torch.distributed.run --standalone --nproc_per_node="$nproc" \
+    "$dir/seed_train_gpt.py" > "$log" 2>&1 &
+   pid=$!
+   while kill -0 $pid 2>/dev/null; do
+     if grep -q "step:$STEPS/$STEPS val_loss" "$log"; then sleep 1; kill -- -$pid 2>/dev/null; break; fi
+     sleep 3
+   done
+   wait $pid 2>/dev/null)
+  grep -E "step:$STEPS/$STEPS|Traceback|Error" "$log" | head -3
+}
+
+# lm NAME GPUS NPROC STEPS [--set ...]: lmcore train into $R/NAME (log $R/NAME.log)
+lm() {
+  local name=$1 gpus=$2 nproc=$3 n=$4
+  shift 4
+  echo "== $name ($((SECONDS - T0)) s)"
+  rm -rf "$R/$name"
+  local launch=(python3 -m lmcore)
+  [ "$nproc" -gt 1 ] && launch=(python3 -m torch.distributed.run --standalone --nproc_per_node="$nproc" -m lmcore)
+  CUDA_VISIBLE_DEVICES=$gpus PYTHONPATH=$FA3:$BASE timeout 900 "${launch[@]}" train --preset record --set data.data_dir="$D" --set data.tokenizer="$TOK" \
+    --set train.iterations="$n" --set train.warmdown_iters=0 --set train.max_wallclock_seconds=0 \
+    --set train.log_every=1 --set data.val_max_tokens=262145 --set model.attention=fa3 "$@" \
+    --no-progress --run-dir "$R/$name" > "$R/$name.log" 2>&1
+  grep -E "done|Traceback|Error" "$R/$name.log" | tail -2
+}
+
+levers() { local l; for l in $LEVERS; do printf -- '--set %s ' "$l"; done; }
+
+job() {
+  cd "$S/src" || exit 1
+  export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+  R=$S/res TOK=$S/src/.data/fineweb_1024_bpe.model D=$S/proxy BASE=/tmp/site:$S/src FA3=/tmp/fa3
+  T0=$SECONDS
+  mkdir -p "$R"
+  echo "== setup: stages $STAGES; STEPS $STEPS; LEVERS $LEVERS"
+  nvidia-smi --query-gpu=name,uuid,memory.total,driver_version --format=csv,noheader
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+  python3 -m pip install -q --no-index --no-deps --target "$FA3" .fa3/dist/*.whl
+  PYTHONPATH=$FA3:$BASE python3 -c "import torch, flash_attn_interface as f; print('torch', torch.__version__, 'fa3', f.__file__)"
+  PYTHONPATH=$BASE python3 -m lmcore data build --docs .data/proxy_docs.jsonl.xz --tokenizer "$TOK" --out "$D" \
+    --val-docs 1500 --shard-tokens 10000000 --no-progress || return 1
+  # the original with real FA3: its script alone in a folder (Python puts the script's folder
+  # first on sys.path, so .ref/, which holds the FA2 shim, would shadow FA3)
+  mkdir -p "$S/orig_fa3" && cp .ref/seed_train_gpt.py "$S/orig_fa3/"
+  local n_gpu; n_gpu=$(nvidia-smi -L | wc -l)
+  # shellcheck disable=SC2046 # LEVERS split into --set pairs on purpose
+  {
+    has peak && PYTHONPATH=$BASE python3 benchmarks/matmul_peak.py --json "$R/peak.json"
+    has orig1 && orig orig_fa3_1 0 1 "$S/orig_fa3" "$FA3:$BASE" && orig orig_fa2_1 0 1 "$S/src/.ref" "$BASE"
+    has lm1 && lm lm_before_1 0 1 "$STEPS" --set train.profile_step=$((STEPS - 5))
+    has lm1 && lm lm_after_1 0 1 "$STEPS" --set train.profile_step=$((STEPS - 5)) $(levers)
+    if [ "$n_gpu" -ge 2 ]; then
+      has orig2 && orig orig_fa3_2 0,1 2 "$S/orig_fa3" "$FA3:$BASE"
+      has lm2 && lm lm_before_2 0,1 2 "$STEPS" --set train.profile_step=$((STEPS - 5))
+      has lm2 && lm lm_after_2 0,1 2 "$STEPS" --set train.profile_step=$((STEPS - 5)) $(levers)
+      if has math; then
+        lm math_before_a 0 1 "$MATH_STEPS" & lm math_before_b 1 1 "$MATH_STEPS" & wait
+        lm math_after 0 1 "$MATH_STEPS" $(levers)
+      fi
+    else
+      echo "== one GPU: the 2-rank stages and the side-by-side math runs are skipped"
+    fi
+  } || true
+  echo "== report ($((SECONDS - T0)) s)"
+  PYTHONPATH=$BASE python3 benchmarks/speed_report.py "$R" | tee "$R/speed_table.md"
+  echo "== done ($((SECONDS - T0)) s)"
+}
+
+collect() {
+  [ -n "${OUT:-}" ] || return 0
+  cp "$S/job.log" "$OUT/speed.log" 2>/dev/null
+  cp "$S/res/speed_table.md" "$OUT/" 2>/dev/null
+  [ -d "$S/res" ] && tar -C "$S" -czf "$OUT/speed_results.tgz" --exclude='*.pt' --exclude=checkpoints res
+  return 0
+}
+
+detached_main benchmarks/speed.sh "SPEED" "$MODE" || exit $?

@@ -1,0 +1,140 @@
+"""Issue 16's speed table, as Markdown, from the results folder of benchmarks/speed.sh.
+
+usage: python benchmarks/speed_report.py RESULTS_DIR
+
+Reads peak.json (benchmarks/matmul_peak.py), the original's logs (orig_fa3_1.log,
+orig_fa2_1.log, orig_fa3_2.log: its step_avg lines), lmcore's run folders (lm_before_1,
+lm_after_1, lm_before_2, lm_after_2: summary.json, metrics.jsonl, profile/breakdown.json) and
+the same-math runs (math_before_a, math_before_b, math_after). Step ms is the original's
+last step_avg and lmcore's mean_step_ms (both: training time over steps after the compile
+warm-up); lmcore's median step from metrics.jsonl is given too. Tokens/s and MFU are per
+GPU; MFU uses lmcore.flops' training FLOPs per token of `record` (the same model in both)
+and the measured peak. Anything missing shows as "-".
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+import sys
+from pathlib import Path
+
+from lmcore.config import preset
+from lmcore.flops import count_flops
+
+TOKENS_PER_STEP = 786_432  # record: 8 micro-batches of 48 x 2048, split over the ranks
+
+
+def _json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def original_step_ms(log: Path) -> float | None:
+    """The last step_avg (ms) of the original's log."""
+    try:
+        text = log.read_text(errors="replace")
+    except OSError:
+        return None
+    m = re.findall(r"step:\d+/\d+ .*?train_time:\d+ms step_avg:([\d.]+)ms", text)
+    return float(m[-1]) if m else None
+
+
+def train_lines(run: Path) -> list[dict]:
+    try:
+        lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    except (OSError, ValueError):
+        return []
+    return [r for r in lines if r.get("kind") == "train"]
+
+
+def median_step_ms(run: Path) -> float | None:
+    ms = [r["step_ms"] for r in train_lines(run) if r.get("step_ms") and r["step"] > 1]
+    return statistics.median(ms) if ms else None
+
+
+def _f(v: float | None, fmt: str) -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def speed_rows(res: Path, flops: float, peak: float | None) -> list[dict]:
+    rows = []
+    base: dict[int, dict[str, float | None]] = {}
+    for ranks in (1, 2):
+        base[ranks] = {"fa3": original_step_ms(res / f"orig_fa3_{ranks}.log"),
+                       "fa2": original_step_ms(res / f"orig_fa2_{ranks}.log")}
+        entries = [("original, real FA3", "fa3", base[ranks]["fa3"], None),
+                   ("original, FA2 shim", "fa2 (SDPA flash)", base[ranks]["fa2"], None)]
+        for which in ("before", "after"):
+            run = res / f"lm_{which}_{ranks}"
+            s = _json(run / "summary.json")
+            entries.append((f"lmcore {which}", s.get("attention_backend", "-"), s.get("mean_step_ms"), run))
+        for name, kernel, ms, run in entries:
+            if ms is None and run is None and name.endswith("shim") and ranks == 2:
+                continue  # the FA2 original runs on one GPU only
+            tps = TOKENS_PER_STEP / ranks / (ms / 1000.0) if ms else None
+            rows.append({
+                "run": name, "ranks": ranks, "kernel": kernel, "step_ms": ms,
+                "median_ms": median_step_ms(run) if run is not None else None, "tokens_per_s": tps,
+                "mfu": tps * flops / (peak * 1e12) if tps and peak else None,
+                "vs_fa3": base[ranks]["fa3"] / ms if ms and base[ranks]["fa3"] else None,
+                "vs_fa2": base[1]["fa2"] / ms if ms and base[1]["fa2"] and ranks == 1 else None,
+            })
+    return rows
+
+
+def main(res: Path) -> int:
+    peak_info = _json(res / "peak.json")
+    peak = peak_info.get("peak_tflops")
+    f = count_flops(preset("record"))
+    card = peak_info.get("card") or _json(res / "lm_before_1" / "summary.json").get("card", "?")
+    print(f"Card: {card}; torch {peak_info.get('torch', '?')}; measured bf16 matmul peak "
+          f"{_f(peak, '.1f')} TFLOP/s; record's training FLOPs per token {f.train / 1e6:.1f} M "
+          f"(lmcore.flops, causal); {TOKENS_PER_STEP:,} tokens a step (48 x 2048 micro-batches).")
+    print()
+    print("| run | ranks | kernel | step ms | median step ms | tokens/s per GPU | MFU | vs original FA3 | vs original FA2 |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in speed_rows(res, f.train, peak):
+        print(f"| {r['run']} | {r['ranks']} | {r['kernel']} | {_f(r['step_ms'], '.1f')} | {_f(r['median_ms'], '.1f')} | "
+              f"{_f(r['tokens_per_s'], ',.0f')} | {_f(r['mfu'] and 100 * r['mfu'], '.1f')}{'%' if r['mfu'] else ''} | "
+              f"{_f(r['vs_fa3'], '.3f')}{'x' if r['vs_fa3'] else ''} | {_f(r['vs_fa2'], '.3f')}{'x' if r['vs_fa2'] else ''} |")
+    for run in ("lm_before_1", "lm_after_1", "lm_before_2", "lm_after_2"):
+        b = _json(res / run / "profile" / "breakdown.json")
+        if not b:
+            continue
+        print()
+        print(f"Profile of {run}, step {b['step']} (rank 0): wall {b['wall_ms']:.1f} ms, GPU busy {b['busy_ms']:.1f} ms")
+        print()
+        print("| category | ms | % of wall |")
+        print("|---|---|---|")
+        for cat, ms in b["categories"].items():
+            print(f"| {cat} | {ms:.1f} | {100 * ms / b['wall_ms']:.1f}% |")
+        idle = b["wall_ms"] - b["busy_ms"]
+        print(f"| (idle: wall - busy) | {idle:.1f} | {100 * idle / b['wall_ms']:.1f}% |")
+        print()
+        print("| top kernels | ms | calls | category |")
+        print("|---|---|---|---|")
+        for k in b["top"][:10]:
+            print(f"| `{k['name'][:90]}` | {k['ms']:.2f} | {k['calls']} | {k['category']} |")
+    curves = {n: {r["step"]: r["train_loss"] for r in train_lines(res / n)}
+              for n in ("math_before_a", "math_before_b", "math_after")}
+    if all(curves.values()):
+        steps = sorted(set.intersection(*(set(c) for c in curves.values())))
+        noise = max(abs(curves["math_before_a"][s] - curves["math_before_b"][s]) for s in steps)
+        diff = max(abs(curves["math_before_a"][s] - curves["math_after"][s]) for s in steps)
+        print()
+        print(f"Same math, {len(steps)} steps, seed 1337: max |before - before again| = {noise:.4f} (run-to-run noise), "
+              f"max |before - after| = {diff:.4f}; at the last step {steps[-1]}: before "
+              f"{curves['math_before_a'][steps[-1]]:.4f} / {curves['math_before_b'][steps[-1]]:.4f}, "
+              f"after {curves['math_after'][steps[-1]]:.4f}.")
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        print(__doc__.split("\n\n")[1], file=sys.stderr)
+        raise SystemExit(2)
+    raise SystemExit(main(Path(sys.argv[1])))

@@ -1,0 +1,52 @@
+"""lmcore.profiling: kernel names into categories (names as they appear in H100/H200 traces),
+and `train.profile_step` on a CPU run: step N profiled into RUN/profile (breakdown.json with
+the gemm time, a readable gzip Chrome trace), no other step, nothing without the switch."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import pytest
+
+from lmcore.config import ConfigError, preset
+from lmcore.profiling import category
+from lmcore.train import train
+
+
+@pytest.mark.parametrize("name, cat", [
+    ("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NNT", "gemm"),
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", "gemm"),
+    ("triton_tem_fused_mm_3", "gemm"),
+    ("void flash::FlashAttnFwdSm90<flash::CollectiveMainloopFwdSm90<2, cute::tuple<>>>", "attention"),
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_3_64x64x64", "attention"),
+    ("ncclDevKernel_AllReduce_Sum_bf16_RING_LL(ncclDevKernelArgsStorage<4096ul>)", "communication"),
+    ("triton_poi_fused__to_copy_add_mul_0", "fused elementwise (triton)"),
+    ("triton_red_fused__log_softmax_tanh_1", "fused elementwise (triton)"),
+    ("Memcpy HtoD (Pinned -> Device)", "memory"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>", "elementwise (aten)"),
+    ("aten::mm", "gemm"),
+    ("aten::_scaled_dot_product_flash_attention_for_cpu", "attention"),
+    ("cudaLaunchKernel", "other"),
+])
+def test_categories(name, cat):
+    assert category(name) == cat
+
+
+def test_profile_step_writes_the_breakdown(tmp_path):
+    cfg = preset("tiny", ["train.profile_step=3", "train.iterations=4"])
+    train(cfg, tmp_path / "run", progress=False)
+    info = json.loads((tmp_path / "run/profile/breakdown.json").read_text())
+    assert info["step"] == 3 and info["device"] == "cpu" and not info["on_device"]
+    assert info["categories"]["gemm"] > 0 and info["wall_ms"] > 0
+    assert info["busy_ms"] == pytest.approx(sum(info["categories"].values()), abs=0.01)
+    assert info["top"] and all({"name", "ms", "calls", "category"} <= set(r) for r in info["top"])
+    with gzip.open(tmp_path / "run/profile/trace.json.gz", "rt") as f:
+        assert json.load(f)["traceEvents"]
+    train(preset("tiny", ["train.iterations=4"]), tmp_path / "off", progress=False)
+    assert not (tmp_path / "off/profile").exists()
+
+
+def test_bad_compile_mode_is_refused():
+    with pytest.raises(ConfigError, match="train.compile_mode"):
+        preset("tiny", ["train.compile_mode=fastest"]).validate()
