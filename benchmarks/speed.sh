@@ -15,7 +15,8 @@
 # Then benchmarks/speed_report.py prints the table (card, kernel, ranks, step ms, tokens/s
 # per GPU, MFU, ratios to the original with FA3 and FA2), the profile's breakdown and the
 # same-math check. STAGES picks stages (default: all, in the order above). LEVERS: the
-# --set overrides of "after" (default: DDP buckets of 100 MB as gradient views).
+# --set overrides of "after" (default: inductor without mix-order reduction, #1420; DDP
+# buckets of 100 MB as gradient views).
 # It outlasts one device call: `start` runs it detached (benchmarks/detached.sh) and polls;
 # `poll` (the next call, within 30 s of the last) goes on. Carry .whl, .data, .ref and .fa3.
 # Each poll leaves $OUT/speed.log, and once done $OUT/speed_table.md and
@@ -28,7 +29,7 @@ POLL_S=${2:-540}
 STEPS=${STEPS:-40}
 MATH_STEPS=${MATH_STEPS:-200}
 STAGES=${STAGES:-peak orig1 lm1 orig2 lm2 math}
-LEVERS=${LEVERS:-train.ddp_bucket_cap_mb=100 train.ddp_grad_as_bucket_view=true}
+LEVERS=${LEVERS:-train.inductor_mix_order_reduction=false train.ddp_bucket_cap_mb=100 train.ddp_grad_as_bucket_view=true}
 
 source benchmarks/detached.sh  # stamp, detached_poll, detached_main
 

@@ -40,7 +40,7 @@ from lmcore.checkpoint import (
     set_rng_state,
     truncate_metrics,
 )
-from lmcore.config import Config, ConfigError, is_smoke_config
+from lmcore.config import Config, ConfigError, TrainConfig, is_smoke_config
 from lmcore.ema import EMA
 from lmcore.errors import InputError
 from lmcore.optim import Optimizers, build_optimizers
@@ -178,6 +178,18 @@ class Session:
         )
 
 
+def compile_kwargs(tc: TrainConfig) -> dict[str, Any]:
+    """torch.compile's arguments for the training model: whole graph, static shapes, and
+    train.compile_mode or the inductor options of the switches (torch.compile takes one of
+    the two; Config.validate refuses a mix)."""
+    kw: dict[str, Any] = {"fullgraph": True, "dynamic": False}
+    if tc.compile_mode != "default":
+        kw["mode"] = tc.compile_mode
+    elif not tc.inductor_mix_order_reduction:
+        kw["options"] = {"triton.mix_order_reduction": False}
+    return kw
+
+
 def start_session(
     cfg: Config, run_dir: Path, dist: DistInfo, *, device: torch.device, resume: bool, progress: bool
 ) -> tuple[Session, TrainState]:
@@ -219,8 +231,7 @@ def start_session(
     backend = model.set_attention_backend(cfg.model.attention, device)
     opt = build_optimizers(model, tc)
     compiled = device.type == "cuda" and tc.compile
-    mode = None if tc.compile_mode == "default" else tc.compile_mode
-    forward: nn.Module = torch.compile(model, fullgraph=True, dynamic=False, mode=mode) if compiled else model
+    forward: nn.Module = torch.compile(model, **compile_kwargs(tc)) if compiled else model
     ddp = None
     if dist.distributed:
         ddp = nn.parallel.DistributedDataParallel(

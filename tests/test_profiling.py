@@ -1,4 +1,5 @@
 """lmcore.profiling: kernel names into categories (names as they appear in H100/H200 traces),
+the compile switches' torch.compile arguments,
 and `train.profile_step` on a CPU run: step N profiled into RUN/profile (breakdown.json with
 the gemm time, a readable gzip Chrome trace), no other step, nothing without the switch."""
 
@@ -50,3 +51,19 @@ def test_profile_step_writes_the_breakdown(tmp_path):
 def test_bad_compile_mode_is_refused():
     with pytest.raises(ConfigError, match="train.compile_mode"):
         preset("tiny", ["train.compile_mode=fastest"]).validate()
+
+
+def test_compile_arguments_of_the_switches():
+    import torch._inductor.config as inductor_config
+
+    from lmcore.session import compile_kwargs
+
+    tc = preset("record").train
+    assert compile_kwargs(tc) == {"fullgraph": True, "dynamic": False}
+    off = preset("record", ["train.inductor_mix_order_reduction=false"]).train
+    assert compile_kwargs(off)["options"] == {"triton.mix_order_reduction": False}
+    assert hasattr(inductor_config.triton, "mix_order_reduction")  # the option torch.compile is given exists
+    tuned = preset("record", ["train.compile_mode=max-autotune-no-cudagraphs"]).train
+    assert compile_kwargs(tuned)["mode"] == "max-autotune-no-cudagraphs" and "options" not in compile_kwargs(tuned)
+    with pytest.raises(ConfigError, match="inductor_mix_order_reduction"):
+        preset("record", ["train.compile_mode=max-autotune", "train.inductor_mix_order_reduction=false"]).validate()
