@@ -5,12 +5,16 @@
 # summary, pack/eval JSON, logs; no weights, artifacts or checkpoints), to unpack into the repo.
 # It outlasts one device call, so `start` runs it detached (benchmarks/detached.sh) and polls;
 # `poll` (the next call, within 30 s of the last) goes on. Carry .whl, .data and .fa3.
+# IF_EXISTS=keep continues a study: the committed run folders (runs/, small files only) are
+# copied in and every finished run is kept; only the plan's other runs (new seeds) train.
 #   bash benchmarks/study_gpu.sh start [POLL_S]  |  bash benchmarks/study_gpu.sh poll [POLL_S]
 set -uo pipefail
 S=/tmp/study_gpu
 MODE=${1:-poll}
 POLL_S=${2:-540}
 PLAN=${PLAN:-studies/gpu.json}
+IF_EXISTS=${IF_EXISTS:-replace}
+export STUDY_ORIGIN=${STUDY_ORIGIN:-$PWD}  # the checkout `start` runs in (its runs/ travels; the job's copy leaves it out)
 
 source benchmarks/detached.sh  # stamp, detached_poll, detached_main
 
@@ -25,8 +29,11 @@ job() {
   mkdir -p data/tokenizers && cp .data/fineweb_1024_bpe.model data/tokenizers/
   python3 -m lmcore data build --docs .data/proxy_docs.jsonl.xz --tokenizer data/tokenizers/fineweb_1024_bpe.model \
     --out data/proxy --val-docs 1500 --shard-tokens 10000000 --no-progress || return 1
-  echo "== plan $PLAN"
-  python3 -m lmcore study plan "$PLAN" --runs-dir runs --no-progress
+  if [ "$IF_EXISTS" = keep ] && [ -d "$STUDY_ORIGIN/runs" ]; then
+    mkdir -p runs && cp -r "$STUDY_ORIGIN/runs/." runs/
+  fi
+  echo "== plan $PLAN (if exists: $IF_EXISTS)"
+  python3 -m lmcore study plan "$PLAN" --runs-dir runs --no-progress --if-exists "$IF_EXISTS"
   echo "== done"
 }
 

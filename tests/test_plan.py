@@ -1,6 +1,6 @@
 """Study plans (lmcore.study.plan, report, figures): the plan checked field by field with
 one-line errors, the runs seed-major, a real tiny plan run end to end (folders, plan.json,
-evaluations, eval sweep), the ablation tables' numbers against the statistics computed by
+evaluations, eval sweep) and continued in a later session from its small files alone, the ablation tables' numbers against the statistics computed by
 hand, `lmcore study figures` regenerating exactly the committed figures from a trimmed copy
 of the committed runs, the committed tables equal to what `lmcore study report` makes of the
 committed runs, and the .gitignore keeping weights out of the GPU run folders."""
@@ -96,6 +96,20 @@ def test_tiny_plan_end_to_end(tmp_path: Path):
     assert not (tmp_path / "runs/t/record-s2/eval-lr.json").exists()
     table = ablation_table(load_plan(tmp_path / "runs/t/plan.json"), df, "bigram")
     assert list(table["row"]) == ["record", "none"] and list(table["n"]) == [2, 1]
+
+    # a later session: only the small files are left (as committed); a seed is added; keep runs only it
+    for f in [*(tmp_path / "runs").rglob("*.pt"), *(tmp_path / "runs").rglob("*.ptz")]:
+        f.unlink()
+    before = {rd: json.loads((Path(rd) / "study.json").read_text())["started"] for rd in df["path"]}
+    plan["variants"]["none"]["seeds"] = [1, 3]
+    f.write_text(json.dumps(plan))
+    said: list[str] = []
+    df2 = run_plan(f, runs_dir=tmp_path / "runs", if_exists="keep", log=said.append)
+    assert list(df2["run"]) == ["t/record-s1", "t/none-s1", "t/record-s2", "t/none-s3"]
+    assert set(df2["status"]) == {"ok"}
+    assert {rd: json.loads((Path(rd) / "study.json").read_text())["started"] for rd in df["path"]} == before
+    assert sum("kept (finished)" in line for line in said) == 3 and any("eval sweep kept" in line for line in said)
+    assert not (tmp_path / "runs/t/record-s1/model.int6.ptz").exists()  # nothing of record-s1 was rerun
 
 
 def _fake_plan_runs(base: Path) -> dict:

@@ -13,6 +13,7 @@ import pandas as pd
 from lmcore.errors import InputNotFound
 from lmcore.study.notebooks import parse_param, run_batch, run_notebook
 from lmcore.study.paths import resolve
+from lmcore.study.plan import PLAN_IF_EXISTS
 from lmcore.study.run import IF_EXISTS, run_one
 from lmcore.study.seeds import seeds_bars, seeds_summary, seeds_table, welch_table
 from lmcore.study.smoke import smoke_study
@@ -208,7 +209,10 @@ def _add_plan(ss: Any) -> None:
     o.add_argument("--runs-dir", default="runs")
     o.add_argument("--devices", default=None, metavar="0,1,...", help="the GPUs to share (default: every visible GPU)")
     o.add_argument("--num-gpus", type=int, default=1, help="GPUs per run")
-    o.add_argument("--if-exists", choices=IF_EXISTS, default="replace")
+    o.add_argument("--if-exists", choices=PLAN_IF_EXISTS, default="replace",
+                   help="replace, reuse (phases with the same config and their files), error, or keep: leave every "
+                        "finished run as it is, weights or not (e.g. committed from an earlier session), and run "
+                        "only the rest (add seeds to a plan and run it again)")
     o.add_argument("--no-progress", action="store_true")
     o.set_defaults(func=_cmd_plan)
 

@@ -23,7 +23,9 @@ once per setting (`eval_sweep`), after the training batch.
 `run_plan` checks the whole plan first (a bad field or override: InputError naming it), copies
 it to RUNS_DIR/<study>/plan.json, then queues every run in one GPU pool, seed-major (every
 variant's first seed, then every second seed, ...), so a batch cut short still holds whole
-rounds of seeds. A failed run is recorded and the others go on.
+rounds of seeds. A failed run is recorded and the others go on. With if_exists="keep" every
+finished run is left as it is, weights or not (the small files committed by an earlier
+session), and only the others run: add seeds or variants to a plan and run it again.
 """
 
 from __future__ import annotations
@@ -38,14 +40,19 @@ import pandas as pd
 
 from lmcore.errors import InputError, InputNotFound
 from lmcore.runs import atomic_write_json
-from lmcore.study.folders import update_study
+from lmcore.study.folders import read_study, update_study
 from lmcore.study.paths import LogFn, print_line, resolve, root_of, say_to
 from lmcore.study.results import load_runs
-from lmcore.study.run import IF_EXISTS, check_sections, make_config
+from lmcore.study.run import IF_EXISTS, check_sections, eval_settings, evaluated_with, make_config
 from lmcore.study.schedule import Job, run_pool
 from lmcore.study.sweeps import eval_sweep, sweep_job, variant_dir
 
-__all__ = ["Ablation", "Plan", "Variant", "load_plan", "plan_runs", "read_plan", "run_plan"]
+__all__ = ["PLAN_IF_EXISTS", "Ablation", "Plan", "Variant", "finished", "load_plan", "plan_runs", "read_plan",
+           "run_plan"]
+
+# "keep": a finished run (its small files, e.g. committed from an earlier session) is left as it
+# is, without its weights; an unfinished or failed one is run again from scratch
+PLAN_IF_EXISTS = (*IF_EXISTS, "keep")
 
 
 @dataclass(frozen=True)
@@ -201,6 +208,13 @@ def plan_runs(plan: Plan, runs_dir: Path) -> list[tuple[str, int, Path]]:
     return out
 
 
+def finished(rd: Path, plan: Plan) -> bool:
+    """Whether run folder `rd` holds a finished run of the plan (study.json says so, no
+    FAILED.json): its small files are enough for the tables and figures."""
+    want = "ok" if plan.evaluate else "packed"
+    return read_study(rd).get("status") == want and not (rd / "FAILED.json").exists()
+
+
 def run_plan(
     plan: Plan | str | Path,
     *,
@@ -215,8 +229,8 @@ def run_plan(
 ) -> pd.DataFrame:
     """Run every variant and seed of the plan in one pool, then its eval sweep; returns the
     runs' DataFrame (see the module docstring)."""
-    if if_exists not in IF_EXISTS:
-        raise InputError(f"if_exists={if_exists!r}: expected replace, reuse or error")
+    if if_exists not in PLAN_IF_EXISTS:
+        raise InputError(f"if_exists={if_exists!r}: expected {', '.join(PLAN_IF_EXISTS)}")
     r = root_of(root)
     if not isinstance(plan, Plan):
         plan = load_plan(plan, r)
@@ -227,12 +241,16 @@ def run_plan(
     data: dict[tuple[str, str], BaseException | None] = {}
     jobs: list[Job] = []
     order = []
-    for variant, seed, _rd in plan_runs(plan, base):
+    for variant, seed, rd in plan_runs(plan, base):
+        if if_exists == "keep" and finished(rd, plan):
+            say(f"{plan.study}/{rd.name}: kept (finished)")
+            order.append(rd)
+            continue
         rd, job = sweep_job(base, plan.study, variant, seed, preset=plan.preset,
                             overrides=[*plan.overrides, *plan.variants[variant].overrides], pack_overrides=(),
                             eval_overrides=plan.eval_overrides, ttt=plan.eval_ttt, num_gpus=num_gpus, pack=True,
-                            evaluate=plan.evaluate, if_exists=if_exists, progress=progress, data=data, root=r,
-                            log=log)
+                            evaluate=plan.evaluate, if_exists="replace" if if_exists == "keep" else if_exists,
+                            progress=progress, data=data, root=r, log=log)
         order.append(rd)
         if job is not None:
             jobs.append(job)
@@ -243,10 +261,14 @@ def run_plan(
             update_study(job.log_file.parent, status="failed")
     if plan.eval_sweep_run:
         rd = base / plan.study / plan.eval_sweep_run
-        if (rd / "model.int6.ptz").is_file():
-            eval_sweep(rd, {k: list(v) for k, v in plan.eval_sweep_variants.items()}, ttt=plan.eval_sweep_ttt,
-                       num_gpus=num_gpus, devices=devices, if_exists="reuse" if if_exists == "reuse" else "replace",
-                       progress=progress, heartbeat_s=heartbeat_s, root=r, log=log)
+        variants = {k: list(v) for k, v in plan.eval_sweep_variants.items()}
+        keep = if_exists in ("keep", "reuse")
+        if keep and all(evaluated_with(rd, eval_settings(v, plan.eval_sweep_ttt), k) for k, v in variants.items()):
+            say(f"plan {plan.study}: eval sweep kept (every variant evaluated with its settings)")
+        elif (rd / "model.int6.ptz").is_file():
+            eval_sweep(rd, variants, ttt=plan.eval_sweep_ttt, num_gpus=num_gpus, devices=devices,
+                       if_exists="reuse" if keep else "replace", progress=progress, heartbeat_s=heartbeat_s, root=r,
+                       log=log)
         else:
             say(f"plan {plan.study}: eval sweep skipped: {rd} has no packed model")
     df = load_runs(base, runs=order)
