@@ -15,20 +15,12 @@ MODE=${1:-poll}
 POLL_S=${2:-540}
 CAP_S=${CAP_S:-150}
 
-source benchmarks/detached.sh  # stamp, detached_poll, detached_main
+source benchmarks/detached.sh  # stamp, run_until, detached_poll, detached_main
 
-original() {  # GPUS LOG
-  local log=$2
-  CUDA_VISIBLE_DEVICES=$1 DATA_PATH=$D TOKENIZER_PATH=$TOK MAX_WALLCLOCK_SECONDS=$CAP_S SEED=1337 \
-    TTT_ENABLED=0 RUN_ID=capped TRAIN_LOG_EVERY=50 \
-    setsid timeout 900 python3 -m torch.distributed.run --standalone --nproc_per_node=2 \
-    "$S/src/.ref/seed_train_gpt.py" > "$log" 2>&1 &
-  local pid=$!
-  while kill -0 $pid 2>/dev/null; do  # after its post-EMA diagnostic it goes on to calibration: stop there
-    if grep -q "DIAGNOSTIC post_ema" "$log"; then sleep 2; kill -- -$pid 2>/dev/null; break; fi
-    sleep 3
-  done
-  wait $pid 2>/dev/null
+original() {  # GPUS LOG: after its post-EMA diagnostic it goes on to calibration: stopped there
+  GRACE_S=2 run_until 900 "$2" "DIAGNOSTIC post_ema" env CUDA_VISIBLE_DEVICES="$1" DATA_PATH="$D" \
+    TOKENIZER_PATH="$TOK" MAX_WALLCLOCK_SECONDS="$CAP_S" SEED=1337 TTT_ENABLED=0 RUN_ID=capped TRAIN_LOG_EVERY=50 \
+    python3 -m torch.distributed.run --standalone --nproc_per_node=2 "$S/src/.ref/seed_train_gpt.py"
 }
 
 lmcore_run() {  # GPUS LOG

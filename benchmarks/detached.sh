@@ -1,5 +1,5 @@
 # Sourced by the device jobs that outlast one device call (suite.sh, fa3_job.sh,
-# capped_2gpu.sh): `start` copies the working tree to $S/src and runs the script's `job`
+# capped_2gpu.sh, study_gpu.sh, speed.sh): `start` copies the working tree to $S/src and runs the script's `job`
 # function there detached (setsid, so it survives the call), its output timestamped into
 # $S/job.log; `poll` prints the log's new lines until $S/DONE appears or POLL_S seconds
 # have passed, then runs the script's `collect` (copy results under $OUT). Issue each poll
@@ -8,6 +8,20 @@
 #   detached_main SCRIPT NAME MODE      (MODE: start | poll | job)
 
 stamp() { while IFS= read -r l; do printf '%(%H:%M:%S)T %s\n' -1 "$l"; done; }
+
+# run_until TIMEOUT LOG STOP CMD...: CMD in a session of its own (at most TIMEOUT s), its output
+# in LOG; once LOG shows STOP (a grep pattern; empty: never) the whole session is ended GRACE_S
+# (default 1) s later. The original script, for one, goes on to calibration after its last line.
+run_until() {
+  local limit=$1 log=$2 stop=$3; shift 3
+  setsid timeout "$limit" "$@" > "$log" 2>&1 &
+  local pid=$!
+  while kill -0 $pid 2>/dev/null; do
+    if [ -n "$stop" ] && grep -q "$stop" "$log"; then sleep "${GRACE_S:-1}"; kill -- -$pid 2>/dev/null; break; fi
+    sleep 3
+  done
+  wait $pid 2>/dev/null
+}
 
 detached_poll() {  # NAME
   local end=$((SECONDS + POLL_S)) off

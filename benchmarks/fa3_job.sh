@@ -24,20 +24,14 @@ MODE=${1:-poll}
 POLL_S=${2:-560}
 STEPS=${STEPS:-30}
 
-source benchmarks/detached.sh  # stamp, detached_poll, detached_main
+source benchmarks/detached.sh  # stamp, run_until, detached_poll, detached_main
 
 # step_run NAME LOG STOP CMD...: run a training command (600 s at most); with STOP, end it
 # once its log shows STOP (the original goes on to calibration after its last val line)
 step_run() {
   local name=$1 log=$2 stop=$3; shift 3
   echo "== step time: $name ($((SECONDS - T0)) s)"
-  setsid timeout 600 "$@" > "$log" 2>&1 &
-  local pid=$!
-  while kill -0 $pid 2>/dev/null; do
-    if [ -n "$stop" ] && grep -q "$stop" "$log"; then sleep 1; kill -- -$pid 2>/dev/null; break; fi
-    sleep 3
-  done
-  wait $pid
+  run_until 600 "$log" "$stop" "$@"
   grep -E "step:$STEPS/$STEPS|attention_backend|done: |Traceback|Error" "$log" | head -5
 }
 

@@ -18,7 +18,7 @@ from pathlib import Path
 TOKENS_PER_STEP = 786_432  # `record`: 8 micro-batches of 48 x 2048 on one GPU
 
 
-def _json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
@@ -36,7 +36,7 @@ def original_step_ms(log: Path) -> tuple[float | None, str]:
 
 
 def main(res: Path, variant: str) -> int:
-    attn = _json(res / "table_attn.json")
+    attn = read_json(res / "table_attn.json")
     card = attn.get("card", "?")
     print(f"Card: {card}, torch {attn.get('torch', '?')}; FA3: {attn.get('fa3_build', '-')}")
     print()
@@ -61,7 +61,7 @@ def main(res: Path, variant: str) -> int:
         ms, where = original_step_ms(res / log)
         rows.append((label, ms, where))
     for att in ("fa3", "sdpa_cudnn"):
-        s = _json(res / f"lm_{att}_summary.json")
+        s = read_json(res / f"lm_{att}_summary.json")
         ms = s.get("mean_step_ms")
         rows.append(
             (
@@ -90,7 +90,7 @@ def main(res: Path, variant: str) -> int:
     )
     print("|---|---|---|---|---|")
     for path in sorted(res.glob("attn_*.json")):
-        a = _json(path).get("results", {})
+        a = read_json(path).get("results", {})
         f, p, c = a.get("fa3"), a.get("fa3+packgqa"), a.get("sdpa_cudnn")
         name = path.stem[len("attn_") :] + (" (used above)" if path.stem == f"attn_{variant}" else "")
         cells = [

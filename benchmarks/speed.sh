@@ -31,7 +31,7 @@ MATH_STEPS=${MATH_STEPS:-200}
 STAGES=${STAGES:-peak orig1 lm1 orig2 lm2 math}
 LEVERS=${LEVERS:-train.inductor_mix_order_reduction=false train.ddp_bucket_cap_mb=100 train.ddp_grad_as_bucket_view=true}
 
-source benchmarks/detached.sh  # stamp, detached_poll, detached_main
+source benchmarks/detached.sh  # stamp, run_until, detached_poll, detached_main
 
 has() { [[ " $STAGES " == *" $1 "* ]]; }
 
@@ -41,16 +41,10 @@ orig() {
   local name=$1 gpus=$2 nproc=$3 dir=$4 pp=$5 log=$R/$1.log
   echo "== $name ($((SECONDS - T0)) s)"
   mkdir -p "$S/run_$name"
-  (cd "$S/run_$name" && CUDA_VISIBLE_DEVICES=$gpus DATA_PATH=$D TOKENIZER_PATH=$TOK ITERATIONS=$STEPS \
-    WARMDOWN_ITERS=0 MAX_WALLCLOCK_SECONDS=0 SEED=1337 TTT_ENABLED=0 TRAIN_LOG_EVERY=10 RUN_ID=$name \
-    PYTHONPATH=$pp setsid timeout 600 python3 -m torch.distributed.run --standalone --nproc_per_node="$nproc" \
-    "$dir/seed_train_gpt.py" > "$log" 2>&1 &
-   pid=$!
-   while kill -0 $pid 2>/dev/null; do
-     if grep -q "step:$STEPS/$STEPS val_loss" "$log"; then sleep 1; kill -- -$pid 2>/dev/null; break; fi
-     sleep 3
-   done
-   wait $pid 2>/dev/null)
+  (cd "$S/run_$name" && run_until 600 "$log" "step:$STEPS/$STEPS val_loss" env CUDA_VISIBLE_DEVICES="$gpus" \
+    DATA_PATH="$D" TOKENIZER_PATH="$TOK" ITERATIONS="$STEPS" WARMDOWN_ITERS=0 MAX_WALLCLOCK_SECONDS=0 SEED=1337 \
+    TTT_ENABLED=0 TRAIN_LOG_EVERY=10 RUN_ID="$name" PYTHONPATH="$pp" \
+    python3 -m torch.distributed.run --standalone --nproc_per_node="$nproc" "$dir/seed_train_gpt.py")
   grep -E "step:$STEPS/$STEPS|Traceback|Error" "$log" | head -3
 }
 

@@ -15,32 +15,16 @@ and the measured peak. Anything missing shows as "-".
 from __future__ import annotations
 
 import json
-import re
 import statistics
 import sys
 from pathlib import Path
+
+from fa3_report import original_step_ms, read_json  # this folder: the original's log parser, shared
 
 from lmcore.config import preset
 from lmcore.flops import count_flops
 
 TOKENS_PER_STEP = 786_432  # record: 8 micro-batches of 48 x 2048, split over the ranks
-
-
-def _json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def original_step_ms(log: Path) -> float | None:
-    """The last step_avg (ms) of the original's log."""
-    try:
-        text = log.read_text(errors="replace")
-    except OSError:
-        return None
-    m = re.findall(r"step:\d+/\d+ .*?train_time:\d+ms step_avg:([\d.]+)ms", text)
-    return float(m[-1]) if m else None
 
 
 def train_lines(run: Path) -> list[dict]:
@@ -64,13 +48,13 @@ def speed_rows(res: Path, flops: float, peak: float | None) -> list[dict]:
     rows = []
     base: dict[int, dict[str, float | None]] = {}
     for ranks in (1, 2):
-        base[ranks] = {"fa3": original_step_ms(res / f"orig_fa3_{ranks}.log"),
-                       "fa2": original_step_ms(res / f"orig_fa2_{ranks}.log")}
+        base[ranks] = {"fa3": original_step_ms(res / f"orig_fa3_{ranks}.log")[0],
+                       "fa2": original_step_ms(res / f"orig_fa2_{ranks}.log")[0]}
         entries = [("original, real FA3", "fa3", base[ranks]["fa3"], None),
                    ("original, FA2 shim", "fa2 (SDPA flash)", base[ranks]["fa2"], None)]
         for which in ("before", "after"):
             run = res / f"lm_{which}_{ranks}"
-            s = _json(run / "summary.json")
+            s = read_json(run / "summary.json")
             entries.append((f"lmcore {which}", s.get("attention_backend", "-"), s.get("mean_step_ms"), run))
         for name, kernel, ms, run in entries:
             if ms is None and run is None and name.endswith("shim") and ranks == 2:
@@ -87,10 +71,10 @@ def speed_rows(res: Path, flops: float, peak: float | None) -> list[dict]:
 
 
 def main(res: Path) -> int:
-    peak_info = _json(res / "peak.json")
+    peak_info = read_json(res / "peak.json")
     peak = peak_info.get("peak_tflops")
     f = count_flops(preset("record"))
-    card = peak_info.get("card") or _json(res / "lm_before_1" / "summary.json").get("card", "?")
+    card = peak_info.get("card") or read_json(res / "lm_before_1" / "summary.json").get("card", "?")
     print(f"Card: {card}; torch {peak_info.get('torch', '?')}; measured bf16 matmul peak "
           f"{_f(peak, '.1f')} TFLOP/s; record's training FLOPs per token {f.train / 1e6:.1f} M "
           f"(lmcore.flops, causal); {TOKENS_PER_STEP:,} tokens a step (48 x 2048 micro-batches).")
@@ -102,7 +86,7 @@ def main(res: Path) -> int:
               f"{_f(r['tokens_per_s'], ',.0f')} | {_f(r['mfu'] and 100 * r['mfu'], '.1f')}{'%' if r['mfu'] else ''} | "
               f"{_f(r['vs_fa3'], '.3f')}{'x' if r['vs_fa3'] else ''} | {_f(r['vs_fa2'], '.3f')}{'x' if r['vs_fa2'] else ''} |")
     for run in ("lm_before_1", "lm_after_1", "lm_before_2", "lm_after_2"):
-        b = _json(res / run / "profile" / "breakdown.json")
+        b = read_json(res / run / "profile" / "breakdown.json")
         if not b:
             continue
         print()

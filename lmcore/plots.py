@@ -50,6 +50,7 @@ __all__ = [
     "load_metrics",
     "load_run",
     "load_runs",
+    "new_figure",
     "plot_artifact_size",
     "plot_bpb_by_variant",
     "plot_eval_sweep",
@@ -64,7 +65,7 @@ class NoData(Exception):
     """A figure has nothing to show; the message says why."""
 
 
-def _new_figure(w: float = 7.0, h: float = 4.0) -> Figure:
+def new_figure(w: float = 7.0, h: float = 4.0) -> Figure:
     return Figure(figsize=(w, h), dpi=110, layout="constrained")
 
 
@@ -89,7 +90,7 @@ def plot_loss_curves(df: pd.DataFrame, max_runs: int = 24) -> Figure:
     if not curves:
         raise NoData("no run has train or val lines in metrics.jsonl")
     curves = curves[:max_runs]
-    fig = _new_figure(11, 4.2)
+    fig = new_figure(11, 4.2)
     ax1, ax2 = fig.subplots(1, 2)
     for label, tr, va in curves:
         if len(tr):
@@ -118,7 +119,7 @@ def plot_bpb_by_variant(df: pd.DataFrame, metric: str = "val_bpb") -> Figure:
     ablations = [st for st in studies if ok.loc[ok["study"] == st, "variant"].nunique() > 1]
     if ablations:  # studies comparing variants; single-variant ones add nothing here
         studies = ablations
-    fig = _new_figure(max(5.0, 3.8 * len(studies)), 4.0)
+    fig = new_figure(max(5.0, 3.8 * len(studies)), 4.0)
     axes = fig.subplots(1, len(studies), squeeze=False)[0]
     for ax, st in zip(axes, studies):
         sub = aggregate(ok[ok["study"] == st], by="variant", metrics=[metric])
@@ -150,7 +151,7 @@ def plot_throughput_by_backend(df: pd.DataFrame) -> Figure:
     ok["card"] = ok["card"].fillna("?") if "card" in ok.columns else "?"
     ok["backend"] = ok["attention_backend"] + " (" + ok["card"].astype(str) + ")"
     sub = aggregate(ok.assign(val_bpb=0.0), by="backend", metrics=["tokens_per_s"])
-    fig = _new_figure(max(5.0, 1.3 * len(sub) + 2), 4.0)
+    fig = new_figure(max(5.0, 1.3 * len(sub) + 2), 4.0)
     ax = fig.subplots()
     x = range(len(sub))
     ax.bar(x, sub["tokens_per_s_mean"], yerr=sub["tokens_per_s_std"].fillna(0.0), capsize=4, color="tab:green")
@@ -179,7 +180,7 @@ def plot_artifact_size(df: pd.DataFrame, max_runs: int = 30) -> Figure:
     labels = [_label(r) for _, r in ok.iterrows()]
     model = ok["model_bytes"].astype(float).to_numpy()
     total = ok["total_bytes"].astype(float).to_numpy()
-    fig = _new_figure(8, max(2.5, 0.35 * len(ok) + 1.5))
+    fig = new_figure(8, max(2.5, 0.35 * len(ok) + 1.5))
     ax = fig.subplots()
     y = range(len(ok))
     ax.barh(y, model, color="tab:blue", label="model (int6 + Brotli)")
@@ -213,7 +214,7 @@ def plot_ttt_gain(df: pd.DataFrame, max_runs: int = 16) -> Figure:
             series.append((_label(row), g, row.get("ttt_gain_bpb")))
     if not series:
         raise NoData("no run has per-chunk TTT results in eval.json (eval with TTT and the baseline)")
-    fig = _new_figure(8, 4.0)
+    fig = new_figure(8, 4.0)
     ax = fig.subplots()
     for label, g, total in series[:max_runs]:
         tag = f" (total {total:+.4f})" if finite(total) else ""
@@ -267,7 +268,7 @@ def plot_eval_sweep(table: pd.DataFrame, metric: str = "bpb") -> Figure:
             panels[f].append((ref[f], float(ref[metric]), True))
         if not panels:  # only the run's own evaluation
             panels["variants"] = [("run", float(ref[metric]), True)]
-    fig = _new_figure(max(5.0, 3.8 * len(panels)), 4.0)
+    fig = new_figure(max(5.0, 3.8 * len(panels)), 4.0)
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     sliding = pd.to_numeric(ok["sliding_bpb"], errors="coerce").dropna() if metric == "bpb" else pd.Series([])
     for ax, (name, pts) in zip(axes, panels.items()):

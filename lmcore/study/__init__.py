@@ -30,6 +30,8 @@ from __future__ import annotations
 from lmcore.study.cli import register_cli
 from lmcore.study.notebooks import notebook_parameters, parse_param, run_batch, run_notebook
 from lmcore.study.paths import environment, repo_root, resolve
+from lmcore.study.plan import Plan, load_plan, run_plan
+from lmcore.study.report import ablation_table, plan_frame, plan_markdown, plan_tables
 from lmcore.study.results import (
     aggregate,
     comparison_table,
@@ -40,8 +42,6 @@ from lmcore.study.results import (
     load_runs,
     run_table,
 )
-from lmcore.study.plan import Plan, load_plan, run_plan
-from lmcore.study.report import ablation_table, plan_frame, plan_markdown, plan_tables
 from lmcore.study.run import eval_phase, make_config, pack_phase, prepare_data, run_one, train_phase
 from lmcore.study.schedule import Job, JobResult, default_devices, run_pool
 from lmcore.study.seeds import (
@@ -79,10 +79,10 @@ __all__ = [
     "make_config",
     "notebook_parameters",
     "pack_phase",
+    "parse_param",
     "plan_frame",
     "plan_markdown",
     "plan_tables",
-    "parse_param",
     "prepare_data",
     "reference_runs",
     "register_cli",

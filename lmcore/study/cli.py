@@ -13,7 +13,7 @@ import pandas as pd
 from lmcore.errors import InputNotFound
 from lmcore.study.notebooks import parse_param, run_batch, run_notebook
 from lmcore.study.paths import resolve
-from lmcore.study.plan import PLAN_IF_EXISTS
+from lmcore.study.plan import PLAN_IF_EXISTS, run_plan
 from lmcore.study.run import IF_EXISTS, run_one
 from lmcore.study.seeds import seeds_bars, seeds_summary, seeds_table, welch_table
 from lmcore.study.smoke import smoke_study
@@ -56,8 +56,6 @@ def _cmd_run_one(args: argparse.Namespace) -> int:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from lmcore.study.plan import run_plan
-
     df = run_plan(args.plan, runs_dir=args.runs_dir, devices=_devices(args.devices), num_gpus=args.num_gpus,
                   if_exists=args.if_exists, progress=not args.no_progress, log=print)
     for _, row in df.iterrows():

@@ -15,18 +15,14 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from lmcore.plots import NoData, plot_artifact_size, plot_eval_sweep, save_figure
+from lmcore.plots import NoData, new_figure, plot_artifact_size, plot_eval_sweep, save_figure
 from lmcore.study.paths import resolve
 from lmcore.study.plan import Plan, load_plan
 from lmcore.study.report import LABELS, ablation_table, plan_frame, values
-from lmcore.study.results import eval_table, finite, load_metrics
+from lmcore.study.results import chunk_gains, eval_table, finite, load_metrics
 
 __all__ = ["PLAN_FIGURES", "export_plan_figures", "plot_ablations", "plot_kernel_throughput",
            "plot_plan_loss_curves", "plot_ttt_chunks", "plot_ttt_settings"]
-
-
-def _figure(w: float, h: float) -> Figure:
-    return Figure(figsize=(w, h), dpi=110, layout="constrained")
 
 
 def _strip(ax, groups: list[tuple[str, list[float]]], base: float | None, ylabel: str) -> None:
@@ -54,7 +50,7 @@ def plot_ablations(plan: Plan, df: pd.DataFrame) -> Figure:
     names = list(plan.ablations)
     if not names:
         raise NoData(f"plan {plan.study} has no ablations")
-    fig = _figure(3.4 * len(names), 4.2)
+    fig = new_figure(3.4 * len(names), 4.2)
     axes = fig.subplots(1, len(names), squeeze=False)[0]
     for ax, name in zip(axes, names):
         ab = plan.ablations[name]
@@ -92,7 +88,7 @@ def plot_kernel_throughput(plan: Plan, df: pd.DataFrame, ablation: str = "attent
     if not any(g[1] for g in groups):
         raise NoData(f"no run of the {ablation!r} ablation has a mean step time")
     cards = sorted({str(c) for c in df["card"].dropna()}) if "card" in df.columns else []
-    fig = _figure(6.0, 4.0)
+    fig = new_figure(6.0, 4.0)
     ax = fig.subplots()
     _strip(ax, groups, None, "mean step ms (lower is faster)")
     ax.set_title(f"training step time by attention kernel ({', '.join(cards) or '?'}, one GPU a run)", fontsize=9)
@@ -105,7 +101,7 @@ def plot_plan_loss_curves(plan: Plan, df: pd.DataFrame) -> Figure:
     names = [n for n, ab in plan.ablations.items() if not ab.columns]
     if not names or df.empty:
         raise NoData(f"plan {plan.study} has no ablation of variants with runs")
-    fig = _figure(3.6 * len(names), 3.8)
+    fig = new_figure(3.6 * len(names), 3.8)
     axes = fig.subplots(1, len(names), squeeze=False)[0]
     drawn = 0
     for ax, name in zip(axes, names):
@@ -152,19 +148,16 @@ def plot_ttt_settings(plan: Plan, runs_dir: Path, reference: str = "ttt-record")
 def plot_ttt_chunks(plan: Plan, runs_dir: Path) -> Figure:
     """Per-chunk TTT gain (sliding bpb - TTT bpb) along the validation stream, one line per
     TTT setting of the eval sweep."""
-    import json
-
+    table = _sweep_table(plan, runs_dir).set_index("variant")
     rd = resolve(runs_dir) / plan.study / (plan.eval_sweep_run or "")
     series = []
     for name in plan.eval_sweep_variants:
-        f = rd / f"eval-{name}.json"
-        ev = json.loads(f.read_text()) if f.is_file() else {}
-        g = ev.get("chunk_gain_bpb")
+        g = chunk_gains(rd, name)
         if g:
-            series.append((name, [float(x) for x in g], ev.get("ttt_gain_bpb")))
+            series.append((name, g, table["ttt_gain_bpb"].get(name)))
     if not series:
         raise NoData(f"no evaluation of plan {plan.study}'s eval sweep has per-chunk TTT gains")
-    fig = _figure(8, 4.0)
+    fig = new_figure(8, 4.0)
     ax = fig.subplots()
     for name, g, total in series:
         ax.plot(range(len(g)), g, marker=".", lw=1, label=f"{name} (total {total:+.4f})" if finite(total) else name)

@@ -40,12 +40,11 @@ import pandas as pd
 
 from lmcore.errors import InputError, InputNotFound
 from lmcore.runs import atomic_write_json
-from lmcore.study.folders import read_study, update_study
+from lmcore.study.folders import read_study
 from lmcore.study.paths import LogFn, print_line, resolve, root_of, say_to
-from lmcore.study.results import load_runs
 from lmcore.study.run import IF_EXISTS, check_sections, eval_settings, evaluated_with, make_config
-from lmcore.study.schedule import Job, run_pool
-from lmcore.study.sweeps import eval_sweep, sweep_job, variant_dir
+from lmcore.study.schedule import Job
+from lmcore.study.sweeps import eval_sweep, run_jobs, runs_read_back, sweep_job, variant_dir
 
 __all__ = ["PLAN_IF_EXISTS", "Ablation", "Plan", "Variant", "finished", "load_plan", "plan_runs", "read_plan",
            "run_plan"]
@@ -255,10 +254,7 @@ def run_plan(
         if job is not None:
             jobs.append(job)
     say(f"plan {plan.study}: {len(jobs)} runs queued ({len(order) - len(jobs)} failed before starting)")
-    results = run_pool(jobs, devices=devices, cwd=r, log=log, heartbeat_s=heartbeat_s) if jobs else []
-    for job, res in zip(jobs, results):
-        if res.status == "failed":
-            update_study(job.log_file.parent, status="failed")
+    run_jobs(jobs, devices=devices, cwd=r, log=log, heartbeat_s=heartbeat_s)
     if plan.eval_sweep_run:
         rd = base / plan.study / plan.eval_sweep_run
         variants = {k: list(v) for k, v in plan.eval_sweep_variants.items()}
@@ -271,6 +267,4 @@ def run_plan(
                        log=log)
         else:
             say(f"plan {plan.study}: eval sweep skipped: {rd} has no packed model")
-    df = load_runs(base, runs=order)
-    say(f"plan {plan.study}: " + ", ".join(f"{n} {s}" for s, n in df["status"].value_counts().items()))
-    return df
+    return runs_read_back(base, order, f"plan {plan.study}", log)

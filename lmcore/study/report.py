@@ -108,11 +108,12 @@ def ablation_table(plan: Plan, df: pd.DataFrame, ablation: str | Ablation) -> pd
     return pd.DataFrame(out)
 
 
-def plan_tables(plan: Plan | str | Path, runs_dir: str | Path = "runs") -> dict[str, pd.DataFrame]:
+def plan_tables(plan: Plan | str | Path, runs_dir: str | Path = "runs",
+                df: pd.DataFrame | None = None) -> dict[str, pd.DataFrame]:
     """Every ablation's table, plus "eval_sweep" (the eval sweep run's `eval_table`) when the
-    plan has one and its run exists."""
+    plan has one and its run exists; `df`: the plan's runs when already loaded (`plan_frame`)."""
     plan = plan if isinstance(plan, Plan) else load_plan(plan)
-    df = plan_frame(plan, runs_dir)
+    df = plan_frame(plan, runs_dir) if df is None else df
     out = {name: ablation_table(plan, df, ab) for name, ab in plan.ablations.items()}
     if plan.eval_sweep_run:
         rd = resolve(runs_dir) / plan.study / plan.eval_sweep_run
@@ -180,7 +181,7 @@ def plan_markdown(plan: Plan | str | Path, runs_dir: str | Path = "runs") -> str
     """Every table of the plan as Markdown, with the runs' card, steps and tokens."""
     plan = plan if isinstance(plan, Plan) else load_plan(plan)
     df = plan_frame(plan, runs_dir)
-    tables = plan_tables(plan, runs_dir)
+    tables = plan_tables(plan, runs_dir, df)
     cards = sorted({str(c) for c in df.get("card", pd.Series(dtype=object)).dropna()})
     steps = sorted({int(s) for s in pd.to_numeric(df.get("steps", pd.Series(dtype=float)), errors="coerce").dropna()})
     tokens = sorted({int(t) for t in pd.to_numeric(df.get("tokens", pd.Series(dtype=float)), errors="coerce").dropna()})

@@ -214,9 +214,10 @@ def load_metrics(run_dir: str | Path, kind: str | None = "train") -> pd.DataFram
     return pd.DataFrame(rows)
 
 
-def chunk_gains(run_dir: str | Path) -> list[float] | None:
-    """Per-chunk TTT gain (sliding bpb - TTT bpb) from eval.json, or None."""
-    ev = _read_json(Path(run_dir) / "eval.json")
+def chunk_gains(run_dir: str | Path, name: str | None = None) -> list[float] | None:
+    """Per-chunk TTT gain (sliding bpb - TTT bpb) from eval.json (eval-NAME.json of an
+    eval-only variant), or None."""
+    ev = _read_json(Path(run_dir) / ("eval.json" if name is None else f"eval-{name}.json"))
     g = _get(ev, "chunk_gain_bpb")
     if g:
         return [float(x) for x in g]

@@ -47,7 +47,8 @@ from lmcore.study.run import (
 )
 from lmcore.study.schedule import Job, run_pool
 
-__all__ = ["attention_sweep", "eval_sweep", "field_variants", "run_command", "sweep", "sweep_job", "variant_dir"]
+__all__ = ["attention_sweep", "eval_sweep", "field_variants", "run_command", "run_jobs", "runs_read_back", "sweep",
+           "sweep_job", "variant_dir"]
 
 
 def field_variants(field: str, values: Iterable[Any], *, named: bool = False) -> dict[str, list[str]]:
@@ -112,7 +113,6 @@ def sweep(
     (`load_runs`), in sweep order."""
     if if_exists not in IF_EXISTS:
         raise InputError(f"if_exists={if_exists!r}: expected replace, reuse or error")
-    say = say_to(log)
     r = root_of(root)
     base = resolve(runs_dir, r)
     order: list[Path] = []
@@ -127,12 +127,23 @@ def sweep(
             order.append(rd)
             if job is not None:
                 jobs.append(job)
-    results = run_pool(jobs, devices=devices, cwd=r, log=log, heartbeat_s=heartbeat_s) if jobs else []
+    run_jobs(jobs, devices=devices, cwd=r, log=log, heartbeat_s=heartbeat_s)
+    return runs_read_back(base, order, f"sweep {study}", log)
+
+
+def run_jobs(jobs: list[Job], *, devices: Sequence[str | int] | None, cwd: Path, log: LogFn | None,
+             heartbeat_s: float) -> None:
+    """Run the sweep jobs on the GPU pool; a failed run's study.json says "failed"."""
+    results = run_pool(jobs, devices=devices, cwd=cwd, log=log, heartbeat_s=heartbeat_s) if jobs else []
     for job, res in zip(jobs, results):
         if res.status == "failed":
             update_study(job.log_file.parent, status="failed")
+
+
+def runs_read_back(base: Path, order: list[Path], label: str, log: LogFn | None) -> pd.DataFrame:
+    """The runs' DataFrame (`load_runs`, in `order`), their statuses counted in one line."""
     df = load_runs(base, runs=order)
-    say(f"sweep {study}: " + ", ".join(f"{n} {s}" for s, n in df["status"].value_counts().items()))
+    say_to(log)(f"{label}: " + ", ".join(f"{n} {s}" for s, n in df["status"].value_counts().items()))
     return df
 
 
