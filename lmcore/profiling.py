@@ -2,9 +2,14 @@
 (`train.profile_step=N` profiles step N), written to RUN/profile/: `trace.json.gz` (a Chrome /
 Perfetto trace) and `breakdown.json`: the step's wall time, the device's busy time, the time
 by category (gemm, attention, communication, fused elementwise from inductor's Triton
-kernels, eager elementwise, memory copies, other) and the 20 most expensive kernels (on a CPU run: aten ops).
-The categories come from kernel names (`category`); busy time below the wall time is the
-device waiting (launch overhead, the host, synchronisation).
+kernels, eager elementwise, memory copies, other) and the 20 most expensive kernels.
+
+On a GPU the breakdown is read off the trace's device events (kernels, memcpy, memset) alone:
+the profiler also gives host ops such as `aten::mm` a device time (that of the kernels they
+launch), so summing its per-op table would count those kernels twice. Busy time is the union
+of the device events' intervals (kernels on concurrent streams count once); wall minus busy is
+the device waiting (launch overhead, the host, synchronisation). On a CPU run the breakdown is
+the aten ops' own CPU time. The categories come from the names (`category`).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import torch
 
 from lmcore.runs import atomic_write_json
 
-__all__ = ["CATEGORIES", "breakdown", "category", "profile_step"]
+__all__ = ["CATEGORIES", "category", "device_breakdown", "host_breakdown", "profile_step"]
 
 # (category, name fragments), first match wins; names are compared in lower case
 CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -45,34 +50,47 @@ def category(name: str) -> str:
     return "other"
 
 
-def _self_ms(evt: Any, on_device: bool) -> float:
-    if on_device:
-        us = getattr(evt, "self_device_time_total", None)
-        if us is None:  # older torch
-            us = getattr(evt, "self_cuda_time_total", 0.0)
-    else:
-        us = evt.self_cpu_time_total
-    return float(us) / 1000.0
+DEVICE_EVENT_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
 
 
-def breakdown(prof: torch.profiler.profile, *, on_device: bool, wall_ms: float, top: int = 20) -> dict[str, Any]:
-    """The profile as {wall_ms, busy_ms, categories: {name: ms}, top: [...]}: device (CUDA)
-    self time per kernel when `on_device`, else CPU self time per op."""
-    rows = []
-    for evt in prof.key_averages():
-        ms = _self_ms(evt, on_device)
-        if ms > 0:
-            rows.append({"name": evt.key, "ms": round(ms, 4), "calls": int(evt.count), "category": category(evt.key)})
-    rows.sort(key=lambda r: -r["ms"])
+def _table(rows: dict[str, list[float]], wall_ms: float, busy_ms: float, top: int, on_device: bool) -> dict[str, Any]:
+    """{name: [ms, calls]} as the breakdown dict."""
+    table = sorted(({"name": n, "ms": round(ms, 4), "calls": int(c), "category": category(n)}
+                    for n, (ms, c) in rows.items() if ms > 0), key=lambda r: -r["ms"])
     cats: dict[str, float] = {}
-    for r in rows:
+    for r in table:
         cats[r["category"]] = cats.get(r["category"], 0.0) + r["ms"]
-    busy = sum(cats.values())
     return {
-        "on_device": on_device, "wall_ms": round(wall_ms, 3), "busy_ms": round(busy, 3),
+        "on_device": on_device, "wall_ms": round(wall_ms, 3), "busy_ms": round(busy_ms, 3),
         "categories": {k: round(v, 3) for k, v in sorted(cats.items(), key=lambda kv: -kv[1])},
-        "top": rows[:top],
+        "top": table[:top],
     }
+
+
+def device_breakdown(events: list[dict[str, Any]], *, wall_ms: float, top: int = 20) -> dict[str, Any]:
+    """The breakdown of a Chrome trace's events (dicts with cat, name, ts, dur in us): device
+    events only (DEVICE_EVENT_CATS), per name; busy = the union of their intervals."""
+    rows: dict[str, list[float]] = {}
+    spans = []
+    for e in events:
+        if e.get("cat") not in DEVICE_EVENT_CATS or "dur" not in e:
+            continue
+        r = rows.setdefault(e["name"], [0.0, 0])
+        r[0] += e["dur"] / 1000.0
+        r[1] += 1
+        spans.append((float(e["ts"]), float(e["ts"]) + float(e["dur"])))
+    busy_us, end = 0.0, float("-inf")
+    for a, b in sorted(spans):
+        if b > end:
+            busy_us += b - max(a, end)
+            end = b
+    return _table(rows, wall_ms, busy_us / 1000.0, top, on_device=True)
+
+
+def host_breakdown(prof: torch.profiler.profile, *, wall_ms: float, top: int = 20) -> dict[str, Any]:
+    """The breakdown of a CPU run: each aten op's own (self) CPU time; busy = their sum."""
+    rows = {evt.key: [float(evt.self_cpu_time_total) / 1000.0, evt.count] for evt in prof.key_averages()}
+    return _table(rows, wall_ms, sum(ms for ms, _ in rows.values() if ms > 0), top, on_device=False)
 
 
 @contextlib.contextmanager
@@ -97,11 +115,15 @@ def profile_step(out_dir: str | Path, device: torch.device, *, step: int, enable
         if on_device:
             torch.cuda.synchronize(device)
         wall_ms = 1000.0 * (time.perf_counter() - t0)
-    info = breakdown(prof, on_device=on_device, wall_ms=wall_ms)
-    info["step"] = int(step)
-    info["device"] = torch.cuda.get_device_name(device) if on_device else "cpu"
     raw = out / ".trace.json"
     prof.export_chrome_trace(str(raw))
+    if on_device:
+        with raw.open() as f:
+            info = device_breakdown(json.load(f).get("traceEvents", []), wall_ms=wall_ms)
+    else:
+        info = host_breakdown(prof, wall_ms=wall_ms)
+    info["step"] = int(step)
+    info["device"] = torch.cuda.get_device_name(device) if on_device else "cpu"
     with raw.open("rb") as src, gzip.open(out / ".trace.json.gz.tmp", "wb") as dst:
         shutil.copyfileobj(src, dst)
     (out / ".trace.json.gz.tmp").replace(out / "trace.json.gz")

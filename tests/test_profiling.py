@@ -11,7 +11,7 @@ import json
 import pytest
 
 from lmcore.config import ConfigError, preset
-from lmcore.profiling import category
+from lmcore.profiling import category, device_breakdown
 from lmcore.train import train
 
 
@@ -32,6 +32,25 @@ from lmcore.train import train
 ])
 def test_categories(name, cat):
     assert category(name) == cat
+
+
+def test_device_breakdown_counts_device_events_once():
+    # a host op carrying its kernel's device time (as torch.profiler reports aten::mm) is not
+    # counted again; two kernels overlapping on two streams are busy time once
+    events = [
+        {"cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 900},
+        {"cat": "kernel", "name": "nvjet_sm90_tst_256x128", "ts": 100, "dur": 400},
+        {"cat": "kernel", "name": "nvjet_sm90_tst_256x128", "ts": 1000, "dur": 200},
+        {"cat": "kernel", "name": "ncclDevKernel_AllReduce_Sum_bf16_RING_LL", "ts": 1100, "dur": 300},
+        {"cat": "gpu_memset", "name": "Memset (Device)", "ts": 2000, "dur": 50},
+        {"cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 90, "dur": 5},
+        {"ph": "M", "name": "process_name"},
+    ]
+    info = device_breakdown(events, wall_ms=3.0)
+    assert info["categories"] == {"gemm": 0.6, "communication": 0.3, "memory": 0.05}
+    assert info["busy_ms"] == pytest.approx(0.4 + 0.4 + 0.05)  # 1000-1400 once
+    assert info["top"][0] == {"name": "nvjet_sm90_tst_256x128", "ms": 0.6, "calls": 2, "category": "gemm"}
+    assert [r["name"] for r in info["top"]] == ["nvjet_sm90_tst_256x128", "ncclDevKernel_AllReduce_Sum_bf16_RING_LL", "Memset (Device)"]
 
 
 def test_profile_step_writes_the_breakdown(tmp_path):
