@@ -1,26 +1,30 @@
 #!/usr/bin/env bash
 # Issue 16's speed table as ONE job on a 2-GPU machine (nvidia-h200-x2): at `record`'s batch
-# (786,432 tokens a step: 8 micro-batches of 48 x 2048 on one GPU, 4 per rank on two), STEPS
-# steps after the compile warm-up, no warmdown, seed 1337, proxy data:
+# (786,432 tokens a step: 8 micro-batches of 48 x 2048 on one GPU, 4 per rank on two), no
+# warmdown, seed 1337, proxy data, after the compile warm-up:
 #   peak   the bf16 matmul peak of the card (benchmarks/matmul_peak.py), for the MFU
-#   orig1  the original script on 1 GPU, with real FA3 (its own flash_attn_interface import)
-#          and with the FA2 shim (.ref/flash_attn_interface.py)
-#   lm1    lmcore on 1 GPU: "before" (today's defaults, fa3) and "after" (+ $LEVERS), each with
-#          one step profiled (train.profile_step: RUN/profile/breakdown.json)
-#   orig2  the original with real FA3, 2 ranks under torchrun (NCCL)
-#   lm2    lmcore before and after, 2 ranks under torchrun
-#   math   the same math: 200 steps of lmcore before twice (run-to-run noise) and after once
-#          (MATH_STEPS; runs on GPU 0 and 1 side by side)
-# Runs one at a time (the math pairs aside), so no two timed runs share the machine.
-# Then benchmarks/speed_report.py prints the table (card, kernel, ranks, step ms, tokens/s
-# per GPU, MFU, ratios to the original with FA3 and FA2), the profile's breakdown and the
-# same-math check. STAGES picks stages (default: all, in the order above). LEVERS: the
-# --set overrides of "after" (default: inductor without mix-order reduction, #1420; DDP
-# buckets of 100 MB as gradient views).
+#   orig1  the original script on 1 GPU, STEPS steps, with real FA3 (its own
+#          flash_attn_interface import) and with the FA2 shim (.ref/flash_attn_interface.py)
+#   lm1    lmcore on 1 GPU, MATH_STEPS steps each, two at a time (GPU 0 and GPU 1):
+#          "before" (today's defaults, fa3) beside "before" again (the run-to-run noise of the
+#          same math), then "after" (+ $LEVERS) beside lmcore with $SOLO (one more lever alone,
+#          SOLO_STEPS steps); each but the twin with one step profiled (train.profile_step:
+#          RUN/profile/breakdown.json) and its top Triton kernels' sources copied out of
+#          inductor's cache (benchmarks/kernel_sources.py: res/kernels/RUN)
+#   orig2  the original with real FA3, 2 ranks under torchrun (NCCL), STEPS steps
+#   lm2    lmcore before and after, 2 ranks under torchrun, STEPS steps
+# The timed runs other than lm1's pairs have the machine to themselves. lmcore logs every 10
+# steps, like the original here. Runs with the same compile options share an inductor cache
+# (the 2-rank runs compile the 1-GPU graph again: a cache hit). Then benchmarks/speed_report.py
+# prints the table (card, kernel, ranks, step ms, tokens/s per GPU, MFU, ratios to the original
+# with FA3 and FA2), the profiles' breakdowns and the same math (every 1-GPU run's losses
+# against "before", the twin's giving the noise). STAGES picks stages (default: all, in the
+# order above). LEVERS: the --set overrides of "after".
 # It outlasts one device call: `start` runs it detached (benchmarks/detached.sh) and polls;
 # `poll` (the next call, within 30 s of the last) goes on. Carry .whl, .data, .ref and .fa3.
 # Each poll leaves $OUT/speed.log, and once done $OUT/speed_table.md and
-# $OUT/speed_results.tgz (logs, summaries, metrics, the profiles' breakdowns and traces).
+# $OUT/speed_results.tgz (logs, summaries, metrics, the profiles' breakdowns and traces, the
+# kernels' sources).
 #   bash benchmarks/speed.sh start [POLL_S]  |  bash benchmarks/speed.sh poll [POLL_S]
 set -uo pipefail
 S=/tmp/speed
@@ -28,8 +32,10 @@ MODE=${1:-poll}
 POLL_S=${2:-540}
 STEPS=${STEPS:-40}
 MATH_STEPS=${MATH_STEPS:-200}
-STAGES=${STAGES:-peak orig1 lm1 orig2 lm2 math}
-LEVERS=${LEVERS:-train.inductor_mix_order_reduction=false train.ddp_bucket_cap_mb=100 train.ddp_grad_as_bucket_view=true}
+SOLO_STEPS=${SOLO_STEPS:-40}
+STAGES=${STAGES:-peak orig1 lm1 orig2 lm2}
+LEVERS=${LEVERS:-train.rope_cache=true train.ddp_bucket_cap_mb=100 train.ddp_grad_as_bucket_view=true}
+SOLO=${SOLO:-train.inductor_coordinate_descent=true}
 
 source benchmarks/detached.sh  # stamp, run_until, detached_poll, detached_main
 
@@ -48,22 +54,27 @@ orig() {
   grep -E "step:$STEPS/$STEPS|Traceback|Error" "$log" | head -3
 }
 
-# lm NAME GPUS NPROC STEPS [--set ...]: lmcore train into $R/NAME (log $R/NAME.log)
+# lm NAME CACHE GPUS NPROC STEPS [--set ...]: lmcore train into $R/NAME (log $R/NAME.log), inductor's
+# cache in $S/inductor/CACHE
 lm() {
-  local name=$1 gpus=$2 nproc=$3 n=$4
-  shift 4
+  local name=$1 cache=$2 gpus=$3 nproc=$4 n=$5
+  shift 5
   echo "== $name ($((SECONDS - T0)) s)"
   rm -rf "$R/$name"
   local launch=(python3 -m lmcore)
   [ "$nproc" -gt 1 ] && launch=(python3 -m torch.distributed.run --standalone --nproc_per_node="$nproc" -m lmcore)
-  CUDA_VISIBLE_DEVICES=$gpus PYTHONPATH=$FA3:$BASE timeout 900 "${launch[@]}" train --preset record --set data.data_dir="$D" --set data.tokenizer="$TOK" \
+  CUDA_VISIBLE_DEVICES=$gpus PYTHONPATH=$FA3:$BASE TORCHINDUCTOR_CACHE_DIR=$S/inductor/$cache timeout 900 "${launch[@]}" train \
+    --preset record --set data.data_dir="$D" --set data.tokenizer="$TOK" \
     --set train.iterations="$n" --set train.warmdown_iters=0 --set train.max_wallclock_seconds=0 \
-    --set train.log_every=1 --set data.val_max_tokens=262145 --set model.attention=fa3 "$@" \
+    --set train.log_every=10 --set data.val_max_tokens=262145 --set model.attention=fa3 "$@" \
     --no-progress --run-dir "$R/$name" > "$R/$name.log" 2>&1
   grep -E "done|Traceback|Error" "$R/$name.log" | tail -2
 }
 
-levers() { local l; for l in $LEVERS; do printf -- '--set %s ' "$l"; done; }
+# sources NAME CACHE: the profiled run's top Triton kernels' sources into $R/kernels/NAME
+sources() { PYTHONPATH=$BASE python3 benchmarks/kernel_sources.py "$R/$1" "$S/inductor/$2" "$R/kernels/$1"; }
+
+sets() { local l; for l in "$@"; do printf -- '--set %s ' "$l"; done; }
 
 job() {
   cd "$S/src" || exit 1
@@ -82,22 +93,23 @@ job() {
   # first on sys.path, so .ref/, which holds the FA2 shim, would shadow FA3)
   mkdir -p "$S/orig_fa3" && cp .ref/seed_train_gpt.py "$S/orig_fa3/"
   local n_gpu; n_gpu=$(nvidia-smi -L | wc -l)
-  # shellcheck disable=SC2046 # LEVERS split into --set pairs on purpose
+  local prof1=$((MATH_STEPS - 5)) prof2=$((STEPS - 5)) solo_prof=$((SOLO_STEPS - 5))
+  # shellcheck disable=SC2046,SC2086 # LEVERS and SOLO split into --set pairs on purpose
   {
     has peak && PYTHONPATH=$BASE python3 benchmarks/matmul_peak.py --json "$R/peak.json"
     has orig1 && orig orig_fa3_1 0 1 "$S/orig_fa3" "$FA3:$BASE" && orig orig_fa2_1 0 1 "$S/src/.ref" "$BASE"
-    has lm1 && lm lm_before_1 0 1 "$STEPS" --set train.profile_step=$((STEPS - 5))
-    has lm1 && lm lm_after_1 0 1 "$STEPS" --set train.profile_step=$((STEPS - 5)) $(levers)
+    if has lm1; then
+      lm lm_before_1 before 0 1 "$MATH_STEPS" --set train.profile_step=$prof1 & lm lm_before_1b before 1 1 "$MATH_STEPS" & wait
+      lm lm_after_1 after 0 1 "$MATH_STEPS" --set train.profile_step=$prof1 $(sets $LEVERS) &
+      lm lm_solo_1 solo 1 1 "$SOLO_STEPS" --set train.profile_step=$solo_prof $(sets $SOLO) & wait
+      sources lm_before_1 before; sources lm_after_1 after; sources lm_solo_1 solo
+    fi
     if [ "$n_gpu" -ge 2 ]; then
       has orig2 && orig orig_fa3_2 0,1 2 "$S/orig_fa3" "$FA3:$BASE"
-      has lm2 && lm lm_before_2 0,1 2 "$STEPS" --set train.profile_step=$((STEPS - 5))
-      has lm2 && lm lm_after_2 0,1 2 "$STEPS" --set train.profile_step=$((STEPS - 5)) $(levers)
-      if has math; then
-        lm math_before_a 0 1 "$MATH_STEPS" & lm math_before_b 1 1 "$MATH_STEPS" & wait
-        lm math_after 0 1 "$MATH_STEPS" $(levers)
-      fi
+      has lm2 && lm lm_before_2 before 0,1 2 "$STEPS" --set train.profile_step=$prof2
+      has lm2 && lm lm_after_2 after 0,1 2 "$STEPS" --set train.profile_step=$prof2 $(sets $LEVERS)
     else
-      echo "== one GPU: the 2-rank stages and the side-by-side math runs are skipped"
+      echo "== one GPU: the 2-rank stages are skipped"
     fi
   } || true
   echo "== report ($((SECONDS - T0)) s)"

@@ -3,13 +3,13 @@
 usage: python benchmarks/speed_report.py RESULTS_DIR
 
 Reads peak.json (benchmarks/matmul_peak.py), the original's logs (orig_fa3_1.log,
-orig_fa2_1.log, orig_fa3_2.log: its step_avg lines), lmcore's run folders (lm_before_1,
-lm_after_1, lm_before_2, lm_after_2: summary.json, metrics.jsonl, profile/breakdown.json) and
-the same-math runs (math_before_a, math_before_b, math_after). Step ms is the original's
-last step_avg and lmcore's mean_step_ms (both: training time over steps after the compile
-warm-up); lmcore's median step from metrics.jsonl is given too. Tokens/s and MFU are per
-GPU; MFU uses lmcore.flops' training FLOPs per token of `record` (the same model in both)
-and the measured peak. Anything missing shows as "-".
+orig_fa2_1.log, orig_fa3_2.log: its step_avg lines) and lmcore's run folders (LM_RUNS:
+summary.json, metrics.jsonl, profile/breakdown.json). Step ms is the original's last step_avg
+and lmcore's mean_step_ms (both: training time over steps after the compile warm-up);
+lmcore's median step from metrics.jsonl is given too. Tokens/s and MFU are per GPU; MFU uses
+lmcore.flops' training FLOPs per token of `record` (the same model in both) and the measured
+peak. The same math: lmcore's 1-GPU runs' training losses step by step against "before"
+(MATH_BASE), its twin giving the run-to-run noise. Anything missing shows as "-".
 """
 
 from __future__ import annotations
@@ -25,6 +25,13 @@ from lmcore.config import preset
 from lmcore.flops import count_flops
 
 TOKENS_PER_STEP = 786_432  # record: 8 micro-batches of 48 x 2048, split over the ranks
+# lmcore's runs of speed.sh per rank count: (folder, label)
+LM_RUNS = {
+    1: [("lm_before_1", "lmcore before"), ("lm_before_1b", "lmcore before, again"),
+        ("lm_solo_1", "lmcore + SOLO alone"), ("lm_after_1", "lmcore after")],
+    2: [("lm_before_2", "lmcore before"), ("lm_after_2", "lmcore after")],
+}
+MATH_BASE, MATH_TWIN = "lm_before_1", "lm_before_1b"
 
 
 def train_lines(run: Path) -> list[dict]:
@@ -52,10 +59,9 @@ def speed_rows(res: Path, flops: float, peak: float | None) -> list[dict]:
                        "fa2": original_step_ms(res / f"orig_fa2_{ranks}.log")[0]}
         entries = [("original, real FA3", "fa3", base[ranks]["fa3"], None),
                    ("original, FA2 shim", "fa2 (SDPA flash)", base[ranks]["fa2"], None)]
-        for which in ("before", "after"):
-            run = res / f"lm_{which}_{ranks}"
-            s = read_json(run / "summary.json")
-            entries.append((f"lmcore {which}", s.get("attention_backend", "-"), s.get("mean_step_ms"), run))
+        for folder, label in LM_RUNS[ranks]:
+            s = read_json(res / folder / "summary.json")
+            entries.append((label, s.get("attention_backend", "-"), s.get("mean_step_ms"), res / folder))
         for name, kernel, ms, run in entries:
             if ms is None and run is None and name.endswith("shim") and ranks == 2:
                 continue  # the FA2 original runs on one GPU only
@@ -68,6 +74,24 @@ def speed_rows(res: Path, flops: float, peak: float | None) -> list[dict]:
                 "vs_fa2": base[1]["fa2"] / ms if ms and base[1]["fa2"] and ranks == 1 else None,
             })
     return rows
+
+
+def same_math(res: Path) -> list[str]:
+    """One line per 1-GPU run against MATH_BASE: the largest step-by-step difference of the
+    training loss over the steps both logged, and both final losses; MATH_TWIN's line is the
+    run-to-run noise."""
+    base = {r["step"]: r["train_loss"] for r in train_lines(res / MATH_BASE)}
+    out = []
+    for folder, label in LM_RUNS[1]:
+        curve = {r["step"]: r["train_loss"] for r in train_lines(res / folder)}
+        steps = sorted(set(base) & set(curve))
+        if folder == MATH_BASE or not steps:
+            continue
+        what = "run-to-run noise" if folder == MATH_TWIN else "difference"
+        diff = max(abs(base[s] - curve[s]) for s in steps)
+        out.append(f"Same math, {label} ({folder}) against {MATH_BASE}, {len(steps)} steps, seed 1337: {what} "
+                   f"max |loss - loss| = {diff:.4f}; last step {steps[-1]}: {base[steps[-1]]:.4f} vs {curve[steps[-1]]:.4f}.")
+    return out
 
 
 def main(res: Path) -> int:
@@ -85,7 +109,7 @@ def main(res: Path) -> int:
         print(f"| {r['run']} | {r['ranks']} | {r['kernel']} | {_f(r['step_ms'], '.1f')} | {_f(r['median_ms'], '.1f')} | "
               f"{_f(r['tokens_per_s'], ',.0f')} | {_f(r['mfu'] and 100 * r['mfu'], '.1f')}{'%' if r['mfu'] else ''} | "
               f"{_f(r['vs_fa3'], '.3f')}{'x' if r['vs_fa3'] else ''} | {_f(r['vs_fa2'], '.3f')}{'x' if r['vs_fa2'] else ''} |")
-    for run in ("lm_before_1", "lm_after_1", "lm_before_2", "lm_after_2"):
+    for run in [folder for ranks in LM_RUNS for folder, _ in LM_RUNS[ranks]]:
         b = read_json(res / run / "profile" / "breakdown.json")
         if not b:
             continue
@@ -101,19 +125,11 @@ def main(res: Path) -> int:
         print()
         print("| top kernels | ms | calls | category |")
         print("|---|---|---|---|")
-        for k in b["top"][:10]:
+        for k in b["top"][:12]:
             print(f"| `{k['name'][:90]}` | {k['ms']:.2f} | {k['calls']} | {k['category']} |")
-    curves = {n: {r["step"]: r["train_loss"] for r in train_lines(res / n)}
-              for n in ("math_before_a", "math_before_b", "math_after")}
-    if all(curves.values()):
-        steps = sorted(set.intersection(*(set(c) for c in curves.values())))
-        noise = max(abs(curves["math_before_a"][s] - curves["math_before_b"][s]) for s in steps)
-        diff = max(abs(curves["math_before_a"][s] - curves["math_after"][s]) for s in steps)
+    for line in same_math(res):
         print()
-        print(f"Same math, {len(steps)} steps, seed 1337: max |before - before again| = {noise:.4f} (run-to-run noise), "
-              f"max |before - after| = {diff:.4f}; at the last step {steps[-1]}: before "
-              f"{curves['math_before_a'][steps[-1]]:.4f} / {curves['math_before_b'][steps[-1]]:.4f}, "
-              f"after {curves['math_after'][steps[-1]]:.4f}.")
+        print(line)
     return 0
 
 

@@ -164,6 +164,10 @@ class TrainConfig:
     # inductor's mix-order reduction (torch >= 2.11: fuses the RMSNorm backward into larger kernels;
     # openai/parameter-golf #1420 measured +5.9 ms a backward from it on 8xH100): off = torch's older codegen
     inductor_mix_order_reduction: bool = True
+    # inductor's coordinate-descent tuning: each generated Triton kernel's block sizes are
+    # benchmarked at compile time (longer compile; the same math)
+    inductor_coordinate_descent: bool = False
+    rope_cache: bool = False  # RoPE tables computed once for data.seq_len (GPT.cache_rope), not in the graph
     ddp_bucket_cap_mb: float = 25.0  # DDP gradient bucket size (torch's default 25)
     ddp_grad_as_bucket_view: bool = False  # DDP gradients as views into its buckets (saves a copy)
     profile_step: int = 0  # > 0: profile that optimizer step into RUN/profile/ (lmcore.profiling)
@@ -235,9 +239,12 @@ class Config:
             )
         if self.train.compile_mode not in COMPILE_MODES:
             raise ConfigError(f"train.compile_mode={self.train.compile_mode!r}: expected one of {', '.join(COMPILE_MODES)}")
-        if self.train.compile_mode != "default" and not self.train.inductor_mix_order_reduction:
-            raise ConfigError("train.inductor_mix_order_reduction=false needs train.compile_mode=default "
-                              "(torch.compile takes a mode or inductor options, not both)")
+        if self.train.compile_mode != "default":
+            for key, value, default in (("inductor_mix_order_reduction", self.train.inductor_mix_order_reduction, True),
+                                        ("inductor_coordinate_descent", self.train.inductor_coordinate_descent, False)):
+                if value != default:
+                    raise ConfigError(f"train.{key}={str(value).lower()} needs train.compile_mode=default "
+                                      "(torch.compile takes a mode or inductor options, not both)")
         if self.train.ema not in ("original", "bias_corrected", "off"):
             raise ConfigError(f"train.ema={self.train.ema!r}: expected original, bias_corrected or off")
         return self

@@ -357,6 +357,9 @@ class GPT(nn.Module):
             self.ve_shared = None
             self.ve_layer_scales = nn.ParameterList()
         self._init_weights()
+        # RoPE tables of one sequence length, computed once (cache_rope); None: every forward computes them
+        self.register_buffer("rope_cos", None, persistent=False)
+        self.register_buffer("rope_sin", None, persistent=False)
         # The backend is resolved for a device: a CUDA-only choice starts as the CPU default
         # until train/eval/pack call set_attention_backend(cfg.attention, device). That
         # stand-in is never silent: `attention_fallback` says why, and the first forward that
@@ -395,6 +398,14 @@ class GPT(nn.Module):
         self.attention_backend = backend
         self.attention_fallback = None
         return backend
+
+    def cache_rope(self, length: int) -> None:
+        """Compute RoPE's cos/sin tables for sequences of `length` once, on the model's device
+        (train.rope_cache). Forwards over that length read them; any other length computes its
+        own. Under torch.compile the tables then are an input of the graph: computed inside it,
+        inductor recomputes them (pow, cos, sin per element) in every kernel that reads them."""
+        cos, sin = rope_tables(self.cfg, length, self.tok_emb.weight.device)
+        self.rope_cos, self.rope_sin = cos, sin
 
     def set_qat(self, bits: int) -> None:
         """Turn straight-through fake quantization of the block linears on (bits) or off (0)."""
@@ -437,7 +448,9 @@ class GPT(nn.Module):
         cfg = self.cfg
         x = self.embed(ids, cache)
         x0 = x
-        if cache is None:
+        if cache is None and self.rope_cos is not None and self.rope_cos.size(0) == ids.size(1):
+            rope = (self.rope_cos, self.rope_sin)
+        elif cache is None:
             rope = rope_tables(cfg, ids.size(1), ids.device)
         else:
             idx = cache.pos.view(1)

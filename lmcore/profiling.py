@@ -19,7 +19,7 @@ import gzip
 import json
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -94,9 +94,18 @@ def host_breakdown(prof: torch.profiler.profile, *, wall_ms: float, top: int = 2
 
 
 @contextlib.contextmanager
-def profile_step(out_dir: str | Path, device: torch.device, *, step: int, enabled: bool = True) -> Iterator[None]:
+def profile_step(
+    out_dir: str | Path,
+    device: torch.device,
+    *,
+    step: int,
+    enabled: bool = True,
+    pause: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
+) -> Iterator[None]:
     """Profile the enclosed block (one optimizer step) into out_dir (see the module
-    docstring); a no-op when not `enabled` (e.g. on ranks other than 0)."""
+    docstring); a no-op when not `enabled` (e.g. on ranks other than 0). Writing the trace
+    and the breakdown runs under `pause()` (training passes its clock's pause, so the seconds
+    of export do not count as training time)."""
     if not enabled:
         yield
         return
@@ -115,6 +124,11 @@ def profile_step(out_dir: str | Path, device: torch.device, *, step: int, enable
         if on_device:
             torch.cuda.synchronize(device)
         wall_ms = 1000.0 * (time.perf_counter() - t0)
+    with pause():
+        _export(prof, out, on_device=on_device, wall_ms=wall_ms, step=step, device=device)
+
+
+def _export(prof: torch.profiler.profile, out: Path, *, on_device: bool, wall_ms: float, step: int, device: torch.device) -> None:
     raw = out / ".trace.json"
     prof.export_chrome_trace(str(raw))
     if on_device:

@@ -185,8 +185,14 @@ def compile_kwargs(tc: TrainConfig) -> dict[str, Any]:
     kw: dict[str, Any] = {"fullgraph": True, "dynamic": False}
     if tc.compile_mode != "default":
         kw["mode"] = tc.compile_mode
-    elif not tc.inductor_mix_order_reduction:
-        kw["options"] = {"triton.mix_order_reduction": False}
+        return kw
+    options: dict[str, Any] = {}
+    if not tc.inductor_mix_order_reduction:
+        options["triton.mix_order_reduction"] = False
+    if tc.inductor_coordinate_descent:
+        options["coordinate_descent_tuning"] = True
+    if options:
+        kw["options"] = options
     return kw
 
 
@@ -226,6 +232,8 @@ def start_session(
 
     seed_all(tc.seed)
     model = GPT(cfg.model).to(device)
+    if tc.rope_cache:
+        model.cache_rope(cfg.data.seq_len)
     if device.type == "cuda" and bf16:
         model.cast_embeddings(torch.bfloat16)
     backend = model.set_attention_backend(cfg.model.attention, device)

@@ -230,7 +230,7 @@ def _train(
             _start_qat(s, st, mul, frac=clock.ms() / cap_ms if cap_ms is not None else st.step / tc.iterations)
         s.opt.set_lr_mul(mul)
         s.opt.set_momentum(muon_momentum(st.step, tc))
-        with _profiled(s, st.step + 1):
+        with _profiled(s, st.step + 1, clock):
             loss, grad_norm = s.train_step()
         if s.ema is not None:
             s.ema.update()
@@ -259,14 +259,14 @@ def _train(
     return _finish(s, st, stopped_by=stopped_by, session_steps=session_steps, compare_ema=compare_ema, wall0=wall0)
 
 
-def _profiled(s: Session, step: int) -> contextlib.AbstractContextManager[None]:
+def _profiled(s: Session, step: int, clock: TrainClock) -> contextlib.AbstractContextManager[None]:
     """train.profile_step's profiler around that step on rank 0 (lmcore.profiling, imported
-    only then: the exported script does not embed it), else nothing."""
+    only then: the exported script does not embed it; its export pauses the clock), else nothing."""
     if step != s.cfg.train.profile_step or not s.dist.is_main:
         return contextlib.nullcontext()
     from lmcore.profiling import profile_step
 
-    return profile_step(s.run_dir / "profile", s.device, step=step)
+    return profile_step(s.run_dir / "profile", s.device, step=step, pause=clock.paused)
 
 
 def _stop_reason(

@@ -207,6 +207,41 @@ def test_rope_rescales_past_train_len():
     assert not torch.allclose(c8[:, 1], c16[:8, 1])  # the others slow down
 
 
+def _loss_and_grads(model, ids, tgt):
+    model.zero_grad(set_to_none=True)
+    loss = model(ids, tgt)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_rope_cache_is_the_same_math_and_is_read():
+    """train.rope_cache: tables computed once for one length give the loss and every gradient
+    bit for bit (NTK-rescaled length included), other lengths compute their own, nothing is
+    added to the state dict, and the compiled forward (fullgraph) reads the cached tables."""
+    cfg = tiny_model_cfg(rope_train_len=8, rope_dims=4)
+    model = randomize_(GPT(cfg), std=0.1).train()
+    keys = set(model.state_dict())
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, cfg.vocab_size, (2, 16), generator=g)
+    tgt = torch.roll(ids, -1, 1)
+    short = ids[:, :8]
+    plain_loss, plain_grads = _loss_and_grads(model, ids, tgt)
+    plain_short = model(short, tgt[:, :8]).detach()
+    model.cache_rope(16)  # past rope_train_len=8: the rescaled base
+    assert torch.equal(model.rope_cos, rope_tables(cfg, 16, torch.device("cpu"))[0])
+    loss, grads = _loss_and_grads(model, ids, tgt)
+    assert torch.equal(loss, plain_loss) and grads.keys() == plain_grads.keys()
+    assert all(torch.equal(grads[n], plain_grads[n]) for n in grads)
+    assert torch.equal(model(short, tgt[:, :8]).detach(), plain_short)  # another length: its own tables
+    assert set(model.state_dict()) == keys
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, dynamic=False, backend="aot_eager")
+    assert compiled(ids, tgt).item() == pytest.approx(plain_loss.item(), abs=1e-6)
+    model.rope_cos = 50 * model.rope_cos  # the cached tables are what the forward reads
+    assert abs(model(ids, tgt).item() - plain_loss.item()) > 1e-3
+    assert abs(compiled(ids, tgt).item() - plain_loss.item()) > 1e-3
+
+
 def test_qat_switch_reaches_the_compiled_model():
     """The original's late-QAT switch never reached its compiled model (SPEC 3); lmcore's must.
 

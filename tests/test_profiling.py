@@ -1,17 +1,20 @@
 """lmcore.profiling: kernel names into categories (names as they appear in H100/H200 traces),
-the compile switches' torch.compile arguments,
+the breakdown of a GPU trace's device events, the speed switches (torch.compile arguments;
+train.rope_cache trains the same losses),
 and `train.profile_step` on a CPU run: step N profiled into RUN/profile (breakdown.json with
 the gemm time, a readable gzip Chrome trace), no other step, nothing without the switch."""
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 
 import pytest
+import torch
 
 from lmcore.config import ConfigError, preset
-from lmcore.profiling import category, device_breakdown
+from lmcore.profiling import category, device_breakdown, profile_step
 from lmcore.train import train
 
 
@@ -67,6 +70,33 @@ def test_profile_step_writes_the_breakdown(tmp_path):
     assert not (tmp_path / "off/profile").exists()
 
 
+def test_the_export_runs_while_the_clock_is_paused(tmp_path):
+    seen = []
+
+    @contextlib.contextmanager
+    def pause():
+        seen.append((tmp_path / "breakdown.json").exists())
+        yield
+        seen.append((tmp_path / "breakdown.json").exists())
+
+    with profile_step(tmp_path, torch.device("cpu"), step=1, pause=pause):
+        torch.ones(8, 8) @ torch.ones(8, 8)
+    assert seen == [False, True] and (tmp_path / "trace.json.gz").exists()
+
+
+def _train_losses(run):
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    return [r["train_loss"] for r in lines if r.get("kind") == "train"]
+
+
+def test_rope_cache_trains_the_same(tmp_path):
+    on = ["train.iterations=3", "train.log_every=1"]
+    train(preset("tiny", on), tmp_path / "plain", progress=False)
+    train(preset("tiny", [*on, "train.rope_cache=true"]), tmp_path / "cached", progress=False)
+    plain = _train_losses(tmp_path / "plain")
+    assert len(plain) == 3 and _train_losses(tmp_path / "cached") == plain
+
+
 def test_bad_compile_mode_is_refused():
     with pytest.raises(ConfigError, match="train.compile_mode"):
         preset("tiny", ["train.compile_mode=fastest"]).validate()
@@ -84,5 +114,10 @@ def test_compile_arguments_of_the_switches():
     assert hasattr(inductor_config.triton, "mix_order_reduction")  # the option torch.compile is given exists
     tuned = preset("record", ["train.compile_mode=max-autotune-no-cudagraphs"]).train
     assert compile_kwargs(tuned)["mode"] == "max-autotune-no-cudagraphs" and "options" not in compile_kwargs(tuned)
+    both = preset("record", ["train.inductor_mix_order_reduction=false", "train.inductor_coordinate_descent=true"]).train
+    assert compile_kwargs(both)["options"] == {"triton.mix_order_reduction": False, "coordinate_descent_tuning": True}
+    assert inductor_config.coordinate_descent_tuning is False  # the option exists; off by default
+    with pytest.raises(ConfigError, match="inductor_coordinate_descent"):
+        preset("record", ["train.compile_mode=max-autotune", "train.inductor_coordinate_descent=true"]).validate()
     with pytest.raises(ConfigError, match="inductor_mix_order_reduction"):
         preset("record", ["train.compile_mode=max-autotune", "train.inductor_mix_order_reduction=false"]).validate()

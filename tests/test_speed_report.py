@@ -31,9 +31,8 @@ def test_speed_rows_and_same_math(tmp_path: Path, capsys):
     (tmp_path / "orig_fa3_1.log").write_text("step:40/40 train_loss:3.0 train_time:25000ms step_avg:625.00ms\n")
     (tmp_path / "orig_fa2_1.log").write_text("step:40/40 train_loss:3.0 train_time:30000ms step_avg:750.00ms\n")
     _lm(tmp_path / "lm_before_1", 500.0, [3.0, 2.0, 1.5])
-    _lm(tmp_path / "math_before_a", 500.0, [3.0, 2.0, 1.5])
-    _lm(tmp_path / "math_before_b", 500.0, [3.0, 2.01, 1.5])
-    _lm(tmp_path / "math_after", 500.0, [3.0, 2.0, 1.53])
+    _lm(tmp_path / "lm_before_1b", 500.0, [3.0, 2.01, 1.5])
+    _lm(tmp_path / "lm_after_1", 400.0, [3.0, 2.0, 1.53])
     flops = count_flops(preset("record")).train
     rows = {(r["run"], r["ranks"]): r for r in speed_report.speed_rows(tmp_path, flops, 800.0)}
     lm = rows[("lmcore before", 1)]
@@ -42,7 +41,29 @@ def test_speed_rows_and_same_math(tmp_path: Path, capsys):
     assert lm["mfu"] == pytest.approx(786_432 / 0.5 * flops / 800e12)
     assert lm["median_ms"] == pytest.approx(501.5)  # steps 2 and 3 (step 1 left out): 501 and 502 ms
     assert rows[("original, real FA3", 1)]["vs_fa3"] == pytest.approx(1.0)
-    assert rows[("lmcore after", 1)]["step_ms"] is None
+    after = rows[("lmcore after", 1)]
+    assert after["vs_fa3"] == pytest.approx(625 / 400) and after["vs_fa2"] == pytest.approx(750 / 400)
+    assert rows[("lmcore + SOLO alone", 1)]["step_ms"] is None and rows[("lmcore after", 2)]["step_ms"] is None
     assert speed_report.main(tmp_path) == 0
     out = capsys.readouterr().out
-    assert "max |before - before again| = 0.0100" in out and "max |before - after| = 0.0300" in out
+    assert "before, again (lm_before_1b) against lm_before_1, 3 steps, seed 1337: run-to-run noise max |loss - loss| = 0.0100" in out
+    assert "after (lm_after_1) against lm_before_1, 3 steps, seed 1337: difference max |loss - loss| = 0.0300" in out
+    assert "last step 3: 1.5000 vs 1.5300" in out
+
+
+def test_kernel_sources_copies_the_top_triton_kernels(tmp_path: Path):
+    import kernel_sources
+
+    run, cache, out = tmp_path / "run", tmp_path / "cache", tmp_path / "out"
+    (run / "profile").mkdir(parents=True)
+    top = [{"name": "nvjet_sm90_gemm", "ms": 9.0, "calls": 3}, {"name": "triton_per_fused_rms_7", "ms": 5.0, "calls": 88},
+           {"name": "triton_poi_fused_relu_2", "ms": 2.0, "calls": 88}, {"name": "triton_red_fused_sum_9", "ms": 1.0, "calls": 8}]
+    (run / "profile" / "breakdown.json").write_text(json.dumps({"top": top}))
+    (cache / "ab").mkdir(parents=True)
+    (cache / "ab" / "crms.py").write_text("@triton.jit\ndef triton_per_fused_rms_7(in_ptr0):\n    pass\n")
+    (cache / "ab" / "crelu.py").write_text("# calls triton_poi_fused_relu_2 (no definition here)\n")
+    (cache / "cd.py").write_text("def triton_poi_fused_relu_2(x):\n    pass\n")
+    assert kernel_sources.main(run, cache, out, 2) == 0
+    index = json.loads((out / "index.json").read_text())
+    assert index == {"triton_per_fused_rms_7": [5.0, 88, "crms.py"], "triton_poi_fused_relu_2": [2.0, 88, "cd.py"]}
+    assert sorted(p.name for p in out.iterdir()) == ["cd.py", "crms.py", "index.json"]
