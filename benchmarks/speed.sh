@@ -7,10 +7,11 @@
 #          flash_attn_interface import) and with the FA2 shim (.ref/flash_attn_interface.py)
 #   lm1    lmcore on 1 GPU, MATH_STEPS steps each, two at a time (GPU 0 and GPU 1):
 #          "before" (today's defaults, fa3) beside "before" again (the run-to-run noise of the
-#          same math), then "after" (+ $LEVERS) beside lmcore with $SOLO (one more lever alone,
-#          SOLO_STEPS steps); each but the twin with one step profiled (train.profile_step:
-#          RUN/profile/breakdown.json) and its top Triton kernels' sources copied out of
-#          inductor's cache (benchmarks/kernel_sources.py: res/kernels/RUN)
+#          same math), then "after" (+ $LEVERS) beside lmcore with $SOLO (a lever alone,
+#          SOLO_STEPS steps, ended after SOLO_TIMEOUT s); each but the twin with one step
+#          profiled (train.profile_step: RUN/profile/breakdown.json) and its top Triton
+#          kernels' sources copied out of inductor's cache (benchmarks/kernel_sources.py:
+#          res/kernels/RUN)
 #   orig2  the original with real FA3, 2 ranks under torchrun (NCCL), STEPS steps
 #   lm2    lmcore before and after, 2 ranks under torchrun, STEPS steps
 # The timed runs other than lm1's pairs have the machine to themselves. lmcore logs every 10
@@ -20,6 +21,10 @@
 # with FA3 and FA2), the profiles' breakdowns and the same math (every 1-GPU run's losses
 # against "before", the twin's giving the noise). STAGES picks stages (default: all, in the
 # order above). LEVERS: the --set overrides of "after".
+# Durations on nvidia-h200-x2 (session 5, 2026-11-28): setup 21 s, each original run 200-240 s
+# (mostly its compile), each lm1 pair 255 s, a 2-rank lmcore run about 100 s (cache hit), the
+# whole job 1,352 s with lm_before_2 left out: with the machine's start it takes nearly all of a
+# session's 1,800 s of device time, so run nothing else on a GPU in that session.
 # It outlasts one device call: `start` runs it detached (benchmarks/detached.sh) and polls;
 # `poll` (the next call, within 30 s of the last) goes on. Carry .whl, .data, .ref and .fa3.
 # Each poll leaves $OUT/speed.log, and once done $OUT/speed_table.md and
@@ -32,10 +37,11 @@ MODE=${1:-poll}
 POLL_S=${2:-540}
 STEPS=${STEPS:-40}
 MATH_STEPS=${MATH_STEPS:-200}
-SOLO_STEPS=${SOLO_STEPS:-40}
+SOLO_STEPS=${SOLO_STEPS:-$MATH_STEPS}
 STAGES=${STAGES:-peak orig1 lm1 orig2 lm2}
-LEVERS=${LEVERS:-train.rope_cache=true train.ddp_bucket_cap_mb=100 train.ddp_grad_as_bucket_view=true}
-SOLO=${SOLO:-train.inductor_coordinate_descent=true}
+LEVERS=${LEVERS:-train.rope_cache=true train.inductor_mix_order_reduction=false train.ddp_bucket_cap_mb=100 train.ddp_grad_as_bucket_view=true}
+SOLO=${SOLO:-train.rope_cache=true}
+SOLO_TIMEOUT=${SOLO_TIMEOUT:-420}  # the solo run is ended after this many seconds (compile included)
 
 source benchmarks/detached.sh  # stamp, run_until, detached_poll, detached_main
 
@@ -63,7 +69,7 @@ lm() {
   rm -rf "$R/$name"
   local launch=(python3 -m lmcore)
   [ "$nproc" -gt 1 ] && launch=(python3 -m torch.distributed.run --standalone --nproc_per_node="$nproc" -m lmcore)
-  CUDA_VISIBLE_DEVICES=$gpus PYTHONPATH=$FA3:$BASE TORCHINDUCTOR_CACHE_DIR=$S/inductor/$cache timeout 900 "${launch[@]}" train \
+  CUDA_VISIBLE_DEVICES=$gpus PYTHONPATH=$FA3:$BASE TORCHINDUCTOR_CACHE_DIR=$S/inductor/$cache timeout "${LM_TIMEOUT:-900}" "${launch[@]}" train \
     --preset record --set data.data_dir="$D" --set data.tokenizer="$TOK" \
     --set train.iterations="$n" --set train.warmdown_iters=0 --set train.max_wallclock_seconds=0 \
     --set train.log_every=10 --set data.val_max_tokens=262145 --set model.attention=fa3 "$@" \
@@ -101,8 +107,8 @@ job() {
     if has lm1; then
       lm lm_before_1 before 0 1 "$MATH_STEPS" --set train.profile_step=$prof1 & lm lm_before_1b before 1 1 "$MATH_STEPS" & wait
       lm lm_after_1 after 0 1 "$MATH_STEPS" --set train.profile_step=$prof1 $(sets $LEVERS) &
-      lm lm_solo_1 solo 1 1 "$SOLO_STEPS" --set train.profile_step=$solo_prof $(sets $SOLO) & wait
-      sources lm_before_1 before; sources lm_after_1 after; sources lm_solo_1 solo
+      LM_TIMEOUT=$SOLO_TIMEOUT lm lm_solo_1 solo 1 1 "$SOLO_STEPS" --set train.profile_step=$solo_prof $(sets $SOLO) & wait
+      sources lm_before_1 before; sources lm_after_1 after; [ -f "$R/lm_solo_1/profile/breakdown.json" ] && sources lm_solo_1 solo
     fi
     if [ "$n_gpu" -ge 2 ]; then
       has orig2 && orig orig_fa3_2 0,1 2 "$S/orig_fa3" "$FA3:$BASE"

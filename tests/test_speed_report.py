@@ -67,3 +67,11 @@ def test_kernel_sources_copies_the_top_triton_kernels(tmp_path: Path):
     index = json.loads((out / "index.json").read_text())
     assert index == {"triton_per_fused_rms_7": [5.0, 88, "crms.py"], "triton_poi_fused_relu_2": [2.0, 88, "cd.py"]}
     assert sorted(p.name for p in out.iterdir()) == ["cd.py", "crms.py", "index.json"]
+
+
+def test_committed_speed_table_is_what_its_results_give(capsys):
+    # benchmarks/results/speed-2026-11-28 holds the small files of issue 16's job (session 5);
+    # its speed_table.md (printed on the GPU machine) must be what the report gives for them
+    res = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "speed-2026-11-28"
+    assert speed_report.main(res) == 0
+    assert capsys.readouterr().out == (res / "speed_table.md").read_text()
