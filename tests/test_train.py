@@ -525,6 +525,17 @@ def _wait_for_step(run: Path, step: int, proc: subprocess.Popen, timeout: float 
     raise AssertionError(f"no step {step} in {timeout}s")
 
 
+def _communicate(proc: subprocess.Popen, timeout: float = 120.0) -> tuple[str, str]:
+    """proc's output once it ends; one that does not end in `timeout` s is killed and the test
+    fails with what it wrote (a lost signal shows as a failure naming it, not a hang)."""
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        raise AssertionError(f"still running {timeout:.0f} s after the signal; stderr tail:\n{err[-3000:]}") from None
+
+
 def test_sigterm_checkpoints_and_resumes_ctrl_c_says_one_line(smoke_run, tmp_path):
     import signal
 
@@ -532,7 +543,7 @@ def test_sigterm_checkpoints_and_resumes_ctrl_c_says_one_line(smoke_run, tmp_pat
     proc = _start_train(smoke_run, run, "train.iterations=100000", "train.checkpoint_every=0")
     _wait_for_step(run, 3, proc)
     proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
+    out, err = _communicate(proc)
     assert proc.returncode == 143, err
     assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("lmcore train: stopped by SIGTERM")
     s = json.loads((run / "summary.json").read_text())
@@ -545,7 +556,7 @@ def test_sigterm_checkpoints_and_resumes_ctrl_c_says_one_line(smoke_run, tmp_pat
     proc = _start_train(smoke_run, run2, "train.iterations=100000")
     _wait_for_step(run2, 2, proc)
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
+    out, err = _communicate(proc)
     assert proc.returncode == 130 and err.strip().splitlines() == ["lmcore train: interrupted"], err
 
 
