@@ -4,7 +4,8 @@
 # warmdown, seed 1337, proxy data, after the compile warm-up:
 #   peak   the bf16 matmul peak of the card (benchmarks/matmul_peak.py), for the MFU
 #   orig1  the original script on 1 GPU, STEPS steps, with real FA3 (its own
-#          flash_attn_interface import) and with the FA2 shim (.ref/flash_attn_interface.py)
+#          flash_attn_interface import, GPU 0) beside it with the FA2 shim
+#          (.ref/flash_attn_interface.py, GPU 1)
 #   lm1    lmcore on 1 GPU, MATH_STEPS steps each, two at a time (GPU 0 and GPU 1):
 #          "before" (today's defaults, fa3) beside "before" again (the run-to-run noise of the
 #          same math), then "after" (+ $LEVERS) beside lmcore with $SOLO (a lever alone,
@@ -14,17 +15,19 @@
 #          res/kernels/RUN)
 #   orig2  the original with real FA3, 2 ranks under torchrun (NCCL), STEPS steps
 #   lm2    lmcore before and after, 2 ranks under torchrun, STEPS steps
-# The timed runs other than lm1's pairs have the machine to themselves. lmcore logs every 10
+# The 1-GPU runs go two at a time (as every 1-GPU run of the table then has a neighbour); the
+# 2-rank runs have the machine to themselves. lmcore logs every 10
 # steps, like the original here. Runs with the same compile options share an inductor cache
 # (the 2-rank runs compile the 1-GPU graph again: a cache hit). Then benchmarks/speed_report.py
 # prints the table (card, kernel, ranks, step ms, tokens/s per GPU, MFU, ratios to the original
 # with FA3 and FA2), the profiles' breakdowns and the same math (every 1-GPU run's losses
 # against "before", the twin's giving the noise). STAGES picks stages (default: all, in the
 # order above). LEVERS: the --set overrides of "after".
-# Durations on nvidia-h200-x2 (session 5, 2026-11-28): setup 21 s, each original run 200-240 s
-# (mostly its compile), each lm1 pair 255 s, a 2-rank lmcore run about 100 s (cache hit), the
-# whole job 1,352 s with lm_before_2 left out: with the machine's start it takes nearly all of a
-# session's 1,800 s of device time, so run nothing else on a GPU in that session.
+# Durations on nvidia-h200-x2 (session 5, 2026-11-28, when the originals still ran one after
+# the other): setup 21 s, each original run 200-240 s (mostly its compile), each lm1 pair
+# 255 s, a 2-rank lmcore run about 100 s (cache hit); the job took 1,352 s with lm_before_2
+# left out. Side by side the originals should save about 220 s, so plan about 1,250 s plus the
+# machine's start: most of a session's 1,800 s of device time.
 # It outlasts one device call: `start` runs it detached (benchmarks/detached.sh) and polls;
 # `poll` (the next call, within 30 s of the last) goes on. Carry .whl, .data, .ref and .fa3.
 # Each poll leaves $OUT/speed.log, and once done $OUT/speed_table.md and
@@ -103,7 +106,9 @@ job() {
   # shellcheck disable=SC2046,SC2086 # LEVERS and SOLO split into --set pairs on purpose
   {
     has peak && PYTHONPATH=$BASE python3 benchmarks/matmul_peak.py --json "$R/peak.json"
-    has orig1 && orig orig_fa3_1 0 1 "$S/orig_fa3" "$FA3:$BASE" && orig orig_fa2_1 0 1 "$S/src/.ref" "$BASE"
+    if has orig1; then
+      orig orig_fa3_1 0 1 "$S/orig_fa3" "$FA3:$BASE" & orig orig_fa2_1 1 1 "$S/src/.ref" "$BASE" & wait
+    fi
     if has lm1; then
       lm lm_before_1 before 0 1 "$MATH_STEPS" --set train.profile_step=$prof1 & lm lm_before_1b before 1 1 "$MATH_STEPS" & wait
       lm lm_after_1 after 0 1 "$MATH_STEPS" --set train.profile_step=$prof1 $(sets $LEVERS) &
