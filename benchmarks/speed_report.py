@@ -8,7 +8,8 @@ summary.json, metrics.jsonl, profile/breakdown.json). Step ms is the original's 
 and lmcore's mean_step_ms (both: training time over steps after the compile warm-up);
 lmcore's median step from metrics.jsonl is given too. Tokens/s and MFU are per GPU; MFU uses
 lmcore.flops' training FLOPs per token of `record` (the same model in both) and the measured
-peak. The same math: lmcore's 1-GPU runs' training losses step by step against "before"
+peak. Where both profiles list every kernel, the kernel time that changed from before to
+after. The same math: lmcore's 1-GPU runs' training losses step by step against "before"
 (MATH_BASE), its twin giving the run-to-run noise. Anything missing shows as "-".
 """
 
@@ -76,6 +77,24 @@ def speed_rows(res: Path, flops: float, peak: float | None) -> list[dict]:
     return rows
 
 
+def kernel_family(name: str) -> str:
+    """A kernel's name without inductor's trailing number (triton_..._view_7 -> triton_..._view),
+    so the same fused kernel is matched across two compiles."""
+    head, _, tail = name.rpartition("_")
+    return head if head.startswith("triton_") and tail.isdigit() else name
+
+
+def kernel_changes(before: dict, after: dict, n: int = 8) -> list[tuple[str, float, float]]:
+    """The n largest decreases then the n largest increases of kernel time per family between
+    two breakdowns' `kernels` ({name: [ms, calls]}): (family, ms before, ms after)."""
+    fams: dict[str, list[float]] = {}
+    for i, b in enumerate((before, after)):
+        for name, (ms, _) in b.items():
+            fams.setdefault(kernel_family(name), [0.0, 0.0])[i] += ms
+    diffs = sorted(((f, a, b) for f, (a, b) in fams.items() if a != b), key=lambda r: r[2] - r[1])
+    return [r for r in diffs if r[2] < r[1]][:n] + [r for r in diffs if r[2] > r[1]][-n:]
+
+
 def same_math(res: Path) -> list[str]:
     """One line per 1-GPU run against MATH_BASE: the largest step-by-step difference of the
     training loss over the steps both logged, and both final losses; MATH_TWIN's line is the
@@ -127,6 +146,19 @@ def main(res: Path) -> int:
         print("|---|---|---|---|")
         for k in b["top"][:12]:
             print(f"| `{k['name'][:90]}` | {k['ms']:.2f} | {k['calls']} | {k['category']} |")
+    for ranks in (1, 2):
+        b = read_json(res / f"lm_before_{ranks}" / "profile" / "breakdown.json").get("kernels")
+        a = read_json(res / f"lm_after_{ranks}" / "profile" / "breakdown.json").get("kernels")
+        if b and a:
+            print()
+            print(f"Kernel time that changed from before to after ({ranks} rank{'s' if ranks > 1 else ''}, profiled step, "
+                  f"by kernel with inductor's number dropped): before {sum(v[0] for v in b.values()):.1f} ms, "
+                  f"after {sum(v[0] for v in a.values()):.1f} ms")
+            print()
+            print("| kernel | ms before | ms after | change |")
+            print("|---|---|---|---|")
+            for fam, x, y in kernel_changes(b, a):
+                print(f"| `{fam[:100]}` | {x:.2f} | {y:.2f} | {y - x:+.2f} |")
     for line in same_math(res):
         print()
         print(line)

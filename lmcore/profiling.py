@@ -2,7 +2,8 @@
 (`train.profile_step=N` profiles step N), written to RUN/profile/: `trace.json.gz` (a Chrome /
 Perfetto trace) and `breakdown.json`: the step's wall time, the device's busy time, the time
 by category (gemm, attention, communication, fused elementwise from inductor's Triton
-kernels, eager elementwise, memory copies, other) and the 20 most expensive kernels.
+kernels, eager elementwise, memory copies, other), the 20 most expensive kernels and every
+kernel's time (`kernels`, what two profiles are compared by).
 
 On a GPU the breakdown is read off the trace's device events (kernels, memcpy, memset) alone:
 the profiler also gives host ops such as `aten::mm` a device time (that of the kernels they
@@ -64,6 +65,7 @@ def _table(rows: dict[str, list[float]], wall_ms: float, busy_ms: float, top: in
         "on_device": on_device, "wall_ms": round(wall_ms, 3), "busy_ms": round(busy_ms, 3),
         "categories": {k: round(v, 3) for k, v in sorted(cats.items(), key=lambda kv: -kv[1])},
         "top": table[:top],
+        "kernels": {r["name"]: [r["ms"], r["calls"]] for r in table},  # every one: {name: [ms, calls]}
     }
 
 

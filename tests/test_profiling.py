@@ -54,6 +54,8 @@ def test_device_breakdown_counts_device_events_once():
     assert info["busy_ms"] == pytest.approx(0.4 + 0.4 + 0.05)  # 1000-1400 once
     assert info["top"][0] == {"name": "nvjet_sm90_tst_256x128", "ms": 0.6, "calls": 2, "category": "gemm"}
     assert [r["name"] for r in info["top"]] == ["nvjet_sm90_tst_256x128", "ncclDevKernel_AllReduce_Sum_bf16_RING_LL", "Memset (Device)"]
+    assert info["kernels"] == {"nvjet_sm90_tst_256x128": [0.6, 2], "ncclDevKernel_AllReduce_Sum_bf16_RING_LL": [0.3, 1],
+                               "Memset (Device)": [0.05, 1]}
 
 
 def test_profile_step_writes_the_breakdown(tmp_path):

@@ -75,3 +75,16 @@ def test_committed_speed_table_is_what_its_results_give(capsys):
     res = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "speed-2026-11-28"
     assert speed_report.main(res) == 0
     assert capsys.readouterr().out == (res / "speed_table.md").read_text()
+
+
+def test_kernel_changes_match_kernels_across_compiles():
+    before = {"triton_per_fused_rope_cos_7": [36.0, 88], "triton_poi_fused_relu_2": [18.0, 88],
+              "nvjet_sm90_tst_256x128": [65.0, 593], "triton_red_fused_sum_29": [5.0, 8]}
+    after = {"triton_per_fused_rope_8": [16.0, 88], "triton_poi_fused_relu_5": [18.0, 88],
+             "nvjet_sm90_tst_256x128": [66.0, 593], "triton_red_fused_sum_3": [29.0, 8]}
+    assert speed_report.kernel_family("triton_poi_fused_relu_5") == "triton_poi_fused_relu"
+    assert speed_report.kernel_family("nvjet_sm90_tst_256x128") == "nvjet_sm90_tst_256x128"
+    assert speed_report.kernel_changes(before, after, n=2) == [  # relu: the same time, left out
+        ("triton_per_fused_rope_cos", 36.0, 0.0), ("triton_per_fused_rope", 0.0, 16.0), ("triton_red_fused_sum", 5.0, 29.0)]
+    assert speed_report.kernel_changes(before, after, n=1) == [
+        ("triton_per_fused_rope_cos", 36.0, 0.0), ("triton_red_fused_sum", 5.0, 29.0)]
