@@ -511,7 +511,16 @@ def _start_train(smoke_run, run: Path, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     sets = _cli_sets(smoke_run, "train.val_every=0", "train.log_every=1", "train.ema=off", *extra)
     cmd = [sys.executable, "-m", "lmcore", "train", "--preset", "smoke", *sets, "--run-dir", str(run), "--no-progress"]
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # SIGINT back to its default in the child: a shell's background job (`cmd &`, nohup) starts
+    # it ignored, and Python then installs no KeyboardInterrupt handler, so Ctrl-C would be lost
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_default_sigint)
+
+
+def _default_sigint() -> None:
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _wait_for_step(run: Path, step: int, proc: subprocess.Popen, timeout: float = 120.0) -> None:
