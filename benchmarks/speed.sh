@@ -15,10 +15,10 @@
 #          res/kernels/RUN)
 #   orig2  the original with real FA3, 2 ranks under torchrun (NCCL), STEPS steps
 #   lm2    lmcore before and after, 2 ranks under torchrun, STEPS steps
-# The 1-GPU runs go two at a time (as every 1-GPU run of the table then has a neighbour); the
-# 2-rank runs have the machine to themselves. lmcore logs every 10
-# steps, like the original here. Runs with the same compile options share an inductor cache
-# (the 2-rank runs compile the 1-GPU graph again: a cache hit). Then benchmarks/speed_report.py
+# The 1-GPU runs go two at a time (so every 1-GPU run of the table has a neighbour); the
+# 2-rank runs have the machine to themselves. lmcore logs every 10 steps, like the original
+# here. Runs with the same compile options share an inductor cache (the 2-rank runs compile
+# the 1-GPU graph again: a cache hit). Then benchmarks/speed_report.py
 # prints the table (card, kernel, ranks, step ms, tokens/s per GPU, MFU, ratios to the original
 # with FA3 and FA2), the profiles' breakdowns and the same math (every 1-GPU run's losses
 # against "before", the twin's giving the noise). STAGES picks stages (default: all, in the

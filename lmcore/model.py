@@ -448,13 +448,13 @@ class GPT(nn.Module):
         cfg = self.cfg
         x = self.embed(ids, cache)
         x0 = x
-        if cache is None and self.rope_cos is not None and self.rope_cos.size(0) == ids.size(1):
-            rope = (self.rope_cos, self.rope_sin)
-        elif cache is None:
-            rope = rope_tables(cfg, ids.size(1), ids.device)
-        else:
+        if cache is not None:
             idx = cache.pos.view(1)
             rope = (cache.cos.index_select(0, idx), cache.sin.index_select(0, idx))
+        elif self.rope_cos is not None and self.rope_cos.size(0) == ids.size(1):
+            rope = (self.rope_cos, self.rope_sin)  # cache_rope's tables
+        else:
+            rope = rope_tables(cfg, ids.size(1), ids.device)
         ve_base = self.ve_shared(ids) if self.ve_shared is not None else None
         skips: list[Tensor] = []
         for i, block in enumerate(self.blocks):
