@@ -8,13 +8,14 @@
 #          (.ref/flash_attn_interface.py, GPU 1)
 #   lm1    lmcore on 1 GPU, MATH_STEPS steps each, two at a time (GPU 0 and GPU 1):
 #          "before" (today's defaults, fa3) beside "before" again (the run-to-run noise of the
-#          same math), then "after" (+ $LEVERS) beside lmcore with $SOLO (a lever alone,
-#          SOLO_STEPS steps, ended after SOLO_TIMEOUT s); each but the twin with one step
+#          same math), then "after" (+ $LEVERS) beside lmcore with $SOLO (another lever set,
+#          by default "after" + the bf16 residual stream, a numeric change; SOLO_STEPS steps,
+#          ended after SOLO_TIMEOUT s); each but the twin with one step
 #          profiled (train.profile_step: RUN/profile/breakdown.json) and its top Triton
 #          kernels' sources copied out of inductor's cache (benchmarks/kernel_sources.py:
 #          res/kernels/RUN)
 #   orig2  the original with real FA3, 2 ranks under torchrun (NCCL), STEPS steps
-#   lm2    lmcore before and after, 2 ranks under torchrun, STEPS steps
+#   lm2    lmcore after, then before, 2 ranks under torchrun, STEPS steps
 # The 1-GPU runs go two at a time (so every 1-GPU run of the table has a neighbour); the
 # 2-rank runs have the machine to themselves. lmcore logs every 10 steps, like the original
 # here. Runs with the same compile options share an inductor cache (the 2-rank runs compile
@@ -22,7 +23,7 @@
 # prints the table (card, kernel, ranks, step ms, tokens/s per GPU, MFU, ratios to the original
 # with FA3 and FA2), the profiles' breakdowns and the same math (every 1-GPU run's losses
 # against "before", the twin's giving the noise). STAGES picks stages (default: all, in the
-# order above). LEVERS: the --set overrides of "after".
+# order above). LEVERS: the --set overrides of "after"; both sets go to res/levers.json.
 # Durations on nvidia-h200-x2 (session 5, 2026-11-28, when the originals still ran one after
 # the other): setup 21 s, each original run 200-240 s (mostly its compile), each lm1 pair
 # 255 s, a 2-rank lmcore run about 100 s (cache hit); the job took 1,352 s with lm_before_2
@@ -43,7 +44,7 @@ MATH_STEPS=${MATH_STEPS:-200}
 SOLO_STEPS=${SOLO_STEPS:-$MATH_STEPS}
 STAGES=${STAGES:-peak orig1 lm1 orig2 lm2}
 LEVERS=${LEVERS:-train.rope_cache=true train.inductor_mix_order_reduction=false train.ddp_bucket_cap_mb=100 train.ddp_grad_as_bucket_view=true}
-SOLO=${SOLO:-train.rope_cache=true}
+SOLO=${SOLO:-train.rope_cache=true train.inductor_mix_order_reduction=false model.residual_bf16=true}
 SOLO_TIMEOUT=${SOLO_TIMEOUT:-420}  # the solo run is ended after this many seconds (compile included)
 
 source benchmarks/detached.sh  # stamp, run_until, detached_poll, detached_main
@@ -91,6 +92,7 @@ job() {
   R=$S/res TOK=$S/src/.data/fineweb_1024_bpe.model D=$S/proxy BASE=/tmp/site:$S/src FA3=/tmp/fa3
   T0=$SECONDS
   mkdir -p "$R"
+  python3 -c 'import json, sys; print(json.dumps({"after": sys.argv[1], "solo": sys.argv[2]}))' "$LEVERS" "$SOLO" > "$R/levers.json"
   echo "== setup: stages $STAGES; STEPS $STEPS; LEVERS $LEVERS"
   nvidia-smi --query-gpu=name,uuid,memory.total,driver_version --format=csv,noheader
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
@@ -117,8 +119,8 @@ job() {
     fi
     if [ "$n_gpu" -ge 2 ]; then
       has orig2 && orig orig_fa3_2 0,1 2 "$S/orig_fa3" "$FA3:$BASE"
-      has lm2 && lm lm_before_2 before 0,1 2 "$STEPS" --set train.profile_step=$prof2
       has lm2 && lm lm_after_2 after 0,1 2 "$STEPS" --set train.profile_step=$prof2 $(sets $LEVERS)
+      has lm2 && lm lm_before_2 before 0,1 2 "$STEPS" --set train.profile_step=$prof2
     else
       echo "== one GPU: the 2-rank stages are skipped"
     fi

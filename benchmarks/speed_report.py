@@ -29,10 +29,12 @@ TOKENS_PER_STEP = 786_432  # record: 8 micro-batches of 48 x 2048, split over th
 # lmcore's runs of speed.sh per rank count: (folder, label)
 LM_RUNS = {
     1: [("lm_before_1", "lmcore before"), ("lm_before_1b", "lmcore before, again"),
-        ("lm_solo_1", "lmcore + SOLO alone"), ("lm_after_1", "lmcore after")],
+        ("lm_solo_1", "lmcore solo (SOLO)"), ("lm_after_1", "lmcore after")],
     2: [("lm_before_2", "lmcore before"), ("lm_after_2", "lmcore after")],
 }
 MATH_BASE, MATH_TWIN = "lm_before_1", "lm_before_1b"
+# profiled runs whose kernel times are compared (both profiles must list every kernel)
+KERNEL_PAIRS = [("lm_before_1", "lm_after_1"), ("lm_after_1", "lm_solo_1"), ("lm_before_2", "lm_after_2")]
 
 
 def train_lines(run: Path) -> list[dict]:
@@ -121,6 +123,10 @@ def main(res: Path) -> int:
     print(f"Card: {card}; torch {peak_info.get('torch', '?')}; measured bf16 matmul peak "
           f"{_f(peak, '.1f')} TFLOP/s; record's training FLOPs per token {f.train / 1e6:.1f} M "
           f"(lmcore.flops, causal); {TOKENS_PER_STEP:,} tokens a step (48 x 2048 micro-batches).")
+    levers = read_json(res / "levers.json")  # speed.sh's LEVERS ("after") and SOLO, where it wrote them
+    for name in ("after", "solo"):
+        if levers.get(name):
+            print(f"{name}: `{levers[name]}`  ")
     print()
     print("| run | ranks | kernel | step ms | median step ms | tokens/s per GPU | MFU | vs original FA3 | vs original FA2 |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -146,16 +152,16 @@ def main(res: Path) -> int:
         print("|---|---|---|---|")
         for k in b["top"][:12]:
             print(f"| `{k['name'][:90]}` | {k['ms']:.2f} | {k['calls']} | {k['category']} |")
-    for ranks in (1, 2):
-        b = read_json(res / f"lm_before_{ranks}" / "profile" / "breakdown.json").get("kernels")
-        a = read_json(res / f"lm_after_{ranks}" / "profile" / "breakdown.json").get("kernels")
+    for x_run, y_run in KERNEL_PAIRS:
+        b = read_json(res / x_run / "profile" / "breakdown.json").get("kernels")
+        a = read_json(res / y_run / "profile" / "breakdown.json").get("kernels")
         if b and a:
             print()
-            print(f"Kernel time that changed from before to after ({ranks} rank{'s' if ranks > 1 else ''}, profiled step, "
-                  f"by kernel with inductor's number dropped): before {sum(v[0] for v in b.values()):.1f} ms, "
-                  f"after {sum(v[0] for v in a.values()):.1f} ms")
+            print(f"Kernel time that changed from {x_run} to {y_run} (profiled step, "
+                  f"by kernel with inductor's number dropped): {x_run} {sum(v[0] for v in b.values()):.1f} ms, "
+                  f"{y_run} {sum(v[0] for v in a.values()):.1f} ms")
             print()
-            print("| kernel | ms before | ms after | change |")
+            print(f"| kernel | ms {x_run} | ms {y_run} | change |")
             print("|---|---|---|---|")
             for fam, x, y in kernel_changes(b, a):
                 print(f"| `{fam[:100]}` | {x:.2f} | {y:.2f} | {y - x:+.2f} |")

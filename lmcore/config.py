@@ -88,6 +88,11 @@ class ModelConfig:
     bos_id: int = 1
     attention: str = "auto"  # auto | fa3 | fa2 | sdpa_flash | sdpa_cudnn | math
     qat_bits: int = 6  # late-QAT fake quantization: values in [-2^(b-1), 2^(b-1)-1]
+    # The residual stream in the autocast dtype (bf16) instead of fp32. A deliberate numeric
+    # change from the original, where F.rms_norm of the embedding (fp32 under CUDA autocast)
+    # makes every block's input and output fp32: about half the bytes in the residual's
+    # elementwise kernels. No effect without autocast (fp32 runs).
+    residual_bf16: bool = False
 
     @property
     def head_dim(self) -> int:

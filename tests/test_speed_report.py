@@ -43,9 +43,18 @@ def test_speed_rows_and_same_math(tmp_path: Path, capsys):
     assert rows[("original, real FA3", 1)]["vs_fa3"] == pytest.approx(1.0)
     after = rows[("lmcore after", 1)]
     assert after["vs_fa3"] == pytest.approx(625 / 400) and after["vs_fa2"] == pytest.approx(750 / 400)
-    assert rows[("lmcore + SOLO alone", 1)]["step_ms"] is None and rows[("lmcore after", 2)]["step_ms"] is None
+    assert rows[("lmcore solo (SOLO)", 1)]["step_ms"] is None and rows[("lmcore after", 2)]["step_ms"] is None
+    (tmp_path / "levers.json").write_text(json.dumps({"after": "train.rope_cache=true", "solo": "model.residual_bf16=true"}))
+    for run, ms in (("lm_before_1", 5.0), ("lm_after_1", 3.0)):
+        (tmp_path / run / "profile").mkdir()
+        (tmp_path / run / "profile" / "breakdown.json").write_text(json.dumps(
+            {"step": 2, "wall_ms": 9.0, "busy_ms": 8.0, "categories": {}, "top": [], "kernels": {"triton_poi_fused_x_1": [ms, 8]}}))
     assert speed_report.main(tmp_path) == 0
     out = capsys.readouterr().out
+    assert "after: `train.rope_cache=true`" in out and "solo: `model.residual_bf16=true`" in out
+    assert "Kernel time that changed from lm_before_1 to lm_after_1 (profiled step, by kernel with inductor's number " \
+        "dropped): lm_before_1 5.0 ms, lm_after_1 3.0 ms" in out
+    assert "| `triton_poi_fused_x` | 5.00 | 3.00 | -2.00 |" in out and "to lm_solo_1" not in out
     assert "before, again (lm_before_1b) against lm_before_1, 3 steps, seed 1337: run-to-run noise max |loss - loss| = 0.0100" in out
     assert "after (lm_after_1) against lm_before_1, 3 steps, seed 1337: difference max |loss - loss| = 0.0300" in out
     assert "last step 3: 1.5000 vs 1.5300" in out
@@ -71,7 +80,8 @@ def test_kernel_sources_copies_the_top_triton_kernels(tmp_path: Path):
 
 def test_committed_speed_table_is_what_its_results_give(capsys):
     # benchmarks/results/speed-2026-11-28 holds the small files of issue 16's job (session 5);
-    # its speed_table.md (printed on the GPU machine) must be what the report gives for them
+    # its speed_table.md (printed on the GPU machine; the solo row relabelled in session 6) must
+    # be what the report gives for them
     res = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "speed-2026-11-28"
     assert speed_report.main(res) == 0
     assert capsys.readouterr().out == (res / "speed_table.md").read_text()
