@@ -17,7 +17,9 @@
 #   orig2  the original with real FA3, 2 ranks under torchrun (NCCL), STEPS steps
 #   lm2    lmcore after, then before, 2 ranks under torchrun, STEPS steps
 # The 1-GPU runs go two at a time (so every 1-GPU run of the table has a neighbour); the
-# 2-rank runs have the machine to themselves. lmcore logs every 10 steps, like the original
+# 2-rank runs have the machine to themselves. On a 1-GPU machine (nvidia-h200) the 1-GPU runs
+# go one at a time (original FA3, before, after, solo, twin, original FA2) and the 2-rank
+# stages are skipped: about 1,450 s. lmcore logs every 10 steps, like the original
 # here. Runs with the same compile options share an inductor cache (the 2-rank runs compile
 # the 1-GPU graph again: a cache hit). Then benchmarks/speed_report.py
 # prints the table (card, kernel, ranks, step ms, tokens/s per GPU, MFU, ratios to the original
@@ -86,6 +88,16 @@ sources() { PYTHONPATH=$BASE python3 benchmarks/kernel_sources.py "$R/$1" "$S/in
 
 sets() { local l; for l in "$@"; do printf -- '--set %s ' "$l"; done; }
 
+# the 1-GPU runs, each on the GPU given (job's prof1 and solo_prof: the steps they profile)
+orig_fa3_1() { orig orig_fa3_1 "$1" 1 "$S/orig_fa3" "$FA3:$BASE"; }
+orig_fa2_1() { orig orig_fa2_1 "$1" 1 "$S/src/.ref" "$BASE"; }
+lm_before_1() { lm lm_before_1 before "$1" 1 "$MATH_STEPS" --set train.profile_step="$prof1"; }
+lm_before_1b() { lm lm_before_1b before "$1" 1 "$MATH_STEPS"; }
+# shellcheck disable=SC2046,SC2086 # LEVERS and SOLO split into --set pairs on purpose
+lm_after_1() { lm lm_after_1 after "$1" 1 "$MATH_STEPS" --set train.profile_step="$prof1" $(sets $LEVERS); }
+# shellcheck disable=SC2046,SC2086
+lm_solo_1() { LM_TIMEOUT=$SOLO_TIMEOUT lm lm_solo_1 solo "$1" 1 "$SOLO_STEPS" --set train.profile_step="$solo_prof" $(sets $SOLO); }
+
 job() {
   cd "$S/src" || exit 1
   export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -108,13 +120,15 @@ job() {
   # shellcheck disable=SC2046,SC2086 # LEVERS and SOLO split into --set pairs on purpose
   {
     has peak && PYTHONPATH=$BASE python3 benchmarks/matmul_peak.py --json "$R/peak.json"
-    if has orig1; then
-      orig orig_fa3_1 0 1 "$S/orig_fa3" "$FA3:$BASE" & orig orig_fa2_1 1 1 "$S/src/.ref" "$BASE" & wait
+    if [ "$n_gpu" -ge 2 ]; then
+      has orig1 && { orig_fa3_1 0 & orig_fa2_1 1 & wait; }
+      has lm1 && { lm_before_1 0 & lm_before_1b 1 & wait; lm_after_1 0 & lm_solo_1 1 & wait; }
+    else  # one GPU: one at a time, the runs that matter least last
+      has orig1 && orig_fa3_1 0
+      has lm1 && { lm_before_1 0; lm_after_1 0; lm_solo_1 0; lm_before_1b 0; }
+      has orig1 && orig_fa2_1 0
     fi
     if has lm1; then
-      lm lm_before_1 before 0 1 "$MATH_STEPS" --set train.profile_step=$prof1 & lm lm_before_1b before 1 1 "$MATH_STEPS" & wait
-      lm lm_after_1 after 0 1 "$MATH_STEPS" --set train.profile_step=$prof1 $(sets $LEVERS) &
-      LM_TIMEOUT=$SOLO_TIMEOUT lm lm_solo_1 solo 1 1 "$SOLO_STEPS" --set train.profile_step=$solo_prof $(sets $SOLO) & wait
       sources lm_before_1 before; sources lm_after_1 after; [ -f "$R/lm_solo_1/profile/breakdown.json" ] && sources lm_solo_1 solo
     fi
     if [ "$n_gpu" -ge 2 ]; then
