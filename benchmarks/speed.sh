@@ -7,30 +7,32 @@
 #          flash_attn_interface import, GPU 0) beside it with the FA2 shim
 #          (.ref/flash_attn_interface.py, GPU 1)
 #   lm1    lmcore on 1 GPU, MATH_STEPS steps each, two at a time (GPU 0 and GPU 1):
-#          "before" (today's defaults, fa3) beside "before" again (the run-to-run noise of the
-#          same math), then "after" (+ $LEVERS) beside lmcore with $SOLO (another lever set,
-#          by default "after" + the bf16 residual stream, a numeric change; SOLO_STEPS steps,
-#          ended after SOLO_TIMEOUT s); each but the twin with one step
-#          profiled (train.profile_step: RUN/profile/breakdown.json) and its top Triton
-#          kernels' sources copied out of inductor's cache (benchmarks/kernel_sources.py:
-#          res/kernels/RUN)
+#          "before" (+ $BEFORE: lmcore before issue 16's levers, session 5's defaults; fa3)
+#          beside "before" again (the run-to-run noise of the same math), then "after"
+#          (today's defaults + $LEVERS) beside lmcore with $SOLO (another lever set, by
+#          default rope_cache alone; SOLO_STEPS steps, ended after SOLO_TIMEOUT s); each but
+#          the twin with one step profiled (train.profile_step: RUN/profile/breakdown.json)
+#          and its top Triton kernels' sources copied out of inductor's cache
+#          (benchmarks/kernel_sources.py: res/kernels/RUN)
 #   orig2  the original with real FA3, 2 ranks under torchrun (NCCL), STEPS steps
 #   lm2    lmcore after, then before, 2 ranks under torchrun, STEPS steps
 # The 1-GPU runs go two at a time (so every 1-GPU run of the table has a neighbour); the
 # 2-rank runs have the machine to themselves. On a 1-GPU machine (nvidia-h200) the 1-GPU runs
 # go one at a time (original FA3, before, after, solo, twin, original FA2) and the 2-rank
-# stages are skipped: about 1,450 s. lmcore logs every 10 steps, like the original
+# stages are skipped. lmcore logs every 10 steps, like the original
 # here. Runs with the same compile options share an inductor cache (the 2-rank runs compile
 # the 1-GPU graph again: a cache hit). Then benchmarks/speed_report.py
 # prints the table (card, kernel, ranks, step ms, tokens/s per GPU, MFU, ratios to the original
 # with FA3 and FA2), the profiles' breakdowns and the same math (every 1-GPU run's losses
 # against "before", the twin's giving the noise). STAGES picks stages (default: all, in the
-# order above). LEVERS: the --set overrides of "after"; both sets go to res/levers.json.
-# Durations on nvidia-h200-x2 (session 5, 2026-11-28, when the originals still ran one after
-# the other): setup 21 s, each original run 200-240 s (mostly its compile), each lm1 pair
-# 255 s, a 2-rank lmcore run about 100 s (cache hit); the job took 1,352 s with lm_before_2
-# left out. Side by side the originals should save about 220 s, so plan about 1,250 s plus the
-# machine's start: most of a session's 1,800 s of device time.
+# order above). BEFORE, LEVERS, SOLO: --set overrides; the three go to res/levers.json.
+# Durations: on nvidia-h200-x2 (session 5, when the originals still ran one after the other)
+# setup 21 s, each original run 200-240 s (mostly its compile), each lm1 pair 255 s, a 2-rank
+# lmcore run about 100 s (cache hit): 1,352 s with lm_before_2 left out; side by side the
+# originals should save about 220 s, so plan about 1,250 s plus the machine's start. On
+# nvidia-h200 (session 6, one at a time) 1,363 s: setup 25 s, original FA3 230 s, each lmcore
+# run 220-235 s (the twin 180 s: a cache hit), original FA2 236 s. Either way most of a
+# session's 1,800 s of device time.
 # It outlasts one device call: `start` runs it detached (benchmarks/detached.sh) and polls;
 # `poll` (the next call, within 30 s of the last) goes on. Carry .whl, .data, .ref and .fa3.
 # Each poll leaves $OUT/speed.log, and once done $OUT/speed_table.md and
@@ -45,8 +47,9 @@ STEPS=${STEPS:-40}
 MATH_STEPS=${MATH_STEPS:-200}
 SOLO_STEPS=${SOLO_STEPS:-$MATH_STEPS}
 STAGES=${STAGES:-peak orig1 lm1 orig2 lm2}
-LEVERS=${LEVERS:-train.rope_cache=true train.inductor_mix_order_reduction=false train.ddp_bucket_cap_mb=100 train.ddp_grad_as_bucket_view=true}
-SOLO=${SOLO:-train.rope_cache=true train.inductor_mix_order_reduction=false model.residual_bf16=true}
+BEFORE=${BEFORE:-train.rope_cache=false train.inductor_mix_order_reduction=true}
+LEVERS=${LEVERS:-train.ddp_bucket_cap_mb=100 train.ddp_grad_as_bucket_view=true}
+SOLO=${SOLO:-train.inductor_mix_order_reduction=true}
 SOLO_TIMEOUT=${SOLO_TIMEOUT:-420}  # the solo run is ended after this many seconds (compile included)
 
 source benchmarks/detached.sh  # stamp, run_until, detached_poll, detached_main
@@ -91,9 +94,11 @@ sets() { local l; for l in "$@"; do printf -- '--set %s ' "$l"; done; }
 # the 1-GPU runs, each on the GPU given (job's prof1 and solo_prof: the steps they profile)
 orig_fa3_1() { orig orig_fa3_1 "$1" 1 "$S/orig_fa3" "$FA3:$BASE"; }
 orig_fa2_1() { orig orig_fa2_1 "$1" 1 "$S/src/.ref" "$BASE"; }
-lm_before_1() { lm lm_before_1 before "$1" 1 "$MATH_STEPS" --set train.profile_step="$prof1"; }
-lm_before_1b() { lm lm_before_1b before "$1" 1 "$MATH_STEPS"; }
-# shellcheck disable=SC2046,SC2086 # LEVERS and SOLO split into --set pairs on purpose
+# shellcheck disable=SC2046,SC2086 # BEFORE, LEVERS and SOLO split into --set pairs on purpose
+lm_before_1() { lm lm_before_1 before "$1" 1 "$MATH_STEPS" --set train.profile_step="$prof1" $(sets $BEFORE); }
+# shellcheck disable=SC2046,SC2086
+lm_before_1b() { lm lm_before_1b before "$1" 1 "$MATH_STEPS" $(sets $BEFORE); }
+# shellcheck disable=SC2046,SC2086
 lm_after_1() { lm lm_after_1 after "$1" 1 "$MATH_STEPS" --set train.profile_step="$prof1" $(sets $LEVERS); }
 # shellcheck disable=SC2046,SC2086
 lm_solo_1() { LM_TIMEOUT=$SOLO_TIMEOUT lm lm_solo_1 solo "$1" 1 "$SOLO_STEPS" --set train.profile_step="$solo_prof" $(sets $SOLO); }
@@ -104,8 +109,9 @@ job() {
   R=$S/res TOK=$S/src/.data/fineweb_1024_bpe.model D=$S/proxy BASE=/tmp/site:$S/src FA3=/tmp/fa3
   T0=$SECONDS
   mkdir -p "$R"
-  python3 -c 'import json, sys; print(json.dumps({"after": sys.argv[1], "solo": sys.argv[2]}))' "$LEVERS" "$SOLO" > "$R/levers.json"
-  echo "== setup: stages $STAGES; STEPS $STEPS; LEVERS $LEVERS"
+  python3 -c 'import json, sys; print(json.dumps(dict(zip(("before", "after", "solo"), sys.argv[1:]))))' \
+    "$BEFORE" "$LEVERS" "$SOLO" > "$R/levers.json"
+  echo "== setup: stages $STAGES; STEPS $STEPS; BEFORE $BEFORE; LEVERS $LEVERS; SOLO $SOLO"
   nvidia-smi --query-gpu=name,uuid,memory.total,driver_version --format=csv,noheader
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
   python3 -m pip install -q --no-index --no-deps --target "$FA3" .fa3/dist/*.whl
@@ -134,7 +140,7 @@ job() {
     if [ "$n_gpu" -ge 2 ]; then
       has orig2 && orig orig_fa3_2 0,1 2 "$S/orig_fa3" "$FA3:$BASE"
       has lm2 && lm lm_after_2 after 0,1 2 "$STEPS" --set train.profile_step=$prof2 $(sets $LEVERS)
-      has lm2 && lm lm_before_2 before 0,1 2 "$STEPS" --set train.profile_step=$prof2
+      has lm2 && lm lm_before_2 before 0,1 2 "$STEPS" --set train.profile_step=$prof2 $(sets $BEFORE)
     else
       echo "== one GPU: the 2-rank stages are skipped"
     fi

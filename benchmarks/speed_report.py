@@ -123,8 +123,8 @@ def main(res: Path) -> int:
     print(f"Card: {card}; torch {peak_info.get('torch', '?')}; measured bf16 matmul peak "
           f"{_f(peak, '.1f')} TFLOP/s; record's training FLOPs per token {f.train / 1e6:.1f} M "
           f"(lmcore.flops, causal); {TOKENS_PER_STEP:,} tokens a step (48 x 2048 micro-batches).")
-    levers = read_json(res / "levers.json")  # speed.sh's LEVERS ("after") and SOLO, where it wrote them
-    for name in ("after", "solo"):
+    levers = read_json(res / "levers.json")  # speed.sh's BEFORE, LEVERS ("after") and SOLO, where it wrote them
+    for name in ("before", "after", "solo"):
         if levers.get(name):
             print(f"{name}: `{levers[name]}`  ")
     print()

@@ -88,11 +88,6 @@ class ModelConfig:
     bos_id: int = 1
     attention: str = "auto"  # auto | fa3 | fa2 | sdpa_flash | sdpa_cudnn | math
     qat_bits: int = 6  # late-QAT fake quantization: values in [-2^(b-1), 2^(b-1)-1]
-    # The residual stream in the autocast dtype (bf16) instead of fp32. A deliberate numeric
-    # change from the original, where F.rms_norm of the embedding (fp32 under CUDA autocast)
-    # makes every block's input and output fp32: about half the bytes in the residual's
-    # elementwise kernels. No effect without autocast (fp32 runs).
-    residual_bf16: bool = False
 
     @property
     def head_dim(self) -> int:
@@ -167,12 +162,15 @@ class TrainConfig:
     compile: bool = True  # torch.compile on CUDA (never on CPU)
     compile_mode: str = "default"  # torch.compile mode: default | max-autotune-no-cudagraphs | max-autotune
     # inductor's mix-order reduction (torch >= 2.11: fuses the RMSNorm backward into larger kernels;
-    # openai/parameter-golf #1420 measured +5.9 ms a backward from it on 8xH100): off = torch's older codegen
-    inductor_mix_order_reduction: bool = True
+    # openai/parameter-golf #1420 measured +5.9 ms a backward from it on 8xH100). Off by default (torch's
+    # older codegen; with rope_cache on: 627.4/625.3 -> 592.8/595.1 ms a step on one H200, the same
+    # losses within run-to-run noise, benchmarks/RESULTS.md "Speed"); true = torch's default. On a torch
+    # without the option, off changes nothing.
+    inductor_mix_order_reduction: bool = False
     # inductor's coordinate-descent tuning: each generated Triton kernel's block sizes are
     # benchmarked at compile time (longer compile; the same math)
     inductor_coordinate_descent: bool = False
-    rope_cache: bool = False  # RoPE tables computed once for data.seq_len (GPT.cache_rope), not in the graph
+    rope_cache: bool = True  # RoPE tables computed once for data.seq_len (GPT.cache_rope), not in the graph
     ddp_bucket_cap_mb: float = 25.0  # DDP gradient bucket size (torch's default 25)
     ddp_grad_as_bucket_view: bool = False  # DDP gradients as views into its buckets (saves a copy)
     profile_step: int = 0  # > 0: profile that optimizer step into RUN/profile/ (lmcore.profiling)
@@ -249,7 +247,8 @@ class Config:
                                         ("inductor_coordinate_descent", self.train.inductor_coordinate_descent, False)):
                 if value != default:
                     raise ConfigError(f"train.{key}={str(value).lower()} needs train.compile_mode=default "
-                                      "(torch.compile takes a mode or inductor options, not both)")
+                                      "(torch.compile takes a mode or inductor options, not both): with "
+                                      f"train.compile_mode={self.train.compile_mode} set train.{key}={str(default).lower()}")
         if self.train.ema not in ("original", "bias_corrected", "off"):
             raise ConfigError(f"train.ema={self.train.ema!r}: expected original, bias_corrected or off")
         return self

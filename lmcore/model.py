@@ -447,8 +447,6 @@ class GPT(nn.Module):
             self._fallback_warned = True
         cfg = self.cfg
         x = self.embed(ids, cache)
-        if cfg.residual_bf16 and torch.is_autocast_enabled(x.device.type):
-            x = x.to(torch.get_autocast_dtype(x.device.type))  # the residual stream in bf16
         x0 = x
         if cache is not None:
             idx = cache.pos.view(1)

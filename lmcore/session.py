@@ -186,9 +186,11 @@ def compile_kwargs(tc: TrainConfig) -> dict[str, Any]:
     if tc.compile_mode != "default":
         kw["mode"] = tc.compile_mode
         return kw
+    import torch._inductor.config as inductor_config
+
     options: dict[str, Any] = {}
-    if not tc.inductor_mix_order_reduction:
-        options["triton.mix_order_reduction"] = False
+    if not tc.inductor_mix_order_reduction and hasattr(inductor_config.triton, "mix_order_reduction"):
+        options["triton.mix_order_reduction"] = False  # (torch < 2.11 has no such pass)
     if tc.inductor_coordinate_descent:
         options["coordinate_descent_tuning"] = True
     if options:

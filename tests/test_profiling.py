@@ -93,8 +93,8 @@ def _train_losses(run):
 
 def test_rope_cache_trains_the_same(tmp_path):
     on = ["train.iterations=3", "train.log_every=1"]
-    train(preset("tiny", on), tmp_path / "plain", progress=False)
-    train(preset("tiny", [*on, "train.rope_cache=true"]), tmp_path / "cached", progress=False)
+    train(preset("tiny", [*on, "train.rope_cache=false"]), tmp_path / "plain", progress=False)
+    train(preset("tiny", on), tmp_path / "cached", progress=False)  # on by default
     plain = _train_losses(tmp_path / "plain")
     assert len(plain) == 3 and _train_losses(tmp_path / "cached") == plain
 
@@ -109,17 +109,20 @@ def test_compile_arguments_of_the_switches():
 
     from lmcore.session import compile_kwargs
 
-    tc = preset("record").train
-    assert compile_kwargs(tc) == {"fullgraph": True, "dynamic": False}
-    off = preset("record", ["train.inductor_mix_order_reduction=false"]).train
-    assert compile_kwargs(off)["options"] == {"triton.mix_order_reduction": False}
+    tc = preset("record").train  # the defaults: mix-order reduction off
+    assert compile_kwargs(tc) == {"fullgraph": True, "dynamic": False, "options": {"triton.mix_order_reduction": False}}
     assert hasattr(inductor_config.triton, "mix_order_reduction")  # the option torch.compile is given exists
-    tuned = preset("record", ["train.compile_mode=max-autotune-no-cudagraphs"]).train
+    on = preset("record", ["train.inductor_mix_order_reduction=true"]).train  # torch's own default
+    assert compile_kwargs(on) == {"fullgraph": True, "dynamic": False}
+    tuned_cfg = preset("record", ["train.compile_mode=max-autotune-no-cudagraphs", "train.inductor_mix_order_reduction=true"])
+    tuned = tuned_cfg.validate().train
     assert compile_kwargs(tuned)["mode"] == "max-autotune-no-cudagraphs" and "options" not in compile_kwargs(tuned)
-    both = preset("record", ["train.inductor_mix_order_reduction=false", "train.inductor_coordinate_descent=true"]).train
+    both = preset("record", ["train.inductor_coordinate_descent=true"]).train
     assert compile_kwargs(both)["options"] == {"triton.mix_order_reduction": False, "coordinate_descent_tuning": True}
     assert inductor_config.coordinate_descent_tuning is False  # the option exists; off by default
     with pytest.raises(ConfigError, match="inductor_coordinate_descent"):
-        preset("record", ["train.compile_mode=max-autotune", "train.inductor_coordinate_descent=true"]).validate()
-    with pytest.raises(ConfigError, match="inductor_mix_order_reduction"):
-        preset("record", ["train.compile_mode=max-autotune", "train.inductor_mix_order_reduction=false"]).validate()
+        preset("record", ["train.compile_mode=max-autotune", "train.inductor_mix_order_reduction=true",
+                          "train.inductor_coordinate_descent=true"]).validate()
+    # a compile mode with the default (off) is refused, saying what to set
+    with pytest.raises(ConfigError, match="with train.compile_mode=max-autotune set train.inductor_mix_order_reduction=true"):
+        preset("record", ["train.compile_mode=max-autotune"]).validate()

@@ -78,11 +78,12 @@ def test_kernel_sources_copies_the_top_triton_kernels(tmp_path: Path):
     assert sorted(p.name for p in out.iterdir()) == ["cd.py", "crms.py", "index.json"]
 
 
-def test_committed_speed_table_is_what_its_results_give(capsys):
-    # benchmarks/results/speed-2026-11-28 holds the small files of issue 16's job (session 5);
-    # its speed_table.md (printed on the GPU machine; the solo row relabelled in session 6) must
-    # be what the report gives for them
-    res = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "speed-2026-11-28"
+@pytest.mark.parametrize("job", ["speed-2026-11-28", "speed-2026-11-28-h200"])
+def test_committed_speed_table_is_what_its_results_give(capsys, job):
+    # benchmarks/results/JOB holds the small files of one speed.sh job of issue 16 (session 5 on
+    # two H200s, session 6 on one); its speed_table.md (printed on the GPU machine; session 5's
+    # solo row relabelled in session 6) must be what the report gives for them
+    res = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / job
     assert speed_report.main(res) == 0
     assert capsys.readouterr().out == (res / "speed_table.md").read_text()
 
