@@ -39,7 +39,7 @@ from pathlib import Path
 
 import brotli
 
-from lmcore.config import Config, is_smoke_config
+from lmcore.config import Config, ConfigError, is_smoke_config
 
 SCRIPT_NAME = "train_gpt.py"
 PACKAGE = "lmcore"
@@ -53,6 +53,9 @@ CLI_ONLY = frozenset(
 # Building shards from documents: reached from train only through the `lmcore data build` CLI
 # registration, needed in the script only when it builds the smoke corpus itself.
 DATA_BUILD_ONLY = frozenset({"corpus"})
+# Fused kernels (train.fused_qk_norm_rope): they import triton, which the script may not; GPT imports
+# them only when the switch is on, and an export with it on is refused.
+KERNELS_ONLY = frozenset({"kernels"})
 # Third-party modules the script may import.
 ALLOWED_THIRD_PARTY = frozenset({"torch", "numpy", "sentencepiece", "brotli"})
 
@@ -160,7 +163,7 @@ def needed_modules(cfg: Config, pkg: Path = _PKG) -> list[str]:
     """
     smoke = is_smoke_config(cfg)
     todo = list(ROOT_MODULES) + (["smoke_data"] if smoke else [])
-    skip = CLI_ONLY | (set() if smoke else {"smoke_data"} | DATA_BUILD_ONLY)
+    skip = CLI_ONLY | KERNELS_ONLY | (set() if smoke else {"smoke_data"} | DATA_BUILD_ONLY)
     seen: set[str] = set()
     while todo:
         m = todo.pop()
@@ -227,6 +230,9 @@ def encode_sources(sources: dict[str, str]) -> str:
 def export_script(cfg: Config, pkg: Path = _PKG, minify: bool = True) -> str:
     """The text of the single-file `train_gpt.py` for `cfg` (see the module docstring)."""
     cfg = cfg.validate()
+    if cfg.train.fused_qk_norm_rope:
+        raise ConfigError("train.fused_qk_norm_rope=true: the exported script does not embed lmcore.kernels "
+                          "(it imports triton); export with train.fused_qk_norm_rope=false")
     config_json = json.dumps(cfg.to_dict(), separators=(",", ":"))
     boot = (pkg / "bootstrap.py").read_text(encoding="utf-8")
     return "".join(

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -161,6 +162,7 @@ class Attention(nn.Module):
             nn.init.zeros_(self.attn_gate.weight)
             nn.init.constant_(self.attn_gate.bias, cfg.gate_bias_init)
         self.backend = "math"
+        self.qk_op: Callable[..., Tensor] | None = None  # lmcore.kernels.qk_norm_rope when fused
 
     def forward(
         self, x: Tensor, ve: Tensor | None, rope: tuple[Tensor, Tensor], cache: KVCache | None = None
@@ -173,10 +175,13 @@ class Attention(nn.Module):
         if ve is not None:
             v = v + ve
         v = v.view(B, T, Hkv, D)
-        q, k = rms_norm(q), rms_norm(k)
         cos, sin = rope
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        q = q * self.q_gain.to(q.dtype)[None, None, :, None]
+        if self.qk_op is not None and cache is None:  # GPT.use_fused_qk_norm_rope: the same math, one op
+            q, k = self.qk_op(q, cos, sin, self.q_gain), self.qk_op(k, cos, sin, None)
+        else:
+            q, k = rms_norm(q), rms_norm(k)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q = q * self.q_gain.to(q.dtype)[None, None, :, None]
         if cache is None:
             y = attention(q, k, v, self.backend)
         else:
@@ -406,6 +411,15 @@ class GPT(nn.Module):
         inductor recomputes them (pow, cos, sin per element) in every kernel that reads them."""
         cos, sin = rope_tables(self.cfg, length, self.tok_emb.weight.device)
         self.rope_cos, self.rope_sin = cos, sin
+
+    def use_fused_qk_norm_rope(self) -> None:
+        """q/k RMSNorm + RoPE + q_gain through lmcore.kernels.qk_norm_rope (train.fused_qk_norm_rope):
+        one Triton pass forward and one backward on CUDA; imported here, so that the exported
+        script, which may not import triton, does not embed it."""
+        from lmcore.kernels import qk_norm_rope
+
+        for b in self.blocks:
+            b.attn.qk_op = qk_norm_rope
 
     def set_qat(self, bits: int) -> None:
         """Turn straight-through fake quantization of the block linears on (bits) or off (0)."""

@@ -236,6 +236,8 @@ def start_session(
     model = GPT(cfg.model).to(device)
     if tc.rope_cache:
         model.cache_rope(cfg.data.seq_len)
+    if tc.fused_qk_norm_rope:
+        model.use_fused_qk_norm_rope()
     if device.type == "cuda" and bf16:
         model.cast_embeddings(torch.bfloat16)
     backend = model.set_attention_backend(cfg.model.attention, device)

@@ -1,0 +1,226 @@
+"""Fused kernels for the training step (train.fused_qk_norm_rope), each as one custom op whose
+CPU kernel is the same math written out in PyTorch and whose CUDA kernel is Triton.
+
+`qk_norm_rope(x, cos, sin, gain)`: attention's q (or k) path in one pass over x (B, T, H, D):
+RMSNorm over D, RoPE on the first 2 * cos.size(-1) dims of each head, times a per-head gain
+(None: 1, for k). The model's plain path composes rms_norm, apply_rope and the gain; inductor
+compiles that into kernels 2-4x slower than HBM bandwidth (session 6's profile: 107 + 198 us a
+call for q at `record`'s micro-batch, forward + backward). Here the forward reads x once and
+writes the output and the per-row 1/rms; the backward reads the output's gradient and x once,
+writes x's gradient, and sums the gain's gradient per head from per-block partial sums (no
+atomics: the same result every run).
+
+Both are torch.library custom ops (lmcore::qk_norm_rope, lmcore::qk_norm_rope_backward) with
+fake kernels, so torch.compile keeps them in its whole graph as calls. The CPU kernels
+(`_forward_math`, `_backward_math`) are what tests check against autograd of the plain
+composition; the Triton kernels are checked against them on GPU (tests marked cuda). Without
+Triton, CUDA tensors run the PyTorch math. Imported only by GPT.use_fused_qk_norm_rope: the
+exported single-file script does not embed this module (it may not import triton).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only machines: the PyTorch math serves every device
+    triton = None
+
+EPS = torch.finfo(torch.float32).eps  # F.rms_norm's default for the fp32 math it runs under autocast
+TILE = 2048  # elements of x per Triton program: 2048 // (H * D) tokens (4 for q at record's size)
+
+
+def _rope_layout(d: int, half: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """(partner, sign) per dim of a head: RoPE's out[i] = x[i] cos + sign[i] x[partner[i]] sin
+    for i < 2 * half (partner i + half with sign +1 in the first half, i - half with -1 in the
+    second); dims past 2 * half keep x (their sin is 0)."""
+    i = torch.arange(d, device=device)
+    partner = torch.where(i < half, i + half, torch.where(i < 2 * half, i - half, i))
+    sign = torch.where(i < half, 1.0, -1.0).to(device)
+    return partner, sign
+
+
+def _full_tables(cos: Tensor, sin: Tensor, d: int) -> tuple[Tensor, Tensor]:
+    """cos/sin (T, half) widened to (T, d): both halves of the rotated dims, then cos 1, sin 0."""
+    t, half = cos.shape
+    c = torch.ones(t, d, dtype=torch.float32, device=cos.device)
+    s = torch.zeros(t, d, dtype=torch.float32, device=cos.device)
+    c[:, :half], c[:, half : 2 * half] = cos, cos
+    s[:, :half], s[:, half : 2 * half] = sin, sin
+    return c[None, :, None, :], s[None, :, None, :]
+
+
+def _forward_math(x: Tensor, cos: Tensor, sin: Tensor, gain: Tensor) -> tuple[Tensor, Tensor]:
+    """(out in x.dtype, rstd (B, T, H) fp32): out = gain * rope(x * rstd), in fp32."""
+    xf = x.float()
+    rstd = torch.rsqrt(xf.square().mean(-1) + EPS)
+    partner, sign = _rope_layout(x.size(-1), cos.size(-1), x.device)
+    c, s = _full_tables(cos.float(), sin.float(), x.size(-1))
+    rotated = xf * c + sign * xf[..., partner] * s
+    out = rotated * rstd[..., None] * gain.float()[None, None, :, None]
+    return out.to(x.dtype), rstd
+
+
+def _backward_math(g: Tensor, x: Tensor, rstd: Tensor, cos: Tensor, sin: Tensor, gain: Tensor) -> tuple[Tensor, Tensor]:
+    """(dx in x.dtype, dgain (H,) fp32) for out = gain * rope(n), n = x * rstd:
+    dn = gain * rope^T(g) (dn[i] = g[i] cos - sign[i] g[partner[i]] sin), dgain = sum g * rope(n)
+    per head, dx = rstd * (dn - n * mean(dn * n)) (RMSNorm's backward)."""
+    gf, xf = g.float(), x.float()
+    partner, sign = _rope_layout(x.size(-1), cos.size(-1), x.device)
+    c, s = _full_tables(cos.float(), sin.float(), x.size(-1))
+    r = rstd[..., None]
+    dn = gain.float()[None, None, :, None] * (gf * c - sign * gf[..., partner] * s)
+    dgain = (gf * r * (xf * c + sign * xf[..., partner] * s)).sum(dim=(0, 1, 3))
+    n = xf * r
+    dx = r * (dn - n * (dn * n).mean(-1, keepdim=True))
+    return dx.to(x.dtype), dgain
+
+
+if triton is not None:
+
+    @triton.jit
+    def _partner_cols(H: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr):
+        cols = tl.arange(0, H * D)
+        i = cols % D
+        partner = tl.where(i < HALF, i + HALF, tl.where(i < 2 * HALF, i - HALF, i))
+        sign = tl.where(i < HALF, 1.0, -1.0)
+        return cols, i, cols - i + partner, sign, cols // D
+
+    @triton.jit
+    def _tables(cos_ptr, sin_ptr, tok, i, mask, T: tl.constexpr, HALF: tl.constexpr):
+        rot = (i < 2 * HALF)[None, :]
+        j = tl.where(i < HALF, i, i - HALF)
+        off = (tok % T)[:, None] * HALF + j[None, :]
+        c = tl.load(cos_ptr + off, mask=mask & rot, other=1.0)
+        s = tl.load(sin_ptr + off, mask=mask & rot, other=0.0)
+        return c, s
+
+    @triton.jit
+    def _qk_fwd_kernel(x_ptr, cos_ptr, sin_ptr, gain_ptr, out_ptr, rstd_ptr, n_tok, eps,
+                       T: tl.constexpr, H: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, BLOCK: tl.constexpr):
+        tok = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        cols, i, pcols, sign, head = _partner_cols(H, D, HALF)
+        mask = (tok < n_tok)[:, None]
+        row = tok[:, None] * (H * D)
+        x = tl.load(x_ptr + row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        xp = tl.load(x_ptr + row + pcols[None, :], mask=mask, other=0.0).to(tl.float32)
+        x3 = tl.reshape(x, (BLOCK, H, D))
+        rstd = 1.0 / tl.sqrt(tl.sum(x3 * x3, axis=2) / D + eps)  # (BLOCK, H)
+        c, s = _tables(cos_ptr, sin_ptr, tok, i, mask, T, HALF)
+        rotated = tl.reshape(x * c + sign[None, :] * xp * s, (BLOCK, H, D)) * rstd[:, :, None]
+        gain = tl.load(gain_ptr + head).to(tl.float32)
+        out = tl.reshape(rotated, (BLOCK, H * D)) * gain[None, :]
+        tl.store(out_ptr + row + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
+        heads = tl.arange(0, H)
+        tl.store(rstd_ptr + tok[:, None] * H + heads[None, :], rstd, mask=mask)
+
+    @triton.jit
+    def _qk_bwd_kernel(g_ptr, x_ptr, rstd_ptr, cos_ptr, sin_ptr, gain_ptr, dx_ptr, dgain_part_ptr, n_tok,
+                       T: tl.constexpr, H: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, BLOCK: tl.constexpr):
+        pid = tl.program_id(0)
+        tok = pid * BLOCK + tl.arange(0, BLOCK)
+        cols, i, pcols, sign, head = _partner_cols(H, D, HALF)
+        mask = (tok < n_tok)[:, None]
+        row = tok[:, None] * (H * D)
+        g = tl.load(g_ptr + row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        gp = tl.load(g_ptr + row + pcols[None, :], mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        xp = tl.load(x_ptr + row + pcols[None, :], mask=mask, other=0.0).to(tl.float32)
+        heads = tl.arange(0, H)
+        rstd = tl.load(rstd_ptr + tok[:, None] * H + heads[None, :], mask=mask, other=0.0)  # (BLOCK, H)
+        c, s = _tables(cos_ptr, sin_ptr, tok, i, mask, T, HALF)
+        gain = tl.load(gain_ptr + head).to(tl.float32)
+        r = tl.reshape(tl.broadcast_to(rstd[:, :, None], (BLOCK, H, D)), (BLOCK, H * D))
+        dn = gain[None, :] * (g * c - sign[None, :] * gp * s)
+        rope_n = r * (x * c + sign[None, :] * xp * s)
+        dgain = tl.sum(tl.sum(tl.reshape(g * rope_n, (BLOCK, H, D)), axis=2), axis=0)  # (H,)
+        tl.store(dgain_part_ptr + pid * H + heads, dgain)
+        n = x * r
+        dot = tl.sum(tl.reshape(dn * n, (BLOCK, H, D)), axis=2) / D  # (BLOCK, H)
+        dot_full = tl.reshape(tl.broadcast_to(dot[:, :, None], (BLOCK, H, D)), (BLOCK, H * D))
+        dx = r * (dn - n * dot_full)
+        tl.store(dx_ptr + row + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+def _pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def _use_triton(x: Tensor) -> bool:
+    """Triton for CUDA tensors whose heads and head dim are powers of two (tl.arange's sizes)."""
+    return triton is not None and x.is_cuda and _pow2(x.size(2)) and _pow2(x.size(3)) and x.size(2) * x.size(3) <= TILE
+
+
+def _block(x: Tensor) -> int:
+    return TILE // (x.size(2) * x.size(3))
+
+
+def _forward_triton(x: Tensor, cos: Tensor, sin: Tensor, gain: Tensor) -> tuple[Tensor, Tensor]:
+    b, t, h, d = x.shape
+    out = torch.empty_like(x)
+    rstd = torch.empty((b, t, h), dtype=torch.float32, device=x.device)
+    n_tok, block = b * t, _block(x)
+    _qk_fwd_kernel[(triton.cdiv(n_tok, block),)](x, cos, sin, gain, out, rstd, n_tok, EPS,
+                                                 T=t, H=h, D=d, HALF=cos.size(-1), BLOCK=block, num_warps=4)
+    return out, rstd
+
+
+def _backward_triton(g: Tensor, x: Tensor, rstd: Tensor, cos: Tensor, sin: Tensor, gain: Tensor) -> tuple[Tensor, Tensor]:
+    b, t, h, d = x.shape
+    n_tok, block = b * t, _block(x)
+    blocks = triton.cdiv(n_tok, block)
+    dx = torch.empty_like(x)
+    part = torch.empty((blocks, h), dtype=torch.float32, device=x.device)
+    _qk_bwd_kernel[(blocks,)](g, x, rstd, cos, sin, gain, dx, part, n_tok,
+                              T=t, H=h, D=d, HALF=cos.size(-1), BLOCK=block, num_warps=4)
+    return dx, part.sum(0)
+
+
+@torch.library.custom_op("lmcore::qk_norm_rope", mutates_args=())
+def _qk_norm_rope(x: Tensor, cos: Tensor, sin: Tensor, gain: Tensor) -> tuple[Tensor, Tensor]:
+    if _use_triton(x):
+        return _forward_triton(x, cos, sin, gain)
+    return _forward_math(x, cos, sin, gain)
+
+
+@_qk_norm_rope.register_fake
+def _(x: Tensor, cos: Tensor, sin: Tensor, gain: Tensor) -> tuple[Tensor, Tensor]:
+    return torch.empty_like(x), x.new_empty(x.shape[:-1], dtype=torch.float32)
+
+
+@torch.library.custom_op("lmcore::qk_norm_rope_backward", mutates_args=())
+def _qk_norm_rope_backward(g: Tensor, x: Tensor, rstd: Tensor, cos: Tensor, sin: Tensor, gain: Tensor) -> tuple[Tensor, Tensor]:
+    if _use_triton(x):
+        return _backward_triton(g, x, rstd, cos, sin, gain)
+    return _backward_math(g, x, rstd, cos, sin, gain)
+
+
+@_qk_norm_rope_backward.register_fake
+def _(g: Tensor, x: Tensor, rstd: Tensor, cos: Tensor, sin: Tensor, gain: Tensor) -> tuple[Tensor, Tensor]:
+    return torch.empty_like(x), gain.new_empty(gain.shape, dtype=torch.float32)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, cos, sin, gain = inputs
+    ctx.save_for_backward(x, output[1], cos, sin, gain)
+
+
+def _backward(ctx, g: Tensor, _g_rstd: Tensor):
+    x, rstd, cos, sin, gain = ctx.saved_tensors
+    dx, dgain = _qk_norm_rope_backward(g.contiguous(), x, rstd, cos, sin, gain)
+    return dx, None, None, dgain.to(gain.dtype)
+
+
+_qk_norm_rope.register_autograd(_backward, setup_context=_setup_context)
+
+
+def qk_norm_rope(x: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None) -> Tensor:
+    """gain * rope(rms_norm(x)) for x (B, T, H, D) with cos/sin (T, half), gain (H,) or None;
+    computed in fp32, returned in x's dtype (the same math as the model's plain path)."""
+    if gain is None:
+        gain = torch.ones(x.size(2), dtype=torch.float32, device=x.device)
+    out, _ = _qk_norm_rope(x.contiguous(), cos.float().contiguous(), sin.float().contiguous(), gain)
+    return out

@@ -1,0 +1,159 @@
+"""lmcore.kernels (train.fused_qk_norm_rope): the op's PyTorch kernels against autograd of the
+model's plain q/k path (rms_norm, apply_rope, gain), for partial and whole-head RoPE, with and
+without a gain; the model and a training run with the switch against the plain path; compiled
+with fullgraph; the exported script refusing it. The Triton kernels against the PyTorch ones on
+GPU (marked cuda)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmcore.config import ConfigError, preset
+from lmcore.export import embedded_sources, export_script
+from lmcore.kernels import _backward_math, _forward_math, qk_norm_rope
+from lmcore.model import GPT, apply_rope, rms_norm, rope_tables
+from lmcore.train import train
+from tests.conftest import randomize_, tiny_model_cfg
+
+CASES = [  # rope_dims, head_dim, heads, seq len
+    (16, 64, 8, 12),  # record's head: partial RoPE (16 of 64 dims)
+    (0, 16, 4, 10),  # RoPE over the whole head
+    (4, 16, 2, 7),
+]
+
+
+def _plain(x, cos, sin, gain):
+    y = apply_rope(rms_norm(x), cos, sin)
+    return y if gain is None else y * gain[None, None, :, None]
+
+
+@pytest.mark.parametrize("with_gain", [True, False])
+@pytest.mark.parametrize(("rope_dims", "d", "h", "t"), CASES)
+def test_op_and_its_backward_are_the_plain_math(rope_dims, d, h, t, with_gain):
+    cfg = tiny_model_cfg(rope_dims=rope_dims, model_dim=d * h, num_heads=h, num_kv_heads=h)
+    cos, sin = rope_tables(cfg, t, torch.device("cpu"))
+    g = torch.Generator().manual_seed(3)
+    x0 = torch.randn(2, t, h, d, generator=g)
+    gain0 = torch.rand(h, generator=g) + 0.5
+    w = torch.randn(2, t, h, d, generator=g)
+    grads = []
+    for fn in (_plain, qk_norm_rope):
+        x = x0.clone().requires_grad_()
+        gain = gain0.clone().requires_grad_() if with_gain else None
+        out = fn(x, cos, sin, gain)
+        (out * w).sum().backward()
+        grads.append((out.detach(), x.grad, gain.grad if with_gain else None))
+    (ref, ref_dx, ref_dg), (out, dx, dg) = grads
+    torch.testing.assert_close(out, ref, rtol=0, atol=2e-6)
+    torch.testing.assert_close(dx, ref_dx, rtol=0, atol=2e-6)
+    if with_gain:
+        torch.testing.assert_close(dg, ref_dg, rtol=1e-5, atol=1e-5)
+    assert (out - x0).abs().max() > 0.1  # it did something: x itself is not the answer
+
+
+def test_pytorch_kernels_keep_the_input_dtype_and_compute_in_fp32():
+    cfg = tiny_model_cfg(rope_dims=4, model_dim=64, num_heads=4, num_kv_heads=4)
+    cos, sin = rope_tables(cfg, 6, torch.device("cpu"))
+    x = torch.randn(1, 6, 4, 16)
+    gain = torch.rand(4) + 0.5
+    out, rstd = _forward_math(x.bfloat16(), cos, sin, gain)
+    ref, ref_rstd = _forward_math(x.bfloat16().float(), cos, sin, gain)
+    assert out.dtype == torch.bfloat16 and rstd.dtype == torch.float32 and rstd.shape == (1, 6, 4)
+    assert torch.equal(out, ref.bfloat16()) and torch.equal(rstd, ref_rstd)  # one rounding, at the end
+    dx, dgain = _backward_math(out, x.bfloat16(), rstd, cos, sin, gain)
+    assert dx.dtype == torch.bfloat16 and dgain.dtype == torch.float32 and dgain.shape == (4,)
+
+
+def _loss_and_grads(model, ids, tgt, forward=None):
+    model.zero_grad(set_to_none=True)
+    loss = (forward or model)(ids, tgt)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_fused_model_is_the_plain_model_eager_and_compiled():
+    cfg = tiny_model_cfg()
+    model = randomize_(GPT(cfg), std=0.1).train()
+    ids = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+    tgt = torch.roll(ids, -1, 1)
+    plain_loss, plain_grads = _loss_and_grads(model, ids, tgt)
+    model.use_fused_qk_norm_rope()
+    assert all(b.attn.qk_op is qk_norm_rope for b in model.blocks)
+    loss, grads = _loss_and_grads(model, ids, tgt)
+    assert loss.item() == pytest.approx(plain_loss.item(), abs=1e-5) and grads.keys() == plain_grads.keys()
+    for n in grads:
+        torch.testing.assert_close(grads[n], plain_grads[n], rtol=1e-4, atol=1e-5, msg=n)
+    assert "blocks.0.attn.q_gain" in grads and grads["blocks.0.attn.q_gain"].abs().sum() > 0
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, dynamic=False, backend="aot_eager")
+    assert compiled(ids, tgt).item() == pytest.approx(plain_loss.item(), abs=1e-5)
+
+
+def test_training_with_the_switch_follows_the_plain_losses(tmp_path):
+    on = ["train.iterations=3", "train.log_every=1"]
+    plain = train(preset("tiny", on), tmp_path / "plain", progress=False)
+    fused = train(preset("tiny", [*on, "train.fused_qk_norm_rope=true"]), tmp_path / "fused", progress=False)
+    a = [r["train_loss"] for r in _train_lines(tmp_path / "plain")]
+    b = [r["train_loss"] for r in _train_lines(tmp_path / "fused")]
+    assert len(a) == 3 and b == pytest.approx(a, abs=1e-4)
+    assert fused.val_bpb == pytest.approx(plain.val_bpb, abs=1e-4)
+
+
+def _train_lines(run):
+    import json
+
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    return [r for r in lines if r.get("kind") == "train"]
+
+
+def test_the_exported_script_refuses_the_switch():
+    with pytest.raises(ConfigError, match="train.fused_qk_norm_rope=true: the exported script does not embed lmcore.kernels"):
+        export_script(preset("record", ["train.fused_qk_norm_rope=true"]))
+    assert "lmcore/kernels.py" not in embedded_sources(preset("record"))
+    assert "lmcore/model.py" in embedded_sources(preset("record"))
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(("b", "t", "h", "d", "rope_dims"), [(4, 2048, 8, 64, 16), (4, 2048, 4, 64, 16), (3, 37, 4, 16, 0)])
+def test_triton_kernels_are_the_pytorch_kernels(b, t, h, d, rope_dims, dtype):
+    import lmcore.kernels as K
+
+    assert K.triton is not None
+    cfg = tiny_model_cfg(rope_dims=rope_dims, model_dim=d * h, num_heads=h, num_kv_heads=h)
+    cos, sin = (z.cuda() for z in rope_tables(cfg, t, torch.device("cpu")))
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(b, t, h, d, generator=g, device="cuda").to(dtype)
+    dy = torch.randn(b, t, h, d, generator=g, device="cuda").to(dtype)
+    gain = torch.rand(h, generator=g, device="cuda") + 0.5
+    out, rstd = K._forward_triton(x, cos, sin, gain)
+    ref, ref_rstd = K._forward_math(x, cos, sin, gain)
+    torch.testing.assert_close(out, ref)  # bf16: at most a rounding apart
+    torch.testing.assert_close(rstd, ref_rstd)
+    dx, dgain = K._backward_triton(dy, x, ref_rstd, cos, sin, gain)
+    ref_dx, ref_dgain = K._backward_math(dy, x, ref_rstd, cos, sin, gain)
+    torch.testing.assert_close(dx, ref_dx)
+    torch.testing.assert_close(dgain, ref_dgain, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_fused_model_on_cuda_compiled_is_the_plain_model():
+    cfg = tiny_model_cfg(model_dim=128, num_heads=4, num_kv_heads=2, rope_dims=16)
+    torch.manual_seed(0)
+    model = randomize_(GPT(cfg), std=0.05).cuda().train()
+    ids = torch.randint(0, cfg.vocab_size, (4, 64), device="cuda", generator=torch.Generator(device="cuda").manual_seed(1))
+    tgt = torch.roll(ids, -1, 1)
+    plain_loss, plain_grads = _loss_and_grads(model, ids, tgt)
+    model.use_fused_qk_norm_rope()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, dynamic=False)
+    loss, grads = _loss_and_grads(model, ids, tgt, forward=compiled)
+    assert loss.item() == pytest.approx(plain_loss.item(), abs=1e-4) and grads.keys() == plain_grads.keys()
+    for n in grads:
+        torch.testing.assert_close(grads[n], plain_grads[n], rtol=1e-3, atol=1e-4, msg=n)
