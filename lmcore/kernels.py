@@ -30,7 +30,7 @@ except ImportError:  # CPU-only machines: the PyTorch math serves every device
     triton = None
 
 EPS = torch.finfo(torch.float32).eps  # F.rms_norm's default for the fp32 math it runs under autocast
-TILE = 2048  # elements of x per Triton program: 2048 // (H * D) tokens (4 for q at record's size)
+TILE = 2048  # elements of x per Triton program: 2048 // D rows, each one head of one token
 
 
 def _rope_layout(d: int, half: int, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -82,106 +82,105 @@ def _backward_math(g: Tensor, x: Tensor, rstd: Tensor, cos: Tensor, sin: Tensor,
 if triton is not None:
 
     @triton.jit
-    def _partner_cols(H: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr):
-        cols = tl.arange(0, H * D)
-        i = cols % D
-        partner = tl.where(i < HALF, i + HALF, tl.where(i < 2 * HALF, i - HALF, i))
-        sign = tl.where(i < HALF, 1.0, -1.0)
-        return cols, i, cols - i + partner, sign, cols // D
+    def _row_tiles(ptr, rows, mask, D: tl.constexpr, HALF: tl.constexpr):
+        """A (R, D) tile of heads and its two rotated halves (R, HALF), each a contiguous load."""
+        base = rows[:, None] * D
+        full = tl.load(ptr + base + tl.arange(0, D)[None, :], mask=mask, other=0.0).to(tl.float32)
+        first = tl.load(ptr + base + tl.arange(0, HALF)[None, :], mask=mask, other=0.0).to(tl.float32)
+        second = tl.load(ptr + base + HALF + tl.arange(0, HALF)[None, :], mask=mask, other=0.0).to(tl.float32)
+        return full, first, second
 
     @triton.jit
-    def _tables(cos_ptr, sin_ptr, tok, i, mask, T: tl.constexpr, HALF: tl.constexpr):
-        rot = (i < 2 * HALF)[None, :]
-        j = tl.where(i < HALF, i, i - HALF)
-        off = (tok % T)[:, None] * HALF + j[None, :]
-        c = tl.load(cos_ptr + off, mask=mask & rot, other=1.0)
-        s = tl.load(sin_ptr + off, mask=mask & rot, other=0.0)
-        return c, s
+    def _store_tiles(ptr, rows, mask, full, first, second, D: tl.constexpr, HALF: tl.constexpr):
+        """Store a head tile: the rotated halves at [0, 2 HALF), the rest of `full` after them."""
+        base = rows[:, None] * D
+        cols = tl.arange(0, D)[None, :]
+        ty = ptr.dtype.element_ty
+        tl.store(ptr + base + cols, full.to(ty), mask=mask & (cols >= 2 * HALF))
+        tl.store(ptr + base + tl.arange(0, HALF)[None, :], first.to(ty), mask=mask)
+        tl.store(ptr + base + HALF + tl.arange(0, HALF)[None, :], second.to(ty), mask=mask)
 
     @triton.jit
-    def _qk_fwd_kernel(x_ptr, cos_ptr, sin_ptr, gain_ptr, out_ptr, rstd_ptr, n_tok, eps,
-                       T: tl.constexpr, H: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, BLOCK: tl.constexpr):
-        tok = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        cols, i, pcols, sign, head = _partner_cols(H, D, HALF)
-        mask = (tok < n_tok)[:, None]
-        row = tok[:, None] * (H * D)
-        x = tl.load(x_ptr + row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        xp = tl.load(x_ptr + row + pcols[None, :], mask=mask, other=0.0).to(tl.float32)
-        x3 = tl.reshape(x, (BLOCK, H, D))
-        rstd = 1.0 / tl.sqrt(tl.sum(x3 * x3, axis=2) / D + eps)  # (BLOCK, H)
-        c, s = _tables(cos_ptr, sin_ptr, tok, i, mask, T, HALF)
-        rotated = tl.reshape(x * c + sign[None, :] * xp * s, (BLOCK, H, D)) * rstd[:, :, None]
-        gain = tl.load(gain_ptr + head).to(tl.float32)
-        out = tl.reshape(rotated, (BLOCK, H * D)) * gain[None, :]
-        tl.store(out_ptr + row + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
-        heads = tl.arange(0, H)
-        tl.store(rstd_ptr + tok[:, None] * H + heads[None, :], rstd, mask=mask)
+    def _qk_fwd_kernel(x_ptr, cos_ptr, sin_ptr, gain_ptr, out_ptr, rstd_ptr, n_rows, eps,
+                       T: tl.constexpr, H: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, R: tl.constexpr):
+        # R rows (one head of one token each, row = token * H + head) per program
+        rows = tl.program_id(0) * R + tl.arange(0, R)
+        live = rows < n_rows
+        mask = live[:, None]
+        x, x1, x2 = _row_tiles(x_ptr, rows, mask, D, HALF)
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)  # (R,)
+        tab = ((rows // H) % T)[:, None] * HALF + tl.arange(0, HALF)[None, :]
+        c = tl.load(cos_ptr + tab, mask=mask, other=1.0)
+        s = tl.load(sin_ptr + tab, mask=mask, other=0.0)
+        scale = (rstd * tl.load(gain_ptr + rows % H, mask=live, other=0.0).to(tl.float32))[:, None]
+        _store_tiles(out_ptr, rows, mask, x * scale, (x1 * c + x2 * s) * scale, (x2 * c - x1 * s) * scale, D, HALF)
+        tl.store(rstd_ptr + rows, rstd, mask=live)
 
     @triton.jit
-    def _qk_bwd_kernel(g_ptr, x_ptr, rstd_ptr, cos_ptr, sin_ptr, gain_ptr, dx_ptr, dgain_part_ptr, n_tok,
-                       T: tl.constexpr, H: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, BLOCK: tl.constexpr):
+    def _qk_bwd_kernel(g_ptr, x_ptr, rstd_ptr, cos_ptr, sin_ptr, gain_ptr, dx_ptr, dgain_part_ptr, n_rows,
+                       T: tl.constexpr, H: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, R: tl.constexpr):
         pid = tl.program_id(0)
-        tok = pid * BLOCK + tl.arange(0, BLOCK)
-        cols, i, pcols, sign, head = _partner_cols(H, D, HALF)
-        mask = (tok < n_tok)[:, None]
-        row = tok[:, None] * (H * D)
-        g = tl.load(g_ptr + row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        gp = tl.load(g_ptr + row + pcols[None, :], mask=mask, other=0.0).to(tl.float32)
-        x = tl.load(x_ptr + row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        xp = tl.load(x_ptr + row + pcols[None, :], mask=mask, other=0.0).to(tl.float32)
-        heads = tl.arange(0, H)
-        rstd = tl.load(rstd_ptr + tok[:, None] * H + heads[None, :], mask=mask, other=0.0)  # (BLOCK, H)
-        c, s = _tables(cos_ptr, sin_ptr, tok, i, mask, T, HALF)
-        gain = tl.load(gain_ptr + head).to(tl.float32)
-        r = tl.reshape(tl.broadcast_to(rstd[:, :, None], (BLOCK, H, D)), (BLOCK, H * D))
-        dn = gain[None, :] * (g * c - sign[None, :] * gp * s)
-        rope_n = r * (x * c + sign[None, :] * xp * s)
-        dgain = tl.sum(tl.sum(tl.reshape(g * rope_n, (BLOCK, H, D)), axis=2), axis=0)  # (H,)
-        tl.store(dgain_part_ptr + pid * H + heads, dgain)
-        n = x * r
-        dot = tl.sum(tl.reshape(dn * n, (BLOCK, H, D)), axis=2) / D  # (BLOCK, H)
-        dot_full = tl.reshape(tl.broadcast_to(dot[:, :, None], (BLOCK, H, D)), (BLOCK, H * D))
-        dx = r * (dn - n * dot_full)
-        tl.store(dx_ptr + row + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        rows = pid * R + tl.arange(0, R)
+        live = rows < n_rows
+        mask = live[:, None]
+        g, g1, g2 = _row_tiles(g_ptr, rows, mask, D, HALF)
+        x, x1, x2 = _row_tiles(x_ptr, rows, mask, D, HALF)
+        rest = (tl.arange(0, D) >= 2 * HALF)[None, :]
+        rv = tl.load(rstd_ptr + rows, mask=live, other=0.0)  # (R,)
+        r = rv[:, None]
+        tab = ((rows // H) % T)[:, None] * HALF + tl.arange(0, HALF)[None, :]
+        c = tl.load(cos_ptr + tab, mask=mask, other=1.0)
+        s = tl.load(sin_ptr + tab, mask=mask, other=0.0)
+        gain = tl.load(gain_ptr + rows % H, mask=live, other=0.0).to(tl.float32)[:, None]
+        # the gain's gradient: sum of g * rope(n) over each head's rows
+        gr = tl.sum(tl.where(rest, g * x, 0.0), axis=1) + tl.sum(g1 * (x1 * c + x2 * s) + g2 * (x2 * c - x1 * s), axis=1)
+        tl.store(dgain_part_ptr + pid * H + tl.arange(0, H), tl.sum(tl.reshape(gr * rv, (R // H, H)), axis=0))
+        # dn = gain * rope^T(g); dx = rstd * (dn - n * mean(dn * n)), n = x * rstd
+        dn, dn1, dn2 = gain * g, gain * (g1 * c - g2 * s), gain * (g2 * c + g1 * s)
+        dot = (tl.sum(tl.where(rest, dn * x, 0.0), axis=1) + tl.sum(dn1 * x1 + dn2 * x2, axis=1))[:, None] * r / D
+        _store_tiles(dx_ptr, rows, mask, r * (dn - x * r * dot), r * (dn1 - x1 * r * dot), r * (dn2 - x2 * r * dot), D, HALF)
 
 
 def _pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
-def _use_triton(x: Tensor) -> bool:
-    """Triton for CUDA tensors whose heads and head dim are powers of two (tl.arange's sizes)."""
-    return triton is not None and x.is_cuda and _pow2(x.size(2)) and _pow2(x.size(3)) and x.size(2) * x.size(3) <= TILE
+def _use_triton(x: Tensor, half: int) -> bool:
+    """Triton for CUDA tensors whose heads, head dim and rotated half are powers of two
+    (tl.arange's sizes) and whose head dim fits a program's tile."""
+    h, d = x.size(2), x.size(3)
+    return triton is not None and x.is_cuda and _pow2(h) and _pow2(d) and _pow2(half) and h * d <= TILE
 
 
-def _block(x: Tensor) -> int:
-    return TILE // (x.size(2) * x.size(3))
+def _rows(x: Tensor) -> int:
+    """Rows (heads of one token) per program: TILE // D, a multiple of H (whole tokens)."""
+    return TILE // x.size(3)
 
 
 def _forward_triton(x: Tensor, cos: Tensor, sin: Tensor, gain: Tensor) -> tuple[Tensor, Tensor]:
     b, t, h, d = x.shape
     out = torch.empty_like(x)
     rstd = torch.empty((b, t, h), dtype=torch.float32, device=x.device)
-    n_tok, block = b * t, _block(x)
-    _qk_fwd_kernel[(triton.cdiv(n_tok, block),)](x, cos, sin, gain, out, rstd, n_tok, EPS,
-                                                 T=t, H=h, D=d, HALF=cos.size(-1), BLOCK=block, num_warps=4)
+    n_rows, rows = b * t * h, _rows(x)
+    _qk_fwd_kernel[(triton.cdiv(n_rows, rows),)](x, cos, sin, gain, out, rstd, n_rows, EPS,
+                                                 T=t, H=h, D=d, HALF=cos.size(-1), R=rows, num_warps=4)
     return out, rstd
 
 
 def _backward_triton(g: Tensor, x: Tensor, rstd: Tensor, cos: Tensor, sin: Tensor, gain: Tensor) -> tuple[Tensor, Tensor]:
     b, t, h, d = x.shape
-    n_tok, block = b * t, _block(x)
-    blocks = triton.cdiv(n_tok, block)
+    n_rows, rows = b * t * h, _rows(x)
+    blocks = triton.cdiv(n_rows, rows)
     dx = torch.empty_like(x)
     part = torch.empty((blocks, h), dtype=torch.float32, device=x.device)
-    _qk_bwd_kernel[(blocks,)](g, x, rstd, cos, sin, gain, dx, part, n_tok,
-                              T=t, H=h, D=d, HALF=cos.size(-1), BLOCK=block, num_warps=4)
+    _qk_bwd_kernel[(blocks,)](g, x, rstd, cos, sin, gain, dx, part, n_rows,
+                              T=t, H=h, D=d, HALF=cos.size(-1), R=rows, num_warps=4)
     return dx, part.sum(0)
 
 
 @torch.library.custom_op("lmcore::qk_norm_rope", mutates_args=())
 def _qk_norm_rope(x: Tensor, cos: Tensor, sin: Tensor, gain: Tensor) -> tuple[Tensor, Tensor]:
-    if _use_triton(x):
+    if _use_triton(x, cos.size(-1)):
         return _forward_triton(x, cos, sin, gain)
     return _forward_math(x, cos, sin, gain)
 
@@ -193,7 +192,7 @@ def _(x: Tensor, cos: Tensor, sin: Tensor, gain: Tensor) -> tuple[Tensor, Tensor
 
 @torch.library.custom_op("lmcore::qk_norm_rope_backward", mutates_args=())
 def _qk_norm_rope_backward(g: Tensor, x: Tensor, rstd: Tensor, cos: Tensor, sin: Tensor, gain: Tensor) -> tuple[Tensor, Tensor]:
-    if _use_triton(x):
+    if _use_triton(x, cos.size(-1)):
         return _backward_triton(g, x, rstd, cos, sin, gain)
     return _backward_math(g, x, rstd, cos, sin, gain)
 

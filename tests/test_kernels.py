@@ -67,7 +67,7 @@ def test_pytorch_kernels_keep_the_input_dtype_and_compute_in_fp32():
 
 def _loss_and_grads(model, ids, tgt, forward=None):
     model.zero_grad(set_to_none=True)
-    loss = (forward or model)(ids, tgt)
+    loss = (model if forward is None else forward)(ids, tgt)
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
