@@ -58,7 +58,7 @@ def errors(fn: Fn, q, k, v, dout, ref) -> dict[str, float]:
     return res
 
 
-def _median_ms(step: Callable[[], object], warmup: int, iters: int) -> float:
+def median_ms(step: Callable[[], object], warmup: int, iters: int) -> float:
     for _ in range(warmup):
         step()
     torch.cuda.synchronize()
@@ -81,7 +81,7 @@ def time_fwd_bwd(fn: Fn, q, k, v, dout, warmup: int, iters: int) -> tuple[float,
     def fwd_bwd() -> None:
         torch.autograd.grad(fn(q, k, v), (q, k, v), dout)
 
-    return _median_ms(fwd, warmup, iters), _median_ms(fwd_bwd, warmup, iters)
+    return median_ms(fwd, warmup, iters), median_ms(fwd_bwd, warmup, iters)
 
 
 def kernel_times(fn: Fn, q, k, v, dout, iters: int = 5) -> list[tuple[str, float]]:

@@ -1,8 +1,9 @@
 """q/k RMSNorm + RoPE + gain at `record`'s micro-batch on one GPU: the plain path compiled by
 inductor (as in training: bf16 in, fp32 math, bf16 out) against lmcore.kernels.qk_norm_rope
 (train.fused_qk_norm_rope), forward + backward, in the same process. Prints a Markdown table:
-shape, path, forward us, backward us, total us, effective GB/s (the bytes a pass must move:
-forward reads x and writes out, backward reads the gradient and x and writes dx) and the ratio.
+shape, path, forward us, backward us (the median forward + backward less the median forward),
+total us, effective GB/s (the bytes a pass must move: forward reads x and writes out, backward
+reads the gradient and x and writes dx) and the ratio.
 
 usage: python benchmarks/qk_kernel_bench.py [--iters N]
 """
@@ -13,6 +14,7 @@ import argparse
 import functools
 
 import torch
+from attention_bench import median_ms  # this folder: the CUDA-event timing of the attention benchmark
 
 from lmcore.config import preset
 from lmcore.kernels import qk_norm_rope
@@ -33,19 +35,6 @@ def forward_backward(fn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, 
     return torch.autograd.grad(fn(x, cos, sin, gain), (x, gain), dy)
 
 
-def time_us(fn, iters: int) -> float:
-    for _ in range(5):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return 1000.0 * start.elapsed_time(end) / iters
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--iters", type=int, default=50)
@@ -64,8 +53,8 @@ def main() -> int:
         base = None
         for label, fn in (("plain, inductor", torch.compile(plain, fullgraph=True, dynamic=False)),
                           ("fused (lmcore.kernels)", fused)):
-            fwd = time_us(functools.partial(fn, x, cos, sin, gain), args.iters)
-            both = time_us(functools.partial(forward_backward, fn, x, cos, sin, gain, dy), args.iters)
+            fwd = 1000.0 * median_ms(functools.partial(fn, x, cos, sin, gain), 5, args.iters)
+            both = 1000.0 * median_ms(functools.partial(forward_backward, fn, x, cos, sin, gain, dy), 5, args.iters)
             moved = 5 * x.numel() * x.element_size()
             base = base or both
             print(f"| {name} {tuple(x.shape)} | {label} | {fwd:.1f} | {both - fwd:.1f} | {both:.1f} | "

@@ -23,6 +23,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lmcore.model import apply_rope
+
 try:
     import triton
     import triton.language as tl
@@ -36,49 +38,23 @@ TILE = 2048  # elements of x per Triton program: 2048 // D rows, each one head o
 WARPS = 8
 
 
-def _rope_layout(d: int, half: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """(partner, sign) per dim of a head: RoPE's out[i] = x[i] cos + sign[i] x[partner[i]] sin
-    for i < 2 * half (partner i + half with sign +1 in the first half, i - half with -1 in the
-    second); dims past 2 * half keep x (their sin is 0)."""
-    i = torch.arange(d, device=device)
-    partner = torch.where(i < half, i + half, torch.where(i < 2 * half, i - half, i))
-    sign = torch.where(i < half, 1.0, -1.0).to(device)
-    return partner, sign
-
-
-def _full_tables(cos: Tensor, sin: Tensor, d: int) -> tuple[Tensor, Tensor]:
-    """cos/sin (T, half) widened to (T, d): both halves of the rotated dims, then cos 1, sin 0."""
-    t, half = cos.shape
-    c = torch.ones(t, d, dtype=torch.float32, device=cos.device)
-    s = torch.zeros(t, d, dtype=torch.float32, device=cos.device)
-    c[:, :half], c[:, half : 2 * half] = cos, cos
-    s[:, :half], s[:, half : 2 * half] = sin, sin
-    return c[None, :, None, :], s[None, :, None, :]
-
-
 def _forward_math(x: Tensor, cos: Tensor, sin: Tensor, gain: Tensor) -> tuple[Tensor, Tensor]:
     """(out in x.dtype, rstd (B, T, H) fp32): out = gain * rope(x * rstd), in fp32."""
     xf = x.float()
     rstd = torch.rsqrt(xf.square().mean(-1) + EPS)
-    partner, sign = _rope_layout(x.size(-1), cos.size(-1), x.device)
-    c, s = _full_tables(cos.float(), sin.float(), x.size(-1))
-    rotated = xf * c + sign * xf[..., partner] * s
-    out = rotated * rstd[..., None] * gain.float()[None, None, :, None]
+    out = apply_rope(xf * rstd[..., None], cos.float(), sin.float()) * gain.float()[None, None, :, None]
     return out.to(x.dtype), rstd
 
 
 def _backward_math(g: Tensor, x: Tensor, rstd: Tensor, cos: Tensor, sin: Tensor, gain: Tensor) -> tuple[Tensor, Tensor]:
     """(dx in x.dtype, dgain (H,) fp32) for out = gain * rope(n), n = x * rstd:
-    dn = gain * rope^T(g) (dn[i] = g[i] cos - sign[i] g[partner[i]] sin), dgain = sum g * rope(n)
+    dn = gain * rope^T(g) (RoPE's transpose is the rotation by -sin), dgain = sum g * rope(n)
     per head, dx = rstd * (dn - n * mean(dn * n)) (RMSNorm's backward)."""
-    gf, xf = g.float(), x.float()
-    partner, sign = _rope_layout(x.size(-1), cos.size(-1), x.device)
-    c, s = _full_tables(cos.float(), sin.float(), x.size(-1))
-    r = rstd[..., None]
-    dn = gain.float()[None, None, :, None] * (gf * c - sign * gf[..., partner] * s)
-    dgain = (gf * r * (xf * c + sign * xf[..., partner] * s)).sum(dim=(0, 1, 3))
-    n = xf * r
-    dx = r * (dn - n * (dn * n).mean(-1, keepdim=True))
+    gf, cos, sin = g.float(), cos.float(), sin.float()
+    n = x.float() * rstd[..., None]
+    dn = gain.float()[None, None, :, None] * apply_rope(gf, cos, -sin)
+    dgain = (gf * apply_rope(n, cos, sin)).sum(dim=(0, 1, 3))
+    dx = rstd[..., None] * (dn - n * (dn * n).mean(-1, keepdim=True))
     return dx.to(x.dtype), dgain
 
 

@@ -1,7 +1,9 @@
-"""Shared test fixtures: tiny configs and the location of ../shared (tests skip without it)."""
+"""Shared test fixtures: tiny configs, the location of ../shared (tests skip without it), and
+helpers: a model's loss and gradients, a run's logged training losses."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -38,6 +40,21 @@ def randomize_(model: torch.nn.Module, seed: int = 0, std: float = 0.3) -> torch
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * std)
     return model
+
+
+def loss_and_grads(model, ids, tgt, forward=None):
+    """(loss, {name: grad}) of one forward (through `forward`, e.g. the compiled model, or the
+    model itself) and backward, the model's gradients zeroed first."""
+    model.zero_grad(set_to_none=True)
+    loss = (model if forward is None else forward)(ids, tgt)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def train_losses(run: Path) -> list[float]:
+    """The training losses a run folder's metrics.jsonl logged, in order."""
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    return [r["train_loss"] for r in lines if r.get("kind") == "train"]
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from lmcore.export import embedded_sources, export_script
 from lmcore.kernels import _backward_math, _forward_math, qk_norm_rope
 from lmcore.model import GPT, apply_rope, rms_norm, rope_tables
 from lmcore.train import train
-from tests.conftest import randomize_, tiny_model_cfg
+from tests.conftest import loss_and_grads, randomize_, tiny_model_cfg, train_losses
 
 CASES = [  # rope_dims, head_dim, heads, seq len
     (16, 64, 8, 12),  # record's head: partial RoPE (16 of 64 dims)
@@ -65,22 +65,15 @@ def test_pytorch_kernels_keep_the_input_dtype_and_compute_in_fp32():
     assert dx.dtype == torch.bfloat16 and dgain.dtype == torch.float32 and dgain.shape == (4,)
 
 
-def _loss_and_grads(model, ids, tgt, forward=None):
-    model.zero_grad(set_to_none=True)
-    loss = (model if forward is None else forward)(ids, tgt)
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
 def test_fused_model_is_the_plain_model_eager_and_compiled():
     cfg = tiny_model_cfg()
     model = randomize_(GPT(cfg), std=0.1).train()
     ids = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
     tgt = torch.roll(ids, -1, 1)
-    plain_loss, plain_grads = _loss_and_grads(model, ids, tgt)
+    plain_loss, plain_grads = loss_and_grads(model, ids, tgt)
     model.use_fused_qk_norm_rope()
     assert all(b.attn.qk_op is qk_norm_rope for b in model.blocks)
-    loss, grads = _loss_and_grads(model, ids, tgt)
+    loss, grads = loss_and_grads(model, ids, tgt)
     assert loss.item() == pytest.approx(plain_loss.item(), abs=1e-5) and grads.keys() == plain_grads.keys()
     for n in grads:
         torch.testing.assert_close(grads[n], plain_grads[n], rtol=1e-4, atol=1e-5, msg=n)
@@ -94,17 +87,10 @@ def test_training_with_the_switch_follows_the_plain_losses(tmp_path):
     on = ["train.iterations=3", "train.log_every=1"]
     plain = train(preset("tiny", on), tmp_path / "plain", progress=False)
     fused = train(preset("tiny", [*on, "train.fused_qk_norm_rope=true"]), tmp_path / "fused", progress=False)
-    a = [r["train_loss"] for r in _train_lines(tmp_path / "plain")]
-    b = [r["train_loss"] for r in _train_lines(tmp_path / "fused")]
+    a = train_losses(tmp_path / "plain")
+    b = train_losses(tmp_path / "fused")
     assert len(a) == 3 and b == pytest.approx(a, abs=1e-4)
     assert fused.val_bpb == pytest.approx(plain.val_bpb, abs=1e-4)
-
-
-def _train_lines(run):
-    import json
-
-    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    return [r for r in lines if r.get("kind") == "train"]
 
 
 def test_the_exported_script_refuses_the_switch():
@@ -149,11 +135,11 @@ def test_fused_model_on_cuda_compiled_is_the_plain_model():
     model = randomize_(GPT(cfg), std=0.05).cuda().train()
     ids = torch.randint(0, cfg.vocab_size, (4, 64), device="cuda", generator=torch.Generator(device="cuda").manual_seed(1))
     tgt = torch.roll(ids, -1, 1)
-    plain_loss, plain_grads = _loss_and_grads(model, ids, tgt)
+    plain_loss, plain_grads = loss_and_grads(model, ids, tgt)
     model.use_fused_qk_norm_rope()
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True, dynamic=False)
-    loss, grads = _loss_and_grads(model, ids, tgt, forward=compiled)
+    loss, grads = loss_and_grads(model, ids, tgt, forward=compiled)
     assert loss.item() == pytest.approx(plain_loss.item(), abs=1e-4) and grads.keys() == plain_grads.keys()
     for n in grads:
         torch.testing.assert_close(grads[n], plain_grads[n], rtol=1e-3, atol=1e-4, msg=n)

@@ -8,7 +8,7 @@ import torch
 from lmcore.cli import main
 from lmcore.config import PRESETS
 from lmcore.model import GPT, KVCache, LatentMasks, fake_quantize_rows, param_counts, rope_tables
-from tests.conftest import randomize_, tiny_model_cfg
+from tests.conftest import loss_and_grads, randomize_, tiny_model_cfg
 
 RECORD_PARAMS = 27_739_277
 
@@ -207,13 +207,6 @@ def test_rope_rescales_past_train_len():
     assert not torch.allclose(c8[:, 1], c16[:8, 1])  # the others slow down
 
 
-def _loss_and_grads(model, ids, tgt):
-    model.zero_grad(set_to_none=True)
-    loss = model(ids, tgt)
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
 def test_rope_cache_is_the_same_math_and_is_read():
     """train.rope_cache: tables computed once for one length give the loss and every gradient
     bit for bit (NTK-rescaled length included), other lengths compute their own, nothing is
@@ -225,11 +218,11 @@ def test_rope_cache_is_the_same_math_and_is_read():
     ids = torch.randint(0, cfg.vocab_size, (2, 16), generator=g)
     tgt = torch.roll(ids, -1, 1)
     short = ids[:, :8]
-    plain_loss, plain_grads = _loss_and_grads(model, ids, tgt)
+    plain_loss, plain_grads = loss_and_grads(model, ids, tgt)
     plain_short = model(short, tgt[:, :8]).detach()
     model.cache_rope(16)  # past rope_train_len=8: the rescaled base
     assert torch.equal(model.rope_cos, rope_tables(cfg, 16, torch.device("cpu"))[0])
-    loss, grads = _loss_and_grads(model, ids, tgt)
+    loss, grads = loss_and_grads(model, ids, tgt)
     assert torch.equal(loss, plain_loss) and grads.keys() == plain_grads.keys()
     assert all(torch.equal(grads[n], plain_grads[n]) for n in grads)
     assert torch.equal(model(short, tgt[:, :8]).detach(), plain_short)  # another length: its own tables

@@ -16,6 +16,7 @@ import torch
 from lmcore.config import ConfigError, preset
 from lmcore.profiling import category, device_breakdown, profile_step
 from lmcore.train import train
+from tests.conftest import train_losses
 
 
 @pytest.mark.parametrize("name, cat", [
@@ -86,17 +87,12 @@ def test_the_export_runs_while_the_clock_is_paused(tmp_path):
     assert seen == [False, True] and (tmp_path / "trace.json.gz").exists()
 
 
-def _train_losses(run):
-    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    return [r["train_loss"] for r in lines if r.get("kind") == "train"]
-
-
 def test_rope_cache_trains_the_same(tmp_path):
     on = ["train.iterations=3", "train.log_every=1"]
     train(preset("tiny", [*on, "train.rope_cache=false"]), tmp_path / "plain", progress=False)
     train(preset("tiny", on), tmp_path / "cached", progress=False)  # on by default
-    plain = _train_losses(tmp_path / "plain")
-    assert len(plain) == 3 and _train_losses(tmp_path / "cached") == plain
+    plain = train_losses(tmp_path / "plain")
+    assert len(plain) == 3 and train_losses(tmp_path / "cached") == plain
 
 
 def test_bad_compile_mode_is_refused():
