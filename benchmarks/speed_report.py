@@ -98,9 +98,9 @@ def kernel_changes(before: dict, after: dict, n: int = 8) -> list[tuple[str, flo
 
 
 def same_math(res: Path) -> list[str]:
-    """One line per 1-GPU run against MATH_BASE: the largest step-by-step difference of the
-    training loss over the steps both logged, and both final losses; MATH_TWIN's line is the
-    run-to-run noise."""
+    """One line per 1-GPU run against MATH_BASE: the largest and the mean step-by-step
+    difference of the training loss over the steps both logged, and both final losses;
+    MATH_TWIN's line is the run-to-run noise."""
     base = {r["step"]: r["train_loss"] for r in train_lines(res / MATH_BASE)}
     out = []
     for folder, label in LM_RUNS[1]:
@@ -109,9 +109,9 @@ def same_math(res: Path) -> list[str]:
         if folder == MATH_BASE or not steps:
             continue
         what = "run-to-run noise" if folder == MATH_TWIN else "difference"
-        diff = max(abs(base[s] - curve[s]) for s in steps)
+        diffs = [abs(base[s] - curve[s]) for s in steps]
         out.append(f"Same math, {label} ({folder}) against {MATH_BASE}, {len(steps)} steps, seed 1337: {what} "
-                   f"max |loss - loss| = {diff:.4f}; last step {steps[-1]}: {base[steps[-1]]:.4f} vs {curve[steps[-1]]:.4f}.")
+                   f"max |loss - loss| = {max(diffs):.4f}, mean {statistics.mean(diffs):.4f}; last step {steps[-1]}: {base[steps[-1]]:.4f} vs {curve[steps[-1]]:.4f}.")
     return out
 
 

@@ -55,8 +55,8 @@ def test_speed_rows_and_same_math(tmp_path: Path, capsys):
     assert "Kernel time that changed from lm_before_1 to lm_after_1 (profiled step, by kernel with inductor's number " \
         "dropped): lm_before_1 5.0 ms, lm_after_1 3.0 ms" in out
     assert "| `triton_poi_fused_x` | 5.00 | 3.00 | -2.00 |" in out and "to lm_solo_1" not in out
-    assert "before, again (lm_before_1b) against lm_before_1, 3 steps, seed 1337: run-to-run noise max |loss - loss| = 0.0100" in out
-    assert "after (lm_after_1) against lm_before_1, 3 steps, seed 1337: difference max |loss - loss| = 0.0300" in out
+    assert "before, again (lm_before_1b) against lm_before_1, 3 steps, seed 1337: run-to-run noise max |loss - loss| = 0.0100, mean 0.0033" in out
+    assert "after (lm_after_1) against lm_before_1, 3 steps, seed 1337: difference max |loss - loss| = 0.0300, mean 0.0100" in out
     assert "last step 3: 1.5000 vs 1.5300" in out
 
 
@@ -78,11 +78,12 @@ def test_kernel_sources_copies_the_top_triton_kernels(tmp_path: Path):
     assert sorted(p.name for p in out.iterdir()) == ["cd.py", "crms.py", "index.json"]
 
 
-@pytest.mark.parametrize("job", ["speed-2026-11-28", "speed-2026-11-28-h200"])
+@pytest.mark.parametrize("job", ["speed-2026-11-28", "speed-2026-11-28-h200", "speed-2026-11-29-h200x2"])
 def test_committed_speed_table_is_what_its_results_give(capsys, job):
     # benchmarks/results/JOB holds the small files of one speed.sh job of issue 16 (session 5 on
-    # two H200s, session 6 on one); its speed_table.md (printed on the GPU machine; session 5's
-    # solo row relabelled in session 6) must be what the report gives for them
+    # two H200s, session 6 on one, session 7 on two); its speed_table.md (printed on the GPU
+    # machine; session 5's solo row relabelled in session 6, the same-math lines' mean
+    # difference added to all three in session 7) must be what the report gives for them
     res = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / job
     assert speed_report.main(res) == 0
     assert capsys.readouterr().out == (res / "speed_table.md").read_text()
