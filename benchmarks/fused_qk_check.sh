@@ -12,7 +12,7 @@ python3 -m pip install -q --no-index --no-deps --target /tmp/fa3 .fa3/dist/*.whl
 export PYTHONPATH=/tmp/fa3:/tmp/site:$PWD
 nvidia-smi --query-gpu=name,uuid --format=csv,noheader
 python3 -m pytest -q -m cuda tests/test_kernels.py 2>&1 | tee "$OUT/tests.log" | tail -15
-python3 benchmarks/qk_kernel_bench.py 2>&1 | tee "$OUT/qk_kernel_bench.md" | tail -12
+python3 benchmarks/qk_kernel_bench.py 2>&1 | tee "$OUT/qk_kernel_bench.md" | tail -24
 if [ "${FUSED_STEPS:-40}" -gt 0 ]; then
   python3 -m lmcore data build --docs .data/proxy_docs.jsonl.xz --tokenizer .data/fineweb_1024_bpe.model \
     --out /tmp/proxy --val-docs 1500 --shard-tokens 10000000 --no-progress > /dev/null || exit 1

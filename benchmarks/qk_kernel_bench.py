@@ -1,9 +1,14 @@
 """q/k RMSNorm + RoPE + gain at `record`'s micro-batch on one GPU: the plain path compiled by
 inductor (as in training: bf16 in, fp32 math, bf16 out) against lmcore.kernels.qk_norm_rope
-(train.fused_qk_norm_rope), forward + backward, in the same process. Prints a Markdown table:
-shape, path, forward us, backward us (the median forward + backward less the median forward),
-total us, effective GB/s (the bytes a pass must move: forward reads x and writes out, backward
-reads the gradient and x and writes dx) and the ratio.
+(train.fused_qk_norm_rope), forward + backward, in the same process; q with its gain, k
+without (as in the model). Then the fused kernels alone for a few tile choices (rows a
+program, warps). Prints Markdown tables: GPU microseconds a call, effective GB/s (the bytes a
+pass must move: forward reads x and writes out, backward reads the gradient and x and writes
+dx) and the ratio to the plain path.
+
+Times are of calls queued back to back behind a sleeping kernel, so the GPU never waits for
+the host, as in a training step, where the host runs ahead (session 7's first version timed
+one call at a time and mostly measured the host's launch overhead).
 
 usage: python benchmarks/qk_kernel_bench.py [--iters N]
 """
@@ -12,27 +17,45 @@ from __future__ import annotations
 
 import argparse
 import functools
+from collections.abc import Callable
 
 import torch
-from attention_bench import median_ms  # this folder: the CUDA-event timing of the attention benchmark
 
+from lmcore import kernels
 from lmcore.config import preset
 from lmcore.kernels import qk_norm_rope
 from lmcore.model import apply_rope, rms_norm, rope_tables
 
+CHOICES = [(16, 2), (16, 4), (32, 4), (32, 8), (64, 8)]  # (rows a program, warps)
 
-def plain(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
+
+def queued_us(call: Callable[[], object], iters: int) -> float:
+    """GPU microseconds a call: `iters` calls queued behind a ~50 ms sleep kernel, timed by
+    CUDA events around them (the host enqueues them while the GPU sleeps)."""
+    for _ in range(3):
+        call()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(100_000_000)
+    start.record()
+    for _ in range(iters):
+        call()
+    end.record()
+    torch.cuda.synchronize()
+    return 1000.0 * start.elapsed_time(end) / iters
+
+
+def plain(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, gain: torch.Tensor | None) -> torch.Tensor:
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        y = apply_rope(rms_norm(x), cos, sin) * gain[None, None, :, None]
+        y = apply_rope(rms_norm(x), cos, sin)
+        if gain is not None:
+            y = y * gain[None, None, :, None]
     return y.to(torch.bfloat16)  # the attention kernel's input
 
 
-def fused(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
-    return qk_norm_rope(x, cos, sin, gain)
-
-
-def forward_backward(fn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, gain: torch.Tensor, dy: torch.Tensor):
-    return torch.autograd.grad(fn(x, cos, sin, gain), (x, gain), dy)
+def forward_backward(fn, x, cos, sin, gain, dy):
+    inputs = (x,) if gain is None else (x, gain)
+    return torch.autograd.grad(fn(x, cos, sin, gain), inputs, dy)
 
 
 def main() -> int:
@@ -41,24 +64,39 @@ def main() -> int:
     args = ap.parse_args()
     cfg = preset("record")
     b, t = cfg.train.batch_tokens // (cfg.train.grad_accum * cfg.data.seq_len), cfg.data.seq_len
-    cos, sin = (z.cuda() for z in rope_tables(cfg.model, t, torch.device("cpu")))
-    print(f"{torch.cuda.get_device_name()}; torch {torch.__version__}; micro-batch {b} x {t}")
+    cos, sin = (z.cuda().float().contiguous() for z in rope_tables(cfg.model, t, torch.device("cpu")))
+    print(f"{torch.cuda.get_device_name()}; torch {torch.__version__}; micro-batch {b} x {t}; GPU time a call, queued")
     print()
     print("| tensor | path | forward us | backward us | total us | GB/s | vs plain |")
     print("|---|---|---|---|---|---|---|")
-    for name, heads in (("q", cfg.model.num_heads), ("k", cfg.model.num_kv_heads)):
+    sweep = []
+    compiled = torch.compile(plain, fullgraph=True, dynamic=False)
+    for name, heads, with_gain in (("q", cfg.model.num_heads, True), ("k", cfg.model.num_kv_heads, False)):
         x = torch.randn(b, t, heads, cfg.model.head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        gain = torch.full((heads,), 1.5, device="cuda", requires_grad=True)
+        gain = torch.full((heads,), 1.5, device="cuda", requires_grad=True) if with_gain else None
         dy = torch.randn_like(x)
+        nbytes = x.numel() * x.element_size()
         base = None
-        for label, fn in (("plain, inductor", torch.compile(plain, fullgraph=True, dynamic=False)),
-                          ("fused (lmcore.kernels)", fused)):
-            fwd = 1000.0 * median_ms(functools.partial(fn, x, cos, sin, gain), 5, args.iters)
-            both = 1000.0 * median_ms(functools.partial(forward_backward, fn, x, cos, sin, gain, dy), 5, args.iters)
-            moved = 5 * x.numel() * x.element_size()
+        for label, fn in (("plain, inductor", compiled), ("fused (lmcore.kernels)", qk_norm_rope)):
+            fwd = queued_us(functools.partial(fn, x, cos, sin, gain), args.iters)
+            both = queued_us(functools.partial(forward_backward, fn, x, cos, sin, gain, dy), args.iters)
             base = base or both
             print(f"| {name} {tuple(x.shape)} | {label} | {fwd:.1f} | {both - fwd:.1f} | {both:.1f} | "
-                  f"{moved / both / 1e3:.0f} | {base / both:.2f}x |")
+                  f"{5 * nbytes / both / 1e3:.0f} | {base / both:.2f}x |")
+        xd, g = x.detach(), gain.detach() if with_gain else None
+        _, rstd = kernels._forward_triton(xd, cos, sin, g)
+        for rows, warps in CHOICES:
+            f = queued_us(functools.partial(kernels._forward_triton, xd, cos, sin, g, rows, warps), args.iters)
+            bw = queued_us(functools.partial(kernels._backward_triton, dy, xd, rstd, cos, sin, g, rows, warps), args.iters)
+            mark = " (lmcore)" if rows == kernels.TILE // x.size(3) and warps == kernels.WARPS else ""
+            sweep.append(f"| {name} | {rows}{mark} | {warps} | {f:.1f} | {2 * nbytes / f / 1e3:.0f} | "
+                         f"{bw:.1f} | {3 * nbytes / bw / 1e3:.0f} |")
+    print()
+    print("The fused kernels alone (the backward's includes summing the gain's partials), by tile choice:")
+    print()
+    print("| tensor | rows a program | warps | forward us | GB/s | backward us | GB/s |")
+    print("|---|---|---|---|---|---|---|")
+    print("\n".join(sweep))
     return 0
 
 

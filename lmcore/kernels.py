@@ -33,91 +33,97 @@ except ImportError:  # CPU-only machines: the PyTorch math serves every device
 
 EPS = torch.finfo(torch.float32).eps  # F.rms_norm's default for the fp32 math it runs under autocast
 TILE = 2048  # elements of x per Triton program: 2048 // D rows, each one head of one token
-# 8 warps: for sm_90 ptxas gives 59 (forward) and 79 (backward) registers a thread at record's
-# shapes, no spills, 32 and 24 resident warps an SM (4 warps: 96 and 157 registers, 20 and 12)
 WARPS = 8
 
 
-def _forward_math(x: Tensor, cos: Tensor, sin: Tensor, gain: Tensor) -> tuple[Tensor, Tensor]:
+def _forward_math(x: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None) -> tuple[Tensor, Tensor]:
     """(out in x.dtype, rstd (B, T, H) fp32): out = gain * rope(x * rstd), in fp32."""
     xf = x.float()
     rstd = torch.rsqrt(xf.square().mean(-1) + EPS)
-    out = apply_rope(xf * rstd[..., None], cos.float(), sin.float()) * gain.float()[None, None, :, None]
+    out = apply_rope(xf * rstd[..., None], cos.float(), sin.float())
+    if gain is not None:
+        out = out * gain.float()[None, None, :, None]
     return out.to(x.dtype), rstd
 
 
-def _backward_math(g: Tensor, x: Tensor, rstd: Tensor, cos: Tensor, sin: Tensor, gain: Tensor) -> tuple[Tensor, Tensor]:
-    """(dx in x.dtype, dgain (H,) fp32) for out = gain * rope(n), n = x * rstd:
-    dn = gain * rope^T(g) (RoPE's transpose is the rotation by -sin), dgain = sum g * rope(n)
-    per head, dx = rstd * (dn - n * mean(dn * n)) (RMSNorm's backward)."""
+def _backward_math(g: Tensor, x: Tensor, rstd: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(dx in x.dtype, dgain (H,) fp32, or (0,) without a gain) for out = gain * rope(n),
+    n = x * rstd: with u = rope^T(g) (RoPE's transpose is the rotation by -sin) and
+    t = sum(u * n) per row, dgain = sum of t over each head's rows, dn = gain * u and
+    dx = rstd * (dn - n * mean(dn * n)) (RMSNorm's backward)."""
     gf, cos, sin = g.float(), cos.float(), sin.float()
     n = x.float() * rstd[..., None]
-    dn = gain.float()[None, None, :, None] * apply_rope(gf, cos, -sin)
-    dgain = (gf * apply_rope(n, cos, sin)).sum(dim=(0, 1, 3))
-    dx = rstd[..., None] * (dn - n * (dn * n).mean(-1, keepdim=True))
+    u = apply_rope(gf, cos, -sin)
+    t = (u * n).sum(-1, keepdim=True)
+    scale = rstd[..., None] if gain is None else rstd[..., None] * gain.float()[None, None, :, None]
+    dx = scale * (u - n * t / x.size(-1))
+    dgain = x.new_empty(0, dtype=torch.float32) if gain is None else t.sum(dim=(0, 1, 3))
     return dx.to(x.dtype), dgain
 
 
 if triton is not None:
+    # RoPE on a (R, D) tile of heads without splitting it: rope(x) = x * C + partner(x) * S,
+    # where partner swaps the two rotated halves (column j <-> j +- HALF, loaded contiguously in
+    # runs of HALF) and C, S are cos and +-sin on the rotated columns, 1 and 0 on the rest; its
+    # transpose is x * C - partner(x) * S. One layout for every tile, one reduction a row.
 
     @triton.jit
-    def _row_tiles(ptr, rows, mask, D: tl.constexpr, HALF: tl.constexpr):
-        """A (R, D) tile of heads and its two rotated halves (R, HALF), each a contiguous load."""
-        base = rows[:, None] * D
-        full = tl.load(ptr + base + tl.arange(0, D)[None, :], mask=mask, other=0.0).to(tl.float32)
-        first = tl.load(ptr + base + tl.arange(0, HALF)[None, :], mask=mask, other=0.0).to(tl.float32)
-        second = tl.load(ptr + base + HALF + tl.arange(0, HALF)[None, :], mask=mask, other=0.0).to(tl.float32)
-        return full, first, second
-
-    @triton.jit
-    def _store_tiles(ptr, rows, mask, full, first, second, D: tl.constexpr, HALF: tl.constexpr):
-        """Store a head tile: the rotated halves at [0, 2 HALF), the rest of `full` after them."""
-        base = rows[:, None] * D
+    def _tile(ptr, rows, mask, D: tl.constexpr, HALF: tl.constexpr):
+        """A (R, D) tile of heads and its partner tile (rotated halves swapped; 0 elsewhere), fp32."""
         cols = tl.arange(0, D)[None, :]
-        ty = ptr.dtype.element_ty
-        tl.store(ptr + base + cols, full.to(ty), mask=mask & (cols >= 2 * HALF))
-        tl.store(ptr + base + tl.arange(0, HALF)[None, :], first.to(ty), mask=mask)
-        tl.store(ptr + base + HALF + tl.arange(0, HALF)[None, :], second.to(ty), mask=mask)
+        base = ptr + rows[:, None] * D
+        full = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
+        partner_cols = cols + HALF - 2 * HALF * ((cols // HALF) % 2)
+        partner = tl.load(base + partner_cols, mask=mask & (cols < 2 * HALF), other=0.0).to(tl.float32)
+        return full, partner
+
+    @triton.jit
+    def _rope_cs(cos_ptr, sin_ptr, rows, mask, T: tl.constexpr, H: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr):
+        """(C, S) tiles (R, D) for the rows' tokens (row = token * H + head)."""
+        cols = tl.arange(0, D)[None, :]
+        rotated = mask & (cols < 2 * HALF)
+        tab = ((rows // H) % T)[:, None] * HALF + cols % HALF
+        c = tl.load(cos_ptr + tab, mask=rotated, other=1.0)
+        s = tl.load(sin_ptr + tab, mask=rotated, other=0.0)
+        return c, tl.where(cols < HALF, s, -s)
 
     @triton.jit
     def _qk_fwd_kernel(x_ptr, cos_ptr, sin_ptr, gain_ptr, out_ptr, rstd_ptr, n_rows, eps,
-                       T: tl.constexpr, H: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, R: tl.constexpr):
-        # R rows (one head of one token each, row = token * H + head) per program
+                       T: tl.constexpr, H: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, R: tl.constexpr,
+                       HAS_GAIN: tl.constexpr):
         rows = tl.program_id(0) * R + tl.arange(0, R)
         live = rows < n_rows
         mask = live[:, None]
-        x, x1, x2 = _row_tiles(x_ptr, rows, mask, D, HALF)
+        x, xp = _tile(x_ptr, rows, mask, D, HALF)
+        c, s = _rope_cs(cos_ptr, sin_ptr, rows, mask, T, H, D, HALF)
         rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)  # (R,)
-        tab = ((rows // H) % T)[:, None] * HALF + tl.arange(0, HALF)[None, :]
-        c = tl.load(cos_ptr + tab, mask=mask, other=1.0)
-        s = tl.load(sin_ptr + tab, mask=mask, other=0.0)
-        scale = (rstd * tl.load(gain_ptr + rows % H, mask=live, other=0.0).to(tl.float32))[:, None]
-        _store_tiles(out_ptr, rows, mask, x * scale, (x1 * c + x2 * s) * scale, (x2 * c - x1 * s) * scale, D, HALF)
+        scale = rstd
+        if HAS_GAIN:
+            scale = scale * tl.load(gain_ptr + rows % H, mask=live, other=0.0).to(tl.float32)
+        out = (x * c + xp * s) * scale[:, None]
+        tl.store(out_ptr + rows[:, None] * D + tl.arange(0, D)[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
         tl.store(rstd_ptr + rows, rstd, mask=live)
 
     @triton.jit
     def _qk_bwd_kernel(g_ptr, x_ptr, rstd_ptr, cos_ptr, sin_ptr, gain_ptr, dx_ptr, dgain_part_ptr, n_rows,
-                       T: tl.constexpr, H: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, R: tl.constexpr):
+                       T: tl.constexpr, H: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, R: tl.constexpr,
+                       HAS_GAIN: tl.constexpr):
         pid = tl.program_id(0)
         rows = pid * R + tl.arange(0, R)
         live = rows < n_rows
         mask = live[:, None]
-        g, g1, g2 = _row_tiles(g_ptr, rows, mask, D, HALF)
-        x, x1, x2 = _row_tiles(x_ptr, rows, mask, D, HALF)
-        rest = (tl.arange(0, D) >= 2 * HALF)[None, :]
-        rv = tl.load(rstd_ptr + rows, mask=live, other=0.0)  # (R,)
-        r = rv[:, None]
-        tab = ((rows // H) % T)[:, None] * HALF + tl.arange(0, HALF)[None, :]
-        c = tl.load(cos_ptr + tab, mask=mask, other=1.0)
-        s = tl.load(sin_ptr + tab, mask=mask, other=0.0)
-        gain = tl.load(gain_ptr + rows % H, mask=live, other=0.0).to(tl.float32)[:, None]
-        # the gain's gradient: sum of g * rope(n) over each head's rows
-        gr = tl.sum(tl.where(rest, g * x, 0.0), axis=1) + tl.sum(g1 * (x1 * c + x2 * s) + g2 * (x2 * c - x1 * s), axis=1)
-        tl.store(dgain_part_ptr + pid * H + tl.arange(0, H), tl.sum(tl.reshape(gr * rv, (R // H, H)), axis=0))
-        # dn = gain * rope^T(g); dx = rstd * (dn - n * mean(dn * n)), n = x * rstd
-        dn, dn1, dn2 = gain * g, gain * (g1 * c - g2 * s), gain * (g2 * c + g1 * s)
-        dot = (tl.sum(tl.where(rest, dn * x, 0.0), axis=1) + tl.sum(dn1 * x1 + dn2 * x2, axis=1))[:, None] * r / D
-        _store_tiles(dx_ptr, rows, mask, r * (dn - x * r * dot), r * (dn1 - x1 * r * dot), r * (dn2 - x2 * r * dot), D, HALF)
+        g, gp = _tile(g_ptr, rows, mask, D, HALF)
+        x = tl.load(x_ptr + rows[:, None] * D + tl.arange(0, D)[None, :], mask=mask, other=0.0).to(tl.float32)
+        c, s = _rope_cs(cos_ptr, sin_ptr, rows, mask, T, H, D, HALF)
+        r = tl.load(rstd_ptr + rows, mask=live, other=0.0)  # (R,)
+        u = g * c - gp * s  # rope^T(g)
+        t = tl.sum(u * x, axis=1) * r  # sum(u * n) a row
+        scale = r
+        if HAS_GAIN:  # the gain's gradient: t summed over each head's rows, one partial a program
+            tl.store(dgain_part_ptr + pid * H + tl.arange(0, H), tl.sum(tl.reshape(t, (R // H, H)), axis=0))
+            scale = scale * tl.load(gain_ptr + rows % H, mask=live, other=0.0).to(tl.float32)
+        dx = scale[:, None] * (u - x * (r * t / D)[:, None])
+        tl.store(dx_ptr + rows[:, None] * D + tl.arange(0, D)[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
 def _pow2(n: int) -> bool:
@@ -136,49 +142,59 @@ def _rows(x: Tensor) -> int:
     return TILE // x.size(3)
 
 
-def _forward_triton(x: Tensor, cos: Tensor, sin: Tensor, gain: Tensor) -> tuple[Tensor, Tensor]:
+def _forward_triton(
+    x: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None, rows: int | None = None, warps: int = WARPS
+) -> tuple[Tensor, Tensor]:
+    """The forward kernel; `rows` a program (a multiple of H; default TILE // D) and `warps`
+    are the tile choice (benchmarks/qk_kernel_bench.py compares a few)."""
     b, t, h, d = x.shape
     out = torch.empty_like(x)
     rstd = torch.empty((b, t, h), dtype=torch.float32, device=x.device)
-    n_rows, rows = b * t * h, _rows(x)
-    _qk_fwd_kernel[(triton.cdiv(n_rows, rows),)](x, cos, sin, gain, out, rstd, n_rows, EPS,
-                                                 T=t, H=h, D=d, HALF=cos.size(-1), R=rows, num_warps=WARPS)
+    n_rows, rows = b * t * h, rows or _rows(x)
+    _qk_fwd_kernel[(triton.cdiv(n_rows, rows),)](x, cos, sin, x if gain is None else gain, out, rstd, n_rows, EPS,
+                                                 T=t, H=h, D=d, HALF=cos.size(-1), R=rows, HAS_GAIN=gain is not None,
+                                                 num_warps=warps)
     return out, rstd
 
 
-def _backward_triton(g: Tensor, x: Tensor, rstd: Tensor, cos: Tensor, sin: Tensor, gain: Tensor) -> tuple[Tensor, Tensor]:
+def _backward_triton(
+    g: Tensor, x: Tensor, rstd: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None,
+    rows: int | None = None, warps: int = WARPS,
+) -> tuple[Tensor, Tensor]:
     b, t, h, d = x.shape
-    n_rows, rows = b * t * h, _rows(x)
+    n_rows, rows = b * t * h, rows or _rows(x)
     blocks = triton.cdiv(n_rows, rows)
     dx = torch.empty_like(x)
-    part = torch.empty((blocks, h), dtype=torch.float32, device=x.device)
-    _qk_bwd_kernel[(blocks,)](g, x, rstd, cos, sin, gain, dx, part, n_rows,
-                              T=t, H=h, D=d, HALF=cos.size(-1), R=rows, num_warps=WARPS)
-    return dx, part.sum(0)
+    part = torch.empty((blocks if gain is not None else 0, h), dtype=torch.float32, device=x.device)
+    _qk_bwd_kernel[(blocks,)](g, x, rstd, cos, sin, x if gain is None else gain, dx, part, n_rows,
+                              T=t, H=h, D=d, HALF=cos.size(-1), R=rows, HAS_GAIN=gain is not None, num_warps=warps)
+    return dx, part.sum(0) if gain is not None else part.new_empty(0)
 
 
 @torch.library.custom_op("lmcore::qk_norm_rope", mutates_args=())
-def _qk_norm_rope(x: Tensor, cos: Tensor, sin: Tensor, gain: Tensor) -> tuple[Tensor, Tensor]:
+def _qk_norm_rope(x: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None) -> tuple[Tensor, Tensor]:
     if _use_triton(x, cos.size(-1)):
         return _forward_triton(x, cos, sin, gain)
     return _forward_math(x, cos, sin, gain)
 
 
 @_qk_norm_rope.register_fake
-def _(x: Tensor, cos: Tensor, sin: Tensor, gain: Tensor) -> tuple[Tensor, Tensor]:
+def _(x: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None) -> tuple[Tensor, Tensor]:
     return torch.empty_like(x), x.new_empty(x.shape[:-1], dtype=torch.float32)
 
 
 @torch.library.custom_op("lmcore::qk_norm_rope_backward", mutates_args=())
-def _qk_norm_rope_backward(g: Tensor, x: Tensor, rstd: Tensor, cos: Tensor, sin: Tensor, gain: Tensor) -> tuple[Tensor, Tensor]:
+def _qk_norm_rope_backward(
+    g: Tensor, x: Tensor, rstd: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None
+) -> tuple[Tensor, Tensor]:
     if _use_triton(x, cos.size(-1)):
         return _backward_triton(g, x, rstd, cos, sin, gain)
     return _backward_math(g, x, rstd, cos, sin, gain)
 
 
 @_qk_norm_rope_backward.register_fake
-def _(g: Tensor, x: Tensor, rstd: Tensor, cos: Tensor, sin: Tensor, gain: Tensor) -> tuple[Tensor, Tensor]:
-    return torch.empty_like(x), gain.new_empty(gain.shape, dtype=torch.float32)
+def _(g: Tensor, x: Tensor, rstd: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None) -> tuple[Tensor, Tensor]:
+    return torch.empty_like(x), x.new_empty(0 if gain is None else gain.size(0), dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -189,16 +205,15 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward(ctx, g: Tensor, _g_rstd: Tensor):
     x, rstd, cos, sin, gain = ctx.saved_tensors
     dx, dgain = _qk_norm_rope_backward(g.contiguous(), x, rstd, cos, sin, gain)
-    return dx, None, None, dgain.to(gain.dtype)
+    return dx, None, None, None if gain is None else dgain.to(gain.dtype)
 
 
 _qk_norm_rope.register_autograd(_backward, setup_context=_setup_context)
 
 
 def qk_norm_rope(x: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None) -> Tensor:
-    """gain * rope(rms_norm(x)) for x (B, T, H, D) with cos/sin (T, half), gain (H,) or None;
-    computed in fp32, returned in x's dtype (the same math as the model's plain path)."""
-    if gain is None:
-        gain = torch.ones(x.size(2), dtype=torch.float32, device=x.device)
+    """gain * rope(rms_norm(x)) for x (B, T, H, D) with cos/sin (T, half), gain (H,) or None
+    (k: no gain, and no gain gradient to compute); in fp32, returned in x's dtype (the same
+    math as the model's plain path)."""
     out, _ = _qk_norm_rope(x.contiguous(), cos.float().contiguous(), sin.float().contiguous(), gain)
     return out

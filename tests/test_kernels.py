@@ -106,8 +106,11 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 @pytest.mark.cuda
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize(("b", "t", "h", "d", "rope_dims"), [(4, 2048, 8, 64, 16), (4, 2048, 4, 64, 16), (3, 37, 4, 16, 0)])
-def test_triton_kernels_are_the_pytorch_kernels(b, t, h, d, rope_dims, dtype):
+@pytest.mark.parametrize(("b", "t", "h", "d", "rope_dims", "with_gain", "tile"), [
+    (4, 2048, 8, 64, 16, True, None), (4, 2048, 4, 64, 16, False, None), (4, 2048, 8, 64, 16, True, (16, 4)),
+    (3, 37, 4, 16, 0, True, None), (3, 37, 4, 16, 0, False, (8, 2)),
+])
+def test_triton_kernels_are_the_pytorch_kernels(b, t, h, d, rope_dims, with_gain, tile, dtype):
     import lmcore.kernels as K
 
     assert K.triton is not None
@@ -116,14 +119,16 @@ def test_triton_kernels_are_the_pytorch_kernels(b, t, h, d, rope_dims, dtype):
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(b, t, h, d, generator=g, device="cuda").to(dtype)
     dy = torch.randn(b, t, h, d, generator=g, device="cuda").to(dtype)
-    gain = torch.rand(h, generator=g, device="cuda") + 0.5
-    out, rstd = K._forward_triton(x, cos, sin, gain)
+    gain = torch.rand(h, generator=g, device="cuda") + 0.5 if with_gain else None
+    rows, warps = tile or (None, K.WARPS)
+    out, rstd = K._forward_triton(x, cos, sin, gain, rows, warps)
     ref, ref_rstd = K._forward_math(x, cos, sin, gain)
     torch.testing.assert_close(out, ref)  # bf16: at most a rounding apart
     torch.testing.assert_close(rstd, ref_rstd)
-    dx, dgain = K._backward_triton(dy, x, ref_rstd, cos, sin, gain)
+    dx, dgain = K._backward_triton(dy, x, ref_rstd, cos, sin, gain, rows, warps)
     ref_dx, ref_dgain = K._backward_math(dy, x, ref_rstd, cos, sin, gain)
     torch.testing.assert_close(dx, ref_dx)
+    assert dgain.shape == ((h,) if with_gain else (0,))
     torch.testing.assert_close(dgain, ref_dgain, rtol=1e-4, atol=1e-3)
 
 
