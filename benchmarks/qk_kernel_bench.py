@@ -45,6 +45,31 @@ def queued_us(call: Callable[[], object], iters: int) -> float:
     return 1000.0 * start.elapsed_time(end) / iters
 
 
+def micro_batch_header(cfg, first: str) -> tuple[int, int]:
+    """Print the card line and the comparison table's header; return record's micro-batch (B, T)."""
+    b, t = cfg.train.batch_tokens // (cfg.train.grad_accum * cfg.data.seq_len), cfg.data.seq_len
+    print(f"{torch.cuda.get_device_name()}; torch {torch.__version__}; micro-batch {b} x {t}; GPU time a call, queued")
+    print()
+    print(f"| {first} | path | forward us | backward us | total us | GB/s | vs plain |")
+    print("|---|---|---|---|---|---|---|")
+    return b, t
+
+
+def sweep_row(name: str, tile: str, warps: int, fwd_us: float, fwd_bytes: int, bwd_us: float, bwd_bytes: int) -> str:
+    """One row of the tile-choice table: times and effective GB/s, forward and backward."""
+    return (f"| {name} | {tile} | {warps} | {fwd_us:.1f} | {fwd_bytes / fwd_us / 1e3:.0f} | "
+            f"{bwd_us:.1f} | {bwd_bytes / bwd_us / 1e3:.0f} |")
+
+
+def print_sweep(title: str, first: str, rows: list[str]) -> None:
+    print()
+    print(title)
+    print()
+    print(f"| {first} | rows a program | warps | forward us | GB/s | backward us | GB/s |")
+    print("|---|---|---|---|---|---|---|")
+    print("\n".join(rows))
+
+
 def plain(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, gain: torch.Tensor | None) -> torch.Tensor:
     with torch.autocast("cuda", dtype=torch.bfloat16):
         y = apply_rope(rms_norm(x), cos, sin)
@@ -63,12 +88,8 @@ def main() -> int:
     ap.add_argument("--iters", type=int, default=50)
     args = ap.parse_args()
     cfg = preset("record")
-    b, t = cfg.train.batch_tokens // (cfg.train.grad_accum * cfg.data.seq_len), cfg.data.seq_len
+    b, t = micro_batch_header(cfg, "tensor")
     cos, sin = (z.cuda().float().contiguous() for z in rope_tables(cfg.model, t, torch.device("cpu")))
-    print(f"{torch.cuda.get_device_name()}; torch {torch.__version__}; micro-batch {b} x {t}; GPU time a call, queued")
-    print()
-    print("| tensor | path | forward us | backward us | total us | GB/s | vs plain |")
-    print("|---|---|---|---|---|---|---|")
     sweep = []
     compiled = torch.compile(plain, fullgraph=True, dynamic=False)
     for name, heads, with_gain in (("q", cfg.model.num_heads, True), ("k", cfg.model.num_kv_heads, False)):
@@ -89,14 +110,9 @@ def main() -> int:
             f = queued_us(functools.partial(kernels._forward_triton, xd, cos, sin, g, rows, warps), args.iters)
             bw = queued_us(functools.partial(kernels._backward_triton, dy, xd, rstd, cos, sin, g, rows, warps), args.iters)
             mark = " (lmcore)" if rows == kernels.TILE // x.size(3) and warps == kernels.WARPS else ""
-            sweep.append(f"| {name} | {rows}{mark} | {warps} | {f:.1f} | {2 * nbytes / f / 1e3:.0f} | "
-                         f"{bw:.1f} | {3 * nbytes / bw / 1e3:.0f} |")
-    print()
-    print("The fused kernels alone (the backward's includes summing the gain's partials), by tile choice:")
-    print()
-    print("| tensor | rows a program | warps | forward us | GB/s | backward us | GB/s |")
-    print("|---|---|---|---|---|---|---|")
-    print("\n".join(sweep))
+            sweep.append(sweep_row(name, f"{rows}{mark}", warps, f, 2 * nbytes, bw, 3 * nbytes))
+    print_sweep("The fused kernels alone (the backward's includes summing the gain's partials), by tile choice:",
+                "tensor", sweep)
     return 0
 
 

@@ -10,7 +10,7 @@
 #          "before" (+ $BEFORE: lmcore before issue 16's levers, session 5's defaults; fa3)
 #          beside "before" again (the run-to-run noise of the same math), then "after"
 #          (today's defaults + $LEVERS) beside lmcore with $SOLO (another lever set, by
-#          default the fused q/k kernel; SOLO_STEPS steps, ended after SOLO_TIMEOUT s); each but
+#          default the fused q/k and XSA kernels; SOLO_STEPS steps, ended after SOLO_TIMEOUT s); each but
 #          the twin with one step profiled (train.profile_step: RUN/profile/breakdown.json)
 #          and its top Triton kernels' sources copied out of inductor's cache
 #          (benchmarks/kernel_sources.py: res/kernels/RUN)
@@ -49,7 +49,7 @@ SOLO_STEPS=${SOLO_STEPS:-$MATH_STEPS}
 STAGES=${STAGES:-peak orig1 lm1 orig2 lm2}
 BEFORE=${BEFORE:-train.rope_cache=false train.inductor_mix_order_reduction=true}
 LEVERS=${LEVERS:-train.ddp_bucket_cap_mb=100 train.ddp_grad_as_bucket_view=true}
-SOLO=${SOLO:-train.fused_qk_norm_rope=true}
+SOLO=${SOLO:-train.fused_qk_norm_rope=true train.fused_xsa_gate=true}
 SOLO_TIMEOUT=${SOLO_TIMEOUT:-420}  # the solo run is ended after this many seconds (compile included)
 
 source benchmarks/detached.sh  # stamp, run_until, detached_poll, detached_main

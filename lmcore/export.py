@@ -53,8 +53,8 @@ CLI_ONLY = frozenset(
 # Building shards from documents: reached from train only through the `lmcore data build` CLI
 # registration, needed in the script only when it builds the smoke corpus itself.
 DATA_BUILD_ONLY = frozenset({"corpus"})
-# Fused kernels (train.fused_qk_norm_rope): they import triton, which the script may not; GPT imports
-# them only when the switch is on, and an export with it on is refused.
+# Fused kernels (train.fused_qk_norm_rope, train.fused_xsa_gate): they import triton, which the script
+# may not; GPT imports them only when a switch is on, and an export with one on is refused.
 KERNELS_ONLY = frozenset({"kernels"})
 # Third-party modules the script may import.
 ALLOWED_THIRD_PARTY = frozenset({"torch", "numpy", "sentencepiece", "brotli"})
@@ -230,9 +230,10 @@ def encode_sources(sources: dict[str, str]) -> str:
 def export_script(cfg: Config, pkg: Path = _PKG, minify: bool = True) -> str:
     """The text of the single-file `train_gpt.py` for `cfg` (see the module docstring)."""
     cfg = cfg.validate()
-    if cfg.train.fused_qk_norm_rope:
-        raise ConfigError("train.fused_qk_norm_rope=true: the exported script does not embed lmcore.kernels "
-                          "(it imports triton); export with train.fused_qk_norm_rope=false")
+    for switch in ("fused_qk_norm_rope", "fused_xsa_gate"):
+        if getattr(cfg.train, switch):
+            raise ConfigError(f"train.{switch}=true: the exported script does not embed lmcore.kernels "
+                              f"(it imports triton); export with train.{switch}=false")
     config_json = json.dumps(cfg.to_dict(), separators=(",", ":"))
     boot = (pkg / "bootstrap.py").read_text(encoding="utf-8")
     return "".join(

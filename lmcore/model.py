@@ -163,6 +163,7 @@ class Attention(nn.Module):
             nn.init.constant_(self.attn_gate.bias, cfg.gate_bias_init)
         self.backend = "math"
         self.qk_op: Callable[..., Tensor] | None = None  # lmcore.kernels.qk_norm_rope when fused
+        self.xsa_op: Callable[..., Tensor] | None = None  # lmcore.kernels.xsa_gate when fused (XSA layers)
 
     def forward(
         self, x: Tensor, ve: Tensor | None, rope: tuple[Tensor, Tensor], cache: KVCache | None = None
@@ -186,13 +187,16 @@ class Attention(nn.Module):
             y = attention(q, k, v, self.backend)
         else:
             y = self._cached_attention(q, k, v, cache)
-        if self.xsa:  # remove the component along the head's own (unit) value vector
-            g = H // Hkv
-            yg = y.view(B, T, Hkv, g, D)
-            vn = F.normalize(v, dim=-1).unsqueeze(-2)
-            y = (yg - (yg * vn).sum(-1, keepdim=True) * vn).view(B, T, H, D)
-        if self.attn_gate is not None:
-            y = y * torch.sigmoid(self.attn_gate(x).to(y.dtype)).unsqueeze(-1)
+        if self.xsa_op is not None and cache is None:  # GPT.use_fused_xsa_gate: the same math, one op
+            y = self.xsa_op(y, v, self.attn_gate(x) if self.attn_gate is not None else None)
+        else:
+            if self.xsa:  # remove the component along the head's own (unit) value vector
+                g = H // Hkv
+                yg = y.view(B, T, Hkv, g, D)
+                vn = F.normalize(v, dim=-1).unsqueeze(-2)
+                y = (yg - (yg * vn).sum(-1, keepdim=True) * vn).view(B, T, H, D)
+            if self.attn_gate is not None:
+                y = y * torch.sigmoid(self.attn_gate(x).to(y.dtype)).unsqueeze(-1)
         return self.proj(y.reshape(B, T, H * D))
 
     def _cached_attention(self, q: Tensor, k: Tensor, v: Tensor, cache: KVCache) -> Tensor:
@@ -420,6 +424,16 @@ class GPT(nn.Module):
 
         for b in self.blocks:
             b.attn.qk_op = qk_norm_rope
+
+    def use_fused_xsa_gate(self) -> None:
+        """XSA + the attention gate through lmcore.kernels.xsa_gate on the XSA layers
+        (train.fused_xsa_gate): one Triton pass each way on CUDA; imported here, like
+        use_fused_qk_norm_rope's."""
+        from lmcore.kernels import xsa_gate
+
+        for b in self.blocks:
+            if b.attn.xsa:
+                b.attn.xsa_op = xsa_gate
 
     def set_qat(self, bits: int) -> None:
         """Turn straight-through fake quantization of the block linears on (bits) or off (0)."""

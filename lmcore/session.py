@@ -238,6 +238,8 @@ def start_session(
         model.cache_rope(cfg.data.seq_len)
     if tc.fused_qk_norm_rope:
         model.use_fused_qk_norm_rope()
+    if tc.fused_xsa_gate:
+        model.use_fused_xsa_gate()
     if device.type == "cuda" and bf16:
         model.cast_embeddings(torch.bfloat16)
     backend = model.set_attention_backend(cfg.model.attention, device)

@@ -1,17 +1,19 @@
-"""lmcore.kernels (train.fused_qk_norm_rope): the op's PyTorch kernels against autograd of the
-model's plain q/k path (rms_norm, apply_rope, gain), for partial and whole-head RoPE, with and
-without a gain; the model and a training run with the switch against the plain path; compiled
-with fullgraph; the exported script refusing it. The Triton kernels against the PyTorch ones on
-GPU (marked cuda)."""
+"""lmcore.kernels (train.fused_qk_norm_rope, train.fused_xsa_gate): each op's PyTorch kernels
+against autograd of the model's plain path (q/k: rms_norm, apply_rope, gain, for partial and
+whole-head RoPE, with and without a gain; XSA: F.normalize and the projection, then the
+sigmoid gate, with and without it, 1-4 query heads a kv head); the model and a training run
+with each switch against the plain path; compiled with fullgraph; the exported script refusing
+them. The Triton kernels against the PyTorch ones on GPU (marked cuda)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from lmcore.config import ConfigError, preset
 from lmcore.export import embedded_sources, export_script
-from lmcore.kernels import _backward_math, _forward_math, qk_norm_rope
+from lmcore.kernels import _backward_math, _forward_math, qk_norm_rope, xsa_gate
 from lmcore.model import GPT, apply_rope, rms_norm, rope_tables
 from lmcore.train import train
 from tests.conftest import loss_and_grads, randomize_, tiny_model_cfg, train_losses
@@ -65,39 +67,78 @@ def test_pytorch_kernels_keep_the_input_dtype_and_compute_in_fp32():
     assert dx.dtype == torch.bfloat16 and dgain.dtype == torch.float32 and dgain.shape == (4,)
 
 
-def test_fused_model_is_the_plain_model_eager_and_compiled():
+SWITCHES = [  # (train switch, GPT method, Attention attribute, the op, a parameter its backward reaches)
+    ("fused_qk_norm_rope", "use_fused_qk_norm_rope", "qk_op", qk_norm_rope, "blocks.0.attn.q_gain"),
+    ("fused_xsa_gate", "use_fused_xsa_gate", "xsa_op", xsa_gate, "blocks.0.attn.attn_gate.weight"),
+]
+
+
+@pytest.mark.parametrize(("switch", "method", "attr", "op", "param"), SWITCHES)
+def test_fused_model_is_the_plain_model_eager_and_compiled(switch, method, attr, op, param):
     cfg = tiny_model_cfg()
     model = randomize_(GPT(cfg), std=0.1).train()
     ids = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
     tgt = torch.roll(ids, -1, 1)
     plain_loss, plain_grads = loss_and_grads(model, ids, tgt)
-    model.use_fused_qk_norm_rope()
-    assert all(b.attn.qk_op is qk_norm_rope for b in model.blocks)
+    getattr(model, method)()
+    assert all(getattr(b.attn, attr) is op for b in model.blocks)  # tiny: XSA on every layer
     loss, grads = loss_and_grads(model, ids, tgt)
     assert loss.item() == pytest.approx(plain_loss.item(), abs=1e-5) and grads.keys() == plain_grads.keys()
     for n in grads:
         torch.testing.assert_close(grads[n], plain_grads[n], rtol=1e-4, atol=1e-5, msg=n)
-    assert "blocks.0.attn.q_gain" in grads and grads["blocks.0.attn.q_gain"].abs().sum() > 0
+    assert param in grads and grads[param].abs().sum() > 0
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True, dynamic=False, backend="aot_eager")
     assert compiled(ids, tgt).item() == pytest.approx(plain_loss.item(), abs=1e-5)
 
 
-def test_training_with_the_switch_follows_the_plain_losses(tmp_path):
+@pytest.mark.parametrize("switch", [sw[0] for sw in SWITCHES])
+def test_training_with_the_switch_follows_the_plain_losses(tmp_path, switch):
     on = ["train.iterations=3", "train.log_every=1"]
     plain = train(preset("tiny", on), tmp_path / "plain", progress=False)
-    fused = train(preset("tiny", [*on, "train.fused_qk_norm_rope=true"]), tmp_path / "fused", progress=False)
+    fused = train(preset("tiny", [*on, f"train.{switch}=true"]), tmp_path / "fused", progress=False)
     a = train_losses(tmp_path / "plain")
     b = train_losses(tmp_path / "fused")
     assert len(a) == 3 and b == pytest.approx(a, abs=1e-4)
     assert fused.val_bpb == pytest.approx(plain.val_bpb, abs=1e-4)
 
 
-def test_the_exported_script_refuses_the_switch():
-    with pytest.raises(ConfigError, match="train.fused_qk_norm_rope=true: the exported script does not embed lmcore.kernels"):
-        export_script(preset("record", ["train.fused_qk_norm_rope=true"]))
+@pytest.mark.parametrize("switch", [sw[0] for sw in SWITCHES])
+def test_the_exported_script_refuses_the_switch(switch):
+    with pytest.raises(ConfigError, match=f"train.{switch}=true: the exported script does not embed lmcore.kernels"):
+        export_script(preset("record", [f"train.{switch}=true"]))
     assert "lmcore/kernels.py" not in embedded_sources(preset("record"))
     assert "lmcore/model.py" in embedded_sources(preset("record"))
+
+
+def _plain_xsa(y, v, z):  # the model's plain path (Attention.forward)
+    b, t, h, d = y.shape
+    yg = y.view(b, t, v.size(2), -1, d)
+    vn = F.normalize(v, dim=-1).unsqueeze(-2)
+    out = (yg - (yg * vn).sum(-1, keepdim=True) * vn).view(b, t, h, d)
+    return out if z is None else out * torch.sigmoid(z).unsqueeze(-1)
+
+
+@pytest.mark.parametrize("with_gate", [True, False])
+@pytest.mark.parametrize(("h", "hkv", "d"), [(8, 4, 64), (4, 4, 16), (8, 2, 32)])
+def test_xsa_op_and_its_backward_are_the_plain_math(h, hkv, d, with_gate):
+    g = torch.Generator().manual_seed(5)
+    y0, w = torch.randn(2, 7, h, d, generator=g), torch.randn(2, 7, h, d, generator=g)
+    v0 = torch.randn(2, 7, hkv, d, generator=g)
+    v0[0, 0, 0] = 0  # a zero value vector: F.normalize's clamp
+    z0 = torch.randn(2, 7, h, generator=g)
+    grads = []
+    for fn in (_plain_xsa, xsa_gate):
+        y, v = y0.clone().requires_grad_(), v0.clone().requires_grad_()
+        z = z0.clone().requires_grad_() if with_gate else None
+        out = fn(y, v, z)
+        (out * w).sum().backward()
+        grads.append((out.detach(), y.grad, v.grad, z.grad if with_gate else None))
+    (ref, *ref_grads), (out, *op_grads) = grads
+    torch.testing.assert_close(out, ref, rtol=0, atol=2e-6)
+    for a, b in zip(op_grads[:2 + with_gate], ref_grads, strict=False):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-6)
+    assert (out - y0).abs().max() > 0.1 and op_grads[1].abs().max() > 0.01  # it did something
 
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -134,7 +175,30 @@ def test_triton_kernels_are_the_pytorch_kernels(b, t, h, d, rope_dims, with_gain
 
 @pytest.mark.cuda
 @needs_cuda
-def test_fused_model_on_cuda_compiled_is_the_plain_model():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(("b", "t", "h", "hkv", "d", "with_gate", "tile"), [
+    (4, 2048, 8, 4, 64, True, None), (4, 2048, 8, 4, 64, False, None), (4, 2048, 8, 4, 64, True, (8, 4)),
+    (3, 37, 4, 4, 16, True, None), (3, 37, 8, 2, 32, False, (4, 2)),
+])
+def test_xsa_triton_kernels_are_the_pytorch_kernels(b, t, h, hkv, d, with_gate, tile, dtype):
+    import lmcore.kernels as K
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    y, dout = (torch.randn(b, t, h, d, generator=g, device="cuda").to(dtype) for _ in range(2))
+    v = torch.randn(b, t, hkv, d, generator=g, device="cuda").to(dtype)
+    v[0, 0, 0] = 0
+    z = torch.randn(b, t, h, generator=g, device="cuda").to(dtype) if with_gate else None
+    rows, warps = tile or (None, K.XSA_WARPS)
+    torch.testing.assert_close(K._xsa_forward_triton(y, v, z, rows, warps), K._xsa_forward_math(y, v, z))
+    got, ref = K._xsa_backward_triton(dout, y, v, z, rows, warps), K._xsa_backward_math(dout, y, v, z)
+    assert got[2].shape == ((b, t, h) if with_gate else (0,))
+    for a, r in zip(got, ref, strict=True):
+        torch.testing.assert_close(a, r)
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_fused_model_on_cuda_compiled_is_the_plain_model():  # both switches on
     cfg = tiny_model_cfg(model_dim=128, num_heads=4, num_kv_heads=2, rope_dims=16)
     torch.manual_seed(0)
     model = randomize_(GPT(cfg), std=0.05).cuda().train()
@@ -142,6 +206,7 @@ def test_fused_model_on_cuda_compiled_is_the_plain_model():
     tgt = torch.roll(ids, -1, 1)
     plain_loss, plain_grads = loss_and_grads(model, ids, tgt)
     model.use_fused_qk_norm_rope()
+    model.use_fused_xsa_gate()
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True, dynamic=False)
     loss, grads = loss_and_grads(model, ids, tgt, forward=compiled)
