@@ -24,6 +24,7 @@ from fa3_report import original_step_ms, read_json  # this folder: the original'
 
 from lmcore.config import preset
 from lmcore.flops import count_flops
+from lmcore.study.speed import loss_difference
 
 TOKENS_PER_STEP = 786_432  # record: 8 micro-batches of 48 x 2048, split over the ranks
 # lmcore's runs of speed.sh per rank count: (folder, label)
@@ -98,20 +99,19 @@ def kernel_changes(before: dict, after: dict, n: int = 8) -> list[tuple[str, flo
 
 
 def same_math(res: Path) -> list[str]:
-    """One line per 1-GPU run against MATH_BASE: the largest and the mean step-by-step
-    difference of the training loss over the steps both logged, and both final losses;
-    MATH_TWIN's line is the run-to-run noise."""
+    """One line per 1-GPU run against MATH_BASE (lmcore.study.loss_difference): the largest and
+    the mean step-by-step difference of the training loss over the steps both logged, and both
+    final losses; MATH_TWIN's line is the run-to-run noise."""
     base = {r["step"]: r["train_loss"] for r in train_lines(res / MATH_BASE)}
     out = []
     for folder, label in LM_RUNS[1]:
-        curve = {r["step"]: r["train_loss"] for r in train_lines(res / folder)}
-        steps = sorted(set(base) & set(curve))
-        if folder == MATH_BASE or not steps:
+        d = loss_difference(base, {r["step"]: r["train_loss"] for r in train_lines(res / folder)})
+        if folder == MATH_BASE or not d["steps"]:
             continue
         what = "run-to-run noise" if folder == MATH_TWIN else "difference"
-        diffs = [abs(base[s] - curve[s]) for s in steps]
-        out.append(f"Same math, {label} ({folder}) against {MATH_BASE}, {len(steps)} steps, seed 1337: {what} "
-                   f"max |loss - loss| = {max(diffs):.4f}, mean {statistics.mean(diffs):.4f}; last step {steps[-1]}: {base[steps[-1]]:.4f} vs {curve[steps[-1]]:.4f}.")
+        out.append(f"Same math, {label} ({folder}) against {MATH_BASE}, {d['steps']} steps, seed 1337: {what} "
+                   f"max |loss - loss| = {d['max_abs_diff']:.4f}, mean {d['mean_abs_diff']:.4f}; last step "
+                   f"{d['last_step']}: {d['last_loss_baseline']:.4f} vs {d['last_loss']:.4f}.")
     return out
 
 

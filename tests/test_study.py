@@ -397,7 +397,8 @@ def test_notebook_structure(path: Path):
 def test_expected_notebooks_exist():
     names = {p.name for p in NOTEBOOKS}
     assert {"01_train.ipynb", "02_ablation_attention.ipynb", "03_ablation_bigram.ipynb",
-            "04_ablation_gated_attention.ipynb", "05_seeds.ipynb", "06_figures.ipynb", "07_ttt.ipynb"} <= names
+            "04_ablation_gated_attention.ipynb", "05_seeds.ipynb", "06_figures.ipynb", "07_ttt.ipynb",
+            "09_ablation_speed.ipynb"} <= names
 
 
 @pytest.mark.slow

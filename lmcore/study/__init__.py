@@ -16,6 +16,9 @@ One module per concern; everything a notebook calls is importable from here
   one batch (`load_plan`, `run_plan`); `report`: its tables (mean ± std, Welch p per
   ablation, `plan_markdown`); `figures`: its figures (`export_plan_figures`).
 - `seeds`: seed batches and both significance bars of the challenge.
+- `speed`: speed ablations: `SPEED_LEVERS` / `speed_variants` (the speed switches as sweep
+  variants), `speed_table` (step ms, speedup over a baseline variant, MFU) and
+  `loss_differences` (the same-math check against the baseline at the same seed).
 - `results`: run folders into pandas tables (`load_runs`, `run_table`, `eval_table`, ...).
 - `notebooks`: Papermill (`run_notebook`, `run_batch` over seeds on the pool).
 - `folders`: study.json, FAILED.json and backups of replaced runs.
@@ -54,10 +57,12 @@ from lmcore.study.seeds import (
     welch_table,
 )
 from lmcore.study.smoke import SMOKE_STUDY_OVERRIDES, smoke_study
+from lmcore.study.speed import SPEED_LEVERS, loss_difference, loss_differences, speed_table, speed_variants
 from lmcore.study.sweeps import attention_sweep, eval_sweep, field_variants, sweep
 
 __all__ = [
     "SMOKE_STUDY_OVERRIDES",
+    "SPEED_LEVERS",
     "Job",
     "JobResult",
     "Plan",
@@ -76,6 +81,8 @@ __all__ = [
     "load_plan",
     "load_run",
     "load_runs",
+    "loss_difference",
+    "loss_differences",
     "make_config",
     "notebook_parameters",
     "pack_phase",
@@ -100,6 +107,8 @@ __all__ = [
     "seeds_table",
     "seeds_test",
     "smoke_study",
+    "speed_table",
+    "speed_variants",
     "sweep",
     "train_phase",
     "welch_table",

@@ -1,0 +1,116 @@
+"""Speed ablations: each variant's step time against a baseline variant's, and the same-math
+check (its training losses step by step against the baseline's at the same seed).
+
+`SPEED_LEVERS` names the training step's speed switches as sweep variants (each against
+today's defaults), `speed_variants(names, extra)` picks some of them by name for
+`study.sweep`. `speed_table(df, baseline)`: one row per variant of a sweep's runs (`study.sweep`): runs,
+mean step ms, tokens/s, the speedup over the baseline (its step ms over the variant's), the
+peak GPU memory, the score and, with the card's bf16 matmul peak, MFU (the config's training
+FLOPs a token, `lmcore.flops`). `loss_differences(df, baseline)`: one row per run of another
+variant whose seed the baseline also ran: the steps both logged, the largest and the mean
+|loss - loss| and both last losses. A lever that changes no formula should differ from the
+baseline about as much as two runs of the baseline differ from each other (run the baseline
+under two seeds' names, or twice, to see that noise). `loss_difference` is that comparison
+for two loss curves ({step: loss}).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from lmcore.errors import InputError
+from lmcore.study.results import load_metrics
+
+__all__ = ["SPEED_LEVERS", "loss_difference", "loss_differences", "speed_table", "speed_variants"]
+
+TRAINED = ("trained", "packed", "ok")  # load_run's statuses of runs whose training completed
+
+SPEED_LEVERS: dict[str, list[str]] = {
+    "defaults": [],
+    "defaults_again": [],  # the baseline once more: its difference from `defaults` is the noise
+    "session5": ["train.rope_cache=false", "train.inductor_mix_order_reduction=true"],  # the defaults before session 6
+    "fused_qk": ["train.fused_qk_norm_rope=true"],
+    "fused_xsa": ["train.fused_xsa_gate=true"],
+    "fused_both": ["train.fused_qk_norm_rope=true", "train.fused_xsa_gate=true"],
+    "ddp_buckets": ["train.ddp_bucket_cap_mb=100", "train.ddp_grad_as_bucket_view=true"],  # 2+ ranks only
+    "cuda_graphs": ["train.compile_mode=reduce-overhead", "train.inductor_mix_order_reduction=true"],  # never measured
+}
+
+
+def speed_variants(names: list[str], extra: dict[str, list[str]] | None = None) -> dict[str, list[str]]:
+    """The sweep variants of `names` (keys of SPEED_LEVERS), then `extra` ({name: overrides});
+    an unknown name is an InputError naming the known ones."""
+    unknown = [n for n in names if n not in SPEED_LEVERS]
+    if unknown:
+        raise InputError(f"unknown speed lever(s) {unknown}: expected some of {list(SPEED_LEVERS)}")
+    return {**{n: list(SPEED_LEVERS[n]) for n in names}, **(extra or {})}
+
+
+def loss_difference(base: dict[int, float], other: dict[int, float]) -> dict[str, Any]:
+    """Two training-loss curves ({step: loss}) compared on the steps both logged: how many,
+    the largest and the mean |difference|, the last common step and both losses there."""
+    steps = sorted(set(base) & set(other))
+    if not steps:
+        return {"steps": 0, "max_abs_diff": None, "mean_abs_diff": None, "last_step": None,
+                "last_loss_baseline": None, "last_loss": None}
+    diffs = [abs(base[s] - other[s]) for s in steps]
+    return {"steps": len(steps), "max_abs_diff": max(diffs), "mean_abs_diff": statistics.mean(diffs),
+            "last_step": steps[-1], "last_loss_baseline": base[steps[-1]], "last_loss": other[steps[-1]]}
+
+
+def _ok(df: pd.DataFrame, baseline: str) -> pd.DataFrame:
+    if "variant" not in df.columns or baseline not in set(df["variant"]):
+        have = sorted(set(df["variant"])) if "variant" in df.columns else []
+        raise InputError(f"baseline variant {baseline!r} is not among the runs' variants {have}")
+    return df[df["status"].isin(TRAINED)] if "status" in df.columns else df
+
+
+def speed_table(df: pd.DataFrame, baseline: str, peak_tflops: float | None = None) -> pd.DataFrame:
+    """Per variant (in the runs' order): runs, mean step ms, tokens/s, speedup over `baseline`,
+    peak memory, val_bpb (means over seeds), and MFU when `peak_tflops` is given."""
+    ok = _ok(df, baseline)
+    rows = []
+    for variant, g in ok.groupby("variant", sort=False):
+        row = {"variant": variant, "runs": len(g)}
+        for col in ("mean_step_ms", "tokens_per_s", "peak_memory_mib", "val_bpb"):
+            row[col] = pd.to_numeric(g[col], errors="coerce").mean() if col in g.columns else float("nan")
+        rows.append(row)
+    out = pd.DataFrame(rows, columns=["variant", "runs", "mean_step_ms", "tokens_per_s", "peak_memory_mib", "val_bpb"])
+    base_ms = out.loc[out["variant"] == baseline, "mean_step_ms"]
+    out.insert(4, "speedup", (base_ms.iloc[0] / out["mean_step_ms"]) if len(base_ms) else float("nan"))
+    if peak_tflops:
+        out["mfu"] = [_mfu(ok[ok["variant"] == v], peak_tflops) for v in out["variant"]]
+    return out
+
+
+def _mfu(runs: pd.DataFrame, peak_tflops: float) -> float:
+    """Mean over runs of tokens/s per GPU x training FLOPs a token / peak."""
+    from lmcore.config import Config
+    from lmcore.flops import count_flops
+
+    vals = []
+    for _, r in runs.iterrows():
+        path = Path(r["path"]) / "config.json"
+        cfg = Config.from_dict(json.loads(path.read_text(encoding="utf-8")), source=str(path))
+        per_gpu = float(r["tokens_per_s"]) / max(1, int(r.get("world_size") or 1))
+        vals.append(per_gpu * count_flops(cfg).train / (peak_tflops * 1e12))
+    return statistics.mean(vals) if vals else float("nan")
+
+
+def loss_differences(df: pd.DataFrame, baseline: str) -> pd.DataFrame:
+    """Per run of another variant with a baseline run of the same seed: loss_difference of
+    their training losses (metrics.jsonl), with the variant and seed."""
+    ok = _ok(df, baseline)
+    curves = {}
+    for _, r in ok.iterrows():
+        m = load_metrics(r["path"])
+        curves[(r["variant"], r["seed"])] = dict(zip(m["step"], m["train_loss"], strict=True)) if len(m) else {}
+    rows = [{"variant": v, "seed": s, **loss_difference(curves[(baseline, s)], c)}
+            for (v, s), c in curves.items() if v != baseline and (baseline, s) in curves]
+    return pd.DataFrame(rows, columns=["variant", "seed", "steps", "max_abs_diff", "mean_abs_diff", "last_step",
+                                       "last_loss_baseline", "last_loss"])
