@@ -172,10 +172,10 @@ class TrainConfig:
     inductor_coordinate_descent: bool = False
     rope_cache: bool = True  # RoPE tables computed once for data.seq_len (GPT.cache_rope), not in the graph
     # q/k RMSNorm + RoPE + q_gain as one op (lmcore.kernels: Triton on CUDA, the same math in PyTorch
-    # elsewhere; the same math as the plain path up to fp32 rounding). Not in the exported script.
+    # elsewhere; the same math as the plain path up to fp32 rounding). The exported script trains without it.
     fused_qk_norm_rope: bool = False
     # XSA + the attention gate as one op on the XSA layers (lmcore.kernels.xsa_gate; the same math up
-    # to fp32 rounding). Not in the exported script.
+    # to fp32 rounding). The exported script trains without it.
     fused_xsa_gate: bool = False
     ddp_bucket_cap_mb: float = 25.0  # DDP gradient bucket size (torch's default 25)
     ddp_grad_as_bucket_view: bool = False  # DDP gradients as views into its buckets (saves a copy)

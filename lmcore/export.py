@@ -27,6 +27,11 @@ numpy, sentencepiece and brotli are imported by the script.
 
 Code bytes are the bytes of that script: `code_bytes_of_export(cfg)`, which `lmcore pack`
 also uses for pack.json, so both count the same file.
+
+The fused-kernel switches (train.fused_qk_norm_rope, train.fused_xsa_gate) are not carried
+into the script: lmcore.kernels imports triton, so the script is exported for the config
+with them off (`plain_kernels`). It trains the same model, at the plain path's speed, and
+`lmcore submission export` says so.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ from pathlib import Path
 
 import brotli
 
-from lmcore.config import Config, ConfigError, is_smoke_config
+from lmcore.config import Config, is_smoke_config
 
 SCRIPT_NAME = "train_gpt.py"
 PACKAGE = "lmcore"
@@ -54,8 +59,16 @@ CLI_ONLY = frozenset(
 # registration, needed in the script only when it builds the smoke corpus itself.
 DATA_BUILD_ONLY = frozenset({"corpus"})
 # Fused kernels (train.fused_qk_norm_rope, train.fused_xsa_gate): they import triton, which the script
-# may not; GPT imports them only when a switch is on, and an export with one on is refused.
+# may not, so it never embeds them; GPT imports them only when a switch is on. A config with a switch
+# on is exported with it off (`plain_kernels`): the same math, at the plain path's speed.
 KERNELS_ONLY = frozenset({"kernels"})
+KERNEL_SWITCHES = ("fused_qk_norm_rope", "fused_xsa_gate")
+
+
+def plain_kernels(cfg: Config) -> tuple[Config, list[str]]:
+    """`cfg` with the fused-kernel switches off, and the ones that were on ("train.NAME=true")."""
+    on = [f"train.{name}=true" for name in KERNEL_SWITCHES if getattr(cfg.train, name)]
+    return (cfg.override([o.replace("=true", "=false") for o in on]) if on else cfg), on
 # Third-party modules the script may import.
 ALLOWED_THIRD_PARTY = frozenset({"torch", "numpy", "sentencepiece", "brotli"})
 
@@ -229,11 +242,7 @@ def encode_sources(sources: dict[str, str]) -> str:
 
 def export_script(cfg: Config, pkg: Path = _PKG, minify: bool = True) -> str:
     """The text of the single-file `train_gpt.py` for `cfg` (see the module docstring)."""
-    cfg = cfg.validate()
-    for switch in ("fused_qk_norm_rope", "fused_xsa_gate"):
-        if getattr(cfg.train, switch):
-            raise ConfigError(f"train.{switch}=true: the exported script does not embed lmcore.kernels "
-                              f"(it imports triton); export with train.{switch}=false")
+    cfg, _ = plain_kernels(cfg.validate())
     config_json = json.dumps(cfg.to_dict(), separators=(",", ":"))
     boot = (pkg / "bootstrap.py").read_text(encoding="utf-8")
     return "".join(

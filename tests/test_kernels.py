@@ -2,19 +2,25 @@
 against autograd of the model's plain path (q/k: rms_norm, apply_rope, gain, for partial and
 whole-head RoPE, with and without a gain; XSA: F.normalize and the projection, then the
 sigmoid gate, with and without it, 1-4 query heads a kv head); the model and a training run
-with each switch against the plain path; compiled with fullgraph; the exported script refusing
-them. The Triton kernels against the PyTorch ones on GPU (marked cuda)."""
+with each switch against the plain path; compiled with fullgraph; the exported script, which
+trains without them, and a run trained with them packed and exported. The Triton kernels
+against the PyTorch ones on GPU (marked cuda)."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from lmcore.config import ConfigError, preset
-from lmcore.export import embedded_sources, export_script
+from lmcore import cli
+from lmcore.config import preset
+from lmcore.evaluate import eval_run
+from lmcore.export import code_bytes_of_export, embedded_sources, export_script, plain_kernels
 from lmcore.kernels import _backward_math, _forward_math, qk_norm_rope, xsa_gate
 from lmcore.model import GPT, apply_rope, rms_norm, rope_tables
+from lmcore.pack import pack_run
 from lmcore.train import train
 from tests.conftest import loss_and_grads, randomize_, tiny_model_cfg, train_losses
 
@@ -104,11 +110,31 @@ def test_training_with_the_switch_follows_the_plain_losses(tmp_path, switch):
 
 
 @pytest.mark.parametrize("switch", [sw[0] for sw in SWITCHES])
-def test_the_exported_script_refuses_the_switch(switch):
-    with pytest.raises(ConfigError, match=f"train.{switch}=true: the exported script does not embed lmcore.kernels"):
-        export_script(preset("record", [f"train.{switch}=true"]))
-    assert "lmcore/kernels.py" not in embedded_sources(preset("record"))
-    assert "lmcore/model.py" in embedded_sources(preset("record"))
+def test_the_exported_script_trains_without_the_switch(switch):
+    # lmcore.kernels imports triton, so the script never embeds it: a config with a switch on
+    # is exported with it off, the same script as the plain config's, and counted as such
+    cfg = preset("record", [f"train.{switch}=true"])
+    assert plain_kernels(cfg) == (preset("record"), [f"train.{switch}=true"])
+    script = export_script(cfg)
+    assert script == export_script(preset("record")) and code_bytes_of_export(cfg) == len(script.encode("utf-8"))
+    assert "lmcore/kernels.py" not in embedded_sources(cfg) and "lmcore/model.py" in embedded_sources(cfg)
+
+
+def test_a_run_trained_with_the_switches_packs_and_exports(tmp_path, capsys):
+    both = [f"train.{sw[0]}=true" for sw in SWITCHES]
+    rd = tmp_path / "run"
+    cfg = preset("tiny", ["train.iterations=3", *both])
+    train(cfg, rd, progress=False)
+    info = pack_run(rd, progress=False)
+    assert info["code_bytes"] == code_bytes_of_export(preset("tiny", ["train.iterations=3"]))
+    eval_run(rd, progress=False, log=lambda m: None)
+    out = tmp_path / "submission"
+    assert cli.main(["submission", "export", "--runs", str(rd), "--out", str(out)]) == 0
+    assert "NOTE the runs trained with train.fused_qk_norm_rope=true, train.fused_xsa_gate=true; train_gpt.py " \
+        "trains without lmcore.kernels" in capsys.readouterr().out
+    sub = json.loads((out / "submission.json").read_text())
+    assert sub["lmcore_kernels_not_exported"] == both and "the script trains without lmcore.kernels" in sub["blurb"]
+    assert (out / "train_gpt.py").read_text() == export_script(preset("tiny", ["train.iterations=3"]))
 
 
 def _plain_xsa(y, v, z):  # the model's plain path (Attention.forward)
