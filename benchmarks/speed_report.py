@@ -6,7 +6,10 @@ Reads peak.json (benchmarks/matmul_peak.py), the original's logs (orig_fa3_1.log
 orig_fa2_1.log, orig_fa3_2.log: its step_avg lines) and lmcore's run folders (LM_RUNS:
 summary.json, metrics.jsonl, profile/breakdown.json). Step ms is the original's last step_avg
 and lmcore's mean_step_ms (both: training time over steps after the compile warm-up);
-lmcore's median step from metrics.jsonl is given too. Tokens/s and MFU are per GPU; MFU uses
+lmcore's median step from metrics.jsonl is given too. A second table gives the steady state:
+the mean step over the 10-step windows past step 10 (lmcore's metrics.jsonl lines, the window
+of its profiled step left out; the original's train_time lines), so that neither the first
+steps nor the profiler count. Tokens/s and MFU are per GPU; MFU uses
 lmcore.flops' training FLOPs per token of `record` (the same model in both) and the measured
 peak. Where both profiles list every kernel, the kernel time that changed from before to
 after. The same math: lmcore's 1-GPU runs' training losses step by step against "before"
@@ -16,6 +19,7 @@ after. The same math: lmcore's 1-GPU runs' training losses step by step against 
 from __future__ import annotations
 
 import json
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -49,6 +53,37 @@ def train_lines(run: Path) -> list[dict]:
 def median_step_ms(run: Path) -> float | None:
     ms = [r["step_ms"] for r in train_lines(run) if r.get("step_ms") and r["step"] > 1]
     return statistics.median(ms) if ms else None
+
+
+def steady_ms_lmcore(run: Path) -> float | None:
+    """Mean step ms over the logged 10-step windows past step 10, the profiled step's left out."""
+    prof = read_json(run / "config.json").get("train", {}).get("profile_step", 0)
+    ms = [r["step_ms"] for r in train_lines(run)
+          if r["step"] > 10 and r["step"] % 10 == 0 and not r["step"] - 10 < prof <= r["step"]]
+    return statistics.mean(ms) if ms else None
+
+
+def steady_ms_original(log: Path) -> float | None:
+    """Mean step ms of the original past step 10, from its train_time at the logged steps."""
+    try:
+        text = log.read_text(errors="replace")
+    except OSError:
+        return None
+    t = {int(a): int(b) for a, b in re.findall(r"step:(\d+)/\d+ train_loss:[\d.]+ train_time:(\d+)ms", text)}
+    logged = sorted(k for k in t if k >= 10)
+    return (t[logged[-1]] - t[logged[0]]) / (logged[-1] - logged[0]) if len(logged) > 1 else None
+
+
+def steady_rows(res: Path) -> list[tuple[str, int, float | None, float | None, float | None]]:
+    """(run, ranks, steady ms, vs original FA3, vs original FA2), the originals first."""
+    rows = []
+    for ranks in (1, 2):
+        fa3, fa2 = steady_ms_original(res / f"orig_fa3_{ranks}.log"), steady_ms_original(res / "orig_fa2_1.log")
+        entries = [("original, real FA3", fa3)] + ([("original, FA2 shim", fa2)] if ranks == 1 else [])
+        entries += [(label, steady_ms_lmcore(res / folder)) for folder, label in LM_RUNS[ranks]]
+        for name, ms in entries:
+            rows.append((name, ranks, ms, fa3 / ms if ms and fa3 else None, fa2 / ms if ms and fa2 and ranks == 1 else None))
+    return rows
 
 
 def _f(v: float | None, fmt: str) -> str:
@@ -134,6 +169,14 @@ def main(res: Path) -> int:
         print(f"| {r['run']} | {r['ranks']} | {r['kernel']} | {_f(r['step_ms'], '.1f')} | {_f(r['median_ms'], '.1f')} | "
               f"{_f(r['tokens_per_s'], ',.0f')} | {_f(r['mfu'] and 100 * r['mfu'], '.1f')}{'%' if r['mfu'] else ''} | "
               f"{_f(r['vs_fa3'], '.3f')}{'x' if r['vs_fa3'] else ''} | {_f(r['vs_fa2'], '.3f')}{'x' if r['vs_fa2'] else ''} |")
+    print()
+    print("Steady state (10-step windows past step 10; lmcore's profiled window left out):")
+    print()
+    print("| run | ranks | steady step ms | vs original FA3 | vs original FA2 |")
+    print("|---|---|---|---|---|")
+    for name, ranks, ms, v3, v2 in steady_rows(res):
+        if ms is not None:
+            print(f"| {name} | {ranks} | {ms:.1f} | {_f(v3, '.3f')}{'x' if v3 else ''} | {_f(v2, '.3f')}{'x' if v2 else ''} |")
     for run in [folder for ranks in LM_RUNS for folder, _ in LM_RUNS[ranks]]:
         b = read_json(res / run / "profile" / "breakdown.json")
         if not b:

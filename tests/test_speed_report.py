@@ -100,3 +100,22 @@ def test_kernel_changes_match_kernels_across_compiles():
         ("triton_per_fused_rope_cos", 36.0, 0.0), ("triton_per_fused_rope", 0.0, 16.0), ("triton_red_fused_sum", 5.0, 29.0)]
     assert speed_report.kernel_changes(before, after, n=1) == [
         ("triton_per_fused_rope_cos", 36.0, 0.0), ("triton_red_fused_sum", 5.0, 29.0)]
+
+
+def test_steady_state_leaves_out_the_first_steps_and_the_profiled_window(tmp_path: Path):
+    # the original: train_time at the logged steps; past step 10: (4,000 - 1,000) ms over 30 steps
+    (tmp_path / "orig_fa3_1.log").write_text("".join(
+        f"step:{s}/40 train_loss:3.0 train_time:{t}ms step_avg:{t / s:.2f}ms\n"
+        for s, t in ((1, 400), (10, 1000), (20, 2000), (40, 4000))))
+    assert speed_report.steady_ms_original(tmp_path / "orig_fa3_1.log") == pytest.approx(100.0)
+    assert speed_report.steady_ms_original(tmp_path / "missing.log") is None
+    run = tmp_path / "lm_after_1"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"train": {"profile_step": 35}}))
+    windows = [(1, 200.0), (10, 95.0), (20, 90.0), (30, 92.0), (40, 140.0), (50, 94.0)]  # 31-40 holds step 35
+    (run / "metrics.jsonl").write_text("".join(
+        json.dumps({"kind": "train", "step": s, "train_loss": 3.0, "step_ms": ms}) + "\n" for s, ms in windows))
+    assert speed_report.steady_ms_lmcore(run) == pytest.approx((90 + 92 + 94) / 3)
+    rows = {(r[0], r[1]): r for r in speed_report.steady_rows(tmp_path)}
+    assert rows[("lmcore after", 1)][2:4] == pytest.approx((92.0, 100 / 92))
+    assert rows[("lmcore before", 1)][2] is None and rows[("original, FA2 shim", 1)][2] is None
