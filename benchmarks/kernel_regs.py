@@ -1,7 +1,9 @@
 """lmcore.kernels' Triton kernels compiled for sm_90 (H100/H200) without a GPU: registers a
-thread, spills and resident warps an SM, for a few (rows a program, warps) choices at
-`record`'s q and k shapes. Needs triton (its ptxas does the register allocation); no CUDA.
-What it cannot tell is time: that is benchmarks/qk_kernel_bench.py's, on the GPU.
+thread, spills, barriers (layout conversions through shared memory) and resident warps an
+SM, for a few (rows a program, warps) choices at `record`'s shapes: q and k for the q/k
+kernels, a gated layer and one without the gate for the XSA kernels. Needs triton (its ptxas
+does the register allocation); no CUDA. What it cannot tell is time: that is
+benchmarks/qk_kernel_bench.py's and xsa_kernel_bench.py's, on the GPU.
 
 usage: python benchmarks/kernel_regs.py
 """
@@ -26,6 +28,10 @@ FWD_ARGS = {"x_ptr": "*bf16", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "gain_ptr"
 BWD_ARGS = {"g_ptr": "*bf16", "x_ptr": "*bf16", "rstd_ptr": "*fp32", "cos_ptr": "*fp32", "sin_ptr": "*fp32",
             "gain_ptr": "*fp32", "dx_ptr": "*bf16", "dgain_part_ptr": "*fp32", "n_rows": "i32"}
 CHOICES = [(16, 2), (16, 4), (32, 4), (32, 8), (64, 8)]  # (rows a program, warps); lmcore.kernels uses TILE // D, WARPS
+XSA_FWD_ARGS = {"y_ptr": "*bf16", "v_ptr": "*bf16", "z_ptr": "*bf16", "out_ptr": "*bf16", "n_rows": "i32", "eps": "fp32"}
+XSA_BWD_ARGS = {"g_ptr": "*bf16", "y_ptr": "*bf16", "v_ptr": "*bf16", "z_ptr": "*bf16", "dy_ptr": "*bf16",
+                "dv_ptr": "*bf16", "dz_ptr": "*bf16", "n_rows": "i32", "eps": "fp32"}
+XSA_CHOICES = [(8, 4), (16, 4), (16, 8), (32, 8)]  # lmcore.kernels uses XSA_TILE // (G * D), XSA_WARPS
 
 
 def ptxas() -> str:
@@ -36,7 +42,7 @@ def ptxas() -> str:
     return str(found[-1])
 
 
-def registers(fn, args: dict, consts: dict, warps: int, tool: str) -> tuple[int, str]:
+def registers(fn, args: dict, consts: dict, warps: int, tool: str) -> tuple[int, str, int]:
     sig = dict(args, **{k: "constexpr" for k in consts})
     # the pointers 16-byte aligned, as Triton's launcher specializes them for torch's allocations
     # (without it every load and store would compile to 2-byte scalars)
@@ -50,7 +56,14 @@ def registers(fn, args: dict, consts: dict, warps: int, tool: str) -> tuple[int,
                               capture_output=True, text=True, check=True).stderr
     regs = int(re.search(r"Used (\d+) registers", info).group(1))
     spills = re.search(r"(\d+) bytes spill stores", info).group(1)
-    return regs, spills
+    return regs, spills, compiled.asm["ptx"].count("bar.sync")
+
+
+def _rows(name: str, rows: int, mark: str, warps: int, fns: list, consts: dict, tool: str) -> None:
+    for kname, fn, args in fns:
+        regs, spills, bars = registers(fn, args, consts, warps, tool)
+        resident = min(64 // warps, 65536 // (regs * 32 * warps)) * warps
+        print(f"| {name} | {rows}{mark} | {warps} | {kname} | {regs} | {spills} | {bars} | {resident} |")
 
 
 def main() -> int:
@@ -58,17 +71,21 @@ def main() -> int:
     half = (m.rope_dims or m.head_dim) // 2
     print(f"triton {triton.__version__}, {Path(tool).name}, sm_90a; head dim {m.head_dim}, rotated half {half}")
     print()
-    print("| tensor | rows a program | warps | kernel | registers | spill bytes | resident warps an SM |")
-    print("|---|---|---|---|---|---|---|")
+    print("| tensor | rows a program | warps | kernel | registers | spill bytes | barriers | resident warps an SM |")
+    print("|---|---|---|---|---|---|---|---|")
+    qk = [("forward", kernels._qk_fwd_kernel, FWD_ARGS), ("backward", kernels._qk_bwd_kernel, BWD_ARGS)]
     for name, heads, has_gain in (("q", m.num_heads, True), ("k", m.num_kv_heads, False)):  # k: no gain
         for rows, warps in CHOICES:
             consts = {"T": 2048, "H": heads, "D": m.head_dim, "HALF": half, "R": rows, "HAS_GAIN": has_gain}
-            for kname, fn, args in (("forward", kernels._qk_fwd_kernel, FWD_ARGS),
-                                    ("backward", kernels._qk_bwd_kernel, BWD_ARGS)):
-                regs, spills = registers(fn, args, consts, warps, tool)
-                resident = min(64 // warps, 65536 // (regs * 32 * warps)) * warps
-                mark = " (lmcore)" if rows == kernels.TILE // m.head_dim and warps == kernels.WARPS else ""
-                print(f"| {name} | {rows}{mark} | {warps} | {kname} | {regs} | {spills} | {resident} |")
+            mark = " (lmcore)" if rows == kernels.TILE // m.head_dim and warps == kernels.WARPS else ""
+            _rows(name, rows, mark, warps, qk, consts, tool)
+    g = m.num_heads // m.num_kv_heads
+    xsa = [("forward", kernels._xsa_fwd_kernel, XSA_FWD_ARGS), ("backward", kernels._xsa_bwd_kernel, XSA_BWD_ARGS)]
+    for name, gated in (("XSA, gated", True), ("XSA, no gate", False)):
+        for rows, warps in XSA_CHOICES:
+            consts = {"G": g, "D": m.head_dim, "R": rows, "HAS_GATE": gated}
+            mark = " (lmcore)" if rows == kernels.XSA_TILE // (g * m.head_dim) and warps == kernels.XSA_WARPS else ""
+            _rows(name, rows, mark, warps, xsa, consts, tool)
     return 0
 
 
