@@ -26,13 +26,12 @@
 # with FA3 and FA2), the profiles' breakdowns and the same math (every 1-GPU run's losses
 # against "before", the twin's giving the noise). STAGES picks stages (default: all, in the
 # order above). BEFORE, LEVERS, SOLO: --set overrides; the three go to res/levers.json.
-# Durations: on nvidia-h200-x2 (session 5, when the originals still ran one after the other)
-# setup 21 s, each original run 200-240 s (mostly its compile), each lm1 pair 255 s, a 2-rank
-# lmcore run about 100 s (cache hit): 1,352 s with lm_before_2 left out; side by side the
-# originals should save about 220 s, so plan about 1,250 s plus the machine's start. On
-# nvidia-h200 (session 6, one at a time) 1,363 s: setup 25 s, original FA3 230 s, each lmcore
-# run 220-235 s (the twin 180 s: a cache hit), original FA2 236 s. Either way most of a
-# session's 1,800 s of device time.
+# Durations: on nvidia-h200-x2 (session 7) 1,272 s: setup 22 s, the originals' pair 284 s,
+# the lm1 pairs 256 and 251 s, kernel sources 11 s, the 2-rank original 200 s, lm_after_2 116 s,
+# lm_before_2 134 s (STAGES without lm2's `before` is not a choice: leave out lm2 to save
+# 250 s). On nvidia-h200 (session 6, one at a time) 1,363 s: setup 25 s, original FA3 230 s,
+# each lmcore run 220-235 s (the twin 180 s: a cache hit), original FA2 236 s. Either way most
+# of a session's 1,800 s of device time, plus the machine's start.
 # It outlasts one device call: `start` runs it detached (benchmarks/detached.sh) and polls;
 # `poll` (the next call, within 30 s of the last) goes on. Carry .whl, .data, .ref and .fa3.
 # Each poll leaves $OUT/speed.log, and once done $OUT/speed_table.md and
