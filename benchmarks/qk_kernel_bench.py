@@ -23,7 +23,6 @@ import torch
 
 from lmcore import kernels
 from lmcore.config import preset
-from lmcore.kernels import qk_norm_rope
 from lmcore.model import apply_rope, rms_norm, rope_tables
 
 CHOICES = [(16, 2), (16, 4), (32, 4), (32, 8), (64, 8)]  # (rows a program, warps)
@@ -98,7 +97,7 @@ def main() -> int:
         dy = torch.randn_like(x)
         nbytes = x.numel() * x.element_size()
         base = None
-        for label, fn in (("plain, inductor", compiled), ("fused (lmcore.kernels)", qk_norm_rope)):
+        for label, fn in (("plain, inductor", compiled), ("fused (lmcore.kernels)", kernels.qk_norm_rope)):
             fwd = queued_us(functools.partial(fn, x, cos, sin, gain), args.iters)
             both = queued_us(functools.partial(forward_backward, fn, x, cos, sin, gain, dy), args.iters)
             base = base or both

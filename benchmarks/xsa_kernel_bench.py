@@ -21,7 +21,6 @@ from qk_kernel_bench import micro_batch_header, print_sweep, queued_us, sweep_ro
 
 from lmcore import kernels
 from lmcore.config import preset
-from lmcore.kernels import xsa_gate
 
 CHOICES = [(8, 4), (16, 4), (16, 8), (32, 8)]  # (rows a program, warps)
 
@@ -58,7 +57,7 @@ def main() -> int:
     for name, gated in (("gated", True), ("no gate", False)):
         z = torch.randn(b, t, m.num_heads, device="cuda", dtype=torch.bfloat16, requires_grad=True) if gated else None
         base = None
-        for label, fn in (("plain, inductor", compiled), ("fused (lmcore.kernels)", xsa_gate)):
+        for label, fn in (("plain, inductor", compiled), ("fused (lmcore.kernels)", kernels.xsa_gate)):
             fwd = queued_us(functools.partial(fn, y, v, z), args.iters)
             both = queued_us(functools.partial(forward_backward, fn, y, v, z, dout), args.iters)
             base = base or both

@@ -63,14 +63,14 @@ DATA_BUILD_ONLY = frozenset({"corpus"})
 # on is exported with it off (`plain_kernels`): the same math, at the plain path's speed.
 KERNELS_ONLY = frozenset({"kernels"})
 KERNEL_SWITCHES = ("fused_qk_norm_rope", "fused_xsa_gate")
+# Third-party modules the script may import.
+ALLOWED_THIRD_PARTY = frozenset({"torch", "numpy", "sentencepiece", "brotli"})
 
 
 def plain_kernels(cfg: Config) -> tuple[Config, list[str]]:
     """`cfg` with the fused-kernel switches off, and the ones that were on ("train.NAME=true")."""
-    on = [f"train.{name}=true" for name in KERNEL_SWITCHES if getattr(cfg.train, name)]
-    return (cfg.override([o.replace("=true", "=false") for o in on]) if on else cfg), on
-# Third-party modules the script may import.
-ALLOWED_THIRD_PARTY = frozenset({"torch", "numpy", "sentencepiece", "brotli"})
+    on = [name for name in KERNEL_SWITCHES if getattr(cfg.train, name)]
+    return (cfg.override([f"train.{n}=false" for n in on]) if on else cfg), [f"train.{n}=true" for n in on]
 
 _PKG = Path(__file__).resolve().parent
 

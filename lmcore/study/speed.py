@@ -3,9 +3,9 @@ check (its training losses step by step against the baseline's at the same seed)
 
 `SPEED_LEVERS` names the training step's speed switches as sweep variants (each against
 today's defaults), `speed_variants(names, extra)` picks some of them by name for
-`study.sweep`. `speed_table(df, baseline)`: one row per variant of a sweep's runs (`study.sweep`): runs,
-mean step ms, tokens/s, the speedup over the baseline (its step ms over the variant's), the
-peak GPU memory, the score and, with the card's bf16 matmul peak, MFU (the config's training
+`study.sweep`. `speed_table(df, baseline)`: one row per variant of a sweep's runs: runs, mean
+step ms, tokens/s, the speedup over the baseline (its step ms over the variant's), the peak
+GPU memory, the score and, with the card's bf16 matmul peak, MFU (the config's training
 FLOPs a token, `lmcore.flops`). `loss_differences(df, baseline)`: one row per run of another
 variant whose seed the baseline also ran: the steps both logged, the largest and the mean
 |loss - loss| and both last losses. A lever that changes no formula should differ from the
@@ -16,7 +16,6 @@ for two loss curves ({step: loss}).
 
 from __future__ import annotations
 
-import json
 import statistics
 from pathlib import Path
 from typing import Any
@@ -95,8 +94,7 @@ def _mfu(runs: pd.DataFrame, peak_tflops: float) -> float:
 
     vals = []
     for _, r in runs.iterrows():
-        path = Path(r["path"]) / "config.json"
-        cfg = Config.from_dict(json.loads(path.read_text(encoding="utf-8")), source=str(path))
+        cfg = Config.load(Path(r["path"]) / "config.json")
         per_gpu = float(r["tokens_per_s"]) / max(1, int(r.get("world_size") or 1))
         vals.append(per_gpu * count_flops(cfg).train / (peak_tflops * 1e12))
     return statistics.mean(vals) if vals else float("nan")
