@@ -18,8 +18,8 @@
 #   lm2    lmcore after, then before, 2 ranks under torchrun, STEPS steps
 # The 1-GPU runs go two at a time (so every 1-GPU run of the table has a neighbour); the
 # 2-rank runs have the machine to themselves. On a 1-GPU machine (nvidia-h200) the 1-GPU runs
-# go one at a time (original FA3, before, after, solo, twin, original FA2) and the 2-rank
-# stages are skipped. lmcore logs every 10 steps, like the original
+# go one at a time (ONE_GPU_RUNS, by default original FA3, before, after, solo, twin, original
+# FA2) and the 2-rank stages are skipped. lmcore logs every 10 steps, like the original
 # here. Runs with the same compile options share an inductor cache (the 2-rank runs compile
 # the 1-GPU graph again: a cache hit). Then benchmarks/speed_report.py
 # prints the table (card, kernel, ranks, step ms, tokens/s per GPU, MFU, ratios to the original
@@ -49,6 +49,8 @@ STAGES=${STAGES:-peak orig1 lm1 orig2 lm2}
 BEFORE=${BEFORE:-train.rope_cache=false train.inductor_mix_order_reduction=true}
 LEVERS=${LEVERS:-train.ddp_bucket_cap_mb=100 train.ddp_grad_as_bucket_view=true}
 SOLO=${SOLO:-train.fused_qk_norm_rope=true train.fused_xsa_gate=true}
+# on a 1-GPU machine, the 1-GPU runs and their order (names of the functions below)
+ONE_GPU_RUNS=${ONE_GPU_RUNS:-orig_fa3_1 lm_before_1 lm_after_1 lm_solo_1 lm_before_1b orig_fa2_1}
 SOLO_TIMEOUT=${SOLO_TIMEOUT:-420}  # the solo run is ended after this many seconds (compile included)
 
 source benchmarks/detached.sh  # stamp, run_until, detached_poll, detached_main
@@ -110,7 +112,7 @@ job() {
   mkdir -p "$R"
   python3 -c 'import json, sys; print(json.dumps(dict(zip(("before", "after", "solo"), sys.argv[1:]))))' \
     "$BEFORE" "$LEVERS" "$SOLO" > "$R/levers.json"
-  echo "== setup: stages $STAGES; STEPS $STEPS; BEFORE $BEFORE; LEVERS $LEVERS; SOLO $SOLO"
+  echo "== setup: stages $STAGES; STEPS $STEPS; ONE_GPU_RUNS $ONE_GPU_RUNS (one GPU); BEFORE $BEFORE; LEVERS $LEVERS; SOLO $SOLO"
   nvidia-smi --query-gpu=name,uuid,memory.total,driver_version --format=csv,noheader
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
   python3 -m pip install -q --no-index --no-deps --target "$FA3" .fa3/dist/*.whl
@@ -128,13 +130,15 @@ job() {
     if [ "$n_gpu" -ge 2 ]; then
       has orig1 && { orig_fa3_1 0 & orig_fa2_1 1 & wait; }
       has lm1 && { lm_before_1 0 & lm_before_1b 1 & wait; lm_after_1 0 & lm_solo_1 1 & wait; }
-    else  # one GPU: one at a time, the runs that matter least last
-      has orig1 && orig_fa3_1 0
-      has lm1 && { lm_before_1 0; lm_after_1 0; lm_solo_1 0; lm_before_1b 0; }
-      has orig1 && orig_fa2_1 0
+    else  # one GPU: one at a time, ONE_GPU_RUNS of the stages picked, in its order
+      local run
+      for run in $ONE_GPU_RUNS; do
+        case $run in orig_*) has orig1 && "$run" 0 ;; lm_*) has lm1 && "$run" 0 ;; esac
+      done
     fi
     if has lm1; then
-      sources lm_before_1 before; sources lm_after_1 after; [ -f "$R/lm_solo_1/profile/breakdown.json" ] && sources lm_solo_1 solo
+      local c
+      for c in before after solo; do [ -f "$R/lm_${c}_1/profile/breakdown.json" ] && sources "lm_${c}_1" "$c"; done
     fi
     if [ "$n_gpu" -ge 2 ]; then
       has orig2 && orig orig_fa3_2 0,1 2 "$S/orig_fa3" "$FA3:$BASE"

@@ -13,7 +13,8 @@ steps nor the profiler count. Tokens/s and MFU are per GPU; MFU uses
 lmcore.flops' training FLOPs per token of `record` (the same model in both) and the measured
 peak. Where both profiles list every kernel, the kernel time that changed from before to
 after. The same math: lmcore's 1-GPU runs' training losses step by step against "before"
-(MATH_BASE), its twin giving the run-to-run noise. Anything missing shows as "-".
+(or "after" where no "before" ran: MATH_BASES), its twin giving the run-to-run noise. Anything
+missing shows as "-".
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ LM_RUNS = {
         ("lm_solo_1", "lmcore solo (SOLO)"), ("lm_after_1", "lmcore after")],
     2: [("lm_before_2", "lmcore before"), ("lm_after_2", "lmcore after")],
 }
-MATH_BASE, MATH_TWIN = "lm_before_1", "lm_before_1b"
+# the same math's baseline: "before", or "after" where a 1-GPU job ran no "before" (ONE_GPU_RUNS)
+MATH_BASES, MATH_TWIN = ("lm_before_1", "lm_after_1"), "lm_before_1b"
 # profiled runs whose kernel times are compared (both profiles must list every kernel)
 KERNEL_PAIRS = [("lm_before_1", "lm_after_1"), ("lm_after_1", "lm_solo_1"), ("lm_before_2", "lm_after_2")]
 
@@ -134,17 +136,18 @@ def kernel_changes(before: dict, after: dict, n: int = 8) -> list[tuple[str, flo
 
 
 def same_math(res: Path) -> list[str]:
-    """One line per 1-GPU run against MATH_BASE (lmcore.study.loss_difference): the largest and
-    the mean step-by-step difference of the training loss over the steps both logged, and both
-    final losses; MATH_TWIN's line is the run-to-run noise."""
-    base = {r["step"]: r["train_loss"] for r in train_lines(res / MATH_BASE)}
+    """One line per 1-GPU run against the first of MATH_BASES that ran (lmcore.study.loss_difference):
+    the largest and the mean step-by-step difference of the training loss over the steps both
+    logged, and both final losses; MATH_TWIN's line is the run-to-run noise."""
+    base_run = next((b for b in MATH_BASES if train_lines(res / b)), MATH_BASES[0])
+    base = {r["step"]: r["train_loss"] for r in train_lines(res / base_run)}
     out = []
     for folder, label in LM_RUNS[1]:
         d = loss_difference(base, {r["step"]: r["train_loss"] for r in train_lines(res / folder)})
-        if folder == MATH_BASE or not d["steps"]:
+        if folder == base_run or not d["steps"]:
             continue
         what = "run-to-run noise" if folder == MATH_TWIN else "difference"
-        out.append(f"Same math, {label} ({folder}) against {MATH_BASE}, {d['steps']} steps, seed 1337: {what} "
+        out.append(f"Same math, {label} ({folder}) against {base_run}, {d['steps']} steps, seed 1337: {what} "
                    f"max |loss - loss| = {d['max_abs_diff']:.4f}, mean {d['mean_abs_diff']:.4f}; last step "
                    f"{d['last_step']}: {d['last_loss_baseline']:.4f} vs {d['last_loss']:.4f}.")
     return out
@@ -154,7 +157,7 @@ def main(res: Path) -> int:
     peak_info = read_json(res / "peak.json")
     peak = peak_info.get("peak_tflops")
     f = count_flops(preset("record"))
-    card = peak_info.get("card") or read_json(res / "lm_before_1" / "summary.json").get("card", "?")
+    card = peak_info.get("card") or read_json(res / "lm_after_1" / "summary.json").get("card", "?")
     print(f"Card: {card}; torch {peak_info.get('torch', '?')}; measured bf16 matmul peak "
           f"{_f(peak, '.1f')} TFLOP/s; record's training FLOPs per token {f.train / 1e6:.1f} M "
           f"(lmcore.flops, causal); {TOKENS_PER_STEP:,} tokens a step (48 x 2048 micro-batches).")

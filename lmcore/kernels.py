@@ -320,9 +320,10 @@ if triton is not None:
 
 
 XSA_TILE = 2048  # elements of y per Triton program: XSA_TILE // (G * D) rows (kv heads of one token)
-# 8 warps: at record's shapes (G 2, D 64: 16 rows) the y and v tiles then share one layout, so
-# sm_90 ptxas gives 30/40 registers (forward/backward) with one barrier; 4 warps: 40/80 and 11
-XSA_WARPS = 8
+# 4 warps, measured (benchmarks/xsa_kernel_bench.py, H200, session 8) at record's shapes (G 2,
+# D 64: 16 rows): forward 61 us, backward 99 us a layer call; at 8 warps, which sm_90 ptxas gives
+# fewer registers (30/40 against 40/80) and one barrier against 11, the backward took 290 us
+XSA_WARPS = 4
 
 
 def _xsa_use_triton(y: Tensor, v: Tensor) -> bool:
