@@ -86,6 +86,11 @@ class Session:
         return self.dist.is_main
 
     @property
+    def cuda_graphs(self) -> bool:
+        """train.compile_mode=reduce-overhead on a compiled model: inductor's CUDA graphs."""
+        return self.compiled and self.cfg.train.compile_mode == "reduce-overhead"
+
+    @property
     def metrics(self) -> Path:
         return self.run_dir / METRICS_NAME
 
@@ -124,10 +129,18 @@ class Session:
             x, y = self.loader.next_batch(tc.batch_tokens, self.cfg.data.seq_len, accum)
             x, y = self._to_device(x), self._to_device(y)
             last = self.ddp is None or micro == accum - 1
+            if self.cuda_graphs:  # each micro-batch is a new run of the graphs (their outputs are reused)
+                torch.compiler.cudagraph_mark_step_begin()
             with contextlib.nullcontext() if last else self.ddp.no_sync():  # gradients sync on the last one
                 with autocast(device, self.bf16):
                     loss = self.forward(x, y)
                 (loss * (1.0 / accum)).backward()
+            if self.cuda_graphs and micro == 0:
+                # a parameter's first gradient is the backward graph's output itself, which the next
+                # micro-batch's run overwrites: own a copy, for the next ones to add to (same values)
+                for p in self.model.parameters():
+                    if p.grad is not None:
+                        p.grad = p.grad.clone()
             loss_sum += loss.detach()
         # the norm (after DDP's all-reduce, so equal on every rank) also flags NaN/inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip if tc.grad_clip > 0 else math.inf)

@@ -587,3 +587,23 @@ def test_token_ids_past_the_vocabulary_are_named_not_indexed(smoke_run, tmp_path
     err = capsys.readouterr().err
     assert rc == 2 and shard.name in err and "1029" in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "run" / "model.pt").exists() and not (tmp_path / "run" / "summary.json").exists()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graphs_train_as_the_default_compile(smoke_run, tmp_path):
+    """train.compile_mode=reduce-overhead over 2 micro-batches a step: the losses of torch.compile's
+    default mode with the same inductor options (the first micro-batch's gradients, CUDA graph
+    outputs, are copied before the second adds to them: without that the second raised)."""
+    sets = ["train.compile=true", "train.device=cuda", "train.iterations=6", "train.warmdown_iters=0",
+            "train.log_every=1", "train.val_every=0", "train.inductor_mix_order_reduction=true"]
+    losses = {}
+    for mode in ("default", "reduce-overhead"):
+        torch._dynamo.reset()
+        cfg = preset("smoke", _overrides(smoke_run, *sets, f"train.compile_mode={mode}"))
+        assert cfg.train.grad_accum == 2
+        r = train(cfg, tmp_path / mode, progress=False)
+        assert r.completed and r.steps == 6
+        losses[mode] = [x["train_loss"] for x in read_jsonl(tmp_path / mode / "metrics.jsonl") if x["kind"] == "train"]
+    assert len(losses["default"]) == 6
+    assert losses["reduce-overhead"] == pytest.approx(losses["default"], rel=1e-4)
