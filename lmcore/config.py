@@ -160,7 +160,8 @@ class TrainConfig:
     checkpoint_every: int = 0  # steps between checkpoints; 0 = only at the end
     device: str = "auto"  # auto | cuda | cpu
     compile: bool = True  # torch.compile on CUDA (never on CPU)
-    compile_mode: str = "default"  # torch.compile mode: default | max-autotune-no-cudagraphs | max-autotune
+    # torch.compile mode: default | max-autotune-no-cudagraphs | max-autotune | reduce-overhead (CUDA graphs)
+    compile_mode: str = "default"
     # inductor's mix-order reduction (torch >= 2.11: fuses the RMSNorm backward into larger kernels;
     # openai/parameter-golf #1420 measured +5.9 ms a backward from it on 8xH100). Off by default (torch's
     # older codegen; with rope_cache on: 627.4/625.3 -> 592.8/595.1 ms a step on one H200, the same
@@ -172,10 +173,10 @@ class TrainConfig:
     inductor_coordinate_descent: bool = False
     rope_cache: bool = True  # RoPE tables computed once for data.seq_len (GPT.cache_rope), not in the graph
     # q/k RMSNorm + RoPE + q_gain as one op (lmcore.kernels: Triton on CUDA, the same math in PyTorch
-    # elsewhere; the same math as the plain path up to fp32 rounding). The exported script trains without it.
+    # elsewhere; the same math as the plain path up to fp32 rounding). The exported script embeds the kernels.
     fused_qk_norm_rope: bool = False
     # XSA + the attention gate as one op on the XSA layers (lmcore.kernels.xsa_gate; the same math up
-    # to fp32 rounding). The exported script trains without it.
+    # to fp32 rounding). The exported script embeds the kernels.
     fused_xsa_gate: bool = False
     ddp_bucket_cap_mb: float = 25.0  # DDP gradient bucket size (torch's default 25)
     ddp_grad_as_bucket_view: bool = False  # DDP gradients as views into its buckets (saves a copy)

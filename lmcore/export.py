@@ -28,10 +28,10 @@ numpy, sentencepiece and brotli are imported by the script.
 Code bytes are the bytes of that script: `code_bytes_of_export(cfg)`, which `lmcore pack`
 also uses for pack.json, so both count the same file.
 
-The fused-kernel switches (train.fused_qk_norm_rope, train.fused_xsa_gate) are not carried
-into the script: lmcore.kernels imports triton, so the script is exported for the config
-with them off (`plain_kernels`). It trains the same model, at the plain path's speed, and
-`lmcore submission export` says so.
+The fused-kernel switches (train.fused_qk_norm_rope, train.fused_xsa_gate) travel with the
+config: with one on, the script embeds lmcore.kernels, which imports triton (shipped with
+torch's CUDA builds; without it the kernels' PyTorch math runs), and its code bytes count
+the kernels. With both off it embeds neither kernels nor triton.
 """
 
 from __future__ import annotations
@@ -58,19 +58,17 @@ CLI_ONLY = frozenset(
 # Building shards from documents: reached from train only through the `lmcore data build` CLI
 # registration, needed in the script only when it builds the smoke corpus itself.
 DATA_BUILD_ONLY = frozenset({"corpus"})
-# Fused kernels (train.fused_qk_norm_rope, train.fused_xsa_gate): they import triton, which the script
-# may not, so it never embeds them; GPT imports them only when a switch is on. A config with a switch
-# on is exported with it off (`plain_kernels`): the same math, at the plain path's speed.
-KERNELS_ONLY = frozenset({"kernels"})
+# Fused kernels (train.fused_qk_norm_rope, train.fused_xsa_gate): GPT imports them only when a switch
+# is on, and the script embeds them (and may import triton) only then.
+KERNEL_MODULES = frozenset({"kernels"})
 KERNEL_SWITCHES = ("fused_qk_norm_rope", "fused_xsa_gate")
-# Third-party modules the script may import.
+# Third-party modules the script may import; triton too where it embeds the kernels.
 ALLOWED_THIRD_PARTY = frozenset({"torch", "numpy", "sentencepiece", "brotli"})
 
 
-def plain_kernels(cfg: Config) -> tuple[Config, list[str]]:
-    """`cfg` with the fused-kernel switches off, and the ones that were on ("train.NAME=true")."""
-    on = [name for name in KERNEL_SWITCHES if getattr(cfg.train, name)]
-    return (cfg.override([f"train.{n}=false" for n in on]) if on else cfg), [f"train.{n}=true" for n in on]
+def fused_kernels(cfg: Config) -> list[str]:
+    """The fused-kernel switches `cfg` has on, as overrides ("train.NAME=true")."""
+    return [f"train.{name}=true" for name in KERNEL_SWITCHES if getattr(cfg.train, name)]
 
 _PKG = Path(__file__).resolve().parent
 
@@ -169,14 +167,16 @@ def needed_modules(cfg: Config, pkg: Path = _PKG) -> list[str]:
     The closure of `lmcore.entry` under imports (each module's parent packages included),
     without modules that only serve the command line or the export; smoke_data (and the
     corpus builder it uses) only when the config trains on the smoke corpus (train() then
-    builds it if missing). The package's own __init__ is always embedded and not listed.
+    builds it if missing); lmcore.kernels only when a fused-kernel switch is on. The package's own __init__ is always embedded and not listed.
     Left-out modules may only be imported lazily (in a function): a module on the script's
     path that imports one when it is itself imported raises ValueError, as the script would
     fail there.
     """
     smoke = is_smoke_config(cfg)
     todo = list(ROOT_MODULES) + (["smoke_data"] if smoke else [])
-    skip = CLI_ONLY | KERNELS_ONLY | (set() if smoke else {"smoke_data"} | DATA_BUILD_ONLY)
+    skip = CLI_ONLY | (set() if smoke else {"smoke_data"} | DATA_BUILD_ONLY)
+    if not fused_kernels(cfg):
+        skip |= KERNEL_MODULES
     seen: set[str] = set()
     while todo:
         m = todo.pop()
@@ -223,9 +223,10 @@ def minify_source(src: str) -> str:
 def embedded_sources(cfg: Config, pkg: Path = _PKG, minify: bool = True) -> dict[str, str]:
     """{"lmcore/<file>": source} of every module the script embeds for `cfg`."""
     mods = needed_modules(cfg, pkg)
-    bad = third_party_imports(mods, pkg) - ALLOWED_THIRD_PARTY - {"tqdm"}
+    allowed = ALLOWED_THIRD_PARTY | ({"triton"} if fused_kernels(cfg) else set())
+    bad = third_party_imports(mods, pkg) - allowed - {"tqdm"}
     if bad:
-        raise ValueError(f"the exported modules import {sorted(bad)}, beyond torch/numpy/sentencepiece/brotli")
+        raise ValueError(f"the exported modules import {sorted(bad)}, beyond {'/'.join(sorted(allowed))}")
     out = {}
     for m in ["", *mods]:
         path = _module_file(m, pkg)
@@ -242,7 +243,7 @@ def encode_sources(sources: dict[str, str]) -> str:
 
 def export_script(cfg: Config, pkg: Path = _PKG, minify: bool = True) -> str:
     """The text of the single-file `train_gpt.py` for `cfg` (see the module docstring)."""
-    cfg, _ = plain_kernels(cfg.validate())
+    cfg = cfg.validate()
     config_json = json.dumps(cfg.to_dict(), separators=(",", ":"))
     boot = (pkg / "bootstrap.py").read_text(encoding="utf-8")
     return "".join(

@@ -22,7 +22,7 @@ CPU kernels (`_forward_math`, `_backward_math`, `_xsa_forward_math`, `_xsa_backw
 what tests check against autograd of the plain composition; the Triton kernels are checked
 against them on GPU (tests marked cuda). Without Triton, CUDA tensors run the PyTorch math.
 Imported only by GPT.use_fused_qk_norm_rope / use_fused_xsa_gate: the exported single-file
-script does not embed this module (it may not import triton).
+script embeds this module only for a config with a switch on (lmcore.export).
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from typing import Any
 from lmcore.compliance import REQUIRED_FILES, TIME_LIMIT_S, check_submission
 from lmcore.config import Config
 from lmcore.errors import InputError, InputNotFound
-from lmcore.export import SCRIPT_NAME, code_bytes_of_export, export_script, minify_source, needed_modules, plain_kernels
+from lmcore.export import SCRIPT_NAME, code_bytes_of_export, export_script, minify_source, needed_modules
 from lmcore.runlog import format_log, parse_log
 
 __all__ = [
@@ -124,9 +124,6 @@ def export_submission(
     cfg, runs = load_runs(run_dirs)
     out = Path(out)
     script = export_script(cfg).encode("utf-8")
-    _, kernels = plain_kernels(cfg)  # trained with, not exported
-    without = (f" The runs trained with {', '.join(kernels)}; the script trains without lmcore.kernels (the same "
-               "math, slower: the kernels import triton and are not embedded).") if kernels else ""
     code = len(script)
     atomic_write_bytes(out / SCRIPT_NAME, script)
     seed_results: dict[str, Any] = {}
@@ -161,7 +158,7 @@ def export_submission(
     sub = {
         "author": author or "unknown",
         "name": name or f"lmcore {cfg.name}",
-        "blurb": f"lmcore config {cfg.name!r}, exported as a single train_gpt.py ({code} bytes).{without}",
+        "blurb": f"lmcore config {cfg.name!r}, exported as a single train_gpt.py ({code} bytes).",
         "date": date.today().isoformat(),
         "track": "10min_16mb",
         "val_loss": ml,
@@ -193,8 +190,6 @@ def export_submission(
         },
         "config": cfg.to_dict(),
     }
-    if kernels:  # the runs' step times are not the script's: it trains without these
-        sub["lmcore_kernels_not_exported"] = kernels
     atomic_write_json(out / "submission.json", sub)
     atomic_write_text(out / "README.md", _readme(sub, code))
     return sub
@@ -252,9 +247,6 @@ def _cmd_export(args: argparse.Namespace) -> int:
         f"README.md, submission.json; val_bpb {sub['val_bpb']:.6f} (std {sub['val_bpb_std']:.6f}), "
         f"max total bytes {sub['bytes_total']:,}"
     )
-    if sub.get("lmcore_kernels_not_exported"):
-        print(f"NOTE the runs trained with {', '.join(sub['lmcore_kernels_not_exported'])}; train_gpt.py trains "
-              "without lmcore.kernels (the same math, at the plain path's speed)")
     return 0
 
 

@@ -3,12 +3,18 @@ against autograd of the model's plain path (q/k: rms_norm, apply_rope, gain, for
 whole-head RoPE, with and without a gain; XSA: F.normalize and the projection, then the
 sigmoid gate, with and without it, 1-4 query heads a kv head); the model and a training run
 with each switch against the plain path; compiled with fullgraph; the exported script, which
-trains without them, and a run trained with them packed and exported. The Triton kernels
+embeds them with a switch on and trains as lmcore does, and a run trained with them packed
+and exported. The Triton kernels
 against the PyTorch ones on GPU (marked cuda)."""
 
 from __future__ import annotations
 
+import ast
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,7 +23,7 @@ import torch.nn.functional as F
 from lmcore import cli
 from lmcore.config import preset
 from lmcore.evaluate import eval_run
-from lmcore.export import code_bytes_of_export, embedded_sources, export_script, plain_kernels
+from lmcore.export import code_bytes_of_export, embedded_sources, export_script, fused_kernels
 from lmcore.kernels import _backward_math, _forward_math, qk_norm_rope, xsa_gate
 from lmcore.model import GPT, apply_rope, rms_norm, rope_tables
 from lmcore.pack import pack_run
@@ -110,14 +116,58 @@ def test_training_with_the_switch_follows_the_plain_losses(tmp_path, switch):
 
 
 @pytest.mark.parametrize("switch", [sw[0] for sw in SWITCHES])
-def test_the_exported_script_trains_without_the_switch(switch):
-    # lmcore.kernels imports triton, so the script never embeds it: a config with a switch on
-    # is exported with it off, the same script as the plain config's, and counted as such
+def test_the_exported_script_embeds_the_kernels_with_a_switch_on(switch):
     cfg = preset("record", [f"train.{switch}=true"])
-    assert plain_kernels(cfg) == (preset("record"), [f"train.{switch}=true"])
+    assert fused_kernels(cfg) == [f"train.{switch}=true"] and fused_kernels(preset("record")) == []
+    with_kernels, plain = embedded_sources(cfg), embedded_sources(preset("record"))
+    assert set(with_kernels) - set(plain) == {"lmcore/kernels.py"}
     script = export_script(cfg)
-    assert script == export_script(preset("record")) and code_bytes_of_export(cfg) == len(script.encode("utf-8"))
-    assert "lmcore/kernels.py" not in embedded_sources(cfg) and "lmcore/model.py" in embedded_sources(cfg)
+    assert code_bytes_of_export(cfg) == len(script.encode("utf-8"))
+    assert 0 < len(script) - len(export_script(preset("record"))) < 4000  # the kernels, Brotli-compressed
+    assert json.loads(ast.literal_eval(script.split("CONFIG_JSON = ", 1)[1].split("\n", 1)[0]))["train"][switch] is True
+
+
+PROBE = Path(__file__).with_name("embedded_kernels_probe.py")
+
+
+def _script_env(keep_pythonpath: bool = False) -> dict[str, str]:
+    """The environment an exported script runs in here: no torchrun variables, no PYTHONPATH
+    unless kept (on the GPU machines brotli is installed only on it)."""
+    drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK") + (() if keep_pythonpath else ("PYTHONPATH",))
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env.update(OMP_NUM_THREADS="1", PYTHONNOUSERSITE="1")
+    return env
+
+
+def _probe(script: Path, *flags: str, keep_pythonpath: bool = False) -> dict:
+    """tests/embedded_kernels_probe.py on an exported script, in a fresh process: its JSON line."""
+    r = subprocess.run([sys.executable, str(PROBE), str(script), *flags], cwd=script.parent,
+                       env=_script_env(keep_pythonpath), check=False,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.splitlines()[-1])
+
+
+def test_the_exported_script_trains_with_the_embedded_kernels(tmp_path, one_thread):
+    # the script imports lmcore.kernels from its own SOURCES (without triton, as on this CPU
+    # machine, the kernels' PyTorch math) and trains as lmcore does with both switches
+    both = [f"train.{sw[0]}=true" for sw in SWITCHES]
+    cfg = preset("tiny", ["train.iterations=3", "train.log_every=1", *both])
+    train(cfg, tmp_path / "lmcore", progress=False)
+    data = Path(cfg.data.data_dir).resolve()
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    (work / "train_gpt.py").write_text(export_script(cfg))
+    found = _probe(work / "train_gpt.py")
+    assert found["embedded"] and found["file"].startswith(str(work / "train_gpt.py"))
+    env = _script_env()
+    cmd = [sys.executable, "train_gpt.py", "--no-progress", "--set", f"data.data_dir={data}",
+           "--set", f"data.tokenizer={data / 'tokenizer.model'}"]
+    r = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    runs = [p for p in work.iterdir() if p.is_dir() and p.name.startswith("run_seed")]
+    assert len(runs) == 1
+    assert len(train_losses(runs[0])) == 3 and train_losses(runs[0]) == pytest.approx(train_losses(tmp_path / "lmcore"), abs=1e-6)
 
 
 def test_a_run_trained_with_the_switches_packs_and_exports(tmp_path, capsys):
@@ -126,15 +176,24 @@ def test_a_run_trained_with_the_switches_packs_and_exports(tmp_path, capsys):
     cfg = preset("tiny", ["train.iterations=3", *both])
     train(cfg, rd, progress=False)
     info = pack_run(rd, progress=False)
-    assert info["code_bytes"] == code_bytes_of_export(preset("tiny", ["train.iterations=3"]))
+    assert info["code_bytes"] == code_bytes_of_export(cfg) > code_bytes_of_export(preset("tiny", ["train.iterations=3"]))
     eval_run(rd, progress=False, log=lambda m: None)
     out = tmp_path / "submission"
     assert cli.main(["submission", "export", "--runs", str(rd), "--out", str(out)]) == 0
-    assert "NOTE the runs trained with train.fused_qk_norm_rope=true, train.fused_xsa_gate=true; train_gpt.py " \
-        "trains without lmcore.kernels" in capsys.readouterr().out
     sub = json.loads((out / "submission.json").read_text())
-    assert sub["lmcore_kernels_not_exported"] == both and "the script trains without lmcore.kernels" in sub["blurb"]
-    assert (out / "train_gpt.py").read_text() == export_script(preset("tiny", ["train.iterations=3"]))
+    assert sub["code_bytes"] == info["code_bytes"] and all(sub["config"]["train"][sw[0]] for sw in SWITCHES)
+    assert (out / "train_gpt.py").read_text() == export_script(cfg)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_exported_scripts_kernels_run_triton_on_cuda(tmp_path):
+    # Triton's JIT reads a kernel's source: here that of the script's embedded, minified module
+    both = [f"train.{sw[0]}=true" for sw in SWITCHES]
+    (tmp_path / "train_gpt.py").write_text(export_script(preset("record", both)))
+    found = _probe(tmp_path / "train_gpt.py", "--cuda", keep_pythonpath=True)  # lmcore still comes from the script
+    assert found["embedded"] and found["file"].startswith(str(tmp_path / "train_gpt.py")) and found["triton"] and found["qk_triton"] and found["xsa_triton"], found
+    assert found["qk_max_diff"] < 1e-4 and found["xsa_max_diff"] < 1e-4, found
 
 
 def _plain_xsa(y, v, z):  # the model's plain path (Attention.forward)

@@ -1,0 +1,67 @@
+"""Run by tests/test_kernels.py in a fresh process, outside lmcore:
+
+    python tests/embedded_kernels_probe.py PATH/train_gpt.py [--cuda]
+
+imports lmcore.kernels from the exported script's SOURCES (its importer first on sys.meta_path)
+and prints one JSON line: the module's file, whether the script embeds it, whether triton
+imported. With --cuda it also runs both fused ops forward and backward on CUDA (where Triton
+serves them: the JIT reads the kernels' source through the script's importer) and on CPU (the
+PyTorch math), and adds the largest differences of outputs and gradients.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def _run(op, inputs, device):
+    """op(*inputs) on `device` in fp32 with a fixed output gradient: (output, input gradients)."""
+    import torch
+
+    xs = [None if x is None else x.to(device).requires_grad_() for x in inputs]
+    out = op(*xs)
+    out.backward(torch.linspace(-1, 1, out.numel(), device=device).view_as(out))
+    return [out.detach().cpu()] + [x.grad.cpu() for x in xs if x is not None]
+
+
+def _max_diff(a, b) -> float:
+    return max(float((x - y).abs().max()) for x, y in zip(a, b, strict=True))
+
+
+def cuda_checks(kernels) -> dict:
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    b, t, h, hkv, d, half = 2, 64, 8, 4, 64, 8
+    angle = torch.rand(t, half, generator=g) * 6.0
+    x, gain = torch.randn(b, t, h, d, generator=g), torch.rand(h, generator=g) + 0.5
+    y, v, z = torch.randn(b, t, h, d, generator=g), torch.randn(b, t, hkv, d, generator=g), torch.randn(b, t, h, generator=g)
+    cos, sin = angle.cos(), angle.sin()
+    qk = lambda x_, gain_: kernels.qk_norm_rope(x_, cos.to(x_.device), sin.to(x_.device), gain_)
+    return {
+        "qk_triton": kernels._use_triton(x.cuda(), half),
+        "xsa_triton": kernels._xsa_use_triton(y.cuda(), v.cuda()),
+        "qk_max_diff": _max_diff(_run(qk, [x, gain], "cuda"), _run(qk, [x, gain], "cpu")),
+        "xsa_max_diff": _max_diff(_run(kernels.xsa_gate, [y, v, z], "cuda"), _run(kernels.xsa_gate, [y, v, z], "cpu")),
+    }
+
+
+def main(argv: list[str]) -> int:
+    script = Path(argv[0]).resolve()
+    sys.path.insert(0, str(script.parent))
+    import train_gpt
+
+    finder = train_gpt.install(vars(train_gpt))
+    from lmcore import kernels
+
+    out = {"file": kernels.__file__, "embedded": "lmcore/kernels.py" in finder.sources, "triton": kernels.triton is not None}
+    if "--cuda" in argv:
+        out.update(cuda_checks(kernels))
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
