@@ -160,7 +160,8 @@ class TrainConfig:
     checkpoint_every: int = 0  # steps between checkpoints; 0 = only at the end
     device: str = "auto"  # auto | cuda | cpu
     compile: bool = True  # torch.compile on CUDA (never on CPU)
-    # torch.compile mode: default | max-autotune-no-cudagraphs | max-autotune | reduce-overhead (CUDA graphs)
+    # torch.compile mode: default | max-autotune-no-cudagraphs | max-autotune | reduce-overhead (CUDA graphs),
+    # given to torch.compile as the mode's inductor options, so it combines with the switches below
     compile_mode: str = "default"
     # inductor's mix-order reduction (torch >= 2.11: fuses the RMSNorm backward into larger kernels;
     # openai/parameter-golf #1420 measured +5.9 ms a backward from it on 8xH100). Off by default (torch's
@@ -249,13 +250,6 @@ class Config:
             )
         if self.train.compile_mode not in COMPILE_MODES:
             raise ConfigError(f"train.compile_mode={self.train.compile_mode!r}: expected one of {', '.join(COMPILE_MODES)}")
-        if self.train.compile_mode != "default":
-            for key, value, default in (("inductor_mix_order_reduction", self.train.inductor_mix_order_reduction, True),
-                                        ("inductor_coordinate_descent", self.train.inductor_coordinate_descent, False)):
-                if value != default:
-                    raise ConfigError(f"train.{key}={str(value).lower()} needs train.compile_mode=default "
-                                      "(torch.compile takes a mode or inductor options, not both): with "
-                                      f"train.compile_mode={self.train.compile_mode} set train.{key}={str(default).lower()}")
         if self.train.ema not in ("original", "bias_corrected", "off"):
             raise ConfigError(f"train.ema={self.train.ema!r}: expected original, bias_corrected or off")
         return self

@@ -87,8 +87,8 @@ class Session:
 
     @property
     def cuda_graphs(self) -> bool:
-        """train.compile_mode=reduce-overhead on a compiled model: inductor's CUDA graphs."""
-        return self.compiled and self.cfg.train.compile_mode == "reduce-overhead"
+        """A compiled model with inductor's CUDA graphs (train.compile_mode reduce-overhead or max-autotune)."""
+        return self.compiled and self.cfg.train.compile_mode in ("reduce-overhead", "max-autotune")
 
     @property
     def metrics(self) -> Path:
@@ -192,19 +192,17 @@ class Session:
 
 
 def compile_kwargs(tc: TrainConfig) -> dict[str, Any]:
-    """torch.compile's arguments for the training model: whole graph, static shapes, and
-    train.compile_mode or the inductor options of the switches (torch.compile takes one of
-    the two; Config.validate refuses a mix)."""
-    kw: dict[str, Any] = {"fullgraph": True, "dynamic": False}
-    if tc.compile_mode != "default":
-        kw["mode"] = tc.compile_mode
-        return kw
+    """torch.compile's arguments for the training model: whole graph, static shapes, and the
+    inductor options of train.compile_mode (torch's own list for the mode, so that it combines
+    with the switches: torch.compile takes a mode or options, not both) and of the switches."""
     import torch._inductor.config as inductor_config
+    from torch._inductor import list_mode_options
 
-    options: dict[str, Any] = {}
+    kw: dict[str, Any] = {"fullgraph": True, "dynamic": False}
+    options: dict[str, Any] = dict(list_mode_options(tc.compile_mode)) if tc.compile_mode != "default" else {}
     if not tc.inductor_mix_order_reduction and hasattr(inductor_config.triton, "mix_order_reduction"):
         options["triton.mix_order_reduction"] = False  # (torch < 2.11 has no such pass)
-    if tc.inductor_coordinate_descent:
+    if tc.inductor_coordinate_descent:  # (the max-autotune modes turn it on themselves)
         options["coordinate_descent_tuning"] = True
     if options:
         kw["options"] = options

@@ -102,6 +102,7 @@ def test_bad_compile_mode_is_refused():
 
 def test_compile_arguments_of_the_switches():
     import torch._inductor.config as inductor_config
+    from torch._inductor import list_mode_options
 
     from lmcore.session import compile_kwargs
 
@@ -110,15 +111,17 @@ def test_compile_arguments_of_the_switches():
     assert hasattr(inductor_config.triton, "mix_order_reduction")  # the option torch.compile is given exists
     on = preset("record", ["train.inductor_mix_order_reduction=true"]).train  # torch's own default
     assert compile_kwargs(on) == {"fullgraph": True, "dynamic": False}
-    tuned_cfg = preset("record", ["train.compile_mode=max-autotune-no-cudagraphs", "train.inductor_mix_order_reduction=true"])
-    tuned = tuned_cfg.validate().train
-    assert compile_kwargs(tuned)["mode"] == "max-autotune-no-cudagraphs" and "options" not in compile_kwargs(tuned)
     both = preset("record", ["train.inductor_coordinate_descent=true"]).train
     assert compile_kwargs(both)["options"] == {"triton.mix_order_reduction": False, "coordinate_descent_tuning": True}
     assert inductor_config.coordinate_descent_tuning is False  # the option exists; off by default
-    with pytest.raises(ConfigError, match="inductor_coordinate_descent"):
-        preset("record", ["train.compile_mode=max-autotune", "train.inductor_mix_order_reduction=true",
-                          "train.inductor_coordinate_descent=true"]).validate()
-    # a compile mode with the default (off) is refused, saying what to set
-    with pytest.raises(ConfigError, match="with train.compile_mode=max-autotune set train.inductor_mix_order_reduction=true"):
-        preset("record", ["train.compile_mode=max-autotune"]).validate()
+    # a compile mode is given as torch's own options for it, with the switches' on top (never mode=)
+    graphs = preset("record", ["train.compile_mode=reduce-overhead"]).validate().train
+    assert compile_kwargs(graphs) == {"fullgraph": True, "dynamic": False,
+                                      "options": {"triton.cudagraphs": True, "triton.mix_order_reduction": False}}
+    tuned = preset("record", ["train.compile_mode=max-autotune-no-cudagraphs", "train.inductor_mix_order_reduction=true"])
+    assert compile_kwargs(tuned.validate().train)["options"] == {"max_autotune": True, "coordinate_descent_tuning": True}
+    for mode in ("reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):
+        opts = compile_kwargs(preset("record", [f"train.compile_mode={mode}"]).train)["options"]
+        assert {k: v for k, v in opts.items() if k != "triton.mix_order_reduction"} == list_mode_options(mode)
+        # torch.compile checks the options when it wraps (an unknown one raises), before any compiling
+        torch.compile(torch.nn.Linear(2, 2), **compile_kwargs(preset("record", [f"train.compile_mode={mode}"]).train))
