@@ -37,7 +37,10 @@ SPEED_LEVERS: dict[str, list[str]] = {
     "fused_xsa": ["train.fused_xsa_gate=true"],
     "fused_both": ["train.fused_qk_norm_rope=true", "train.fused_xsa_gate=true"],
     "ddp_buckets": ["train.ddp_bucket_cap_mb=100", "train.ddp_grad_as_bucket_view=true"],  # 2+ ranks only
-    "cuda_graphs": ["train.compile_mode=reduce-overhead", "train.inductor_mix_order_reduction=true"],  # never measured
+    # CUDA graphs (mix-order reduction off, as the defaults; session 8 measured them with it on: slower)
+    "cuda_graphs": ["train.compile_mode=reduce-overhead"],
+    # inductor's Triton GEMM templates with fused epilogues (a long compile; never measured)
+    "max_autotune": ["train.compile_mode=max-autotune-no-cudagraphs"],
 }
 
 
