@@ -31,7 +31,9 @@
 # lm_before_2 134 s (STAGES without lm2's `before` is not a choice: leave out lm2 to save
 # 250 s). On nvidia-h200 (session 6, one at a time) 1,363 s: setup 25 s, original FA3 230 s,
 # each lmcore run 220-235 s (the twin 180 s: a cache hit), original FA2 236 s. Either way most
-# of a session's 1,800 s of device time, plus the machine's start.
+# of a session's 1,800 s of device time, plus the machine's start. Session 8 on nvidia-h200 with
+# STAGES="peak orig1 lm1" ONE_GPU_RUNS="orig_fa3_1 lm_after_1 lm_solo_1": 691 s (setup 22 s,
+# original 242 s, after 217 s, solo 199 s).
 # It outlasts one device call: `start` runs it detached (benchmarks/detached.sh) and polls;
 # `poll` (the next call, within 30 s of the last) goes on. Carry .whl, .data, .ref and .fa3.
 # Each poll leaves $OUT/speed.log, and once done $OUT/speed_table.md and
