@@ -23,7 +23,8 @@ is an importlib `SourceLoader` serving SOURCES, so the import system compiles an
 the embedded modules as it does files (tracebacks show their lines), then it calls
 `lmcore.entry.main`. A zip for `zipimport` would need a temporary file on disk and its
 own clean-up; the loader, about 50 lines, needs neither. Only the standard library, torch,
-numpy, sentencepiece and brotli are imported by the script.
+numpy, sentencepiece and brotli are imported by the script (and triton where it embeds the
+fused kernels, below).
 
 Code bytes are the bytes of that script: `code_bytes_of_export(cfg)`, which `lmcore pack`
 also uses for pack.json, so both count the same file.
@@ -167,7 +168,8 @@ def needed_modules(cfg: Config, pkg: Path = _PKG) -> list[str]:
     The closure of `lmcore.entry` under imports (each module's parent packages included),
     without modules that only serve the command line or the export; smoke_data (and the
     corpus builder it uses) only when the config trains on the smoke corpus (train() then
-    builds it if missing); lmcore.kernels only when a fused-kernel switch is on. The package's own __init__ is always embedded and not listed.
+    builds it if missing); lmcore.kernels only when a fused-kernel switch is on. The
+    package's own __init__ is always embedded and not listed.
     Left-out modules may only be imported lazily (in a function): a module on the script's
     path that imports one when it is itself imported raises ValueError, as the script would
     fail there.

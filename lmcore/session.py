@@ -123,19 +123,19 @@ class Session:
     def train_step(self) -> tuple[Tensor, Tensor]:
         """Forward/backward over this rank's micro-batches and one optimizer step: returns
         (mean loss, global gradient norm), both left on the device."""
-        tc, accum, device = self.cfg.train, self.accum, self.device
+        tc, accum, device, graphs = self.cfg.train, self.accum, self.device, self.cuda_graphs
         loss_sum = torch.zeros((), device=device)
         for micro in range(accum):
             x, y = self.loader.next_batch(tc.batch_tokens, self.cfg.data.seq_len, accum)
             x, y = self._to_device(x), self._to_device(y)
             last = self.ddp is None or micro == accum - 1
-            if self.cuda_graphs:  # each micro-batch is a new run of the graphs (their outputs are reused)
+            if graphs:  # each micro-batch is a new run of the graphs (their outputs are reused)
                 torch.compiler.cudagraph_mark_step_begin()
             with contextlib.nullcontext() if last else self.ddp.no_sync():  # gradients sync on the last one
                 with autocast(device, self.bf16):
                     loss = self.forward(x, y)
                 (loss * (1.0 / accum)).backward()
-            if self.cuda_graphs and micro == 0:
+            if graphs and micro == 0:
                 # a parameter's first gradient is the backward graph's output itself, which the next
                 # micro-batch's run overwrites: own a copy, for the next ones to add to (same values)
                 for p in self.model.parameters():

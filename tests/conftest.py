@@ -4,6 +4,7 @@ helpers: a model's loss and gradients, a run's logged training losses."""
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -49,6 +50,15 @@ def loss_and_grads(model, ids, tgt, forward=None):
     loss = (model if forward is None else forward)(ids, tgt)
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def script_env(keep_pythonpath: bool = False) -> dict[str, str]:
+    """The environment an exported train_gpt.py runs in, in tests: one thread, no user site, no
+    torchrun variables and no PYTHONPATH unless kept (on the GPU machines brotli is only on it)."""
+    drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK") + (() if keep_pythonpath else ("PYTHONPATH",))
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONNOUSERSITE="1")
+    return env
 
 
 def train_losses(run: Path) -> list[float]:

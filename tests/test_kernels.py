@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ast
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -28,7 +27,9 @@ from lmcore.kernels import _backward_math, _forward_math, qk_norm_rope, xsa_gate
 from lmcore.model import GPT, apply_rope, rms_norm, rope_tables
 from lmcore.pack import pack_run
 from lmcore.train import train
-from tests.conftest import loss_and_grads, randomize_, tiny_model_cfg, train_losses
+from tests.conftest import loss_and_grads, randomize_, script_env, tiny_model_cfg, train_losses
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 CASES = [  # rope_dims, head_dim, heads, seq len
     (16, 64, 8, 12),  # record's head: partial RoPE (16 of 64 dims)
@@ -130,19 +131,10 @@ def test_the_exported_script_embeds_the_kernels_with_a_switch_on(switch):
 PROBE = Path(__file__).with_name("embedded_kernels_probe.py")
 
 
-def _script_env(keep_pythonpath: bool = False) -> dict[str, str]:
-    """The environment an exported script runs in here: no torchrun variables, no PYTHONPATH
-    unless kept (on the GPU machines brotli is installed only on it)."""
-    drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK") + (() if keep_pythonpath else ("PYTHONPATH",))
-    env = {k: v for k, v in os.environ.items() if k not in drop}
-    env.update(OMP_NUM_THREADS="1", PYTHONNOUSERSITE="1")
-    return env
-
-
 def _probe(script: Path, *flags: str, keep_pythonpath: bool = False) -> dict:
     """tests/embedded_kernels_probe.py on an exported script, in a fresh process: its JSON line."""
     r = subprocess.run([sys.executable, str(PROBE), str(script), *flags], cwd=script.parent,
-                       env=_script_env(keep_pythonpath), check=False,
+                       env=script_env(keep_pythonpath), check=False,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout.splitlines()[-1])
@@ -160,7 +152,7 @@ def test_the_exported_script_trains_with_the_embedded_kernels(tmp_path, one_thre
     (work / "train_gpt.py").write_text(export_script(cfg))
     found = _probe(work / "train_gpt.py")
     assert found["embedded"] and found["file"].startswith(str(work / "train_gpt.py"))
-    env = _script_env()
+    env = script_env()
     cmd = [sys.executable, "train_gpt.py", "--no-progress", "--set", f"data.data_dir={data}",
            "--set", f"data.tokenizer={data / 'tokenizer.model'}"]
     r = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=300, check=False)
@@ -186,7 +178,7 @@ def test_a_run_trained_with_the_switches_packs_and_exports(tmp_path, capsys):
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@needs_cuda
 def test_the_exported_scripts_kernels_run_triton_on_cuda(tmp_path):
     # Triton's JIT reads a kernel's source: here that of the script's embedded, minified module
     both = [f"train.{sw[0]}=true" for sw in SWITCHES]
@@ -224,9 +216,6 @@ def test_xsa_op_and_its_backward_are_the_plain_math(h, hkv, d, with_gate):
     for a, b in zip(op_grads[:2 + with_gate], ref_grads, strict=False):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-6)
     assert (out - y0).abs().max() > 0.1 and op_grads[1].abs().max() > 0.01  # it did something
-
-
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 @pytest.mark.cuda

@@ -4,7 +4,6 @@ exported single-file train_gpt.py run outside lmcore (same val_bpb as the lmcore
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from lmcore.pack import pack_run
 from lmcore.runlog import parse_log
 from lmcore.smoke_data import ensure_smoke_data
 from lmcore.train import train
+from tests.conftest import script_env
 
 ROOT = Path(__file__).resolve().parents[1]
 SEEDS = (1, 2, 3)
@@ -248,12 +248,6 @@ def test_needed_modules_record():
     assert "smoke_data" in needed_modules(preset("smoke"))
 
 
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONNOUSERSITE="1")
-    return env
-
-
 def test_exported_script_is_self_contained_and_reproduces(export, runs, tmp_path):
     work = tmp_path / "elsewhere"
     work.mkdir()
@@ -272,13 +266,13 @@ def test_exported_script_is_self_contained_and_reproduces(export, runs, tmp_path
         "assert not heavy, heavy\n"
     )
     r = subprocess.run(
-        [sys.executable, "-c", probe], cwd=work, env=_env(), check=False, capture_output=True, text=True, timeout=60
+        [sys.executable, "-c", probe], cwd=work, env=script_env(), check=False, capture_output=True, text=True, timeout=60
     )
     assert r.returncode == 0, r.stderr
     assert "refused" in r.stdout
     # without site-packages lmcore is not importable at all (nothing is in this folder)
     r = subprocess.run(
-        [sys.executable, "-S", "-c", "import lmcore"], cwd=work, env=_env(), check=False, capture_output=True, text=True
+        [sys.executable, "-S", "-c", "import lmcore"], cwd=work, env=script_env(), check=False, capture_output=True, text=True
     )
     assert r.returncode != 0
     # run it: seed 2, the same data, on CPU in one process
@@ -294,7 +288,7 @@ def test_exported_script_is_self_contained_and_reproduces(export, runs, tmp_path
         "--set",
         f"data.tokenizer={data / 'tokenizer.model'}",
     ]
-    r = subprocess.run(cmd, cwd=work, env=_env(), check=False, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(cmd, cwd=work, env=script_env(), check=False, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     rd = work / "run_seed2"
     ev = json.loads((rd / "eval.json").read_text())
@@ -310,7 +304,7 @@ def test_exported_script_is_self_contained_and_reproduces(export, runs, tmp_path
     assert "sliding" not in ev and ev["time_s"]["sliding"] is None and "plain pass" not in log
     assert lg["eval_time"] == pytest.approx(ev["time_s"]["total"], abs=1e-3)
     r = subprocess.run(
-        [sys.executable, "train_gpt.py", "--help"], cwd=work, env=_env(), check=False, capture_output=True, text=True
+        [sys.executable, "train_gpt.py", "--help"], cwd=work, env=script_env(), check=False, capture_output=True, text=True
     )
     assert r.returncode == 0 and "--plain-pass" in r.stdout, r.stdout + r.stderr
 
