@@ -14,6 +14,10 @@
 #          the twin with one step profiled (train.profile_step: RUN/profile/breakdown.json)
 #          and its top Triton kernels' sources copied out of inductor's cache
 #          (benchmarks/kernel_sources.py: res/kernels/RUN)
+#          then each of $VARIANTS, one at a time on GPU 0 ("NAME:overrides;NAME:overrides", run
+#          lm_v_NAME_1, MATH_STEPS steps, profiled, ended after VARIANT_TIMEOUT s): lever sets
+#          measured beside the table's runs (their same math is against the first of before,
+#          after, solo that ran)
 #   orig2  the original with real FA3, 2 ranks under torchrun (NCCL), STEPS steps
 #   lm2    lmcore after, then before, 2 ranks under torchrun, STEPS steps
 # The 1-GPU runs go two at a time (so every 1-GPU run of the table has a neighbour); the
@@ -54,6 +58,8 @@ SOLO=${SOLO:-train.fused_qk_norm_rope=true train.fused_xsa_gate=true}
 # on a 1-GPU machine, the 1-GPU runs and their order (names of the functions below)
 ONE_GPU_RUNS=${ONE_GPU_RUNS:-orig_fa3_1 lm_before_1 lm_after_1 lm_solo_1 lm_before_1b orig_fa2_1}
 SOLO_TIMEOUT=${SOLO_TIMEOUT:-420}  # the solo run is ended after this many seconds (compile included)
+VARIANTS=${VARIANTS:-}  # "NAME:overrides;NAME:overrides": more lmcore runs after lm1 (empty: none)
+VARIANT_TIMEOUT=${VARIANT_TIMEOUT:-600}
 
 source benchmarks/detached.sh  # stamp, run_until, detached_poll, detached_main
 
@@ -106,6 +112,19 @@ lm_after_1() { lm lm_after_1 after "$1" 1 "$MATH_STEPS" --set train.profile_step
 # shellcheck disable=SC2046,SC2086
 lm_solo_1() { LM_TIMEOUT=$SOLO_TIMEOUT lm lm_solo_1 solo "$1" 1 "$SOLO_STEPS" --set train.profile_step="$solo_prof" $(sets $SOLO); }
 
+# each of VARIANTS: lm_v_NAME_1 on GPU 0, its profile's kernel sources beside the others
+variants() {
+  local v name vs
+  IFS=';' read -ra vs <<< "$VARIANTS"
+  for v in "${vs[@]}"; do
+    name=${v%%:*}
+    [ -n "$name" ] || continue
+    # shellcheck disable=SC2046,SC2086 # the overrides split into --set pairs on purpose
+    LM_TIMEOUT=$VARIANT_TIMEOUT lm "lm_v_${name}_1" "v_$name" 0 1 "$MATH_STEPS" --set train.profile_step="$prof1" $(sets ${v#*:})
+    [ -f "$R/lm_v_${name}_1/profile/breakdown.json" ] && sources "lm_v_${name}_1" "v_$name"
+  done
+}
+
 job() {
   cd "$S/src" || exit 1
   export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -114,7 +133,8 @@ job() {
   mkdir -p "$R"
   python3 -c 'import json, sys; print(json.dumps(dict(zip(("before", "after", "solo"), sys.argv[1:]))))' \
     "$BEFORE" "$LEVERS" "$SOLO" > "$R/levers.json"
-  echo "== setup: stages $STAGES; STEPS $STEPS; ONE_GPU_RUNS $ONE_GPU_RUNS (one GPU); BEFORE $BEFORE; LEVERS $LEVERS; SOLO $SOLO"
+  printf '%s\n' "$VARIANTS" > "$R/variants.txt"
+  echo "== setup: stages $STAGES; STEPS $STEPS; ONE_GPU_RUNS $ONE_GPU_RUNS (one GPU); BEFORE $BEFORE; LEVERS $LEVERS; SOLO $SOLO; VARIANTS $VARIANTS"
   nvidia-smi --query-gpu=name,uuid,memory.total,driver_version --format=csv,noheader
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
   python3 -m pip install -q --no-index --no-deps --target "$FA3" .fa3/dist/*.whl
@@ -141,6 +161,7 @@ job() {
     if has lm1; then
       local c
       for c in before after solo; do [ -f "$R/lm_${c}_1/profile/breakdown.json" ] && sources "lm_${c}_1" "$c"; done
+      variants
     fi
     if [ "$n_gpu" -ge 2 ]; then
       has orig2 && orig orig_fa3_2 0,1 2 "$S/orig_fa3" "$FA3:$BASE"

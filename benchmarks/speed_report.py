@@ -4,7 +4,8 @@ usage: python benchmarks/speed_report.py RESULTS_DIR
 
 Reads peak.json (benchmarks/matmul_peak.py), the original's logs (orig_fa3_1.log,
 orig_fa2_1.log, orig_fa3_2.log: its step_avg lines) and lmcore's run folders (LM_RUNS:
-summary.json, metrics.jsonl, profile/breakdown.json). Step ms is the original's last step_avg
+summary.json, metrics.jsonl, profile/breakdown.json; speed.sh's VARIANTS, named in variants.txt,
+as lm_v_NAME_1). Step ms is the original's last step_avg
 and lmcore's mean_step_ms (both: training time over steps after the compile warm-up);
 lmcore's median step from metrics.jsonl is given too. A second table gives the steady state:
 the mean step over the 10-step windows past step 10 (lmcore's metrics.jsonl lines, the window
@@ -38,10 +39,31 @@ LM_RUNS = {
         ("lm_solo_1", "lmcore solo (SOLO)"), ("lm_after_1", "lmcore after")],
     2: [("lm_before_2", "lmcore before"), ("lm_after_2", "lmcore after")],
 }
-# the same math's baseline: "before", or "after" where a 1-GPU job ran no "before" (ONE_GPU_RUNS)
-MATH_BASES, MATH_TWIN = ("lm_before_1", "lm_after_1"), "lm_before_1b"
+# the same math's baseline: "before", or "after" (or "solo") where a 1-GPU job ran no "before" (ONE_GPU_RUNS)
+MATH_BASES, MATH_TWIN = ("lm_before_1", "lm_after_1", "lm_solo_1"), "lm_before_1b"
 # profiled runs whose kernel times are compared (both profiles must list every kernel)
 KERNEL_PAIRS = [("lm_before_1", "lm_after_1"), ("lm_after_1", "lm_solo_1"), ("lm_before_2", "lm_after_2")]
+
+
+def variants(res: Path) -> list[tuple[str, str, str]]:
+    """speed.sh's VARIANTS ("NAME:overrides;..." in variants.txt): (folder, label, overrides)."""
+    try:
+        text = (res / "variants.txt").read_text().strip()
+    except OSError:
+        return []
+    pairs = [v.split(":", 1) for v in text.split(";") if ":" in v]
+    return [(f"lm_v_{name}_1", f"lmcore {name}", sets.strip()) for name, sets in pairs if name]
+
+
+def lm_runs(res: Path, ranks: int) -> list[tuple[str, str]]:
+    """LM_RUNS[ranks], and on one GPU the job's variants after them."""
+    return LM_RUNS[ranks] + ([(f, label) for f, label, _ in variants(res)] if ranks == 1 else [])
+
+
+def kernel_pairs(res: Path) -> list[tuple[str, str]]:
+    """KERNEL_PAIRS, and each variant against solo (or after, where no solo ran)."""
+    base = "lm_solo_1" if (res / "lm_solo_1" / "profile" / "breakdown.json").exists() else "lm_after_1"
+    return KERNEL_PAIRS + [(base, f) for f, _, _ in variants(res)]
 
 
 def train_lines(run: Path) -> list[dict]:
@@ -82,7 +104,7 @@ def steady_rows(res: Path) -> list[tuple[str, int, float | None, float | None, f
     for ranks in (1, 2):
         fa3, fa2 = steady_ms_original(res / f"orig_fa3_{ranks}.log"), steady_ms_original(res / "orig_fa2_1.log")
         entries = [("original, real FA3", fa3)] + ([("original, FA2 shim", fa2)] if ranks == 1 else [])
-        entries += [(label, steady_ms_lmcore(res / folder)) for folder, label in LM_RUNS[ranks]]
+        entries += [(label, steady_ms_lmcore(res / folder)) for folder, label in lm_runs(res, ranks)]
         for name, ms in entries:
             rows.append((name, ranks, ms, fa3 / ms if ms and fa3 else None, fa2 / ms if ms and fa2 and ranks == 1 else None))
     return rows
@@ -100,7 +122,7 @@ def speed_rows(res: Path, flops: float, peak: float | None) -> list[dict]:
                        "fa2": original_step_ms(res / f"orig_fa2_{ranks}.log")[0]}
         entries = [("original, real FA3", "fa3", base[ranks]["fa3"], None),
                    ("original, FA2 shim", "fa2 (SDPA flash)", base[ranks]["fa2"], None)]
-        for folder, label in LM_RUNS[ranks]:
+        for folder, label in lm_runs(res, ranks):
             s = read_json(res / folder / "summary.json")
             entries.append((label, s.get("attention_backend", "-"), s.get("mean_step_ms"), res / folder))
         for name, kernel, ms, run in entries:
@@ -142,7 +164,7 @@ def same_math(res: Path) -> list[str]:
     base_run = next((b for b in MATH_BASES if train_lines(res / b)), MATH_BASES[0])
     base = {r["step"]: r["train_loss"] for r in train_lines(res / base_run)}
     out = []
-    for folder, label in LM_RUNS[1]:
+    for folder, label in lm_runs(res, 1):
         d = loss_difference(base, {r["step"]: r["train_loss"] for r in train_lines(res / folder)})
         if folder == base_run or not d["steps"]:
             continue
@@ -165,6 +187,8 @@ def main(res: Path) -> int:
     for name in ("before", "after", "solo"):
         if levers.get(name):
             print(f"{name}: `{levers[name]}`  ")
+    for _, label, sets in variants(res):
+        print(f"{label.removeprefix('lmcore ')} (variant): `{sets}`  ")
     print()
     print("| run | ranks | kernel | step ms | median step ms | tokens/s per GPU | MFU | vs original FA3 | vs original FA2 |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -180,7 +204,7 @@ def main(res: Path) -> int:
     for name, ranks, ms, v3, v2 in steady_rows(res):
         if ms is not None:
             print(f"| {name} | {ranks} | {ms:.1f} | {_f(v3, '.3f')}{'x' if v3 else ''} | {_f(v2, '.3f')}{'x' if v2 else ''} |")
-    for run in [folder for ranks in LM_RUNS for folder, _ in LM_RUNS[ranks]]:
+    for run in [folder for ranks in LM_RUNS for folder, _ in lm_runs(res, ranks)]:
         b = read_json(res / run / "profile" / "breakdown.json")
         if not b:
             continue
@@ -198,7 +222,7 @@ def main(res: Path) -> int:
         print("|---|---|---|---|")
         for k in b["top"][:12]:
             print(f"| `{k['name'][:90]}` | {k['ms']:.2f} | {k['calls']} | {k['category']} |")
-    for x_run, y_run in KERNEL_PAIRS:
+    for x_run, y_run in kernel_pairs(res):
         b = read_json(res / x_run / "profile" / "breakdown.json").get("kernels")
         a = read_json(res / y_run / "profile" / "breakdown.json").get("kernels")
         if b and a:

@@ -119,3 +119,25 @@ def test_steady_state_leaves_out_the_first_steps_and_the_profiled_window(tmp_pat
     rows = {(r[0], r[1]): r for r in speed_report.steady_rows(tmp_path)}
     assert rows[("lmcore after", 1)][2:4] == pytest.approx((92.0, 100 / 92))
     assert rows[("lmcore before", 1)][2] is None and rows[("original, FA2 shim", 1)][2] is None
+
+
+def test_variants_join_the_table_and_the_same_math_against_solo(tmp_path: Path, capsys):
+    (tmp_path / "orig_fa3_1.log").write_text("step:40/40 train_loss:3.0 train_time:25000ms step_avg:625.00ms\n")
+    (tmp_path / "variants.txt").write_text("autotune:train.compile_mode=max-autotune-no-cudagraphs;graphs:a=1 b=2\n")
+    _lm(tmp_path / "lm_solo_1", 500.0, [3.0, 2.0, 1.5])
+    _lm(tmp_path / "lm_v_autotune_1", 480.0, [3.0, 2.02, 1.5])
+    assert speed_report.variants(tmp_path) == [
+        ("lm_v_autotune_1", "lmcore autotune", "train.compile_mode=max-autotune-no-cudagraphs"),
+        ("lm_v_graphs_1", "lmcore graphs", "a=1 b=2")]
+    rows = {(r["run"], r["ranks"]): r for r in speed_report.speed_rows(tmp_path, 1.0, None)}
+    assert rows[("lmcore autotune", 1)]["vs_fa3"] == pytest.approx(625 / 480)
+    assert rows[("lmcore graphs", 1)]["step_ms"] is None and ("lmcore autotune", 2) not in rows
+    for run, ms in (("lm_solo_1", 5.0), ("lm_v_autotune_1", 4.0)):
+        (tmp_path / run / "profile").mkdir()
+        (tmp_path / run / "profile" / "breakdown.json").write_text(json.dumps(
+            {"step": 2, "wall_ms": 9.0, "busy_ms": 8.0, "categories": {}, "top": [], "kernels": {"triton_poi_fused_x_1": [ms, 8]}}))
+    assert speed_report.main(tmp_path) == 0
+    out = capsys.readouterr().out
+    assert "autotune (variant): `train.compile_mode=max-autotune-no-cudagraphs`" in out
+    assert "| `triton_poi_fused_x` | 5.00 | 4.00 | -1.00 |" in out
+    assert "autotune (lm_v_autotune_1) against lm_solo_1, 3 steps, seed 1337: difference max |loss - loss| = 0.0200" in out
