@@ -1,0 +1,91 @@
+"""Is the LeakyReLU^2 worth fusing into the MLP's GEMMs (#1105's route) with torch 2.11's inductor?
+At `record`'s micro-batch, the MLP forward's first half, act(X W_fc^T), and the backward's
+dH = (dY W_proj) * act'(H), each compiled three ways:
+
+  default       cuBLAS GEMM, then inductor's elementwise kernel (what lmcore trains with)
+  autotune      mode max-autotune-no-cudagraphs: inductor's Triton GEMM templates, which carry
+                the elementwise work as an epilogue, benchmarked against cuBLAS
+  autotune+tma  the same with triton.enable_persistent_tma_matmul (Hopper's persistent TMA
+                templates among the choices)
+
+usage: python benchmarks/mlp_epilogue_bench.py [--tokens 98304] [--json PATH]
+
+GPU only. Times are CUDA-event medians of 20 calls after the compile and 5 warm-ups; "GEMM
+alone" is cuBLAS's matmul without the elementwise work, the floor a fused kernel must reach.
+A step of `record` makes 88 calls of each (11 layers x 8 micro-batches).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+import torch.nn.functional as F
+from fp8_matmul_bench import timed  # this folder: CUDA-event median timing, shared
+
+SLOPE = 0.5  # record's leaky_slope
+CALLS_PER_STEP = 11 * 8
+
+
+def fwd(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return F.leaky_relu(x @ w.t(), negative_slope=SLOPE).square()
+
+
+def bwd(dy: torch.Tensor, wp: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    a = F.leaky_relu(h, negative_slope=SLOPE)
+    return (dy @ wp) * (2 * a * torch.where(h > 0, 1.0, SLOPE)).to(h.dtype)
+
+
+def compiled(fn, how: str):
+    torch._dynamo.reset()
+    if how == "default":
+        return torch.compile(fn)
+    options = dict(torch._inductor.list_mode_options("max-autotune-no-cudagraphs"))
+    if how == "autotune+tma":
+        options["triton.enable_persistent_tma_matmul"] = True
+    return torch.compile(fn, options=options)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tokens", type=int, default=48 * 2048)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    M, D, Hd = args.tokens, 512, 1536
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(M, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    w = torch.randn(Hd, D, device="cuda", dtype=torch.bfloat16, generator=g) / D**0.5
+    wp = torch.randn(D, Hd, device="cuda", dtype=torch.bfloat16, generator=g) / Hd**0.5
+    dy = torch.randn(M, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    h = x @ w.t()
+    ref_f, ref_b = fwd(x, w).float(), bwd(dy, wp, h).float()
+    rows = {"GEMM alone": {"fwd": timed(lambda: x @ w.t()), "bwd": timed(lambda: dy @ wp)}}
+    for how in ("default", "autotune", "autotune+tma"):
+        row = {}
+        for name, fn, inputs, ref in (("fwd", fwd, (x, w), ref_f), ("bwd", bwd, (dy, wp, h), ref_b)):
+            try:
+                c = compiled(fn, how)
+                out = c(*inputs).float()
+                row[name] = timed(lambda c=c, inputs=inputs: c(*inputs))
+                row[name + "_rel_err"] = ((out - ref).norm() / ref.norm()).item()
+            except Exception as e:  # noqa: BLE001 (a mode torch cannot compile here is a result, not a crash)
+                row[name + "_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+        rows[how] = row
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {M} tokens a call, {D} -> {Hd} -> {D}; "
+          "ms a call (median of 20)")
+    print()
+    print("| how | fwd: act(X W_fc^T) | bwd: (dY W_proj) * act'(H) | a step's 88 calls of both |")
+    print("|---|---|---|---|")
+    for how, r in rows.items():
+        f, b = r.get("fwd"), r.get("bwd")
+        step = f"{CALLS_PER_STEP * (f + b):.1f} ms" if f and b else "-"
+        print(f"| {how} | {f'{f:.3f}' if f else r.get('fwd_error', '-')} | {f'{b:.3f}' if b else r.get('bwd_error', '-')} | {step} |")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "tokens": M, "rows": rows}, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
