@@ -8,12 +8,15 @@
 # done) and capped_results.tgz (logs, summary.json, metrics).
 # It can take longer than one device call, so `start` runs it detached (benchmarks/detached.sh)
 # and polls; `poll` (the next call, within 30 s of the last) goes on. Carry .whl, .data, .ref, .fa3.
+# LM_SETS: lmcore's --set overrides beyond `record` (e.g. "train.fused_qk_norm_rope=true
+# train.fused_xsa_gate=true"), printed in the log's setup line; default none.
 #   bash benchmarks/capped_2gpu.sh start [POLL_S]  |  bash benchmarks/capped_2gpu.sh poll [POLL_S]
 set -uo pipefail
 S=/tmp/capped
 MODE=${1:-poll}
 POLL_S=${2:-540}
 CAP_S=${CAP_S:-150}
+LM_SETS=${LM_SETS:-}
 
 source benchmarks/detached.sh  # stamp, run_until, detached_poll, detached_main
 
@@ -24,9 +27,11 @@ original() {  # GPUS LOG: after its post-EMA diagnostic it goes on to calibratio
 }
 
 lmcore_run() {  # GPUS LOG
+  local extra=() l
+  for l in $LM_SETS; do extra+=(--set "$l"); done
   CUDA_VISIBLE_DEVICES=$1 timeout 900 python3 -m torch.distributed.run --standalone --nproc_per_node=2 \
     -m lmcore train --preset record --set data.data_dir="$D" --set data.tokenizer="$TOK" \
-    --set train.max_wallclock_seconds="$CAP_S" --set train.log_every=50 --no-progress \
+    --set train.max_wallclock_seconds="$CAP_S" --set train.log_every=50 "${extra[@]}" --no-progress \
     --run-dir "$R/lmcore_run" > "$2" 2>&1
 }
 
@@ -35,7 +40,7 @@ job() {
   export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
   R=$S/res TOK=$S/src/.data/fineweb_1024_bpe.model D=$S/proxy
   mkdir -p "$R"
-  echo "== setup"
+  echo "== setup; LM_SETS: ${LM_SETS:-none}"
   nvidia-smi --query-gpu=name,uuid,memory.total,driver_version --format=csv,noheader
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl .fa3/dist/*.whl 2>&1 | tail -2
   export PYTHONPATH=/tmp/site:$S/src
