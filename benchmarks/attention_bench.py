@@ -5,7 +5,9 @@ Default shape is the record's micro-batch: B=48, T=2048, 8 query heads and 4 KV 
 reference (`lmcore.attention.math_reference`): max |err| and the relative error
 ||x - ref|| / ||ref|| of the output and of dq, dk, dv. Then it is timed with CUDA events
 (warm-up, then the median of N runs, launched back to back). Where the installed FA3 build
-has PackGQA kernels, "fa3+packgqa" (flash_attn_func(..., pack_gqa=True)) is timed too.
+has PackGQA kernels, "fa3+packgqa" (flash_attn_func(..., pack_gqa=True)) is timed too, and
+with FA3 always "fa3+expandkv": k and v repeated to the query heads before the call (plain MHA
+kernels, dk/dv summed over each group by autograd), the copies and sums counted.
 Prints the card, the FA3 build, and a table; --json writes the same numbers; --profile
 also lists each backend's GPU kernels and their time in one fwd+bwd (torch.profiler).
 On a machine without CUDA it says so and exits 0.
@@ -157,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
             if packgqa:
                 fa3_func = importlib.import_module("flash_attn_interface").flash_attn_func
                 runs.append(("fa3+packgqa", lambda q, k, v, f=fa3_func: f(q, k, v, causal=True, pack_gqa=True)))
+            runs.append(("fa3+expandkv", lambda q, k, v: attention(
+                q, k.repeat_interleave(q.shape[2] // k.shape[2], dim=2), v.repeat_interleave(q.shape[2] // v.shape[2], dim=2), "fa3")))
         if a.compile:
             runs.append((f"{b}+compile", torch.compile(lambda q, k, v, b=b: attention(q, k, v, b), fullgraph=True)))
 
