@@ -38,6 +38,8 @@
 # of a session's 1,800 s of device time, plus the machine's start. Session 8 on nvidia-h200 with
 # STAGES="peak orig1 lm1" ONE_GPU_RUNS="orig_fa3_1 lm_after_1 lm_solo_1": 691 s (setup 22 s,
 # original 242 s, after 217 s, solo 199 s).
+# Session 9 on nvidia-h200 with ONE_GPU_RUNS="orig_fa3_1 lm_solo_1" and two VARIANTS (graphs,
+# autotune): 1,257 s (original 245 s, solo 194 s, reduce-overhead 203 s, max-autotune 580 s).
 # It outlasts one device call: `start` runs it detached (benchmarks/detached.sh) and polls;
 # `poll` (the next call, within 30 s of the last) goes on. Carry .whl, .data, .ref and .fa3.
 # Each poll leaves $OUT/speed.log, and once done $OUT/speed_table.md and
