@@ -4,10 +4,11 @@ torch._scaled_mm) for each linear layer shape of a block, forward (Y = X W^T), i
 
 usage: python benchmarks/fp8_matmul_bench.py [--tokens 98304] [--json PATH]
 
-GPU only (sm90). Operands are made once; each GEMM is timed with CUDA events (timed: 10 calls in a row,
-median of 20) after 5 warm-ups. "cast" is a compiled bf16 -> fp8 row-wise quantization of the activation
-operand (the row max, the scale, the cast; for dW also the transposed copies _scaled_mm needs:
-it takes a row-major first operand and a column-major second). Per step: each shape's calls a
+GPU only (sm90). Operands are made once; each GEMM is timed with CUDA events (timed: 10 calls
+in a row, median of 20) after 5 warm-ups. "cast" is a compiled bf16 -> fp8 row-wise
+quantization of the activation operand (the row max, the scale, the cast; for dW also the
+transposed copies _scaled_mm needs: it takes a row-major first operand and a column-major
+second). Per step: each shape's calls a
 step of `record` (11 layers x 8 micro-batches; c_k and c_v share a shape, as do c_q and proj).
 Nothing here trains: it bounds what an fp8 linear layer could save, it does not build one.
 """

@@ -11,8 +11,8 @@ dH = (dY W_proj) * act'(H), each compiled three ways:
 usage: python benchmarks/mlp_epilogue_bench.py [--tokens 98304] [--json PATH]
 
 GPU only. Times are fp8_matmul_bench.timed's (10 calls in a row, median of 20) after the
-compile and 5 warm-ups; "GEMM
-alone" is cuBLAS's matmul without the elementwise work, the floor a fused kernel must reach.
+compile and 5 warm-ups; "GEMM alone" is cuBLAS's matmul without the elementwise work, the
+floor a fused kernel must reach.
 A step of `record` makes 88 calls of each (11 layers x 8 micro-batches).
 """
 

@@ -26,6 +26,13 @@ def _lm(d: Path, ms: float, losses: list[float]) -> None:
         for i, v in enumerate(losses)))
 
 
+def _profile(run: Path, ms: float) -> None:
+    """A profiled run's breakdown.json with one Triton kernel of `ms` (8 calls)."""
+    (run / "profile").mkdir()
+    (run / "profile" / "breakdown.json").write_text(json.dumps(
+        {"step": 2, "wall_ms": 9.0, "busy_ms": 8.0, "categories": {}, "top": [], "kernels": {"triton_poi_fused_x_1": [ms, 8]}}))
+
+
 def test_speed_rows_and_same_math(tmp_path: Path, capsys):
     (tmp_path / "peak.json").write_text(json.dumps({"peak_tflops": 800.0, "card": "H200"}))
     (tmp_path / "orig_fa3_1.log").write_text("step:40/40 train_loss:3.0 train_time:25000ms step_avg:625.00ms\n")
@@ -46,9 +53,7 @@ def test_speed_rows_and_same_math(tmp_path: Path, capsys):
     assert rows[("lmcore solo (SOLO)", 1)]["step_ms"] is None and rows[("lmcore after", 2)]["step_ms"] is None
     (tmp_path / "levers.json").write_text(json.dumps({"after": "train.rope_cache=true", "solo": "model.residual_bf16=true"}))
     for run, ms in (("lm_before_1", 5.0), ("lm_after_1", 3.0)):
-        (tmp_path / run / "profile").mkdir()
-        (tmp_path / run / "profile" / "breakdown.json").write_text(json.dumps(
-            {"step": 2, "wall_ms": 9.0, "busy_ms": 8.0, "categories": {}, "top": [], "kernels": {"triton_poi_fused_x_1": [ms, 8]}}))
+        _profile(tmp_path / run, ms)
     assert speed_report.main(tmp_path) == 0
     out = capsys.readouterr().out
     assert "after: `train.rope_cache=true`" in out and "solo: `model.residual_bf16=true`" in out
@@ -134,9 +139,7 @@ def test_variants_join_the_table_and_the_same_math_against_solo(tmp_path: Path, 
     assert rows[("lmcore autotune", 1)]["vs_fa3"] == pytest.approx(625 / 480)
     assert rows[("lmcore graphs", 1)]["step_ms"] is None and ("lmcore autotune", 2) not in rows
     for run, ms in (("lm_solo_1", 5.0), ("lm_v_autotune_1", 4.0)):
-        (tmp_path / run / "profile").mkdir()
-        (tmp_path / run / "profile" / "breakdown.json").write_text(json.dumps(
-            {"step": 2, "wall_ms": 9.0, "busy_ms": 8.0, "categories": {}, "top": [], "kernels": {"triton_poi_fused_x_1": [ms, 8]}}))
+        _profile(tmp_path / run, ms)
     assert speed_report.main(tmp_path) == 0
     out = capsys.readouterr().out
     assert "autotune (variant): `train.compile_mode=max-autotune-no-cudagraphs`" in out
