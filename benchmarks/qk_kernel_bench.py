@@ -106,8 +106,8 @@ def main() -> int:
         xd, g = x.detach(), gain.detach() if with_gain else None
         _, rstd = kernels._forward_triton(xd, cos, sin, g)
         for rows, warps in CHOICES:
-            f = queued_us(functools.partial(kernels._forward_triton, xd, cos, sin, g, rows, warps), args.iters)
-            bw = queued_us(functools.partial(kernels._backward_triton, dy, xd, rstd, cos, sin, g, rows, warps), args.iters)
+            f = queued_us(functools.partial(kernels._forward_triton, xd, cos, sin, g, rows=rows, warps=warps), args.iters)
+            bw = queued_us(functools.partial(kernels._backward_triton, dy, xd, rstd, cos, sin, g, rows=rows, warps=warps), args.iters)
             mark = " (lmcore)" if rows == kernels.TILE // x.size(3) and warps == kernels.WARPS else ""
             sweep.append(sweep_row(name, f"{rows}{mark}", warps, f, 2 * nbytes, bw, 3 * nbytes))
     print_sweep("The fused kernels alone (the backward's includes summing the gain's partials), by tile choice:",

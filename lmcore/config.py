@@ -179,6 +179,11 @@ class TrainConfig:
     # XSA + the attention gate as one op on the XSA layers (lmcore.kernels.xsa_gate; the same math up
     # to fp32 rounding). The exported script embeds the kernels.
     fused_xsa_gate: bool = False
+    # k and v repeated to the query heads before attention (GQA run as MHA: FA3's backward then writes
+    # dk/dv without its fp32 GQA accumulators and their converts); autograd sums each kv head's copies'
+    # gradients. With fused_qk_norm_rope the q/k kernel writes k's copies and sums their gradients in
+    # fp32; v's repeat is inductor's. The same math up to the order of those sums (GPT.use_expanded_kv).
+    expand_kv: bool = False
     ddp_bucket_cap_mb: float = 25.0  # DDP gradient bucket size (torch's default 25)
     ddp_grad_as_bucket_view: bool = False  # DDP gradients as views into its buckets (saves a copy)
     profile_step: int = 0  # > 0: profile that optimizer step into RUN/profile/ (lmcore.profiling)

@@ -2,9 +2,10 @@
 one custom op whose CPU kernel is the same math written out in PyTorch and whose CUDA kernel is
 Triton.
 
-`qk_norm_rope(x, cos, sin, gain)`: attention's q (or k) path in one pass over x (B, T, H, D):
+`qk_norm_rope(x, cos, sin, gain, repeat)`: attention's q (or k) path in one pass over x (B, T, H, D):
 RMSNorm over D, RoPE on the first 2 * cos.size(-1) dims of each head, times a per-head gain
-(None: 1, for k). The model's plain path composes rms_norm, apply_rope and the gain; inductor
+(None: 1, for k), each head written `repeat` times in a row (train.expand_kv: k for FA3 as
+many heads as q; the backward sums each head's copies' gradients in fp32 before its own). The model's plain path composes rms_norm, apply_rope and the gain; inductor
 compiles that into kernels 2-4x slower than HBM bandwidth (session 6's profile: 107 + 198 us a
 call for q at `record`'s micro-batch, forward + backward). Here the forward reads x once and
 writes the output and the per-row 1/rms; the backward reads the output's gradient and x once,
@@ -30,7 +31,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lmcore.model import apply_rope
+from lmcore.model import apply_rope, repeat_heads
 
 try:
     import triton
@@ -43,22 +44,27 @@ TILE = 2048  # elements of x per Triton program: 2048 // D rows, each one head o
 WARPS = 8
 
 
-def _forward_math(x: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None) -> tuple[Tensor, Tensor]:
-    """(out in x.dtype, rstd (B, T, H) fp32): out = gain * rope(x * rstd), in fp32."""
+def _forward_math(
+    x: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None, repeat: int = 1
+) -> tuple[Tensor, Tensor]:
+    """(out in x.dtype, rstd (B, T, H) fp32): out = gain * rope(x * rstd), in fp32, each head
+    `repeat` times in a row (out (B, T, H * repeat, D))."""
     xf = x.float()
     rstd = torch.rsqrt(xf.square().mean(-1) + EPS)
     out = apply_rope(xf * rstd[..., None], cos.float(), sin.float())
     if gain is not None:
         out = out * gain.float()[None, None, :, None]
-    return out.to(x.dtype), rstd
+    return repeat_heads(out.to(x.dtype), repeat), rstd
 
 
-def _backward_math(g: Tensor, x: Tensor, rstd: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None) -> tuple[Tensor, Tensor]:
+def _backward_math(
+    g: Tensor, x: Tensor, rstd: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None, repeat: int = 1
+) -> tuple[Tensor, Tensor]:
     """(dx in x.dtype, dgain (H,) fp32, or (0,) without a gain) for out = gain * rope(n),
-    n = x * rstd: with u = rope^T(g) (RoPE's transpose is the rotation by -sin) and
+    n = x * rstd, g (B, T, H * repeat, D) summed over each head's copies in fp32: with u = rope^T(g) (RoPE's transpose is the rotation by -sin) and
     t = sum(u * n) per row, dgain = sum of t over each head's rows, dn = gain * u and
     dx = rstd * (dn - n * mean(dn * n)) (RMSNorm's backward)."""
-    gf, cos, sin = g.float(), cos.float(), sin.float()
+    gf, cos, sin = g.float().unflatten(2, (x.size(2), repeat)).sum(3), cos.float(), sin.float()
     n = x.float() * rstd[..., None]
     u = apply_rope(gf, cos, -sin)
     t = (u * n).sum(-1, keepdim=True)
@@ -97,7 +103,7 @@ if triton is not None:
     @triton.jit
     def _qk_fwd_kernel(x_ptr, cos_ptr, sin_ptr, gain_ptr, out_ptr, rstd_ptr, n_rows, eps,
                        T: tl.constexpr, H: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, R: tl.constexpr,
-                       HAS_GAIN: tl.constexpr):
+                       HAS_GAIN: tl.constexpr, REP: tl.constexpr):
         rows = tl.program_id(0) * R + tl.arange(0, R)
         live = rows < n_rows
         mask = live[:, None]
@@ -107,19 +113,23 @@ if triton is not None:
         scale = rstd
         if HAS_GAIN:
             scale = scale * tl.load(gain_ptr + rows % H, mask=live, other=0.0).to(tl.float32)
-        out = (x * c + xp * s) * scale[:, None]
-        tl.store(out_ptr + rows[:, None] * D + tl.arange(0, D)[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
+        out = ((x * c + xp * s) * scale[:, None]).to(out_ptr.dtype.element_ty)
+        for j in tl.static_range(REP):  # row r's copies are output rows r * REP + j
+            tl.store(out_ptr + (rows * REP + j)[:, None] * D + tl.arange(0, D)[None, :], out, mask=mask)
         tl.store(rstd_ptr + rows, rstd, mask=live)
 
     @triton.jit
     def _qk_bwd_kernel(g_ptr, x_ptr, rstd_ptr, cos_ptr, sin_ptr, gain_ptr, dx_ptr, dgain_part_ptr, n_rows,
                        T: tl.constexpr, H: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, R: tl.constexpr,
-                       HAS_GAIN: tl.constexpr):
+                       HAS_GAIN: tl.constexpr, REP: tl.constexpr):
         pid = tl.program_id(0)
         rows = pid * R + tl.arange(0, R)
         live = rows < n_rows
         mask = live[:, None]
-        g, gp = _tile(g_ptr, rows, mask, D, HALF)
+        g, gp = _tile(g_ptr, rows * REP, mask, D, HALF)
+        for j in tl.static_range(1, REP):  # the gradients of row r's copies, summed in fp32
+            gj, gpj = _tile(g_ptr, rows * REP + j, mask, D, HALF)
+            g, gp = g + gj, gp + gpj
         x = tl.load(x_ptr + rows[:, None] * D + tl.arange(0, D)[None, :], mask=mask, other=0.0).to(tl.float32)
         c, s = _rope_cs(cos_ptr, sin_ptr, rows, mask, T, H, D, HALF)
         r = tl.load(rstd_ptr + rows, mask=live, other=0.0)  # (R,)
@@ -150,22 +160,23 @@ def _rows(x: Tensor) -> int:
 
 
 def _forward_triton(
-    x: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None, rows: int | None = None, warps: int = WARPS
+    x: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None, repeat: int = 1, rows: int | None = None,
+    warps: int = WARPS,
 ) -> tuple[Tensor, Tensor]:
     """The forward kernel; `rows` a program (a multiple of H; default TILE // D) and `warps`
     are the tile choice (benchmarks/qk_kernel_bench.py compares a few)."""
     b, t, h, d = x.shape
-    out = torch.empty_like(x)
+    out = x.new_empty(b, t, h * repeat, d)
     rstd = torch.empty((b, t, h), dtype=torch.float32, device=x.device)
     n_rows, rows = b * t * h, rows or _rows(x)
     _qk_fwd_kernel[(triton.cdiv(n_rows, rows),)](x, cos, sin, x if gain is None else gain, out, rstd, n_rows, EPS,
                                                  T=t, H=h, D=d, HALF=cos.size(-1), R=rows, HAS_GAIN=gain is not None,
-                                                 num_warps=warps)
+                                                 REP=repeat, num_warps=warps)
     return out, rstd
 
 
 def _backward_triton(
-    g: Tensor, x: Tensor, rstd: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None,
+    g: Tensor, x: Tensor, rstd: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None, repeat: int = 1,
     rows: int | None = None, warps: int = WARPS,
 ) -> tuple[Tensor, Tensor]:
     b, t, h, d = x.shape
@@ -174,55 +185,60 @@ def _backward_triton(
     dx = torch.empty_like(x)
     part = torch.empty((blocks if gain is not None else 0, h), dtype=torch.float32, device=x.device)
     _qk_bwd_kernel[(blocks,)](g, x, rstd, cos, sin, x if gain is None else gain, dx, part, n_rows,
-                              T=t, H=h, D=d, HALF=cos.size(-1), R=rows, HAS_GAIN=gain is not None, num_warps=warps)
+                              T=t, H=h, D=d, HALF=cos.size(-1), R=rows, HAS_GAIN=gain is not None, REP=repeat,
+                              num_warps=warps)
     return dx, part.sum(0) if gain is not None else part.new_empty(0)
 
 
 @torch.library.custom_op("lmcore::qk_norm_rope", mutates_args=())
-def _qk_norm_rope(x: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None) -> tuple[Tensor, Tensor]:
+def _qk_norm_rope(x: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None, repeat: int) -> tuple[Tensor, Tensor]:
     if _use_triton(x, cos.size(-1)):
-        return _forward_triton(x, cos, sin, gain)
-    return _forward_math(x, cos, sin, gain)
+        return _forward_triton(x, cos, sin, gain, repeat)
+    return _forward_math(x, cos, sin, gain, repeat)
 
 
 @_qk_norm_rope.register_fake
-def _(x: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None) -> tuple[Tensor, Tensor]:
-    return torch.empty_like(x), x.new_empty(x.shape[:-1], dtype=torch.float32)
+def _(x: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None, repeat: int) -> tuple[Tensor, Tensor]:
+    b, t, h, d = x.shape
+    return x.new_empty(b, t, h * repeat, d), x.new_empty(x.shape[:-1], dtype=torch.float32)
 
 
 @torch.library.custom_op("lmcore::qk_norm_rope_backward", mutates_args=())
 def _qk_norm_rope_backward(
-    g: Tensor, x: Tensor, rstd: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None
+    g: Tensor, x: Tensor, rstd: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None, repeat: int
 ) -> tuple[Tensor, Tensor]:
     if _use_triton(x, cos.size(-1)):
-        return _backward_triton(g, x, rstd, cos, sin, gain)
-    return _backward_math(g, x, rstd, cos, sin, gain)
+        return _backward_triton(g, x, rstd, cos, sin, gain, repeat)
+    return _backward_math(g, x, rstd, cos, sin, gain, repeat)
 
 
 @_qk_norm_rope_backward.register_fake
-def _(g: Tensor, x: Tensor, rstd: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None) -> tuple[Tensor, Tensor]:
+def _(
+    g: Tensor, x: Tensor, rstd: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None, repeat: int
+) -> tuple[Tensor, Tensor]:
     return torch.empty_like(x), x.new_empty(0 if gain is None else gain.size(0), dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, cos, sin, gain = inputs
+    x, cos, sin, gain, ctx.repeat = inputs
     ctx.save_for_backward(x, output[1], cos, sin, gain)
 
 
 def _backward(ctx, g: Tensor, _g_rstd: Tensor):
     x, rstd, cos, sin, gain = ctx.saved_tensors
-    dx, dgain = _qk_norm_rope_backward(g.contiguous(), x, rstd, cos, sin, gain)
-    return dx, None, None, None if gain is None else dgain.to(gain.dtype)
+    dx, dgain = _qk_norm_rope_backward(g.contiguous(), x, rstd, cos, sin, gain, ctx.repeat)
+    return dx, None, None, None if gain is None else dgain.to(gain.dtype), None
 
 
 _qk_norm_rope.register_autograd(_backward, setup_context=_setup_context)
 
 
-def qk_norm_rope(x: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None) -> Tensor:
+def qk_norm_rope(x: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None, repeat: int = 1) -> Tensor:
     """gain * rope(rms_norm(x)) for x (B, T, H, D) with cos/sin (T, half), gain (H,) or None
     (k: no gain, and no gain gradient to compute); in fp32, returned in x's dtype (the same
-    math as the model's plain path)."""
-    out, _ = _qk_norm_rope(x.contiguous(), cos.float().contiguous(), sin.float().contiguous(), gain)
+    math as the model's plain path), each head `repeat` times in a row: (B, T, H * repeat, D),
+    as x.repeat_interleave(repeat, dim=2) would give."""
+    out, _ = _qk_norm_rope(x.contiguous(), cos.float().contiguous(), sin.float().contiguous(), gain, repeat)
     return out
 
 

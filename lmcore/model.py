@@ -95,6 +95,11 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin, rest), dim=-1)
 
 
+def repeat_heads(x: Tensor, repeat: int) -> Tensor:
+    """x (B, T, H, D) with each head `repeat` times in a row (B, T, H * repeat, D); x itself at 1."""
+    return x if repeat == 1 else x.repeat_interleave(repeat, dim=2)
+
+
 class LatentMasks(nn.Module):
     """Per-block test-time-trainable masks (SPEC section 6): 4 vectors per block.
 
@@ -164,6 +169,7 @@ class Attention(nn.Module):
         self.backend = "math"
         self.qk_op: Callable[..., Tensor] | None = None  # lmcore.kernels.qk_norm_rope when fused
         self.xsa_op: Callable[..., Tensor] | None = None  # lmcore.kernels.xsa_gate when fused (XSA layers)
+        self.kv_repeat = 1  # GPT.use_expanded_kv: H // Hkv, k and v repeated to the query heads for attention
 
     def forward(
         self, x: Tensor, ve: Tensor | None, rope: tuple[Tensor, Tensor], cache: KVCache | None = None
@@ -177,14 +183,15 @@ class Attention(nn.Module):
             v = v + ve
         v = v.view(B, T, Hkv, D)
         cos, sin = rope
+        rep = self.kv_repeat if cache is None else 1
         if self.qk_op is not None and cache is None:  # GPT.use_fused_qk_norm_rope: the same math, one op
-            q, k = self.qk_op(q, cos, sin, self.q_gain), self.qk_op(k, cos, sin, None)
+            q, k = self.qk_op(q, cos, sin, self.q_gain), self.qk_op(k, cos, sin, None, rep)
         else:
             q, k = rms_norm(q), rms_norm(k)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q, k = apply_rope(q, cos, sin), repeat_heads(apply_rope(k, cos, sin), rep)
             q = q * self.q_gain.to(q.dtype)[None, None, :, None]
-        if cache is None:
-            y = attention(q, k, v, self.backend)
+        if cache is None:  # k is already repeated; v keeps its kv heads for XSA below
+            y = attention(q, k, repeat_heads(v, rep), self.backend)
         else:
             y = self._cached_attention(q, k, v, cache)
         if self.xsa_op is not None and cache is None:  # GPT.use_fused_xsa_gate: the same math, one op
@@ -424,6 +431,13 @@ class GPT(nn.Module):
 
         for b in self.blocks:
             b.attn.qk_op = qk_norm_rope
+
+    def use_expanded_kv(self) -> None:
+        """k and v repeated to the query heads for attention (train.expand_kv): the kernel then
+        runs MHA, and autograd sums each kv head's copies' gradients. KV-cached decoding keeps
+        the kv heads."""
+        for b in self.blocks:
+            b.attn.kv_repeat = b.attn.num_heads // b.attn.num_kv_heads
 
     def use_fused_xsa_gate(self) -> None:
         """XSA + the attention gate through lmcore.kernels.xsa_gate on the XSA layers

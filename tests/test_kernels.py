@@ -1,6 +1,6 @@
 """lmcore.kernels (train.fused_qk_norm_rope, train.fused_xsa_gate): each op's PyTorch kernels
 against autograd of the model's plain path (q/k: rms_norm, apply_rope, gain, for partial and
-whole-head RoPE, with and without a gain; XSA: F.normalize and the projection, then the
+whole-head RoPE, with and without a gain, each head written once or twice (train.expand_kv); XSA: F.normalize and the projection, then the
 sigmoid gate, with and without it, 1-4 query heads a kv head); the model and a training run
 with each switch against the plain path; compiled with fullgraph; the exported script, which
 embeds them with a switch on and trains as lmcore does, and a run trained with them packed
@@ -19,12 +19,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import lmcore.model
 from lmcore import cli
 from lmcore.config import preset
 from lmcore.evaluate import eval_run
 from lmcore.export import code_bytes_of_export, embedded_sources, export_script, fused_kernels
 from lmcore.kernels import _backward_math, _forward_math, qk_norm_rope, xsa_gate
-from lmcore.model import GPT, apply_rope, rms_norm, rope_tables
+from lmcore.model import GPT, apply_rope, repeat_heads, rms_norm, rope_tables
 from lmcore.pack import pack_run
 from lmcore.train import train
 from tests.conftest import loss_and_grads, randomize_, script_env, tiny_model_cfg, train_losses
@@ -38,33 +39,35 @@ CASES = [  # rope_dims, head_dim, heads, seq len
 ]
 
 
-def _plain(x, cos, sin, gain):
+def _plain(x, cos, sin, gain, repeat=1):
     y = apply_rope(rms_norm(x), cos, sin)
-    return y if gain is None else y * gain[None, None, :, None]
+    return repeat_heads(y if gain is None else y * gain[None, None, :, None], repeat)
 
 
+@pytest.mark.parametrize("repeat", [1, 2])
 @pytest.mark.parametrize("with_gain", [True, False])
 @pytest.mark.parametrize(("rope_dims", "d", "h", "t"), CASES)
-def test_op_and_its_backward_are_the_plain_math(rope_dims, d, h, t, with_gain):
+def test_op_and_its_backward_are_the_plain_math(rope_dims, d, h, t, with_gain, repeat):
     cfg = tiny_model_cfg(rope_dims=rope_dims, model_dim=d * h, num_heads=h, num_kv_heads=h)
     cos, sin = rope_tables(cfg, t, torch.device("cpu"))
     g = torch.Generator().manual_seed(3)
     x0 = torch.randn(2, t, h, d, generator=g)
     gain0 = torch.rand(h, generator=g) + 0.5
-    w = torch.randn(2, t, h, d, generator=g)
+    w = torch.randn(2, t, h * repeat, d, generator=g)  # each copy its own gradient
     grads = []
     for fn in (_plain, qk_norm_rope):
         x = x0.clone().requires_grad_()
         gain = gain0.clone().requires_grad_() if with_gain else None
-        out = fn(x, cos, sin, gain)
+        out = fn(x, cos, sin, gain, repeat)
         (out * w).sum().backward()
         grads.append((out.detach(), x.grad, gain.grad if with_gain else None))
     (ref, ref_dx, ref_dg), (out, dx, dg) = grads
+    assert out.shape == (2, t, h * repeat, d)
     torch.testing.assert_close(out, ref, rtol=0, atol=2e-6)
     torch.testing.assert_close(dx, ref_dx, rtol=0, atol=2e-6)
     if with_gain:
         torch.testing.assert_close(dg, ref_dg, rtol=1e-5, atol=1e-5)
-    assert (out - x0).abs().max() > 0.1  # it did something: x itself is not the answer
+    assert (out[:, :, ::repeat] - x0).abs().max() > 0.1  # it did something: x itself is not the answer
 
 
 def test_pytorch_kernels_keep_the_input_dtype_and_compute_in_fp32():
@@ -105,7 +108,30 @@ def test_fused_model_is_the_plain_model_eager_and_compiled(switch, method, attr,
     assert compiled(ids, tgt).item() == pytest.approx(plain_loss.item(), abs=1e-5)
 
 
-@pytest.mark.parametrize("switch", [sw[0] for sw in SWITCHES])
+@pytest.mark.parametrize("fused", [False, True])
+def test_expanded_kv_model_is_the_plain_model_eager_and_compiled(monkeypatch, fused):
+    cfg = tiny_model_cfg()  # 4 query heads, 2 kv heads
+    model = randomize_(GPT(cfg), std=0.1).train()
+    if fused:
+        model.use_fused_qk_norm_rope()
+    ids = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+    tgt = torch.roll(ids, -1, 1)
+    plain_loss, plain_grads = loss_and_grads(model, ids, tgt)
+    heads = []  # (q, k, v) heads of each attention call
+    real = lmcore.model.attention
+    monkeypatch.setattr(lmcore.model, "attention", lambda q, k, v, b: heads.append((q.size(2), k.size(2), v.size(2))) or real(q, k, v, b))
+    model.use_expanded_kv()
+    loss, grads = loss_and_grads(model, ids, tgt)
+    assert heads == [(4, 4, 4)] * cfg.num_layers
+    assert loss.item() == pytest.approx(plain_loss.item(), abs=1e-5) and grads.keys() == plain_grads.keys()
+    for n in grads:
+        torch.testing.assert_close(grads[n], plain_grads[n], rtol=1e-4, atol=1e-5, msg=n)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, dynamic=False, backend="aot_eager")
+    assert compiled(ids, tgt).item() == pytest.approx(plain_loss.item(), abs=1e-5)
+
+
+@pytest.mark.parametrize("switch", [*(sw[0] for sw in SWITCHES), "expand_kv"])
 def test_training_with_the_switch_follows_the_plain_losses(tmp_path, switch):
     on = ["train.iterations=3", "train.log_every=1"]
     plain = train(preset("tiny", on), tmp_path / "plain", progress=False)
@@ -221,11 +247,12 @@ def test_xsa_op_and_its_backward_are_the_plain_math(h, hkv, d, with_gate):
 @pytest.mark.cuda
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize(("b", "t", "h", "d", "rope_dims", "with_gain", "tile"), [
-    (4, 2048, 8, 64, 16, True, None), (4, 2048, 4, 64, 16, False, None), (4, 2048, 8, 64, 16, True, (16, 4)),
-    (3, 37, 4, 16, 0, True, None), (3, 37, 4, 16, 0, False, (8, 2)),
+@pytest.mark.parametrize(("b", "t", "h", "d", "rope_dims", "with_gain", "tile", "repeat"), [
+    (4, 2048, 8, 64, 16, True, None, 1), (4, 2048, 4, 64, 16, False, None, 1), (4, 2048, 8, 64, 16, True, (16, 4), 1),
+    (3, 37, 4, 16, 0, True, None, 1), (3, 37, 4, 16, 0, False, (8, 2), 1),
+    (4, 2048, 4, 64, 16, False, None, 2), (3, 37, 4, 16, 0, True, (8, 2), 2),  # train.expand_kv's k
 ])
-def test_triton_kernels_are_the_pytorch_kernels(b, t, h, d, rope_dims, with_gain, tile, dtype):
+def test_triton_kernels_are_the_pytorch_kernels(b, t, h, d, rope_dims, with_gain, tile, repeat, dtype):
     import lmcore.kernels as K
 
     assert K.triton is not None
@@ -233,15 +260,16 @@ def test_triton_kernels_are_the_pytorch_kernels(b, t, h, d, rope_dims, with_gain
     cos, sin = (z.cuda() for z in rope_tables(cfg, t, torch.device("cpu")))
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(b, t, h, d, generator=g, device="cuda").to(dtype)
-    dy = torch.randn(b, t, h, d, generator=g, device="cuda").to(dtype)
+    dy = torch.randn(b, t, h * repeat, d, generator=g, device="cuda").to(dtype)
     gain = torch.rand(h, generator=g, device="cuda") + 0.5 if with_gain else None
     rows, warps = tile or (None, K.WARPS)
-    out, rstd = K._forward_triton(x, cos, sin, gain, rows, warps)
-    ref, ref_rstd = K._forward_math(x, cos, sin, gain)
+    out, rstd = K._forward_triton(x, cos, sin, gain, repeat, rows, warps)
+    ref, ref_rstd = K._forward_math(x, cos, sin, gain, repeat)
+    assert out.shape == (b, t, h * repeat, d)
     torch.testing.assert_close(out, ref)  # bf16: at most a rounding apart
     torch.testing.assert_close(rstd, ref_rstd)
-    dx, dgain = K._backward_triton(dy, x, ref_rstd, cos, sin, gain, rows, warps)
-    ref_dx, ref_dgain = K._backward_math(dy, x, ref_rstd, cos, sin, gain)
+    dx, dgain = K._backward_triton(dy, x, ref_rstd, cos, sin, gain, repeat, rows, warps)
+    ref_dx, ref_dgain = K._backward_math(dy, x, ref_rstd, cos, sin, gain, repeat)
     torch.testing.assert_close(dx, ref_dx)
     assert dgain.shape == ((h,) if with_gain else (0,))
     torch.testing.assert_close(dgain, ref_dgain, rtol=1e-4, atol=1e-3)
@@ -272,7 +300,8 @@ def test_xsa_triton_kernels_are_the_pytorch_kernels(b, t, h, hkv, d, with_gate, 
 
 @pytest.mark.cuda
 @needs_cuda
-def test_fused_model_on_cuda_compiled_is_the_plain_model():  # both switches on
+@pytest.mark.parametrize("expand_kv", [False, True])
+def test_fused_model_on_cuda_compiled_is_the_plain_model(expand_kv):  # both switches on, k/v repeated or not
     cfg = tiny_model_cfg(model_dim=128, num_heads=4, num_kv_heads=2, rope_dims=16)
     torch.manual_seed(0)
     model = randomize_(GPT(cfg), std=0.05).cuda().train()
@@ -281,6 +310,8 @@ def test_fused_model_on_cuda_compiled_is_the_plain_model():  # both switches on
     plain_loss, plain_grads = loss_and_grads(model, ids, tgt)
     model.use_fused_qk_norm_rope()
     model.use_fused_xsa_gate()
+    if expand_kv:
+        model.use_expanded_kv()
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True, dynamic=False)
     loss, grads = loss_and_grads(model, ids, tgt, forward=compiled)

@@ -158,11 +158,13 @@ def test_latent_masks_are_an_explicit_argument():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in lm3.parameters())
 
 
-@pytest.mark.parametrize("bos_mask", [False, True])
-def test_kv_cache_decode_matches_full_forward(bos_mask):
+@pytest.mark.parametrize(("bos_mask", "expand_kv"), [(False, False), (True, False), (False, True)])
+def test_kv_cache_decode_matches_full_forward(bos_mask, expand_kv):
     cfg = tiny_model_cfg(bos_mask=bos_mask, gated_attn_layers="even")
     torch.manual_seed(0)
     model = randomize_(GPT(cfg), std=0.2).eval()
+    if expand_kv:  # the full forward repeats k and v to the query heads; the cache keeps the kv heads
+        model.use_expanded_kv()
     T = 14
     ids = torch.randint(0, cfg.vocab_size, (2, T))
     ids[:, 5] = cfg.bos_id
