@@ -40,6 +40,9 @@
 # original 242 s, after 217 s, solo 199 s).
 # Session 9 on nvidia-h200 with ONE_GPU_RUNS="orig_fa3_1 lm_solo_1" and two VARIANTS (graphs,
 # autotune): 1,257 s (original 245 s, solo 194 s, reduce-overhead 203 s, max-autotune 580 s).
+# Session 10 on nvidia-h200: ONE_GPU_RUNS="orig_fa3_1 lm_solo_1" and two VARIANTS (expand_kv,
+# solo's twin): 792 s (original 203 s, solo 187 s, each variant 186-193 s); ONE_GPU_RUNS="orig_fa3_1
+# lm_after_1" and one variant: 703 s (original 236 s, after 205 s, the variant 227 s).
 # It outlasts one device call: `start` runs it detached (benchmarks/detached.sh) and polls;
 # `poll` (the next call, within 30 s of the last) goes on. Carry .whl, .data, .ref and .fa3.
 # Each poll leaves $OUT/speed.log, and once done $OUT/speed_table.md and

@@ -183,6 +183,8 @@ class TrainConfig:
     # dk/dv without its fp32 GQA accumulators and their converts); autograd sums each kv head's copies'
     # gradients. With fused_qk_norm_rope the q/k kernel writes k's copies and sums their gradients in
     # fp32; v's repeat is inductor's. The same math up to the order of those sums (GPT.use_expanded_kv).
+    # Session 10 (one H200 a job): 578.5 -> 573.9 ms a step on the defaults, 564.4 -> 557.7 with both
+    # fused ops, 1.6 GB more peak memory; losses within run-to-run noise (benchmarks/RESULTS.md).
     expand_kv: bool = False
     ddp_bucket_cap_mb: float = 25.0  # DDP gradient bucket size (torch's default 25)
     ddp_grad_as_bucket_view: bool = False  # DDP gradients as views into its buckets (saves a copy)

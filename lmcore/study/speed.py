@@ -36,7 +36,8 @@ SPEED_LEVERS: dict[str, list[str]] = {
     "fused_qk": ["train.fused_qk_norm_rope=true"],
     "fused_xsa": ["train.fused_xsa_gate=true"],
     "fused_both": ["train.fused_qk_norm_rope=true", "train.fused_xsa_gate=true"],
-    # k and v repeated to the query heads: attention runs MHA (FA3's GQA backward accumulates dk/dv in fp32)
+    # k and v repeated to the query heads: attention runs MHA (FA3's GQA backward accumulates dk/dv in fp32).
+    # Session 10, one H200 a job: -4.6 ms a step on the defaults, -6.7 ms with both fused ops
     "expand_kv": ["train.expand_kv=true"],
     "fused_both_expand_kv": ["train.fused_qk_norm_rope=true", "train.fused_xsa_gate=true", "train.expand_kv=true"],
     "ddp_buckets": ["train.ddp_bucket_cap_mb=100", "train.ddp_grad_as_bucket_view=true"],  # 2+ ranks only
