@@ -2,15 +2,16 @@
 one custom op whose CPU kernel is the same math written out in PyTorch and whose CUDA kernel is
 Triton.
 
-`qk_norm_rope(x, cos, sin, gain, repeat)`: attention's q (or k) path in one pass over x (B, T, H, D):
-RMSNorm over D, RoPE on the first 2 * cos.size(-1) dims of each head, times a per-head gain
-(None: 1, for k), each head written `repeat` times in a row (train.expand_kv: k for FA3 as
-many heads as q; the backward sums each head's copies' gradients in fp32 before its own). The model's plain path composes rms_norm, apply_rope and the gain; inductor
-compiles that into kernels 2-4x slower than HBM bandwidth (session 6's profile: 107 + 198 us a
-call for q at `record`'s micro-batch, forward + backward). Here the forward reads x once and
-writes the output and the per-row 1/rms; the backward reads the output's gradient and x once,
-writes x's gradient, and sums the gain's gradient per head from per-block partial sums (no
-atomics: the same result every run).
+`qk_norm_rope(x, cos, sin, gain, repeat)`: attention's q (or k) path in one pass over x
+(B, T, H, D): RMSNorm over D, RoPE on the first 2 * cos.size(-1) dims of each head, times a
+per-head gain (None: 1, for k), each head written `repeat` times in a row (train.expand_kv:
+k with as many heads as q; the backward sums the copies' gradients in fp32 first). The
+model's plain path composes rms_norm, apply_rope and the gain; inductor compiles that into
+kernels 2-4x slower than HBM bandwidth (session 6's profile: 107 + 198 us a call for q at
+`record`'s micro-batch, forward + backward). Here the forward reads x once and writes the
+output and the per-row 1/rms; the backward reads the output's gradient and x once, writes x's
+gradient, and sums the gain's gradient per head from per-block partial sums (no atomics: the
+same result every run).
 
 `xsa_gate(y, v, z)`: XSA (each query head's attention output less its component along its kv
 head's unit value vector) then the attention gate (times sigmoid of the gate's logits; None:
@@ -61,9 +62,10 @@ def _backward_math(
     g: Tensor, x: Tensor, rstd: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None, repeat: int = 1
 ) -> tuple[Tensor, Tensor]:
     """(dx in x.dtype, dgain (H,) fp32, or (0,) without a gain) for out = gain * rope(n),
-    n = x * rstd, g (B, T, H * repeat, D) summed over each head's copies in fp32: with u = rope^T(g) (RoPE's transpose is the rotation by -sin) and
-    t = sum(u * n) per row, dgain = sum of t over each head's rows, dn = gain * u and
-    dx = rstd * (dn - n * mean(dn * n)) (RMSNorm's backward)."""
+    n = x * rstd, g (B, T, H * repeat, D) first summed over each head's copies in fp32: with
+    u = rope^T(g) (RoPE's transpose is the rotation by -sin) and t = sum(u * n) per row,
+    dgain = sum of t over each head's rows, dn = gain * u and dx = rstd * (dn - n * mean(dn * n))
+    (RMSNorm's backward)."""
     gf, cos, sin = g.float().unflatten(2, (x.size(2), repeat)).sum(3), cos.float(), sin.float()
     n = x.float() * rstd[..., None]
     u = apply_rope(gf, cos, -sin)

@@ -1,11 +1,12 @@
 """lmcore.kernels (train.fused_qk_norm_rope, train.fused_xsa_gate): each op's PyTorch kernels
 against autograd of the model's plain path (q/k: rms_norm, apply_rope, gain, for partial and
-whole-head RoPE, with and without a gain, each head written once or twice (train.expand_kv); XSA: F.normalize and the projection, then the
-sigmoid gate, with and without it, 1-4 query heads a kv head); the model and a training run
-with each switch against the plain path; compiled with fullgraph; the exported script, which
-embeds them with a switch on and trains as lmcore does, and a run trained with them packed
-and exported. The Triton kernels
-against the PyTorch ones on GPU (marked cuda)."""
+whole-head RoPE, with and without a gain, each head written once or twice (train.expand_kv);
+XSA: F.normalize and the projection, then the sigmoid gate, with and without it, 1-4 query
+heads a kv head); the model and a training run with each switch against the plain path, and
+with k and v repeated to the query heads (train.expand_kv) against without; compiled with
+fullgraph; the exported script, which embeds them with a switch on and trains as lmcore does,
+and a run trained with them packed and exported. The Triton kernels against the PyTorch ones
+on GPU (marked cuda)."""
 
 from __future__ import annotations
 
@@ -119,7 +120,12 @@ def test_expanded_kv_model_is_the_plain_model_eager_and_compiled(monkeypatch, fu
     plain_loss, plain_grads = loss_and_grads(model, ids, tgt)
     heads = []  # (q, k, v) heads of each attention call
     real = lmcore.model.attention
-    monkeypatch.setattr(lmcore.model, "attention", lambda q, k, v, b: heads.append((q.size(2), k.size(2), v.size(2))) or real(q, k, v, b))
+
+    def counted(q, k, v, backend):
+        heads.append((q.size(2), k.size(2), v.size(2)))
+        return real(q, k, v, backend)
+
+    monkeypatch.setattr(lmcore.model, "attention", counted)
     model.use_expanded_kv()
     loss, grads = loss_and_grads(model, ids, tgt)
     assert heads == [(4, 4, 4)] * cfg.num_layers
