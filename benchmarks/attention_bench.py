@@ -35,6 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lmcore.attention import AVAILABLE, CUDA_BACKENDS, attention, available_backends, math_reference
+from lmcore.model import repeat_heads
 
 Fn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -159,8 +160,8 @@ def main(argv: list[str] | None = None) -> int:
             if packgqa:
                 fa3_func = importlib.import_module("flash_attn_interface").flash_attn_func
                 runs.append(("fa3+packgqa", lambda q, k, v, f=fa3_func: f(q, k, v, causal=True, pack_gqa=True)))
-            runs.append(("fa3+expandkv", lambda q, k, v: attention(
-                q, k.repeat_interleave(q.shape[2] // k.shape[2], dim=2), v.repeat_interleave(q.shape[2] // v.shape[2], dim=2), "fa3")))
+            runs.append(("fa3+expandkv", lambda q, k, v: attention(  # train.expand_kv's repeat, eager
+                q, repeat_heads(k, q.shape[2] // k.shape[2]), repeat_heads(v, q.shape[2] // v.shape[2]), "fa3")))
         if a.compile:
             runs.append((f"{b}+compile", torch.compile(lambda q, k, v, b=b: attention(q, k, v, b), fullgraph=True)))
 
