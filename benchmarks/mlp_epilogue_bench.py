@@ -7,8 +7,11 @@ dH = (dY W_proj) * act'(H), each compiled three ways:
                 the elementwise work as an epilogue, benchmarked against cuBLAS
   autotune+tma  the same with triton.enable_persistent_tma_matmul (Hopper's persistent TMA
                 templates among the choices)
+  lmcore TILE   lmcore.mlp_kernel's Triton GEMM (train.fused_mlp) at one tile (--tiles): the forward
+                also writes pre, which training keeps for the backward (the rows above do not)
 
-usage: python benchmarks/mlp_epilogue_bench.py [--tokens 98304] [--json PATH]
+usage: python benchmarks/mlp_epilogue_bench.py [--tokens 98304] [--hows default,autotune,autotune+tma]
+       [--tiles BMxBNxBKxWARPSxSTAGES,...] [--json PATH]
 
 GPU only. Times are fp8_matmul_bench.timed's (10 calls in a row, median of 20) after the
 compile and 5 warm-ups; "GEMM alone" is cuBLAS's matmul without the elementwise work, the
@@ -23,7 +26,9 @@ import json
 
 import torch
 import torch.nn.functional as F
-from fp8_matmul_bench import timed  # this folder: CUDA-event median timing, shared
+from fp8_matmul_bench import timed
+
+import lmcore.mlp_kernel as MK  # this folder: CUDA-event median timing, shared
 
 SLOPE = 0.5  # record's leaky_slope
 CALLS_PER_STEP = 11 * 8
@@ -48,9 +53,18 @@ def compiled(fn, how: str):
     return torch.compile(fn, options=options)
 
 
+def _lmcore(name: str, tile: tuple):
+    """lmcore.mlp_kernel's Triton GEMM at `tile` as fwd's or bwd's signature (fwd returns post)."""
+    if name == "fwd":
+        return lambda x, w: MK._fc_triton(x, w, SLOPE, tile)[1]
+    return lambda dy, wp, h: MK._dpre_triton(dy, wp, h, SLOPE, tile)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokens", type=int, default=48 * 2048)
+    ap.add_argument("--hows", default="default,autotune,autotune+tma", help="torch.compile ways, comma-separated")
+    ap.add_argument("--tiles", default="", help="lmcore.mlp_kernel tiles BMxBNxBKxWARPSxSTAGES, comma-separated")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     M, D, Hd = args.tokens, 512, 1536
@@ -62,11 +76,15 @@ def main() -> int:
     h = x @ w.t()
     ref_f, ref_b = fwd(x, w).float(), bwd(dy, wp, h).float()
     rows = {"GEMM alone": {"fwd": timed(lambda: x @ w.t()), "bwd": timed(lambda: dy @ wp)}}
-    for how in ("default", "autotune", "autotune+tma"):
+    tiles = {f"lmcore {t}": tuple(int(v) for v in t.split("x")) for t in args.tiles.split(",") if t}
+    for how in [*args.hows.split(","), *tiles]:
         row = {}
         for name, fn, inputs, ref in (("fwd", fwd, (x, w), ref_f), ("bwd", bwd, (dy, wp, h), ref_b)):
             try:
-                c = compiled(fn, how)
+                if how in tiles:
+                    c = _lmcore(name, tiles[how])
+                else:
+                    c = compiled(fn, how)
                 out = c(*inputs).float()
                 row[name] = timed(lambda c=c, inputs=inputs: c(*inputs))
                 row[name + "_rel_err"] = ((out - ref).norm() / ref.norm()).item()

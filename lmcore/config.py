@@ -179,6 +179,10 @@ class TrainConfig:
     # XSA + the attention gate as one op on the XSA layers (lmcore.kernels.xsa_gate; the same math up
     # to fp32 rounding). The exported script embeds the kernels.
     fused_xsa_gate: bool = False
+    # The MLP's LeakyReLU^2 as its first GEMM's epilogue, act' as the backward GEMM's (lmcore.mlp_kernel:
+    # Triton GEMMs on CUDA, the same math in PyTorch elsewhere; the same math as the plain MLP up to the
+    # GEMMs' accumulation order). The exported script embeds the kernel.
+    fused_mlp: bool = False
     # k and v repeated to the query heads before attention (GQA run as MHA: FA3's backward then writes
     # dk/dv without its fp32 GQA accumulators and their converts); autograd sums each kv head's copies'
     # gradients. With fused_qk_norm_rope the q/k kernel writes k's copies and sums their gradients in

@@ -29,10 +29,11 @@ fused kernels, below).
 Code bytes are the bytes of that script: `code_bytes_of_export(cfg)`, which `lmcore pack`
 also uses for pack.json, so both count the same file.
 
-The fused-kernel switches (train.fused_qk_norm_rope, train.fused_xsa_gate) travel with the
-config: with one on, the script embeds lmcore.kernels, which imports triton (shipped with
-torch's CUDA builds; without it the kernels' PyTorch math runs), and its code bytes count
-the kernels. With both off it embeds neither kernels nor triton.
+The fused-kernel switches (train.fused_qk_norm_rope, train.fused_xsa_gate: lmcore.kernels;
+train.fused_mlp: lmcore.mlp_kernel) travel with the config: with one on, the script embeds its
+module, which imports triton (shipped with torch's CUDA builds; without it the kernels'
+PyTorch math runs), and its code bytes count the kernels. With all off it embeds no kernel
+module and no triton.
 """
 
 from __future__ import annotations
@@ -59,10 +60,10 @@ CLI_ONLY = frozenset(
 # Building shards from documents: reached from train only through the `lmcore data build` CLI
 # registration, needed in the script only when it builds the smoke corpus itself.
 DATA_BUILD_ONLY = frozenset({"corpus"})
-# Fused kernels (train.fused_qk_norm_rope, train.fused_xsa_gate): GPT imports them only when a switch
-# is on, and the script embeds them (and may import triton) only then.
-KERNEL_MODULES = frozenset({"kernels"})
-KERNEL_SWITCHES = ("fused_qk_norm_rope", "fused_xsa_gate")
+# Fused kernels: each switch's module. GPT imports one only when its switch is on, and the script
+# embeds it (and may import triton) only then.
+KERNEL_MODULES = {"fused_qk_norm_rope": "kernels", "fused_xsa_gate": "kernels", "fused_mlp": "mlp_kernel"}
+KERNEL_SWITCHES = tuple(KERNEL_MODULES)
 # Third-party modules the script may import; triton too where it embeds the kernels.
 ALLOWED_THIRD_PARTY = frozenset({"torch", "numpy", "sentencepiece", "brotli"})
 
@@ -168,7 +169,7 @@ def needed_modules(cfg: Config, pkg: Path = _PKG) -> list[str]:
     The closure of `lmcore.entry` under imports (each module's parent packages included),
     without modules that only serve the command line or the export; smoke_data (and the
     corpus builder it uses) only when the config trains on the smoke corpus (train() then
-    builds it if missing); lmcore.kernels only when a fused-kernel switch is on. The
+    builds it if missing); a fused-kernel module only when one of its switches is on. The
     package's own __init__ is always embedded and not listed.
     Left-out modules may only be imported lazily (in a function): a module on the script's
     path that imports one when it is itself imported raises ValueError, as the script would
@@ -177,8 +178,8 @@ def needed_modules(cfg: Config, pkg: Path = _PKG) -> list[str]:
     smoke = is_smoke_config(cfg)
     todo = list(ROOT_MODULES) + (["smoke_data"] if smoke else [])
     skip = CLI_ONLY | (set() if smoke else {"smoke_data"} | DATA_BUILD_ONLY)
-    if not fused_kernels(cfg):
-        skip |= KERNEL_MODULES
+    on = {module for switch, module in KERNEL_MODULES.items() if getattr(cfg.train, switch)}
+    skip |= set(KERNEL_MODULES.values()) - on
     seen: set[str] = set()
     while todo:
         m = todo.pop()

@@ -51,11 +51,15 @@ class CastedLinear(nn.Linear):
         self.qat_bits = 0
 
     def forward(self, x: Tensor) -> Tensor:
-        w = self.weight.to(x.dtype)
-        if self.qat_bits and self.training:
-            w = w + (fake_quantize_rows(self.weight, self.qat_bits).to(x.dtype) - w).detach()
         b = self.bias.to(x.dtype) if self.bias is not None else None
-        return F.linear(x, w, b)
+        return F.linear(x, self.cast_weight(x.dtype), b)
+
+    def cast_weight(self, dtype: torch.dtype) -> Tensor:
+        """The weight in `dtype` as forward uses it (fake-quantized while QAT is on and training)."""
+        w = self.weight.to(dtype)
+        if self.qat_bits and self.training:
+            w = w + (fake_quantize_rows(self.weight, self.qat_bits).to(dtype) - w).detach()
+        return w
 
 
 @torch.no_grad()
@@ -229,8 +233,13 @@ class MLP(nn.Module):
         self.fc = CastedLinear(cfg.model_dim, cfg.mlp_hidden)
         self.proj = CastedLinear(cfg.mlp_hidden, cfg.model_dim, zero_init=True)
         self.slope = cfg.leaky_slope
+        self.fused_op = None  # GPT.use_fused_mlp: lmcore.mlp_kernel.leaky_mlp
 
     def forward(self, x: Tensor, mask: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        if self.fused_op is not None and mask is None:  # the same math, one op (LatentMask TTT: plain)
+            on = torch.is_autocast_enabled(x.device.type)
+            dt = torch.get_autocast_dtype(x.device.type) if on else x.dtype
+            return self.fused_op(x.to(dt), self.fc.cast_weight(dt), self.proj.cast_weight(dt), self.slope)
         h = F.leaky_relu(self.fc(x), negative_slope=self.slope).square()
         if mask is not None:
             h = LatentMasks.apply(h, *mask)
@@ -438,6 +447,15 @@ class GPT(nn.Module):
         the kv heads."""
         for b in self.blocks:
             b.attn.kv_repeat = b.attn.num_heads // b.attn.num_kv_heads
+
+    def use_fused_mlp(self) -> None:
+        """The MLP's LeakyReLU^2 fused into its GEMMs through lmcore.mlp_kernel.leaky_mlp
+        (train.fused_mlp): Triton GEMMs with the activation, and its derivative, as epilogues on
+        CUDA; imported here, like use_fused_qk_norm_rope's."""
+        from lmcore.mlp_kernel import leaky_mlp
+
+        for b in self.blocks:
+            b.mlp.fused_op = leaky_mlp
 
     def use_fused_xsa_gate(self) -> None:
         """XSA + the attention gate through lmcore.kernels.xsa_gate on the XSA layers

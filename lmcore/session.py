@@ -251,6 +251,8 @@ def start_session(
         model.use_fused_qk_norm_rope()
     if tc.fused_xsa_gate:
         model.use_fused_xsa_gate()
+    if tc.fused_mlp:
+        model.use_fused_mlp()
     if tc.expand_kv:
         model.use_expanded_kv()
     if device.type == "cuda" and bf16:

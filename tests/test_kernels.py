@@ -24,7 +24,7 @@ import lmcore.model
 from lmcore import cli
 from lmcore.config import preset
 from lmcore.evaluate import eval_run
-from lmcore.export import code_bytes_of_export, embedded_sources, export_script, fused_kernels
+from lmcore.export import KERNEL_MODULES, KERNEL_SWITCHES, code_bytes_of_export, embedded_sources, export_script, fused_kernels
 from lmcore.kernels import _backward_math, _forward_math, qk_norm_rope, xsa_gate
 from lmcore.model import GPT, apply_rope, repeat_heads, rms_norm, rope_tables
 from lmcore.pack import pack_run
@@ -137,7 +137,7 @@ def test_expanded_kv_model_is_the_plain_model_eager_and_compiled(monkeypatch, fu
     assert compiled(ids, tgt).item() == pytest.approx(plain_loss.item(), abs=1e-5)
 
 
-@pytest.mark.parametrize("switch", [*(sw[0] for sw in SWITCHES), "expand_kv"])
+@pytest.mark.parametrize("switch", [*(sw[0] for sw in SWITCHES), "expand_kv", "fused_mlp"])
 def test_training_with_the_switch_follows_the_plain_losses(tmp_path, switch):
     on = ["train.iterations=3", "train.log_every=1"]
     plain = train(preset("tiny", on), tmp_path / "plain", progress=False)
@@ -148,12 +148,12 @@ def test_training_with_the_switch_follows_the_plain_losses(tmp_path, switch):
     assert fused.val_bpb == pytest.approx(plain.val_bpb, abs=1e-4)
 
 
-@pytest.mark.parametrize("switch", [sw[0] for sw in SWITCHES])
+@pytest.mark.parametrize("switch", KERNEL_SWITCHES)
 def test_the_exported_script_embeds_the_kernels_with_a_switch_on(switch):
     cfg = preset("record", [f"train.{switch}=true"])
     assert fused_kernels(cfg) == [f"train.{switch}=true"] and fused_kernels(preset("record")) == []
     with_kernels, plain = embedded_sources(cfg), embedded_sources(preset("record"))
-    assert set(with_kernels) - set(plain) == {"lmcore/kernels.py"}
+    assert set(with_kernels) - set(plain) == {f"lmcore/{KERNEL_MODULES[switch]}.py"}
     script = export_script(cfg)
     assert code_bytes_of_export(cfg) == len(script.encode("utf-8"))
     assert 0 < len(script) - len(export_script(preset("record"))) < 4000  # the kernels, Brotli-compressed

@@ -1,0 +1,173 @@
+"""The MLP with its LeakyReLU^2 fused into its GEMMs (train.fused_mlp), as one custom op whose CPU
+kernel is the same math written out in PyTorch and whose CUDA kernels are Triton GEMMs with an
+elementwise epilogue (issue 16; #1105's idea, our own code).
+
+`leaky_mlp(x, w_fc, w_proj, slope)` = act(x w_fc^T) w_proj^T with act(h) = leaky_relu(h)^2:
+- forward: one Triton GEMM computes pre = x w_fc^T and writes pre (kept for the backward) and
+  post = act(pre) from the same tile, so the activation never reads pre back from memory; the
+  second GEMM, post w_proj^T, is cuBLAS's.
+- backward: one Triton GEMM computes dpost = dy w_proj and multiplies it by act'(pre) in its
+  epilogue (dpre = dpost * 2 * leaky(pre) * (1 or slope)), so dpost is never written; the three
+  weight and input gradients (dy^T post, dpre w_fc, dpre^T x) are cuBLAS's.
+The plain path (cuBLAS GEMMs, then inductor's elementwise kernels) writes and reads pre and
+dpost once more each: about 0.6 GB a call at `record`'s micro-batch (98,304 x 1,536 bf16).
+
+The same math as the plain path: the GEMM's fp32 result is rounded to the input dtype as
+cuBLAS's output would be, and the activation and its derivative run in fp32 on that value and are
+rounded once. Only the GEMMs' accumulation order differs. torch.library custom ops
+(lmcore::leaky_mlp and lmcore::leaky_mlp_dpre) with fake kernels, so torch.compile keeps them
+in its whole graph. `_fc_math` and `_dpre_math` are what tests check against autograd of the
+plain MLP; the Triton kernel is checked against them on GPU (tests marked cuda). Without
+Triton, or for shapes it does not take, the PyTorch math runs. Imported only by
+GPT.use_fused_mlp: the exported script embeds this module only with the switch on.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only machines: the PyTorch math serves every device
+    triton = None
+
+# The GEMM's tile: block rows x block columns x block depth, warps, pipeline stages. The best of 8
+# at record's shapes (benchmarks/mlp_epilogue_bench.py --tiles, H200, session 11: forward 0.369-0.382
+# ms, backward 0.372-0.377 ms a call, against 0.376-0.400 and 0.445-0.462 for cuBLAS + inductor).
+# A persistent TMA version was no faster (backward 0.41 ms at its best tile) and was not kept.
+BLOCK_M, BLOCK_N, BLOCK_K, WARPS, STAGES, GROUP_M = 128, 128, 64, 4, 3, 8
+
+
+def _act(h: Tensor, slope: float) -> Tensor:
+    """leaky_relu(h)^2 in fp32, rounded once to h's dtype."""
+    return F.leaky_relu(h.float(), negative_slope=slope).square().to(h.dtype)
+
+
+def _fc_math(x: Tensor, w_fc: Tensor, slope: float) -> tuple[Tensor, Tensor]:
+    """(pre, post): pre = x w_fc^T in x's dtype, post = act(pre)."""
+    pre = x @ w_fc.t()
+    return pre, _act(pre, slope)
+
+
+def _dpre_math(g: Tensor, w_proj: Tensor, pre: Tensor, slope: float) -> Tensor:
+    """dpre = (g w_proj) * act'(pre), the GEMM rounded to pre's dtype, the product in fp32."""
+    dpost = (g @ w_proj).float()
+    p = pre.float()
+    grad = 2 * F.leaky_relu(p, negative_slope=slope) * torch.where(p > 0, 1.0, slope)
+    return (dpost * grad).to(pre.dtype)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _mm_act_kernel(a_ptr, b_ptr, pre_ptr, out_ptr, M, N, K, s_am, s_ak, s_bk, s_bn, slope,
+                       BACKWARD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                       GROUP: tl.constexpr):
+        # C = A B (A (M, K), B (K, N) by strides; K a multiple of BK), then the epilogue on each
+        # (BM, BN) tile of C. Programs walk GROUP row blocks down a column block before moving
+        # right, so B's tiles stay in L2 (Triton's matmul tutorial's ordering).
+        pid = tl.program_id(0)
+        grid_m, grid_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
+        width = GROUP * grid_n
+        first_m = (pid // width) * GROUP
+        rows = tl.minimum(grid_m - first_m, GROUP)
+        pid_m = first_m + (pid % width) % rows
+        pid_n = (pid % width) // rows
+        rm = pid_m * BM + tl.arange(0, BM)
+        rn = pid_n * BN + tl.arange(0, BN)
+        rk = tl.arange(0, BK)
+        a = a_ptr + (rm % M)[:, None] * s_am + rk[None, :] * s_ak  # wrapped rows: loads need no mask
+        b = b_ptr + rk[:, None] * s_bk + (rn % N)[None, :] * s_bn
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for _ in range(K // BK):
+            acc = tl.dot(tl.load(a), tl.load(b), acc)
+            a += BK * s_ak
+            b += BK * s_bk
+        c = rm[:, None] * N + rn[None, :]
+        live = (rm[:, None] < M) & (rn[None, :] < N)
+        dtype = out_ptr.dtype.element_ty
+        h = acc.to(dtype).to(tl.float32)  # the GEMM's output as cuBLAS would round it
+        if BACKWARD:  # h is dpost; pre's tile gives act'(pre)
+            p = tl.load(pre_ptr + c, mask=live, other=0.0).to(tl.float32)
+            grad = 2.0 * tl.where(p > 0, p, p * slope) * tl.where(p > 0, 1.0, slope)
+            tl.store(out_ptr + c, (h * grad).to(dtype), mask=live)
+        else:  # h is pre
+            tl.store(pre_ptr + c, h.to(dtype), mask=live)
+            lk = tl.where(h > 0, h, h * slope)
+            tl.store(out_ptr + c, (lk * lk).to(dtype), mask=live)
+
+
+def _use_triton(x: Tensor) -> bool:
+    """Triton for CUDA half-precision tensors whose model dim (both GEMMs' depth) is a multiple of BLOCK_K."""
+    return triton is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and x.size(-1) % BLOCK_K == 0
+
+
+def _launch(a: Tensor, b_kn: Tensor, pre: Tensor, out: Tensor, slope: float, backward: bool, tile: tuple | None) -> None:
+    """One _mm_act_kernel over C = a (M, K) @ b_kn (K, N, any strides); `tile` (BM, BN, BK, warps,
+    stages) overrides the module's choice (the bench tries several)."""
+    bm, bn, bk, warps, stages = tile or (BLOCK_M, BLOCK_N, BLOCK_K, WARPS, STAGES)
+    (m, k), n = a.shape, b_kn.size(1)
+    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
+    _mm_act_kernel[grid](a, b_kn, pre, out, m, n, k, a.stride(0), a.stride(1), b_kn.stride(0), b_kn.stride(1),
+                         slope, BACKWARD=backward, BM=bm, BN=bn, BK=bk, GROUP=GROUP_M,
+                         num_warps=warps, num_stages=stages)
+
+
+def _fc_triton(x: Tensor, w_fc: Tensor, slope: float, tile: tuple | None = None) -> tuple[Tensor, Tensor]:
+    pre = x.new_empty(x.size(0), w_fc.size(0))
+    post = torch.empty_like(pre)
+    _launch(x, w_fc.t(), pre, post, slope, False, tile)
+    return pre, post
+
+
+def _dpre_triton(g: Tensor, w_proj: Tensor, pre: Tensor, slope: float, tile: tuple | None = None) -> Tensor:
+    dpre = torch.empty_like(pre)
+    _launch(g, w_proj, pre, dpre, slope, True, tile)
+    return dpre
+
+
+@torch.library.custom_op("lmcore::leaky_mlp", mutates_args=())
+def _leaky_mlp(x: Tensor, w_fc: Tensor, w_proj: Tensor, slope: float) -> tuple[Tensor, Tensor, Tensor]:
+    pre, post = _fc_triton(x, w_fc, slope) if _use_triton(x) else _fc_math(x, w_fc, slope)
+    return post @ w_proj.t(), pre, post
+
+
+@_leaky_mlp.register_fake
+def _(x: Tensor, w_fc: Tensor, w_proj: Tensor, slope: float) -> tuple[Tensor, Tensor, Tensor]:
+    pre = x.new_empty(x.size(0), w_fc.size(0))
+    return x.new_empty(x.size(0), w_proj.size(0)), pre, torch.empty_like(pre)
+
+
+@torch.library.custom_op("lmcore::leaky_mlp_dpre", mutates_args=())
+def _leaky_mlp_dpre(g: Tensor, w_proj: Tensor, pre: Tensor, slope: float) -> Tensor:
+    return _dpre_triton(g, w_proj, pre, slope) if _use_triton(g) else _dpre_math(g, w_proj, pre, slope)
+
+
+@_leaky_mlp_dpre.register_fake
+def _(g: Tensor, w_proj: Tensor, pre: Tensor, slope: float) -> Tensor:
+    return torch.empty_like(pre)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, w_fc, w_proj, ctx.slope = inputs
+    ctx.save_for_backward(x, w_fc, w_proj, output[1], output[2])
+
+
+def _backward(ctx, g: Tensor, _g_pre: Tensor, _g_post: Tensor):
+    x, w_fc, w_proj, pre, post = ctx.saved_tensors
+    g = g.contiguous()
+    dpre = _leaky_mlp_dpre(g, w_proj, pre, ctx.slope)
+    return dpre @ w_fc, dpre.t() @ x, g.t() @ post, None
+
+
+_leaky_mlp.register_autograd(_backward, setup_context=_setup_context)
+
+
+def leaky_mlp(x: Tensor, w_fc: Tensor, w_proj: Tensor, slope: float) -> Tensor:
+    """leaky_relu(x w_fc^T, slope)^2 w_proj^T for x (..., D), w_fc (hidden, D), w_proj (D_out,
+    hidden), all of one dtype; the same math as the model's plain MLP."""
+    y, _, _ = _leaky_mlp(x.reshape(-1, x.size(-1)).contiguous(), w_fc.contiguous(), w_proj.contiguous(), float(slope))
+    return y.view(*x.shape[:-1], y.size(-1))

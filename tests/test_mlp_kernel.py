@@ -1,0 +1,175 @@
+"""lmcore.mlp_kernel (train.fused_mlp): the op and its backward against autograd of the model's
+plain MLP (fp32 and bf16, leading dims kept); the PyTorch kernels' rounding; the model eager
+and compiled with the switch against without, QAT's fake-quantized weights reaching the op,
+LatentMask TTT's masks keeping the plain path; a training run's losses (in test_kernels.py with
+the other switches). The Triton GEMM against the PyTorch kernels, and the compiled model under
+bf16 autocast, on GPU (marked cuda)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lmcore.mlp_kernel as MK
+from lmcore.mlp_kernel import leaky_mlp
+from lmcore.model import GPT, LatentMasks
+from tests.conftest import loss_and_grads, randomize_, tiny_model_cfg
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+SLOPE = 0.5
+
+
+def _plain(x, w_fc, w_proj, slope=SLOPE):
+    """The model's plain MLP (MLP.forward without masks) with its activation in fp32, as inductor
+    computes it (eager bf16 also rounds leaky_relu's output: exact for slope 0.5 only)."""
+    h = F.linear(x, w_fc)
+    return F.linear(F.leaky_relu(h.float(), negative_slope=slope).square().to(h.dtype), w_proj)
+
+
+def _run(fn, x0, wf0, wp0, dy, slope):
+    x, wf, wp = (t.clone().requires_grad_() for t in (x0, wf0, wp0))
+    y = fn(x, wf, wp, slope)
+    y.backward(dy)
+    return y.detach(), x.grad, wf.grad, wp.grad
+
+
+@pytest.mark.parametrize("slope", [0.5, 0.0, 0.1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("lead", [(2, 7), (5,)])
+def test_op_and_its_backward_are_the_plain_mlp(lead, dtype, slope):
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(*lead, 16, generator=g).to(dtype)
+    wf0 = (torch.randn(48, 16, generator=g) * 0.3).to(dtype)
+    wp0 = (torch.randn(24, 48, generator=g) * 0.3).to(dtype)  # out dim != in dim: the transposes matter
+    dy = torch.randn(*lead, 24, generator=g).to(dtype)
+    ref = _run(_plain, x0, wf0, wp0, dy, slope)
+    got = _run(leaky_mlp, x0, wf0, wp0, dy, slope)
+    assert got[0].shape == (*lead, 24) and got[0].dtype == dtype
+    for name, a, r in zip(("y", "dx", "dw_fc", "dw_proj"), got, ref, strict=True):
+        assert a.dtype == dtype and a.shape == r.shape, name
+        torch.testing.assert_close(a, r, rtol=0, atol=1e-5, msg=name)  # the same ops: equal
+    neg = F.linear(x0, wf0) < 0
+    assert neg.any() and (~neg).any()  # both branches of the activation ran
+
+
+def test_pytorch_kernels_round_once_and_follow_the_activation():
+    g = torch.Generator().manual_seed(1)
+    x, wf = torch.randn(6, 8, generator=g).bfloat16(), torch.randn(12, 8, generator=g).bfloat16()
+    pre, post = MK._fc_math(x, wf, SLOPE)
+    assert pre.dtype == post.dtype == torch.bfloat16 and torch.equal(pre, x @ wf.t())
+    p = pre.float()
+    assert torch.equal(post, torch.where(p > 0, p * p, 0.25 * p * p).bfloat16())  # leaky(0.5)^2 = 0.25 h^2 below 0
+    dy, wp = torch.randn(6, 5, generator=g).bfloat16(), torch.randn(5, 12, generator=g).bfloat16()
+    dpre = MK._dpre_math(dy, wp, pre, SLOPE)
+    d = (dy @ wp).float()
+    assert dpre.dtype == torch.bfloat16 and torch.equal(dpre, (d * torch.where(p > 0, 2 * p, 0.5 * p)).bfloat16())
+
+
+def _model_and_batch(**kw):
+    cfg = tiny_model_cfg(**kw)
+    model = randomize_(GPT(cfg), std=0.1).train()
+    ids = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+    return model, ids, torch.roll(ids, -1, 1)
+
+
+def _spy(monkeypatch, model):
+    """Count the fused op's calls through GPT.use_fused_mlp."""
+    calls = []
+
+    def counted(*args):
+        calls.append(args[0].shape)
+        return leaky_mlp(*args)
+
+    monkeypatch.setattr(MK, "leaky_mlp", counted)
+    model.use_fused_mlp()
+    return calls
+
+
+def test_fused_model_is_the_plain_model_eager_and_compiled(monkeypatch):
+    model, ids, tgt = _model_and_batch()
+    plain_loss, plain_grads = loss_and_grads(model, ids, tgt)
+    calls = _spy(monkeypatch, model)
+    loss, grads = loss_and_grads(model, ids, tgt)
+    assert len(calls) == model.cfg.num_layers
+    assert loss.item() == pytest.approx(plain_loss.item(), abs=1e-6) and grads.keys() == plain_grads.keys()
+    for n in grads:
+        torch.testing.assert_close(grads[n], plain_grads[n], rtol=1e-5, atol=1e-6, msg=n)
+    assert grads["blocks.0.mlp.fc.weight"].abs().sum() > 0
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, dynamic=False, backend="aot_eager")
+    assert compiled(ids, tgt).item() == pytest.approx(plain_loss.item(), abs=1e-5)
+
+
+def test_qat_reaches_the_fused_op():
+    model, ids, tgt = _model_and_batch()
+    model.set_qat(6)
+    plain_loss, plain_grads = loss_and_grads(model, ids, tgt)
+    model.use_fused_mlp()
+    loss, grads = loss_and_grads(model, ids, tgt)
+    assert loss.item() == pytest.approx(plain_loss.item(), abs=1e-6)
+    torch.testing.assert_close(grads["blocks.1.mlp.proj.weight"], plain_grads["blocks.1.mlp.proj.weight"])
+    model.set_qat(0)
+    assert abs(model(ids, tgt).item() - loss.item()) > 1e-4  # the fake quantization changed the loss
+
+
+def test_latent_masks_keep_the_plain_path(monkeypatch):
+    model, _, _ = _model_and_batch()
+    mlp, masks = model.blocks[0].mlp, LatentMasks(model.cfg)
+    with torch.no_grad():
+        masks.mlp_mask.normal_()
+    x = torch.randn(2, 16, model.cfg.model_dim)
+    mask = (masks.mlp_mask[0], masks.mlp_bias[0])
+    plain = mlp(x, mask)
+    calls = _spy(monkeypatch, model)
+    torch.testing.assert_close(mlp(x, mask), plain, rtol=0, atol=0)
+    assert calls == []  # TTT's masked MLP runs the plain path
+    mlp(x)
+    assert calls == [x.shape]
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize(("m", "d", "hidden", "tile"), [
+    (98304 // 8, 512, 1536, None),  # record's widths
+    (1000, 128, 384, None),  # rows not a multiple of the block
+    (300, 64, 200, (64, 64, 32, 4, 2)),  # columns not a multiple either; another tile
+])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_triton_gemm_is_the_pytorch_kernels(m, d, hidden, tile, dtype):
+    assert MK.triton is not None
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x, dy = (torch.randn(m, d, generator=g, device="cuda").to(dtype) for _ in range(2))
+    wf = (torch.randn(hidden, d, generator=g, device="cuda") * d**-0.5).to(dtype)
+    wp = (torch.randn(d, hidden, generator=g, device="cuda") * hidden**-0.5).to(dtype)
+    pre, post = MK._fc_triton(x, wf, SLOPE, tile)
+    ref_pre, ref_post = MK._fc_math(x, wf, SLOPE)
+    torch.testing.assert_close(pre, ref_pre)  # at most a rounding apart (accumulation order)
+    torch.testing.assert_close(post, MK._act(pre, SLOPE), rtol=0, atol=0)  # the epilogue is the activation of its pre
+    torch.testing.assert_close(post, ref_post, rtol=2e-2, atol=2e-2)
+    dpre = MK._dpre_triton(dy, wp, ref_pre, SLOPE, tile)
+    torch.testing.assert_close(dpre, MK._dpre_math(dy, wp, ref_pre, SLOPE), rtol=2e-2, atol=2e-2)
+    assert (ref_pre < 0).any() and (ref_pre > 0).any()
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_fused_model_on_cuda_compiled_under_autocast_is_the_plain_model(monkeypatch):
+    cfg = tiny_model_cfg(model_dim=128, num_heads=4, num_kv_heads=2, rope_dims=16, mlp_hidden=384)
+    torch.manual_seed(0)
+    model = randomize_(GPT(cfg), std=0.05).cuda().train()
+    ids = torch.randint(0, cfg.vocab_size, (4, 64), device="cuda", generator=torch.Generator(device="cuda").manual_seed(1))
+    tgt = torch.roll(ids, -1, 1)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        torch._dynamo.reset()
+        plain_loss, plain_grads = loss_and_grads(model, ids, tgt, forward=torch.compile(model, fullgraph=True))
+        launched = []
+        real = MK._launch
+        monkeypatch.setattr(MK, "_launch", lambda *a: launched.append(a[5]) or real(*a))
+        model.use_fused_mlp()
+        torch._dynamo.reset()
+        loss, grads = loss_and_grads(model, ids, tgt, forward=torch.compile(model, fullgraph=True))
+    assert sorted(launched) == [False] * cfg.num_layers + [True] * cfg.num_layers  # Triton, both ways
+    assert loss.item() == pytest.approx(plain_loss.item(), abs=2e-3) and grads.keys() == plain_grads.keys()
+    for n in grads:
+        torch.testing.assert_close(grads[n], plain_grads[n], rtol=5e-2, atol=5e-3, msg=n)
