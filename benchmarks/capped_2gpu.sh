@@ -8,6 +8,8 @@
 # done) and capped_results.tgz (logs, summary.json, metrics).
 # It can take longer than one device call, so `start` runs it detached (benchmarks/detached.sh)
 # and polls; `poll` (the next call, within 30 s of the last) goes on. Carry .whl, .data, .ref, .fa3.
+# NPROC=1 (default 2): each run on one GPU (grad accum 8) instead, one after the other: not issue
+# 16's check, a stand-in where only one GPU is lent.
 # LM_SETS: lmcore's --set overrides beyond `record` (e.g. "train.fused_qk_norm_rope=true
 # train.fused_xsa_gate=true"), printed in the log's setup line; default none.
 #   bash benchmarks/capped_2gpu.sh start [POLL_S]  |  bash benchmarks/capped_2gpu.sh poll [POLL_S]
@@ -16,6 +18,7 @@ S=/tmp/capped
 MODE=${1:-poll}
 POLL_S=${2:-540}
 CAP_S=${CAP_S:-150}
+NPROC=${NPROC:-2}
 LM_SETS=${LM_SETS:-}
 
 source benchmarks/detached.sh  # stamp, run_until, detached_poll, detached_main
@@ -23,13 +26,13 @@ source benchmarks/detached.sh  # stamp, run_until, detached_poll, detached_main
 original() {  # GPUS LOG: after its post-EMA diagnostic it goes on to calibration: stopped there
   GRACE_S=2 run_until 900 "$2" "DIAGNOSTIC post_ema" env CUDA_VISIBLE_DEVICES="$1" DATA_PATH="$D" \
     TOKENIZER_PATH="$TOK" MAX_WALLCLOCK_SECONDS="$CAP_S" SEED=1337 TTT_ENABLED=0 RUN_ID=capped TRAIN_LOG_EVERY=50 \
-    python3 -m torch.distributed.run --standalone --nproc_per_node=2 "$S/src/.ref/seed_train_gpt.py"
+    python3 -m torch.distributed.run --standalone --nproc_per_node="$NPROC" "$S/src/.ref/seed_train_gpt.py"
 }
 
 lmcore_run() {  # GPUS LOG
   local extra=() l
   for l in $LM_SETS; do extra+=(--set "$l"); done
-  CUDA_VISIBLE_DEVICES=$1 timeout 900 python3 -m torch.distributed.run --standalone --nproc_per_node=2 \
+  CUDA_VISIBLE_DEVICES=$1 timeout 900 python3 -m torch.distributed.run --standalone --nproc_per_node="$NPROC" \
     -m lmcore train --preset record --set data.data_dir="$D" --set data.tokenizer="$TOK" \
     --set train.max_wallclock_seconds="$CAP_S" --set train.log_every=50 "${extra[@]}" --no-progress \
     --run-dir "$R/lmcore_run" > "$2" 2>&1
@@ -40,7 +43,7 @@ job() {
   export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
   R=$S/res TOK=$S/src/.data/fineweb_1024_bpe.model D=$S/proxy
   mkdir -p "$R"
-  echo "== setup; LM_SETS: ${LM_SETS:-none}"
+  echo "== setup; NPROC $NPROC; LM_SETS: ${LM_SETS:-none}"
   nvidia-smi --query-gpu=name,uuid,memory.total,driver_version --format=csv,noheader
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl .fa3/dist/*.whl 2>&1 | tail -2
   export PYTHONPATH=/tmp/site:$S/src
@@ -50,20 +53,23 @@ job() {
   local n
   n=$(nvidia-smi -L | wc -l)
   echo "== training, cap $CAP_S s, $n GPUs"
-  if [ "$n" -ge 4 ]; then
+  if [ "$NPROC" = 1 ]; then
+    original 0 "$R/original.log"; lmcore_run 0 "$R/lmcore.log"
+  elif [ "$n" -ge 4 ]; then
     original 0,1 "$R/original.log" & lmcore_run 2,3 "$R/lmcore.log" & wait
   else
     original 0,1 "$R/original.log"; lmcore_run 0,1 "$R/lmcore.log"
   fi
   echo "== report"
-  python3 - "$R/original.log" "$R/lmcore_run/summary.json" "$n" "$CAP_S" <<'PY' | tee "$R/table.md"
+  python3 - "$R/original.log" "$R/lmcore_run/summary.json" "$n" "$CAP_S" "$NPROC" <<'PY' | tee "$R/table.md"
 import json, re, sys
 log, s = open(sys.argv[1]).read(), json.load(open(sys.argv[2]))
 steps = re.findall(r"step:(\d+)/\d+ val_loss:([\d.]+) val_bpb:([\d.]+) train_time:(\d+)ms step_avg:([\d.]+)ms", log)
 ema = re.search(r"DIAGNOSTIC post_ema val_loss:([\d.]+) val_bpb:([\d.]+)", log)
 st, _, obpb, _, oms = steps[-1] if steps else ("?", 0, "nan", 0, "nan")
-print(f"card: {s['card']}; 2 ranks under torchrun (grad accum 4), record preset, {sys.argv[4]} s cap, seed 1337, "
-      f"proxy data; {'side by side on one 4-GPU host' if int(sys.argv[3]) >= 4 else 'one after the other'}")
+ranks = int(sys.argv[5])
+print(f"card: {s['card']}; {ranks} rank(s) under torchrun (grad accum {8 // ranks}), record preset, {sys.argv[4]} s cap, "
+      f"seed 1337, proxy data; {'side by side on one 4-GPU host' if int(sys.argv[3]) >= 4 and ranks == 2 else 'one after the other'}")
 print("| run | attention | steps | mean step ms | val_bpb raw | val_bpb EMA |")
 print("|---|---|---|---|---|---|")
 print(f"| original | its flash_attn_interface (FA3 wheel) | {st} | {float(oms):.1f} | {float(obpb):.4f} | "
