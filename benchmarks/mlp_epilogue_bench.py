@@ -26,9 +26,9 @@ import json
 
 import torch
 import torch.nn.functional as F
-from fp8_matmul_bench import timed
+from fp8_matmul_bench import timed  # this folder: CUDA-event median timing, shared
 
-import lmcore.mlp_kernel as MK  # this folder: CUDA-event median timing, shared
+import lmcore.mlp_kernel as MK
 
 SLOPE = 0.5  # record's leaky_slope
 CALLS_PER_STEP = 11 * 8

@@ -100,9 +100,16 @@ if triton is not None:
             tl.store(out_ptr + c, (lk * lk).to(dtype), mask=live)
 
 
-def _use_triton(x: Tensor) -> bool:
-    """Triton for CUDA half-precision tensors whose model dim (both GEMMs' depth) is a multiple of BLOCK_K."""
-    return triton is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and x.size(-1) % BLOCK_K == 0
+def _triton_takes(m: int, k: int, n: int) -> bool:
+    """The Triton GEMM's shapes: depth k a multiple of BLOCK_K, and the (m, n) output indexed in
+    int32 (its offsets are; 151 M elements at record's micro-batch)."""
+    return k % BLOCK_K == 0 and m * n < 2**31
+
+
+def _use_triton(x: Tensor, n: int) -> bool:
+    """Triton for CUDA half-precision x (m, k) with an (m, n) output it takes."""
+    return (triton is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+            and _triton_takes(x.size(0), x.size(1), n))
 
 
 def _launch(a: Tensor, b_kn: Tensor, pre: Tensor, out: Tensor, slope: float, backward: bool, tile: tuple | None) -> None:
@@ -131,7 +138,7 @@ def _dpre_triton(g: Tensor, w_proj: Tensor, pre: Tensor, slope: float, tile: tup
 
 @torch.library.custom_op("lmcore::leaky_mlp", mutates_args=())
 def _leaky_mlp(x: Tensor, w_fc: Tensor, w_proj: Tensor, slope: float) -> tuple[Tensor, Tensor, Tensor]:
-    pre, post = _fc_triton(x, w_fc, slope) if _use_triton(x) else _fc_math(x, w_fc, slope)
+    pre, post = _fc_triton(x, w_fc, slope) if _use_triton(x, w_fc.size(0)) else _fc_math(x, w_fc, slope)
     return post @ w_proj.t(), pre, post
 
 
@@ -143,7 +150,7 @@ def _(x: Tensor, w_fc: Tensor, w_proj: Tensor, slope: float) -> tuple[Tensor, Te
 
 @torch.library.custom_op("lmcore::leaky_mlp_dpre", mutates_args=())
 def _leaky_mlp_dpre(g: Tensor, w_proj: Tensor, pre: Tensor, slope: float) -> Tensor:
-    return _dpre_triton(g, w_proj, pre, slope) if _use_triton(g) else _dpre_math(g, w_proj, pre, slope)
+    return _dpre_triton(g, w_proj, pre, slope) if _use_triton(g, pre.size(1)) else _dpre_math(g, w_proj, pre, slope)
 
 
 @_leaky_mlp_dpre.register_fake

@@ -66,6 +66,13 @@ def test_pytorch_kernels_round_once_and_follow_the_activation():
     assert dpre.dtype == torch.bfloat16 and torch.equal(dpre, (d * torch.where(p > 0, 2 * p, 0.5 * p)).bfloat16())
 
 
+def test_triton_takes_only_shapes_its_int32_offsets_and_depth_tiles_hold():
+    assert MK._triton_takes(98304, 512, 1536)  # record's micro-batch, both GEMMs
+    assert not MK._triton_takes(98304, 500, 1536)  # depth not a multiple of BLOCK_K: the PyTorch math
+    assert MK._triton_takes(2**31 // 1536, 512, 1536) and not MK._triton_takes(2**31 // 1536 + 1, 512, 1536)
+    assert not MK._use_triton(torch.zeros(4, 512, dtype=torch.bfloat16), 1536)  # a CPU tensor
+
+
 def _model_and_batch(**kw):
     cfg = tiny_model_cfg(**kw)
     model = randomize_(GPT(cfg), std=0.1).train()
