@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Quality at equal wall time, as ONE job: the original script and lmcore's `record` preset, each
 # on 2 GPUs under torchrun (grad accum 4), 150 s training cap (CAP_S), seed 1337, proxy data, FA3
-# in both where a wheel is carried (.fa3/dist/*.whl: the original imports its own
-# flash_attn_interface, no shim; lmcore's auto picks fa3). On a machine with 4 GPUs the two runs
+# in both (.fa3/dist/*.whl: the original runs from a folder of its own, so that it imports the
+# wheel's flash_attn_interface, not .ref's FA2 shim, which it did here up to session 11; the job
+# stops if it would not; lmcore's auto picks fa3). On a machine with 4 GPUs the two runs
 # go side by side (GPUs 0,1 and 2,3), else one after the other. Prints the table (card, steps,
 # mean step ms, raw and EMA val_bpb); each poll leaves $OUT/capped_2gpu.log, table.md (once
 # done) and capped_results.tgz (logs, summary.json, metrics).
@@ -26,7 +27,7 @@ source benchmarks/detached.sh  # stamp, run_until, detached_poll, detached_main
 original() {  # GPUS LOG: after its post-EMA diagnostic it goes on to calibration: stopped there
   GRACE_S=2 run_until 900 "$2" "DIAGNOSTIC post_ema" env CUDA_VISIBLE_DEVICES="$1" DATA_PATH="$D" \
     TOKENIZER_PATH="$TOK" MAX_WALLCLOCK_SECONDS="$CAP_S" SEED=1337 TTT_ENABLED=0 RUN_ID=capped TRAIN_LOG_EVERY=50 \
-    python3 -m torch.distributed.run --standalone --nproc_per_node="$NPROC" "$S/src/.ref/seed_train_gpt.py"
+    python3 -m torch.distributed.run --standalone --nproc_per_node="$NPROC" "$S/orig_fa3/seed_train_gpt.py"
 }
 
 lmcore_run() {  # GPUS LOG
@@ -48,6 +49,7 @@ job() {
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl .fa3/dist/*.whl 2>&1 | tail -2
   export PYTHONPATH=/tmp/site:$S/src
   python3 -c "import torch, flash_attn_interface as f; print('torch', torch.__version__, 'fa3', f.__file__)"
+  original_alone "$S/orig_fa3" "$PYTHONPATH" || return 1
   python3 -m lmcore data build --docs .data/proxy_docs.jsonl.xz --tokenizer "$TOK" --out "$D" \
     --val-docs 1500 --shard-tokens 10000000 --no-progress || return 1
   local n
@@ -72,7 +74,7 @@ print(f"card: {s['card']}; {ranks} rank(s) under torchrun (grad accum {8 // rank
       f"seed 1337, proxy data; {'side by side on one 4-GPU host' if int(sys.argv[3]) >= 4 and ranks == 2 else 'one after the other'}")
 print("| run | attention | steps | mean step ms | val_bpb raw | val_bpb EMA |")
 print("|---|---|---|---|---|---|")
-print(f"| original | its flash_attn_interface (FA3 wheel) | {st} | {float(oms):.1f} | {float(obpb):.4f} | "
+print(f"| original | FA3 (the wheel's flash_attn_interface) | {st} | {float(oms):.1f} | {float(obpb):.4f} | "
       f"{float(ema.group(2)) if ema else float('nan'):.4f} |")
 print(f"| lmcore `record` | {s['attention_backend']} | {s['steps']} | {s['mean_step_ms']:.1f} | "
       f"{s['val_bpb_raw']:.4f} | {s['val_bpb_ema']:.4f} |")

@@ -23,6 +23,19 @@ run_until() {
   wait $pid 2>/dev/null
 }
 
+# original_alone DIR PYTHONPATH [FILE...]: copies .ref/seed_train_gpt.py (and FILEs of .ref/) into DIR, a
+# folder without .ref's FA2 shim, and fails unless flash_attn_interface resolves to FA3's from there
+# (the wheel's module has flash_attn_with_kvcache, the shim does not). Python puts a script's own
+# folder first on sys.path: run from .ref/, the original imports the shim whatever PYTHONPATH says.
+original_alone() {
+  local dir=$1 pp=$2 f
+  shift 2
+  mkdir -p "$dir" || return 1
+  for f in seed_train_gpt.py "$@"; do cp ".ref/$f" "$dir/" || return 1; done
+  (cd "$dir" && PYTHONPATH=$pp python3 -c "import flash_attn_interface as m; m.flash_attn_with_kvcache; \
+print('the original imports FA3 from', m.__file__)") || { echo "$dir: flash_attn_interface there is not FA3's"; return 1; }
+}
+
 detached_poll() {  # NAME
   local end=$((SECONDS + POLL_S)) off
   off=$(cat "$S/poll.offset" 2>/dev/null || echo 0)

@@ -91,12 +91,9 @@ job() {
   echo "== THE TABLE: attention, then step times, FA3 = $best ($((SECONDS - T0)) s)"
   PYTHONPATH=$FA3:$BASE timeout 300 python3 benchmarks/attention_bench.py --backends fa3,sdpa_cudnn,sdpa_flash \
     --json "$R/table_attn.json" > "$R/table_attn.log" 2>&1; tail -7 "$R/table_attn.log"
-  # The original with real FA3: its script and run_seed.py in a folder without the shim
-  # (Python puts the script's own folder first on sys.path, so .ref/ would shadow FA3).
-  mkdir -p "$S/orig_fa3" "$S/run_orig_fa3" "$S/run_orig_fa2"
-  cp .ref/seed_train_gpt.py .ref/run_seed.py "$S/orig_fa3/"
-  (cd "$S/orig_fa3" && PYTHONPATH=$FA3:$BASE python3 -c "import flash_attn_interface as m, flash_attn_3; \
-print('original+FA3 imports', m.__file__, 'has flash_attn_3_gpu:', hasattr(m, 'flash_attn_3_gpu'))")
+  # The original with real FA3: its script and run_seed.py in a folder without the shim.
+  mkdir -p "$S/run_orig_fa3" "$S/run_orig_fa2"
+  original_alone "$S/orig_fa3" "$FA3:$BASE" run_seed.py || return 1
   local ENVO="DATA_PATH=$D TOKENIZER_PATH=$TOK ITERATIONS=$STEPS WARMDOWN_ITERS=0 MAX_WALLCLOCK_SECONDS=0 SEED=1337 TTT_ENABLED=0 TRAIN_LOG_EVERY=10"
   (cd "$S/run_orig_fa3" && step_run "original, real FA3" "$R/orig_fa3.log" "step:$STEPS/$STEPS val_loss" \
     env $ENVO RUN_ID=orig_fa3 PYTHONPATH=$FA3:$BASE python3 "$S/orig_fa3/run_seed.py" "$S/orig_fa3")

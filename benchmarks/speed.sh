@@ -146,9 +146,8 @@ job() {
   PYTHONPATH=$FA3:$BASE python3 -c "import torch, flash_attn_interface as f; print('torch', torch.__version__, 'fa3', f.__file__)"
   PYTHONPATH=$BASE python3 -m lmcore data build --docs .data/proxy_docs.jsonl.xz --tokenizer "$TOK" --out "$D" \
     --val-docs 1500 --shard-tokens 10000000 --no-progress || return 1
-  # the original with real FA3: its script alone in a folder (Python puts the script's folder
-  # first on sys.path, so .ref/, which holds the FA2 shim, would shadow FA3)
-  mkdir -p "$S/orig_fa3" && cp .ref/seed_train_gpt.py "$S/orig_fa3/"
+  # the original with real FA3: its script alone in a folder (.ref/ holds the FA2 shim)
+  original_alone "$S/orig_fa3" "$FA3:$BASE" || return 1
   local n_gpu; n_gpu=$(nvidia-smi -L | wc -l)
   local prof1=$((MATH_STEPS - 5)) prof2=$((STEPS - 5)) solo_prof=$((SOLO_STEPS - 5))
   # shellcheck disable=SC2046,SC2086 # LEVERS and SOLO split into --set pairs on purpose

@@ -1,0 +1,65 @@
+"""benchmarks/detached.sh's `original_alone`, which the device jobs (speed.sh, fa3_job.sh,
+capped_2gpu.sh) use to run the original script on FA3: .ref/ holds an FA2 shim named
+flash_attn_interface.py, and a script's own folder comes first on sys.path, so the original run
+from .ref/ imports the shim whatever PYTHONPATH says (capped_2gpu.sh did until session 12). Checked
+here with a fake .ref/ and a fake FA3 module."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIM = "def flash_attn_func(q, k, v, causal=True):\n    return 'shim'\n"
+FA3 = SHIM.replace("'shim'", "'fa3'") + "def flash_attn_with_kvcache(*a, **k):\n    return 'fa3'\n"
+
+pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+
+
+def _bash(cwd: Path, script: str, pythonpath: str = "") -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+           "PYTHONPATH": pythonpath}
+    return subprocess.run(["bash", "-c", f"source {ROOT / 'benchmarks' / 'detached.sh'}; {script}"],
+                          check=False, cwd=cwd, env=env, capture_output=True, text=True, timeout=60)
+
+
+def _original_says(script: Path, pythonpath: Path) -> str:
+    """What the fake original prints: which flash_attn_interface it imported."""
+    return subprocess.run([sys.executable, str(script)], check=True, capture_output=True, text=True, timeout=60,
+                          cwd=script.parent.parent, env={**os.environ, "PYTHONPATH": str(pythonpath)}).stdout.strip()
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    (tmp_path / ".ref").mkdir()
+    (tmp_path / ".ref" / "seed_train_gpt.py").write_text("import flash_attn_interface as m\nprint(m.flash_attn_func(0, 0, 0))\n")
+    (tmp_path / ".ref" / "run_seed.py").write_text("# helper\n")
+    (tmp_path / ".ref" / "flash_attn_interface.py").write_text(SHIM)
+    (tmp_path / "fa3").mkdir()
+    (tmp_path / "fa3" / "flash_attn_interface.py").write_text(FA3)
+    return tmp_path
+
+
+def test_the_original_run_from_ref_imports_the_shim_despite_pythonpath(tree: Path):
+    assert _original_says(tree / ".ref" / "seed_train_gpt.py", tree / "fa3") == "shim"
+
+
+def test_original_alone_copies_the_script_where_it_imports_fa3(tree: Path):
+    res = _bash(tree, f"original_alone alone {tree / 'fa3'} run_seed.py")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert f"the original imports FA3 from {tree / 'fa3' / 'flash_attn_interface.py'}" in res.stdout
+    assert sorted(p.name for p in (tree / "alone").iterdir()) == ["run_seed.py", "seed_train_gpt.py"]
+    assert _original_says(tree / "alone" / "seed_train_gpt.py", tree / "fa3") == "fa3"
+
+
+@pytest.mark.parametrize("where", ["shim", "none"])
+def test_original_alone_fails_without_fa3(tree: Path, where: str):
+    pp = str(tree / ".ref") if where == "shim" else ""
+    res = _bash(tree, f"original_alone alone '{pp}' && echo RAN-ON", pythonpath=pp)
+    assert res.returncode != 0 and "RAN-ON" not in res.stdout
+    assert "alone: flash_attn_interface there is not FA3's" in res.stdout
