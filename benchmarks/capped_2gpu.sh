@@ -5,8 +5,8 @@
 # wheel's flash_attn_interface, not .ref's FA2 shim, which it did here up to session 11; the job
 # stops if it would not; lmcore's auto picks fa3). On a machine with 4 GPUs the two runs
 # go side by side (GPUs 0,1 and 2,3), else one after the other. Prints the table (card, steps,
-# mean step ms, raw and EMA val_bpb); each poll leaves $OUT/capped_2gpu.log, table.md (once
-# done) and capped_results.tgz (logs, summary.json, metrics).
+# mean step ms, raw and EMA val_bpb; benchmarks/capped_report.py); each poll leaves
+# $OUT/capped_2gpu.log, table.md (once done) and capped_results.tgz (logs, summary.json, metrics).
 # It can take longer than one device call, so `start` runs it detached (benchmarks/detached.sh)
 # and polls; `poll` (the next call, within 30 s of the last) goes on. Carry .whl, .data, .ref, .fa3.
 # NPROC=1 (default 2): each run on one GPU (grad accum 8) instead, one after the other: not issue
@@ -63,22 +63,8 @@ job() {
     original 0,1 "$R/original.log"; lmcore_run 0,1 "$R/lmcore.log"
   fi
   echo "== report"
-  python3 - "$R/original.log" "$R/lmcore_run/summary.json" "$n" "$CAP_S" "$NPROC" <<'PY' | tee "$R/table.md"
-import json, re, sys
-log, s = open(sys.argv[1]).read(), json.load(open(sys.argv[2]))
-steps = re.findall(r"step:(\d+)/\d+ val_loss:([\d.]+) val_bpb:([\d.]+) train_time:(\d+)ms step_avg:([\d.]+)ms", log)
-ema = re.search(r"DIAGNOSTIC post_ema val_loss:([\d.]+) val_bpb:([\d.]+)", log)
-st, _, obpb, _, oms = steps[-1] if steps else ("?", 0, "nan", 0, "nan")
-ranks = int(sys.argv[5])
-print(f"card: {s['card']}; {ranks} rank(s) under torchrun (grad accum {8 // ranks}), record preset, {sys.argv[4]} s cap, "
-      f"seed 1337, proxy data; {'side by side on one 4-GPU host' if int(sys.argv[3]) >= 4 and ranks == 2 else 'one after the other'}")
-print("| run | attention | steps | mean step ms | val_bpb raw | val_bpb EMA |")
-print("|---|---|---|---|---|---|")
-print(f"| original | FA3 (the wheel's flash_attn_interface) | {st} | {float(oms):.1f} | {float(obpb):.4f} | "
-      f"{float(ema.group(2)) if ema else float('nan'):.4f} |")
-print(f"| lmcore `record` | {s['attention_backend']} | {s['steps']} | {s['mean_step_ms']:.1f} | "
-      f"{s['val_bpb_raw']:.4f} | {s['val_bpb_ema']:.4f} |")
-PY
+  python3 benchmarks/capped_report.py "$R/original.log" "$R/lmcore_run/summary.json" "$n" "$CAP_S" "$NPROC" \
+    | tee "$R/table.md"
   echo "== done"
 }
 

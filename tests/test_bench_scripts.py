@@ -1,8 +1,10 @@
-"""benchmarks/detached.sh's `original_alone`, which the device jobs (speed.sh, fa3_job.sh,
-capped_2gpu.sh) use to run the original script on FA3: .ref/ holds an FA2 shim named
-flash_attn_interface.py, and a script's own folder comes first on sys.path, so the original run
-from .ref/ imports the shim whatever PYTHONPATH says (capped_2gpu.sh did until session 12). Checked
-here with a fake .ref/ and a fake FA3 module."""
+"""The device jobs' helpers, checked on CPU.
+
+benchmarks/detached.sh's `original_alone`, which speed.sh, fa3_job.sh and capped_2gpu.sh use to
+run the original script on FA3: .ref/ holds an FA2 shim named flash_attn_interface.py, and a
+script's own folder comes first on sys.path, so the original run from .ref/ imports the shim
+whatever PYTHONPATH says (capped_2gpu.sh did until session 12). Checked with a fake .ref/ and a
+fake FA3 module. benchmarks/capped_report.py: capped_2gpu.sh's table from the committed logs."""
 
 from __future__ import annotations
 
@@ -15,10 +17,14 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import capped_report
+
+CAPPED = ROOT / "benchmarks" / "results" / "capped-2026-11-29-h200-s12"
 SHIM = "def flash_attn_func(q, k, v, causal=True):\n    return 'shim'\n"
 FA3 = SHIM.replace("'shim'", "'fa3'") + "def flash_attn_with_kvcache(*a, **k):\n    return 'fa3'\n"
 
-pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+needs_bash = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 
 
 def _bash(cwd: Path, script: str, pythonpath: str = "") -> subprocess.CompletedProcess:
@@ -45,10 +51,12 @@ def tree(tmp_path: Path) -> Path:
     return tmp_path
 
 
+@needs_bash
 def test_the_original_run_from_ref_imports_the_shim_despite_pythonpath(tree: Path):
     assert _original_says(tree / ".ref" / "seed_train_gpt.py", tree / "fa3") == "shim"
 
 
+@needs_bash
 def test_original_alone_copies_the_script_where_it_imports_fa3(tree: Path):
     res = _bash(tree, f"original_alone alone {tree / 'fa3'} run_seed.py")
     assert res.returncode == 0, res.stdout + res.stderr
@@ -57,9 +65,31 @@ def test_original_alone_copies_the_script_where_it_imports_fa3(tree: Path):
     assert _original_says(tree / "alone" / "seed_train_gpt.py", tree / "fa3") == "fa3"
 
 
+@needs_bash
 @pytest.mark.parametrize("where", ["shim", "none"])
 def test_original_alone_fails_without_fa3(tree: Path, where: str):
     pp = str(tree / ".ref") if where == "shim" else ""
     res = _bash(tree, f"original_alone alone '{pp}' && echo RAN-ON", pythonpath=pp)
     assert res.returncode != 0 and "RAN-ON" not in res.stdout
     assert "alone: flash_attn_interface there is not FA3's" in res.stdout
+
+
+@pytest.mark.parametrize("job", ["switches", "defaults"])
+def test_committed_capped_table_is_what_its_logs_give(job: str, capsys):
+    # session 12's two capped_2gpu.sh jobs (NPROC=1, one H200): the table from the same logs
+    d = CAPPED / job
+    assert capped_report.main([str(d / "original.log"), str(d / "lmcore_run" / "summary.json"), "1", "150", "1"]) == 0
+    assert capsys.readouterr().out == (d / "table.md").read_text()
+
+
+def test_capped_table_without_the_originals_last_lines():
+    summary = {"card": "H", "attention_backend": "fa3", "steps": 9, "mean_step_ms": 1.25, "val_bpb_raw": 2.0,
+               "val_bpb_ema": 3.0}
+    log = "step:4/20000 val_loss:3.1 val_bpb:2.5 train_time:400ms step_avg:100.00ms\n"
+    lines = capped_report.table(log, summary, 4, "150", 2).splitlines()
+    assert lines[0] == ("card: H; 2 rank(s) under torchrun (grad accum 4), record preset, 150 s cap, seed 1337, "
+                        "proxy data; side by side on one 4-GPU host")
+    assert lines[3] == "| original | FA3 (the wheel's flash_attn_interface) | 4 | 100.0 | 2.5000 | nan |"
+    assert lines[4] == "| lmcore `record` | fa3 | 9 | 1.2 | 2.0000 | 3.0000 |"
+    crashed = capped_report.table("Traceback\n", summary, 2, "150", 2).splitlines()
+    assert crashed[0].endswith("one after the other") and crashed[3].startswith("| original | FA3 (the wheel's flash_attn_interface) | ? | nan | nan | nan |")
