@@ -88,11 +88,6 @@ class ModelConfig:
     bos_id: int = 1
     attention: str = "auto"  # auto | fa3 | fa2 | sdpa_flash | sdpa_cudnn | math
     qat_bits: int = 6  # late-QAT fake quantization: values in [-2^(b-1), 2^(b-1)-1]
-    # Under autocast the stream runs in fp32, as the original's: its input RMSNorm returns fp32 there,
-    # and every residual add promotes to it. True: x0 is cast to the autocast dtype (bf16), so the
-    # stream, its gradients and each block's norm/mix/add kernels move half the bytes. A numeric
-    # change (benchmarks/RESULTS.md, session 13); no effect without autocast.
-    residual_bf16: bool = False
 
     @property
     def head_dim(self) -> int:

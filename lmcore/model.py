@@ -8,8 +8,7 @@ training (with a `LatentMasks` module passed explicitly) and sampling (with a st
 Components: tied embedding, product-key / hashed / no bigram, RMS norm, SmearGate, U-Net
 skips, blocks with residual mix to x0, GQA attention with q/k RMS norm, partial RoPE
 (NTK-rescaled past `rope_train_len`), per-head q gain, XSA, gated attention, shared value
-embedding, LeakyReLU(0.5)^2 MLP, logit softcap, the `bos_mask` fix (SPEC section 7), and
-optionally a bf16 residual stream under autocast (`residual_bf16`, a numeric change).
+embedding, LeakyReLU(0.5)^2 MLP, logit softcap, and the `bos_mask` fix (SPEC section 7).
 """
 
 from __future__ import annotations
@@ -536,8 +535,7 @@ class GPT(nn.Module):
         return loss.view(targets.shape) if reduction == "none" else loss
 
     def embed(self, ids: Tensor, cache: KVCache | None = None) -> Tensor:
-        """Input stage: tok_emb + bigram, RMS norm, SmearGate (x0 of the blocks; in the autocast
-        dtype under autocast with model.residual_bf16, else fp32 there as the original's)."""
+        """Input stage: tok_emb + bigram, RMS norm, SmearGate (x0 of the blocks)."""
         cfg = self.cfg
         if cache is None:
             prev = previous_ids(ids, cfg.bos_mask, cfg.bos_id)
@@ -564,8 +562,6 @@ class GPT(nn.Module):
             x = self.smear(x, prev_x, keep)
         if cache is not None:
             cache.prev_ids.copy_(ids)
-        if cfg.residual_bf16 and torch.is_autocast_enabled(x.device.type):
-            x = x.to(torch.get_autocast_dtype(x.device.type))  # the stream in bf16 from here on
         return x
 
     def logits(self, h: Tensor) -> Tensor:

@@ -44,10 +44,6 @@ SPEED_LEVERS: dict[str, list[str]] = {
     "fused_mlp": ["train.fused_mlp=true"],
     "fused_all": ["train.fused_qk_norm_rope=true", "train.fused_xsa_gate=true", "train.expand_kv=true",
                   "train.fused_mlp=true"],
-    # a numeric change, not a kernel: under autocast the residual stream in bf16, not fp32 (model.residual_bf16)
-    "residual_bf16": ["model.residual_bf16=true"],
-    "fused_all_residual_bf16": ["train.fused_qk_norm_rope=true", "train.fused_xsa_gate=true", "train.expand_kv=true",
-                                "train.fused_mlp=true", "model.residual_bf16=true"],
     "ddp_buckets": ["train.ddp_bucket_cap_mb=100", "train.ddp_grad_as_bucket_view=true"],  # 2+ ranks only
     # CUDA graphs (mix-order reduction off, as the defaults): -2.4 ms a step with both fused ops (session 9)
     "cuda_graphs": ["train.compile_mode=reduce-overhead"],
