@@ -9,8 +9,12 @@ On a GPU the breakdown is read off the trace's device events (kernels, memcpy, m
 the profiler also gives host ops such as `aten::mm` a device time (that of the kernels they
 launch), so summing its per-op table would count those kernels twice. Busy time is the union
 of the device events' intervals (kernels on concurrent streams count once); wall minus busy is
-the device waiting (launch overhead, the host, synchronisation). On a CPU run the breakdown is
-the aten ops' own CPU time. The categories come from the names (`category`).
+the device waiting (launch overhead, the host, synchronisation). `gaps` splits the waiting
+between device events by length: gaps under SHORT_GAP_US are one kernel's turnaround to the
+next (what CUDA graphs can shorten), longer ones the device waiting for the host (the profiled
+step starts with a drained queue, so its first micro-batch shows the host launching). The rest
+of wall minus busy lies before the first and after the last device event. On a CPU run the
+breakdown is the aten ops' own CPU time. The categories come from the names (`category`).
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ def category(name: str) -> str:
 
 
 DEVICE_EVENT_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
+SHORT_GAP_US = 20.0  # device idle between two events shorter than this: launch turnaround
 
 
 def _table(rows: dict[str, list[float]], wall_ms: float, busy_ms: float, top: int, on_device: bool) -> dict[str, Any]:
@@ -82,11 +87,19 @@ def device_breakdown(events: list[dict[str, Any]], *, wall_ms: float, top: int =
         r[1] += 1
         spans.append((float(e["ts"]), float(e["ts"]) + float(e["dur"])))
     busy_us, end = 0.0, float("-inf")
+    short_us, long_us, n_long = 0.0, 0.0, 0
     for a, b in sorted(spans):
+        if a > end > float("-inf"):  # idle between the union's intervals
+            if a - end < SHORT_GAP_US:
+                short_us += a - end
+            else:
+                long_us, n_long = long_us + a - end, n_long + 1
         if b > end:
             busy_us += b - max(a, end)
             end = b
-    return _table(rows, wall_ms, busy_us / 1000.0, top, on_device=True)
+    info = _table(rows, wall_ms, busy_us / 1000.0, top, on_device=True)
+    info["gaps"] = {"short_ms": round(short_us / 1000.0, 3), "long_ms": round(long_us / 1000.0, 3), "long": n_long}
+    return info
 
 
 def host_breakdown(prof: torch.profiler.profile, *, wall_ms: float, top: int = 20) -> dict[str, Any]:

@@ -57,6 +57,19 @@ def test_device_breakdown_counts_device_events_once():
     assert [r["name"] for r in info["top"]] == ["nvjet_sm90_tst_256x128", "ncclDevKernel_AllReduce_Sum_bf16_RING_LL", "Memset (Device)"]
     assert info["kernels"] == {"nvjet_sm90_tst_256x128": [0.6, 2], "ncclDevKernel_AllReduce_Sum_bf16_RING_LL": [0.3, 1],
                                "Memset (Device)": [0.05, 1]}
+    # idle between the busy intervals: 500-1000 and 1400-2000 us, both long; nothing short
+    assert info["gaps"] == {"short_ms": 0.0, "long_ms": 1.1, "long": 2}
+
+
+def test_device_breakdown_splits_the_gaps_by_length():
+    # kernels back to back with 2 us and 19 us between them (turnaround), one 20 us and one
+    # 300 us wait (the host), one kernel inside another's interval on a second stream (no gap)
+    starts_durs = [(0, 100), (102, 50), (171, 10), (201, 40), (541, 60), (550, 20)]
+    events = [{"cat": "kernel", "name": "k", "ts": t, "dur": d} for t, d in starts_durs]
+    info = device_breakdown(events, wall_ms=1.0)
+    assert info["busy_ms"] == pytest.approx((100 + 50 + 10 + 40 + 60) / 1000)
+    assert info["gaps"] == {"short_ms": 0.021, "long_ms": 0.32, "long": 2}
+    assert info["busy_ms"] + info["gaps"]["short_ms"] + info["gaps"]["long_ms"] == pytest.approx(601 / 1000)
 
 
 def test_profile_step_writes_the_breakdown(tmp_path):

@@ -26,11 +26,12 @@ def _lm(d: Path, ms: float, losses: list[float]) -> None:
         for i, v in enumerate(losses)))
 
 
-def _profile(run: Path, ms: float) -> None:
-    """A profiled run's breakdown.json with one Triton kernel of `ms` (8 calls)."""
+def _profile(run: Path, ms: float, gaps: dict | None = None) -> None:
+    """A profiled run's breakdown.json with one Triton kernel of `ms` (8 calls), and `gaps`
+    (lmcore.profiling's idle split, written since session 13) when given."""
     (run / "profile").mkdir()
-    (run / "profile" / "breakdown.json").write_text(json.dumps(
-        {"step": 2, "wall_ms": 9.0, "busy_ms": 8.0, "categories": {}, "top": [], "kernels": {"triton_poi_fused_x_1": [ms, 8]}}))
+    info = {"step": 2, "wall_ms": 9.0, "busy_ms": 8.0, "categories": {}, "top": [], "kernels": {"triton_poi_fused_x_1": [ms, 8]}}
+    (run / "profile" / "breakdown.json").write_text(json.dumps(info | ({"gaps": gaps} if gaps else {})))
 
 
 def test_speed_rows_and_same_math(tmp_path: Path, capsys):
@@ -52,10 +53,13 @@ def test_speed_rows_and_same_math(tmp_path: Path, capsys):
     assert after["vs_fa3"] == pytest.approx(625 / 400) and after["vs_fa2"] == pytest.approx(750 / 400)
     assert rows[("lmcore solo (SOLO)", 1)]["step_ms"] is None and rows[("lmcore after", 2)]["step_ms"] is None
     (tmp_path / "levers.json").write_text(json.dumps({"after": "train.rope_cache=true", "solo": "model.residual_bf16=true"}))
-    for run, ms in (("lm_before_1", 5.0), ("lm_after_1", 3.0)):
-        _profile(tmp_path / run, ms)
+    _profile(tmp_path / "lm_before_1", 5.0)
+    _profile(tmp_path / "lm_after_1", 3.0, gaps={"short_ms": 0.4, "long_ms": 0.3, "long": 2})
     assert speed_report.main(tmp_path) == 0
     out = capsys.readouterr().out
+    before, after = out.split("Profile of lm_before_1")[1].split("Profile of lm_after_1")
+    assert "| (idle: wall - busy) | 1.0 | 11.1% |" in before and "gaps" not in before
+    assert "| (of which gaps under 20 us between kernels) | 0.4 | 4.4% |\n| (of which 2 longer gaps) | 0.3 | 3.3% |" in after
     assert "after: `train.rope_cache=true`" in out and "solo: `model.residual_bf16=true`" in out
     assert "Kernel time that changed from lm_before_1 to lm_after_1 (profiled step, by kernel with inductor's number " \
         "dropped): lm_before_1 5.0 ms, lm_after_1 3.0 ms" in out
