@@ -241,7 +241,7 @@ def test_rope_cache_is_the_same_math_and_is_read():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_residual_stream_is_bf16_under_cuda_autocast():
     # CUDA autocast keeps F.rms_norm's bf16 input dtype (torch's autocast header lists rms_norm
-    # among its fp32 ops, which misled session 13), so with bf16 embeddings, as training casts
+    # among its fp32 ops, which misled sessions 5 and 13), so with bf16 embeddings, as training casts
     # them, the residual stream and x0 reach every block in bf16, as in the original: the speed
     # analyses in benchmarks/RESULTS.md count its activations at 2 bytes an element
     cfg = tiny_model_cfg(model_dim=64, num_heads=4, num_kv_heads=2)
