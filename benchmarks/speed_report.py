@@ -213,14 +213,13 @@ def main(res: Path) -> int:
         print()
         print("| category | ms | % of wall |")
         print("|---|---|---|")
-        for cat, ms in b["categories"].items():
-            print(f"| {cat} | {ms:.1f} | {100 * ms / b['wall_ms']:.1f}% |")
-        idle = b["wall_ms"] - b["busy_ms"]
-        print(f"| (idle: wall - busy) | {idle:.1f} | {100 * idle / b['wall_ms']:.1f}% |")
+        rows = [*b["categories"].items(), ("(idle: wall - busy)", b["wall_ms"] - b["busy_ms"])]
         if "gaps" in b:  # breakdowns since session 13 split the idle time between kernels
             g = b["gaps"]
-            print(f"| (of which gaps under 20 us between kernels) | {g['short_ms']:.1f} | {100 * g['short_ms'] / b['wall_ms']:.1f}% |")
-            print(f"| (of which {g['long']} longer gaps) | {g['long_ms']:.1f} | {100 * g['long_ms'] / b['wall_ms']:.1f}% |")
+            rows += [("(of which gaps under 20 us between kernels)", g["short_ms"]),
+                     (f"(of which {g['long']} longer gaps)", g["long_ms"])]
+        for label, ms in rows:
+            print(f"| {label} | {ms:.1f} | {100 * ms / b['wall_ms']:.1f}% |")
         print()
         print("| top kernels | ms | calls | category |")
         print("|---|---|---|---|")
