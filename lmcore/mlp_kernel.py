@@ -33,12 +33,20 @@ try:
     import triton.language as tl
 except ImportError:  # CPU-only machines: the PyTorch math serves every device
     triton = None
+try:  # host-side TMA descriptors (Triton >= 3.4); without them only the pointer kernel runs
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:
+    TensorDescriptor = None
 
-# The GEMM's tile: block rows x block columns x block depth, warps, pipeline stages. The best of 8
-# at record's shapes (benchmarks/mlp_epilogue_bench.py --tiles, H200, session 11: forward 0.369-0.382
-# ms, backward 0.372-0.377 ms a call, against 0.376-0.400 and 0.445-0.462 for cuBLAS + inductor).
-# A persistent TMA version was no faster (backward 0.41 ms at its best tile) and was not kept.
-BLOCK_M, BLOCK_N, BLOCK_K, WARPS, STAGES, GROUP_M = 128, 128, 64, 4, 3, 8
+# The GEMM's tiles: block rows x block columns x block depth, warps, pipeline stages[, 1 for the
+# persistent TMA kernel]. The pointer kernel's is the best of 8 (benchmarks/mlp_epilogue_bench.py
+# --tiles, H200, session 11: forward 0.369-0.382 ms, backward 0.372-0.377 ms a call). The TMA
+# kernel's are the best of 11 (session 14, three calls on one H200: forward 0.327-0.347 ms at 4
+# stages, backward 0.379-0.393 ms at 3; 4 stages do not fit the backward's shared memory), against
+# 0.366-0.390 and 0.397-0.416 for the pointer kernel in the same calls. benchmarks/RESULTS.md.
+BLOCK_K, GROUP_M = 64, 8
+TILE_POINTERS = (128, 128, BLOCK_K, 4, 3)
+TILE_TMA_FWD, TILE_TMA_BWD = (128, 256, BLOCK_K, 8, 4, 1), (128, 256, BLOCK_K, 8, 3, 1)
 
 
 def _act(h: Tensor, slope: float) -> Tensor:
@@ -99,10 +107,44 @@ if triton is not None:
             lk = tl.where(h > 0, h, h * slope)
             tl.store(out_ptr + c, (lk * lk).to(dtype), mask=live)
 
+    @triton.jit
+    def _tma_epilogue(acc, pre_desc, out_desc, om, on, slope, BACKWARD: tl.constexpr):
+        # _mm_act_kernel's epilogue on one (BM, BN / 2) half tile, through TMA descriptors
+        dtype = out_desc.dtype
+        h = acc.to(dtype).to(tl.float32)
+        if BACKWARD:
+            p = pre_desc.load([om, on]).to(tl.float32)
+            grad = 2.0 * tl.where(p > 0, p, p * slope) * tl.where(p > 0, 1.0, slope)
+            out_desc.store([om, on], (h * grad).to(dtype))
+        else:
+            pre_desc.store([om, on], h.to(dtype))
+            lk = tl.where(h > 0, h, h * slope)
+            out_desc.store([om, on], (lk * lk).to(dtype))
+
+    @triton.jit
+    def _mm_act_tma_kernel(a_desc, b_desc, pre_desc, out_desc, M, N, K, slope, BACKWARD: tl.constexpr,
+                           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SMS: tl.constexpr):
+        # The same GEMM and epilogue as _mm_act_kernel with B given as (N, K), persistent: one
+        # program an SM walks the (BM, BN) tiles with the column block fastest (the tiles of one
+        # row block of A run side by side, so A is read from HBM about once); TMA loads and stores
+        # (out of bounds: zeros in, nothing out); the flattened loop lets one tile's epilogue
+        # overlap the next tile's loads. The epilogue runs on two half tiles, which halves its
+        # shared-memory staging.
+        grid_n = tl.cdiv(N, BN)
+        for tile in tl.range(tl.program_id(0), tl.cdiv(M, BM) * grid_n, SMS, flatten=True):
+            om = (tile // grid_n) * BM
+            on = (tile % grid_n) * BN
+            acc = tl.zeros((BM, BN), dtype=tl.float32)
+            for ki in range(tl.cdiv(K, BK)):
+                acc = tl.dot(a_desc.load([om, ki * BK]), b_desc.load([on, ki * BK]).T, acc)
+            left, right = tl.split(tl.permute(tl.reshape(acc, (BM, 2, BN // 2)), (0, 2, 1)))
+            _tma_epilogue(left, pre_desc, out_desc, om, on, slope, BACKWARD)
+            _tma_epilogue(right, pre_desc, out_desc, om, on + BN // 2, slope, BACKWARD)
+
 
 def _triton_takes(m: int, k: int, n: int) -> bool:
     """The Triton GEMM's shapes: depth k a multiple of BLOCK_K, and the (m, n) output indexed in
-    int32 (its offsets are; 151 M elements at record's micro-batch)."""
+    int32 (the pointer kernel's offsets are; 151 M elements at record's micro-batch)."""
     return k % BLOCK_K == 0 and m * n < 2**31
 
 
@@ -112,27 +154,57 @@ def _use_triton(x: Tensor, n: int) -> bool:
             and _triton_takes(x.size(0), x.size(1), n))
 
 
-def _launch(a: Tensor, b_kn: Tensor, pre: Tensor, out: Tensor, slope: float, backward: bool, tile: tuple | None) -> None:
-    """One _mm_act_kernel over C = a (M, K) @ b_kn (K, N, any strides); `tile` (BM, BN, BK, warps,
-    stages) overrides the module's choice (the bench tries several)."""
-    bm, bn, bk, warps, stages = tile or (BLOCK_M, BLOCK_N, BLOCK_K, WARPS, STAGES)
+def _tile(a: Tensor, n: int, forward: bool) -> tuple:
+    """The TMA kernel's tile where its descriptors can take a (M, K) and an (M, n) output (Triton
+    with TMA, 16-byte aligned rows and base), else the pointer kernel's."""
+    if TensorDescriptor is not None and n % 8 == 0 and a.size(1) % 8 == 0 and a.data_ptr() % 16 == 0:
+        return TILE_TMA_FWD if forward else TILE_TMA_BWD
+    return TILE_POINTERS
+
+
+def _launch(a: Tensor, b_kn: Tensor, pre: Tensor, out: Tensor, slope: float, backward: bool, tile: tuple) -> None:
+    """One kernel over C = a (M, K) @ b_kn (K, N) at `tile` (BM, BN, BK, warps, stages[, tma]).
+    tma 1: the persistent TMA kernel, which takes B as (N, K) contiguous (b_kn, a weight, is
+    copied so when it is not: 1.5 MB at record's widths); 0 (or five fields): the pointer
+    kernel (any strides)."""
+    bm, bn, bk, warps, stages, tma = (*tile, 0)[:6]
     (m, k), n = a.shape, b_kn.size(1)
+    if tma:
+        b = b_kn.t().contiguous()
+        descs = [TensorDescriptor.from_tensor(a, [bm, bk]), TensorDescriptor.from_tensor(b, [bn, bk])]
+        descs += [TensorDescriptor.from_tensor(t, [bm, bn // 2]) for t in (pre, out)]
+        sms = _sm_count(a.device)
+        grid = (min(sms, triton.cdiv(m, bm) * triton.cdiv(n, bn)),)
+        _mm_act_tma_kernel[grid](*descs, m, n, k, slope, BACKWARD=backward, BM=bm, BN=bn, BK=bk, SMS=sms,
+                                 num_warps=warps, num_stages=stages)
+        return
     grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
     _mm_act_kernel[grid](a, b_kn, pre, out, m, n, k, a.stride(0), a.stride(1), b_kn.stride(0), b_kn.stride(1),
                          slope, BACKWARD=backward, BM=bm, BN=bn, BK=bk, GROUP=GROUP_M,
                          num_warps=warps, num_stages=stages)
 
 
+_SMS: dict[int, int] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    """The device's streaming multiprocessors (one persistent program each), cached."""
+    i = device.index if device.index is not None else torch.cuda.current_device()
+    if i not in _SMS:
+        _SMS[i] = torch.cuda.get_device_properties(i).multi_processor_count
+    return _SMS[i]
+
+
 def _fc_triton(x: Tensor, w_fc: Tensor, slope: float, tile: tuple | None = None) -> tuple[Tensor, Tensor]:
     pre = x.new_empty(x.size(0), w_fc.size(0))
     post = torch.empty_like(pre)
-    _launch(x, w_fc.t(), pre, post, slope, False, tile)
+    _launch(x, w_fc.t(), pre, post, slope, False, tile or _tile(x, pre.size(1), forward=True))
     return pre, post
 
 
 def _dpre_triton(g: Tensor, w_proj: Tensor, pre: Tensor, slope: float, tile: tuple | None = None) -> Tensor:
     dpre = torch.empty_like(pre)
-    _launch(g, w_proj, pre, dpre, slope, True, tile)
+    _launch(g, w_proj, pre, dpre, slope, True, tile or _tile(g, pre.size(1), forward=False))
     return dpre
 
 

@@ -73,6 +73,19 @@ def test_triton_takes_only_shapes_its_int32_offsets_and_depth_tiles_hold():
     assert not MK._use_triton(torch.zeros(4, 512, dtype=torch.bfloat16), 1536)  # a CPU tensor
 
 
+def test_tma_kernel_only_where_its_descriptors_take_the_tensors(monkeypatch):
+    monkeypatch.setattr(MK, "TensorDescriptor", None)  # a Triton without TMA descriptors
+    a = torch.zeros(64, 512, dtype=torch.bfloat16)
+    assert MK._tile(a, 1536, forward=True) == MK._tile(a, 1536, forward=False) == MK.TILE_POINTERS
+    monkeypatch.setattr(MK, "TensorDescriptor", object())
+    assert MK._tile(a, 1536, forward=True) == MK.TILE_TMA_FWD and MK._tile(a, 1536, forward=False) == MK.TILE_TMA_BWD
+    assert MK._tile(a, 1540, forward=True) == MK.TILE_POINTERS  # output rows not 16-byte aligned
+    assert MK._tile(torch.zeros(64, 516, dtype=torch.bfloat16), 1536, forward=True) == MK.TILE_POINTERS
+    assert MK._tile(a.view(-1)[4:4 + 63 * 512].view(63, 512), 1536,
+                    forward=True) == MK.TILE_POINTERS  # a base 8 bytes past the allocation's
+    assert all(t[2] == MK.BLOCK_K for t in (MK.TILE_POINTERS, MK.TILE_TMA_FWD, MK.TILE_TMA_BWD))
+
+
 def _model_and_batch(**kw):
     cfg = tiny_model_cfg(**kw)
     model = randomize_(GPT(cfg), std=0.1).train()
@@ -138,9 +151,12 @@ def test_latent_masks_keep_the_plain_path(monkeypatch):
 @pytest.mark.cuda
 @needs_cuda
 @pytest.mark.parametrize(("m", "d", "hidden", "tile"), [
-    (98304 // 8, 512, 1536, None),  # record's widths
+    (98304 // 8, 512, 1536, None),  # record's widths, the default tiles (the TMA kernel's)
+    (98304 // 8, 512, 1536, MK.TILE_POINTERS),  # the pointer kernel
     (1000, 128, 384, None),  # rows not a multiple of the block
     (300, 64, 200, (64, 64, 32, 4, 2)),  # columns not a multiple either; another tile
+    (1000, 128, 384, (128, 128, 64, 4, 3, 1)),  # the persistent TMA kernel at another tile
+    (300, 64, 200, (64, 64, 32, 4, 2, 1)),  # TMA's out-of-bounds tiles: zeros in, nothing out
 ])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_triton_gemm_is_the_pytorch_kernels(m, d, hidden, tile, dtype):
