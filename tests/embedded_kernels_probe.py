@@ -6,7 +6,8 @@ imports lmcore.kernels from the exported script's SOURCES (its importer first on
 and prints one JSON line: the module's file, whether the script embeds it, whether triton
 imported. With --cuda it also runs both fused ops forward and backward on CUDA (where Triton
 serves them: the JIT reads the kernels' source through the script's importer) and on CPU (the
-PyTorch math), and adds the largest differences of outputs and gradients.
+PyTorch math), and adds the largest differences of outputs and gradients; where the script embeds
+lmcore.mlp_kernel, its Triton GEMMs against its PyTorch math on CUDA too.
 """
 
 from __future__ import annotations
@@ -48,6 +49,28 @@ def cuda_checks(kernels) -> dict:
     }
 
 
+def mlp_checks(mk) -> dict:
+    """lmcore.mlp_kernel's Triton GEMMs (forward and backward, at its default tiles) on CUDA bf16
+    against its PyTorch math on the same inputs."""
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    m, d, hidden = 1024, 512, 1536
+    x, dy = (torch.randn(m, d, generator=g).cuda().bfloat16() for _ in range(2))
+    wf = (torch.randn(hidden, d, generator=g) * d**-0.5).cuda().bfloat16()
+    wp = (torch.randn(d, hidden, generator=g) * hidden**-0.5).cuda().bfloat16()
+    pre, post = mk._fc_triton(x, wf, 0.5)
+    ref_pre, _ = mk._fc_math(x, wf, 0.5)
+    dpre, ref_dpre = mk._dpre_triton(dy, wp, ref_pre, 0.5).float(), mk._dpre_math(dy, wp, ref_pre, 0.5).float()
+    return {
+        "mlp_triton": mk._use_triton(x, hidden),
+        "mlp_tiles": [list(mk._tile(x, hidden, forward=f)) for f in (True, False)],
+        "mlp_pre_max_diff": float((pre.float() - ref_pre.float()).abs().max()),
+        "mlp_post_is_act_of_pre": bool(torch.equal(post, mk._act(pre, 0.5))),
+        "mlp_dpre_rel_err": float((dpre - ref_dpre).norm() / ref_dpre.norm()),
+    }
+
+
 def main(argv: list[str]) -> int:
     script = Path(argv[0]).resolve()
     sys.path.insert(0, str(script.parent))
@@ -59,6 +82,11 @@ def main(argv: list[str]) -> int:
     out = {"file": kernels.__file__, "embedded": "lmcore/kernels.py" in finder.sources, "triton": kernels.triton is not None}
     if "--cuda" in argv:
         out.update(cuda_checks(kernels))
+        if "lmcore/mlp_kernel.py" in finder.sources:
+            from lmcore import mlp_kernel
+
+            out["mlp_file"] = mlp_kernel.__file__
+            out.update(mlp_checks(mlp_kernel))
     print(json.dumps(out))
     return 0
 

@@ -213,11 +213,13 @@ def test_a_run_trained_with_the_switches_packs_and_exports(tmp_path, capsys):
 @needs_cuda
 def test_the_exported_scripts_kernels_run_triton_on_cuda(tmp_path):
     # Triton's JIT reads a kernel's source: here that of the script's embedded, minified module
-    both = [f"train.{sw[0]}=true" for sw in SWITCHES]
-    (tmp_path / "train_gpt.py").write_text(export_script(preset("record", both)))
+    switches = [f"train.{sw}=true" for sw in KERNEL_SWITCHES]  # both fused ops and train.fused_mlp
+    (tmp_path / "train_gpt.py").write_text(export_script(preset("record", switches)))
     found = _probe(tmp_path / "train_gpt.py", "--cuda", keep_pythonpath=True)  # lmcore still comes from the script
     assert found["embedded"] and found["file"].startswith(str(tmp_path / "train_gpt.py")) and found["triton"] and found["qk_triton"] and found["xsa_triton"], found
     assert found["qk_max_diff"] < 1e-4 and found["xsa_max_diff"] < 1e-4, found
+    assert found["mlp_file"].startswith(str(tmp_path / "train_gpt.py")) and found["mlp_triton"], found
+    assert found["mlp_post_is_act_of_pre"] and found["mlp_pre_max_diff"] < 0.1 and found["mlp_dpre_rel_err"] < 1e-2, found
 
 
 def _plain_xsa(y, v, z):  # the model's plain path (Attention.forward)
