@@ -11,7 +11,10 @@ dH = (dY W_proj) * act'(H), each compiled three ways:
                 also writes pre, which training keeps for the backward (the rows above do not)
 
 usage: python benchmarks/mlp_epilogue_bench.py [--tokens 98304] [--hows default,autotune,autotune+tma]
-       [--tiles BMxBNxBKxWARPSxSTAGES,...] [--json PATH]
+       [--tiles BMxBNxBKxWARPSxSTAGES,...] [--host] [--json PATH]
+
+--host adds the host's time a call (128 tokens, so that the GPU waits for the host): the Triton
+GEMM at each tile, the whole op `leaky_mlp` forward, and cuBLAS's matmul for scale.
 
 GPU only. Times are fp8_matmul_bench.timed's (10 calls in a row, median of 20) after the
 compile and 5 warm-ups; "GEMM alone" is cuBLAS's matmul without the elementwise work, the
@@ -23,6 +26,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
+import time
 
 import torch
 import torch.nn.functional as F
@@ -60,11 +65,48 @@ def _lmcore(name: str, tile: tuple):
     return lambda dy, wp, h: MK._dpre_triton(dy, wp, h, SLOPE, tile)
 
 
+def host_us(fn, calls: int = 2000) -> float:
+    """The host's microseconds a call: `calls` calls back to back on tiny inputs, timed on the host
+    clock after a synchronize on each side (the median of 5 such loops)."""
+    out = []
+    for _ in range(6):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+        out.append((time.perf_counter() - t0) / calls * 1e6)
+    return statistics.median(out[1:])
+
+
+def host_table(tiles: dict) -> dict:
+    """host_us of the Triton GEMM at each tile (forward and backward), the op, and a matmul."""
+    g = torch.Generator(device="cuda").manual_seed(1)
+    x, dy = (torch.randn(128, 512, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
+    w = torch.randn(1536, 512, device="cuda", dtype=torch.bfloat16, generator=g)
+    wp = torch.randn(512, 1536, device="cuda", dtype=torch.bfloat16, generator=g)
+    h = x @ w.t()
+    rows = {"cuBLAS matmul": host_us(lambda: x @ w.t()),
+            "leaky_mlp op forward (default tiles)": host_us(lambda: MK.leaky_mlp(x, w, wp, SLOPE))}
+    tma, MK.TensorDescriptor = MK.TensorDescriptor, None  # the pointer kernel's tiles by default
+    rows["leaky_mlp op forward (pointer kernel)"] = host_us(lambda: MK.leaky_mlp(x, w, wp, SLOPE))
+    MK.TensorDescriptor = tma
+    for how, tile in tiles.items():
+        for name, fn in (("fwd", lambda tile=tile: MK._fc_triton(x, w, SLOPE, tile)),
+                         ("bwd", lambda tile=tile: MK._dpre_triton(dy, wp, h, SLOPE, tile))):
+            try:
+                rows[f"{how} {name}"] = host_us(fn)
+            except Exception as e:  # noqa: BLE001 (a tile that does not fit one direction: its error is the row)
+                rows[f"{how} {name}"] = f"{type(e).__name__}"
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokens", type=int, default=48 * 2048)
     ap.add_argument("--hows", default="default,autotune,autotune+tma", help="torch.compile ways, comma-separated")
     ap.add_argument("--tiles", default="", help="lmcore.mlp_kernel tiles BMxBNxBKxWARPSxSTAGES, comma-separated")
+    ap.add_argument("--host", action="store_true", help="also the host's time a call (128 tokens)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     M, D, Hd = args.tokens, 512, 1536
@@ -100,9 +142,17 @@ def main() -> int:
         f, b = r.get("fwd"), r.get("bwd")
         step = f"{CALLS_PER_STEP * (f + b):.1f} ms" if f and b else "-"
         print(f"| {how} | {f'{f:.3f}' if f else r.get('fwd_error', '-')} | {f'{b:.3f}' if b else r.get('bwd_error', '-')} | {step} |")
+    host = host_table(tiles) if args.host else {}
+    if host:
+        print()
+        print("| host's time a call, 128 tokens | us |")
+        print("|---|---|")
+        for how, us in host.items():
+            print(f"| {how} | {us if isinstance(us, str) else f'{us:.1f}'} |")
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "tokens": M, "rows": rows}, fh, indent=1)
+            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "tokens": M, "rows": rows,
+                       "host_us": host}, fh, indent=1)
     return 0
 
 
