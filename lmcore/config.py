@@ -181,8 +181,9 @@ class TrainConfig:
     fused_xsa_gate: bool = False
     # The MLP's LeakyReLU^2 as its first GEMM's epilogue, act' as the backward GEMM's (lmcore.mlp_kernel:
     # Triton GEMMs on CUDA, the same math in PyTorch elsewhere; the same math as the plain MLP up to the
-    # GEMMs' accumulation order). The exported script embeds the kernel. Session 11 (one H200, with both
-    # fused ops and expand_kv): 543.6 -> 541.4 ms a step; losses within run-to-run noise (benchmarks/RESULTS.md).
+    # GEMMs' accumulation order). The exported script embeds the kernel. With both fused ops and expand_kv on
+    # one H200: 541.3 -> 533.1 ms a step with the TMA kernel (session 14; 543.6 -> 541.4 with session 11's
+    # pointer kernel); losses within run-to-run noise (benchmarks/RESULTS.md).
     fused_mlp: bool = False
     # k and v repeated to the query heads before attention (GQA run as MHA: FA3's backward then writes
     # dk/dv without its fp32 GQA accumulators and their converts); autograd sums each kv head's copies'

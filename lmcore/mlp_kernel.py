@@ -11,6 +11,9 @@ elementwise epilogue (issue 16; #1105's idea, our own code).
   weight and input gradients (dy^T post, dpre w_fc, dpre^T x) are cuBLAS's.
 The plain path (cuBLAS GEMMs, then inductor's elementwise kernels) writes and reads pre and
 dpost once more each: about 0.6 GB a call at `record`'s micro-batch (98,304 x 1,536 bf16).
+Two versions of the Triton GEMM: a persistent one with TMA loads and stores (the default where
+Triton has TMA descriptors and the tensors suit them) and one that loads through pointers (any
+strides; session 11's, the fallback).
 
 The same math as the plain path: the GEMM's fp32 result is rounded to the input dtype as
 cuBLAS's output would be, and the activation and its derivative run in fp32 on that value and are
@@ -41,9 +44,10 @@ except ImportError:
 # The GEMM's tiles: block rows x block columns x block depth, warps, pipeline stages[, 1 for the
 # persistent TMA kernel]. The pointer kernel's is the best of 8 (benchmarks/mlp_epilogue_bench.py
 # --tiles, H200, session 11: forward 0.369-0.382 ms, backward 0.372-0.377 ms a call). The TMA
-# kernel's are the best of 11 (session 14, three calls on one H200: forward 0.327-0.347 ms at 4
-# stages, backward 0.379-0.393 ms at 3; 4 stages do not fit the backward's shared memory), against
-# 0.366-0.390 and 0.397-0.416 for the pointer kernel in the same calls. benchmarks/RESULTS.md.
+# kernel's are the best tried in session 14 (five calls on three H200s: forward 0.324-0.347 ms at 4
+# stages, backward 0.379-0.400 ms at 3; 4 stages do not fit the backward's shared memory), against
+# 0.361-0.393 and 0.377-0.416 for the pointer kernel in the same calls; in training 0.33 and 0.40
+# ms against 0.40 both ways, -8.2 ms a step (benchmarks/RESULTS.md, session 14).
 BLOCK_K, GROUP_M = 64, 8
 TILE_POINTERS = (128, 128, BLOCK_K, 4, 3)
 TILE_TMA_FWD, TILE_TMA_BWD = (128, 256, BLOCK_K, 8, 4, 1), (128, 256, BLOCK_K, 8, 3, 1)

@@ -40,10 +40,14 @@ SPEED_LEVERS: dict[str, list[str]] = {
     # Session 10, one H200 a job: -4.6 ms a step on the defaults, -6.7 ms with both fused ops
     "expand_kv": ["train.expand_kv=true"],
     "fused_both_expand_kv": ["train.fused_qk_norm_rope=true", "train.fused_xsa_gate=true", "train.expand_kv=true"],
-    # the MLP's LeakyReLU^2 as Triton GEMM epilogues. Session 11, one H200: -2.2 ms a step on fused_both_expand_kv
+    # the MLP's LeakyReLU^2 as Triton GEMM epilogues. On fused_both_expand_kv, one H200: -8.2 ms a step with the
+    # TMA kernel (session 14), -2.2 ms with the pointer kernel (session 11)
     "fused_mlp": ["train.fused_mlp=true"],
     "fused_all": ["train.fused_qk_norm_rope=true", "train.fused_xsa_gate=true", "train.expand_kv=true",
                   "train.fused_mlp=true"],
+    # fused_all without the host's launches: the TMA kernel's launch costs the host ~30 us more a call (session 14)
+    "fused_all_graphs": ["train.fused_qk_norm_rope=true", "train.fused_xsa_gate=true", "train.expand_kv=true",
+                         "train.fused_mlp=true", "train.compile_mode=reduce-overhead"],
     "ddp_buckets": ["train.ddp_bucket_cap_mb=100", "train.ddp_grad_as_bucket_view=true"],  # 2+ ranks only
     # CUDA graphs (mix-order reduction off, as the defaults): -2.4 ms a step with both fused ops (session 9)
     "cuda_graphs": ["train.compile_mode=reduce-overhead"],
