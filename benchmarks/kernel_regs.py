@@ -1,9 +1,12 @@
 """lmcore.kernels' Triton kernels compiled for sm_90 (H100/H200) without a GPU: registers a
 thread, spills, barriers (layout conversions through shared memory) and resident warps an
 SM, for a few (rows a program, warps) choices at `record`'s shapes: q and k for the q/k
-kernels, a gated layer and one without the gate for the XSA kernels. Needs triton (its ptxas
-does the register allocation); no CUDA. What it cannot tell is time: that is
-benchmarks/qk_kernel_bench.py's and xsa_kernel_bench.py's, on the GPU.
+kernels, a gated layer and one without the gate for the XSA kernels. Then lmcore.mlp_kernel's
+persistent TMA GEMM (descriptors built by the host, and on the device) at its tile, each way,
+at 3 and 4 stages: shared memory against the card's 232,448 bytes, registers, spills, and the
+global scratch the device-built descriptors need. Needs triton (its ptxas does the register
+allocation); no CUDA. What it cannot tell is time: that is benchmarks/qk_kernel_bench.py's,
+xsa_kernel_bench.py's and mlp_epilogue_bench.py's, on the GPU.
 
 usage: python benchmarks/kernel_regs.py
 """
@@ -21,6 +24,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from lmcore import kernels
+from lmcore import mlp_kernel as MK
 from lmcore.config import preset
 
 FWD_ARGS = {"x_ptr": "*bf16", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "gain_ptr": "*fp32", "out_ptr": "*bf16",
@@ -42,21 +46,54 @@ def ptxas() -> str:
     return str(found[-1])
 
 
-def registers(fn, args: dict, consts: dict, warps: int, tool: str) -> tuple[int, str, int]:
+def compiled_for_sm90(fn, args: dict, consts: dict, warps: int, tool: str, stages: int | None = None):
+    """(the compiled kernel, registers a thread, spill bytes) of fn for sm_90a."""
     sig = dict(args, **{k: "constexpr" for k in consts})
     # the pointers 16-byte aligned, as Triton's launcher specializes them for torch's allocations
     # (without it every load and store would compile to 2-byte scalars)
     aligned = {(i,): [["tt.divisibility", 16]] for i, kind in enumerate(args.values()) if kind.startswith("*")}
+    options = {"num_warps": warps} if stages is None else {"num_warps": warps, "num_stages": stages}
     compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=aligned),
-                              target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+                              target=GPUTarget("cuda", 90, 32), options=options)
     with tempfile.TemporaryDirectory() as d:
         ptx = Path(d) / "k.ptx"
         ptx.write_text(compiled.asm["ptx"])
         info = subprocess.run([tool, "-arch=sm_90a", "-v", str(ptx), "-o", str(Path(d) / "k.cubin")],
                               capture_output=True, text=True, check=True).stderr
     regs = int(re.search(r"Used (\d+) registers", info).group(1))
-    spills = re.search(r"(\d+) bytes spill stores", info).group(1)
+    return compiled, regs, re.search(r"(\d+) bytes spill stores", info).group(1)
+
+
+def registers(fn, args: dict, consts: dict, warps: int, tool: str) -> tuple[int, str, int]:
+    compiled, regs, spills = compiled_for_sm90(fn, args, consts, warps, tool)
     return regs, spills, compiled.asm["ptx"].count("bar.sync")
+
+
+SHARED_LIMIT = 232_448  # bytes of shared memory a block may use on sm_90
+
+
+def mlp_rows(tool: str) -> None:
+    """lmcore.mlp_kernel's TMA kernels at its tile (record's MLP: 512 -> 1536), each way, 3 and 4 stages."""
+    bm, bn, bk, warps = MK.TILE_TMA_FWD[:4]
+    half = f"bf16[{bm}, {bn // 2}]"
+    host = {"a_desc": f"tensordesc<bf16[{bm}, {bk}]>", "b_desc": f"tensordesc<bf16[{bn}, {bk}]>",
+            "pre_desc": f"tensordesc<{half}>", "out_desc": f"tensordesc<{half}>"}
+    dev = {"a_ptr": "*bf16", "b_ptr": "*bf16", "pre_ptr": "*bf16", "out_ptr": "*bf16"}
+    scalars = {"M": "i32", "N": "i32", "K": "i32", "slope": "fp32"}
+    print()
+    print(f"| lmcore.mlp_kernel, tile {bm}x{bn}x{bk}, {warps} warps | stages | descriptors | shared bytes | fits | "
+          "registers | spill bytes | global scratch bytes |")
+    print("|---|---|---|---|---|---|---|---|")
+    for backward in (False, True):
+        lmcore_stages = (MK.TILE_TMA_BWD if backward else MK.TILE_TMA_FWD)[4]
+        for stages in (3, 4):
+            for where, fn, args in (("host", MK._mm_act_tma_kernel, host), ("device", MK._mm_act_tma_dev_kernel, dev)):
+                consts = {"BACKWARD": backward, "BM": bm, "BN": bn, "BK": bk, "SMS": 132}
+                c, regs, spills = compiled_for_sm90(fn, dict(args, **scalars), consts, warps, tool, stages)
+                mark = " (lmcore)" if stages == lmcore_stages else ""
+                print(f"| {'backward' if backward else 'forward'} | {stages}{mark} | {where} | {c.metadata.shared:,} | "
+                      f"{'yes' if c.metadata.shared <= SHARED_LIMIT else 'no'} | {regs} | {spills} | "
+                      f"{getattr(c.metadata, 'global_scratch_size', 0)} |")
 
 
 def _rows(name: str, rows: int, mark: str, warps: int, fns: list, consts: dict, tool: str) -> None:
@@ -76,7 +113,7 @@ def main() -> int:
     qk = [("forward", kernels._qk_fwd_kernel, FWD_ARGS), ("backward", kernels._qk_bwd_kernel, BWD_ARGS)]
     for name, heads, has_gain in (("q", m.num_heads, True), ("k", m.num_kv_heads, False)):  # k: no gain
         for rows, warps in CHOICES:
-            consts = {"T": 2048, "H": heads, "D": m.head_dim, "HALF": half, "R": rows, "HAS_GAIN": has_gain}
+            consts = {"T": 2048, "H": heads, "D": m.head_dim, "HALF": half, "R": rows, "HAS_GAIN": has_gain, "REP": 1}
             mark = " (lmcore)" if rows == kernels.TILE // m.head_dim and warps == kernels.WARPS else ""
             _rows(name, rows, mark, warps, qk, consts, tool)
     g = m.num_heads // m.num_kv_heads
@@ -86,6 +123,7 @@ def main() -> int:
             consts = {"G": g, "D": m.head_dim, "R": rows, "HAS_GATE": gated}
             mark = " (lmcore)" if rows == kernels.XSA_TILE // (g * m.head_dim) and warps == kernels.XSA_WARPS else ""
             _rows(name, rows, mark, warps, xsa, consts, tool)
+    mlp_rows(tool)
     return 0
 
 

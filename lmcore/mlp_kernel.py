@@ -13,7 +13,10 @@ The plain path (cuBLAS GEMMs, then inductor's elementwise kernels) writes and re
 dpost once more each: about 0.6 GB a call at `record`'s micro-batch (98,304 x 1,536 bf16).
 Two versions of the Triton GEMM: a persistent one with TMA loads and stores (the default where
 Triton has TMA descriptors and the tensors suit them) and one that loads through pointers (any
-strides; session 11's, the fallback).
+strides; session 11's, the fallback). The TMA one runs on descriptors the host builds at every
+launch (the default, measured) or, with a tile's sixth field 2, on descriptors each program
+builds on the device, so that the launch costs the host what the pointer kernel's does (compiled
+for sm_90 and checked in Triton's interpreter; not yet run on a GPU).
 
 The same math as the plain path: the GEMM's fp32 result is rounded to the input dtype as
 cuBLAS's output would be, and the activation and its derivative run in fp32 on that value and are
@@ -126,8 +129,8 @@ if triton is not None:
             out_desc.store([om, on], (lk * lk).to(dtype))
 
     @triton.jit
-    def _mm_act_tma_kernel(a_desc, b_desc, pre_desc, out_desc, M, N, K, slope, BACKWARD: tl.constexpr,
-                           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SMS: tl.constexpr):
+    def _tma_tiles(a_desc, b_desc, pre_desc, out_desc, M, N, K, slope, BACKWARD: tl.constexpr, BM: tl.constexpr,
+                   BN: tl.constexpr, BK: tl.constexpr, SMS: tl.constexpr):
         # The same GEMM and epilogue as _mm_act_kernel with B given as (N, K), persistent: one
         # program an SM walks the (BM, BN) tiles with the column block fastest (the tiles of one
         # row block of A run side by side, so A is read from HBM about once); TMA loads and stores
@@ -144,6 +147,23 @@ if triton is not None:
             left, right = tl.split(tl.permute(tl.reshape(acc, (BM, 2, BN // 2)), (0, 2, 1)))
             _tma_epilogue(left, pre_desc, out_desc, om, on, slope, BACKWARD)
             _tma_epilogue(right, pre_desc, out_desc, om, on + BN // 2, slope, BACKWARD)
+
+    @triton.jit
+    def _mm_act_tma_kernel(a_desc, b_desc, pre_desc, out_desc, M, N, K, slope, BACKWARD: tl.constexpr,
+                           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SMS: tl.constexpr):
+        # _tma_tiles on descriptors the host built (tma 1)
+        _tma_tiles(a_desc, b_desc, pre_desc, out_desc, M, N, K, slope, BACKWARD, BM, BN, BK, SMS)
+
+    @triton.jit
+    def _mm_act_tma_dev_kernel(a_ptr, b_ptr, pre_ptr, out_ptr, M, N, K, slope, BACKWARD: tl.constexpr,
+                               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SMS: tl.constexpr):
+        # _tma_tiles on descriptors each program builds from contiguous tensors' pointers (tma 2): the
+        # launch takes pointers, as the pointer kernel's does, instead of encoding four descriptors
+        a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[K, 1], block_shape=[BM, BK])
+        b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, K], strides=[K, 1], block_shape=[BN, BK])
+        pre_desc = tl.make_tensor_descriptor(pre_ptr, shape=[M, N], strides=[N, 1], block_shape=[BM, BN // 2])
+        out_desc = tl.make_tensor_descriptor(out_ptr, shape=[M, N], strides=[N, 1], block_shape=[BM, BN // 2])
+        _tma_tiles(a_desc, b_desc, pre_desc, out_desc, M, N, K, slope, BACKWARD, BM, BN, BK, SMS)
 
 
 def _triton_takes(m: int, k: int, n: int) -> bool:
@@ -169,18 +189,24 @@ def _tile(a: Tensor, n: int, forward: bool) -> tuple:
 def _launch(a: Tensor, b_kn: Tensor, pre: Tensor, out: Tensor, slope: float, backward: bool, tile: tuple) -> None:
     """One kernel over C = a (M, K) @ b_kn (K, N) at `tile` (BM, BN, BK, warps, stages[, tma]).
     tma 1: the persistent TMA kernel, which takes B as (N, K) contiguous (b_kn, a weight, is
-    copied so when it is not: 1.5 MB at record's widths); 0 (or five fields): the pointer
-    kernel (any strides)."""
+    copied so when it is not: 1.5 MB at record's widths), on descriptors built by the host;
+    tma 2: the same on descriptors built on the device; 0 (or five fields): the pointer kernel
+    (any strides)."""
     bm, bn, bk, warps, stages, tma = (*tile, 0)[:6]
     (m, k), n = a.shape, b_kn.size(1)
     if tma:
         b = b_kn.t().contiguous()
-        descs = [TensorDescriptor.from_tensor(a, [bm, bk]), TensorDescriptor.from_tensor(b, [bn, bk])]
-        descs += [TensorDescriptor.from_tensor(t, [bm, bn // 2]) for t in (pre, out)]
         sms = _sm_count(a.device)
         grid = (min(sms, triton.cdiv(m, bm) * triton.cdiv(n, bn)),)
-        _mm_act_tma_kernel[grid](*descs, m, n, k, slope, BACKWARD=backward, BM=bm, BN=bn, BK=bk, SMS=sms,
-                                 num_warps=warps, num_stages=stages)
+        if tma == 2:
+            _device_descriptors()
+            kernel, args = _mm_act_tma_dev_kernel, [a, b, pre, out]
+        else:
+            args = [TensorDescriptor.from_tensor(a, [bm, bk]), TensorDescriptor.from_tensor(b, [bn, bk])]
+            args += [TensorDescriptor.from_tensor(t, [bm, bn // 2]) for t in (pre, out)]
+            kernel = _mm_act_tma_kernel
+        kernel[grid](*args, m, n, k, slope, BACKWARD=backward, BM=bm, BN=bn, BK=bk, SMS=sms,
+                     num_warps=warps, num_stages=stages)
         return
     grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
     _mm_act_kernel[grid](a, b_kn, pre, out, m, n, k, a.stride(0), a.stride(1), b_kn.stride(0), b_kn.stride(1),
@@ -189,6 +215,16 @@ def _launch(a: Tensor, b_kn: Tensor, pre: Tensor, out: Tensor, slope: float, bac
 
 
 _SMS: dict[int, int] = {}
+_SCRATCH = []
+
+
+def _device_descriptors() -> None:
+    """Triton's allocator for the global scratch that device-built descriptors live in (a torch
+    allocation on the current device), set once. Triton has one allocator a process; this one is
+    what torch's own Triton kernels would set."""
+    if not _SCRATCH:
+        _SCRATCH.append(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+        triton.set_allocator(_SCRATCH[0])
 
 
 def _sm_count(device: torch.device) -> int:

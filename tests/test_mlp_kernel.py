@@ -157,6 +157,8 @@ def test_latent_masks_keep_the_plain_path(monkeypatch):
     (300, 64, 200, (64, 64, 32, 4, 2)),  # columns not a multiple either; another tile
     (1000, 128, 384, (128, 128, 64, 4, 3, 1)),  # the persistent TMA kernel at another tile
     (300, 64, 200, (64, 64, 32, 4, 2, 1)),  # TMA's out-of-bounds tiles: zeros in, nothing out
+    (98304 // 8, 512, 1536, (128, 256, 64, 8, 3, 2)),  # descriptors built on the device
+    (300, 64, 200, (64, 64, 32, 4, 2, 2)),
 ])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_triton_gemm_is_the_pytorch_kernels(m, d, hidden, tile, dtype):
