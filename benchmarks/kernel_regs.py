@@ -88,7 +88,7 @@ def mlp_rows(tool: str) -> None:
         lmcore_stages = (MK.TILE_TMA_BWD if backward else MK.TILE_TMA_FWD)[4]
         for stages in (3, 4):
             for where, fn, args in (("host", MK._mm_act_tma_kernel, host), ("device", MK._mm_act_tma_dev_kernel, dev)):
-                consts = {"BACKWARD": backward, "BM": bm, "BN": bn, "BK": bk, "SMS": 132}
+                consts = {"BACKWARD": backward, "BM": bm, "BN": bn, "BK": bk, "SMS": 132}  # an H100's or H200's SMs
                 c, regs, spills = compiled_for_sm90(fn, dict(args, **scalars), consts, warps, tool, stages)
                 mark = " (lmcore)" if stages == lmcore_stages else ""
                 print(f"| {'backward' if backward else 'forward'} | {stages}{mark} | {where} | {c.metadata.shared:,} | "

@@ -220,8 +220,8 @@ _SCRATCH = []
 
 def _device_descriptors() -> None:
     """Triton's allocator for the global scratch that device-built descriptors live in (a torch
-    allocation on the current device), set once. Triton has one allocator a process; this one is
-    what torch's own Triton kernels would set."""
+    allocation on the current device), set once. Triton has one allocator a process: this
+    replaces any other set before it (none is in lmcore)."""
     if not _SCRATCH:
         _SCRATCH.append(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
         triton.set_allocator(_SCRATCH[0])
