@@ -30,6 +30,8 @@ GPT.use_fused_mlp: the exported script embeds this module only with the switch o
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -214,25 +216,22 @@ def _launch(a: Tensor, b_kn: Tensor, pre: Tensor, out: Tensor, slope: float, bac
                          num_warps=warps, num_stages=stages)
 
 
-_SMS: dict[int, int] = {}
-_SCRATCH = []
-
-
+@functools.cache
 def _device_descriptors() -> None:
     """Triton's allocator for the global scratch that device-built descriptors live in (a torch
     allocation on the current device), set once. Triton has one allocator a process: this
     replaces any other set before it (none is in lmcore)."""
-    if not _SCRATCH:
-        _SCRATCH.append(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
-        triton.set_allocator(_SCRATCH[0])
+    triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+
+
+@functools.cache
+def _sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _sm_count(device: torch.device) -> int:
     """The device's streaming multiprocessors (one persistent program each), cached."""
-    i = device.index if device.index is not None else torch.cuda.current_device()
-    if i not in _SMS:
-        _SMS[i] = torch.cuda.get_device_properties(i).multi_processor_count
-    return _SMS[i]
+    return _sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def _fc_triton(x: Tensor, w_fc: Tensor, slope: float, tile: tuple | None = None) -> tuple[Tensor, Tensor]:
