@@ -185,6 +185,10 @@ class TrainConfig:
     # one H200: 541.3 -> 533.1 ms a step with the TMA kernel (session 14; 543.6 -> 541.4 with session 11's
     # pointer kernel); losses within run-to-run noise (benchmarks/RESULTS.md).
     fused_mlp: bool = False
+    # Where the fused MLP's TMA kernel builds its descriptors: device (each program, at its start; the launch
+    # takes pointers) | host (at every launch: about 50 us more host time a launch on an H200, session 15's
+    # bench). The same kernel body and numbers.
+    fused_mlp_descriptors: str = "device"
     # k and v repeated to the query heads before attention (GQA run as MHA: FA3's backward then writes
     # dk/dv without its fp32 GQA accumulators and their converts); autograd sums each kv head's copies'
     # gradients. With fused_qk_norm_rope the q/k kernel writes k's copies and sums their gradients in
@@ -263,6 +267,8 @@ class Config:
             )
         if self.train.compile_mode not in COMPILE_MODES:
             raise ConfigError(f"train.compile_mode={self.train.compile_mode!r}: expected one of {', '.join(COMPILE_MODES)}")
+        if self.train.fused_mlp_descriptors not in ("device", "host"):
+            raise ConfigError(f"train.fused_mlp_descriptors={self.train.fused_mlp_descriptors!r}: expected device or host")
         if self.train.ema not in ("original", "bias_corrected", "off"):
             raise ConfigError(f"train.ema={self.train.ema!r}: expected original, bias_corrected or off")
         return self

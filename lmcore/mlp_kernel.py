@@ -13,10 +13,10 @@ The plain path (cuBLAS GEMMs, then inductor's elementwise kernels) writes and re
 dpost once more each: about 0.6 GB a call at `record`'s micro-batch (98,304 x 1,536 bf16).
 Two versions of the Triton GEMM: a persistent one with TMA loads and stores (the default where
 Triton has TMA descriptors and the tensors suit them) and one that loads through pointers (any
-strides; session 11's, the fallback). The TMA one runs on descriptors the host builds at every
-launch (the default, measured) or, with a tile's sixth field 2, on descriptors each program
-builds on the device, so that the launch costs the host what the pointer kernel's does (compiled
-for sm_90 and checked in Triton's interpreter; not yet run on a GPU).
+strides; session 11's, the fallback). The TMA one runs on descriptors each program builds on the
+device (`descriptors="device"`, the default: the launch takes pointers, so it costs the host what
+the pointer kernel's does) or on descriptors the host builds at every launch ("host": session 14's,
+about 50 us more host time a launch; train.fused_mlp_descriptors chooses).
 
 The same math as the plain path: the GEMM's fp32 result is rounded to the input dtype as
 cuBLAS's output would be, and the activation and its derivative run in fp32 on that value and are
@@ -52,10 +52,13 @@ except ImportError:
 # kernel's are the best tried in session 14 (five calls on three H200s: forward 0.324-0.347 ms at 4
 # stages, backward 0.379-0.400 ms at 3; 4 stages do not fit the backward's shared memory), against
 # 0.361-0.393 and 0.377-0.416 for the pointer kernel in the same calls; in training 0.33 and 0.40
-# ms against 0.40 both ways, -8.2 ms a step (benchmarks/RESULTS.md, session 14).
+# ms against 0.40 both ways, -8.2 ms a step (benchmarks/RESULTS.md, session 14). The sixth field of the
+# TMA tiles is where their descriptors are built: 2 on the device (the default; session 15: the same
+# kernel time, half the host's time a launch), 1 on the host.
 BLOCK_K, GROUP_M = 64, 8
 TILE_POINTERS = (128, 128, BLOCK_K, 4, 3)
-TILE_TMA_FWD, TILE_TMA_BWD = (128, 256, BLOCK_K, 8, 4, 1), (128, 256, BLOCK_K, 8, 3, 1)
+TILE_TMA_FWD, TILE_TMA_BWD = (128, 256, BLOCK_K, 8, 4, 2), (128, 256, BLOCK_K, 8, 3, 2)
+DESCRIPTORS = {"device": 2, "host": 1}  # train.fused_mlp_descriptors -> the TMA tile's sixth field
 
 
 def _act(h: Tensor, slope: float) -> Tensor:
@@ -180,11 +183,12 @@ def _use_triton(x: Tensor, n: int) -> bool:
             and _triton_takes(x.size(0), x.size(1), n))
 
 
-def _tile(a: Tensor, n: int, forward: bool) -> tuple:
-    """The TMA kernel's tile where its descriptors can take a (M, K) and an (M, n) output (Triton
-    with TMA, 16-byte aligned rows and base), else the pointer kernel's."""
+def _tile(a: Tensor, n: int, forward: bool, descriptors: str = "device") -> tuple:
+    """The TMA kernel's tile, its descriptors built where `descriptors` says ("device" or "host"),
+    where descriptors can take a (M, K) and an (M, n) output (Triton with TMA, 16-byte aligned rows
+    and base), else the pointer kernel's."""
     if TensorDescriptor is not None and n % 8 == 0 and a.size(1) % 8 == 0 and a.data_ptr() % 16 == 0:
-        return TILE_TMA_FWD if forward else TILE_TMA_BWD
+        return (*(TILE_TMA_FWD if forward else TILE_TMA_BWD)[:5], DESCRIPTORS[descriptors])
     return TILE_POINTERS
 
 
@@ -234,58 +238,70 @@ def _sm_count(device: torch.device) -> int:
     return _sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def _fc_triton(x: Tensor, w_fc: Tensor, slope: float, tile: tuple | None = None) -> tuple[Tensor, Tensor]:
+def _fc_triton(x: Tensor, w_fc: Tensor, slope: float, tile: tuple | None = None,
+               descriptors: str = "device") -> tuple[Tensor, Tensor]:
     pre = x.new_empty(x.size(0), w_fc.size(0))
     post = torch.empty_like(pre)
-    _launch(x, w_fc.t(), pre, post, slope, False, tile or _tile(x, pre.size(1), forward=True))
+    _launch(x, w_fc.t(), pre, post, slope, False, tile or _tile(x, pre.size(1), True, descriptors))
     return pre, post
 
 
-def _dpre_triton(g: Tensor, w_proj: Tensor, pre: Tensor, slope: float, tile: tuple | None = None) -> Tensor:
+def _dpre_triton(g: Tensor, w_proj: Tensor, pre: Tensor, slope: float, tile: tuple | None = None,
+                 descriptors: str = "device") -> Tensor:
     dpre = torch.empty_like(pre)
-    _launch(g, w_proj, pre, dpre, slope, True, tile or _tile(g, pre.size(1), forward=False))
+    _launch(g, w_proj, pre, dpre, slope, True, tile or _tile(g, pre.size(1), False, descriptors))
     return dpre
 
 
 @torch.library.custom_op("lmcore::leaky_mlp", mutates_args=())
-def _leaky_mlp(x: Tensor, w_fc: Tensor, w_proj: Tensor, slope: float) -> tuple[Tensor, Tensor, Tensor]:
-    pre, post = _fc_triton(x, w_fc, slope) if _use_triton(x, w_fc.size(0)) else _fc_math(x, w_fc, slope)
+def _leaky_mlp(x: Tensor, w_fc: Tensor, w_proj: Tensor, slope: float,
+               descriptors: str) -> tuple[Tensor, Tensor, Tensor]:
+    if _use_triton(x, w_fc.size(0)):
+        pre, post = _fc_triton(x, w_fc, slope, descriptors=descriptors)
+    else:
+        pre, post = _fc_math(x, w_fc, slope)
     return post @ w_proj.t(), pre, post
 
 
 @_leaky_mlp.register_fake
-def _(x: Tensor, w_fc: Tensor, w_proj: Tensor, slope: float) -> tuple[Tensor, Tensor, Tensor]:
+def _(x: Tensor, w_fc: Tensor, w_proj: Tensor, slope: float, descriptors: str) -> tuple[Tensor, Tensor, Tensor]:
     pre = x.new_empty(x.size(0), w_fc.size(0))
     return x.new_empty(x.size(0), w_proj.size(0)), pre, torch.empty_like(pre)
 
 
 @torch.library.custom_op("lmcore::leaky_mlp_dpre", mutates_args=())
-def _leaky_mlp_dpre(g: Tensor, w_proj: Tensor, pre: Tensor, slope: float) -> Tensor:
-    return _dpre_triton(g, w_proj, pre, slope) if _use_triton(g, pre.size(1)) else _dpre_math(g, w_proj, pre, slope)
+def _leaky_mlp_dpre(g: Tensor, w_proj: Tensor, pre: Tensor, slope: float, descriptors: str) -> Tensor:
+    if _use_triton(g, pre.size(1)):
+        return _dpre_triton(g, w_proj, pre, slope, descriptors=descriptors)
+    return _dpre_math(g, w_proj, pre, slope)
 
 
 @_leaky_mlp_dpre.register_fake
-def _(g: Tensor, w_proj: Tensor, pre: Tensor, slope: float) -> Tensor:
+def _(g: Tensor, w_proj: Tensor, pre: Tensor, slope: float, descriptors: str) -> Tensor:
     return torch.empty_like(pre)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, w_fc, w_proj, ctx.slope = inputs
+    x, w_fc, w_proj, ctx.slope, ctx.descriptors = inputs
     ctx.save_for_backward(x, w_fc, w_proj, output[1], output[2])
 
 
 def _backward(ctx, g: Tensor, _g_pre: Tensor, _g_post: Tensor):
     x, w_fc, w_proj, pre, post = ctx.saved_tensors
     g = g.contiguous()
-    dpre = _leaky_mlp_dpre(g, w_proj, pre, ctx.slope)
-    return dpre @ w_fc, dpre.t() @ x, g.t() @ post, None
+    dpre = _leaky_mlp_dpre(g, w_proj, pre, ctx.slope, ctx.descriptors)
+    return dpre @ w_fc, dpre.t() @ x, g.t() @ post, None, None
 
 
 _leaky_mlp.register_autograd(_backward, setup_context=_setup_context)
 
 
-def leaky_mlp(x: Tensor, w_fc: Tensor, w_proj: Tensor, slope: float) -> Tensor:
+def leaky_mlp(x: Tensor, w_fc: Tensor, w_proj: Tensor, slope: float, descriptors: str = "device") -> Tensor:
     """leaky_relu(x w_fc^T, slope)^2 w_proj^T for x (..., D), w_fc (hidden, D), w_proj (D_out,
-    hidden), all of one dtype; the same math as the model's plain MLP."""
-    y, _, _ = _leaky_mlp(x.reshape(-1, x.size(-1)).contiguous(), w_fc.contiguous(), w_proj.contiguous(), float(slope))
+    hidden), all of one dtype; the same math as the model's plain MLP. `descriptors`: where the
+    TMA kernel's descriptors are built, "device" or "host" (the same kernel body, the same numbers)."""
+    if descriptors not in DESCRIPTORS:
+        raise ValueError(f"descriptors={descriptors!r}: expected one of {', '.join(DESCRIPTORS)}")
+    y, _, _ = _leaky_mlp(x.reshape(-1, x.size(-1)).contiguous(), w_fc.contiguous(), w_proj.contiguous(),
+                         float(slope), descriptors)
     return y.view(*x.shape[:-1], y.size(-1))

@@ -13,6 +13,7 @@ embedding, LeakyReLU(0.5)^2 MLP, logit softcap, and the `bos_mask` fix (SPEC sec
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Callable
@@ -448,14 +449,15 @@ class GPT(nn.Module):
         for b in self.blocks:
             b.attn.kv_repeat = b.attn.num_heads // b.attn.num_kv_heads
 
-    def use_fused_mlp(self) -> None:
+    def use_fused_mlp(self, descriptors: str = "device") -> None:
         """The MLP's LeakyReLU^2 fused into its GEMMs through lmcore.mlp_kernel.leaky_mlp
         (train.fused_mlp): Triton GEMMs with the activation, and its derivative, as epilogues on
-        CUDA; imported here, like use_fused_qk_norm_rope's."""
+        CUDA, their TMA descriptors built on the "device" or the "host"
+        (train.fused_mlp_descriptors); imported here, like use_fused_qk_norm_rope's."""
         from lmcore.mlp_kernel import leaky_mlp
 
         for b in self.blocks:
-            b.mlp.fused_op = leaky_mlp
+            b.mlp.fused_op = functools.partial(leaky_mlp, descriptors=descriptors)
 
     def use_fused_xsa_gate(self) -> None:
         """XSA + the attention gate through lmcore.kernels.xsa_gate on the XSA layers

@@ -252,7 +252,7 @@ def start_session(
     if tc.fused_xsa_gate:
         model.use_fused_xsa_gate()
     if tc.fused_mlp:
-        model.use_fused_mlp()
+        model.use_fused_mlp(tc.fused_mlp_descriptors)
     if tc.expand_kv:
         model.use_expanded_kv()
     if device.type == "cuda" and bf16:

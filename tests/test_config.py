@@ -42,6 +42,7 @@ def test_overrides_parse_by_type():
         ("model.bos_mask=maybe", "model.bos_mask"),
         ("model.bigram=trigram", "model.bigram"),
         ("model.gated_attn_layers=0,99", "gated_attn_layers"),
+        ("train.fused_mlp_descriptors=gpu", "train.fused_mlp_descriptors='gpu'"),
         ("noequals", "noequals"),
     ],
 )

@@ -79,11 +79,39 @@ def test_tma_kernel_only_where_its_descriptors_take_the_tensors(monkeypatch):
     assert MK._tile(a, 1536, forward=True) == MK._tile(a, 1536, forward=False) == MK.TILE_POINTERS
     monkeypatch.setattr(MK, "TensorDescriptor", object())
     assert MK._tile(a, 1536, forward=True) == MK.TILE_TMA_FWD and MK._tile(a, 1536, forward=False) == MK.TILE_TMA_BWD
+    assert MK.TILE_TMA_FWD[5] == MK.TILE_TMA_BWD[5] == 2  # descriptors built on the device by default
+    assert MK._tile(a, 1536, True, "host") == (*MK.TILE_TMA_FWD[:5], 1)
+    assert MK._tile(a, 1536, False, "host") == (*MK.TILE_TMA_BWD[:5], 1)
     assert MK._tile(a, 1540, forward=True) == MK.TILE_POINTERS  # output rows not 16-byte aligned
     assert MK._tile(torch.zeros(64, 516, dtype=torch.bfloat16), 1536, forward=True) == MK.TILE_POINTERS
     assert MK._tile(a.view(-1)[4:4 + 63 * 512].view(63, 512), 1536,
                     forward=True) == MK.TILE_POINTERS  # a base 8 bytes past the allocation's
     assert all(t[2] == MK.BLOCK_K for t in (MK.TILE_POINTERS, MK.TILE_TMA_FWD, MK.TILE_TMA_BWD))
+
+
+def test_the_descriptors_choice_reaches_both_gemms(monkeypatch):
+    """train.fused_mlp_descriptors -> GPT.use_fused_mlp -> the op's forward and its backward's GEMM."""
+    seen = []
+
+    def fc(x, w_fc, slope, tile=None, descriptors="device"):
+        seen.append(("fc", descriptors))
+        return MK._fc_math(x, w_fc, slope)
+
+    def dpre(g, w_proj, pre, slope, tile=None, descriptors="device"):
+        seen.append(("dpre", descriptors))
+        return MK._dpre_math(g, w_proj, pre, slope)
+
+    monkeypatch.setattr(MK, "_use_triton", lambda *a: True)
+    monkeypatch.setattr(MK, "_fc_triton", fc)
+    monkeypatch.setattr(MK, "_dpre_triton", dpre)
+    model, ids, tgt = _model_and_batch()
+    for descriptors in ("host", "device"):
+        model.use_fused_mlp(descriptors)
+        seen.clear()
+        loss_and_grads(model, ids, tgt)
+        assert seen == [("fc", descriptors)] * model.cfg.num_layers + [("dpre", descriptors)] * model.cfg.num_layers
+    with pytest.raises(ValueError, match="descriptors='gpu'"):
+        leaky_mlp(ids.float()[..., None], torch.ones(4, 1), torch.ones(1, 4), SLOPE, "gpu")
 
 
 def _model_and_batch(**kw):
@@ -97,9 +125,9 @@ def _spy(monkeypatch, model):
     """Count the fused op's calls through GPT.use_fused_mlp."""
     calls = []
 
-    def counted(*args):
+    def counted(*args, **kw):
         calls.append(args[0].shape)
-        return leaky_mlp(*args)
+        return leaky_mlp(*args, **kw)
 
     monkeypatch.setattr(MK, "leaky_mlp", counted)
     model.use_fused_mlp()
@@ -198,3 +226,36 @@ def test_fused_model_on_cuda_compiled_under_autocast_is_the_plain_model(monkeypa
     assert loss.item() == pytest.approx(plain_loss.item(), abs=2e-3) and grads.keys() == plain_grads.keys()
     for n in grads:
         torch.testing.assert_close(grads[n], plain_grads[n], rtol=5e-2, atol=5e-3, msg=n)
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("descriptors", ["device", "host"])
+def test_the_op_replays_in_a_cuda_graph(descriptors):
+    """train.compile_mode=reduce-overhead captures the op: the device-built descriptors' scratch
+    comes from the graph's pool. Replays on new inputs equal eager runs on them."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(1024, 128, generator=g, device="cuda").bfloat16().requires_grad_()
+    wf = (torch.randn(384, 128, generator=g, device="cuda") * 0.1).bfloat16().requires_grad_()
+    wp = (torch.randn(128, 384, generator=g, device="cuda") * 0.05).bfloat16().requires_grad_()
+    dy = torch.randn(1024, 128, generator=g, device="cuda").bfloat16()
+
+    def step():
+        y = leaky_mlp(x, wf, wp, SLOPE, descriptors)
+        return (y, *torch.autograd.grad(y, (x, wf, wp), dy))
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()  # warm-up: compile the kernels outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = step()
+    for seed in (1, 2):
+        with torch.no_grad():
+            for t in (x, wf, wp, dy):
+                t.copy_(torch.randn(t.shape, generator=g.manual_seed(seed), device="cuda") * t.float().std())
+        graph.replay()
+        for got, want in zip(outs, step()):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
