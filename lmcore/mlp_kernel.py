@@ -204,8 +204,8 @@ def _launch(a: Tensor, b_kn: Tensor, pre: Tensor, out: Tensor, slope: float, bac
         b = b_kn.t().contiguous()
         sms = _sm_count(a.device)
         grid = (min(sms, triton.cdiv(m, bm) * triton.cdiv(n, bn)),)
-        if tma == 2:
-            _device_descriptors()
+        if tma == 2:  # Triton's allocator is a context variable: each thread (autograd's too) needs it set
+            triton.set_allocator(_scratch)
             kernel, args = _mm_act_tma_dev_kernel, [a, b, pre, out]
         else:
             args = [TensorDescriptor.from_tensor(a, [bm, bk]), TensorDescriptor.from_tensor(b, [bn, bk])]
@@ -220,12 +220,12 @@ def _launch(a: Tensor, b_kn: Tensor, pre: Tensor, out: Tensor, slope: float, bac
                          num_warps=warps, num_stages=stages)
 
 
-@functools.cache
-def _device_descriptors() -> None:
-    """Triton's allocator for the global scratch that device-built descriptors live in (a torch
-    allocation on the current device), set once. Triton has one allocator a process: this
-    replaces any other set before it (none is in lmcore)."""
-    triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+def _scratch(size: int, alignment: int, stream: int | None) -> Tensor:
+    """Triton's allocator for the global scratch that device-built descriptors live in: a torch
+    allocation on the current device (under CUDA graph capture, from the graph's pool). Set at
+    every such launch, as inductor sets its own at its kernels' launches: Triton keeps one
+    allocator a thread (a ContextVar), and autograd runs the backward in its own thread."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
 @functools.cache
