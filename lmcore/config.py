@@ -186,8 +186,9 @@ class TrainConfig:
     # pointer kernel); losses within run-to-run noise (benchmarks/RESULTS.md).
     fused_mlp: bool = False
     # Where the fused MLP's TMA kernel builds its descriptors: device (each program, at its start; the launch
-    # takes pointers) | host (at every launch: about 50 us more host time a launch on an H200, session 15's
-    # bench). The same kernel body and numbers.
+    # takes pointers) | host (at every launch: 37-50 us more host time a launch on an H200, session 15's
+    # bench). The same kernel body and numbers; the same step time within the noise (541.4 ms device,
+    # 541.9 host, with both fused ops and expand_kv on one H200, session 15).
     fused_mlp_descriptors: str = "device"
     # k and v repeated to the query heads before attention (GQA run as MHA: FA3's backward then writes
     # dk/dv without its fp32 GQA accumulators and their converts); autograd sums each kv head's copies'

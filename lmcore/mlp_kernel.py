@@ -16,7 +16,7 @@ Triton has TMA descriptors and the tensors suit them) and one that loads through
 strides; session 11's, the fallback). The TMA one runs on descriptors each program builds on the
 device (`descriptors="device"`, the default: the launch takes pointers, so it costs the host what
 the pointer kernel's does) or on descriptors the host builds at every launch ("host": session 14's,
-about 50 us more host time a launch; train.fused_mlp_descriptors chooses).
+37-50 us more host time a launch, the same step time; train.fused_mlp_descriptors chooses).
 
 The same math as the plain path: the GEMM's fp32 result is rounded to the input dtype as
 cuBLAS's output would be, and the activation and its derivative run in fp32 on that value and are

@@ -45,9 +45,14 @@ SPEED_LEVERS: dict[str, list[str]] = {
     "fused_mlp": ["train.fused_mlp=true"],
     "fused_all": ["train.fused_qk_norm_rope=true", "train.fused_xsa_gate=true", "train.expand_kv=true",
                   "train.fused_mlp=true"],
-    # fused_all without the host's launches: the TMA kernel's launch costs the host ~30 us more a call (session 14)
+    # fused_all with CUDA graphs: -1.7 ms a step on one H200 (session 15)
     "fused_all_graphs": ["train.fused_qk_norm_rope=true", "train.fused_xsa_gate=true", "train.expand_kv=true",
                          "train.fused_mlp=true", "train.compile_mode=reduce-overhead"],
+    # fused_all with the MLP kernel's TMA descriptors built on the host at every launch (session 14's kernel):
+    # 37-50 us more host time a launch, +0.5 ms a step on one H200 (session 15: within the noise)
+    "fused_all_host_descriptors": ["train.fused_qk_norm_rope=true", "train.fused_xsa_gate=true",
+                                   "train.expand_kv=true", "train.fused_mlp=true",
+                                   "train.fused_mlp_descriptors=host"],
     "ddp_buckets": ["train.ddp_bucket_cap_mb=100", "train.ddp_grad_as_bucket_view=true"],  # 2+ ranks only
     # CUDA graphs (mix-order reduction off, as the defaults): -2.4 ms a step with both fused ops (session 9)
     "cuda_graphs": ["train.compile_mode=reduce-overhead"],
