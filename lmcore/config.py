@@ -197,6 +197,10 @@ class TrainConfig:
     # Session 10 (one H200 a job): 578.5 -> 573.9 ms a step on the defaults, 564.4 -> 557.7 with both
     # fused ops, 1.6 GB more peak memory; losses within run-to-run noise (benchmarks/RESULTS.md).
     expand_kv: bool = False
+    # The micro-batches' gradients summed with one foreach add over all parameters (torch.autograd.grad, then
+    # torch._foreach_add_ into .grad) instead of autograd's AccumulateGrad, one add kernel a parameter: the same
+    # fp32 sums in the same order. Under DDP the last micro-batch keeps .backward() for the all-reduce.
+    foreach_grad_accum: bool = False
     ddp_bucket_cap_mb: float = 25.0  # DDP gradient bucket size (torch's default 25)
     ddp_grad_as_bucket_view: bool = False  # DDP gradients as views into its buckets (saves a copy)
     profile_step: int = 0  # > 0: profile that optimizer step into RUN/profile/ (lmcore.profiling)

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import signal
 import sys
@@ -85,6 +86,11 @@ class Session:
     def main(self) -> bool:
         return self.dist.is_main
 
+    @functools.cached_property
+    def params(self) -> tuple[nn.Parameter, ...]:
+        """The trained parameters, in the model's order (train.foreach_grad_accum's gradients)."""
+        return tuple(p for p in self.model.parameters() if p.requires_grad)
+
     @property
     def cuda_graphs(self) -> bool:
         """A compiled model with inductor's CUDA graphs (train.compile_mode reduce-overhead or max-autotune)."""
@@ -131,11 +137,17 @@ class Session:
             last = self.ddp is None or micro == accum - 1
             if graphs:  # each micro-batch is a new run of the graphs (their outputs are reused)
                 torch.compiler.cudagraph_mark_step_begin()
+            # train.foreach_grad_accum: gradients summed over all parameters at once, not one
+            # AccumulateGrad add each; DDP's last micro-batch keeps .backward(), for its all-reduce hooks
+            summed = tc.foreach_grad_accum and (self.ddp is None or not last)
             with contextlib.nullcontext() if last else self.ddp.no_sync():  # gradients sync on the last one
                 with autocast(device, self.bf16):
                     loss = self.forward(x, y)
-                (loss * (1.0 / accum)).backward()
-            if graphs and micro == 0:
+                if summed:
+                    self._accumulate(torch.autograd.grad(loss * (1.0 / accum), self.params, allow_unused=True))
+                else:
+                    (loss * (1.0 / accum)).backward()
+            if graphs and micro == 0 and not summed:
                 # a parameter's first gradient is the backward graph's output itself, which the next
                 # micro-batch's run overwrites: own a copy, for the next ones to add to (same values)
                 for p in self.model.parameters():
@@ -147,6 +159,26 @@ class Session:
         self.opt.step()
         self.opt.zero_grad()
         return loss_sum / accum, grad_norm
+
+    def _accumulate(self, grads: tuple[Tensor | None, ...]) -> None:
+        """Add a micro-batch's gradients to the parameters' .grad with one foreach add (the same
+        fp32 sums, in the same order, as autograd's AccumulateGrad). A first gradient becomes
+        .grad as AccumulateGrad would keep it: itself when it has the parameter's strides and is
+        not a CUDA graph's output (the next replay overwrites those), else a copy in the
+        parameter's layout."""
+        into, new = [], []
+        for p, g in zip(self.params, grads):
+            if g is None:
+                continue
+            if p.grad is not None:
+                into.append(p.grad)
+                new.append(g)
+            elif g.stride() == p.stride() and not self.cuda_graphs:
+                p.grad = g
+            else:
+                p.grad = torch.empty_like(p, dtype=g.dtype).copy_(g)
+        if into:
+            torch._foreach_add_(into, new)
 
     def _to_device(self, t: Tensor) -> Tensor:
         # from pinned memory the copy is truly asynchronous; a pageable source would make

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ from lmcore.config import preset
 from lmcore.data import list_shards, read_shard
 from lmcore.runs import read_jsonl
 from lmcore.runtime import DistInfo
+from lmcore.session import Session
 from lmcore.train import EMA, latest_checkpoint, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -277,6 +279,36 @@ def test_ema_modes():
         EMA(model, 0.9, "delayed")
 
 
+def test_foreach_grad_accum_is_autograds_sums_exactly(smoke_run, tmp_path):
+    """train.foreach_grad_accum: 4 micro-batches a step summed by one foreach add give the same
+    weights, bit for bit, as autograd's AccumulateGrad."""
+    sets = _overrides(smoke_run, "train.iterations=3", "train.warmdown_iters=0", "train.grad_accum=4",
+                      "train.log_every=1", "train.val_every=0")
+    for on in ("false", "true"):
+        r = train(preset("smoke", [*sets, f"train.foreach_grad_accum={on}"]), tmp_path / on, progress=False)
+        assert r.completed and r.steps == 3
+    _equal_nested(torch.load(tmp_path / "false" / "model.pt", weights_only=True)["model"],
+                  torch.load(tmp_path / "true" / "model.pt", weights_only=True)["model"], "model.pt")
+    losses = lambda p: [r["train_loss"] for r in read_jsonl(p / "metrics.jsonl") if r["kind"] == "train"]
+    assert len(losses(tmp_path / "true")) == 3 and losses(tmp_path / "true") == losses(tmp_path / "false")
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_foreach_accumulate_keeps_autograds_first_gradient_rule(graphs):
+    """A first gradient becomes .grad itself where it has the parameter's strides and is no CUDA
+    graph output, else a copy in the parameter's layout; later ones are added; None is skipped."""
+    params = (torch.nn.Parameter(torch.zeros(3, 4)), torch.nn.Parameter(torch.zeros(4, 3)), torch.nn.Parameter(torch.zeros(2)))
+    host = SimpleNamespace(params=params, cuda_graphs=graphs)
+    same, transposed = torch.arange(12.0).view(3, 4), torch.arange(12.0).view(3, 4).t()
+    Session._accumulate(host, (same, transposed, None))
+    assert (params[0].grad is same) is not graphs and params[0].grad.stride() == (4, 1)
+    assert params[1].grad is not transposed and params[1].grad.stride() == (3, 1)
+    assert torch.equal(params[1].grad, transposed) and params[2].grad is None
+    Session._accumulate(host, (torch.ones(3, 4), torch.ones(4, 3), torch.ones(2)))
+    assert torch.equal(params[0].grad, torch.arange(12.0).view(3, 4) + 1)
+    assert torch.equal(params[1].grad, transposed + 1) and torch.equal(params[2].grad, torch.ones(2))
+
+
 def test_torchrun_two_ranks_match_one_process(smoke_run, tmp_path):
     sets = _overrides(
         smoke_run,
@@ -285,6 +317,7 @@ def test_torchrun_two_ranks_match_one_process(smoke_run, tmp_path):
         "train.log_every=1",
         "train.val_every=0",
         "train.ema=off",
+        "train.grad_accum=4",
     )
     args = [x for s in sets for x in ("--set", s)]
     env = {
@@ -300,17 +333,20 @@ def test_torchrun_two_ranks_match_one_process(smoke_run, tmp_path):
                "--run-dir", str(tmp_path / name), "--no-progress", *args, *extra]
         return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
 
-    # the DDP switches (small buckets, gradients as bucket views) change no number
+    # the DDP switches (small buckets, gradients as bucket views) change no number, nor does
+    # train.foreach_grad_accum (each rank's first micro-batch summed by it, its last by DDP's hooks)
     ddp = train(["torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m"], "ddp",
-                "--set", "train.ddp_bucket_cap_mb=0.01", "--set", "train.ddp_grad_as_bucket_view=true")
+                "--set", "train.ddp_bucket_cap_mb=0.01", "--set", "train.ddp_grad_as_bucket_view=true",
+                "--set", "train.foreach_grad_accum=true")
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     one = train([], "one")
     assert one.returncode == 0, one.stderr[-3000:]
     s_ddp = json.loads((tmp_path / "ddp" / "summary.json").read_text())
     s_one = json.loads((tmp_path / "one" / "summary.json").read_text())
-    assert s_ddp["world_size"] == 2 and s_ddp["grad_accum_per_rank"] == 1 and s_one["grad_accum_per_rank"] == 2
+    assert s_ddp["world_size"] == 2 and s_ddp["grad_accum_per_rank"] == 2 and s_one["grad_accum_per_rank"] == 4
     saved = json.loads((tmp_path / "ddp" / "config.json").read_text())["train"]
     assert saved["ddp_bucket_cap_mb"] == 0.01 and saved["ddp_grad_as_bucket_view"] is True
+    assert saved["foreach_grad_accum"] is True
     curve = lambda p: [(r["step"], r["train_loss"]) for r in read_jsonl(p / "metrics.jsonl") if r["kind"] == "train"]
     a, b = curve(tmp_path / "ddp"), curve(tmp_path / "one")
     assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, 11))
@@ -592,18 +628,22 @@ def test_token_ids_past_the_vocabulary_are_named_not_indexed(smoke_run, tmp_path
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graphs_train_as_the_default_compile(smoke_run, tmp_path):
-    """train.compile_mode=reduce-overhead over 2 micro-batches a step: the losses of torch.compile's
-    default mode with the same inductor options (the first micro-batch's gradients, CUDA graph
-    outputs, are copied before the second adds to them: without that the second raised)."""
+    """train.compile_mode=reduce-overhead over 2 micro-batches a step, with and without
+    train.foreach_grad_accum: the losses of torch.compile's default mode with the same inductor
+    options (the first micro-batch's gradients, CUDA graph outputs, are copied before the second
+    adds to them: without that the second raised)."""
     sets = ["train.compile=true", "train.device=cuda", "train.iterations=6", "train.warmdown_iters=0",
             "train.log_every=1", "train.val_every=0", "train.inductor_mix_order_reduction=true"]
     losses = {}
-    for mode in ("default", "reduce-overhead"):
+    for mode, foreach in (("default", "false"), ("reduce-overhead", "false"), ("reduce-overhead", "true")):
         torch._dynamo.reset()
-        cfg = preset("smoke", _overrides(smoke_run, *sets, f"train.compile_mode={mode}"))
+        cfg = preset("smoke", _overrides(smoke_run, *sets, f"train.compile_mode={mode}",
+                                         f"train.foreach_grad_accum={foreach}"))  # true: copied too
         assert cfg.train.grad_accum == 2
-        r = train(cfg, tmp_path / mode, progress=False)
+        r = train(cfg, tmp_path / f"{mode}-{foreach}", progress=False)
         assert r.completed and r.steps == 6
-        losses[mode] = [x["train_loss"] for x in read_jsonl(tmp_path / mode / "metrics.jsonl") if x["kind"] == "train"]
-    assert len(losses["default"]) == 6
-    assert losses["reduce-overhead"] == pytest.approx(losses["default"], rel=1e-4)
+        rows = read_jsonl(tmp_path / f"{mode}-{foreach}" / "metrics.jsonl")
+        losses[mode, foreach] = [x["train_loss"] for x in rows if x["kind"] == "train"]
+    assert len(losses["default", "false"]) == 6
+    assert losses["reduce-overhead", "false"] == pytest.approx(losses["default", "false"], rel=1e-4)
+    assert losses["reduce-overhead", "true"] == pytest.approx(losses["default", "false"], rel=1e-4)
