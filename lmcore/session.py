@@ -166,18 +166,21 @@ class Session:
         .grad as AccumulateGrad would keep it: itself when it has the parameter's strides and is
         not a CUDA graph's output (the next replay overwrites those), else a copy in the
         parameter's layout."""
-        into, new = [], []
+        groups: dict[tuple, tuple[list[Tensor], list[Tensor]]] = {}
         for p, g in zip(self.params, grads):
             if g is None:
                 continue
             if p.grad is not None:
+                # CUDA's one-kernel foreach add takes lists of one dtype and pairs of the same
+                # strides; a list with any other pair falls back to an add a tensor
+                into, new = groups.setdefault((p.grad.dtype, g.dtype, p.grad.stride() == g.stride()), ([], []))
                 into.append(p.grad)
                 new.append(g)
             elif g.stride() == p.stride() and not self.cuda_graphs:
                 p.grad = g
             else:
                 p.grad = torch.empty_like(p, dtype=g.dtype).copy_(g)
-        if into:
+        for into, new in groups.values():
             torch._foreach_add_(into, new)
 
     def _to_device(self, t: Tensor) -> Tensor:

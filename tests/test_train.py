@@ -309,6 +309,23 @@ def test_foreach_accumulate_keeps_autograds_first_gradient_rule(graphs):
     assert torch.equal(params[1].grad, transposed + 1) and torch.equal(params[2].grad, torch.ones(2))
 
 
+def test_foreach_accumulate_groups_what_one_cuda_kernel_takes(monkeypatch):
+    """Each foreach add gets lists of one dtype whose pairs share strides (else CUDA adds tensor by
+    tensor: session 15's first GPU run of the switch kept all 918 adds a step)."""
+    params = [torch.nn.Parameter(torch.zeros(4, 3)) for _ in range(3)] + [torch.nn.Parameter(torch.zeros(5).bfloat16())]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    calls = []
+    real = torch._foreach_add_
+    monkeypatch.setattr(torch, "_foreach_add_", lambda a, b: calls.append((a, b)) or real(a, b))
+    grads = (torch.ones(4, 3), torch.ones(3, 4).t(), torch.ones(4, 3), torch.ones(5).bfloat16())
+    Session._accumulate(SimpleNamespace(params=params, cuda_graphs=False), grads)
+    assert sorted(len(a) for a, _ in calls) == [1, 1, 2]
+    for a, b in calls:
+        assert len({t.dtype for t in a + b}) == 1 and len({(x.stride(), y.stride()) for x, y in zip(a, b)}) == 1
+    assert all(torch.equal(p.grad, torch.ones_like(p)) for p in params)
+
+
 def test_torchrun_two_ranks_match_one_process(smoke_run, tmp_path):
     sets = _overrides(
         smoke_run,

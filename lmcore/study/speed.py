@@ -53,8 +53,9 @@ SPEED_LEVERS: dict[str, list[str]] = {
     "fused_all_host_descriptors": ["train.fused_qk_norm_rope=true", "train.fused_xsa_gate=true",
                                    "train.expand_kv=true", "train.fused_mlp=true",
                                    "train.fused_mlp_descriptors=host"],
-    # the micro-batches' gradients summed by one foreach add, not an AccumulateGrad add a parameter (~900
-    # small kernels a step at record's 8 micro-batches)
+    # the micro-batches' gradients summed by foreach adds, not an AccumulateGrad add a parameter (918 small
+    # kernels a step at record's 8 micro-batches). Session 15's one GPU run: no change, its adds fell back to
+    # one a tensor (since grouped by dtype; not yet run on a GPU)
     "foreach_grad_accum": ["train.foreach_grad_accum=true"],
     "ddp_buckets": ["train.ddp_bucket_cap_mb=100", "train.ddp_grad_as_bucket_view=true"],  # 2+ ranks only
     # CUDA graphs (mix-order reduction off, as the defaults): -2.4 ms a step with both fused ops (session 9)
