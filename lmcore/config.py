@@ -197,7 +197,7 @@ class TrainConfig:
     # Session 10 (one H200 a job): 578.5 -> 573.9 ms a step on the defaults, 564.4 -> 557.7 with both
     # fused ops, 1.6 GB more peak memory; losses within run-to-run noise (benchmarks/RESULTS.md).
     expand_kv: bool = False
-    # The micro-batches' gradients summed with one foreach add over all parameters (torch.autograd.grad, then
+    # The micro-batches' gradients summed with foreach adds, one a dtype (torch.autograd.grad, then
     # torch._foreach_add_ into .grad) instead of autograd's AccumulateGrad, one add kernel a parameter: the same
     # fp32 sums in the same order. Under DDP the last micro-batch keeps .backward() for the all-reduce. Its one
     # GPU run (session 15, one H200) summed all parameters in one list of two dtypes, which CUDA adds tensor by

@@ -137,8 +137,8 @@ class Session:
             last = self.ddp is None or micro == accum - 1
             if graphs:  # each micro-batch is a new run of the graphs (their outputs are reused)
                 torch.compiler.cudagraph_mark_step_begin()
-            # train.foreach_grad_accum: gradients summed over all parameters at once, not one
-            # AccumulateGrad add each; DDP's last micro-batch keeps .backward(), for its all-reduce hooks
+            # train.foreach_grad_accum: gradients summed by foreach adds, not an AccumulateGrad add a
+            # parameter; DDP's last micro-batch keeps .backward(), for its all-reduce hooks
             summed = tc.foreach_grad_accum and (self.ddp is None or not last)
             with contextlib.nullcontext() if last else self.ddp.no_sync():  # gradients sync on the last one
                 with autocast(device, self.bf16):
@@ -161,8 +161,8 @@ class Session:
         return loss_sum / accum, grad_norm
 
     def _accumulate(self, grads: tuple[Tensor | None, ...]) -> None:
-        """Add a micro-batch's gradients to the parameters' .grad with one foreach add (the same
-        fp32 sums, in the same order, as autograd's AccumulateGrad). A first gradient becomes
+        """Add a micro-batch's gradients to the parameters' .grad with a foreach add per dtype (the
+        same sums, in the same order, as autograd's AccumulateGrad). A first gradient becomes
         .grad as AccumulateGrad would keep it: itself when it has the parameter's strides and is
         not a CUDA graph's output (the next replay overwrites those), else a copy in the
         parameter's layout."""
