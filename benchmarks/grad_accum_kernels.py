@@ -64,5 +64,6 @@ def main() -> None:
     print(f"| forward + backward, AccumulateGrad | {sum(plain.values())} | {adds(plain)} | {multi(plain)} |")
     print(f"| Session._accumulate alone | {sum(foreach.values())} | {adds(foreach)} | {multi(foreach)} |")
 
+
 if __name__ == "__main__":
     main()

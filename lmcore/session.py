@@ -150,7 +150,7 @@ class Session:
             if graphs and micro == 0 and not summed:
                 # a parameter's first gradient is the backward graph's output itself, which the next
                 # micro-batch's run overwrites: own a copy, for the next ones to add to (same values)
-                for p in self.model.parameters():
+                for p in self.params:
                     if p.grad is not None:
                         p.grad = p.grad.clone()
             loss_sum += loss.detach()

@@ -280,7 +280,7 @@ def test_ema_modes():
 
 
 def test_foreach_grad_accum_is_autograds_sums_exactly(smoke_run, tmp_path):
-    """train.foreach_grad_accum: 4 micro-batches a step summed by one foreach add give the same
+    """train.foreach_grad_accum: 4 micro-batches a step summed by foreach adds give the same
     weights, bit for bit, as autograd's AccumulateGrad."""
     sets = _overrides(smoke_run, "train.iterations=3", "train.warmdown_iters=0", "train.grad_accum=4",
                       "train.log_every=1", "train.val_every=0")
