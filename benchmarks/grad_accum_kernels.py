@@ -30,7 +30,7 @@ def _launched(fn, device: torch.device) -> collections.Counter:
         fn()
         sync()
     want = "CUDA" if cuda else "CPU"
-    return collections.Counter(e.name[:60] for e in prof.events() if e.device_type.name == want)
+    return collections.Counter(e.name for e in prof.events() if e.device_type.name == want)
 
 
 def main() -> None:
