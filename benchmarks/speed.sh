@@ -50,6 +50,9 @@
 # Each poll leaves $OUT/speed.log, and once done $OUT/speed_table.md and
 # $OUT/speed_results.tgz (logs, summaries, metrics, the profiles' breakdowns and traces, the
 # kernels' sources).
+# All along, nvidia-smi samples GPU 0's clocks and power every 500 ms (res/clocks.csv); the report
+# ends with them by stage (benchmarks/clocks_report.py: res/clocks.md), to tell a step held back
+# by the card's power limit from one held back by its kernels.
 #   bash benchmarks/speed.sh start [POLL_S]  |  bash benchmarks/speed.sh poll [POLL_S]
 set -uo pipefail
 S=/tmp/speed
@@ -107,6 +110,16 @@ sources() { PYTHONPATH=$BASE python3 benchmarks/kernel_sources.py "$R/$1" "$S/in
 
 sets() { local l; for l in "$@"; do printf -- '--set %s ' "$l"; done; }
 
+# clocks_sample FILE: GPU 0's clocks, power, temperature and utilization every 500 ms into FILE (CSV)
+# until killed, with the software power-cap reason under whichever name the driver knows
+clocks_sample() {
+  local f q="timestamp,clocks.sm,clocks.max.sm,power.draw,power.limit,temperature.gpu,utilization.gpu"
+  for f in clocks_event_reasons.sw_power_cap clocks_throttle_reasons.sw_power_cap; do
+    nvidia-smi -i 0 --query-gpu="$f" --format=csv > /dev/null 2>&1 && { q="$q,$f"; break; }
+  done
+  exec nvidia-smi -i 0 --query-gpu="$q" --format=csv,nounits -lms 500 > "$1"
+}
+
 # the 1-GPU runs, each on the GPU given (job's prof1 and solo_prof: the steps they profile)
 orig_fa3_1() { orig orig_fa3_1 "$1" 1 "$S/orig_fa3" "$FA3:$BASE"; }
 orig_fa2_1() { orig orig_fa2_1 "$1" 1 "$S/src/.ref" "$BASE"; }
@@ -138,6 +151,9 @@ job() {
   R=$S/res TOK=$S/src/.data/fineweb_1024_bpe.model D=$S/proxy BASE=/tmp/site:$S/src FA3=/tmp/fa3
   T0=$SECONDS
   mkdir -p "$R"
+  clocks_sample "$R/clocks.csv" &
+  CLK=$!
+  trap 'kill "$CLK" 2> /dev/null' RETURN  # a setup that fails stops the sampler too
   python3 -c 'import json, sys; print(json.dumps(dict(zip(("before", "after", "solo"), sys.argv[1:]))))' \
     "$BEFORE" "$LEVERS" "$SOLO" > "$R/levers.json"
   printf '%s\n' "$VARIANTS" > "$R/variants.txt"
@@ -154,7 +170,7 @@ job() {
   local prof1=$((MATH_STEPS - 5)) prof2=$((STEPS - 5)) solo_prof=$((SOLO_STEPS - 5))
   # shellcheck disable=SC2046,SC2086 # LEVERS and SOLO split into --set pairs on purpose
   {
-    has peak && PYTHONPATH=$BASE python3 benchmarks/matmul_peak.py --json "$R/peak.json"
+    has peak && echo "== peak ($((SECONDS - T0)) s)" && PYTHONPATH=$BASE python3 benchmarks/matmul_peak.py --json "$R/peak.json"
     if [ "$n_gpu" -ge 2 ]; then
       has orig1 && { orig_fa3_1 0 & orig_fa2_1 1 & wait; }
       has lm1 && { lm_before_1 0 & lm_before_1b 1 & wait; lm_after_1 0 & lm_solo_1 1 & wait; }
@@ -178,7 +194,10 @@ job() {
     fi
   } || true
   echo "== report ($((SECONDS - T0)) s)"
+  kill "$CLK" 2> /dev/null
   PYTHONPATH=$BASE python3 benchmarks/speed_report.py "$R" | tee "$R/speed_table.md"
+  echo "GPU 0's clocks and power by stage (benchmarks/clocks_report.py; median over samples at >= 90% utilization):"
+  PYTHONPATH=$BASE python3 benchmarks/clocks_report.py "$R/clocks.csv" "$S/job.log" | tee "$R/clocks.md"
   echo "== done ($((SECONDS - T0)) s)"
 }
 

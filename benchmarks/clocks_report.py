@@ -1,0 +1,110 @@
+"""The GPU's clocks and power in each stage of a device job: `nvidia-smi`'s samples (a CSV that
+benchmarks/speed.sh writes beside its results, `--format=csv,nounits`) split by the job log's
+stage lines ("HH:MM:SS == NAME ..."), one row a stage. A sample counts as busy when the GPU's
+utilization is at least --busy percent; the clock, power and temperature columns are medians
+over busy samples, so a run's compile and start-up do not dilute them. "power capped" is the
+share of busy samples with the driver's software power cap active (clocks lowered to stay under
+the power limit).
+
+    python benchmarks/clocks_report.py CLOCKS_CSV JOB_LOG [--busy 90]
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+STAGE = re.compile(r"^(\d\d):(\d\d):(\d\d) == (\S+)")
+# the driver names the power-cap reason one way or the other, by version
+# nvidia-smi heads a column with the field's full name, which differs from the short one queried
+ALIASES = {"clocks.current.sm": "clocks.sm"}
+CAP_COLUMNS = ("clocks_event_reasons.sw_power_cap", "clocks_throttle_reasons.sw_power_cap")
+
+
+def _seconds_of_day(h: int, m: int, s: float) -> float:
+    return h * 3600 + m * 60 + s
+
+
+def _unwrap(times: list[float]) -> list[float]:
+    """Times of day in order, a day added at each step back past midnight."""
+    out, day = [], 0.0
+    for i, t in enumerate(times):
+        if i and t + day < out[-1] - 12 * 3600:
+            day += 86400
+        out.append(t + day)
+    return out
+
+
+def stages(job_log: Path) -> list[tuple[str, float, float]]:
+    """(name, start, end) of each stage line of the log, in seconds of the job's first day; a
+    stage ends where the next begins, the last at the log's last stamped line."""
+    marks, last = [], None
+    for line in job_log.read_text().splitlines():
+        stamp = re.match(r"^(\d\d):(\d\d):(\d\d) ", line)
+        if not stamp:
+            continue
+        last = _seconds_of_day(*(int(g) for g in stamp.groups()))
+        m = STAGE.match(line)
+        if m:
+            marks.append((m.group(4), last))
+    if not marks:
+        return []
+    times = _unwrap([t for _, t in marks] + [last])
+    return [(name, times[i], times[i + 1]) for i, (name, _) in enumerate(marks)]
+
+
+def samples(clocks_csv: Path) -> pd.DataFrame:
+    """nvidia-smi's samples with a `t` column (seconds of the first sample's day) and a boolean
+    `capped` column (False where the driver did not report the reason)."""
+    df = pd.read_csv(clocks_csv, skipinitialspace=True)
+    names = [re.sub(r"\s*\[.*\]$", "", c.strip()) for c in df.columns]  # "power.draw [W]" -> power.draw
+    df.columns = [ALIASES.get(n, n) for n in names]
+    stamps = pd.to_datetime(df["timestamp"], format="%Y/%m/%d %H:%M:%S.%f")
+    tod = (stamps - stamps.dt.normalize()).dt.total_seconds().tolist()
+    df["t"] = _unwrap(tod)
+    cap = next((c for c in CAP_COLUMNS if c in df.columns), None)
+    df["capped"] = df[cap].astype(str).str.strip().eq("Active") if cap else False
+    for c in ("clocks.sm", "power.draw", "power.limit", "temperature.gpu", "utilization.gpu"):
+        df[c] = pd.to_numeric(df[c], errors="coerce")
+    return df
+
+
+def report(df: pd.DataFrame, spans: list[tuple[str, float, float]], busy: float) -> str:
+    rows = ["| stage | samples | busy | SM MHz (median) | SM MHz (min) | power W (median) | power limit W "
+            "| power capped | temp C |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, start, end in spans:
+        s = df[(df.t >= start) & (df.t < end)]
+        b = s[s["utilization.gpu"] >= busy]
+        if b.empty:
+            rows.append(f"| {name} | {len(s)} | 0 | - | - | - | - | - | - |")
+            continue
+        rows.append(f"| {name} | {len(s)} | {len(b)} | {b['clocks.sm'].median():.0f} | {b['clocks.sm'].min():.0f} "
+                    f"| {b['power.draw'].median():.0f} | {b['power.limit'].median():.0f} "
+                    f"| {100 * b['capped'].mean():.0f}% | {b['temperature.gpu'].median():.0f} |")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("clocks_csv", type=Path)
+    ap.add_argument("job_log", type=Path)
+    ap.add_argument("--busy", type=float, default=90.0, help="utilization %% from which a sample is busy")
+    args = ap.parse_args(argv)
+    for p in (args.clocks_csv, args.job_log):
+        if not p.is_file():
+            print(f"clocks_report: {p}: no such file", file=sys.stderr)
+            return 2
+    spans = stages(args.job_log)
+    if not spans:
+        print(f"clocks_report: {args.job_log}: no stage lines ('HH:MM:SS == NAME')", file=sys.stderr)
+        return 2
+    print(report(samples(args.clocks_csv), spans, args.busy))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

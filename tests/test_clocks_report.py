@@ -1,0 +1,53 @@
+"""benchmarks/clocks_report.py: nvidia-smi's samples split by a job log's stage lines, on made-up
+samples in nvidia-smi's CSV layout (full field names with units in the header, no units in the
+values)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import clocks_report
+
+HEADER = ("timestamp, clocks.current.sm [MHz], clocks.max.sm [MHz], power.draw [W], power.limit [W], "
+          "temperature.gpu, utilization.gpu [%], clocks_event_reasons.sw_power_cap\n")
+
+
+def _sample(t: str, mhz: int, watts: float, util: int, capped: bool) -> str:
+    return f"2026/11/29 {t}.250, {mhz}, 1980, {watts}, 700.00, 60, {util}, {'Active' if capped else 'Not Active'}\n"
+
+
+def test_stages_take_the_busy_samples_between_their_lines(tmp_path: Path):
+    log = tmp_path / "job.log"
+    log.write_text("23:59:58 == setup: stages peak lm1\n23:59:59 == peak (1 s)\n00:00:02 == lm_solo_1 (4 s)\n"
+                   "00:00:03 step 10\n00:00:06 == report (8 s)\n00:00:07 done\n")
+    assert clocks_report.stages(log) == [("setup:", 86398, 86399), ("peak", 86399, 86402),
+                                         ("lm_solo_1", 86402, 86406), ("report", 86406, 86407)]
+    csv = tmp_path / "clocks.csv"
+    csv.write_text(HEADER + _sample("23:59:58", 345, 80.0, 0, False)  # setup: idle, not busy
+                   + _sample("23:59:59", 1980, 650.0, 100, False) + _sample("00:00:01", 1700, 699.0, 100, True)
+                   + _sample("00:00:02", 1200, 300.0, 50, False)  # lm_solo_1 compiling: not busy
+                   + _sample("00:00:03", 1600, 700.0, 99, True) + _sample("00:00:04", 1500, 698.0, 98, True)
+                   + _sample("00:00:05", 1800, 690.0, 97, False))
+    df = clocks_report.samples(csv)
+    assert df["t"].tolist() == [86398.25, 86399.25, 86401.25, 86402.25, 86403.25, 86404.25, 86405.25]
+    lines = clocks_report.report(df, clocks_report.stages(log), busy=90).splitlines()
+    assert lines[2:] == ["| setup: | 1 | 0 | - | - | - | - | - | - |",
+                         "| peak | 2 | 2 | 1840 | 1700 | 674 | 700 | 50% | 60 |",
+                         "| lm_solo_1 | 4 | 3 | 1600 | 1500 | 698 | 700 | 67% | 60 |",
+                         "| report | 0 | 0 | - | - | - | - | - | - |"]
+
+
+def test_older_drivers_name_and_bad_paths(tmp_path: Path, capsys):
+    csv = tmp_path / "clocks.csv"
+    csv.write_text(HEADER.replace("clocks_event_reasons", "clocks_throttle_reasons")
+                   + _sample("10:00:00", 1500, 700.0, 100, True))
+    assert clocks_report.samples(csv)["capped"].tolist() == [True]
+    log = tmp_path / "job.log"
+    log.write_text("10:00:00 no stage here\n")
+    assert clocks_report.main([str(csv), str(log)]) == 2
+    assert capsys.readouterr().err.strip() == f"clocks_report: {log}: no stage lines ('HH:MM:SS == NAME')"
+    assert clocks_report.main([str(tmp_path / "none.csv"), str(log)]) == 2
+    assert "none.csv: no such file" in capsys.readouterr().err
