@@ -41,7 +41,8 @@ def _unwrap(times: list[float]) -> list[float]:
 
 def stages(job_log: Path) -> list[tuple[str, float, float]]:
     """(name, start, end) of each stage line of the log, in seconds of the job's first day; a
-    stage ends where the next begins, the last at the log's last stamped line."""
+    stage ends where the next begins, the last at the log's last stamped line. Stages that took
+    no time (within the log's one-second stamps) are left out."""
     marks, last = [], None
     for line in job_log.read_text().splitlines():
         stamp = re.match(r"^(\d\d):(\d\d):(\d\d) ", line)
@@ -54,7 +55,7 @@ def stages(job_log: Path) -> list[tuple[str, float, float]]:
     if not marks:
         return []
     times = _unwrap([t for _, t in marks] + [last])
-    return [(name, times[i], times[i + 1]) for i, (name, _) in enumerate(marks)]
+    return [(name, times[i], times[i + 1]) for i, (name, _) in enumerate(marks) if times[i + 1] > times[i]]
 
 
 def samples(clocks_csv: Path) -> pd.DataFrame:

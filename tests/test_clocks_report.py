@@ -22,7 +22,7 @@ def _sample(t: str, mhz: int, watts: float, util: int, capped: bool) -> str:
 def test_stages_take_the_busy_samples_between_their_lines(tmp_path: Path):
     log = tmp_path / "job.log"
     log.write_text("23:59:58 == setup: stages peak lm1\n23:59:59 == peak (1 s)\n00:00:02 == lm_solo_1 (4 s)\n"
-                   "00:00:03 step 10\n00:00:06 == report (8 s)\n00:00:07 done\n")
+                   "00:00:03 step 10\n00:00:06 == one GPU: skipped\n00:00:06 == report (8 s)\n00:00:07 == done\n")
     assert clocks_report.stages(log) == [("setup:", 86398, 86399), ("peak", 86399, 86402),
                                          ("lm_solo_1", 86402, 86406), ("report", 86406, 86407)]
     csv = tmp_path / "clocks.csv"
@@ -51,3 +51,14 @@ def test_older_drivers_name_and_bad_paths(tmp_path: Path, capsys):
     assert capsys.readouterr().err.strip() == f"clocks_report: {log}: no stage lines ('HH:MM:SS == NAME')"
     assert clocks_report.main([str(tmp_path / "none.csv"), str(log)]) == 2
     assert "none.csv: no such file" in capsys.readouterr().err
+
+
+def test_committed_clocks_table_is_what_its_samples_give(capsys):
+    # session 16's second speed.sh job (H200 GPU-44b6d01d): nvidia-smi's samples and the job's
+    # log as the device wrote them; clocks.md as the report gives them (rerun here after
+    # zero-length stages were left out)
+    res = ROOT / "benchmarks" / "results" / "speed-2026-11-29-h200-s16b"
+    assert clocks_report.main([str(res / "clocks.csv"), str(res / "job.log")]) == 0
+    out = capsys.readouterr().out
+    assert out == (res / "clocks.md").read_text()
+    assert "| lm_solo_1 | 331 | 193 | 1680 | 1140 | 693 | 700 | 100% | 59 |" in out.splitlines()
