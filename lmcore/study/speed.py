@@ -53,10 +53,13 @@ SPEED_LEVERS: dict[str, list[str]] = {
     "fused_all_host_descriptors": ["train.fused_qk_norm_rope=true", "train.fused_xsa_gate=true",
                                    "train.expand_kv=true", "train.fused_mlp=true",
                                    "train.fused_mlp_descriptors=host"],
-    # the micro-batches' gradients summed by foreach adds, not an AccumulateGrad add a parameter (918 small
-    # kernels a step at record's 8 micro-batches). Session 15's one GPU run: no change, its adds fell back to
-    # one a tensor (since grouped by dtype; not yet run on a GPU)
+    # the micro-batches' gradients summed by foreach adds grouped by dtype, not an AccumulateGrad add a parameter
+    # (918 small kernels a step at record's 8 micro-batches): on fused_all, one H200, -2.7 ms a step (session 16)
     "foreach_grad_accum": ["train.foreach_grad_accum=true"],
+    # fused_all with foreach adds and CUDA graphs: the fastest step measured, -6.6 ms on fused_all (session 16)
+    "fused_all_foreach_graphs": ["train.fused_qk_norm_rope=true", "train.fused_xsa_gate=true", "train.expand_kv=true",
+                                 "train.fused_mlp=true", "train.foreach_grad_accum=true",
+                                 "train.compile_mode=reduce-overhead"],
     "ddp_buckets": ["train.ddp_bucket_cap_mb=100", "train.ddp_grad_as_bucket_view=true"],  # 2+ ranks only
     # CUDA graphs (mix-order reduction off, as the defaults): -2.4 ms a step with both fused ops (session 9)
     "cuda_graphs": ["train.compile_mode=reduce-overhead"],
