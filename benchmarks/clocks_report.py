@@ -75,8 +75,9 @@ def samples(clocks_csv: Path) -> pd.DataFrame:
 
 
 def report(df: pd.DataFrame, spans: list[tuple[str, float, float]], busy: float) -> str:
-    rows = ["| stage | samples | busy | SM MHz (median) | SM MHz (min) | power W (median) | power limit W "
-            "| power capped | temp C |", "|---|---|---|---|---|---|---|---|---|"]
+    head = ("| stage | samples | busy | SM MHz (median) | SM MHz (min) | power W (median) | power limit W "
+            "| power capped | temp C |")
+    rows = [head, "|---|---|---|---|---|---|---|---|---|"]
     for name, start, end in spans:
         s = df[(df.t >= start) & (df.t < end)]
         b = s[s["utilization.gpu"] >= busy]

@@ -2,7 +2,8 @@
 # Issue 16's speed table as ONE job on a 2-GPU machine (nvidia-h200-x2): at `record`'s batch
 # (786,432 tokens a step: 8 micro-batches of 48 x 2048 on one GPU, 4 per rank on two), no
 # warmdown, seed 1337, proxy data, after the compile warm-up:
-#   peak   the bf16 matmul peak of the card (benchmarks/matmul_peak.py), for the MFU
+#   peak   the bf16 matmul peak of the card (benchmarks/matmul_peak.py), for the MFU, and the
+#          rate it holds at its power limit (20 s of 8192-size matmuls, the second half timed)
 #   orig1  the original script on 1 GPU, STEPS steps, with real FA3 (its own
 #          flash_attn_interface import, GPU 0) beside it with the FA2 shim
 #          (.ref/flash_attn_interface.py, GPU 1)
@@ -170,7 +171,7 @@ job() {
   local prof1=$((MATH_STEPS - 5)) prof2=$((STEPS - 5)) solo_prof=$((SOLO_STEPS - 5))
   # shellcheck disable=SC2046,SC2086 # LEVERS and SOLO split into --set pairs on purpose
   {
-    has peak && echo "== peak ($((SECONDS - T0)) s)" && PYTHONPATH=$BASE python3 benchmarks/matmul_peak.py --json "$R/peak.json"
+    has peak && echo "== peak ($((SECONDS - T0)) s)" && PYTHONPATH=$BASE python3 benchmarks/matmul_peak.py --json "$R/peak.json" --sustain 20
     if [ "$n_gpu" -ge 2 ]; then
       has orig1 && { orig_fa3_1 0 & orig_fa2_1 1 & wait; }
       has lm1 && { lm_before_1 0 & lm_before_1b 1 & wait; lm_after_1 0 & lm_solo_1 1 & wait; }

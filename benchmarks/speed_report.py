@@ -183,6 +183,10 @@ def main(res: Path) -> int:
     print(f"Card: {card}; torch {peak_info.get('torch', '?')}; measured bf16 matmul peak "
           f"{_f(peak, '.1f')} TFLOP/s; record's training FLOPs per token {f.train / 1e6:.1f} M "
           f"(lmcore.flops, causal); {TOKENS_PER_STEP:,} tokens a step (48 x 2048 micro-batches).")
+    if peak_info.get("sustained_tflops"):  # matmul_peak.py --sustain: the rate at the card's power limit
+        held = peak_info["sustained_tflops"]
+        print(f"At its power limit the card held {held:.1f} TFLOP/s ({peak_info.get('sustained_seconds', '?')} s of "
+              f"8192-size matmuls, the second half timed): an MFU against that is the MFU column x {peak / held:.3f}.")
     levers = read_json(res / "levers.json")  # speed.sh's BEFORE, LEVERS ("after") and SOLO, where it wrote them
     for name in ("before", "after", "solo"):
         if levers.get(name):

@@ -19,6 +19,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import capped_report
+import matmul_peak
 
 CAPPED = ROOT / "benchmarks" / "results" / "capped-2026-11-29-h200-s12"
 SHIM = "def flash_attn_func(q, k, v, causal=True):\n    return 'shim'\n"
@@ -93,3 +94,13 @@ def test_capped_table_without_the_originals_last_lines():
     assert lines[4] == "| lmcore `record` | fa3 | 9 | 1.2 | 2.0000 | 3.0000 |"
     crashed = capped_report.table("Traceback\n", summary, 2, "150", 2).splitlines()
     assert crashed[0].endswith("one after the other") and crashed[3].startswith("| original | FA3 (the wheel's flash_attn_interface) | ? | nan | nan | nan |")
+
+
+def test_sustained_matmuls_time_the_second_half(monkeypatch):
+    # matmul_peak.sustained_tflops on a clock that moves 1/64 s at each reading: each half runs
+    # batches of 10 matmuls until 4/64 s have passed (4 batches), and the rate is the second
+    # half's matmuls over its 5 readings' time
+    ticks = iter(range(1000))
+    monkeypatch.setattr(matmul_peak.time, "perf_counter", lambda: next(ticks) / 64)
+    assert matmul_peak.sustained_tflops(8, 4 / 64 * 2, device="cpu") == 2 * 8**3 * 40 / (5 / 64) / 1e12
+    assert next(ticks) == 12  # two halves of 6 readings: the start, 4 checks, the end

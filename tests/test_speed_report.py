@@ -6,6 +6,7 @@ same-math check's noise and difference."""
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -153,3 +154,18 @@ def test_variants_join_the_table_and_the_same_math_against_solo(tmp_path: Path, 
     assert "autotune (variant): `train.compile_mode=max-autotune-no-cudagraphs`" in out
     assert "| `triton_poi_fused_x` | 5.00 | 4.00 | -1.00 |" in out
     assert "autotune (lm_v_autotune_1) against lm_solo_1, 3 steps, seed 1337: difference max |loss - loss| = 0.0200" in out
+
+
+def test_a_sustained_peak_adds_one_line(tmp_path: Path, capsys):
+    # matmul_peak.py --sustain writes sustained_tflops; the report says it after the card line
+    # and leaves the rest as it was
+    job = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "speed-2026-11-29-h200-s16b"
+    res = tmp_path / "res"
+    shutil.copytree(job, res)
+    peak = json.loads((res / "peak.json").read_text())
+    (res / "peak.json").write_text(json.dumps({**peak, "sustained_tflops": 637.5, "sustained_seconds": 20.0}))
+    assert speed_report.main(res) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1] == ("At its power limit the card held 637.5 TFLOP/s (20.0 s of 8192-size matmuls, the second "
+                        "half timed): an MFU against that is the MFU column x 1.250.")
+    assert lines[:1] + lines[2:] == (job / "speed_table.md").read_text().splitlines()
