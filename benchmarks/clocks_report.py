@@ -19,9 +19,10 @@ from pathlib import Path
 import pandas as pd
 
 STAGE = re.compile(r"^(\d\d):(\d\d):(\d\d) == (\S+)")
-# the driver names the power-cap reason one way or the other, by version
 # nvidia-smi heads a column with the field's full name, which differs from the short one queried
 ALIASES = {"clocks.current.sm": "clocks.sm"}
+NEEDED = ("timestamp", "clocks.sm", "power.draw", "power.limit", "temperature.gpu", "utilization.gpu")
+# the driver names the power-cap reason one way or the other, by version
 CAP_COLUMNS = ("clocks_event_reasons.sw_power_cap", "clocks_throttle_reasons.sw_power_cap")
 
 
@@ -64,12 +65,15 @@ def samples(clocks_csv: Path) -> pd.DataFrame:
     df = pd.read_csv(clocks_csv, skipinitialspace=True)
     names = [re.sub(r"\s*\[.*\]$", "", c.strip()) for c in df.columns]  # "power.draw [W]" -> power.draw
     df.columns = [ALIASES.get(n, n) for n in names]
+    missing = [c for c in NEEDED if c not in df.columns]
+    if missing:
+        raise ValueError(f"{clocks_csv}: no column {', '.join(missing)} (columns: {', '.join(df.columns)})")
     stamps = pd.to_datetime(df["timestamp"], format="%Y/%m/%d %H:%M:%S.%f")
     tod = (stamps - stamps.dt.normalize()).dt.total_seconds().tolist()
     df["t"] = _unwrap(tod)
     cap = next((c for c in CAP_COLUMNS if c in df.columns), None)
     df["capped"] = df[cap].astype(str).str.strip().eq("Active") if cap else False
-    for c in ("clocks.sm", "power.draw", "power.limit", "temperature.gpu", "utilization.gpu"):
+    for c in NEEDED[1:]:
         df[c] = pd.to_numeric(df[c], errors="coerce")
     return df
 
@@ -104,7 +108,12 @@ def main(argv: list[str] | None = None) -> int:
     if not spans:
         print(f"clocks_report: {args.job_log}: no stage lines ('HH:MM:SS == NAME')", file=sys.stderr)
         return 2
-    print(report(samples(args.clocks_csv), spans, args.busy))
+    try:
+        df = samples(args.clocks_csv)
+    except ValueError as e:  # a missing column, or a timestamp not in nvidia-smi's layout
+        print(f"clocks_report: {e}", file=sys.stderr)
+        return 2
+    print(report(df, spans, args.busy))
     return 0
 
 

@@ -51,6 +51,10 @@ def test_older_drivers_name_and_bad_paths(tmp_path: Path, capsys):
     assert capsys.readouterr().err.strip() == f"clocks_report: {log}: no stage lines ('HH:MM:SS == NAME')"
     assert clocks_report.main([str(tmp_path / "none.csv"), str(log)]) == 2
     assert "none.csv: no such file" in capsys.readouterr().err
+    log.write_text("10:00:00 == lm_solo_1\n10:00:05 done\n")
+    csv.write_text(HEADER.replace("power.draw [W], ", "") + "2026/11/29 10:00:00.250, 1500, 1980, 700.00, 60, 100, Active\n")
+    assert clocks_report.main([str(csv), str(log)]) == 2
+    assert capsys.readouterr().err.startswith(f"clocks_report: {csv}: no column power.draw (columns: timestamp, ")
 
 
 def test_committed_clocks_table_is_what_its_samples_give(capsys):
