@@ -199,10 +199,10 @@ class TrainConfig:
     expand_kv: bool = False
     # The micro-batches' gradients summed with foreach adds, one a dtype (torch.autograd.grad, then
     # torch._foreach_add_ into .grad) instead of autograd's AccumulateGrad, one add kernel a parameter: the same
-    # fp32 sums in the same order. Under DDP the last micro-batch keeps .backward() for the all-reduce. Its one
-    # GPU run (session 15, one H200) summed all parameters in one list of two dtypes, which CUDA adds tensor by
-    # tensor: no change (548.5 against 548.1 ms). The adds are grouped by dtype and strides since, not yet run
-    # on a GPU (benchmarks/grad_accum_kernels.py counts the kernels).
+    # fp32 sums in the same order. Under DDP the last micro-batch keeps .backward() for the all-reduce. On one
+    # H200 (session 16, with both fused ops, expand_kv and fused_mlp): 4 multi-tensor kernels an accumulation
+    # instead of 134 adds (benchmarks/grad_accum_kernels.py), 545.8 -> 543.1 ms a step, losses within the
+    # noise. Off by default: not yet run on 2 ranks under NCCL.
     foreach_grad_accum: bool = False
     ddp_bucket_cap_mb: float = 25.0  # DDP gradient bucket size (torch's default 25)
     ddp_grad_as_bucket_view: bool = False  # DDP gradients as views into its buckets (saves a copy)
