@@ -42,6 +42,9 @@ LM_RUNS = {
 # the same math's baseline: "before", or "after" (or "solo") where a 1-GPU job ran no "before" (ONE_GPU_RUNS)
 MATH_BASES, MATH_TWIN = ("lm_before_1", "lm_after_1", "lm_solo_1"), "lm_before_1b"
 # profiled runs whose kernel times are compared (both profiles must list every kernel)
+# profiled steps whose idle times differ by more than this: their kernel times are not compared as work alone
+# (session 16: the card runs at its power limit, so its clock rises after idle time)
+IDLE_APART_MS = 20.0
 KERNEL_PAIRS = [("lm_before_1", "lm_after_1"), ("lm_after_1", "lm_solo_1"), ("lm_before_2", "lm_after_2")]
 
 
@@ -230,13 +233,18 @@ def main(res: Path) -> int:
         for k in b["top"][:12]:
             print(f"| `{k['name'][:90]}` | {k['ms']:.2f} | {k['calls']} | {k['category']} |")
     for x_run, y_run in kernel_pairs(res):
-        b = read_json(res / x_run / "profile" / "breakdown.json").get("kernels")
-        a = read_json(res / y_run / "profile" / "breakdown.json").get("kernels")
+        bx, by = (read_json(res / r / "profile" / "breakdown.json") for r in (x_run, y_run))
+        b, a = bx.get("kernels"), by.get("kernels")
         if b and a:
             print()
             print(f"Kernel time that changed from {x_run} to {y_run} (profiled step, "
                   f"by kernel with inductor's number dropped): {x_run} {sum(v[0] for v in b.values()):.1f} ms, "
                   f"{y_run} {sum(v[0] for v in a.values()):.1f} ms")
+            idle = [p["wall_ms"] - p["busy_ms"] for p in (bx, by) if "wall_ms" in p and "busy_ms" in p]
+            if len(idle) == 2 and abs(idle[0] - idle[1]) > IDLE_APART_MS:
+                print()
+                print(f"The two profiled steps idled {idle[0]:.1f} and {idle[1]:.1f} ms. A card at its power limit "
+                      "clocks higher after idle time, so these kernel times differ by clock as well as by work.")
             print()
             print(f"| kernel | ms {x_run} | ms {y_run} | change |")
             print("|---|---|---|---|")
