@@ -197,6 +197,12 @@ class TrainConfig:
     # Session 10 (one H200 a job): 578.5 -> 573.9 ms a step on the defaults, 564.4 -> 557.7 with both
     # fused ops, 1.6 GB more peak memory; losses within run-to-run noise (benchmarks/RESULTS.md).
     expand_kv: bool = False
+    # attn_scale and mlp_scale folded into the rows of the output projections they scale (GPT.fold_output_scales):
+    # x + (diag(s) W) h as one GEMM instead of x + s * (W h), so the scaled branches are never written and the
+    # backward takes ds and dW from the scaled weight's gradient instead of a column sum over the tokens. A
+    # deliberate numeric change: s W is rounded to bf16 once before the GEMM, where the plain path rounds W h and
+    # then s * (W h). LatentMask TTT keeps the plain path. Built in session 16; not yet run on a GPU.
+    fold_output_scales: bool = False
     # The micro-batches' gradients summed with foreach adds, one a dtype (torch.autograd.grad, then
     # torch._foreach_add_ into .grad) instead of autograd's AccumulateGrad, one add kernel a parameter: the same
     # fp32 sums in the same order. Under DDP the last micro-batch keeps .backward() for the all-reduce. On one

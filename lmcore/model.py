@@ -26,17 +26,8 @@ from lmcore.attention import attention, resolve_backend
 from lmcore.config import ModelConfig, resolve_layers
 
 # Parameter-name fragments of the small "control" tensors (kept fp32, AdamW scalar group).
-CONTROL_PATTERNS = (
-    "attn_scale",
-    "mlp_scale",
-    "resid_mix",
-    "q_gain",
-    "skip_weights",
-    "smear",
-    "ve_layer_scales",
-    "ve_shared.scale",
-    "bigram.scale",
-)
+CONTROL_PATTERNS = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_weights", "smear", "ve_layer_scales",
+                    "ve_shared.scale", "bigram.scale")
 
 
 class CastedLinear(nn.Linear):
@@ -61,6 +52,10 @@ class CastedLinear(nn.Linear):
         if self.qat_bits and self.training:
             w = w + (fake_quantize_rows(self.weight, self.qat_bits).to(dtype) - w).detach()
         return w
+
+    def scaled_weight(self, scale: Tensor, dtype: torch.dtype) -> Tensor:
+        """diag(scale) W in `dtype`: the product of cast_weight's fp32 weight, rounded once."""
+        return (scale.float()[:, None] * self.cast_weight(torch.float32)).to(dtype)
 
 
 @torch.no_grad()
@@ -176,9 +171,8 @@ class Attention(nn.Module):
         self.xsa_op: Callable[..., Tensor] | None = None  # lmcore.kernels.xsa_gate when fused (XSA layers)
         self.kv_repeat = 1  # GPT.use_expanded_kv: H // Hkv, k and v repeated to the query heads for attention
 
-    def forward(
-        self, x: Tensor, ve: Tensor | None, rope: tuple[Tensor, Tensor], cache: KVCache | None = None
-    ) -> Tensor:
+    def forward(self, x: Tensor, ve: Tensor | None, rope: tuple[Tensor, Tensor], cache: KVCache | None = None,
+                out_scale: Tensor | None = None) -> Tensor:
         B, T, _ = x.shape
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         q = self.c_q(x).view(B, T, H, D)
@@ -209,7 +203,10 @@ class Attention(nn.Module):
                 y = (yg - (yg * vn).sum(-1, keepdim=True) * vn).view(B, T, H, D)
             if self.attn_gate is not None:
                 y = y * torch.sigmoid(self.attn_gate(x).to(y.dtype)).unsqueeze(-1)
-        return self.proj(y.reshape(B, T, H * D))
+        y = y.reshape(B, T, H * D)
+        if out_scale is not None:  # Block.fold_scales: out_scale * proj(y) as one GEMM on scaled rows
+            return F.linear(y, self.proj.scaled_weight(out_scale, y.dtype))
+        return self.proj(y)
 
     def _cached_attention(self, q: Tensor, k: Tensor, v: Tensor, cache: KVCache) -> Tensor:
         # One new token per call (T == 1): write K/V at pos, attend to positions <= pos.
@@ -236,15 +233,17 @@ class MLP(nn.Module):
         self.slope = cfg.leaky_slope
         self.fused_op = None  # GPT.use_fused_mlp: lmcore.mlp_kernel.leaky_mlp
 
-    def forward(self, x: Tensor, mask: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    def forward(self, x: Tensor, mask: tuple[Tensor, Tensor] | None = None, out_scale: Tensor | None = None) -> Tensor:
+        """out_scale (Block.fold_scales): out_scale * proj(h), as proj's rows scaled before its GEMM."""
+        proj = self.proj.cast_weight if out_scale is None else functools.partial(self.proj.scaled_weight, out_scale)
         if self.fused_op is not None and mask is None:  # the same math, one op (LatentMask TTT: plain)
             on = torch.is_autocast_enabled(x.device.type)
             dt = torch.get_autocast_dtype(x.device.type) if on else x.dtype
-            return self.fused_op(x.to(dt), self.fc.cast_weight(dt), self.proj.cast_weight(dt), self.slope)
+            return self.fused_op(x.to(dt), self.fc.cast_weight(dt), proj(dt), self.slope)
         h = F.leaky_relu(self.fc(x), negative_slope=self.slope).square()
         if mask is not None:
             h = LatentMasks.apply(h, *mask)
-        return self.proj(h)
+        return self.proj(h) if out_scale is None else F.linear(h, proj(h.dtype))  # GPTQ hooks self.proj
 
 
 class Block(nn.Module):
@@ -258,6 +257,7 @@ class Block(nn.Module):
         self.mlp_scale = nn.Parameter(torch.ones(d))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(d), torch.zeros(d))))
         self.ln_factor = 1.0 / math.sqrt(layer + 1) if cfg.ln_scale else 1.0
+        self.fold_scales = False  # GPT.fold_output_scales
 
     def forward(
         self,
@@ -270,6 +270,9 @@ class Block(nn.Module):
     ) -> Tensor:
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
+        if self.fold_scales and latent is None:  # the scales inside the output projections' GEMMs
+            x = x + self.attn(rms_norm(x) * self.ln_factor, ve, rope, cache, self.attn_scale)
+            return x + self.mlp(rms_norm(x) * self.ln_factor, None, self.mlp_scale)
         a = self.attn(rms_norm(x) * self.ln_factor, ve, rope, cache)
         mlp_mask = None
         if latent is not None:
@@ -458,6 +461,12 @@ class GPT(nn.Module):
 
         for b in self.blocks:
             b.mlp.fused_op = functools.partial(leaky_mlp, descriptors=descriptors)
+
+    def fold_output_scales(self) -> None:
+        """attn_scale and mlp_scale folded into the output projections' rows (train.fold_output_scales):
+        x + (diag(s) W) h instead of x + s * (W h); LatentMask TTT runs the plain path."""
+        for b in self.blocks:
+            b.fold_scales = True
 
     def use_fused_xsa_gate(self) -> None:
         """XSA + the attention gate through lmcore.kernels.xsa_gate on the XSA layers

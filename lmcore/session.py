@@ -290,6 +290,8 @@ def start_session(
         model.use_fused_mlp(tc.fused_mlp_descriptors)
     if tc.expand_kv:
         model.use_expanded_kv()
+    if tc.fold_output_scales:
+        model.fold_output_scales()
     if device.type == "cuda" and bf16:
         model.cast_embeddings(torch.bfloat16)
     backend = model.set_attention_backend(cfg.model.attention, device)

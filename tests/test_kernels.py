@@ -137,7 +137,7 @@ def test_expanded_kv_model_is_the_plain_model_eager_and_compiled(monkeypatch, fu
     assert compiled(ids, tgt).item() == pytest.approx(plain_loss.item(), abs=1e-5)
 
 
-@pytest.mark.parametrize("switch", [*(sw[0] for sw in SWITCHES), "expand_kv", "fused_mlp"])
+@pytest.mark.parametrize("switch", [*(sw[0] for sw in SWITCHES), "expand_kv", "fused_mlp", "fold_output_scales"])
 def test_training_with_the_switch_follows_the_plain_losses(tmp_path, switch):
     on = ["train.iterations=3", "train.log_every=1"]
     plain = train(preset("tiny", on), tmp_path / "plain", progress=False)

@@ -291,3 +291,74 @@ def test_attention_fallback_is_reported():
     model.set_attention_backend("math", "cpu")  # resolved explicitly: no stand-in any more
     assert model.attention_fallback is None and model.attention_backend == "math"
     assert GPT(tiny_model_cfg(attention="sdpa")).attention_fallback is None
+
+
+def _fold_batch(cfg):
+    ids = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+    return ids, torch.roll(ids, -1, 1)
+
+
+@pytest.mark.parametrize("fused_mlp", [False, True])
+def test_folded_output_scales_are_the_plain_model_in_fp32(monkeypatch, fused_mlp):
+    # GPT.fold_output_scales (train.fold_output_scales): attn_scale and mlp_scale scale the output
+    # projections' rows inside their GEMMs. With random scales in fp32 that is the plain model's
+    # loss and gradients up to fp32 rounding (the scales' gradients come from the scaled weights'
+    # instead of a sum over the tokens), through the fused MLP op's PyTorch math too
+    cfg = tiny_model_cfg()
+    model = randomize_(GPT(cfg), std=0.1).train()
+    ids, tgt = _fold_batch(cfg)
+    if fused_mlp:
+        model.use_fused_mlp()
+    plain_loss, plain_grads = loss_and_grads(model, ids, tgt)
+    scaled = []
+    real = type(model.blocks[0].mlp.proj).scaled_weight
+    monkeypatch.setattr(type(model.blocks[0].mlp.proj), "scaled_weight",
+                        lambda self, s, dt: scaled.append(s.shape) or real(self, s, dt))
+    model.fold_output_scales()
+    loss, grads = loss_and_grads(model, ids, tgt)
+    assert scaled == [(cfg.model_dim,)] * (2 * cfg.num_layers)  # both projections of every block
+    assert loss.item() == pytest.approx(plain_loss.item(), abs=1e-6) and grads.keys() == plain_grads.keys()
+    for n in grads:
+        torch.testing.assert_close(grads[n], plain_grads[n], rtol=1e-5, atol=1e-6, msg=n)
+    assert grads["blocks.1.attn_scale"].abs().min() > 0 and grads["blocks.1.mlp_scale"].abs().min() > 0
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, dynamic=False, backend="aot_eager")
+    assert compiled(ids, tgt).item() == pytest.approx(loss.item(), abs=1e-6)
+
+
+def test_folded_output_scales_keep_the_plain_path_under_latent_masks_and_in_bf16_differ_by_rounding():
+    cfg = tiny_model_cfg()
+    model = randomize_(GPT(cfg), std=0.1).train()
+    ids, tgt = _fold_batch(cfg)
+    masks = randomize_(LatentMasks(cfg), seed=3, std=1.0)
+    plain = model(ids, tgt, latent=masks)
+    model.fold_output_scales()
+    assert model(ids, tgt, latent=masks).item() == plain.item()  # TTT: the same path, bit for bit
+    bf = GPT(cfg).to(torch.bfloat16)
+    bf.load_state_dict(model.state_dict())
+    bf.fold_output_scales()
+    folded = bf(ids, tgt).item()
+    for b in bf.blocks:
+        b.fold_scales = False
+    unfolded = bf(ids, tgt).item()
+    # bf16 rounds s W once instead of W h and then s * (W h): a rounding apart, not the same bits
+    assert folded != unfolded and folded == pytest.approx(unfolded, rel=2e-2)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_folded_output_scales_on_cuda_compiled_under_autocast_follow_the_plain_model():
+    cfg = tiny_model_cfg(model_dim=128, num_heads=4, num_kv_heads=2, rope_dims=16, mlp_hidden=384)
+    model = randomize_(GPT(cfg), std=0.05).cuda().train()
+    model.use_fused_mlp()
+    ids = torch.randint(0, cfg.vocab_size, (4, 64), device="cuda", generator=torch.Generator(device="cuda").manual_seed(1))
+    tgt = torch.roll(ids, -1, 1)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        torch._dynamo.reset()
+        plain_loss, plain_grads = loss_and_grads(model, ids, tgt, forward=torch.compile(model, fullgraph=True))
+        model.fold_output_scales()
+        torch._dynamo.reset()
+        loss, grads = loss_and_grads(model, ids, tgt, forward=torch.compile(model, fullgraph=True))
+    assert loss.item() == pytest.approx(plain_loss.item(), abs=2e-3) and grads.keys() == plain_grads.keys()
+    for n in grads:
+        torch.testing.assert_close(grads[n], plain_grads[n], rtol=5e-2, atol=5e-3, msg=n)

@@ -60,6 +60,11 @@ SPEED_LEVERS: dict[str, list[str]] = {
     "fused_all_foreach_graphs": ["train.fused_qk_norm_rope=true", "train.fused_xsa_gate=true", "train.expand_kv=true",
                                  "train.fused_mlp=true", "train.foreach_grad_accum=true",
                                  "train.compile_mode=reduce-overhead"],
+    # attn_scale and mlp_scale folded into the output projections' rows (a deliberate numeric change; session 16,
+    # not yet run on a GPU), alone and on fused_all
+    "fold_scales": ["train.fold_output_scales=true"],
+    "fused_all_fold": ["train.fused_qk_norm_rope=true", "train.fused_xsa_gate=true", "train.expand_kv=true",
+                       "train.fused_mlp=true", "train.fold_output_scales=true"],
     "ddp_buckets": ["train.ddp_bucket_cap_mb=100", "train.ddp_grad_as_bucket_view=true"],  # 2+ ranks only
     # CUDA graphs (mix-order reduction off, as the defaults): -2.4 ms a step with both fused ops (session 9)
     "cuda_graphs": ["train.compile_mode=reduce-overhead"],
