@@ -207,8 +207,9 @@ class TrainConfig:
     # torch._foreach_add_ into .grad) instead of autograd's AccumulateGrad, one add kernel a parameter: the same
     # fp32 sums in the same order. Under DDP the last micro-batch keeps .backward() for the all-reduce. On one
     # H200 (session 16, with both fused ops, expand_kv and fused_mlp): 4 multi-tensor kernels an accumulation
-    # instead of 134 adds (benchmarks/grad_accum_kernels.py), 545.8 -> 543.1 ms a step, losses within the
-    # noise. Off by default: not yet run on 2 ranks under NCCL.
+    # instead of 134 adds (benchmarks/grad_accum_kernels.py), 545.8 -> 543.1 ms a step; max |dloss| 0.0329 over
+    # 200 steps (two plain runs: 0.0316 in session 14; the sums are bit-identical on CPU, FA3's backward is not
+    # deterministic). Off by default: not yet run on 2 ranks under NCCL.
     foreach_grad_accum: bool = False
     ddp_bucket_cap_mb: float = 25.0  # DDP gradient bucket size (torch's default 25)
     ddp_grad_as_bucket_view: bool = False  # DDP gradients as views into its buckets (saves a copy)
