@@ -3,8 +3,8 @@
 warm-up ones, timed with CUDA events. The MFU of benchmarks/speed.sh divides by this number,
 measured in the same job on the same card.
 
-That peak is a burst: a few hundred milliseconds of matmuls, mostly before the card's power
-limit lowers its clock. With --sustain SECONDS, 8192-size matmuls also run for that long and
+That peak is likely a burst: a few seconds of matmuls in all, and in session 16 the card's power
+cap was already lowering its clock during them (RESULTS.md). With --sustain SECONDS, 8192-size matmuls also run for that long and
 the second half is timed: the rate the card holds at its power limit ("sustained_tflops"; its
 clock and power are in speed.sh's clocks.md, stage "peak").
 
