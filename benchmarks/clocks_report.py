@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pandas as pd
 
-STAGE = re.compile(r"^(\d\d):(\d\d):(\d\d) == (\S+)")
+# a job log's stamped line ("HH:MM:SS ..."), and the stage's name where it is a stage line ("HH:MM:SS == NAME")
+STAMPED = re.compile(r"^(\d\d):(\d\d):(\d\d) (?:== (\S+))?")
 # nvidia-smi heads a column with the field's full name, which differs from the short one queried
 ALIASES = {"clocks.current.sm": "clocks.sm"}
 NEEDED = ("timestamp", "clocks.sm", "power.draw", "power.limit", "temperature.gpu", "utilization.gpu")
@@ -46,12 +47,11 @@ def stages(job_log: Path) -> list[tuple[str, float, float]]:
     no time (within the log's one-second stamps) are left out."""
     marks, last = [], None
     for line in job_log.read_text().splitlines():
-        stamp = re.match(r"^(\d\d):(\d\d):(\d\d) ", line)
-        if not stamp:
+        m = STAMPED.match(line)
+        if not m:
             continue
-        last = _seconds_of_day(*(int(g) for g in stamp.groups()))
-        m = STAGE.match(line)
-        if m:
+        last = _seconds_of_day(*(int(g) for g in m.groups()[:3]))
+        if m.group(4):
             marks.append((m.group(4), last))
     if not marks:
         return []

@@ -20,10 +20,14 @@ import time
 import torch
 
 
+def _operands(n: int, device: str = "cuda") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """a, b and an output c for c = a @ b: n x n bf16."""
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+    return a, b, torch.empty(n, n, device=device, dtype=torch.bfloat16)
+
+
 def tflops(n: int, reps: int = 50, warmup: int = 10) -> float:
-    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    c = torch.empty(n, n, device="cuda", dtype=torch.bfloat16)
+    a, b, c = _operands(n)
     for _ in range(warmup):
         torch.mm(a, b, out=c)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -39,9 +43,7 @@ def tflops(n: int, reps: int = 50, warmup: int = 10) -> float:
 def sustained_tflops(n: int, seconds: float, device: str = "cuda") -> float:
     """TFLOP/s of n-size bf16 matmuls over the second half of `seconds` of them back to back (the
     first half brings the card to its steady clock)."""
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    c = torch.empty(n, n, device=device, dtype=torch.bfloat16)
+    a, b, c = _operands(n, device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
     def run(duration: float) -> tuple[int, float]:  # matmuls in batches of 10 until `duration` has passed

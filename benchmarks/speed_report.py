@@ -41,10 +41,10 @@ LM_RUNS = {
 }
 # the same math's baseline: "before", or "after" (or "solo") where a 1-GPU job ran no "before" (ONE_GPU_RUNS)
 MATH_BASES, MATH_TWIN = ("lm_before_1", "lm_after_1", "lm_solo_1"), "lm_before_1b"
-# profiled runs whose kernel times are compared (both profiles must list every kernel)
 # profiled steps whose idle times differ by more than this: their kernel times are not compared as work alone
 # (session 16: the card runs at its power limit, so its clock rises after idle time)
 IDLE_APART_MS = 20.0
+# profiled runs whose kernel times are compared (both profiles must list every kernel)
 KERNEL_PAIRS = [("lm_before_1", "lm_after_1"), ("lm_after_1", "lm_solo_1"), ("lm_before_2", "lm_after_2")]
 
 

@@ -167,6 +167,7 @@ class Session:
         not a CUDA graph's output (the next replay overwrites those), else a copy in the
         parameter's layout."""
         groups: dict[tuple, tuple[list[Tensor], list[Tensor]]] = {}
+        own_first = not self.cuda_graphs
         for p, g in zip(self.params, grads):
             if g is None:
                 continue
@@ -176,7 +177,7 @@ class Session:
                 into, new = groups.setdefault((p.grad.dtype, g.dtype, p.grad.stride() == g.stride()), ([], []))
                 into.append(p.grad)
                 new.append(g)
-            elif g.stride() == p.stride() and not self.cuda_graphs:
+            elif own_first and g.stride() == p.stride():
                 p.grad = g
             else:
                 p.grad = torch.empty_like(p, dtype=g.dtype).copy_(g)
