@@ -7,6 +7,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import clocks_report
@@ -57,12 +59,15 @@ def test_older_drivers_name_and_bad_paths(tmp_path: Path, capsys):
     assert capsys.readouterr().err.startswith(f"clocks_report: {csv}: no column power.draw (columns: timestamp, ")
 
 
-def test_committed_clocks_table_is_what_its_samples_give(capsys):
-    # session 16's second speed.sh job (H200 GPU-44b6d01d): nvidia-smi's samples and the job's
-    # log as the device wrote them; clocks.md as the report gives them (rerun here after
-    # zero-length stages were left out)
-    res = ROOT / "benchmarks" / "results" / "speed-2026-11-29-h200-s16b"
+@pytest.mark.parametrize("job, row", [
+    ("speed-2026-11-29-h200-s16b", "| lm_solo_1 | 331 | 193 | 1680 | 1140 | 693 | 700 | 100% | 59 |"),
+    ("speed-2026-11-29-h200-s17", "| orig_fa3_1 | 478 | 69 | 1845 | 1500 | 674 | 700 | 83% | 60 |")])
+def test_committed_clocks_table_is_what_its_samples_give(capsys, job, row):
+    # session 16's second speed.sh job (H200 GPU-44b6d01d) and session 17's (GPU-c21df98c, the
+    # original sampled too): nvidia-smi's samples and the job's log as the device wrote them;
+    # clocks.md as the report gives them (s16b's rerun here after zero-length stages were left out)
+    res = ROOT / "benchmarks" / "results" / job
     assert clocks_report.main([str(res / "clocks.csv"), str(res / "job.log")]) == 0
     out = capsys.readouterr().out
     assert out == (res / "clocks.md").read_text()
-    assert "| lm_solo_1 | 331 | 193 | 1680 | 1140 | 693 | 700 | 100% | 59 |" in out.splitlines()
+    assert row in out.splitlines()
