@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lmcore.attention import AVAILABLE, CUDA_BACKENDS, attention, available_backends, math_reference
-from lmcore.model import repeat_heads
+from lmcore.layers import repeat_heads
 
 Fn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 

@@ -23,7 +23,7 @@ import torch
 
 from lmcore import kernels
 from lmcore.config import preset
-from lmcore.model import apply_rope, rms_norm, rope_tables
+from lmcore.layers import apply_rope, rms_norm, rope_tables
 
 CHOICES = [(16, 2), (16, 4), (32, 4), (32, 8), (64, 8)]  # (rows a program, warps)
 

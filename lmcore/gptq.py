@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lmcore.model import CastedLinear
+from lmcore.layers import CastedLinear
 
 # ---------------------------------------------------------------------------- precision
 

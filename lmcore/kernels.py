@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lmcore.model import apply_rope, repeat_heads
+from lmcore.layers import apply_rope, repeat_heads
 
 try:
     import triton

@@ -26,7 +26,8 @@ from lmcore.config import preset
 from lmcore.evaluate import eval_run
 from lmcore.export import KERNEL_MODULES, KERNEL_SWITCHES, code_bytes_of_export, embedded_sources, export_script, fused_kernels
 from lmcore.kernels import _backward_math, _forward_math, qk_norm_rope, xsa_gate
-from lmcore.model import GPT, apply_rope, repeat_heads, rms_norm, rope_tables
+from lmcore.layers import apply_rope, repeat_heads, rms_norm, rope_tables
+from lmcore.model import GPT
 from lmcore.pack import pack_run
 from lmcore.train import train
 from tests.conftest import loss_and_grads, randomize_, script_env, tiny_model_cfg, train_losses

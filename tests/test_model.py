@@ -7,7 +7,8 @@ import torch
 
 from lmcore.cli import main
 from lmcore.config import PRESETS
-from lmcore.model import GPT, KVCache, LatentMasks, fake_quantize_rows, param_counts, rope_tables
+from lmcore.layers import fake_quantize_rows, rope_tables
+from lmcore.model import GPT, KVCache, LatentMasks, param_counts
 from tests.conftest import loss_and_grads, randomize_, tiny_model_cfg
 
 RECORD_PARAMS = 27_739_277

@@ -18,7 +18,8 @@ from lmcore.gptq import (
     scale_to_u8,
     u8_to_scale,
 )
-from lmcore.model import GPT, CastedLinear
+from lmcore.layers import CastedLinear
+from lmcore.model import GPT
 from lmcore.quant import FP16, INT6, INT8, plan, quantize_int8_rows
 from tests.conftest import randomize_, tiny_model_cfg
 
