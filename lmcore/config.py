@@ -179,6 +179,13 @@ class TrainConfig:
     # XSA + the attention gate as one op on the XSA layers (lmcore.kernels.xsa_gate; the same math up
     # to fp32 rounding). The exported script embeds the kernels.
     fused_xsa_gate: bool = False
+    # c_q, c_k and c_v as one GEMM on their weights concatenated (1024 x 512 at record's widths), then the q/k
+    # op (as fused_qk_norm_rope's, which it subsumes) on the q and k slices of its output in place; the
+    # backward writes q's, k's and v's gradients into one tensor, so the input's gradient is one GEMM and the
+    # weights' gradients one GEMM (lmcore.kernels.qkv_norm_rope). The normed input is read once instead of
+    # three times each way. The same math up to the GEMMs' accumulation order. KV-cached decoding keeps the
+    # three GEMMs. The exported script embeds the kernels. Built in session 17.
+    fused_qkv: bool = False
     # The MLP's LeakyReLU^2 as its first GEMM's epilogue, act' as the backward GEMM's (lmcore.mlp_kernel:
     # Triton GEMMs on CUDA, the same math in PyTorch elsewhere; the same math as the plain MLP up to the
     # GEMMs' accumulation order). The exported script embeds the kernel. With both fused ops and expand_kv on

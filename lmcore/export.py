@@ -29,7 +29,7 @@ fused kernels, below).
 Code bytes are the bytes of that script: `code_bytes_of_export(cfg)`, which `lmcore pack`
 also uses for pack.json, so both count the same file.
 
-The fused-kernel switches (train.fused_qk_norm_rope, train.fused_xsa_gate: lmcore.kernels;
+The fused-kernel switches (train.fused_qk_norm_rope, train.fused_xsa_gate, train.fused_qkv: lmcore.kernels;
 train.fused_mlp: lmcore.mlp_kernel) travel with the config: with one on, the script embeds its
 module, which imports triton (shipped with torch's CUDA builds; without it the kernels'
 PyTorch math runs), and its code bytes count the kernels. With all off it embeds no kernel
@@ -62,7 +62,8 @@ CLI_ONLY = frozenset(
 DATA_BUILD_ONLY = frozenset({"corpus"})
 # Fused kernels: each switch's module. GPT imports one only when its switch is on, and the script
 # embeds it (and may import triton) only then.
-KERNEL_MODULES = {"fused_qk_norm_rope": "kernels", "fused_xsa_gate": "kernels", "fused_mlp": "mlp_kernel"}
+KERNEL_MODULES = {"fused_qk_norm_rope": "kernels", "fused_xsa_gate": "kernels", "fused_qkv": "kernels",
+                  "fused_mlp": "mlp_kernel"}
 KERNEL_SWITCHES = tuple(KERNEL_MODULES)
 # Third-party modules the script may import; triton too where it embeds the kernels.
 ALLOWED_THIRD_PARTY = frozenset({"torch", "numpy", "sentencepiece", "brotli"})

@@ -13,12 +13,18 @@ output and the per-row 1/rms; the backward reads the output's gradient and x onc
 gradient, and sums the gain's gradient per head from per-block partial sums (no atomics: the
 same result every run).
 
+`qkv_norm_rope(qkv, cos, sin, gain, heads, head_dim, repeat)` (train.fused_qkv): q, k and v from
+one GEMM on c_q, c_k and c_v's weights concatenated. The same two kernels read q's and k's slices
+of its output where they lie (each row's start from its token's stride), and the backward writes
+q's, k's and v's gradients into one tensor of the GEMM's output shape, so the input's gradient is
+one GEMM. v's slice is copied out once each way.
+
 `xsa_gate(y, v, z)`: XSA (each query head's attention output less its component along its kv
 head's unit value vector) then the attention gate (times sigmoid of the gate's logits; None:
 no gate), one pass each way: the forward reads y and v and writes the output; the backward
 reads the output's gradient, y and v and writes their gradients and the logits'.
 
-All are torch.library custom ops (lmcore::qk_norm_rope, lmcore::xsa_gate and their
+All are torch.library custom ops (lmcore::qk_norm_rope, lmcore::qkv_norm_rope, lmcore::xsa_gate and their
 _backward ops) with fake kernels, so torch.compile keeps them in its whole graph as calls. The
 CPU kernels (`_forward_math`, `_backward_math`, `_xsa_forward_math`, `_xsa_backward_math`) are
 what tests check against autograd of the plain composition; the Triton kernels are checked
@@ -83,10 +89,17 @@ if triton is not None:
     # transpose is x * C - partner(x) * S. One layout for every tile, one reduction a row.
 
     @triton.jit
-    def _tile(ptr, rows, mask, D: tl.constexpr, HALF: tl.constexpr):
-        """A (R, D) tile of heads and its partner tile (rotated halves swapped; 0 elsewhere), fp32."""
+    def _heads(rows, H: tl.constexpr, D: tl.constexpr, XS: tl.constexpr):
+        """Where each row (a head of a token: row = token * H + head) starts in a tensor whose tokens
+        are XS elements apart (H * D when contiguous; more when x is a slice of fused q/k/v)."""
+        return (rows // H) * XS + (rows % H) * D
+
+    @triton.jit
+    def _tile(ptr, offs, mask, D: tl.constexpr, HALF: tl.constexpr):
+        """A (R, D) tile of heads starting at offs and its partner tile (rotated halves swapped; 0
+        elsewhere), fp32."""
         cols = tl.arange(0, D)[None, :]
-        base = ptr + rows[:, None] * D
+        base = ptr + offs[:, None]
         full = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
         partner_cols = cols + HALF - 2 * HALF * ((cols // HALF) % 2)
         partner = tl.load(base + partner_cols, mask=mask & (cols < 2 * HALF), other=0.0).to(tl.float32)
@@ -105,11 +118,11 @@ if triton is not None:
     @triton.jit
     def _qk_fwd_kernel(x_ptr, cos_ptr, sin_ptr, gain_ptr, out_ptr, rstd_ptr, n_rows, eps,
                        T: tl.constexpr, H: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, R: tl.constexpr,
-                       HAS_GAIN: tl.constexpr, REP: tl.constexpr):
+                       HAS_GAIN: tl.constexpr, REP: tl.constexpr, XS: tl.constexpr):
         rows = tl.program_id(0) * R + tl.arange(0, R)
         live = rows < n_rows
         mask = live[:, None]
-        x, xp = _tile(x_ptr, rows, mask, D, HALF)
+        x, xp = _tile(x_ptr, _heads(rows, H, D, XS), mask, D, HALF)
         c, s = _rope_cs(cos_ptr, sin_ptr, rows, mask, T, H, D, HALF)
         rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)  # (R,)
         scale = rstd
@@ -123,16 +136,18 @@ if triton is not None:
     @triton.jit
     def _qk_bwd_kernel(g_ptr, x_ptr, rstd_ptr, cos_ptr, sin_ptr, gain_ptr, dx_ptr, dgain_part_ptr, n_rows,
                        T: tl.constexpr, H: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, R: tl.constexpr,
-                       HAS_GAIN: tl.constexpr, REP: tl.constexpr):
+                       HAS_GAIN: tl.constexpr, REP: tl.constexpr, XS: tl.constexpr, DXS: tl.constexpr):
+        # x is read, and dx written, with tokens XS and DXS elements apart (_heads)
         pid = tl.program_id(0)
         rows = pid * R + tl.arange(0, R)
         live = rows < n_rows
         mask = live[:, None]
-        g, gp = _tile(g_ptr, rows * REP, mask, D, HALF)
+        g, gp = _tile(g_ptr, rows * REP * D, mask, D, HALF)
         for j in tl.static_range(1, REP):  # the gradients of row r's copies, summed in fp32
-            gj, gpj = _tile(g_ptr, rows * REP + j, mask, D, HALF)
+            gj, gpj = _tile(g_ptr, (rows * REP + j) * D, mask, D, HALF)
             g, gp = g + gj, gp + gpj
-        x = tl.load(x_ptr + rows[:, None] * D + tl.arange(0, D)[None, :], mask=mask, other=0.0).to(tl.float32)
+        cols = tl.arange(0, D)[None, :]
+        x = tl.load(x_ptr + _heads(rows, H, D, XS)[:, None] + cols, mask=mask, other=0.0).to(tl.float32)
         c, s = _rope_cs(cos_ptr, sin_ptr, rows, mask, T, H, D, HALF)
         r = tl.load(rstd_ptr + rows, mask=live, other=0.0)  # (R,)
         u = g * c - gp * s  # rope^T(g)
@@ -142,7 +157,7 @@ if triton is not None:
             tl.store(dgain_part_ptr + pid * H + tl.arange(0, H), tl.sum(tl.reshape(t, (R // H, H)), axis=0))
             scale = scale * tl.load(gain_ptr + rows % H, mask=live, other=0.0).to(tl.float32)
         dx = scale[:, None] * (u - x * (r * t / D)[:, None])
-        tl.store(dx_ptr + rows[:, None] * D + tl.arange(0, D)[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        tl.store(dx_ptr + _heads(rows, H, D, DXS)[:, None] + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
 def _pow2(n: int) -> bool:
@@ -161,6 +176,15 @@ def _rows(x: Tensor) -> int:
     return TILE // x.size(3)
 
 
+def _token_stride(x: Tensor) -> int:
+    """The elements between x's tokens, for x (B, T, H, D) whose heads are contiguous within a
+    token and whose tokens are evenly spaced (contiguous x, or a head slice of fused q/k/v)."""
+    _, t, _, d = x.shape
+    if x.stride(3) != 1 or x.stride(2) != d or x.stride(0) != t * x.stride(1):
+        raise ValueError(f"q/k kernel: heads not contiguous within evenly spaced tokens (strides {x.stride()})")
+    return x.stride(1)
+
+
 def _forward_triton(
     x: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None, repeat: int = 1, rows: int | None = None,
     warps: int = WARPS,
@@ -173,22 +197,23 @@ def _forward_triton(
     n_rows, rows = b * t * h, rows or _rows(x)
     _qk_fwd_kernel[(triton.cdiv(n_rows, rows),)](x, cos, sin, x if gain is None else gain, out, rstd, n_rows, EPS,
                                                  T=t, H=h, D=d, HALF=cos.size(-1), R=rows, HAS_GAIN=gain is not None,
-                                                 REP=repeat, num_warps=warps)
+                                                 REP=repeat, XS=_token_stride(x), num_warps=warps)
     return out, rstd
 
 
 def _backward_triton(
     g: Tensor, x: Tensor, rstd: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None, repeat: int = 1,
-    rows: int | None = None, warps: int = WARPS,
+    rows: int | None = None, warps: int = WARPS, dx: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
+    """The backward kernel, writing x's gradient into `dx` (x's shape, any token stride) if given."""
     b, t, h, d = x.shape
     n_rows, rows = b * t * h, rows or _rows(x)
     blocks = triton.cdiv(n_rows, rows)
-    dx = torch.empty_like(x)
+    dx = torch.empty((b, t, h, d), dtype=x.dtype, device=x.device) if dx is None else dx
     part = torch.empty((blocks if gain is not None else 0, h), dtype=torch.float32, device=x.device)
     _qk_bwd_kernel[(blocks,)](g, x, rstd, cos, sin, x if gain is None else gain, dx, part, n_rows,
                               T=t, H=h, D=d, HALF=cos.size(-1), R=rows, HAS_GAIN=gain is not None, REP=repeat,
-                              num_warps=warps)
+                              XS=_token_stride(x), DXS=_token_stride(dx), num_warps=warps)
     return dx, part.sum(0) if gain is not None else part.new_empty(0)
 
 
@@ -242,6 +267,91 @@ def qk_norm_rope(x: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None, repea
     as x.repeat_interleave(repeat, dim=2) would give."""
     out, _ = _qk_norm_rope(x.contiguous(), cos.float().contiguous(), sin.float().contiguous(), gain, repeat)
     return out
+
+
+# q, k and v from one GEMM (train.fused_qkv) ------------------------------------------------
+
+
+def _split_qkv(qkv: Tensor, heads: int, head_dim: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Views (B, T, H, D), (B, T, Hkv, D) and (B, T, Hkv, D) of qkv (B, T, (H + 2 Hkv) D)."""
+    b, t, c = qkv.shape
+    kv = (c - heads * head_dim) // 2
+    q, k, v = qkv.split((heads * head_dim, kv, kv), dim=-1)
+    return q.view(b, t, heads, head_dim), k.view(b, t, -1, head_dim), v.view(b, t, -1, head_dim)
+
+
+@torch.library.custom_op("lmcore::qkv_norm_rope", mutates_args=())
+def _qkv_norm_rope(qkv: Tensor, cos: Tensor, sin: Tensor, gain: Tensor, heads: int, head_dim: int,
+                   repeat: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    q, k, v = _split_qkv(qkv, heads, head_dim)
+    if _use_triton(q, cos.size(-1)) and _use_triton(k, cos.size(-1)):  # the kernels read the slices in place
+        (qo, rq), (ko, rk) = _forward_triton(q, cos, sin, gain), _forward_triton(k, cos, sin, None, repeat)
+    else:
+        (qo, rq), (ko, rk) = _forward_math(q, cos, sin, gain), _forward_math(k, cos, sin, None, repeat)
+    return qo, ko, v.clone(memory_format=torch.contiguous_format), rq, rk
+
+
+@_qkv_norm_rope.register_fake
+def _(qkv: Tensor, cos: Tensor, sin: Tensor, gain: Tensor, heads: int, head_dim: int,
+      repeat: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    q, k, v = _split_qkv(qkv, heads, head_dim)
+    b, t, hkv, f32 = k.size(0), k.size(1), k.size(2), torch.float32
+    return (q.new_empty(q.shape), k.new_empty(b, t, hkv * repeat, head_dim), v.new_empty(v.shape),
+            qkv.new_empty(b, t, heads, dtype=f32), qkv.new_empty(b, t, hkv, dtype=f32))
+
+
+@torch.library.custom_op("lmcore::qkv_norm_rope_backward", mutates_args=())
+def _qkv_norm_rope_backward(
+    gq: Tensor, gk: Tensor, gv: Tensor, qkv: Tensor, rq: Tensor, rk: Tensor, cos: Tensor, sin: Tensor, gain: Tensor,
+    heads: int, head_dim: int, repeat: int,
+) -> tuple[Tensor, Tensor]:
+    q, k, _ = _split_qkv(qkv, heads, head_dim)
+    if _use_triton(q, cos.size(-1)) and _use_triton(k, cos.size(-1)):  # each gradient written into its slice
+        dqkv = torch.empty_like(qkv)
+        dq, dk, dv = _split_qkv(dqkv, heads, head_dim)
+        _, dgain = _backward_triton(gq, q, rq, cos, sin, gain, dx=dq)
+        _backward_triton(gk, k, rk, cos, sin, None, repeat, dx=dk)
+        dv.copy_(gv)
+        return dqkv, dgain
+    dq, dgain = _backward_math(gq, q, rq, cos, sin, gain)
+    dk, _ = _backward_math(gk, k, rk, cos, sin, None, repeat)
+    return torch.cat((dq.flatten(2), dk.flatten(2), gv.flatten(2)), dim=-1), dgain
+
+
+@_qkv_norm_rope_backward.register_fake
+def _(
+    gq: Tensor, gk: Tensor, gv: Tensor, qkv: Tensor, rq: Tensor, rk: Tensor, cos: Tensor, sin: Tensor, gain: Tensor,
+    heads: int, head_dim: int, repeat: int,
+) -> tuple[Tensor, Tensor]:
+    return torch.empty_like(qkv), qkv.new_empty(gain.size(0), dtype=torch.float32)
+
+
+def _qkv_setup_context(ctx, inputs, output) -> None:
+    qkv, cos, sin, gain, ctx.heads, ctx.head_dim, ctx.repeat = inputs
+    ctx.save_for_backward(qkv, output[3], output[4], cos, sin, gain)
+
+
+def _qkv_backward(ctx, gq: Tensor, gk: Tensor, gv: Tensor, _g_rq: Tensor, _g_rk: Tensor):
+    qkv, rq, rk, cos, sin, gain = ctx.saved_tensors
+    dqkv, dgain = _qkv_norm_rope_backward(gq.contiguous(), gk.contiguous(), gv.contiguous(), qkv, rq, rk, cos, sin,
+                                          gain, ctx.heads, ctx.head_dim, ctx.repeat)
+    return dqkv, None, None, dgain.to(gain.dtype), None, None, None
+
+
+_qkv_norm_rope.register_autograd(_qkv_backward, setup_context=_qkv_setup_context)
+
+
+def qkv_norm_rope(
+    qkv: Tensor, cos: Tensor, sin: Tensor, gain: Tensor, heads: int, head_dim: int, repeat: int = 1
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(q, k, v) from qkv (B, T, (H + 2 Hkv) D), the output of one GEMM on c_q, c_k and c_v's
+    weights concatenated: q = qk_norm_rope(q's slice, gain), k = qk_norm_rope(k's slice, None,
+    repeat), v its slice (B, T, Hkv, D), contiguous. The kernels read q's and k's slices where
+    they lie, and the backward writes the three gradients into one (B, T, (H + 2 Hkv) D) tensor,
+    the input of the one GEMM that gives the input's gradient."""
+    q, k, v, _, _ = _qkv_norm_rope(qkv.contiguous(), cos.float().contiguous(), sin.float().contiguous(), gain,
+                                   heads, head_dim, repeat)
+    return q, k, v
 
 
 # XSA + the attention gate (train.fused_xsa_gate) ------------------------------------------

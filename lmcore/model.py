@@ -99,6 +99,7 @@ class Attention(nn.Module):
             nn.init.constant_(self.attn_gate.bias, cfg.gate_bias_init)
         self.backend = "math"
         self.qk_op: Callable[..., Tensor] | None = None  # lmcore.kernels.qk_norm_rope when fused
+        self.qkv_op: Callable[..., tuple[Tensor, Tensor, Tensor]] | None = None  # kernels.qkv_norm_rope (GPT.use_fused_qkv)
         self.xsa_op: Callable[..., Tensor] | None = None  # lmcore.kernels.xsa_gate when fused (XSA layers)
         self.kv_repeat = 1  # GPT.use_expanded_kv: H // Hkv, k and v repeated to the query heads for attention
 
@@ -106,20 +107,21 @@ class Attention(nn.Module):
                 out_scale: Tensor | None = None) -> Tensor:
         B, T, _ = x.shape
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
-        q = self.c_q(x).view(B, T, H, D)
-        k = self.c_k(x).view(B, T, Hkv, D)
-        v = self.c_v(x)
-        if ve is not None:
-            v = v + ve
-        v = v.view(B, T, Hkv, D)
         cos, sin = rope
         rep = self.kv_repeat if cache is None else 1
-        if self.qk_op is not None and cache is None:  # GPT.use_fused_qk_norm_rope: the same math, one op
-            q, k = self.qk_op(q, cos, sin, self.q_gain), self.qk_op(k, cos, sin, None, rep)
+        if self.qkv_op is not None and cache is None:  # GPT.use_fused_qkv: one GEMM on the three weights
+            w = torch.cat([m.cast_weight(x.dtype) for m in (self.c_q, self.c_k, self.c_v)])
+            q, k, v = self.qkv_op(F.linear(x, w), cos, sin, self.q_gain, H, D, rep)
+            v = v if ve is None else v + ve.view_as(v)
         else:
-            q, k = rms_norm(q), rms_norm(k)
-            q, k = apply_rope(q, cos, sin), repeat_heads(apply_rope(k, cos, sin), rep)
-            q = q * self.q_gain.to(q.dtype)[None, None, :, None]
+            q, k = self.c_q(x).view(B, T, H, D), self.c_k(x).view(B, T, Hkv, D)
+            v = (self.c_v(x) if ve is None else self.c_v(x) + ve).view(B, T, Hkv, D)
+            if self.qk_op is not None and cache is None:  # GPT.use_fused_qk_norm_rope: the same math, one op
+                q, k = self.qk_op(q, cos, sin, self.q_gain), self.qk_op(k, cos, sin, None, rep)
+            else:
+                q, k = rms_norm(q), rms_norm(k)
+                q, k = apply_rope(q, cos, sin), repeat_heads(apply_rope(k, cos, sin), rep)
+                q = q * self.q_gain.to(q.dtype)[None, None, :, None]
         if cache is None:  # k is already repeated; v keeps its kv heads for XSA below
             y = attention(q, k, repeat_heads(v, rep), self.backend)
         else:
@@ -375,6 +377,16 @@ class GPT(nn.Module):
 
         for b in self.blocks:
             b.attn.qk_op = qk_norm_rope
+
+    def use_fused_qkv(self) -> None:
+        """q, k and v from one GEMM on c_q, c_k and c_v's concatenated weights, then
+        lmcore.kernels.qkv_norm_rope (train.fused_qkv): the q/k kernels read their slices of its
+        output in place and write their gradients into one tensor for the input's gradient GEMM.
+        KV-cached decoding keeps the three GEMMs; imported here, like use_fused_qk_norm_rope's."""
+        from lmcore.kernels import qkv_norm_rope
+
+        for b in self.blocks:
+            b.attn.qkv_op = qkv_norm_rope
 
     def use_expanded_kv(self) -> None:
         """k and v repeated to the query heads for attention (train.expand_kv): the kernel then

@@ -287,6 +287,8 @@ def start_session(
         model.use_fused_qk_norm_rope()
     if tc.fused_xsa_gate:
         model.use_fused_xsa_gate()
+    if tc.fused_qkv:
+        model.use_fused_qkv()
     if tc.fused_mlp:
         model.use_fused_mlp(tc.fused_mlp_descriptors)
     if tc.expand_kv:

@@ -1,4 +1,4 @@
-"""lmcore.kernels (train.fused_qk_norm_rope, train.fused_xsa_gate): each op's PyTorch kernels
+"""lmcore.kernels (train.fused_qk_norm_rope, train.fused_xsa_gate, train.fused_qkv): each op's PyTorch kernels
 against autograd of the model's plain path (q/k: rms_norm, apply_rope, gain, for partial and
 whole-head RoPE, with and without a gain, each head written once or twice (train.expand_kv);
 XSA: F.normalize and the projection, then the sigmoid gate, with and without it, 1-4 query
@@ -24,8 +24,15 @@ import lmcore.model
 from lmcore import cli
 from lmcore.config import preset
 from lmcore.evaluate import eval_run
-from lmcore.export import KERNEL_MODULES, KERNEL_SWITCHES, code_bytes_of_export, embedded_sources, export_script, fused_kernels
-from lmcore.kernels import _backward_math, _forward_math, qk_norm_rope, xsa_gate
+from lmcore.export import (
+    KERNEL_MODULES,
+    KERNEL_SWITCHES,
+    code_bytes_of_export,
+    embedded_sources,
+    export_script,
+    fused_kernels,
+)
+from lmcore.kernels import _backward_math, _forward_math, qk_norm_rope, qkv_norm_rope, xsa_gate
 from lmcore.layers import apply_rope, repeat_heads, rms_norm, rope_tables
 from lmcore.model import GPT
 from lmcore.pack import pack_run
@@ -88,6 +95,7 @@ def test_pytorch_kernels_keep_the_input_dtype_and_compute_in_fp32():
 SWITCHES = [  # (train switch, GPT method, Attention attribute, the op, a parameter its backward reaches)
     ("fused_qk_norm_rope", "use_fused_qk_norm_rope", "qk_op", qk_norm_rope, "blocks.0.attn.q_gain"),
     ("fused_xsa_gate", "use_fused_xsa_gate", "xsa_op", xsa_gate, "blocks.0.attn.attn_gate.weight"),
+    ("fused_qkv", "use_fused_qkv", "qkv_op", qkv_norm_rope, "blocks.0.attn.c_k.weight"),
 ]
 
 
@@ -110,12 +118,12 @@ def test_fused_model_is_the_plain_model_eager_and_compiled(switch, method, attr,
     assert compiled(ids, tgt).item() == pytest.approx(plain_loss.item(), abs=1e-5)
 
 
-@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("fused", [None, "use_fused_qk_norm_rope", "use_fused_qkv"])
 def test_expanded_kv_model_is_the_plain_model_eager_and_compiled(monkeypatch, fused):
     cfg = tiny_model_cfg()  # 4 query heads, 2 kv heads
     model = randomize_(GPT(cfg), std=0.1).train()
     if fused:
-        model.use_fused_qk_norm_rope()
+        getattr(model, fused)()
     ids = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
     tgt = torch.roll(ids, -1, 1)
     plain_loss, plain_grads = loss_and_grads(model, ids, tgt)
@@ -157,7 +165,7 @@ def test_the_exported_script_embeds_the_kernels_with_a_switch_on(switch):
     assert set(with_kernels) - set(plain) == {f"lmcore/{KERNEL_MODULES[switch]}.py"}
     script = export_script(cfg)
     assert code_bytes_of_export(cfg) == len(script.encode("utf-8"))
-    assert 0 < len(script) - len(export_script(preset("record"))) < 4000  # the kernels, Brotli-compressed
+    assert 0 < len(script) - len(export_script(preset("record"))) < 5000  # the kernels, Brotli-compressed (4,343 bytes with lmcore.kernels in session 17)
     assert json.loads(ast.literal_eval(script.split("CONFIG_JSON = ", 1)[1].split("\n", 1)[0]))["train"][switch] is True
 
 
@@ -309,8 +317,36 @@ def test_xsa_triton_kernels_are_the_pytorch_kernels(b, t, h, hkv, d, with_gate, 
 
 @pytest.mark.cuda
 @needs_cuda
-@pytest.mark.parametrize("expand_kv", [False, True])
-def test_fused_model_on_cuda_compiled_is_the_plain_model(expand_kv):  # both switches on, k/v repeated or not
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(("b", "t", "h", "hkv", "d", "rope_dims", "repeat"), [
+    (4, 2048, 8, 4, 64, 16, 2), (4, 2048, 8, 4, 64, 16, 1), (3, 37, 4, 2, 16, 0, 2)])
+def test_fused_qkv_kernels_read_and_write_the_slices_in_place(b, t, h, hkv, d, rope_dims, repeat, dtype):
+    # train.fused_qkv: the Triton kernels on q's and k's slices of one (B, T, (H + 2 Hkv) D) tensor, and
+    # the backward's three gradients in one such tensor, against the PyTorch kernels on copies
+    import lmcore.kernels as K
+
+    cfg = tiny_model_cfg(rope_dims=rope_dims, model_dim=d * h, num_heads=h, num_kv_heads=hkv)
+    cos, sin = (z.cuda() for z in rope_tables(cfg, t, torch.device("cpu")))
+    g = torch.Generator(device="cuda").manual_seed(0)
+    qkv = torch.randn(b, t, (h + 2 * hkv) * d, generator=g, device="cuda").to(dtype).requires_grad_()
+    gain = (torch.rand(h, generator=g, device="cuda") + 0.5).requires_grad_()
+    out = qkv_norm_rope(qkv, cos, sin, gain, h, d, repeat)
+    ws = [torch.randn(o.shape, generator=g, device="cuda").to(dtype) for o in out]
+    sum((o * w).float().sum() for o, w in zip(out, ws, strict=True)).backward()
+    q, k, v = (z.contiguous() for z in K._split_qkv(qkv.detach(), h, d))
+    (ref_q, rq), (ref_k, rk) = K._forward_math(q, cos, sin, gain.detach()), K._forward_math(k, cos, sin, None, repeat)
+    for got, ref in zip(out, (ref_q, ref_k, v), strict=True):
+        torch.testing.assert_close(got, ref)
+    dq, dgain = K._backward_math(ws[0], q, rq, cos, sin, gain.detach())
+    dk, _ = K._backward_math(ws[1], k, rk, cos, sin, None, repeat)
+    torch.testing.assert_close(qkv.grad, torch.cat((dq.flatten(2), dk.flatten(2), ws[2].flatten(2)), -1))
+    torch.testing.assert_close(gain.grad, dgain, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize(("expand_kv", "qkv"), [(False, False), (True, False), (True, True)])
+def test_fused_model_on_cuda_compiled_is_the_plain_model(expand_kv, qkv):  # both switches on, k/v repeated or not
     cfg = tiny_model_cfg(model_dim=128, num_heads=4, num_kv_heads=2, rope_dims=16)
     torch.manual_seed(0)
     model = randomize_(GPT(cfg), std=0.05).cuda().train()
@@ -321,6 +357,8 @@ def test_fused_model_on_cuda_compiled_is_the_plain_model(expand_kv):  # both swi
     model.use_fused_xsa_gate()
     if expand_kv:
         model.use_expanded_kv()
+    if qkv:  # and q, k and v from one GEMM
+        model.use_fused_qkv()
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True, dynamic=False)
     loss, grads = loss_and_grads(model, ids, tgt, forward=compiled)

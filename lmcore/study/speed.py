@@ -56,15 +56,23 @@ SPEED_LEVERS: dict[str, list[str]] = {
     # the micro-batches' gradients summed by foreach adds grouped by dtype, not an AccumulateGrad add a parameter
     # (918 small kernels a step at record's 8 micro-batches): on fused_all, one H200, -2.7 ms a step (session 16)
     "foreach_grad_accum": ["train.foreach_grad_accum=true"],
-    # fused_all with foreach adds and CUDA graphs: the fastest step measured, -6.6 ms on fused_all (session 16)
+    # fused_all with foreach adds and CUDA graphs: -6.6 ms on fused_all (session 16), -7.2 (session 17)
     "fused_all_foreach_graphs": ["train.fused_qk_norm_rope=true", "train.fused_xsa_gate=true", "train.expand_kv=true",
                                  "train.fused_mlp=true", "train.foreach_grad_accum=true",
                                  "train.compile_mode=reduce-overhead"],
-    # attn_scale and mlp_scale folded into the output projections' rows (a deliberate numeric change; session 16,
-    # not yet run on a GPU), alone and on fused_all
+    # attn_scale and mlp_scale folded into the output projections' rows (a deliberate numeric change), alone and
+    # on fused_all: -12.1 ms a step on fused_all, one H200 (session 17)
     "fold_scales": ["train.fold_output_scales=true"],
     "fused_all_fold": ["train.fused_qk_norm_rope=true", "train.fused_xsa_gate=true", "train.expand_kv=true",
                        "train.fused_mlp=true", "train.fold_output_scales=true"],
+    # fused_all_fold with foreach adds and CUDA graphs: the fastest step measured, 518.9 ms against the
+    # original's 636.7 on one H200 (1.227x, session 17)
+    "fused_all_fold_foreach_graphs": ["train.fused_qk_norm_rope=true", "train.fused_xsa_gate=true",
+                                      "train.expand_kv=true", "train.fused_mlp=true", "train.fold_output_scales=true",
+                                      "train.foreach_grad_accum=true", "train.compile_mode=reduce-overhead"],
+    # c_q, c_k and c_v as one GEMM, the q/k op on its output's slices (session 17; not yet run on a GPU), on fused_all
+    "fused_all_qkv": ["train.fused_qkv=true", "train.fused_xsa_gate=true", "train.expand_kv=true",
+                      "train.fused_mlp=true"],
     "ddp_buckets": ["train.ddp_bucket_cap_mb=100", "train.ddp_grad_as_bucket_view=true"],  # 2+ ranks only
     # CUDA graphs (mix-order reduction off, as the defaults): -2.4 ms a step with both fused ops (session 9)
     "cuda_graphs": ["train.compile_mode=reduce-overhead"],
