@@ -94,7 +94,7 @@ def test_kernel_sources_copies_the_top_triton_kernels(tmp_path: Path):
                                  "speed-2026-11-29-h200-s13b", "speed-2026-11-29-h200-s14",
                                  "speed-2026-11-29-h200-s15", "speed-2026-11-29-h200-s15b",
                                  "speed-2026-11-29-h200-s16", "speed-2026-11-29-h200-s16b",
-                                 "speed-2026-11-29-h200-s17"])
+                                 "speed-2026-11-29-h200-s17", "speed-2026-11-29-h200-s17b"])
 def test_committed_speed_table_is_what_its_results_give(capsys, job):
     # benchmarks/results/JOB holds the small files of one speed.sh job of issue 16 (session 5 on
     # two H200s, session 6 on one, session 7 on two); its speed_table.md (printed on the GPU
