@@ -17,7 +17,8 @@ same result every run).
 one GEMM on c_q, c_k and c_v's weights concatenated. The same two kernels read q's and k's slices
 of its output where they lie (each row's start from its token's stride), and the backward writes
 q's, k's and v's gradients into one tensor of the GEMM's output shape, so the input's gradient is
-one GEMM. v's slice is copied out once each way.
+one GEMM. v's slice is copied out once each way, by k's kernels (session 17's first version
+copied it with PyTorch: 176 strided copies, 11.4 ms a step on an H200).
 
 `xsa_gate(y, v, z)`: XSA (each query head's attention output less its component along its kv
 head's unit value vector) then the attention gate (times sigmoid of the gate's logits; None:
@@ -116,12 +117,22 @@ if triton is not None:
         return c, tl.where(cols < HALF, s, -s)
 
     @triton.jit
-    def _qk_fwd_kernel(x_ptr, cos_ptr, sin_ptr, gain_ptr, out_ptr, rstd_ptr, n_rows, eps,
+    def _move_rows(src_ptr, src_offs, dst_ptr, dst_offs, mask, D: tl.constexpr):
+        """Copy R rows of D elements from src_offs to dst_offs (v's slice of fused q/k/v, or its
+        gradient, moved beside k's rows: train.fused_qkv)."""
+        cols = tl.arange(0, D)[None, :]
+        tl.store(dst_ptr + dst_offs[:, None] + cols, tl.load(src_ptr + src_offs[:, None] + cols, mask=mask), mask=mask)
+
+    @triton.jit
+    def _qk_fwd_kernel(x_ptr, cos_ptr, sin_ptr, gain_ptr, out_ptr, rstd_ptr, v_ptr, v_out_ptr, n_rows, eps,
                        T: tl.constexpr, H: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, R: tl.constexpr,
-                       HAS_GAIN: tl.constexpr, REP: tl.constexpr, XS: tl.constexpr):
+                       HAS_GAIN: tl.constexpr, REP: tl.constexpr, XS: tl.constexpr, HAS_V: tl.constexpr):
+        # HAS_V (k's call under train.fused_qkv): v's rows, XS apart like x's, copied out contiguous
         rows = tl.program_id(0) * R + tl.arange(0, R)
         live = rows < n_rows
         mask = live[:, None]
+        if HAS_V:
+            _move_rows(v_ptr, _heads(rows, H, D, XS), v_out_ptr, rows * D, mask, D)
         x, xp = _tile(x_ptr, _heads(rows, H, D, XS), mask, D, HALF)
         c, s = _rope_cs(cos_ptr, sin_ptr, rows, mask, T, H, D, HALF)
         rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)  # (R,)
@@ -134,14 +145,18 @@ if triton is not None:
         tl.store(rstd_ptr + rows, rstd, mask=live)
 
     @triton.jit
-    def _qk_bwd_kernel(g_ptr, x_ptr, rstd_ptr, cos_ptr, sin_ptr, gain_ptr, dx_ptr, dgain_part_ptr, n_rows,
-                       T: tl.constexpr, H: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, R: tl.constexpr,
-                       HAS_GAIN: tl.constexpr, REP: tl.constexpr, XS: tl.constexpr, DXS: tl.constexpr):
-        # x is read, and dx written, with tokens XS and DXS elements apart (_heads)
+    def _qk_bwd_kernel(g_ptr, x_ptr, rstd_ptr, cos_ptr, sin_ptr, gain_ptr, dx_ptr, dgain_part_ptr, gv_ptr, dv_ptr,
+                       n_rows, T: tl.constexpr, H: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, R: tl.constexpr,
+                       HAS_GAIN: tl.constexpr, REP: tl.constexpr, XS: tl.constexpr, DXS: tl.constexpr,
+                       HAS_V: tl.constexpr):
+        # x is read, and dx written, with tokens XS and DXS elements apart (_heads); HAS_V: v's
+        # (contiguous) gradient written DXS apart too, into its slice of the fused gradient
         pid = tl.program_id(0)
         rows = pid * R + tl.arange(0, R)
         live = rows < n_rows
         mask = live[:, None]
+        if HAS_V:
+            _move_rows(gv_ptr, rows * D, dv_ptr, _heads(rows, H, D, DXS), mask, D)
         g, gp = _tile(g_ptr, rows * REP * D, mask, D, HALF)
         for j in tl.static_range(1, REP):  # the gradients of row r's copies, summed in fp32
             gj, gpj = _tile(g_ptr, (rows * REP + j) * D, mask, D, HALF)
@@ -187,33 +202,38 @@ def _token_stride(x: Tensor) -> int:
 
 def _forward_triton(
     x: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None, repeat: int = 1, rows: int | None = None,
-    warps: int = WARPS,
+    warps: int = WARPS, v: Tensor | None = None, v_out: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The forward kernel; `rows` a program (a multiple of H; default TILE // D) and `warps`
-    are the tile choice (benchmarks/qk_kernel_bench.py compares a few)."""
+    are the tile choice (benchmarks/qk_kernel_bench.py compares a few). With `v` (x's shape and
+    token stride) the same programs copy it into `v_out` (contiguous)."""
     b, t, h, d = x.shape
     out = x.new_empty(b, t, h * repeat, d)
     rstd = torch.empty((b, t, h), dtype=torch.float32, device=x.device)
     n_rows, rows = b * t * h, rows or _rows(x)
-    _qk_fwd_kernel[(triton.cdiv(n_rows, rows),)](x, cos, sin, x if gain is None else gain, out, rstd, n_rows, EPS,
+    _qk_fwd_kernel[(triton.cdiv(n_rows, rows),)](x, cos, sin, x if gain is None else gain, out, rstd,
+                                                 x if v is None else v, out if v_out is None else v_out, n_rows, EPS,
                                                  T=t, H=h, D=d, HALF=cos.size(-1), R=rows, HAS_GAIN=gain is not None,
-                                                 REP=repeat, XS=_token_stride(x), num_warps=warps)
+                                                 REP=repeat, XS=_token_stride(x), HAS_V=v is not None, num_warps=warps)
     return out, rstd
 
 
 def _backward_triton(
     g: Tensor, x: Tensor, rstd: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None, repeat: int = 1,
-    rows: int | None = None, warps: int = WARPS, dx: Tensor | None = None,
+    rows: int | None = None, warps: int = WARPS, dx: Tensor | None = None, gv: Tensor | None = None,
+    dv: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """The backward kernel, writing x's gradient into `dx` (x's shape, any token stride) if given."""
+    """The backward kernel, writing x's gradient into `dx` (x's shape, any token stride) if given;
+    with `gv` (contiguous, x's shape) the same programs copy it into `dv` (dx's token stride)."""
     b, t, h, d = x.shape
     n_rows, rows = b * t * h, rows or _rows(x)
     blocks = triton.cdiv(n_rows, rows)
     dx = torch.empty((b, t, h, d), dtype=x.dtype, device=x.device) if dx is None else dx
     part = torch.empty((blocks if gain is not None else 0, h), dtype=torch.float32, device=x.device)
-    _qk_bwd_kernel[(blocks,)](g, x, rstd, cos, sin, x if gain is None else gain, dx, part, n_rows,
+    _qk_bwd_kernel[(blocks,)](g, x, rstd, cos, sin, x if gain is None else gain, dx, part,
+                              x if gv is None else gv, dx if dv is None else dv, n_rows,
                               T=t, H=h, D=d, HALF=cos.size(-1), R=rows, HAS_GAIN=gain is not None, REP=repeat,
-                              XS=_token_stride(x), DXS=_token_stride(dx), num_warps=warps)
+                              XS=_token_stride(x), DXS=_token_stride(dx), HAS_V=gv is not None, num_warps=warps)
     return dx, part.sum(0) if gain is not None else part.new_empty(0)
 
 
@@ -285,9 +305,11 @@ def _qkv_norm_rope(qkv: Tensor, cos: Tensor, sin: Tensor, gain: Tensor, heads: i
                    repeat: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     q, k, v = _split_qkv(qkv, heads, head_dim)
     if _use_triton(q, cos.size(-1)) and _use_triton(k, cos.size(-1)):  # the kernels read the slices in place
-        (qo, rq), (ko, rk) = _forward_triton(q, cos, sin, gain), _forward_triton(k, cos, sin, None, repeat)
-    else:
-        (qo, rq), (ko, rk) = _forward_math(q, cos, sin, gain), _forward_math(k, cos, sin, None, repeat)
+        v_out = v.new_empty(v.shape)  # k's programs copy v's rows out beside k's
+        (qo, rq), (ko, rk) = _forward_triton(q, cos, sin, gain), _forward_triton(k, cos, sin, None, repeat, v=v,
+                                                                                 v_out=v_out)
+        return qo, ko, v_out, rq, rk
+    (qo, rq), (ko, rk) = _forward_math(q, cos, sin, gain), _forward_math(k, cos, sin, None, repeat)
     return qo, ko, v.clone(memory_format=torch.contiguous_format), rq, rk
 
 
@@ -310,8 +332,7 @@ def _qkv_norm_rope_backward(
         dqkv = torch.empty_like(qkv)
         dq, dk, dv = _split_qkv(dqkv, heads, head_dim)
         _, dgain = _backward_triton(gq, q, rq, cos, sin, gain, dx=dq)
-        _backward_triton(gk, k, rk, cos, sin, None, repeat, dx=dk)
-        dv.copy_(gv)
+        _backward_triton(gk, k, rk, cos, sin, None, repeat, dx=dk, gv=gv, dv=dv)  # and v's gradient, in k's programs
         return dqkv, dgain
     dq, dgain = _backward_math(gq, q, rq, cos, sin, gain)
     dk, _ = _backward_math(gk, k, rk, cos, sin, None, repeat)
