@@ -118,6 +118,24 @@ def test_fused_model_is_the_plain_model_eager_and_compiled(switch, method, attr,
     assert compiled(ids, tgt).item() == pytest.approx(plain_loss.item(), abs=1e-5)
 
 
+def test_every_fast_path_at_once_is_the_plain_model_in_fp32():
+    # the fastest lever set and fused q/k/v together (foldfg + train.fused_qkv): the same loss and
+    # gradients as the plain model in fp32 on CPU, so the switches compose
+    cfg = tiny_model_cfg()
+    model = randomize_(GPT(cfg), std=0.1).train()
+    ids = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(3))
+    tgt = torch.roll(ids, -1, 1)
+    plain_loss, plain_grads = loss_and_grads(model, ids, tgt)
+    for method in ("use_fused_qkv", "use_fused_xsa_gate", "use_expanded_kv", "use_fused_mlp", "fold_output_scales"):
+        getattr(model, method)()
+    loss, grads = loss_and_grads(model, ids, tgt)
+    assert loss.item() == pytest.approx(plain_loss.item(), abs=1e-5) and grads.keys() == plain_grads.keys()
+    for n in grads:
+        torch.testing.assert_close(grads[n], plain_grads[n], rtol=1e-4, atol=1e-5, msg=n)
+    assert model.blocks[0].fold_scales and model.blocks[0].mlp.fused_op is not None
+    assert model.blocks[0].attn.qkv_op is qkv_norm_rope
+
+
 @pytest.mark.parametrize("fused", [None, "use_fused_qk_norm_rope", "use_fused_qkv"])
 def test_expanded_kv_model_is_the_plain_model_eager_and_compiled(monkeypatch, fused):
     cfg = tiny_model_cfg()  # 4 query heads, 2 kv heads
