@@ -30,7 +30,7 @@ _backward ops) with fake kernels, so torch.compile keeps them in its whole graph
 CPU kernels (`_forward_math`, `_backward_math`, `_xsa_forward_math`, `_xsa_backward_math`) are
 what tests check against autograd of the plain composition; the Triton kernels are checked
 against them on GPU (tests marked cuda). Without Triton, CUDA tensors run the PyTorch math.
-Imported only by GPT.use_fused_qk_norm_rope / use_fused_xsa_gate: the exported single-file
+Imported only by GPT.use_fused_qk_norm_rope / use_fused_qkv / use_fused_xsa_gate: the exported single-file
 script embeds this module only for a config with a switch on (lmcore.export).
 """
 
