@@ -52,6 +52,14 @@ def loss_and_grads(model, ids, tgt, forward=None):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+def assert_same_loss_and_grads(loss, grads, plain_loss, plain_grads, loss_abs: float, rtol: float, atol: float):
+    """loss within loss_abs of plain_loss, the same parameters with gradients, and each gradient
+    close to the plain one (rtol, atol; the parameter named on failure)."""
+    assert loss.item() == pytest.approx(plain_loss.item(), abs=loss_abs) and grads.keys() == plain_grads.keys()
+    for n in grads:
+        torch.testing.assert_close(grads[n], plain_grads[n], rtol=rtol, atol=atol, msg=n)
+
+
 def script_env(keep_pythonpath: bool = False) -> dict[str, str]:
     """The environment an exported train_gpt.py runs in, in tests: one thread, no user site, no
     torchrun variables and no PYTHONPATH unless kept (on the GPU machines brotli is only on it)."""

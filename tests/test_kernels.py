@@ -37,7 +37,14 @@ from lmcore.layers import apply_rope, repeat_heads, rms_norm, rope_tables
 from lmcore.model import GPT
 from lmcore.pack import pack_run
 from lmcore.train import train
-from tests.conftest import loss_and_grads, randomize_, script_env, tiny_model_cfg, train_losses
+from tests.conftest import (
+    assert_same_loss_and_grads,
+    loss_and_grads,
+    randomize_,
+    script_env,
+    tiny_model_cfg,
+    train_losses,
+)
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -109,9 +116,7 @@ def test_fused_model_is_the_plain_model_eager_and_compiled(switch, method, attr,
     getattr(model, method)()
     assert all(getattr(b.attn, attr) is op for b in model.blocks)  # tiny: XSA on every layer
     loss, grads = loss_and_grads(model, ids, tgt)
-    assert loss.item() == pytest.approx(plain_loss.item(), abs=1e-5) and grads.keys() == plain_grads.keys()
-    for n in grads:
-        torch.testing.assert_close(grads[n], plain_grads[n], rtol=1e-4, atol=1e-5, msg=n)
+    assert_same_loss_and_grads(loss, grads, plain_loss, plain_grads, 1e-5, rtol=1e-4, atol=1e-5)
     assert param in grads and grads[param].abs().sum() > 0
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True, dynamic=False, backend="aot_eager")
@@ -129,9 +134,7 @@ def test_every_fast_path_at_once_is_the_plain_model_in_fp32():
     for method in ("use_fused_qkv", "use_fused_xsa_gate", "use_expanded_kv", "use_fused_mlp", "fold_output_scales"):
         getattr(model, method)()
     loss, grads = loss_and_grads(model, ids, tgt)
-    assert loss.item() == pytest.approx(plain_loss.item(), abs=1e-5) and grads.keys() == plain_grads.keys()
-    for n in grads:
-        torch.testing.assert_close(grads[n], plain_grads[n], rtol=1e-4, atol=1e-5, msg=n)
+    assert_same_loss_and_grads(loss, grads, plain_loss, plain_grads, 1e-5, rtol=1e-4, atol=1e-5)
     assert model.blocks[0].fold_scales and model.blocks[0].mlp.fused_op is not None
     assert model.blocks[0].attn.qkv_op is qkv_norm_rope
 
@@ -156,9 +159,7 @@ def test_expanded_kv_model_is_the_plain_model_eager_and_compiled(monkeypatch, fu
     model.use_expanded_kv()
     loss, grads = loss_and_grads(model, ids, tgt)
     assert heads == [(4, 4, 4)] * cfg.num_layers
-    assert loss.item() == pytest.approx(plain_loss.item(), abs=1e-5) and grads.keys() == plain_grads.keys()
-    for n in grads:
-        torch.testing.assert_close(grads[n], plain_grads[n], rtol=1e-4, atol=1e-5, msg=n)
+    assert_same_loss_and_grads(loss, grads, plain_loss, plain_grads, 1e-5, rtol=1e-4, atol=1e-5)
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True, dynamic=False, backend="aot_eager")
     assert compiled(ids, tgt).item() == pytest.approx(plain_loss.item(), abs=1e-5)
@@ -380,6 +381,4 @@ def test_fused_model_on_cuda_compiled_is_the_plain_model(expand_kv, qkv):  # bot
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True, dynamic=False)
     loss, grads = loss_and_grads(model, ids, tgt, forward=compiled)
-    assert loss.item() == pytest.approx(plain_loss.item(), abs=1e-4) and grads.keys() == plain_grads.keys()
-    for n in grads:
-        torch.testing.assert_close(grads[n], plain_grads[n], rtol=1e-3, atol=1e-4, msg=n)
+    assert_same_loss_and_grads(loss, grads, plain_loss, plain_grads, 1e-4, rtol=1e-3, atol=1e-4)

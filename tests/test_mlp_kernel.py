@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import lmcore.mlp_kernel as MK
 from lmcore.mlp_kernel import leaky_mlp
 from lmcore.model import GPT, LatentMasks
-from tests.conftest import loss_and_grads, randomize_, tiny_model_cfg
+from tests.conftest import assert_same_loss_and_grads, loss_and_grads, randomize_, tiny_model_cfg
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 SLOPE = 0.5
@@ -140,9 +140,7 @@ def test_fused_model_is_the_plain_model_eager_and_compiled(monkeypatch):
     calls = _spy(monkeypatch, model)
     loss, grads = loss_and_grads(model, ids, tgt)
     assert len(calls) == model.cfg.num_layers
-    assert loss.item() == pytest.approx(plain_loss.item(), abs=1e-6) and grads.keys() == plain_grads.keys()
-    for n in grads:
-        torch.testing.assert_close(grads[n], plain_grads[n], rtol=1e-5, atol=1e-6, msg=n)
+    assert_same_loss_and_grads(loss, grads, plain_loss, plain_grads, 1e-6, rtol=1e-5, atol=1e-6)
     assert grads["blocks.0.mlp.fc.weight"].abs().sum() > 0
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True, dynamic=False, backend="aot_eager")
@@ -223,9 +221,7 @@ def test_fused_model_on_cuda_compiled_under_autocast_is_the_plain_model(monkeypa
         torch._dynamo.reset()
         loss, grads = loss_and_grads(model, ids, tgt, forward=torch.compile(model, fullgraph=True))
     assert sorted(launched) == [False] * cfg.num_layers + [True] * cfg.num_layers  # Triton, both ways
-    assert loss.item() == pytest.approx(plain_loss.item(), abs=2e-3) and grads.keys() == plain_grads.keys()
-    for n in grads:
-        torch.testing.assert_close(grads[n], plain_grads[n], rtol=5e-2, atol=5e-3, msg=n)
+    assert_same_loss_and_grads(loss, grads, plain_loss, plain_grads, 2e-3, rtol=5e-2, atol=5e-3)
 
 
 @pytest.mark.cuda

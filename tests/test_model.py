@@ -9,7 +9,7 @@ from lmcore.cli import main
 from lmcore.config import PRESETS
 from lmcore.layers import fake_quantize_rows, rope_tables
 from lmcore.model import GPT, KVCache, LatentMasks, param_counts
-from tests.conftest import loss_and_grads, randomize_, tiny_model_cfg
+from tests.conftest import assert_same_loss_and_grads, loss_and_grads, randomize_, tiny_model_cfg
 
 RECORD_PARAMS = 27_739_277
 
@@ -318,9 +318,7 @@ def test_folded_output_scales_are_the_plain_model_in_fp32(monkeypatch, fused_mlp
     model.fold_output_scales()
     loss, grads = loss_and_grads(model, ids, tgt)
     assert scaled == [(cfg.model_dim,)] * (2 * cfg.num_layers)  # both projections of every block
-    assert loss.item() == pytest.approx(plain_loss.item(), abs=1e-6) and grads.keys() == plain_grads.keys()
-    for n in grads:
-        torch.testing.assert_close(grads[n], plain_grads[n], rtol=1e-5, atol=1e-6, msg=n)
+    assert_same_loss_and_grads(loss, grads, plain_loss, plain_grads, 1e-6, rtol=1e-5, atol=1e-6)
     assert grads["blocks.1.attn_scale"].abs().min() > 0 and grads["blocks.1.mlp_scale"].abs().min() > 0
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True, dynamic=False, backend="aot_eager")
@@ -360,6 +358,4 @@ def test_folded_output_scales_on_cuda_compiled_under_autocast_follow_the_plain_m
         model.fold_output_scales()
         torch._dynamo.reset()
         loss, grads = loss_and_grads(model, ids, tgt, forward=torch.compile(model, fullgraph=True))
-    assert loss.item() == pytest.approx(plain_loss.item(), abs=2e-3) and grads.keys() == plain_grads.keys()
-    for n in grads:
-        torch.testing.assert_close(grads[n], plain_grads[n], rtol=5e-2, atol=5e-3, msg=n)
+    assert_same_loss_and_grads(loss, grads, plain_loss, plain_grads, 2e-3, rtol=5e-2, atol=5e-3)
