@@ -55,9 +55,14 @@ except ImportError:
 # ms against 0.40 both ways, -8.2 ms a step (benchmarks/RESULTS.md, session 14). The sixth field of the
 # TMA tiles is where their descriptors are built: 2 on the device (the default; session 15: the same
 # kernel time, half the host's time a launch), 1 on the host.
+# The seventh field, programs an SM (1 by default), launches that many persistent programs a
+# multiprocessor, so that one program's epilogue could overlap another's GEMM. Session 18 (H200
+# GPU-7baecdac, mlp_epilogue_bench.py --tiles): no tile at 2 or 3 an SM beat the defaults at 1
+# (forward 0.327-0.440 ms against 0.327; backward 0.401-0.541 against 0.397; GEMM alone 0.233
+# and 0.270), so the defaults stay at 1.
 BLOCK_K, GROUP_M = 64, 8
 TILE_POINTERS = (128, 128, BLOCK_K, 4, 3)
-TILE_TMA_FWD, TILE_TMA_BWD = (128, 256, BLOCK_K, 8, 4, 2), (128, 256, BLOCK_K, 8, 3, 2)
+TILE_TMA_FWD, TILE_TMA_BWD = (128, 256, BLOCK_K, 8, 4, 2, 1), (128, 256, BLOCK_K, 8, 3, 2, 1)
 DESCRIPTORS = {"device": 2, "host": 1}  # train.fused_mlp_descriptors -> the TMA tile's sixth field
 
 
@@ -188,21 +193,25 @@ def _tile(a: Tensor, n: int, forward: bool, descriptors: str = "device") -> tupl
     where descriptors can take a (M, K) and an (M, n) output (Triton with TMA, 16-byte aligned rows
     and base), else the pointer kernel's."""
     if TensorDescriptor is not None and n % 8 == 0 and a.size(1) % 8 == 0 and a.data_ptr() % 16 == 0:
-        return (*(TILE_TMA_FWD if forward else TILE_TMA_BWD)[:5], DESCRIPTORS[descriptors])
+        tile = TILE_TMA_FWD if forward else TILE_TMA_BWD
+        return (*tile[:5], DESCRIPTORS[descriptors], *tile[6:])
     return TILE_POINTERS
 
 
 def _launch(a: Tensor, b_kn: Tensor, pre: Tensor, out: Tensor, slope: float, backward: bool, tile: tuple) -> None:
-    """One kernel over C = a (M, K) @ b_kn (K, N) at `tile` (BM, BN, BK, warps, stages[, tma]).
-    tma 1: the persistent TMA kernel, which takes B as (N, K) contiguous (b_kn, a weight, is
-    copied so when it is not: 1.5 MB at record's widths), on descriptors built by the host;
-    tma 2: the same on descriptors built on the device; 0 (or five fields): the pointer kernel
-    (any strides)."""
-    bm, bn, bk, warps, stages, tma = (*tile, 0)[:6]
+    """One kernel over C = a (M, K) @ b_kn (K, N) at `tile` (BM, BN, BK, warps, stages[, tma[,
+    programs an SM]]). tma 1: the persistent TMA kernel, which takes B as (N, K) contiguous (b_kn, a
+    weight, is copied so when it is not: 1.5 MB at record's widths), on descriptors built by the
+    host; tma 2: the same on descriptors built on the device; 0 (or five fields): the pointer
+    kernel (any strides). The persistent kernel runs `programs an SM` (default 1) programs on
+    each multiprocessor."""
+    bm, bn, bk, warps, stages = tile[:5]
+    tma = tile[5] if len(tile) > 5 else 0
+    per_sm = tile[6] if len(tile) > 6 else 1
     (m, k), n = a.shape, b_kn.size(1)
     if tma:
         b = b_kn.t().contiguous()
-        sms = _sm_count(a.device)
+        sms = _sm_count(a.device) * per_sm
         grid = (min(sms, triton.cdiv(m, bm) * triton.cdiv(n, bn)),)
         if tma == 2:  # Triton's allocator is a context variable: each thread (autograd's too) needs it set
             triton.set_allocator(_scratch)

@@ -80,8 +80,8 @@ def test_tma_kernel_only_where_its_descriptors_take_the_tensors(monkeypatch):
     monkeypatch.setattr(MK, "TensorDescriptor", object())
     assert MK._tile(a, 1536, forward=True) == MK.TILE_TMA_FWD and MK._tile(a, 1536, forward=False) == MK.TILE_TMA_BWD
     assert MK.TILE_TMA_FWD[5] == MK.TILE_TMA_BWD[5] == 2  # descriptors built on the device by default
-    assert MK._tile(a, 1536, True, "host") == (*MK.TILE_TMA_FWD[:5], 1)
-    assert MK._tile(a, 1536, False, "host") == (*MK.TILE_TMA_BWD[:5], 1)
+    assert MK._tile(a, 1536, True, "host") == (*MK.TILE_TMA_FWD[:5], 1, *MK.TILE_TMA_FWD[6:])
+    assert MK._tile(a, 1536, False, "host") == (*MK.TILE_TMA_BWD[:5], 1, *MK.TILE_TMA_BWD[6:])
     assert MK._tile(a, 1540, forward=True) == MK.TILE_POINTERS  # output rows not 16-byte aligned
     assert MK._tile(torch.zeros(64, 516, dtype=torch.bfloat16), 1536, forward=True) == MK.TILE_POINTERS
     assert MK._tile(a.view(-1)[4:4 + 63 * 512].view(63, 512), 1536,
@@ -185,6 +185,8 @@ def test_latent_masks_keep_the_plain_path(monkeypatch):
     (300, 64, 200, (64, 64, 32, 4, 2, 1)),  # TMA's out-of-bounds tiles: zeros in, nothing out
     (98304 // 8, 512, 1536, (128, 256, 64, 8, 3, 2)),  # descriptors built on the device
     (300, 64, 200, (64, 64, 32, 4, 2, 2)),
+    (98304 // 8, 512, 1536, (128, 128, 64, 8, 2, 2, 2)),  # two programs an SM
+    (300, 64, 200, (64, 64, 32, 4, 2, 1, 3)),  # three, more than there are tiles
 ])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_triton_gemm_is_the_pytorch_kernels(m, d, hidden, tile, dtype):
