@@ -184,9 +184,10 @@ class TrainConfig:
     # backward writes q's, k's and v's gradients into one tensor, so the input's gradient is one GEMM and the
     # weights' gradients one GEMM (lmcore.kernels.qkv_norm_rope). The normed input is read once instead of
     # three times each way. The same math up to the GEMMs' accumulation order. KV-cached decoding keeps the
-    # three GEMMs. The exported script embeds the kernels. On one H200 (session 17, with fused_xsa_gate, expand_kv
-    # and fused_mlp, 120 steps) 547.2 -> 543.9 ms a step, max |dloss| 0.0168; that version copied v's slice out
-    # with PyTorch (11.4 ms a step); k's kernels now move it (not yet run on a GPU).
+    # three GEMMs. The exported script embeds the kernels. k's kernels move v's rows out of (and its gradient
+    # into) its slice. On one H200 (session 18, in place of fused_qk_norm_rope on the fastest set: fused_xsa_gate,
+    # expand_kv, fused_mlp, fold_output_scales, foreach_grad_accum, CUDA graphs): 534.3 -> 525.4 ms a step, max
+    # |dloss| 0.0191 over 200 steps against a twin's 0.0128 (benchmarks/RESULTS.md).
     fused_qkv: bool = False
     # The MLP's LeakyReLU^2 as its first GEMM's epilogue, act' as the backward GEMM's (lmcore.mlp_kernel:
     # Triton GEMMs on CUDA, the same math in PyTorch elsewhere; the same math as the plain MLP up to the

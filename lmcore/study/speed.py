@@ -65,14 +65,20 @@ SPEED_LEVERS: dict[str, list[str]] = {
     "fold_scales": ["train.fold_output_scales=true"],
     "fused_all_fold": ["train.fused_qk_norm_rope=true", "train.fused_xsa_gate=true", "train.expand_kv=true",
                        "train.fused_mlp=true", "train.fold_output_scales=true"],
-    # fused_all_fold with foreach adds and CUDA graphs: the fastest step measured, 518.9 ms against the
-    # original's 636.7 on one H200 (1.227x, session 17)
+    # fused_all_fold with foreach adds and CUDA graphs: 518.9 ms against the original's 636.7 on one H200
+    # (1.227x, session 17); 534.3 against 661.8 on another (1.239x, session 18)
     "fused_all_fold_foreach_graphs": ["train.fused_qk_norm_rope=true", "train.fused_xsa_gate=true",
                                       "train.expand_kv=true", "train.fused_mlp=true", "train.fold_output_scales=true",
                                       "train.foreach_grad_accum=true", "train.compile_mode=reduce-overhead"],
-    # c_q, c_k and c_v as one GEMM, the q/k op on its output's slices (session 17; not yet run on a GPU), on fused_all
+    # c_q, c_k and c_v as one GEMM, the q/k op on its output's slices, on fused_all (session 17's first version:
+    # -3.3 ms a step on one H200)
     "fused_all_qkv": ["train.fused_qkv=true", "train.fused_xsa_gate=true", "train.expand_kv=true",
                       "train.fused_mlp=true"],
+    # fused_all_fold_foreach_graphs with fused_qkv in place of fused_qk_norm_rope: the fastest step measured,
+    # 525.4 ms against the original's 661.8 on one H200 (1.260x; -8.9 ms on the set without it, session 18)
+    "fused_all_qkv_fold_foreach_graphs": ["train.fused_qkv=true", "train.fused_xsa_gate=true", "train.expand_kv=true",
+                                          "train.fused_mlp=true", "train.fold_output_scales=true",
+                                          "train.foreach_grad_accum=true", "train.compile_mode=reduce-overhead"],
     "ddp_buckets": ["train.ddp_bucket_cap_mb=100", "train.ddp_grad_as_bucket_view=true"],  # 2+ ranks only
     # CUDA graphs (mix-order reduction off, as the defaults): -2.4 ms a step with both fused ops (session 9)
     "cuda_graphs": ["train.compile_mode=reduce-overhead"],
