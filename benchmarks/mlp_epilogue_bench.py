@@ -11,7 +11,10 @@ dH = (dY W_proj) * act'(H), each compiled three ways:
                 also writes pre, which training keeps for the backward (the rows above do not)
 
 usage: python benchmarks/mlp_epilogue_bench.py [--tokens 98304] [--hows default,autotune,autotune+tma]
-       [--tiles BMxBNxBKxWARPSxSTAGES,...] [--host] [--json PATH]
+       [--tiles BMxBNxBKxWARPSxSTAGES,...] [--sign] [--host] [--json PATH]
+
+--sign adds a row a tile with train.fused_mlp_sign's kernels: the forward writes post and pre's
+signs (not pre), the backward reads post and the signs.
 
 --host adds the host's time a call (128 tokens, so that the GPU waits for the host): the Triton
 GEMM at each tile, the whole op `leaky_mlp` forward, and cuBLAS's matmul for scale.
@@ -58,11 +61,20 @@ def compiled(fn, how: str):
     return torch.compile(fn, options=options)
 
 
-def _lmcore(name: str, tile: tuple):
-    """lmcore.mlp_kernel's Triton GEMM at `tile` as fwd's or bwd's signature (fwd returns post)."""
+def _lmcore(name: str, tile: tuple, sign: bool = False):
+    """lmcore.mlp_kernel's Triton GEMM at `tile` as fwd's or bwd's signature (fwd returns post);
+    with `sign`, train.fused_mlp_sign's kernels (bwd's post and signs made from h, outside the timing)."""
     if name == "fwd":
-        return lambda x, w: MK._fc_triton(x, w, SLOPE, tile)[1]
-    return lambda dy, wp, h: MK._dpre_triton(dy, wp, h, SLOPE, tile)
+        return lambda x, w: MK._fc_triton(x, w, SLOPE, tile, sign=sign)[1]
+    if not sign:
+        return lambda dy, wp, h: MK._dpre_triton(dy, wp, h, SLOPE, tile)
+    kept = {}
+
+    def bwd_sign(dy, wp, h):
+        if "post" not in kept:
+            kept["post"], kept["signs"] = MK._act(h, SLOPE), MK._pack(h > 0)
+        return MK._dpre_triton(dy, wp, kept["post"], SLOPE, tile, signs=kept["signs"])
+    return bwd_sign
 
 
 def host_us(fn, calls: int = 2000) -> float:
@@ -106,6 +118,7 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=48 * 2048)
     ap.add_argument("--hows", default="default,autotune,autotune+tma", help="torch.compile ways, comma-separated")
     ap.add_argument("--tiles", default="", help="lmcore.mlp_kernel tiles BMxBNxBKxWARPSxSTAGES, comma-separated")
+    ap.add_argument("--sign", action="store_true", help="each tile also with train.fused_mlp_sign's kernels")
     ap.add_argument("--host", action="store_true", help="also the host's time a call (128 tokens)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -119,12 +132,13 @@ def main() -> int:
     ref_f, ref_b = fwd(x, w).float(), bwd(dy, wp, h).float()
     rows = {"GEMM alone": {"fwd": timed(lambda: x @ w.t()), "bwd": timed(lambda: dy @ wp)}}
     tiles = {f"lmcore {t}": tuple(int(v) for v in t.split("x")) for t in args.tiles.split(",") if t}
-    for how in [*args.hows.split(","), *tiles]:
+    signs = {f"{how} sign": tile for how, tile in tiles.items()} if args.sign else {}
+    for how in [*args.hows.split(","), *tiles, *signs]:
         row = {}
         for name, fn, inputs, ref in (("fwd", fwd, (x, w), ref_f), ("bwd", bwd, (dy, wp, h), ref_b)):
             try:
-                if how in tiles:
-                    c = _lmcore(name, tiles[how])
+                if how in tiles or how in signs:
+                    c = _lmcore(name, tiles.get(how) or signs[how], how in signs)
                 else:
                     c = compiled(fn, how)
                 out = c(*inputs).float()
@@ -142,7 +156,7 @@ def main() -> int:
         f, b = r.get("fwd"), r.get("bwd")
         step = f"{CALLS_PER_STEP * (f + b):.1f} ms" if f and b else "-"
         print(f"| {how} | {f'{f:.3f}' if f else r.get('fwd_error', '-')} | {f'{b:.3f}' if b else r.get('bwd_error', '-')} | {step} |")
-    host = host_table(tiles) if args.host else {}
+    host = host_table(tiles) if args.host else {}  # the pre kernels' host time (the sign ones launch alike)
     if host:
         print()
         print("| host's time a call, 128 tokens | us |")

@@ -200,6 +200,12 @@ class TrainConfig:
     # bench). The same kernel body and numbers; the same step time within the noise (541.4 ms device,
     # 541.9 host, with both fused ops and expand_kv on one H200, session 15).
     fused_mlp_descriptors: str = "device"
+    # With fused_mlp: its forward keeps post (which the backward needs anyway) and one bit an element, pre > 0,
+    # instead of pre, and its backward takes act'(pre) = 2 sqrt(post) (pre > 0) or -2 |slope| sqrt(post) from
+    # them (lmcore.mlp_kernel._dpre_sign_math). The forward kernel writes 19 MB of signs instead of 302 MB of pre
+    # a call at record's micro-batch, and peak memory is about 3.1 GB less (11 layers' pre). A deliberate rounding change: sqrt(post)
+    # stands for |leaky(pre)| rounded once more. mlp_hidden a multiple of 32. Not yet run on a GPU (session 18).
+    fused_mlp_sign: bool = False
     # k and v repeated to the query heads before attention (GQA run as MHA: FA3's backward then writes
     # dk/dv without its fp32 GQA accumulators and their converts); autograd sums each kv head's copies'
     # gradients. With fused_qk_norm_rope the q/k kernel writes k's copies and sums their gradients in
@@ -295,6 +301,11 @@ class Config:
             raise ConfigError(f"train.compile_mode={self.train.compile_mode!r}: expected one of {', '.join(COMPILE_MODES)}")
         if self.train.fused_mlp_descriptors not in ("device", "host"):
             raise ConfigError(f"train.fused_mlp_descriptors={self.train.fused_mlp_descriptors!r}: expected device or host")
+        if self.train.fused_mlp_sign and not self.train.fused_mlp:
+            raise ConfigError("train.fused_mlp_sign=true needs train.fused_mlp=true")
+        if self.train.fused_mlp_sign and self.model.mlp_hidden % 32:
+            raise ConfigError(f"train.fused_mlp_sign=true needs model.mlp_hidden a multiple of 32, "
+                              f"not {self.model.mlp_hidden}")
         if self.train.ema not in ("original", "bias_corrected", "off"):
             raise ConfigError(f"train.ema={self.train.ema!r}: expected original, bias_corrected or off")
         return self

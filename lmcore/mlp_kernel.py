@@ -9,6 +9,10 @@ elementwise epilogue (issue 16; #1105's idea, our own code).
 - backward: one Triton GEMM computes dpost = dy w_proj and multiplies it by act'(pre) in its
   epilogue (dpre = dpost * 2 * leaky(pre) * (1 or slope)), so dpost is never written; the three
   weight and input gradients (dy^T post, dpre w_fc, dpre^T x) are cuBLAS's.
+- `sign` (train.fused_mlp_sign): the forward keeps one bit an element, pre > 0, packed 32 to an
+  int32 word, instead of pre, and the backward takes act'(pre) from post (which it keeps anyway
+  for w_proj's gradient) and that bit: 2 sqrt(post) where pre > 0, -2 |slope| sqrt(post) elsewhere.
+  19 MB written a call instead of 302; a deliberate rounding change (`_dpre_sign_math`).
 The plain path (cuBLAS GEMMs, then inductor's elementwise kernels) writes and reads pre and
 dpost once more each: about 0.6 GB a call at `record`'s micro-batch (98,304 x 1,536 bf16).
 Two versions of the Triton GEMM: a persistent one with TMA loads and stores (the default where
@@ -18,12 +22,13 @@ device (`descriptors="device"`, the default: the launch takes pointers, so it co
 the pointer kernel's does) or on descriptors the host builds at every launch ("host": session 14's,
 37-50 us more host time a launch, the same step time; train.fused_mlp_descriptors chooses).
 
-The same math as the plain path: the GEMM's fp32 result is rounded to the input dtype as
-cuBLAS's output would be, and the activation and its derivative run in fp32 on that value and are
-rounded once. Only the GEMMs' accumulation order differs. torch.library custom ops
-(lmcore::leaky_mlp and lmcore::leaky_mlp_dpre) with fake kernels, so torch.compile keeps them
-in its whole graph. `_fc_math` and `_dpre_math` are what tests check against autograd of the
-plain MLP; the Triton kernel is checked against them on GPU (tests marked cuda). Without
+The same math as the plain path (without `sign`): the GEMM's fp32 result is rounded to the input
+dtype as cuBLAS's output would be, and the activation and its derivative run in fp32 on that value
+and are rounded once. Only the GEMMs' accumulation order differs. torch.library custom ops
+(lmcore::leaky_mlp, lmcore::leaky_mlp_dpre and lmcore::leaky_mlp_dpre_sign) with fake kernels, so
+torch.compile keeps them in its whole graph. `_fc_math`, `_dpre_math` and their `_sign` versions
+are what tests check against autograd of the plain MLP; the Triton kernel is checked against them
+on GPU (tests marked cuda). Without
 Triton, or for shapes it does not take, the PyTorch math runs. Imported only by
 GPT.use_fused_mlp: the exported script embeds this module only with the switch on.
 """
@@ -85,12 +90,58 @@ def _dpre_math(g: Tensor, w_proj: Tensor, pre: Tensor, slope: float) -> Tensor:
     return (dpost * grad).to(pre.dtype)
 
 
+def _pack(positive: Tensor) -> Tensor:
+    """(m, n) bools, n a multiple of 32 -> (m, n // 32) int32 words: bit j of word i is column 32 i + j."""
+    m, n = positive.shape
+    shifts = torch.arange(32, device=positive.device, dtype=torch.int32)
+    return (positive.view(m, n // 32, 32).to(torch.int32) << shifts).sum(-1, dtype=torch.int32)
+
+
+def _unpack(words: Tensor, n: int) -> Tensor:
+    """_pack's inverse: (m, n // 32) int32 words -> (m, n) bools."""
+    shifts = torch.arange(32, device=words.device, dtype=torch.int32)
+    return ((words.unsqueeze(-1) >> shifts) & 1).view(words.size(0), n).bool()
+
+
+def _fc_sign_math(x: Tensor, w_fc: Tensor, slope: float) -> tuple[Tensor, Tensor]:
+    """(signs, post): pre's signs (pre > 0) packed by _pack, and post = act(pre); pre is not kept."""
+    pre, post = _fc_math(x, w_fc, slope)
+    return _pack(pre > 0), post
+
+
+def _dpre_sign_math(g: Tensor, w_proj: Tensor, post: Tensor, signs: Tensor, slope: float) -> Tensor:
+    """dpre from post and pre's signs: act'(pre) = 2 leaky(pre) (1 or slope), and |leaky(pre)| =
+    sqrt(post), so act'(pre) = 2 sqrt(post) where pre > 0 and -2 |slope| sqrt(post) elsewhere (0 at
+    pre = 0, as act'(0) is). The product in fp32, as _dpre_math's; sqrt(post) stands for |leaky(pre)|
+    rounded once more (post's rounding, halved by the root)."""
+    dpost = (g @ w_proj).float()
+    grad = 2 * post.float().sqrt() * torch.where(_unpack(signs, post.size(1)), 1.0, -abs(slope))
+    return (dpost * grad).to(post.dtype)
+
+
 if triton is not None:
 
     @triton.jit
-    def _mm_act_kernel(a_ptr, b_ptr, pre_ptr, out_ptr, M, N, K, s_am, s_ak, s_bk, s_bn, slope,
-                       BACKWARD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                       GROUP: tl.constexpr):
+    def _pack_signs(h, BM: tl.constexpr, BN: tl.constexpr):
+        # (BM, BN) fp32 -> (BM, BN // 32) int32 words of h > 0, bit j of word i column 32 i + j (_pack's)
+        bits = tl.reshape((h > 0).to(tl.int32), (BM, BN // 32, 32))
+        return tl.sum(bits << tl.arange(0, 32)[None, None, :], axis=2)
+
+    @triton.jit
+    def _unpack_signs(words, BM: tl.constexpr, BN: tl.constexpr):
+        # _pack_signs' inverse: (BM, BN // 32) int32 words -> (BM, BN) int32 bits
+        return tl.reshape((words[:, :, None] >> tl.arange(0, 32)[None, None, :]) & 1, (BM, BN))
+
+    @triton.jit
+    def _sign_words(rows, first_word, M, N, BN: tl.constexpr):
+        # offsets and bounds of a (rows, BN // 32) block of the (M, N // 32) sign words
+        rw = first_word + tl.arange(0, BN // 32)
+        return rows[:, None] * (N // 32) + rw[None, :], (rows[:, None] < M) & (rw[None, :] < N // 32)
+
+    @triton.jit
+    def _mm_act_kernel(a_ptr, b_ptr, pre_ptr, out_ptr, sign_ptr, M, N, K, s_am, s_ak, s_bk, s_bn, slope,
+                       BACKWARD: tl.constexpr, SIGN: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                       BK: tl.constexpr, GROUP: tl.constexpr):
         # C = A B (A (M, K), B (K, N) by strides; K a multiple of BK), then the epilogue on each
         # (BM, BN) tile of C. Programs walk GROUP row blocks down a column block before moving
         # right, so B's tiles stay in L2 (Triton's matmul tutorial's ordering).
@@ -115,32 +166,50 @@ if triton is not None:
         live = (rm[:, None] < M) & (rn[None, :] < N)
         dtype = out_ptr.dtype.element_ty
         h = acc.to(dtype).to(tl.float32)  # the GEMM's output as cuBLAS would round it
-        if BACKWARD:  # h is dpost; pre's tile gives act'(pre)
+        w, w_live = _sign_words(rm, pid_n * (BN // 32), M, N, BN)  # SIGN: pre's signs, a bit a column
+        if BACKWARD:  # h is dpost; pre's tile gives act'(pre), or post's and the signs (SIGN)
             p = tl.load(pre_ptr + c, mask=live, other=0.0).to(tl.float32)
-            grad = 2.0 * tl.where(p > 0, p, p * slope) * tl.where(p > 0, 1.0, slope)
+            if SIGN:  # slope is -|slope| here (_launch)
+                bits = _unpack_signs(tl.load(sign_ptr + w, mask=w_live, other=0), BM, BN)
+                grad = 2.0 * tl.sqrt(p) * tl.where(bits != 0, 1.0, slope)
+            else:
+                grad = 2.0 * tl.where(p > 0, p, p * slope) * tl.where(p > 0, 1.0, slope)
             tl.store(out_ptr + c, (h * grad).to(dtype), mask=live)
         else:  # h is pre
-            tl.store(pre_ptr + c, h.to(dtype), mask=live)
+            if SIGN:
+                tl.store(sign_ptr + w, _pack_signs(h, BM, BN), mask=w_live)
+            else:
+                tl.store(pre_ptr + c, h.to(dtype), mask=live)
             lk = tl.where(h > 0, h, h * slope)
             tl.store(out_ptr + c, (lk * lk).to(dtype), mask=live)
 
     @triton.jit
-    def _tma_epilogue(acc, pre_desc, out_desc, om, on, slope, BACKWARD: tl.constexpr):
-        # _mm_act_kernel's epilogue on one (BM, BN / 2) half tile, through TMA descriptors
+    def _tma_epilogue(acc, pre_desc, out_desc, sign_ptr, om, on, M, N, slope, BACKWARD: tl.constexpr,
+                      SIGN: tl.constexpr, BM: tl.constexpr, BH: tl.constexpr):
+        # _mm_act_kernel's epilogue on one (BM, BH = BN / 2) half tile, through TMA descriptors (the
+        # sign words through pointers)
         dtype = out_desc.dtype
         h = acc.to(dtype).to(tl.float32)
+        w, w_live = _sign_words(om + tl.arange(0, BM), on // 32, M, N, BH)
         if BACKWARD:
             p = pre_desc.load([om, on]).to(tl.float32)
-            grad = 2.0 * tl.where(p > 0, p, p * slope) * tl.where(p > 0, 1.0, slope)
+            if SIGN:  # p is post; slope is -|slope| here (_launch)
+                bits = _unpack_signs(tl.load(sign_ptr + w, mask=w_live, other=0), BM, BH)
+                grad = 2.0 * tl.sqrt(p) * tl.where(bits != 0, 1.0, slope)
+            else:
+                grad = 2.0 * tl.where(p > 0, p, p * slope) * tl.where(p > 0, 1.0, slope)
             out_desc.store([om, on], (h * grad).to(dtype))
         else:
-            pre_desc.store([om, on], h.to(dtype))
+            if SIGN:
+                tl.store(sign_ptr + w, _pack_signs(h, BM, BH), mask=w_live)
+            else:
+                pre_desc.store([om, on], h.to(dtype))
             lk = tl.where(h > 0, h, h * slope)
             out_desc.store([om, on], (lk * lk).to(dtype))
 
     @triton.jit
-    def _tma_tiles(a_desc, b_desc, pre_desc, out_desc, M, N, K, slope, BACKWARD: tl.constexpr, BM: tl.constexpr,
-                   BN: tl.constexpr, BK: tl.constexpr, SMS: tl.constexpr):
+    def _tma_tiles(a_desc, b_desc, pre_desc, out_desc, sign_ptr, M, N, K, slope, BACKWARD: tl.constexpr,
+                   SIGN: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SMS: tl.constexpr):
         # The same GEMM and epilogue as _mm_act_kernel with B given as (N, K), persistent: one
         # program an SM walks the (BM, BN) tiles with the column block fastest (the tiles of one
         # row block of A run side by side, so A is read from HBM about once); TMA loads and stores
@@ -155,25 +224,28 @@ if triton is not None:
             for ki in range(tl.cdiv(K, BK)):
                 acc = tl.dot(a_desc.load([om, ki * BK]), b_desc.load([on, ki * BK]).T, acc)
             left, right = tl.split(tl.permute(tl.reshape(acc, (BM, 2, BN // 2)), (0, 2, 1)))
-            _tma_epilogue(left, pre_desc, out_desc, om, on, slope, BACKWARD)
-            _tma_epilogue(right, pre_desc, out_desc, om, on + BN // 2, slope, BACKWARD)
+            _tma_epilogue(left, pre_desc, out_desc, sign_ptr, om, on, M, N, slope, BACKWARD, SIGN, BM, BN // 2)
+            _tma_epilogue(right, pre_desc, out_desc, sign_ptr, om, on + BN // 2, M, N, slope, BACKWARD, SIGN, BM,
+                          BN // 2)
 
     @triton.jit
-    def _mm_act_tma_kernel(a_desc, b_desc, pre_desc, out_desc, M, N, K, slope, BACKWARD: tl.constexpr,
-                           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SMS: tl.constexpr):
+    def _mm_act_tma_kernel(a_desc, b_desc, pre_desc, out_desc, sign_ptr, M, N, K, slope, BACKWARD: tl.constexpr,
+                           SIGN: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                           SMS: tl.constexpr):
         # _tma_tiles on descriptors the host built (tma 1)
-        _tma_tiles(a_desc, b_desc, pre_desc, out_desc, M, N, K, slope, BACKWARD, BM, BN, BK, SMS)
+        _tma_tiles(a_desc, b_desc, pre_desc, out_desc, sign_ptr, M, N, K, slope, BACKWARD, SIGN, BM, BN, BK, SMS)
 
     @triton.jit
-    def _mm_act_tma_dev_kernel(a_ptr, b_ptr, pre_ptr, out_ptr, M, N, K, slope, BACKWARD: tl.constexpr,
-                               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SMS: tl.constexpr):
+    def _mm_act_tma_dev_kernel(a_ptr, b_ptr, pre_ptr, out_ptr, sign_ptr, M, N, K, slope, BACKWARD: tl.constexpr,
+                               SIGN: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                               SMS: tl.constexpr):
         # _tma_tiles on descriptors each program builds from contiguous tensors' pointers (tma 2): the
         # launch takes pointers, as the pointer kernel's does, instead of encoding four descriptors
         a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[K, 1], block_shape=[BM, BK])
         b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, K], strides=[K, 1], block_shape=[BN, BK])
         pre_desc = tl.make_tensor_descriptor(pre_ptr, shape=[M, N], strides=[N, 1], block_shape=[BM, BN // 2])
         out_desc = tl.make_tensor_descriptor(out_ptr, shape=[M, N], strides=[N, 1], block_shape=[BM, BN // 2])
-        _tma_tiles(a_desc, b_desc, pre_desc, out_desc, M, N, K, slope, BACKWARD, BM, BN, BK, SMS)
+        _tma_tiles(a_desc, b_desc, pre_desc, out_desc, sign_ptr, M, N, K, slope, BACKWARD, SIGN, BM, BN, BK, SMS)
 
 
 def _triton_takes(m: int, k: int, n: int) -> bool:
@@ -198,17 +270,24 @@ def _tile(a: Tensor, n: int, forward: bool, descriptors: str = "device") -> tupl
     return TILE_POINTERS
 
 
-def _launch(a: Tensor, b_kn: Tensor, pre: Tensor, out: Tensor, slope: float, backward: bool, tile: tuple) -> None:
+def _launch(a: Tensor, b_kn: Tensor, pre: Tensor, out: Tensor, slope: float, backward: bool, tile: tuple,
+            signs: Tensor | None = None) -> None:
     """One kernel over C = a (M, K) @ b_kn (K, N) at `tile` (BM, BN, BK, warps, stages[, tma[,
     programs an SM]]). tma 1: the persistent TMA kernel, which takes B as (N, K) contiguous (b_kn, a
     weight, is copied so when it is not: 1.5 MB at record's widths), on descriptors built by the
     host; tma 2: the same on descriptors built on the device; 0 (or five fields): the pointer
     kernel (any strides). The persistent kernel runs `programs an SM` (default 1) programs on
-    each multiprocessor."""
+    each multiprocessor. With `signs` ((M, N // 32) int32; N a multiple of 32, BN of 64), the
+    forward writes pre's signs there instead of pre (`pre` is then not written), and the backward
+    takes act'(pre) from post (passed as `pre`) and the signs."""
     bm, bn, bk, warps, stages = tile[:5]
     tma = tile[5] if len(tile) > 5 else 0
     per_sm = tile[6] if len(tile) > 6 else 1
     (m, k), n = a.shape, b_kn.size(1)
+    sign = signs is not None
+    if sign and backward:  # the factor of act' where pre <= 0: -|slope| sqrt(post) * 2
+        slope = -abs(slope)
+    signs = signs if sign else out  # a pointer the kernel does not touch without SIGN
     if tma:
         b = b_kn.t().contiguous()
         sms = _sm_count(a.device) * per_sm
@@ -220,12 +299,12 @@ def _launch(a: Tensor, b_kn: Tensor, pre: Tensor, out: Tensor, slope: float, bac
             args = [TensorDescriptor.from_tensor(a, [bm, bk]), TensorDescriptor.from_tensor(b, [bn, bk])]
             args += [TensorDescriptor.from_tensor(t, [bm, bn // 2]) for t in (pre, out)]
             kernel = _mm_act_tma_kernel
-        kernel[grid](*args, m, n, k, slope, BACKWARD=backward, BM=bm, BN=bn, BK=bk, SMS=sms,
+        kernel[grid](*args, signs, m, n, k, slope, BACKWARD=backward, SIGN=sign, BM=bm, BN=bn, BK=bk, SMS=sms,
                      num_warps=warps, num_stages=stages)
         return
     grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
-    _mm_act_kernel[grid](a, b_kn, pre, out, m, n, k, a.stride(0), a.stride(1), b_kn.stride(0), b_kn.stride(1),
-                         slope, BACKWARD=backward, BM=bm, BN=bn, BK=bk, GROUP=GROUP_M,
+    _mm_act_kernel[grid](a, b_kn, pre, out, signs, m, n, k, a.stride(0), a.stride(1), b_kn.stride(0),
+                         b_kn.stride(1), slope, BACKWARD=backward, SIGN=sign, BM=bm, BN=bn, BK=bk, GROUP=GROUP_M,
                          num_warps=warps, num_stages=stages)
 
 
@@ -248,34 +327,45 @@ def _sm_count(device: torch.device) -> int:
 
 
 def _fc_triton(x: Tensor, w_fc: Tensor, slope: float, tile: tuple | None = None,
-               descriptors: str = "device") -> tuple[Tensor, Tensor]:
-    pre = x.new_empty(x.size(0), w_fc.size(0))
-    post = torch.empty_like(pre)
-    _launch(x, w_fc.t(), pre, post, slope, False, tile or _tile(x, pre.size(1), True, descriptors))
+               descriptors: str = "device", sign: bool = False) -> tuple[Tensor, Tensor]:
+    """(pre, post), or (signs, post) with `sign` (_fc_sign_math's)."""
+    post = x.new_empty(x.size(0), w_fc.size(0))
+    tile = tile or _tile(x, post.size(1), True, descriptors)
+    if sign:
+        signs = torch.empty(x.size(0), post.size(1) // 32, dtype=torch.int32, device=x.device)
+        _launch(x, w_fc.t(), post, post, slope, False, tile, signs)
+        return signs, post
+    pre = torch.empty_like(post)
+    _launch(x, w_fc.t(), pre, post, slope, False, tile)
     return pre, post
 
 
 def _dpre_triton(g: Tensor, w_proj: Tensor, pre: Tensor, slope: float, tile: tuple | None = None,
-                 descriptors: str = "device") -> Tensor:
+                 descriptors: str = "device", signs: Tensor | None = None) -> Tensor:
+    """dpre from pre, or with `signs` from post (passed as `pre`) and pre's signs."""
     dpre = torch.empty_like(pre)
-    _launch(g, w_proj, pre, dpre, slope, True, tile or _tile(g, pre.size(1), False, descriptors))
+    _launch(g, w_proj, pre, dpre, slope, True, tile or _tile(g, pre.size(1), False, descriptors), signs)
     return dpre
 
 
 @torch.library.custom_op("lmcore::leaky_mlp", mutates_args=())
-def _leaky_mlp(x: Tensor, w_fc: Tensor, w_proj: Tensor, slope: float,
-               descriptors: str) -> tuple[Tensor, Tensor, Tensor]:
+def _leaky_mlp(x: Tensor, w_fc: Tensor, w_proj: Tensor, slope: float, descriptors: str,
+               sign: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(y, pre, post), or (y, signs, post) with `sign`: what the backward keeps."""
     if _use_triton(x, w_fc.size(0)):
-        pre, post = _fc_triton(x, w_fc, slope, descriptors=descriptors)
+        kept, post = (_fc_triton(x, w_fc, slope, descriptors=descriptors, sign=True) if sign
+                      else _fc_triton(x, w_fc, slope, descriptors=descriptors))
     else:
-        pre, post = _fc_math(x, w_fc, slope)
-    return post @ w_proj.t(), pre, post
+        kept, post = (_fc_sign_math if sign else _fc_math)(x, w_fc, slope)
+    return post @ w_proj.t(), kept, post
 
 
 @_leaky_mlp.register_fake
-def _(x: Tensor, w_fc: Tensor, w_proj: Tensor, slope: float, descriptors: str) -> tuple[Tensor, Tensor, Tensor]:
-    pre = x.new_empty(x.size(0), w_fc.size(0))
-    return x.new_empty(x.size(0), w_proj.size(0)), pre, torch.empty_like(pre)
+def _(x: Tensor, w_fc: Tensor, w_proj: Tensor, slope: float, descriptors: str,
+      sign: bool) -> tuple[Tensor, Tensor, Tensor]:
+    post = x.new_empty(x.size(0), w_fc.size(0))
+    kept = x.new_empty(x.size(0), w_fc.size(0) // 32, dtype=torch.int32) if sign else torch.empty_like(post)
+    return x.new_empty(x.size(0), w_proj.size(0)), kept, post
 
 
 @torch.library.custom_op("lmcore::leaky_mlp_dpre", mutates_args=())
@@ -290,27 +380,49 @@ def _(g: Tensor, w_proj: Tensor, pre: Tensor, slope: float, descriptors: str) ->
     return torch.empty_like(pre)
 
 
+@torch.library.custom_op("lmcore::leaky_mlp_dpre_sign", mutates_args=())
+def _leaky_mlp_dpre_sign(g: Tensor, w_proj: Tensor, post: Tensor, signs: Tensor, slope: float,
+                         descriptors: str) -> Tensor:
+    if _use_triton(g, post.size(1)):
+        return _dpre_triton(g, w_proj, post, slope, descriptors=descriptors, signs=signs)
+    return _dpre_sign_math(g, w_proj, post, signs, slope)
+
+
+@_leaky_mlp_dpre_sign.register_fake
+def _(g: Tensor, w_proj: Tensor, post: Tensor, signs: Tensor, slope: float, descriptors: str) -> Tensor:
+    return torch.empty_like(post)
+
+
 def _setup_context(ctx, inputs, output) -> None:
-    x, w_fc, w_proj, ctx.slope, ctx.descriptors = inputs
+    x, w_fc, w_proj, ctx.slope, ctx.descriptors, ctx.sign = inputs
     ctx.save_for_backward(x, w_fc, w_proj, output[1], output[2])
 
 
-def _backward(ctx, g: Tensor, _g_pre: Tensor, _g_post: Tensor):
-    x, w_fc, w_proj, pre, post = ctx.saved_tensors
+def _backward(ctx, g: Tensor, _g_kept: Tensor, _g_post: Tensor):
+    x, w_fc, w_proj, kept, post = ctx.saved_tensors
     g = g.contiguous()
-    dpre = _leaky_mlp_dpre(g, w_proj, pre, ctx.slope, ctx.descriptors)
-    return dpre @ w_fc, dpre.t() @ x, g.t() @ post, None, None
+    if ctx.sign:
+        dpre = _leaky_mlp_dpre_sign(g, w_proj, post, kept, ctx.slope, ctx.descriptors)
+    else:
+        dpre = _leaky_mlp_dpre(g, w_proj, kept, ctx.slope, ctx.descriptors)
+    return dpre @ w_fc, dpre.t() @ x, g.t() @ post, None, None, None
 
 
 _leaky_mlp.register_autograd(_backward, setup_context=_setup_context)
 
 
-def leaky_mlp(x: Tensor, w_fc: Tensor, w_proj: Tensor, slope: float, descriptors: str = "device") -> Tensor:
+def leaky_mlp(x: Tensor, w_fc: Tensor, w_proj: Tensor, slope: float, descriptors: str = "device",
+              sign: bool = False) -> Tensor:
     """leaky_relu(x w_fc^T, slope)^2 w_proj^T for x (..., D), w_fc (hidden, D), w_proj (D_out,
     hidden), all of one dtype; the same math as the model's plain MLP. `descriptors`: where the
-    TMA kernel's descriptors are built, "device" or "host" (the same kernel body, the same numbers)."""
+    TMA kernel's descriptors are built, "device" or "host" (the same kernel body, the same numbers).
+    `sign` (train.fused_mlp_sign; hidden a multiple of 32): the forward keeps post and one bit an
+    element, pre > 0, instead of pre, and the backward takes act'(pre) from them (_dpre_sign_math:
+    a deliberate rounding change)."""
     if descriptors not in DESCRIPTORS:
         raise ValueError(f"descriptors={descriptors!r}: expected one of {', '.join(DESCRIPTORS)}")
+    if sign and w_fc.size(0) % 32:
+        raise ValueError(f"sign=True needs a hidden width that is a multiple of 32, not {w_fc.size(0)}")
     y, _, _ = _leaky_mlp(x.reshape(-1, x.size(-1)).contiguous(), w_fc.contiguous(), w_proj.contiguous(),
-                         float(slope), descriptors)
+                         float(slope), descriptors, bool(sign))
     return y.view(*x.shape[:-1], y.size(-1))

@@ -395,15 +395,16 @@ class GPT(nn.Module):
         for b in self.blocks:
             b.attn.kv_repeat = b.attn.num_heads // b.attn.num_kv_heads
 
-    def use_fused_mlp(self, descriptors: str = "device") -> None:
+    def use_fused_mlp(self, descriptors: str = "device", sign: bool = False) -> None:
         """The MLP's LeakyReLU^2 fused into its GEMMs through lmcore.mlp_kernel.leaky_mlp
         (train.fused_mlp): Triton GEMMs with the activation, and its derivative, as epilogues on
         CUDA, their TMA descriptors built on the "device" or the "host"
-        (train.fused_mlp_descriptors); imported here, like use_fused_qk_norm_rope's."""
+        (train.fused_mlp_descriptors); with `sign` (train.fused_mlp_sign) the backward keeps pre's
+        signs instead of pre; imported here, like use_fused_qk_norm_rope's."""
         from lmcore.mlp_kernel import leaky_mlp
 
         for b in self.blocks:
-            b.mlp.fused_op = functools.partial(leaky_mlp, descriptors=descriptors)
+            b.mlp.fused_op = functools.partial(leaky_mlp, descriptors=descriptors, sign=sign)
 
     def fold_output_scales(self) -> None:
         """attn_scale and mlp_scale folded into the output projections' rows (train.fold_output_scales):

@@ -290,7 +290,7 @@ def start_session(
     if tc.fused_qkv:
         model.use_fused_qkv()
     if tc.fused_mlp:
-        model.use_fused_mlp(tc.fused_mlp_descriptors)
+        model.use_fused_mlp(tc.fused_mlp_descriptors, tc.fused_mlp_sign)
     if tc.expand_kv:
         model.use_expanded_kv()
     if tc.fold_output_scales:

@@ -43,12 +43,14 @@ def test_overrides_parse_by_type():
         ("model.bigram=trigram", "model.bigram"),
         ("model.gated_attn_layers=0,99", "gated_attn_layers"),
         ("train.fused_mlp_descriptors=gpu", "train.fused_mlp_descriptors='gpu'"),
+        ("train.fused_mlp_sign=true", "needs train.fused_mlp=true"),
+        ("train.fused_mlp=true train.fused_mlp_sign=true model.mlp_hidden=100", "model.mlp_hidden a multiple of 32, not 100"),
         ("noequals", "noequals"),
     ],
 )
 def test_bad_overrides_name_the_field(bad, needle):
     with pytest.raises(ConfigError, match=needle):
-        preset("smoke", [bad])
+        preset("smoke", bad.split())
 
 
 def test_bad_config_file_names_file_and_field(tmp_path):

@@ -176,6 +176,24 @@ def test_training_with_the_switch_follows_the_plain_losses(tmp_path, switch):
     assert fused.val_bpb == pytest.approx(plain.val_bpb, abs=1e-4)
 
 
+def test_training_with_the_fused_mlp_keeping_signs_follows_the_plain_losses(tmp_path, monkeypatch):
+    # train.fused_mlp_sign through the config and session: a deliberate rounding change, but in fp32
+    # on CPU sqrt(post) is |leaky(pre)| to within fp32 rounding
+    import lmcore.mlp_kernel as MK
+
+    on = ["train.iterations=3", "train.log_every=1"]
+    train(preset("tiny", on), tmp_path / "plain", progress=False)
+    backward_calls = []
+    real = MK._dpre_sign_math
+    monkeypatch.setattr(MK, "_dpre_sign_math", lambda *a: backward_calls.append(1) or real(*a))
+    cfg = preset("tiny", [*on, "train.fused_mlp=true", "train.fused_mlp_sign=true"])
+    train(cfg, tmp_path / "sign", progress=False)
+    a, b = train_losses(tmp_path / "plain"), train_losses(tmp_path / "sign")
+    assert len(a) == 3 and b == pytest.approx(a, abs=1e-4)
+    assert len(backward_calls) == 3 * cfg.train.grad_accum * cfg.model.num_layers  # every MLP backward took signs
+    assert json.loads((tmp_path / "sign" / "config.json").read_text())["train"]["fused_mlp_sign"] is True
+
+
 @pytest.mark.parametrize("switch", KERNEL_SWITCHES)
 def test_the_exported_script_embeds_the_kernels_with_a_switch_on(switch):
     cfg = preset("record", [f"train.{switch}=true"])

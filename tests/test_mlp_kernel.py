@@ -257,3 +257,71 @@ def test_the_op_replays_in_a_cuda_graph(descriptors):
         graph.replay()
         for got, want in zip(outs, step()):
             torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_signs_pack_32_to_a_word_and_unpack_to_themselves():
+    positive = torch.rand(3, 96, generator=torch.Generator().manual_seed(2)) > 0.5
+    positive[0] = True  # bit 31 set: the word is negative as an int32
+    words = MK._pack(positive)
+    assert words.dtype == torch.int32 and words.shape == (3, 3)
+    assert words[0].tolist() == [-1, -1, -1]
+    assert words[1, 0].item() == sum(1 << j for j in range(31) if positive[1, j]) - (2**31 if positive[1, 31] else 0)
+    assert torch.equal(MK._unpack(words, 96), positive)
+
+
+@pytest.mark.parametrize("slope", [0.5, 0.0, -0.3])
+def test_the_sign_backward_is_act_prime_from_post_and_the_signs(slope):
+    g = torch.Generator().manual_seed(3)
+    x, wf = torch.randn(40, 16, generator=g), torch.randn(64, 16, generator=g) * 0.3
+    dy, wp = torch.randn(40, 24, generator=g), torch.randn(24, 64, generator=g) * 0.3
+    pre, post = MK._fc_math(x, wf, slope)
+    signs, post_s = MK._fc_sign_math(x, wf, slope)
+    assert torch.equal(post_s, post) and torch.equal(MK._unpack(signs, 64), pre > 0)
+    exact = MK._dpre_math(dy, wp, pre, slope)
+    torch.testing.assert_close(MK._dpre_sign_math(dy, wp, post, signs, slope), exact, rtol=1e-5, atol=1e-5)  # fp32
+    # bf16: sqrt(post) is |leaky(pre)| rounded twice (the square's rounding, halved by the root): within
+    # 2^-8 of the magnitude, where pre itself is within 2^-8 of the GEMM's fp32 result
+    pre_b, post_b = MK._fc_math(x.bfloat16(), wf.bfloat16(), slope)
+    got = MK._dpre_sign_math(dy.bfloat16(), wp.bfloat16(), post_b, MK._pack(pre_b > 0), slope).float()
+    ref = MK._dpre_math(dy.bfloat16(), wp.bfloat16(), pre_b, slope).float()
+    assert not torch.equal(got, ref)  # a deliberate rounding change, not the same numbers
+    torch.testing.assert_close(got, ref, rtol=2**-7, atol=1e-6)
+
+
+def test_sign_model_keeps_signs_not_pre_and_follows_the_plain_model(monkeypatch):
+    model, ids, tgt = _model_and_batch(mlp_hidden=64)
+    plain_loss, plain_grads = loss_and_grads(model, ids, tgt)
+    kept = []
+    real = MK._fc_sign_math
+    monkeypatch.setattr(MK, "_fc_sign_math", lambda *a: kept.append(real(*a)) or kept[-1])
+    model.use_fused_mlp(sign=True)
+    loss, grads = loss_and_grads(model, ids, tgt)
+    assert len(kept) == model.cfg.num_layers
+    assert all(s.dtype == torch.int32 and s.shape == (ids.numel(), 2) for s, _ in kept)
+    assert_same_loss_and_grads(loss, grads, plain_loss, plain_grads, 1e-6, rtol=1e-4, atol=1e-6)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, dynamic=False, backend="aot_eager")
+    assert compiled(ids, tgt).item() == pytest.approx(plain_loss.item(), abs=1e-5)
+    with pytest.raises(ValueError, match="multiple of 32, not 48"):
+        leaky_mlp(torch.ones(2, 4), torch.ones(48, 4), torch.ones(4, 48), SLOPE, sign=True)
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize(("m", "d", "hidden", "tile"), [
+    (98304 // 8, 512, 1536, None),  # record's widths, the default tiles (the TMA kernel's)
+    (98304 // 8, 512, 1536, MK.TILE_POINTERS),  # the pointer kernel
+    (1000, 128, 384, (128, 128, 64, 4, 3, 1)),  # rows not a multiple of the block, host descriptors
+    (300, 64, 224, (64, 64, 32, 4, 2, 2)),  # columns not a multiple of the block either
+    (300, 64, 224, (64, 64, 32, 4, 2)),
+])
+def test_triton_sign_gemm_is_its_pytorch_kernels(m, d, hidden, tile):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x, dy = (torch.randn(m, d, generator=g, device="cuda").bfloat16() for _ in range(2))
+    wf = (torch.randn(hidden, d, generator=g, device="cuda") * d**-0.5).bfloat16()
+    wp = (torch.randn(d, hidden, generator=g, device="cuda") * hidden**-0.5).bfloat16()
+    pre, post = MK._fc_triton(x, wf, SLOPE, tile)
+    signs, post_s = MK._fc_triton(x, wf, SLOPE, tile, sign=True)
+    assert torch.equal(post_s, post) and torch.equal(signs, MK._pack(pre > 0))  # the same tile, the same pre
+    dpre = MK._dpre_triton(dy, wp, post, SLOPE, tile, signs=signs)
+    torch.testing.assert_close(dpre, MK._dpre_sign_math(dy, wp, post, signs, SLOPE), rtol=2e-2, atol=2e-2)
