@@ -1,10 +1,12 @@
 """lmcore.kernels' Triton kernels compiled for sm_90 (H100/H200) without a GPU: registers a
 thread, spills, barriers (layout conversions through shared memory) and resident warps an
 SM, for a few (rows a program, warps) choices at `record`'s shapes: q and k for the q/k
-kernels, a gated layer and one without the gate for the XSA kernels. Then lmcore.mlp_kernel's
-persistent TMA GEMM (descriptors built by the host, and on the device) at its tile, each way,
-at 3 and 4 stages: shared memory against the card's 232,448 bytes, registers, spills, and the
-global scratch the device-built descriptors need. Needs triton (its ptxas does the register
+kernels (k also as train.fused_qkv runs it: reading its slice of the q/k/v GEMM's output and
+moving v's rows), a gated layer and one without the gate for the XSA kernels. Then
+lmcore.mlp_kernel's persistent TMA GEMM (descriptors built by the host, and on the device) at its
+tile, each way, at 3 and 4 stages, with and without train.fused_mlp_sign: shared memory against
+the card's 232,448 bytes, registers, spills, and the global scratch the device-built descriptors
+need. Needs triton (its ptxas does the register
 allocation); no CUDA. What it cannot tell is time: that is benchmarks/qk_kernel_bench.py's,
 xsa_kernel_bench.py's and mlp_epilogue_bench.py's, on the GPU.
 
@@ -28,9 +30,10 @@ from lmcore import mlp_kernel as MK
 from lmcore.config import preset
 
 FWD_ARGS = {"x_ptr": "*bf16", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "gain_ptr": "*fp32", "out_ptr": "*bf16",
-            "rstd_ptr": "*fp32", "n_rows": "i32", "eps": "fp32"}
+            "rstd_ptr": "*fp32", "v_ptr": "*bf16", "v_out_ptr": "*bf16", "n_rows": "i32", "eps": "fp32"}
 BWD_ARGS = {"g_ptr": "*bf16", "x_ptr": "*bf16", "rstd_ptr": "*fp32", "cos_ptr": "*fp32", "sin_ptr": "*fp32",
-            "gain_ptr": "*fp32", "dx_ptr": "*bf16", "dgain_part_ptr": "*fp32", "n_rows": "i32"}
+            "gain_ptr": "*fp32", "dx_ptr": "*bf16", "dgain_part_ptr": "*fp32", "gv_ptr": "*bf16", "dv_ptr": "*bf16",
+            "n_rows": "i32"}
 CHOICES = [(16, 2), (16, 4), (32, 4), (32, 8), (64, 8)]  # (rows a program, warps); lmcore.kernels uses TILE // D, WARPS
 XSA_FWD_ARGS = {"y_ptr": "*bf16", "v_ptr": "*bf16", "z_ptr": "*bf16", "out_ptr": "*bf16", "n_rows": "i32", "eps": "fp32"}
 XSA_BWD_ARGS = {"g_ptr": "*bf16", "y_ptr": "*bf16", "v_ptr": "*bf16", "z_ptr": "*bf16", "dy_ptr": "*bf16",
@@ -48,6 +51,7 @@ def ptxas() -> str:
 
 def compiled_for_sm90(fn, args: dict, consts: dict, warps: int, tool: str, stages: int | None = None):
     """(the compiled kernel, registers a thread, spill bytes) of fn for sm_90a."""
+    consts = {k: v for k, v in consts.items() if k in fn.arg_names}  # the forward takes no DXS
     sig = dict(args, **{k: "constexpr" for k in consts})
     # the pointers 16-byte aligned, as Triton's launcher specializes them for torch's allocations
     # (without it every load and store would compile to 2-byte scalars)
@@ -77,23 +81,25 @@ def mlp_rows(tool: str) -> None:
     bm, bn, bk, warps = MK.TILE_TMA_FWD[:4]
     half = f"bf16[{bm}, {bn // 2}]"
     host = {"a_desc": f"tensordesc<bf16[{bm}, {bk}]>", "b_desc": f"tensordesc<bf16[{bn}, {bk}]>",
-            "pre_desc": f"tensordesc<{half}>", "out_desc": f"tensordesc<{half}>"}
-    dev = {"a_ptr": "*bf16", "b_ptr": "*bf16", "pre_ptr": "*bf16", "out_ptr": "*bf16"}
+            "pre_desc": f"tensordesc<{half}>", "out_desc": f"tensordesc<{half}>", "sign_ptr": "*i32"}
+    dev = {"a_ptr": "*bf16", "b_ptr": "*bf16", "pre_ptr": "*bf16", "out_ptr": "*bf16", "sign_ptr": "*i32"}
     scalars = {"M": "i32", "N": "i32", "K": "i32", "slope": "fp32"}
     print()
     print(f"| lmcore.mlp_kernel, tile {bm}x{bn}x{bk}, {warps} warps | stages | descriptors | shared bytes | fits | "
           "registers | spill bytes | global scratch bytes |")
     print("|---|---|---|---|---|---|---|---|")
-    for backward in (False, True):
-        lmcore_stages = (MK.TILE_TMA_BWD if backward else MK.TILE_TMA_FWD)[4]
-        for stages in (3, 4):
-            for where, fn, args in (("host", MK._mm_act_tma_kernel, host), ("device", MK._mm_act_tma_dev_kernel, dev)):
-                consts = {"BACKWARD": backward, "BM": bm, "BN": bn, "BK": bk, "SMS": 132}  # an H100's or H200's SMs
-                c, regs, spills = compiled_for_sm90(fn, dict(args, **scalars), consts, warps, tool, stages)
-                mark = " (lmcore)" if stages == lmcore_stages else ""
-                print(f"| {'backward' if backward else 'forward'} | {stages}{mark} | {where} | {c.metadata.shared:,} | "
-                      f"{'yes' if c.metadata.shared <= SHARED_LIMIT else 'no'} | {regs} | {spills} | "
-                      f"{getattr(c.metadata, 'global_scratch_size', 0)} |")
+    for sign in (False, True):  # train.fused_mlp_sign's kernels: pre's signs kept instead of pre
+        for backward in (False, True):
+            lmcore_stages = (MK.TILE_TMA_BWD if backward else MK.TILE_TMA_FWD)[4]
+            for stages in (3, 4):
+                for where, fn, args in (("host", MK._mm_act_tma_kernel, host), ("device", MK._mm_act_tma_dev_kernel, dev)):
+                    consts = {"BACKWARD": backward, "SIGN": sign, "BM": bm, "BN": bn, "BK": bk, "SMS": 132}  # H200's SMs
+                    c, regs, spills = compiled_for_sm90(fn, dict(args, **scalars), consts, warps, tool, stages)
+                    mark = " (lmcore)" if stages == lmcore_stages else ""
+                    way = ("backward" if backward else "forward") + (", sign" if sign else "")
+                    print(f"| {way} | {stages}{mark} | {where} | {c.metadata.shared:,} | "
+                          f"{'yes' if c.metadata.shared <= SHARED_LIMIT else 'no'} | {regs} | {spills} | "
+                          f"{getattr(c.metadata, 'global_scratch_size', 0)} |")
 
 
 def _rows(name: str, rows: int, mark: str, warps: int, fns: list, consts: dict, tool: str) -> None:
@@ -111,9 +117,13 @@ def main() -> int:
     print("| tensor | rows a program | warps | kernel | registers | spill bytes | barriers | resident warps an SM |")
     print("|---|---|---|---|---|---|---|---|")
     qk = [("forward", kernels._qk_fwd_kernel, FWD_ARGS), ("backward", kernels._qk_bwd_kernel, BWD_ARGS)]
-    for name, heads, has_gain in (("q", m.num_heads, True), ("k", m.num_kv_heads, False)):  # k: no gain
+    qkv = (m.num_heads + 2 * m.num_kv_heads) * m.head_dim  # a token's stride in train.fused_qkv's GEMM output
+    for name, heads, has_gain, has_v in (("q", m.num_heads, True, False), ("k", m.num_kv_heads, False, False),
+                                         ("k, fused q/k/v (moves v)", m.num_kv_heads, False, True)):  # k: no gain
         for rows, warps in CHOICES:
-            consts = {"T": 2048, "H": heads, "D": m.head_dim, "HALF": half, "R": rows, "HAS_GAIN": has_gain, "REP": 1}
+            xs = qkv if has_v else heads * m.head_dim
+            consts = {"T": 2048, "H": heads, "D": m.head_dim, "HALF": half, "R": rows, "HAS_GAIN": has_gain, "REP": 1,
+                      "XS": xs, "DXS": xs, "HAS_V": has_v}
             mark = " (lmcore)" if rows == kernels.TILE // m.head_dim and warps == kernels.WARPS else ""
             _rows(name, rows, mark, warps, qk, consts, tool)
     g = m.num_heads // m.num_kv_heads

@@ -166,17 +166,18 @@ if triton is not None:
         live = (rm[:, None] < M) & (rn[None, :] < N)
         dtype = out_ptr.dtype.element_ty
         h = acc.to(dtype).to(tl.float32)  # the GEMM's output as cuBLAS would round it
-        w, w_live = _sign_words(rm, pid_n * (BN // 32), M, N, BN)  # SIGN: pre's signs, a bit a column
         if BACKWARD:  # h is dpost; pre's tile gives act'(pre), or post's and the signs (SIGN)
             p = tl.load(pre_ptr + c, mask=live, other=0.0).to(tl.float32)
             if SIGN:  # slope is -|slope| here (_launch)
+                w, w_live = _sign_words(rm, pid_n * (BN // 32), M, N, BN)
                 bits = _unpack_signs(tl.load(sign_ptr + w, mask=w_live, other=0), BM, BN)
                 grad = 2.0 * tl.sqrt(p) * tl.where(bits != 0, 1.0, slope)
             else:
                 grad = 2.0 * tl.where(p > 0, p, p * slope) * tl.where(p > 0, 1.0, slope)
             tl.store(out_ptr + c, (h * grad).to(dtype), mask=live)
         else:  # h is pre
-            if SIGN:
+            if SIGN:  # pre's signs, a bit a column, instead of pre
+                w, w_live = _sign_words(rm, pid_n * (BN // 32), M, N, BN)
                 tl.store(sign_ptr + w, _pack_signs(h, BM, BN), mask=w_live)
             else:
                 tl.store(pre_ptr + c, h.to(dtype), mask=live)
@@ -190,10 +191,10 @@ if triton is not None:
         # sign words through pointers)
         dtype = out_desc.dtype
         h = acc.to(dtype).to(tl.float32)
-        w, w_live = _sign_words(om + tl.arange(0, BM), on // 32, M, N, BH)
         if BACKWARD:
             p = pre_desc.load([om, on]).to(tl.float32)
             if SIGN:  # p is post; slope is -|slope| here (_launch)
+                w, w_live = _sign_words(om + tl.arange(0, BM), on // 32, M, N, BH)
                 bits = _unpack_signs(tl.load(sign_ptr + w, mask=w_live, other=0), BM, BH)
                 grad = 2.0 * tl.sqrt(p) * tl.where(bits != 0, 1.0, slope)
             else:
@@ -201,6 +202,7 @@ if triton is not None:
             out_desc.store([om, on], (h * grad).to(dtype))
         else:
             if SIGN:
+                w, w_live = _sign_words(om + tl.arange(0, BM), on // 32, M, N, BH)
                 tl.store(sign_ptr + w, _pack_signs(h, BM, BH), mask=w_live)
             else:
                 pre_desc.store([om, on], h.to(dtype))
