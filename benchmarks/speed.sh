@@ -47,6 +47,8 @@
 # Session 14 on nvidia-h200: ONE_GPU_RUNS="orig_fa3_1 lm_solo_1" and two VARIANTS: 743 s (setup 18 s,
 # original 191 s, solo 175 s, the variants 172 and 180 s). Session 16 on nvidia-h200: the same shape, 896 s
 # (setup 25 s, original 251 s, solo 196 s, the variants 211 and 200 s); peak now adds 20 s (--sustain 20).
+# Session 18 on nvidia-h200, the same shape: 918 s (setup 21 s, peak 27 s, original 275 s, solo 191 s, the
+# variants 194 and 201 s).
 # It outlasts one device call: `start` runs it detached (benchmarks/detached.sh) and polls;
 # `poll` (the next call, within 30 s of the last) goes on. Carry .whl, .data, .ref and .fa3.
 # Each poll leaves $OUT/speed.log, and once done $OUT/speed_table.md and
