@@ -203,8 +203,9 @@ class TrainConfig:
     # With fused_mlp: its forward keeps post (which the backward needs anyway) and one bit an element, pre > 0,
     # instead of pre, and its backward takes act'(pre) = 2 sqrt(post) (pre > 0) or -2 |slope| sqrt(post) from
     # them (lmcore.mlp_kernel._dpre_sign_math). The forward kernel writes 19 MB of signs instead of 302 MB of pre
-    # a call at record's micro-batch, and peak memory is about 3.1 GB less (11 layers' pre). A deliberate rounding change: sqrt(post)
-    # stands for |leaky(pre)| rounded once more. mlp_hidden a multiple of 32. Not yet run on a GPU (session 18).
+    # a call at record's micro-batch, and peak memory should be about 3.1 GB less (11 layers' pre; not measured).
+    # A deliberate rounding change: sqrt(post) stands for |leaky(pre)| rounded once more. mlp_hidden a multiple
+    # of 32. Not yet run on a GPU (session 18).
     fused_mlp_sign: bool = False
     # k and v repeated to the query heads before attention (GQA run as MHA: FA3's backward then writes
     # dk/dv without its fp32 GQA accumulators and their converts); autograd sums each kv head's copies'

@@ -28,9 +28,8 @@ and are rounded once. Only the GEMMs' accumulation order differs. torch.library 
 (lmcore::leaky_mlp, lmcore::leaky_mlp_dpre and lmcore::leaky_mlp_dpre_sign) with fake kernels, so
 torch.compile keeps them in its whole graph. `_fc_math`, `_dpre_math` and their `_sign` versions
 are what tests check against autograd of the plain MLP; the Triton kernel is checked against them
-on GPU (tests marked cuda). Without
-Triton, or for shapes it does not take, the PyTorch math runs. Imported only by
-GPT.use_fused_mlp: the exported script embeds this module only with the switch on.
+on GPU (tests marked cuda). Without Triton, or for shapes it does not take, the PyTorch math runs.
+Imported only by GPT.use_fused_mlp: the exported script embeds this module only with the switch on.
 """
 
 from __future__ import annotations
