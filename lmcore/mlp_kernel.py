@@ -354,8 +354,7 @@ def _leaky_mlp(x: Tensor, w_fc: Tensor, w_proj: Tensor, slope: float, descriptor
                sign: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(y, pre, post), or (y, signs, post) with `sign`: what the backward keeps."""
     if _use_triton(x, w_fc.size(0)):
-        kept, post = (_fc_triton(x, w_fc, slope, descriptors=descriptors, sign=True) if sign
-                      else _fc_triton(x, w_fc, slope, descriptors=descriptors))
+        kept, post = _fc_triton(x, w_fc, slope, descriptors=descriptors, sign=sign)
     else:
         kept, post = (_fc_sign_math if sign else _fc_math)(x, w_fc, slope)
     return post @ w_proj.t(), kept, post

@@ -60,6 +60,13 @@ def assert_same_loss_and_grads(loss, grads, plain_loss, plain_grads, loss_abs: f
         torch.testing.assert_close(grads[n], plain_grads[n], rtol=rtol, atol=atol, msg=n)
 
 
+def compiled_loss(model, ids, tgt) -> float:
+    """The model's loss compiled whole (fullgraph, static shapes, aot_eager) after a dynamo reset:
+    the fused ops and folded paths as torch.compile traces them."""
+    torch._dynamo.reset()
+    return torch.compile(model, fullgraph=True, dynamic=False, backend="aot_eager")(ids, tgt).item()
+
+
 def script_env(keep_pythonpath: bool = False) -> dict[str, str]:
     """The environment an exported train_gpt.py runs in, in tests: one thread, no user site, no
     torchrun variables and no PYTHONPATH unless kept (on the GPU machines brotli is only on it)."""

@@ -39,6 +39,7 @@ from lmcore.pack import pack_run
 from lmcore.train import train
 from tests.conftest import (
     assert_same_loss_and_grads,
+    compiled_loss,
     loss_and_grads,
     randomize_,
     script_env,
@@ -118,9 +119,7 @@ def test_fused_model_is_the_plain_model_eager_and_compiled(switch, method, attr,
     loss, grads = loss_and_grads(model, ids, tgt)
     assert_same_loss_and_grads(loss, grads, plain_loss, plain_grads, 1e-5, rtol=1e-4, atol=1e-5)
     assert param in grads and grads[param].abs().sum() > 0
-    torch._dynamo.reset()
-    compiled = torch.compile(model, fullgraph=True, dynamic=False, backend="aot_eager")
-    assert compiled(ids, tgt).item() == pytest.approx(plain_loss.item(), abs=1e-5)
+    assert compiled_loss(model, ids, tgt) == pytest.approx(plain_loss.item(), abs=1e-5)
 
 
 def test_every_fast_path_at_once_is_the_plain_model_in_fp32():
@@ -160,9 +159,7 @@ def test_expanded_kv_model_is_the_plain_model_eager_and_compiled(monkeypatch, fu
     loss, grads = loss_and_grads(model, ids, tgt)
     assert heads == [(4, 4, 4)] * cfg.num_layers
     assert_same_loss_and_grads(loss, grads, plain_loss, plain_grads, 1e-5, rtol=1e-4, atol=1e-5)
-    torch._dynamo.reset()
-    compiled = torch.compile(model, fullgraph=True, dynamic=False, backend="aot_eager")
-    assert compiled(ids, tgt).item() == pytest.approx(plain_loss.item(), abs=1e-5)
+    assert compiled_loss(model, ids, tgt) == pytest.approx(plain_loss.item(), abs=1e-5)
 
 
 @pytest.mark.parametrize("switch", [*(sw[0] for sw in SWITCHES), "expand_kv", "fused_mlp", "fold_output_scales"])

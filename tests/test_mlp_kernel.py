@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import lmcore.mlp_kernel as MK
 from lmcore.mlp_kernel import leaky_mlp
 from lmcore.model import GPT, LatentMasks
-from tests.conftest import assert_same_loss_and_grads, loss_and_grads, randomize_, tiny_model_cfg
+from tests.conftest import assert_same_loss_and_grads, compiled_loss, loss_and_grads, randomize_, tiny_model_cfg
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 SLOPE = 0.5
@@ -93,7 +93,7 @@ def test_the_descriptors_choice_reaches_both_gemms(monkeypatch):
     """train.fused_mlp_descriptors -> GPT.use_fused_mlp -> the op's forward and its backward's GEMM."""
     seen = []
 
-    def fc(x, w_fc, slope, tile=None, descriptors="device"):
+    def fc(x, w_fc, slope, tile=None, descriptors="device", sign=False):
         seen.append(("fc", descriptors))
         return MK._fc_math(x, w_fc, slope)
 
@@ -142,9 +142,7 @@ def test_fused_model_is_the_plain_model_eager_and_compiled(monkeypatch):
     assert len(calls) == model.cfg.num_layers
     assert_same_loss_and_grads(loss, grads, plain_loss, plain_grads, 1e-6, rtol=1e-5, atol=1e-6)
     assert grads["blocks.0.mlp.fc.weight"].abs().sum() > 0
-    torch._dynamo.reset()
-    compiled = torch.compile(model, fullgraph=True, dynamic=False, backend="aot_eager")
-    assert compiled(ids, tgt).item() == pytest.approx(plain_loss.item(), abs=1e-5)
+    assert compiled_loss(model, ids, tgt) == pytest.approx(plain_loss.item(), abs=1e-5)
 
 
 def test_qat_reaches_the_fused_op():
@@ -299,9 +297,7 @@ def test_sign_model_keeps_signs_not_pre_and_follows_the_plain_model(monkeypatch)
     assert len(kept) == model.cfg.num_layers
     assert all(s.dtype == torch.int32 and s.shape == (ids.numel(), 2) for s, _ in kept)
     assert_same_loss_and_grads(loss, grads, plain_loss, plain_grads, 1e-6, rtol=1e-4, atol=1e-6)
-    torch._dynamo.reset()
-    compiled = torch.compile(model, fullgraph=True, dynamic=False, backend="aot_eager")
-    assert compiled(ids, tgt).item() == pytest.approx(plain_loss.item(), abs=1e-5)
+    assert compiled_loss(model, ids, tgt) == pytest.approx(plain_loss.item(), abs=1e-5)
     with pytest.raises(ValueError, match="multiple of 32, not 48"):
         leaky_mlp(torch.ones(2, 4), torch.ones(48, 4), torch.ones(4, 48), SLOPE, sign=True)
 

@@ -9,7 +9,7 @@ from lmcore.cli import main
 from lmcore.config import PRESETS
 from lmcore.layers import fake_quantize_rows, rope_tables
 from lmcore.model import GPT, KVCache, LatentMasks, param_counts
-from tests.conftest import assert_same_loss_and_grads, loss_and_grads, randomize_, tiny_model_cfg
+from tests.conftest import assert_same_loss_and_grads, compiled_loss, loss_and_grads, randomize_, tiny_model_cfg
 
 RECORD_PARAMS = 27_739_277
 
@@ -320,9 +320,7 @@ def test_folded_output_scales_are_the_plain_model_in_fp32(monkeypatch, fused_mlp
     assert scaled == [(cfg.model_dim,)] * (2 * cfg.num_layers)  # both projections of every block
     assert_same_loss_and_grads(loss, grads, plain_loss, plain_grads, 1e-6, rtol=1e-5, atol=1e-6)
     assert grads["blocks.1.attn_scale"].abs().min() > 0 and grads["blocks.1.mlp_scale"].abs().min() > 0
-    torch._dynamo.reset()
-    compiled = torch.compile(model, fullgraph=True, dynamic=False, backend="aot_eager")
-    assert compiled(ids, tgt).item() == pytest.approx(loss.item(), abs=1e-6)
+    assert compiled_loss(model, ids, tgt) == pytest.approx(loss.item(), abs=1e-6)
 
 
 def test_folded_output_scales_keep_the_plain_path_under_latent_masks_and_in_bf16_differ_by_rounding():
