@@ -20,7 +20,8 @@
 #          measured beside the table's runs (their same math is against the first of before,
 #          after, solo that ran)
 #   orig2  the original with real FA3, 2 ranks under torchrun (NCCL), STEPS steps
-#   lm2    lmcore after, then before, 2 ranks under torchrun, STEPS steps
+#   lm2    lmcore's 2-rank runs under torchrun, STEPS steps each, profiled, in LM2's order (default
+#          "after before"; a VARIANTS name there runs that variant as lm_v_NAME_2)
 # The 1-GPU runs go two at a time (so every 1-GPU run of the table has a neighbour); the
 # 2-rank runs have the machine to themselves. On a 1-GPU machine (nvidia-h200) the 1-GPU runs
 # go one at a time (ONE_GPU_RUNS, by default original FA3, before, after, solo, twin, original
@@ -33,8 +34,7 @@
 # order above). BEFORE, LEVERS, SOLO: --set overrides; the three go to res/levers.json.
 # Durations: on nvidia-h200-x2 (session 7) 1,272 s: setup 22 s, the originals' pair 284 s,
 # the lm1 pairs 256 and 251 s, kernel sources 11 s, the 2-rank original 200 s, lm_after_2 116 s,
-# lm_before_2 134 s (STAGES without lm2's `before` is not a choice: leave out lm2 to save
-# 250 s). On nvidia-h200 (session 6, one at a time) 1,363 s: setup 25 s, original FA3 230 s,
+# lm_before_2 134 s (LM2=after leaves `before` out). On nvidia-h200 (session 6, one at a time) 1,363 s: setup 25 s, original FA3 230 s,
 # each lmcore run 220-235 s (the twin 180 s: a cache hit), original FA2 236 s. Either way most
 # of a session's 1,800 s of device time, plus the machine's start. Session 8 on nvidia-h200 with
 # STAGES="peak orig1 lm1" ONE_GPU_RUNS="orig_fa3_1 lm_after_1 lm_solo_1": 691 s (setup 22 s,
@@ -74,6 +74,7 @@ ONE_GPU_RUNS=${ONE_GPU_RUNS:-orig_fa3_1 lm_before_1 lm_after_1 lm_solo_1 lm_befo
 SOLO_TIMEOUT=${SOLO_TIMEOUT:-420}  # the solo run is ended after this many seconds (compile included)
 VARIANTS=${VARIANTS:-}  # "NAME:overrides;NAME:overrides": more lmcore runs after lm1 (empty: none)
 VARIANT_TIMEOUT=${VARIANT_TIMEOUT:-600}
+LM2=${LM2:-after before}  # the 2-rank lmcore runs in order: after, before or a VARIANTS name
 
 source benchmarks/detached.sh  # stamp, run_until, detached_poll, detached_main
 
@@ -136,6 +137,28 @@ lm_after_1() { lm lm_after_1 after "$1" 1 "$MATH_STEPS" --set train.profile_step
 # shellcheck disable=SC2046,SC2086
 lm_solo_1() { LM_TIMEOUT=$SOLO_TIMEOUT lm lm_solo_1 solo "$1" 1 "$SOLO_STEPS" --set train.profile_step="$solo_prof" $(sets $SOLO); }
 
+# variant_sets NAME: the overrides VARIANTS gives NAME (nothing where it names none)
+variant_sets() {
+  local v vs
+  IFS=';' read -ra vs <<< "$VARIANTS"
+  for v in "${vs[@]}"; do [ "${v%%:*}" = "$1" ] && printf '%s\n' "${v#*:}"; done
+  return 0
+}
+
+# lm2 NAME: one of LM2's runs on GPUs 0,1 (after, before, or a variant as lm_v_NAME_2)
+# shellcheck disable=SC2046,SC2086 # the overrides split into --set pairs on purpose
+lm2() {
+  local prof2=$((STEPS - 5)) vs
+  case $1 in
+    after) lm lm_after_2 after 0,1 2 "$STEPS" --set train.profile_step=$prof2 $(sets $LEVERS) ;;
+    before) lm lm_before_2 before 0,1 2 "$STEPS" --set train.profile_step=$prof2 $(sets $BEFORE) ;;
+    *)
+      vs=$(variant_sets "$1")
+      [ -n "$vs" ] || { echo "LM2 names $1, which is neither after, before nor a VARIANTS name"; return 0; }
+      LM_TIMEOUT=$VARIANT_TIMEOUT lm "lm_v_${1}_2" "v_$1" 0,1 2 "$STEPS" --set train.profile_step=$prof2 $(sets $vs) ;;
+  esac
+}
+
 # each of VARIANTS: lm_v_NAME_1 on GPU 0, its profile's kernel sources beside the others
 variants() {
   local v name vs
@@ -161,7 +184,7 @@ job() {
   python3 -c 'import json, sys; print(json.dumps(dict(zip(("before", "after", "solo"), sys.argv[1:]))))' \
     "$BEFORE" "$LEVERS" "$SOLO" > "$R/levers.json"
   printf '%s\n' "$VARIANTS" > "$R/variants.txt"
-  echo "== setup: stages $STAGES; STEPS $STEPS; ONE_GPU_RUNS $ONE_GPU_RUNS (one GPU); BEFORE $BEFORE; LEVERS $LEVERS; SOLO $SOLO; VARIANTS $VARIANTS"
+  echo "== setup: stages $STAGES; STEPS $STEPS; ONE_GPU_RUNS $ONE_GPU_RUNS (one GPU); BEFORE $BEFORE; LEVERS $LEVERS; SOLO $SOLO; VARIANTS $VARIANTS; LM2 $LM2 (2 ranks)"
   nvidia-smi --query-gpu=name,uuid,memory.total,driver_version --format=csv,noheader
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
   python3 -m pip install -q --no-index --no-deps --target "$FA3" .fa3/dist/*.whl
@@ -171,7 +194,7 @@ job() {
   # the original with real FA3: its script alone in a folder (.ref/ holds the FA2 shim)
   original_alone "$S/orig_fa3" "$FA3:$BASE" || return 1
   local n_gpu; n_gpu=$(nvidia-smi -L | wc -l)
-  local prof1=$((MATH_STEPS - 5)) prof2=$((STEPS - 5)) solo_prof=$((SOLO_STEPS - 5))
+  local prof1=$((MATH_STEPS - 5)) solo_prof=$((SOLO_STEPS - 5)) r
   # shellcheck disable=SC2046,SC2086 # LEVERS and SOLO split into --set pairs on purpose
   {
     has peak && echo "== peak ($((SECONDS - T0)) s)" && PYTHONPATH=$BASE python3 benchmarks/matmul_peak.py --json "$R/peak.json" --sustain 20
@@ -191,8 +214,7 @@ job() {
     fi
     if [ "$n_gpu" -ge 2 ]; then
       has orig2 && orig orig_fa3_2 0,1 2 "$S/orig_fa3" "$FA3:$BASE"
-      has lm2 && lm lm_after_2 after 0,1 2 "$STEPS" --set train.profile_step=$prof2 $(sets $LEVERS)
-      has lm2 && lm lm_before_2 before 0,1 2 "$STEPS" --set train.profile_step=$prof2 $(sets $BEFORE)
+      if has lm2; then for r in $LM2; do lm2 "$r"; done; fi
     else
       echo "== one GPU: the 2-rank stages are skipped"
     fi

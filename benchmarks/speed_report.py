@@ -5,7 +5,7 @@ usage: python benchmarks/speed_report.py RESULTS_DIR
 Reads peak.json (benchmarks/matmul_peak.py), the original's logs (orig_fa3_1.log,
 orig_fa2_1.log, orig_fa3_2.log: its step_avg lines) and lmcore's run folders (LM_RUNS:
 summary.json, metrics.jsonl, profile/breakdown.json; speed.sh's VARIANTS, named in variants.txt,
-as lm_v_NAME_1). Step ms is the original's last step_avg
+as lm_v_NAME_1, and on 2 ranks as lm_v_NAME_2 where LM2 ran them). Step ms is the original's last step_avg
 and lmcore's mean_step_ms (both: training time over steps after the compile warm-up);
 lmcore's median step from metrics.jsonl is given too. A second table gives the steady state:
 the mean step over the 10-step windows past step 10 (lmcore's metrics.jsonl lines, the window
@@ -58,15 +58,22 @@ def variants(res: Path) -> list[tuple[str, str, str]]:
     return [(f"lm_v_{name}_1", f"lmcore {name}", sets.strip()) for name, sets in pairs if name]
 
 
+def variants_2(res: Path) -> list[tuple[str, str]]:
+    """The variants that ran on 2 ranks (speed.sh's LM2 naming them): (folder lm_v_NAME_2, label)."""
+    folders = ((f.removesuffix("_1") + "_2", label) for f, label, _ in variants(res))
+    return [(f, label) for f, label in folders if (res / f).is_dir()]
+
+
 def lm_runs(res: Path, ranks: int) -> list[tuple[str, str]]:
-    """LM_RUNS[ranks], and on one GPU the job's variants after them."""
-    return LM_RUNS[ranks] + ([(f, label) for f, label, _ in variants(res)] if ranks == 1 else [])
+    """LM_RUNS[ranks], then the job's variants: every one on one GPU, those that ran on 2 ranks."""
+    return LM_RUNS[ranks] + ([(f, label) for f, label, _ in variants(res)] if ranks == 1 else variants_2(res))
 
 
 def kernel_pairs(res: Path) -> list[tuple[str, str]]:
-    """KERNEL_PAIRS, and each variant against solo (or after, where no solo ran)."""
+    """KERNEL_PAIRS, each variant against solo (or after, where no solo ran), and each 2-rank variant
+    against after on 2 ranks."""
     base = "lm_solo_1" if (res / "lm_solo_1" / "profile" / "breakdown.json").exists() else "lm_after_1"
-    return KERNEL_PAIRS + [(base, f) for f, _, _ in variants(res)]
+    return KERNEL_PAIRS + [(base, f) for f, _, _ in variants(res)] + [("lm_after_2", f) for f, _ in variants_2(res)]
 
 
 def train_lines(run: Path) -> list[dict]:

@@ -160,6 +160,26 @@ def test_variants_join_the_table_and_the_same_math_against_solo(tmp_path: Path, 
     assert "autotune (lm_v_autotune_1) against lm_solo_1, 3 steps, seed 1337: difference max |loss - loss| = 0.0200" in out
 
 
+def test_a_variant_that_ran_on_2_ranks_joins_the_2_rank_rows_against_after(tmp_path: Path, capsys):
+    # speed.sh's LM2 naming a variant: lm_v_NAME_2 beside lm_after_2; a variant that ran on one GPU only
+    # has no 2-rank row
+    (tmp_path / "orig_fa3_2.log").write_text("step:40/40 train_loss:3.0 train_time:13000ms step_avg:325.00ms\n")
+    (tmp_path / "variants.txt").write_text("sign:train.fused_mlp=true train.fused_mlp_sign=true;twin:a=1\n")
+    _lm(tmp_path / "lm_after_2", 260.0, [3.0, 2.0])
+    _lm(tmp_path / "lm_v_sign_2", 250.0, [3.0, 2.0])
+    assert speed_report.variants_2(tmp_path) == [("lm_v_sign_2", "lmcore sign")]
+    rows = {(r["run"], r["ranks"]): r for r in speed_report.speed_rows(tmp_path, 1.0, None)}
+    assert rows[("lmcore sign", 2)]["vs_fa3"] == pytest.approx(325 / 250)
+    assert ("lmcore twin", 2) not in rows and rows[("lmcore twin", 1)]["step_ms"] is None
+    for run, ms in (("lm_after_2", 5.0), ("lm_v_sign_2", 4.5)):
+        _profile(tmp_path / run, ms)
+    assert ("lm_after_2", "lm_v_sign_2") in speed_report.kernel_pairs(tmp_path)
+    assert speed_report.main(tmp_path) == 0
+    out = capsys.readouterr().out
+    assert "Kernel time that changed from lm_after_2 to lm_v_sign_2" in out
+    assert "| `triton_poi_fused_x` | 5.00 | 4.50 | -0.50 |" in out
+
+
 def test_a_sustained_peak_adds_one_line(tmp_path: Path, capsys):
     # matmul_peak.py --sustain writes sustained_tflops; the report says it after the card line
     # and leaves the rest as it was
