@@ -3,7 +3,9 @@
 # function there detached (setsid, so it survives the call), its output timestamped into
 # $S/job.log; `poll` prints the log's new lines until $S/DONE appears or POLL_S seconds
 # have passed, then runs the script's `collect` (copy results under $OUT). Issue each poll
-# within 30 s of the last call's return, or the machine is given back.
+# within 30 s of the last call's return, or the machine is given back. A poll with no job
+# running and no DONE (a folder $S that no `start` made, or a job that died) says so and
+# returns 1 at once: it does not wait out POLL_S on nothing (session 19 lost 470 s so).
 # The sourcing script sets S (scratch folder), POLL_S and defines job() and collect(), then:
 #   detached_main SCRIPT NAME MODE      (MODE: start | poll | job)
 
@@ -45,6 +47,11 @@ detached_poll() {  # NAME
       off=$(stat -c %s "$S/job.log"); echo "$off" > "$S/poll.offset"
     fi
     [ -f "$S/DONE" ] && { echo "$1 DONE"; break; }
+    if ! kill -0 "$(cat "$S/job.pid" 2>/dev/null)" 2>/dev/null; then
+      [ -f "$S/DONE" ] && continue  # it ended since the check above: the next round prints the rest
+      echo "$1: no job is running in $S and it has no DONE: nothing to poll (move $S away, then start)"
+      collect; return 1
+    fi
     (( SECONDS >= end )) && { echo "$1 STILL RUNNING (poll again within 30 s)"; break; }
     sleep 5
   done
@@ -55,14 +62,14 @@ detached_main() {  # SCRIPT NAME MODE
   local script=$1 name=$2
   case $3 in
     start)
-      [ -e "$S" ] && { echo "$S exists: the job already ran on this machine; use poll"; detached_poll "$name"; return; }
+      [ -e "$S" ] && { echo "$S exists: the job already ran on this machine; use poll"; detached_poll "$name" || return; return; }
       mkdir -p "$S/src"
       tar --exclude=./.git --exclude=./runs --exclude=./data -cf - . | tar -C "$S/src" -xf - || return 1
-      (cd "$S/src" && setsid nohup bash -c "source $script job; job 2>&1 | stamp > $S/job.log; touch $S/DONE" \
+      (cd "$S/src" && setsid nohup bash -c "echo \$\$ > $S/job.pid; source $script job; job 2>&1 | stamp > $S/job.log; touch $S/DONE" \
         > "$S/nohup.log" 2>&1 < /dev/null &)
       sleep 2
       detached_poll "$name" ;;
-    poll) detached_poll "$name" ;;
+    poll) detached_poll "$name" || return ;;
     job) ;;  # sourced by the detached shell for the functions
     *) echo "usage: $script start|poll [POLL_S]"; return 2 ;;
   esac

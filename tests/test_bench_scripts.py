@@ -75,6 +75,30 @@ def test_original_alone_fails_without_fa3(tree: Path, where: str):
     assert "alone: flash_attn_interface there is not FA3's" in res.stdout
 
 
+def _detached(tree: Path, mode: str) -> subprocess.CompletedProcess:
+    """benchmarks/detached.sh's detached_main on a job that prints a line, from tree/job.sh."""
+    (tree / "job.sh").write_text(
+        f"S={tree / 'scratch'}\nPOLL_S=30\njob() {{ echo the-job-ran; sleep 1; }}\ncollect() {{ :; }}\n"
+        f"source {ROOT / 'benchmarks' / 'detached.sh'}\ndetached_main job.sh JOB \"$1\" || exit $?\n")
+    return subprocess.run(["bash", "job.sh", mode], check=False, cwd=tree, capture_output=True, text=True, timeout=60)
+
+
+@needs_bash
+def test_a_detached_job_runs_to_done_and_a_poll_without_one_stops_at_once(tmp_path: Path):
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    res = _detached(tree, "start")
+    assert res.returncode == 0 and "the-job-ran" in res.stdout and "JOB DONE" in res.stdout, res.stdout + res.stderr
+    assert _detached(tree, "poll").stdout.strip().endswith("JOB DONE")  # a second poll: done, at once
+    # a scratch folder that no start made (session 19 polled one for 470 s): poll and start stop at once
+    (tree / "scratch").rename(tmp_path / "away")
+    (tree / "scratch").mkdir()
+    for mode in ("poll", "start"):
+        res = _detached(tree, mode)
+        assert res.returncode == 1 and "JOB: no job is running" in res.stdout, res.stdout + res.stderr
+        assert "the-job-ran" not in res.stdout
+
+
 @pytest.mark.parametrize("job", ["switches", "defaults"])
 def test_committed_capped_table_is_what_its_logs_give(job: str, capsys):
     # session 12's two capped_2gpu.sh jobs (NPROC=1, one H200): the table from the same logs
