@@ -62,10 +62,12 @@ def test_older_drivers_name_and_bad_paths(tmp_path: Path, capsys):
 @pytest.mark.parametrize("job, row", [
     ("speed-2026-11-29-h200-s16b", "| lm_solo_1 | 331 | 193 | 1680 | 1140 | 693 | 700 | 100% | 59 |"),
     ("speed-2026-11-29-h200-s17", "| orig_fa3_1 | 478 | 69 | 1845 | 1500 | 674 | 700 | 83% | 60 |"),
-    ("speed-2026-11-29-h200-s18", "| lm_v_qkv_1 | 386 | 227 | 1650 | 1380 | 693 | 700 | 100% | 59 |")])
+    ("speed-2026-11-29-h200-s18", "| lm_v_qkv_1 | 386 | 227 | 1650 | 1380 | 693 | 700 | 100% | 59 |"),
+    ("speed-2026-11-29-h200x2-s19", "| lm_after_2 | 235 | 35 | 1740 | 1635 | 690 | 700 | 91% | 60 |")])
 def test_committed_clocks_table_is_what_its_samples_give(capsys, job, row):
     # session 16's second speed.sh job (H200 GPU-44b6d01d), session 17's (GPU-c21df98c, the
-    # original sampled too) and session 18's (GPU-7baecdac): nvidia-smi's samples and the job's log as the device wrote them;
+    # original sampled too), session 18's (GPU-7baecdac) and session 19's (2-rank stages; GPU 0 is
+    # GPU-33858fae): nvidia-smi's samples and the job's log as the device wrote them;
     # clocks.md as the report gives them (s16b's rerun here after zero-length stages were left out)
     res = ROOT / "benchmarks" / "results" / job
     assert clocks_report.main([str(res / "clocks.csv"), str(res / "job.log")]) == 0
