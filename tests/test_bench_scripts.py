@@ -107,6 +107,15 @@ def test_committed_capped_table_is_what_its_logs_give(job: str, capsys):
     assert capsys.readouterr().out == (d / "table.md").read_text()
 
 
+def test_committed_2_rank_capped_table_is_what_its_logs_give(capsys):
+    # session 19's capped_2gpu.sh job (2 ranks, one x2 H200 host, one run after the other): issue 16's check
+    d = ROOT / "benchmarks" / "results" / "capped-2026-11-29-h200x2-s19"
+    assert capped_report.main([str(d / "original.log"), str(d / "lmcore_run" / "summary.json"), "2", "150", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out == (d / "table.md").read_text()
+    assert "| original | FA3 (the wheel's flash_attn_interface) | 461 | 325.5 | 1.6289 | 5.6377 |" in out.splitlines()
+
+
 def test_capped_table_without_the_originals_last_lines():
     summary = {"card": "H", "attention_backend": "fa3", "steps": 9, "mean_step_ms": 1.25, "val_bpb_raw": 2.0,
                "val_bpb_ema": 3.0}
