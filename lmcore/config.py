@@ -205,7 +205,9 @@ class TrainConfig:
     # them (lmcore.mlp_kernel._dpre_sign_math). The forward kernel writes 19 MB of signs instead of 302 MB of pre
     # a call at record's micro-batch, and peak memory should be about 3.1 GB less (11 layers' pre; not measured).
     # A deliberate rounding change: sqrt(post) stands for |leaky(pre)| rounded once more. mlp_hidden a multiple
-    # of 32. Not yet run on a GPU (session 18).
+    # of 32. On an H200 (session 19) its cuda test passes; at the default tiles its kernels take 0.316 ms forward
+    # and 0.443 backward a call against 0.339 and 0.403 without it: about 1.5 ms a step slower over 88 calls each
+    # way (benchmarks/mlp_epilogue_bench.py --sign, not a training run).
     fused_mlp_sign: bool = False
     # k and v repeated to the query heads before attention (GQA run as MHA: FA3's backward then writes
     # dk/dv without its fp32 GQA accumulators and their converts); autograd sums each kv head's copies'
@@ -227,7 +229,8 @@ class TrainConfig:
     # H200 (session 16, with both fused ops, expand_kv and fused_mlp): 4 multi-tensor kernels an accumulation
     # instead of 134 adds (benchmarks/grad_accum_kernels.py), 545.8 -> 543.1 ms a step; max |dloss| 0.0329 over
     # 200 steps (two plain runs: 0.0316 in session 14; the sums are bit-identical on CPU, FA3's backward is not
-    # deterministic). Off by default: not yet run on 2 ranks under NCCL.
+    # deterministic). It trained on 2 ranks under NCCL in session 19 (in the fastest set, with CUDA graphs).
+    # Off by default, like the other speed switches.
     foreach_grad_accum: bool = False
     ddp_bucket_cap_mb: float = 25.0  # DDP gradient bucket size (torch's default 25)
     ddp_grad_as_bucket_view: bool = False  # DDP gradients as views into its buckets (saves a copy)

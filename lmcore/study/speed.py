@@ -75,12 +75,13 @@ SPEED_LEVERS: dict[str, list[str]] = {
     "fused_all_qkv": ["train.fused_qkv=true", "train.fused_xsa_gate=true", "train.expand_kv=true",
                       "train.fused_mlp=true"],
     # fused_all_fold_foreach_graphs with fused_qkv in place of fused_qk_norm_rope: the fastest step measured,
-    # 525.4 ms against the original's 661.8 on one H200 (1.260x; -8.9 ms on the set without it, session 18)
+    # 525.4 ms against the original's 661.8 on one H200 (1.260x; -8.9 ms on the set without it, session 18);
+    # on 2 ranks 267.5 ms against 323.6 (1.210x, two H200s, session 19)
     "fused_all_qkv_fold_foreach_graphs": ["train.fused_qkv=true", "train.fused_xsa_gate=true", "train.expand_kv=true",
                                           "train.fused_mlp=true", "train.fold_output_scales=true",
                                           "train.foreach_grad_accum=true", "train.compile_mode=reduce-overhead"],
     # that with the fused MLP keeping pre's signs instead of pre (train.fused_mlp_sign, a deliberate rounding
-    # change; session 18, not yet run on a GPU)
+    # change; its kernels' bench on one H200, session 19: about 1.5 ms a step slower, not run in training)
     "fused_all_qkv_fold_foreach_graphs_sign": ["train.fused_qkv=true", "train.fused_xsa_gate=true",
                                                "train.expand_kv=true", "train.fused_mlp=true",
                                                "train.fused_mlp_sign=true", "train.fold_output_scales=true",
