@@ -2,7 +2,8 @@
 thread, spills, barriers (layout conversions through shared memory) and resident warps an
 SM, for a few (rows a program, warps) choices at `record`'s shapes: q and k for the q/k
 kernels (k also as train.fused_qkv runs it: reading its slice of the q/k/v GEMM's output and
-moving v's rows), a gated layer and one without the gate for the XSA kernels. Then
+moving v's rows, and with train.fused_qkv_repeat_v repeating them and summing their copies'
+gradients, at expand_kv's 2 copies), a gated layer and one without the gate for the XSA kernels. Then
 lmcore.mlp_kernel's persistent TMA GEMM (descriptors built by the host, and on the device) at its
 tile, each way, at 3 and 4 stages, with and without train.fused_mlp_sign: shared memory against
 the card's 232,448 bytes, registers, spills, and the global scratch the device-built descriptors
@@ -30,10 +31,11 @@ from lmcore import mlp_kernel as MK
 from lmcore.config import preset
 
 FWD_ARGS = {"x_ptr": "*bf16", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "gain_ptr": "*fp32", "out_ptr": "*bf16",
-            "rstd_ptr": "*fp32", "v_ptr": "*bf16", "v_out_ptr": "*bf16", "n_rows": "i32", "eps": "fp32"}
+            "rstd_ptr": "*fp32", "v_ptr": "*bf16", "v_out_ptr": "*bf16", "v_rep_ptr": "*bf16", "n_rows": "i32",
+            "eps": "fp32"}
 BWD_ARGS = {"g_ptr": "*bf16", "x_ptr": "*bf16", "rstd_ptr": "*fp32", "cos_ptr": "*fp32", "sin_ptr": "*fp32",
-            "gain_ptr": "*fp32", "dx_ptr": "*bf16", "dgain_part_ptr": "*fp32", "gv_ptr": "*bf16", "dv_ptr": "*bf16",
-            "n_rows": "i32"}
+            "gain_ptr": "*fp32", "dx_ptr": "*bf16", "dgain_part_ptr": "*fp32", "gv_ptr": "*bf16", "gv_rep_ptr": "*bf16",
+            "dv_ptr": "*bf16", "n_rows": "i32"}
 CHOICES = [(16, 2), (16, 4), (32, 4), (32, 8), (64, 8)]  # (rows a program, warps); lmcore.kernels uses TILE // D, WARPS
 XSA_FWD_ARGS = {"y_ptr": "*bf16", "v_ptr": "*bf16", "z_ptr": "*bf16", "out_ptr": "*bf16", "n_rows": "i32", "eps": "fp32"}
 XSA_BWD_ARGS = {"g_ptr": "*bf16", "y_ptr": "*bf16", "v_ptr": "*bf16", "z_ptr": "*bf16", "dy_ptr": "*bf16",
@@ -118,15 +120,16 @@ def main() -> int:
     print("|---|---|---|---|---|---|---|---|")
     qk = [("forward", kernels._qk_fwd_kernel, FWD_ARGS), ("backward", kernels._qk_bwd_kernel, BWD_ARGS)]
     qkv = (m.num_heads + 2 * m.num_kv_heads) * m.head_dim  # a token's stride in train.fused_qkv's GEMM output
-    for name, heads, has_gain, has_v in (("q", m.num_heads, True, False), ("k", m.num_kv_heads, False, False),
-                                         ("k, fused q/k/v (moves v)", m.num_kv_heads, False, True)):  # k: no gain
-        for rows, warps in CHOICES:
+    g = m.num_heads // m.num_kv_heads
+    for name, heads, has_gain, has_v, rep in (("q", m.num_heads, True, False, 1), ("k", m.num_kv_heads, False, False, 1),
+                                              ("k, fused q/k/v (moves v)", m.num_kv_heads, False, True, 1),
+                                              ("k, fused q/k/v, v repeated", m.num_kv_heads, False, True, g)):
+        for rows, warps in CHOICES:  # k: no gain
             xs = qkv if has_v else heads * m.head_dim
-            consts = {"T": 2048, "H": heads, "D": m.head_dim, "HALF": half, "R": rows, "HAS_GAIN": has_gain, "REP": 1,
-                      "XS": xs, "DXS": xs, "HAS_V": has_v}
+            consts = {"T": 2048, "H": heads, "D": m.head_dim, "HALF": half, "R": rows, "HAS_GAIN": has_gain,
+                      "REP": rep, "XS": xs, "DXS": xs, "HAS_V": has_v, "V_REP": rep > 1}
             mark = " (lmcore)" if rows == kernels.TILE // m.head_dim and warps == kernels.WARPS else ""
             _rows(name, rows, mark, warps, qk, consts, tool)
-    g = m.num_heads // m.num_kv_heads
     xsa = [("forward", kernels._xsa_fwd_kernel, XSA_FWD_ARGS), ("backward", kernels._xsa_bwd_kernel, XSA_BWD_ARGS)]
     for name, gated in (("XSA, gated", True), ("XSA, no gate", False)):
         for rows, warps in XSA_CHOICES:

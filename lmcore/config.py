@@ -189,6 +189,11 @@ class TrainConfig:
     # expand_kv, fused_mlp, fold_output_scales, foreach_grad_accum, CUDA graphs): 534.3 -> 525.4 ms a step, max
     # |dloss| 0.0191 over 200 steps against a twin's 0.0128 (benchmarks/RESULTS.md).
     fused_qkv: bool = False
+    # With fused_qkv and expand_kv: k's kernels also write v's heads repeated for attention, and sum those copies'
+    # gradients with v's own (XSA's) in fp32 into v's slice of the fused gradient, in place of inductor's repeat
+    # and sum kernels (3.3 + 3.9 ms a step on one H200, session 18's profile), on the layers without value
+    # embeddings. The same math up to the sum's rounding. Not yet run on a GPU (session 19).
+    fused_qkv_repeat_v: bool = False
     # The MLP's LeakyReLU^2 as its first GEMM's epilogue, act' as the backward GEMM's (lmcore.mlp_kernel:
     # Triton GEMMs on CUDA, the same math in PyTorch elsewhere; the same math as the plain MLP up to the
     # GEMMs' accumulation order). The exported script embeds the kernel. With both fused ops and expand_kv on
@@ -305,6 +310,8 @@ class Config:
             raise ConfigError(f"train.compile_mode={self.train.compile_mode!r}: expected one of {', '.join(COMPILE_MODES)}")
         if self.train.fused_mlp_descriptors not in ("device", "host"):
             raise ConfigError(f"train.fused_mlp_descriptors={self.train.fused_mlp_descriptors!r}: expected device or host")
+        if self.train.fused_qkv_repeat_v and not (self.train.fused_qkv and self.train.expand_kv):
+            raise ConfigError("train.fused_qkv_repeat_v=true needs train.fused_qkv=true and train.expand_kv=true")
         if self.train.fused_mlp_sign and not self.train.fused_mlp:
             raise ConfigError("train.fused_mlp_sign=true needs train.fused_mlp=true")
         if self.train.fused_mlp_sign and self.model.mlp_hidden % 32:

@@ -18,7 +18,10 @@ one GEMM on c_q, c_k and c_v's weights concatenated. The same two kernels read q
 of its output where they lie (each row's start from its token's stride), and the backward writes
 q's, k's and v's gradients into one tensor of the GEMM's output shape, so the input's gradient is
 one GEMM. v's slice is copied out once each way, by k's kernels (session 17's first version
-copied it with PyTorch: 176 strided copies, 11.4 ms a step on an H200).
+copied it with PyTorch: 176 strided copies, 11.4 ms a step on an H200). With `repeat_v`
+(train.fused_qkv_repeat_v) k's forward programs also write v's heads `repeat` times in a row, as
+attention reads v under train.expand_kv, and its backward programs sum those copies' gradients
+with v's own (XSA's) in fp32 into v's slice: inductor's repeat and sum kernels are left out.
 
 `xsa_gate(y, v, z)`: XSA (each query head's attention output less its component along its kv
 head's unit value vector) then the attention gate (times sigmoid of the gate's logits; None:
@@ -117,22 +120,22 @@ if triton is not None:
         return c, tl.where(cols < HALF, s, -s)
 
     @triton.jit
-    def _move_rows(src_ptr, src_offs, dst_ptr, dst_offs, mask, D: tl.constexpr):
-        """Copy R rows of D elements from src_offs to dst_offs (v's slice of fused q/k/v, or its
-        gradient, moved beside k's rows: train.fused_qkv)."""
-        cols = tl.arange(0, D)[None, :]
-        tl.store(dst_ptr + dst_offs[:, None] + cols, tl.load(src_ptr + src_offs[:, None] + cols, mask=mask), mask=mask)
-
-    @triton.jit
-    def _qk_fwd_kernel(x_ptr, cos_ptr, sin_ptr, gain_ptr, out_ptr, rstd_ptr, v_ptr, v_out_ptr, n_rows, eps,
+    def _qk_fwd_kernel(x_ptr, cos_ptr, sin_ptr, gain_ptr, out_ptr, rstd_ptr, v_ptr, v_out_ptr, v_rep_ptr, n_rows, eps,
                        T: tl.constexpr, H: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, R: tl.constexpr,
-                       HAS_GAIN: tl.constexpr, REP: tl.constexpr, XS: tl.constexpr, HAS_V: tl.constexpr):
-        # HAS_V (k's call under train.fused_qkv): v's rows, XS apart like x's, copied out contiguous
+                       HAS_GAIN: tl.constexpr, REP: tl.constexpr, XS: tl.constexpr, HAS_V: tl.constexpr,
+                       V_REP: tl.constexpr):
+        # HAS_V (k's call under train.fused_qkv): v's rows, XS apart like x's, copied out contiguous;
+        # V_REP: and REP times in a row into v_rep, like k's
         rows = tl.program_id(0) * R + tl.arange(0, R)
         live = rows < n_rows
         mask = live[:, None]
+        cols = tl.arange(0, D)[None, :]
         if HAS_V:
-            _move_rows(v_ptr, _heads(rows, H, D, XS), v_out_ptr, rows * D, mask, D)
+            vt = tl.load(v_ptr + _heads(rows, H, D, XS)[:, None] + cols, mask=mask)
+            tl.store(v_out_ptr + rows[:, None] * D + cols, vt, mask=mask)
+            if V_REP:
+                for j in tl.static_range(REP):
+                    tl.store(v_rep_ptr + (rows * REP + j)[:, None] * D + cols, vt, mask=mask)
         x, xp = _tile(x_ptr, _heads(rows, H, D, XS), mask, D, HALF)
         c, s = _rope_cs(cos_ptr, sin_ptr, rows, mask, T, H, D, HALF)
         rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)  # (R,)
@@ -141,27 +144,33 @@ if triton is not None:
             scale = scale * tl.load(gain_ptr + rows % H, mask=live, other=0.0).to(tl.float32)
         out = ((x * c + xp * s) * scale[:, None]).to(out_ptr.dtype.element_ty)
         for j in tl.static_range(REP):  # row r's copies are output rows r * REP + j
-            tl.store(out_ptr + (rows * REP + j)[:, None] * D + tl.arange(0, D)[None, :], out, mask=mask)
+            tl.store(out_ptr + (rows * REP + j)[:, None] * D + cols, out, mask=mask)
         tl.store(rstd_ptr + rows, rstd, mask=live)
 
     @triton.jit
-    def _qk_bwd_kernel(g_ptr, x_ptr, rstd_ptr, cos_ptr, sin_ptr, gain_ptr, dx_ptr, dgain_part_ptr, gv_ptr, dv_ptr,
-                       n_rows, T: tl.constexpr, H: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, R: tl.constexpr,
-                       HAS_GAIN: tl.constexpr, REP: tl.constexpr, XS: tl.constexpr, DXS: tl.constexpr,
-                       HAS_V: tl.constexpr):
+    def _qk_bwd_kernel(g_ptr, x_ptr, rstd_ptr, cos_ptr, sin_ptr, gain_ptr, dx_ptr, dgain_part_ptr, gv_ptr, gv_rep_ptr,
+                       dv_ptr, n_rows, T: tl.constexpr, H: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr,
+                       R: tl.constexpr, HAS_GAIN: tl.constexpr, REP: tl.constexpr, XS: tl.constexpr, DXS: tl.constexpr,
+                       HAS_V: tl.constexpr, V_REP: tl.constexpr):
         # x is read, and dx written, with tokens XS and DXS elements apart (_heads); HAS_V: v's
-        # (contiguous) gradient written DXS apart too, into its slice of the fused gradient
+        # (contiguous) gradient written DXS apart too, into its slice of the fused gradient, with its
+        # REP copies' gradients (V_REP) added in fp32
         pid = tl.program_id(0)
         rows = pid * R + tl.arange(0, R)
         live = rows < n_rows
         mask = live[:, None]
+        cols = tl.arange(0, D)[None, :]
         if HAS_V:
-            _move_rows(gv_ptr, rows * D, dv_ptr, _heads(rows, H, D, DXS), mask, D)
+            gv = tl.load(gv_ptr + rows[:, None] * D + cols, mask=mask, other=0.0)
+            if V_REP:
+                gv = gv.to(tl.float32)
+                for j in tl.static_range(REP):
+                    gv += tl.load(gv_rep_ptr + (rows * REP + j)[:, None] * D + cols, mask=mask, other=0.0).to(tl.float32)
+            tl.store(dv_ptr + _heads(rows, H, D, DXS)[:, None] + cols, gv.to(dv_ptr.dtype.element_ty), mask=mask)
         g, gp = _tile(g_ptr, rows * REP * D, mask, D, HALF)
         for j in tl.static_range(1, REP):  # the gradients of row r's copies, summed in fp32
             gj, gpj = _tile(g_ptr, (rows * REP + j) * D, mask, D, HALF)
             g, gp = g + gj, gp + gpj
-        cols = tl.arange(0, D)[None, :]
         x = tl.load(x_ptr + _heads(rows, H, D, XS)[:, None] + cols, mask=mask, other=0.0).to(tl.float32)
         c, s = _rope_cs(cos_ptr, sin_ptr, rows, mask, T, H, D, HALF)
         r = tl.load(rstd_ptr + rows, mask=live, other=0.0)  # (R,)
@@ -202,38 +211,43 @@ def _token_stride(x: Tensor) -> int:
 
 def _forward_triton(
     x: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None, repeat: int = 1, rows: int | None = None,
-    warps: int = WARPS, v: Tensor | None = None, v_out: Tensor | None = None,
+    warps: int = WARPS, v: Tensor | None = None, v_out: Tensor | None = None, v_rep: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The forward kernel; `rows` a program (a multiple of H; default TILE // D) and `warps`
     are the tile choice (benchmarks/qk_kernel_bench.py compares a few). With `v` (x's shape and
-    token stride) the same programs copy it into `v_out` (contiguous)."""
+    token stride) the same programs copy it into `v_out` (contiguous), and into `v_rep` (out's shape)
+    each head `repeat` times in a row where given."""
     b, t, h, d = x.shape
     out = x.new_empty(b, t, h * repeat, d)
     rstd = torch.empty((b, t, h), dtype=torch.float32, device=x.device)
     n_rows, rows = b * t * h, rows or _rows(x)
     _qk_fwd_kernel[(triton.cdiv(n_rows, rows),)](x, cos, sin, x if gain is None else gain, out, rstd,
-                                                 x if v is None else v, out if v_out is None else v_out, n_rows, EPS,
+                                                 x if v is None else v, out if v_out is None else v_out,
+                                                 out if v_rep is None else v_rep, n_rows, EPS,
                                                  T=t, H=h, D=d, HALF=cos.size(-1), R=rows, HAS_GAIN=gain is not None,
-                                                 REP=repeat, XS=_token_stride(x), HAS_V=v is not None, num_warps=warps)
+                                                 REP=repeat, XS=_token_stride(x), HAS_V=v is not None,
+                                                 V_REP=v_rep is not None, num_warps=warps)
     return out, rstd
 
 
 def _backward_triton(
     g: Tensor, x: Tensor, rstd: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None, repeat: int = 1,
     rows: int | None = None, warps: int = WARPS, dx: Tensor | None = None, gv: Tensor | None = None,
-    dv: Tensor | None = None,
+    dv: Tensor | None = None, gv_rep: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The backward kernel, writing x's gradient into `dx` (x's shape, any token stride) if given;
-    with `gv` (contiguous, x's shape) the same programs copy it into `dv` (dx's token stride)."""
+    with `gv` (contiguous, x's shape) the same programs copy it into `dv` (dx's token stride), with
+    the sum of `gv_rep`'s copies (g's shape: v's heads `repeat` times in a row) added where given."""
     b, t, h, d = x.shape
     n_rows, rows = b * t * h, rows or _rows(x)
     blocks = triton.cdiv(n_rows, rows)
     dx = torch.empty((b, t, h, d), dtype=x.dtype, device=x.device) if dx is None else dx
     part = torch.empty((blocks if gain is not None else 0, h), dtype=torch.float32, device=x.device)
     _qk_bwd_kernel[(blocks,)](g, x, rstd, cos, sin, x if gain is None else gain, dx, part,
-                              x if gv is None else gv, dx if dv is None else dv, n_rows,
+                              x if gv is None else gv, g if gv_rep is None else gv_rep, dx if dv is None else dv, n_rows,
                               T=t, H=h, D=d, HALF=cos.size(-1), R=rows, HAS_GAIN=gain is not None, REP=repeat,
-                              XS=_token_stride(x), DXS=_token_stride(dx), HAS_V=gv is not None, num_warps=warps)
+                              XS=_token_stride(x), DXS=_token_stride(dx), HAS_V=gv is not None,
+                              V_REP=gv_rep is not None, num_warps=warps)
     return dx, part.sum(0) if gain is not None else part.new_empty(0)
 
 
@@ -301,78 +315,92 @@ def _split_qkv(qkv: Tensor, heads: int, head_dim: int) -> tuple[Tensor, Tensor, 
 
 
 @torch.library.custom_op("lmcore::qkv_norm_rope", mutates_args=())
-def _qkv_norm_rope(qkv: Tensor, cos: Tensor, sin: Tensor, gain: Tensor, heads: int, head_dim: int,
-                   repeat: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _qkv_norm_rope(qkv: Tensor, cos: Tensor, sin: Tensor, gain: Tensor, heads: int, head_dim: int, repeat: int,
+                   repeat_v: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     q, k, v = _split_qkv(qkv, heads, head_dim)
     if _use_triton(q, cos.size(-1)) and _use_triton(k, cos.size(-1)):  # the kernels read the slices in place
-        v_out = v.new_empty(v.shape)  # k's programs copy v's rows out beside k's
-        (qo, rq), (ko, rk) = _forward_triton(q, cos, sin, gain), _forward_triton(k, cos, sin, None, repeat, v=v,
-                                                                                 v_out=v_out)
-        return qo, ko, v_out, rq, rk
+        v_out = v.new_empty(v.shape)  # k's programs copy v's rows out beside k's (and repeated: repeat_v)
+        v_rep = v.new_empty(_repeated(v, repeat) if repeat_v else 0)
+        (qo, rq), (ko, rk) = _forward_triton(q, cos, sin, gain), _forward_triton(
+            k, cos, sin, None, repeat, v=v, v_out=v_out, v_rep=v_rep if repeat_v else None)
+        return qo, ko, v_out, v_rep, rq, rk
     (qo, rq), (ko, rk) = _forward_math(q, cos, sin, gain), _forward_math(k, cos, sin, None, repeat)
-    return qo, ko, v.clone(memory_format=torch.contiguous_format), rq, rk
+    v_rep = v.repeat_interleave(repeat, dim=2) if repeat_v else v.new_empty(0)
+    return qo, ko, v.clone(memory_format=torch.contiguous_format), v_rep, rq, rk
+
+
+def _repeated(x: Tensor, repeat: int) -> tuple[int, int, int, int]:
+    b, t, h, d = x.shape
+    return b, t, h * repeat, d
 
 
 @_qkv_norm_rope.register_fake
-def _(qkv: Tensor, cos: Tensor, sin: Tensor, gain: Tensor, heads: int, head_dim: int,
-      repeat: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _(qkv: Tensor, cos: Tensor, sin: Tensor, gain: Tensor, heads: int, head_dim: int, repeat: int,
+      repeat_v: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     q, k, v = _split_qkv(qkv, heads, head_dim)
     b, t, hkv, f32 = k.size(0), k.size(1), k.size(2), torch.float32
-    return (q.new_empty(q.shape), k.new_empty(b, t, hkv * repeat, head_dim), v.new_empty(v.shape),
+    return (q.new_empty(q.shape), k.new_empty(_repeated(k, repeat)), v.new_empty(v.shape),
+            v.new_empty(_repeated(v, repeat) if repeat_v else 0),
             qkv.new_empty(b, t, heads, dtype=f32), qkv.new_empty(b, t, hkv, dtype=f32))
 
 
 @torch.library.custom_op("lmcore::qkv_norm_rope_backward", mutates_args=())
 def _qkv_norm_rope_backward(
-    gq: Tensor, gk: Tensor, gv: Tensor, qkv: Tensor, rq: Tensor, rk: Tensor, cos: Tensor, sin: Tensor, gain: Tensor,
-    heads: int, head_dim: int, repeat: int,
+    gq: Tensor, gk: Tensor, gv: Tensor, gv_rep: Tensor | None, qkv: Tensor, rq: Tensor, rk: Tensor, cos: Tensor,
+    sin: Tensor, gain: Tensor, heads: int, head_dim: int, repeat: int,
 ) -> tuple[Tensor, Tensor]:
     q, k, _ = _split_qkv(qkv, heads, head_dim)
     if _use_triton(q, cos.size(-1)) and _use_triton(k, cos.size(-1)):  # each gradient written into its slice
         dqkv = torch.empty_like(qkv)
         dq, dk, dv = _split_qkv(dqkv, heads, head_dim)
         _, dgain = _backward_triton(gq, q, rq, cos, sin, gain, dx=dq)
-        _backward_triton(gk, k, rk, cos, sin, None, repeat, dx=dk, gv=gv, dv=dv)  # and v's gradient, in k's programs
+        # and v's gradient (with its copies', gv_rep), in k's programs
+        _backward_triton(gk, k, rk, cos, sin, None, repeat, dx=dk, gv=gv, dv=dv, gv_rep=gv_rep)
         return dqkv, dgain
     dq, dgain = _backward_math(gq, q, rq, cos, sin, gain)
     dk, _ = _backward_math(gk, k, rk, cos, sin, None, repeat)
+    if gv_rep is not None:  # the copies' gradients summed with v's own, in fp32
+        gv = (gv.float() + gv_rep.float().unflatten(2, (gv.size(2), repeat)).sum(3)).to(gv.dtype)
     return torch.cat((dq.flatten(2), dk.flatten(2), gv.flatten(2)), dim=-1), dgain
 
 
 @_qkv_norm_rope_backward.register_fake
 def _(
-    gq: Tensor, gk: Tensor, gv: Tensor, qkv: Tensor, rq: Tensor, rk: Tensor, cos: Tensor, sin: Tensor, gain: Tensor,
-    heads: int, head_dim: int, repeat: int,
+    gq: Tensor, gk: Tensor, gv: Tensor, gv_rep: Tensor | None, qkv: Tensor, rq: Tensor, rk: Tensor, cos: Tensor,
+    sin: Tensor, gain: Tensor, heads: int, head_dim: int, repeat: int,
 ) -> tuple[Tensor, Tensor]:
     return torch.empty_like(qkv), qkv.new_empty(gain.size(0), dtype=torch.float32)
 
 
 def _qkv_setup_context(ctx, inputs, output) -> None:
-    qkv, cos, sin, gain, ctx.heads, ctx.head_dim, ctx.repeat = inputs
-    ctx.save_for_backward(qkv, output[3], output[4], cos, sin, gain)
+    qkv, cos, sin, gain, ctx.heads, ctx.head_dim, ctx.repeat, ctx.repeat_v = inputs
+    ctx.save_for_backward(qkv, output[4], output[5], cos, sin, gain)
 
 
-def _qkv_backward(ctx, gq: Tensor, gk: Tensor, gv: Tensor, _g_rq: Tensor, _g_rk: Tensor):
+def _qkv_backward(ctx, gq: Tensor, gk: Tensor, gv: Tensor, gv_rep: Tensor, _g_rq: Tensor, _g_rk: Tensor):
     qkv, rq, rk, cos, sin, gain = ctx.saved_tensors
-    dqkv, dgain = _qkv_norm_rope_backward(gq.contiguous(), gk.contiguous(), gv.contiguous(), qkv, rq, rk, cos, sin,
+    dqkv, dgain = _qkv_norm_rope_backward(gq.contiguous(), gk.contiguous(), gv.contiguous(),
+                                          gv_rep.contiguous() if ctx.repeat_v else None, qkv, rq, rk, cos, sin,
                                           gain, ctx.heads, ctx.head_dim, ctx.repeat)
-    return dqkv, None, None, dgain.to(gain.dtype), None, None, None
+    return dqkv, None, None, dgain.to(gain.dtype), None, None, None, None
 
 
 _qkv_norm_rope.register_autograd(_qkv_backward, setup_context=_qkv_setup_context)
 
 
 def qkv_norm_rope(
-    qkv: Tensor, cos: Tensor, sin: Tensor, gain: Tensor, heads: int, head_dim: int, repeat: int = 1
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(q, k, v) from qkv (B, T, (H + 2 Hkv) D), the output of one GEMM on c_q, c_k and c_v's
-    weights concatenated: q = qk_norm_rope(q's slice, gain), k = qk_norm_rope(k's slice, None,
-    repeat), v its slice (B, T, Hkv, D), contiguous. The kernels read q's and k's slices where
-    they lie, and the backward writes the three gradients into one (B, T, (H + 2 Hkv) D) tensor,
-    the input of the one GEMM that gives the input's gradient."""
-    q, k, v, _, _ = _qkv_norm_rope(qkv.contiguous(), cos.float().contiguous(), sin.float().contiguous(), gain,
-                                   heads, head_dim, repeat)
-    return q, k, v
+    qkv: Tensor, cos: Tensor, sin: Tensor, gain: Tensor, heads: int, head_dim: int, repeat: int = 1,
+    repeat_v: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """(q, k, v, v repeated) from qkv (B, T, (H + 2 Hkv) D), the output of one GEMM on c_q, c_k and
+    c_v's weights concatenated: q = qk_norm_rope(q's slice, gain), k = qk_norm_rope(k's slice,
+    None, repeat), v its slice (B, T, Hkv, D), contiguous, and with `repeat_v` v's heads `repeat`
+    times in a row (as k's; else None). The kernels read q's and k's slices where they lie, and the
+    backward writes the three gradients (v's: its own plus its copies') into one (B, T, (H + 2 Hkv) D)
+    tensor, the input of the one GEMM that gives the input's gradient."""
+    q, k, v, v_rep, _, _ = _qkv_norm_rope(qkv.contiguous(), cos.float().contiguous(), sin.float().contiguous(), gain,
+                                          heads, head_dim, repeat, repeat_v)
+    return q, k, v, v_rep if repeat_v else None
 
 
 # XSA + the attention gate (train.fused_xsa_gate) ------------------------------------------

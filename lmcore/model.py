@@ -99,7 +99,8 @@ class Attention(nn.Module):
             nn.init.constant_(self.attn_gate.bias, cfg.gate_bias_init)
         self.backend = "math"
         self.qk_op: Callable[..., Tensor] | None = None  # lmcore.kernels.qk_norm_rope when fused
-        self.qkv_op: Callable[..., tuple[Tensor, Tensor, Tensor]] | None = None  # kernels.qkv_norm_rope (GPT.use_fused_qkv)
+        self.qkv_op: Callable[..., tuple[Tensor, ...]] | None = None  # kernels.qkv_norm_rope (GPT.use_fused_qkv)
+        self.qkv_repeat_v = False  # GPT.use_fused_qkv(repeat_v=True): the op writes attention's repeated v too
         self.xsa_op: Callable[..., Tensor] | None = None  # lmcore.kernels.xsa_gate when fused (XSA layers)
         self.kv_repeat = 1  # GPT.use_expanded_kv: H // Hkv, k and v repeated to the query heads for attention
 
@@ -109,9 +110,11 @@ class Attention(nn.Module):
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         cos, sin = rope
         rep = self.kv_repeat if cache is None else 1
+        v_att = None  # attention's v, where the fused op wrote it repeated (else v repeated below)
         if self.qkv_op is not None and cache is None:  # GPT.use_fused_qkv: one GEMM on the three weights
             w = torch.cat([m.cast_weight(x.dtype) for m in (self.c_q, self.c_k, self.c_v)])
-            q, k, v = self.qkv_op(F.linear(x, w), cos, sin, self.q_gain, H, D, rep)
+            fused_v = self.qkv_repeat_v and ve is None and rep > 1  # a value-embedding layer adds ve first
+            q, k, v, v_att = self.qkv_op(F.linear(x, w), cos, sin, self.q_gain, H, D, rep, fused_v)
             v = v if ve is None else v + ve.view_as(v)
         else:
             q, k = self.c_q(x).view(B, T, H, D), self.c_k(x).view(B, T, Hkv, D)
@@ -123,7 +126,7 @@ class Attention(nn.Module):
                 q, k = apply_rope(q, cos, sin), repeat_heads(apply_rope(k, cos, sin), rep)
                 q = q * self.q_gain.to(q.dtype)[None, None, :, None]
         if cache is None:  # k is already repeated; v keeps its kv heads for XSA below
-            y = attention(q, k, repeat_heads(v, rep), self.backend)
+            y = attention(q, k, repeat_heads(v, rep) if v_att is None else v_att, self.backend)
         else:
             y = self._cached_attention(q, k, v, cache)
         if self.xsa_op is not None and cache is None:  # GPT.use_fused_xsa_gate: the same math, one op
@@ -378,15 +381,18 @@ class GPT(nn.Module):
         for b in self.blocks:
             b.attn.qk_op = qk_norm_rope
 
-    def use_fused_qkv(self) -> None:
+    def use_fused_qkv(self, repeat_v: bool = False) -> None:
         """q, k and v from one GEMM on c_q, c_k and c_v's concatenated weights, then
         lmcore.kernels.qkv_norm_rope (train.fused_qkv): the q/k kernels read their slices of its
         output in place and write their gradients into one tensor for the input's gradient GEMM.
+        With `repeat_v` (train.fused_qkv_repeat_v; with use_expanded_kv) they also write v's heads
+        repeated for attention and sum their gradients, on the layers without value embeddings.
         KV-cached decoding keeps the three GEMMs; imported here, like use_fused_qk_norm_rope's."""
         from lmcore.kernels import qkv_norm_rope
 
         for b in self.blocks:
             b.attn.qkv_op = qkv_norm_rope
+            b.attn.qkv_repeat_v = repeat_v
 
     def use_expanded_kv(self) -> None:
         """k and v repeated to the query heads for attention (train.expand_kv): the kernel then

@@ -288,7 +288,7 @@ def start_session(
     if tc.fused_xsa_gate:
         model.use_fused_xsa_gate()
     if tc.fused_qkv:
-        model.use_fused_qkv()
+        model.use_fused_qkv(tc.fused_qkv_repeat_v)
     if tc.fused_mlp:
         model.use_fused_mlp(tc.fused_mlp_descriptors, tc.fused_mlp_sign)
     if tc.expand_kv:

@@ -162,6 +162,56 @@ def test_expanded_kv_model_is_the_plain_model_eager_and_compiled(monkeypatch, fu
     assert compiled_loss(model, ids, tgt) == pytest.approx(plain_loss.item(), abs=1e-5)
 
 
+def test_fused_qkv_writing_v_repeated_is_the_repeat_in_fp32():
+    # train.fused_qkv_repeat_v's op (the PyTorch kernels here): v's heads repeated as attention reads them,
+    # and v's gradient its own plus the sum of its copies', against autograd through repeat_interleave
+    cos, sin = (z.float() for z in rope_tables(tiny_model_cfg(rope_dims=4), 5, torch.device("cpu")))
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(2, 5, (4 + 2 * 2) * 8, generator=g, requires_grad=True)
+    gain = torch.rand(4, generator=g) + 0.5
+    w_v, w_rep = torch.randn(2, 5, 2, 8, generator=g), torch.randn(2, 5, 4, 8, generator=g)
+    q, k, v, v_rep = qkv_norm_rope(qkv, cos, sin, gain, 4, 8, 2, repeat_v=True)
+    assert torch.equal(v_rep, v.repeat_interleave(2, dim=2)) and v_rep.shape == (2, 5, 4, 8)
+    ((q + k).sum() + (v * w_v).sum() + (v_rep * w_rep).sum()).backward()
+    got = qkv.grad.clone()
+    qkv.grad = None
+    q, k, v, none = qkv_norm_rope(qkv, cos, sin, gain, 4, 8, 2)
+    assert none is None
+    ((q + k).sum() + (v * w_v).sum() + (v.repeat_interleave(2, dim=2) * w_rep).sum()).backward()
+    torch.testing.assert_close(got, qkv.grad, rtol=1e-6, atol=1e-6)
+    assert got[..., -16:].abs().sum() > 0 and not torch.equal(got[..., -16:], w_v.flatten(2))  # the copies counted
+
+
+def test_model_with_v_repeated_by_the_fused_op_is_the_plain_model(monkeypatch):
+    # GPT.use_fused_qkv(repeat_v=True) with use_expanded_kv: attention reads the op's repeated v on the layers
+    # without value embeddings (tiny: 1 and 3 have them); loss and gradients as the plain model's, eager and compiled
+    cfg = tiny_model_cfg()
+    model = randomize_(GPT(cfg), std=0.1).train()
+    ids = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(4))
+    tgt = torch.roll(ids, -1, 1)
+    plain_loss, plain_grads = loss_and_grads(model, ids, tgt)
+    model.use_fused_qkv(repeat_v=True)
+    model.use_expanded_kv()
+    calls = []
+    for b in model.blocks:
+        monkeypatch.setattr(b.attn, "qkv_op", lambda *a, _op=b.attn.qkv_op: calls.append(a[-1]) or _op(*a))
+    loss, grads = loss_and_grads(model, ids, tgt)
+    assert calls == [True, False, True, False]  # repeat_v a layer: layers 1 and 3 add ve to v first
+    assert_same_loss_and_grads(loss, grads, plain_loss, plain_grads, 1e-5, rtol=1e-4, atol=1e-5)
+    monkeypatch.undo()  # the op itself again, for the compiled graph
+    assert compiled_loss(model, ids, tgt) == pytest.approx(plain_loss.item(), abs=1e-5)
+
+
+def test_training_with_v_repeated_by_the_fused_op_follows_the_plain_losses(tmp_path):
+    on = ["train.iterations=3", "train.log_every=1"]
+    train(preset("tiny", on), tmp_path / "plain", progress=False)
+    sets = ["train.fused_qkv=true", "train.expand_kv=true", "train.fused_qkv_repeat_v=true"]
+    train(preset("tiny", [*on, *sets]), tmp_path / "fused", progress=False)
+    a, b = train_losses(tmp_path / "plain"), train_losses(tmp_path / "fused")
+    assert len(a) == 3 and b == pytest.approx(a, abs=1e-4)
+    assert json.loads((tmp_path / "fused" / "config.json").read_text())["train"]["fused_qkv_repeat_v"] is True
+
+
 @pytest.mark.parametrize("switch", [*(sw[0] for sw in SWITCHES), "expand_kv", "fused_mlp", "fold_output_scales"])
 def test_training_with_the_switch_follows_the_plain_losses(tmp_path, switch):
     on = ["train.iterations=3", "train.log_every=1"]
@@ -352,11 +402,13 @@ def test_xsa_triton_kernels_are_the_pytorch_kernels(b, t, h, hkv, d, with_gate, 
 @pytest.mark.cuda
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize(("b", "t", "h", "hkv", "d", "rope_dims", "repeat"), [
-    (4, 2048, 8, 4, 64, 16, 2), (4, 2048, 8, 4, 64, 16, 1), (3, 37, 4, 2, 16, 0, 2)])
-def test_fused_qkv_kernels_read_and_write_the_slices_in_place(b, t, h, hkv, d, rope_dims, repeat, dtype):
+@pytest.mark.parametrize(("b", "t", "h", "hkv", "d", "rope_dims", "repeat", "repeat_v"), [
+    (4, 2048, 8, 4, 64, 16, 2, False), (4, 2048, 8, 4, 64, 16, 1, False), (3, 37, 4, 2, 16, 0, 2, False),
+    (4, 2048, 8, 4, 64, 16, 2, True), (3, 37, 4, 2, 16, 0, 2, True)])
+def test_fused_qkv_kernels_read_and_write_the_slices_in_place(b, t, h, hkv, d, rope_dims, repeat, repeat_v, dtype):
     # train.fused_qkv: the Triton kernels on q's and k's slices of one (B, T, (H + 2 Hkv) D) tensor, and
-    # the backward's three gradients in one such tensor, against the PyTorch kernels on copies
+    # the backward's three gradients in one such tensor, against the PyTorch kernels on copies;
+    # repeat_v (train.fused_qkv_repeat_v): v repeated too, v's gradient its own plus its copies' (fp32 sum)
     import lmcore.kernels as K
 
     cfg = tiny_model_cfg(rope_dims=rope_dims, model_dim=d * h, num_heads=h, num_kv_heads=hkv)
@@ -364,22 +416,24 @@ def test_fused_qkv_kernels_read_and_write_the_slices_in_place(b, t, h, hkv, d, r
     g = torch.Generator(device="cuda").manual_seed(0)
     qkv = torch.randn(b, t, (h + 2 * hkv) * d, generator=g, device="cuda").to(dtype).requires_grad_()
     gain = (torch.rand(h, generator=g, device="cuda") + 0.5).requires_grad_()
-    out = qkv_norm_rope(qkv, cos, sin, gain, h, d, repeat)
+    out = [o for o in qkv_norm_rope(qkv, cos, sin, gain, h, d, repeat, repeat_v) if o is not None]
     ws = [torch.randn(o.shape, generator=g, device="cuda").to(dtype) for o in out]
     sum((o * w).float().sum() for o, w in zip(out, ws, strict=True)).backward()
     q, k, v = (z.contiguous() for z in K._split_qkv(qkv.detach(), h, d))
     (ref_q, rq), (ref_k, rk) = K._forward_math(q, cos, sin, gain.detach()), K._forward_math(k, cos, sin, None, repeat)
-    for got, ref in zip(out, (ref_q, ref_k, v), strict=True):
+    refs = (ref_q, ref_k, v) + ((v.repeat_interleave(repeat, dim=2),) if repeat_v else ())
+    for got, ref in zip(out, refs, strict=True):
         torch.testing.assert_close(got, ref)
     dq, dgain = K._backward_math(ws[0], q, rq, cos, sin, gain.detach())
     dk, _ = K._backward_math(ws[1], k, rk, cos, sin, None, repeat)
-    torch.testing.assert_close(qkv.grad, torch.cat((dq.flatten(2), dk.flatten(2), ws[2].flatten(2)), -1))
+    dv = ws[2] if not repeat_v else (ws[2].float() + ws[3].float().unflatten(2, (hkv, repeat)).sum(3)).to(dtype)
+    torch.testing.assert_close(qkv.grad, torch.cat((dq.flatten(2), dk.flatten(2), dv.flatten(2)), -1))
     torch.testing.assert_close(gain.grad, dgain, rtol=1e-4, atol=1e-3)
 
 
 @pytest.mark.cuda
 @needs_cuda
-@pytest.mark.parametrize(("expand_kv", "qkv"), [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize(("expand_kv", "qkv"), [(False, False), (True, False), (True, True), (True, "repeat_v")])
 def test_fused_model_on_cuda_compiled_is_the_plain_model(expand_kv, qkv):  # both switches on, k/v repeated or not
     cfg = tiny_model_cfg(model_dim=128, num_heads=4, num_kv_heads=2, rope_dims=16)
     torch.manual_seed(0)
@@ -391,8 +445,8 @@ def test_fused_model_on_cuda_compiled_is_the_plain_model(expand_kv, qkv):  # bot
     model.use_fused_xsa_gate()
     if expand_kv:
         model.use_expanded_kv()
-    if qkv:  # and q, k and v from one GEMM
-        model.use_fused_qkv()
+    if qkv:  # and q, k and v from one GEMM (and v repeated by its op: train.fused_qkv_repeat_v)
+        model.use_fused_qkv(repeat_v=qkv == "repeat_v")
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True, dynamic=False)
     loss, grads = loss_and_grads(model, ids, tgt, forward=compiled)

@@ -87,6 +87,13 @@ SPEED_LEVERS: dict[str, list[str]] = {
                                                "train.fused_mlp_sign=true", "train.fold_output_scales=true",
                                                "train.foreach_grad_accum=true",
                                                "train.compile_mode=reduce-overhead"],
+    # that with k's kernels also repeating v for attention and summing its copies' gradients
+    # (train.fused_qkv_repeat_v; session 19, not yet run on a GPU)
+    "fused_all_qkv_fold_foreach_graphs_repeat_v": ["train.fused_qkv=true", "train.fused_qkv_repeat_v=true",
+                                                   "train.fused_xsa_gate=true", "train.expand_kv=true",
+                                                   "train.fused_mlp=true", "train.fold_output_scales=true",
+                                                   "train.foreach_grad_accum=true",
+                                                   "train.compile_mode=reduce-overhead"],
     "ddp_buckets": ["train.ddp_bucket_cap_mb=100", "train.ddp_grad_as_bucket_view=true"],  # 2+ ranks only
     # CUDA graphs (mix-order reduction off, as the defaults): -2.4 ms a step with both fused ops (session 9)
     "cuda_graphs": ["train.compile_mode=reduce-overhead"],
