@@ -31,7 +31,8 @@
 # prints the table (card, kernel, ranks, step ms, tokens/s per GPU, MFU, ratios to the original
 # with FA3 and FA2), the profiles' breakdowns and the same math (every 1-GPU run's losses
 # against "before", the twin's giving the noise). STAGES picks stages (default: all, in the
-# order above). BEFORE, LEVERS, SOLO: --set overrides; the three go to res/levers.json.
+# order above). BEFORE, LEVERS, SOLO: --set overrides; the three go to res/levers.json. Set and empty,
+# one means no overrides (BEFORE="": today's defaults); unset, its default below.
 # Durations: on nvidia-h200-x2 (session 7) 1,272 s: setup 22 s, the originals' pair 284 s,
 # the lm1 pairs 256 and 251 s, kernel sources 11 s, the 2-rank original 200 s, lm_after_2 116 s,
 # lm_before_2 134 s (LM2=after leaves `before` out). On nvidia-h200 (session 6, one at a time) 1,363 s: setup 25 s, original FA3 230 s,
@@ -66,9 +67,9 @@ STEPS=${STEPS:-40}
 MATH_STEPS=${MATH_STEPS:-200}
 SOLO_STEPS=${SOLO_STEPS:-$MATH_STEPS}
 STAGES=${STAGES:-peak orig1 lm1 orig2 lm2}
-BEFORE=${BEFORE:-train.rope_cache=false train.inductor_mix_order_reduction=true}
-LEVERS=${LEVERS:-train.ddp_bucket_cap_mb=100 train.ddp_grad_as_bucket_view=true}
-SOLO=${SOLO:-train.fused_qk_norm_rope=true train.fused_xsa_gate=true}
+BEFORE=${BEFORE-train.rope_cache=false train.inductor_mix_order_reduction=true}
+LEVERS=${LEVERS-train.ddp_bucket_cap_mb=100 train.ddp_grad_as_bucket_view=true}
+SOLO=${SOLO-train.fused_qk_norm_rope=true train.fused_xsa_gate=true}
 # on a 1-GPU machine, the 1-GPU runs and their order (names of the functions below)
 ONE_GPU_RUNS=${ONE_GPU_RUNS:-orig_fa3_1 lm_before_1 lm_after_1 lm_solo_1 lm_before_1b orig_fa2_1}
 SOLO_TIMEOUT=${SOLO_TIMEOUT:-420}  # the solo run is ended after this many seconds (compile included)
