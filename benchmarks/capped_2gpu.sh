@@ -11,6 +11,8 @@
 # and polls; `poll` (the next call, within 30 s of the last) goes on. Carry .whl, .data, .ref, .fa3.
 # NPROC=1 (default 2): each run on one GPU (grad accum 8) instead, one after the other: not issue
 # 16's check, a stand-in where only one GPU is lent.
+# Session 19 on nvidia-h200-x2 (2 ranks, one run after the other): 531 s, of which 511 s the two runs with
+# their compiles and evaluations.
 # LM_SETS: lmcore's --set overrides beyond `record` (e.g. "train.fused_qk_norm_rope=true
 # train.fused_xsa_gate=true"), printed in the log's setup line; default none.
 #   bash benchmarks/capped_2gpu.sh start [POLL_S]  |  bash benchmarks/capped_2gpu.sh poll [POLL_S]

@@ -50,6 +50,8 @@
 # (setup 25 s, original 251 s, solo 196 s, the variants 211 and 200 s); peak now adds 20 s (--sustain 20).
 # Session 18 on nvidia-h200, the same shape: 918 s (setup 21 s, peak 27 s, original 275 s, solo 191 s, the
 # variants 194 and 201 s).
+# Session 19 on nvidia-h200-x2 with STAGES="peak orig2 lm2" LM2="after nographs": 509 s (setup 16 s, peak 25 s,
+# the 2-rank original 224 s, lm_after_2 118 s, lm_v_nographs_2 116 s, report 10 s).
 # It outlasts one device call: `start` runs it detached (benchmarks/detached.sh) and polls;
 # `poll` (the next call, within 30 s of the last) goes on. Carry .whl, .data, .ref and .fa3.
 # Each poll leaves $OUT/speed.log, and once done $OUT/speed_table.md and
