@@ -60,7 +60,7 @@ job() {
   if [ "$NPROC" = 1 ]; then
     original 0 "$R/original.log"; lmcore_run 0 "$R/lmcore.log"
   elif [ "$n" -ge 4 ]; then
-    original 0,1 "$R/original.log" & lmcore_run 2,3 "$R/lmcore.log" & wait
+    both "original 0,1 $R/original.log" "lmcore_run 2,3 $R/lmcore.log"
   else
     original 0,1 "$R/original.log"; lmcore_run 0,1 "$R/lmcore.log"
   fi

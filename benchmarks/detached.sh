@@ -38,6 +38,21 @@ original_alone() {
 print('the original imports FA3 from', m.__file__)") || { echo "$dir: flash_attn_interface there is not FA3's"; return 1; }
 }
 
+# both "CMD ARGS" "CMD ARGS": two commands side by side (each word-split), waiting for these two
+# only. A bare `wait` also waits for the job's other background processes: speed.sh's clocks
+# sampler never ends, and its 1-GPU pairs hung on it for 1,150 s in session 20.
+# shellcheck disable=SC2086 # each command splits into its words on purpose
+both() {
+  local a b rc=0
+  $1 &
+  a=$!
+  $2 &
+  b=$!
+  wait "$a" || rc=$?
+  wait "$b" || rc=$?
+  return $rc
+}
+
 detached_poll() {  # NAME
   local end=$((SECONDS + POLL_S)) off
   off=$(cat "$S/poll.offset" 2>/dev/null || echo 0)

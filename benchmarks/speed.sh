@@ -202,8 +202,8 @@ job() {
   {
     has peak && echo "== peak ($((SECONDS - T0)) s)" && PYTHONPATH=$BASE python3 benchmarks/matmul_peak.py --json "$R/peak.json" --sustain 20
     if [ "$n_gpu" -ge 2 ]; then
-      has orig1 && { orig_fa3_1 0 & orig_fa2_1 1 & wait; }
-      has lm1 && { lm_before_1 0 & lm_before_1b 1 & wait; lm_after_1 0 & lm_solo_1 1 & wait; }
+      has orig1 && both "orig_fa3_1 0" "orig_fa2_1 1"
+      has lm1 && { both "lm_before_1 0" "lm_before_1b 1"; both "lm_after_1 0" "lm_solo_1 1"; }
     else  # one GPU: one at a time, ONE_GPU_RUNS of the stages picked, in its order
       local run
       for run in $ONE_GPU_RUNS; do

@@ -9,6 +9,7 @@ fake FA3 module. benchmarks/capped_report.py: capped_2gpu.sh's table from the co
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -97,6 +98,29 @@ def test_a_detached_job_runs_to_done_and_a_poll_without_one_stops_at_once(tmp_pa
         res = _detached(tree, mode)
         assert res.returncode == 1 and "JOB: no job is running" in res.stdout, res.stdout + res.stderr
         assert "the-job-ran" not in res.stdout
+
+
+@needs_bash
+@pytest.mark.parametrize(("second", "rc"), [("true", 0), ("false", 1)])
+def test_both_waits_for_its_two_commands_and_not_for_a_sampler(tmp_path: Path, second: str, rc: int):
+    """speed.sh's pairs beside its clocks sampler, which never ends: with a bare `wait` the first
+    pair hung until the device call ran out (session 20)."""
+    script = (f"sleep 120 & sampler=$!; mark() {{ sleep 0.3; touch \"$1\"; }}; "
+              f"both 'mark {tmp_path / 'a'}' 'mark {tmp_path / 'b'}'; echo first=$?; "
+              f"both 'mark {tmp_path / 'c'}' '{second}'; echo second=$?; "
+              f"kill -0 $sampler && echo sampler-alive; kill $sampler")
+    res = _bash(tmp_path, script)  # times out (60 s) if both waits for the sampler
+    assert res.stdout.split() == ["first=0", f"second={rc}", "sampler-alive"], res.stdout + res.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "c"]
+
+
+@needs_bash
+@pytest.mark.parametrize("script", ["speed.sh", "capped_2gpu.sh"])
+def test_jobs_run_their_pairs_with_both(script: str):
+    """No bare `wait` in the jobs that run two things side by side (speed.sh's sampler runs all along)."""
+    text = (ROOT / "benchmarks" / script).read_text()
+    assert "both " in text
+    assert not re.search(r"&\s*wait\b|\bwait\s*(;|$|\})", text, re.MULTILINE)
 
 
 @pytest.mark.parametrize("job", ["switches", "defaults"])
