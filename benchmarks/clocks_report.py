@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pandas as pd
 
-# a job log's stamped line ("HH:MM:SS ..."), and the stage's name where it is a stage line ("HH:MM:SS == NAME")
-STAMPED = re.compile(r"^(\d\d):(\d\d):(\d\d) (?:== (\S+))?")
+# a job log's stamped line ("HH:MM:SS ..."), and the stage's name where it is a stage line ("HH:MM:SS == NAME"),
+# with the GPUs it runs on where the line names them ("== NAME (GPU 0,1, 47 s)")
+STAMPED = re.compile(r"^(\d\d):(\d\d):(\d\d) (?:== (\S+)(?: \(GPU ([\d,]+))?)?")
 # nvidia-smi heads a column with the field's full name, which differs from the short one queried
 ALIASES = {"clocks.current.sm": "clocks.sm"}
 NEEDED = ("timestamp", "clocks.sm", "power.draw", "power.limit", "temperature.gpu", "utilization.gpu")
@@ -44,14 +45,16 @@ def _unwrap(times: list[float]) -> list[float]:
 def stages(job_log: Path) -> list[tuple[str, float, float]]:
     """(name, start, end) of each stage line of the log, in seconds of the job's first day; a
     stage ends where the next begins, the last at the log's last stamped line. Stages that took
-    no time (within the log's one-second stamps) are left out."""
+    no time (within the log's one-second stamps) are left out, and so are the lines of runs on
+    GPUs other than GPU 0, whose clocks are the ones sampled: a pair's second run, started beside
+    GPU 0's in the same second, would otherwise take its name."""
     marks, last = [], None
     for line in job_log.read_text().splitlines():
         m = STAMPED.match(line)
         if not m:
             continue
         last = _seconds_of_day(*(int(g) for g in m.groups()[:3]))
-        if m.group(4):
+        if m.group(4) and (m.group(5) is None or "0" in m.group(5).split(",")):
             marks.append((m.group(4), last))
     if not marks:
         return []

@@ -87,7 +87,7 @@ has() { [[ " $STAGES " == *" $1 "* ]]; }
 # last step line (it would go on to calibration); log in $R/NAME.log
 orig() {
   local name=$1 gpus=$2 nproc=$3 dir=$4 pp=$5 log=$R/$1.log
-  echo "== $name ($((SECONDS - T0)) s)"
+  echo "== $name (GPU $gpus, $((SECONDS - T0)) s)"
   mkdir -p "$S/run_$name"
   (cd "$S/run_$name" && run_until 600 "$log" "step:$STEPS/$STEPS val_loss" env CUDA_VISIBLE_DEVICES="$gpus" \
     DATA_PATH="$D" TOKENIZER_PATH="$TOK" ITERATIONS="$STEPS" WARMDOWN_ITERS=0 MAX_WALLCLOCK_SECONDS=0 SEED=1337 \
@@ -101,7 +101,7 @@ orig() {
 lm() {
   local name=$1 cache=$2 gpus=$3 nproc=$4 n=$5
   shift 5
-  echo "== $name ($((SECONDS - T0)) s)"
+  echo "== $name (GPU $gpus, $((SECONDS - T0)) s)"
   rm -rf "$R/$name"
   local launch=(python3 -m lmcore)
   [ "$nproc" -gt 1 ] && launch=(python3 -m torch.distributed.run --standalone --nproc_per_node="$nproc" -m lmcore)

@@ -23,7 +23,8 @@ def _sample(t: str, mhz: int, watts: float, util: int, capped: bool) -> str:
 
 def test_stages_take_the_busy_samples_between_their_lines(tmp_path: Path):
     log = tmp_path / "job.log"
-    log.write_text("23:59:58 == setup: stages peak lm1\n23:59:59 == peak (1 s)\n00:00:02 == lm_solo_1 (4 s)\n"
+    log.write_text("23:59:58 == setup: stages peak lm1\n23:59:59 == peak (1 s)\n00:00:02 == lm_solo_1 (GPU 0, 4 s)\n"
+                   "00:00:02 == lm_before_1b (GPU 1, 4 s)\n"  # beside GPU 0's run: not a stage of GPU 0's clocks
                    "00:00:03 step 10\n00:00:06 == one GPU: skipped\n00:00:06 == report (8 s)\n00:00:07 == done\n")
     assert clocks_report.stages(log) == [("setup:", 86398, 86399), ("peak", 86399, 86402),
                                          ("lm_solo_1", 86402, 86406), ("report", 86406, 86407)]
@@ -63,12 +64,16 @@ def test_older_drivers_name_and_bad_paths(tmp_path: Path, capsys):
     ("speed-2026-11-29-h200-s16b", "| lm_solo_1 | 331 | 193 | 1680 | 1140 | 693 | 700 | 100% | 59 |"),
     ("speed-2026-11-29-h200-s17", "| orig_fa3_1 | 478 | 69 | 1845 | 1500 | 674 | 700 | 83% | 60 |"),
     ("speed-2026-11-29-h200-s18", "| lm_v_qkv_1 | 386 | 227 | 1650 | 1380 | 693 | 700 | 100% | 59 |"),
-    ("speed-2026-11-29-h200x2-s19", "| lm_after_2 | 235 | 35 | 1740 | 1635 | 690 | 700 | 91% | 60 |")])
+    ("speed-2026-11-29-h200x2-s19", "| lm_after_2 | 235 | 35 | 1740 | 1635 | 690 | 700 | 91% | 60 |"),
+    # session 20's job hung after its first pair: GPU 0 ran orig_fa3_1, but its stage lines name no GPU
+    # (they do since), so the pair's second line, orig_fa2_1's, names GPU 0's samples
+    ("speed-2026-11-29-h200x2-s20", "| orig_fa2_1 | 549 | 60 | 1845 | 1710 | 670 | 700 | 93% | 55 |")])
 def test_committed_clocks_table_is_what_its_samples_give(capsys, job, row):
     # session 16's second speed.sh job (H200 GPU-44b6d01d), session 17's (GPU-c21df98c, the
     # original sampled too), session 18's (GPU-7baecdac) and session 19's (2-rank stages; GPU 0 is
-    # GPU-33858fae): nvidia-smi's samples and the job's log as the device wrote them;
-    # clocks.md as the report gives them (s16b's rerun here after zero-length stages were left out)
+    # GPU-33858fae) and session 20's (GPU 0 is GPU-a1f914b4): nvidia-smi's samples and the job's log as
+    # the device wrote them; clocks.md as the report gives them (s16b's rerun here after zero-length
+    # stages were left out; s20's made here)
     res = ROOT / "benchmarks" / "results" / job
     assert clocks_report.main([str(res / "clocks.csv"), str(res / "job.log")]) == 0
     out = capsys.readouterr().out
