@@ -175,6 +175,17 @@ variants() {
   done
 }
 
+# setup: the wheels and FA3 installed, the proxy data's shards, the original's folder with FA3
+setup() {
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+  python3 -m pip install -q --no-index --no-deps --target "$FA3" .fa3/dist/*.whl
+  PYTHONPATH=$FA3:$BASE python3 -c "import torch, flash_attn_interface as f; print('torch', torch.__version__, 'fa3', f.__file__)"
+  PYTHONPATH=$BASE python3 -m lmcore data build --docs .data/proxy_docs.jsonl.xz --tokenizer "$TOK" --out "$D" \
+    --val-docs 1500 --shard-tokens 10000000 --no-progress || return 1
+  # the original with real FA3: its script alone in a folder (.ref/ holds the FA2 shim)
+  original_alone "$S/orig_fa3" "$FA3:$BASE"
+}
+
 job() {
   cd "$S/src" || exit 1
   export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -189,13 +200,7 @@ job() {
   printf '%s\n' "$VARIANTS" > "$R/variants.txt"
   echo "== setup: stages $STAGES; STEPS $STEPS; ONE_GPU_RUNS $ONE_GPU_RUNS (one GPU); BEFORE $BEFORE; LEVERS $LEVERS; SOLO $SOLO; VARIANTS $VARIANTS; LM2 $LM2 (2 ranks)"
   nvidia-smi --query-gpu=name,uuid,memory.total,driver_version --format=csv,noheader
-  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
-  python3 -m pip install -q --no-index --no-deps --target "$FA3" .fa3/dist/*.whl
-  PYTHONPATH=$FA3:$BASE python3 -c "import torch, flash_attn_interface as f; print('torch', torch.__version__, 'fa3', f.__file__)"
-  PYTHONPATH=$BASE python3 -m lmcore data build --docs .data/proxy_docs.jsonl.xz --tokenizer "$TOK" --out "$D" \
-    --val-docs 1500 --shard-tokens 10000000 --no-progress || return 1
-  # the original with real FA3: its script alone in a folder (.ref/ holds the FA2 shim)
-  original_alone "$S/orig_fa3" "$FA3:$BASE" || return 1
+  setup || return 1
   local n_gpu; n_gpu=$(nvidia-smi -L | wc -l)
   local prof1=$((MATH_STEPS - 5)) solo_prof=$((SOLO_STEPS - 5)) r
   # shellcheck disable=SC2046,SC2086 # LEVERS and SOLO split into --set pairs on purpose

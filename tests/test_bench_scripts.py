@@ -4,12 +4,14 @@ benchmarks/detached.sh's `original_alone`, which speed.sh, fa3_job.sh and capped
 run the original script on FA3: .ref/ holds an FA2 shim named flash_attn_interface.py, and a
 script's own folder comes first on sys.path, so the original run from .ref/ imports the shim
 whatever PYTHONPATH says (capped_2gpu.sh did until session 12). Checked with a fake .ref/ and a
-fake FA3 module. benchmarks/capped_report.py: capped_2gpu.sh's table from the committed logs."""
+fake FA3 module. benchmarks/capped_report.py: capped_2gpu.sh's table from the committed logs.
+speed.sh's job on a fake 2-GPU (and 1-GPU) machine, its runs stubbed: every stage, in order, to the end."""
 
 from __future__ import annotations
 
 import os
 import re
+import signal
 import shutil
 import subprocess
 import sys
@@ -112,6 +114,63 @@ def test_both_waits_for_its_two_commands_and_not_for_a_sampler(tmp_path: Path, s
     res = _bash(tmp_path, script)  # times out (60 s) if both waits for the sampler
     assert res.stdout.split() == ["first=0", f"second={rc}", "sampler-alive"], res.stdout + res.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "c"]
+
+
+FAKE_SMI = """#!/usr/bin/env bash
+# nvidia-smi on a fake 2-GPU machine; its sampling mode (-lms) runs until killed, like the real one
+case "$*" in
+  *-L*) printf 'GPU 0: fake\\nGPU 1: fake\\n' ;;
+  *-lms*) echo "$$" > "$SMI_PID"; echo timestamp; exec sleep 300 ;;
+  *) echo fake ;;
+esac
+"""
+
+
+def _speed_job(tmp_path: Path, gpus: int) -> tuple[subprocess.CompletedProcess, list]:
+    """speed.sh's `job` on CPU: a fake nvidia-smi, and setup, the runs and the kernel sources stubbed
+    (each run prints speed.sh's run line); the stages, their pairs, the variants, the report."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "nvidia-smi").write_text(FAKE_SMI.replace("GPU 1: fake\\n", "GPU 1: fake\\n" if gpus == 2 else ""))
+    (fake / "nvidia-smi").chmod(0o755)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    (scratch / "src").symlink_to(ROOT)
+    stubs = ('setup() { :; }; orig() { echo "== $1 (GPU $2, 0 s)"; sleep 0.3; }; '
+             'lm() { echo "== $1 (GPU $3, 0 s)"; sleep 0.3; }; sources() { :; }')
+    env = {**os.environ, "PATH": f"{fake}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "SMI_PID": str(tmp_path / "smi.pid"), "STAGES": "orig1 lm1 orig2 lm2", "LM2": "after rv",
+           "VARIANTS": "rv:train.x=1", "ONE_GPU_RUNS": "orig_fa3_1 lm_after_1", "PYTHONPATH": ""}
+    proc = subprocess.Popen(["bash", "-c", f"source benchmarks/speed.sh job; S={scratch}; {stubs}; job"], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:  # a job that hangs: its sampler and runs go with it
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    res = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    runs = re.findall(r"^== (\S+) \(GPU ([\d,]+),", res.stdout, re.MULTILINE)
+    return res, runs
+
+
+@needs_bash
+def test_the_speed_job_runs_every_stage_in_order_and_stops_its_sampler(tmp_path: Path):
+    """The whole job on a fake 2-GPU machine: session 20's hung after its first pair (a bare `wait`
+    waited for the clocks sampler), and no CPU test ran the job's stages before."""
+    res, runs = _speed_job(tmp_path, gpus=2)
+    assert res.returncode == 0 and "== done" in res.stdout, res.stdout + res.stderr
+    pairs = [set(runs[i:i + 2]) for i in (0, 2, 4)]  # a pair's two lines come in either order
+    assert pairs == [{("orig_fa3_1", "0"), ("orig_fa2_1", "1")}, {("lm_before_1", "0"), ("lm_before_1b", "1")},
+                     {("lm_after_1", "0"), ("lm_solo_1", "1")}]
+    assert runs[6:] == [("lm_v_rv_1", "0"), ("orig_fa3_2", "0,1"), ("lm_after_2", "0,1"), ("lm_v_rv_2", "0,1")]
+    pid = int((tmp_path / "smi.pid").read_text())
+    with pytest.raises(ProcessLookupError):  # the sampler was stopped with the job
+        os.kill(pid, 0)
+    assert (tmp_path / "scratch" / "res" / "speed_table.md").is_file()
+    (tmp_path / "one").mkdir()  # one GPU: ONE_GPU_RUNS one at a time, the 2-rank stages skipped
+    res, runs = _speed_job(tmp_path / "one", gpus=1)
+    assert res.returncode == 0 and "== one GPU: the 2-rank stages are skipped" in res.stdout, res.stdout + res.stderr
+    assert runs == [("orig_fa3_1", "0"), ("lm_after_1", "0"), ("lm_v_rv_1", "0")]
 
 
 @needs_bash
