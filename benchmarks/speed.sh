@@ -52,6 +52,8 @@
 # variants 194 and 201 s).
 # Session 19 on nvidia-h200-x2 with STAGES="peak orig2 lm2" LM2="after nographs": 509 s (setup 16 s, peak 25 s,
 # the 2-rank original 224 s, lm_after_2 118 s, lm_v_nographs_2 116 s, report 10 s).
+# Session 20 on nvidia-h200-x2, all stages: setup 21 s, peak 26 s, the originals' pair 276 s; then the job hung
+# (a bare `wait` waited for the clocks sampler; pairs now run with detached.sh's `both`).
 # It outlasts one device call: `start` runs it detached (benchmarks/detached.sh) and polls;
 # `poll` (the next call, within 30 s of the last) goes on. Carry .whl, .data, .ref and .fa3.
 # Each poll leaves $OUT/speed.log, and once done $OUT/speed_table.md and
