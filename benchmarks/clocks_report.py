@@ -20,7 +20,7 @@ import pandas as pd
 
 # a job log's stamped line ("HH:MM:SS ..."), and the stage's name where it is a stage line ("HH:MM:SS == NAME"),
 # with the GPUs it runs on where the line names them ("== NAME (GPU 0,1, 47 s)")
-STAMPED = re.compile(r"^(\d\d):(\d\d):(\d\d) (?:== (\S+)(?: \(GPU ([\d,]+))?)?")
+STAMPED = re.compile(r"^(\d\d):(\d\d):(\d\d) (?:== (\S+)(?: \(GPU (\d+(?:,\d+)*))?)?")
 # nvidia-smi heads a column with the field's full name, which differs from the short one queried
 ALIASES = {"clocks.current.sm": "clocks.sm"}
 NEEDED = ("timestamp", "clocks.sm", "power.draw", "power.limit", "temperature.gpu", "utilization.gpu")

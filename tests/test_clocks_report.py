@@ -41,6 +41,8 @@ def test_stages_take_the_busy_samples_between_their_lines(tmp_path: Path):
                          "| peak | 2 | 2 | 1840 | 1700 | 674 | 700 | 50% | 60 |",
                          "| lm_solo_1 | 4 | 3 | 1600 | 1500 | 698 | 700 | 67% | 60 |",
                          "| report | 0 | 0 | - | - | - | - | - | - |"]
+    log.write_text("10:00:00 == lm_after_2 (GPU 0,1, 9 s)\n10:00:05 == lm_v_x_1 (GPU 1, 14 s)\n10:00:07 done\n")
+    assert clocks_report.stages(log) == [("lm_after_2", 36000, 36007)]  # 2 ranks: GPU 0's too
 
 
 def test_older_drivers_name_and_bad_paths(tmp_path: Path, capsys):
