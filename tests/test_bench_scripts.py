@@ -117,9 +117,9 @@ def test_both_waits_for_its_two_commands_and_not_for_a_sampler(tmp_path: Path, s
 
 
 FAKE_SMI = """#!/usr/bin/env bash
-# nvidia-smi on a fake 2-GPU machine; its sampling mode (-lms) runs until killed, like the real one
+# nvidia-smi on a fake machine of GPUS GPUs; its sampling mode (-lms) runs until killed, like the real one
 case "$*" in
-  *-L*) printf 'GPU 0: fake\\nGPU 1: fake\\n' ;;
+  *-L*) for i in $(seq 0 $((GPUS - 1))); do echo "GPU $i: fake"; done ;;
   *-lms*) echo "$$" > "$SMI_PID"; echo timestamp; exec sleep 300 ;;
   *) echo fake ;;
 esac
@@ -131,7 +131,7 @@ def _speed_job(tmp_path: Path, gpus: int) -> tuple[subprocess.CompletedProcess, 
     (each run prints speed.sh's run line); the stages, their pairs, the variants, the report."""
     fake = tmp_path / "bin"
     fake.mkdir()
-    (fake / "nvidia-smi").write_text(FAKE_SMI.replace("GPU 1: fake\\n", "GPU 1: fake\\n" if gpus == 2 else ""))
+    (fake / "nvidia-smi").write_text(FAKE_SMI)
     (fake / "nvidia-smi").chmod(0o755)
     scratch = tmp_path / "scratch"
     scratch.mkdir()
@@ -139,7 +139,7 @@ def _speed_job(tmp_path: Path, gpus: int) -> tuple[subprocess.CompletedProcess, 
     stubs = ('setup() { :; }; orig() { echo "== $1 (GPU $2, 0 s)"; sleep 0.3; }; '
              'lm() { echo "== $1 (GPU $3, 0 s)"; sleep 0.3; }; sources() { :; }')
     env = {**os.environ, "PATH": f"{fake}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "SMI_PID": str(tmp_path / "smi.pid"), "STAGES": "orig1 lm1 orig2 lm2", "LM2": "after rv",
+           "GPUS": str(gpus), "SMI_PID": str(tmp_path / "smi.pid"), "STAGES": "orig1 lm1 orig2 lm2", "LM2": "after rv",
            "VARIANTS": "rv:train.x=1", "ONE_GPU_RUNS": "orig_fa3_1 lm_after_1", "PYTHONPATH": ""}
     proc = subprocess.Popen(["bash", "-c", f"source benchmarks/speed.sh job; S={scratch}; {stubs}; job"], cwd=ROOT,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
