@@ -96,7 +96,8 @@ def test_kernel_sources_copies_the_top_triton_kernels(tmp_path: Path):
                                  "speed-2026-11-29-h200-s16", "speed-2026-11-29-h200-s16b",
                                  "speed-2026-11-29-h200-s17", "speed-2026-11-29-h200-s17b",
                                  "speed-2026-11-29-h200-s18", "speed-2026-11-29-h200x2-s19",
-                                 "speed-2026-11-29-h200x2-s20"])
+                                 "speed-2026-11-29-h200x2-s20", "speed-2026-11-29-h200x2-s21",
+                                 "speed-2026-11-29-h200x2-s21b"])
 def test_committed_speed_table_is_what_its_results_give(capsys, job):
     # benchmarks/results/JOB holds the small files of one speed.sh job of issue 16 (session 5 on
     # two H200s, session 6 on one, session 7 on two); its speed_table.md (printed on the GPU
@@ -105,7 +106,8 @@ def test_committed_speed_table_is_what_its_results_give(capsys, job):
     # table whose two profiled steps idled more than 20 ms apart: h200x2, s9, s14, s16; job.log
     # keeps what the machine printed; s17's, s18's and s19's tables are as printed, with the sustained peak's line;
     # s19's the 2-rank stages alone, LM2 running a variant; s20's made here from the files of a job that
-    # hung after its first pair, the originals on one GPU) must be what the report gives for them
+    # hung after its first pair, the originals on one GPU; s21's the whole job as printed, s21b the
+    # 2-rank "before" alone, a second job on the same machine) must be what the report gives for them
     res = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / job
     assert speed_report.main(res) == 0
     assert capsys.readouterr().out == (res / "speed_table.md").read_text()
