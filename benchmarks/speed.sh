@@ -54,6 +54,9 @@
 # the 2-rank original 224 s, lm_after_2 118 s, lm_v_nographs_2 116 s, report 10 s).
 # Session 20 on nvidia-h200-x2, all stages: setup 21 s, peak 26 s, the originals' pair 276 s; then the job hung
 # (a bare `wait` waited for the clocks sampler; pairs now run with detached.sh's `both`).
+# Session 21 on nvidia-h200-x2, all stages (LM2=after, one variant): 1,333 s (setup 20 s, peak 27 s, the originals'
+# pair 275 s, the lm1 pairs 252 and 223 s, the variant 195 s, the 2-rank original 222 s, lm_after_2 108 s,
+# report 11 s). STAGES=lm2 LM2=before alone: 165 s.
 # It outlasts one device call: `start` runs it detached (benchmarks/detached.sh) and polls;
 # `poll` (the next call, within 30 s of the last) goes on. Carry .whl, .data, .ref and .fa3.
 # Each poll leaves $OUT/speed.log, and once done $OUT/speed_table.md and
