@@ -238,6 +238,12 @@ class TrainConfig:
     # deterministic). It trained on 2 ranks under NCCL in session 19 (in the fastest set, with CUDA graphs).
     # Off by default, like the other speed switches.
     foreach_grad_accum: bool = False
+    # A step's tokens for this rank read into one pinned host buffer (int32, two used in turn) and copied to the
+    # GPU at once (x and y cast to int64 there), instead of a pin and a copy of x and of y for every micro-batch.
+    # The same batches. Session 21's profile on one H200 (fastest set): the GPU idled 19.3 ms at the start of
+    # the profiled step, waiting for the first micro-batch's two pins (6.0 and 10.3 ms of host time); the host
+    # runs a step ahead except after a sync (log steps; under a wallclock cap on 2+ ranks, every step).
+    step_batch_copy: bool = False
     ddp_bucket_cap_mb: float = 25.0  # DDP gradient bucket size (torch's default 25)
     ddp_grad_as_bucket_view: bool = False  # DDP gradients as views into its buckets (saves a copy)
     profile_step: int = 0  # > 0: profile that optimizer step into RUN/profile/ (lmcore.profiling)

@@ -269,9 +269,13 @@ class TokenStream:
             self.pos += k
             done += k
 
-    def take(self, n: int) -> np.ndarray:
-        """The next `n` tokens of the stream (a uint16 copy)."""
-        out = np.empty(n, dtype=np.uint16)
+    def take(self, n: int, out: np.ndarray | None = None) -> np.ndarray:
+        """The next `n` tokens of the stream: a uint16 copy, or written into `out` (n elements of an
+        integer dtype, such as a pinned host buffer's view), which is returned."""
+        if out is None:
+            out = np.empty(n, dtype=np.uint16)
+        elif out.shape != (n,):
+            raise ValueError(f"take({n}): out has shape {out.shape}, not ({n},)")
         self._move(n, out)
         return out
 
@@ -299,8 +303,9 @@ class TokenStream:
 class DistributedTokenLoader:
     """Per-rank batches from the sorted train shards of `data_dir` (SPEC.md section 1).
 
-    Every call advances the shared stream by world_size * (local_tokens + 1) tokens, the
-    same on every rank, and returns this rank's span as int64 CPU tensors. With
+    Every micro-batch advances the shared stream by world_size * (local_tokens + 1) tokens,
+    the same on every rank; `next_batch` returns this rank's span of one as int64 CPU tensors,
+    `next_step` the spans of a step's micro-batches as the rows of one array. With
     `vocab_size`, a shard holding an id >= vocab_size raises ShardError when first read.
     """
 
@@ -317,18 +322,43 @@ class DistributedTokenLoader:
         self.rank, self.world_size = rank, world_size
         self.stream = TokenStream(list_shards(data_dir, pattern), vocab_size)
 
-    def next_batch(self, global_tokens: int, seq_len: int, grad_accum: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    def step_shape(self, global_tokens: int, seq_len: int, grad_accum: int = 1) -> tuple[int, int]:
+        """(grad_accum, tokens per micro-batch + 1): the rows `next_step` returns for this rank."""
         local = global_tokens // (self.world_size * grad_accum)
         if seq_len <= 0 or local <= 0 or local % seq_len:
             raise ValueError(
                 f"{global_tokens} tokens over {self.world_size} ranks x {grad_accum} micro-batches "
                 f"gives {local} tokens per micro-batch, not a positive multiple of seq_len {seq_len}"
             )
-        span = local + 1
+        return grad_accum, local + 1
+
+    def _own_span(self, span: int, out: np.ndarray | None = None) -> np.ndarray:
         self.stream.skip(self.rank * span)
-        t = torch.from_numpy(self.stream.take(span).astype(np.int64))
+        t = self.stream.take(span, out)
         self.stream.skip((self.world_size - self.rank - 1) * span)
+        return t
+
+    def next_batch(self, global_tokens: int, seq_len: int, grad_accum: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        _, span = self.step_shape(global_tokens, seq_len, grad_accum)
+        t = torch.from_numpy(self._own_span(span).astype(np.int64))
         return t[:-1].reshape(-1, seq_len), t[1:].reshape(-1, seq_len)
+
+    def next_step(
+        self, global_tokens: int, seq_len: int, grad_accum: int = 1, out: np.ndarray | None = None
+    ) -> np.ndarray:
+        """A whole step's micro-batches for this rank at once: row m holds what the m-th of
+        `grad_accum` next_batch calls returns (x = row[:-1], y = row[1:], each reshaped to seq_len
+        columns), and the stream moves as those calls move it. `out`: an integer array of
+        `step_shape` to write into (a pinned host buffer's view: train.step_batch_copy), else a
+        new int32 one."""
+        shape = self.step_shape(global_tokens, seq_len, grad_accum)
+        if out is None:
+            out = np.empty(shape, dtype=np.int32)
+        elif out.shape != shape:
+            raise ValueError(f"next_step: out has shape {out.shape}, not {shape}")
+        for row in out:
+            self._own_span(shape[1], row)
+        return out
 
     def state_dict(self) -> dict[str, Any]:
         return self.stream.state_dict()

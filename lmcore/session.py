@@ -9,7 +9,8 @@
   plain_eval), metrics lines, checkpoints, and the stop on a non-finite loss (`diverged`).
 - `FiniteWatch` (NaN/inf checks that never make the GPU wait), `TrainClock` (training time,
   paused for validation and checkpoints), `StopSignal` (SIGTERM asks for a checkpoint and
-  a clean stop instead of killing the process).
+  a clean stop instead of killing the process), `StepRows` (train.step_batch_copy: a step's
+  tokens in one copy to the device).
 """
 
 from __future__ import annotations
@@ -131,9 +132,14 @@ class Session:
         (mean loss, global gradient norm), both left on the device."""
         tc, accum, device, graphs = self.cfg.train, self.accum, self.device, self.cuda_graphs
         loss_sum = torch.zeros((), device=device)
+        seq = self.cfg.data.seq_len
+        rows = self.step_rows.next(tc.batch_tokens, seq, accum) if tc.step_batch_copy else None
         for micro in range(accum):
-            x, y = self.loader.next_batch(tc.batch_tokens, self.cfg.data.seq_len, accum)
-            x, y = self._to_device(x), self._to_device(y)
+            if rows is not None:  # train.step_batch_copy: this micro-batch's row, already on the device
+                x, y = rows[micro, :-1].reshape(-1, seq).long(), rows[micro, 1:].reshape(-1, seq).long()
+            else:
+                x, y = self.loader.next_batch(tc.batch_tokens, seq, accum)
+                x, y = self._to_device(x), self._to_device(y)
             last = self.ddp is None or micro == accum - 1
             if graphs:  # each micro-batch is a new run of the graphs (their outputs are reused)
                 torch.compiler.cudagraph_mark_step_begin()
@@ -183,6 +189,10 @@ class Session:
                 p.grad = torch.empty_like(p, dtype=g.dtype).copy_(g)
         for into, new in groups.values():
             torch._foreach_add_(into, new)
+
+    @functools.cached_property
+    def step_rows(self) -> StepRows:
+        return StepRows(self.loader, self.device)
 
     def _to_device(self, t: Tensor) -> Tensor:
         # from pinned memory the copy is truly asynchronous; a pageable source would make
@@ -351,6 +361,36 @@ class StopSignal:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
             self._previous = None
+
+
+class StepRows:
+    """train.step_batch_copy: each step's token rows for this rank (DistributedTokenLoader.next_step)
+    in one copy to the device. On CUDA they are read straight into a pinned int32 host buffer
+    (two, used in turn; one is rewritten only once its last copy is done) and copied without
+    making the host wait; elsewhere they are the loader's array as a tensor."""
+
+    def __init__(self, loader: Any, device: torch.device):
+        self.loader, self.device = loader, device
+        self.host: list[tuple[Tensor, Any]] = []  # (pinned buffer, the event after its last copy)
+        self.n = 0
+
+    def next(self, global_tokens: int, seq_len: int, accum: int) -> Tensor:
+        if self.device.type != "cuda":
+            return torch.from_numpy(self.loader.next_step(global_tokens, seq_len, accum))
+        shape = self.loader.step_shape(global_tokens, seq_len, accum)
+        if not self.host or tuple(self.host[0][0].shape) != shape:
+            self.host = [(torch.empty(shape, dtype=torch.int32, pin_memory=True), None) for _ in range(2)]
+        slot = self.n % 2
+        self.n += 1
+        buf, done = self.host[slot]
+        if done is not None:
+            done.synchronize()
+        self.loader.next_step(global_tokens, seq_len, accum, out=buf.numpy())
+        rows = buf.to(self.device, non_blocking=True)
+        ev = torch.cuda.Event()
+        ev.record()
+        self.host[slot] = (buf, ev)
+        return rows
 
 
 class FiniteWatch:

@@ -651,6 +651,34 @@ def test_distributed_loader_two_ranks(stream_dir: tuple[Path, np.ndarray]) -> No
             assert np.array_equal(x.numpy(), ref[s][0]) and np.array_equal(y.numpy(), ref[s][1])
 
 
+@pytest.mark.parametrize("world, accum", [(1, 1), (1, 4), (2, 3), (3, 2)])
+def test_next_step_is_a_steps_next_batch_calls(stream_dir: tuple[Path, np.ndarray], world: int, accum: int) -> None:
+    """train.step_batch_copy's rows: row m of next_step is the m-th next_batch call's x with y's
+    last token, on every rank, across shard ends and the stream's wrap, and the stream ends
+    where those calls leave it."""
+    d, full = stream_dir
+    seq = 16
+    global_tokens = 3 * seq * world * accum
+    for r in range(world):
+        calls = DistributedTokenLoader(d, rank=r, world_size=world)
+        rows = DistributedTokenLoader(d, rank=r, world_size=world)
+        assert rows.step_shape(global_tokens, seq, accum) == (accum, 3 * seq + 1)
+        buf = np.full((accum, 3 * seq + 1), -1, dtype=np.int32)
+        steps = 2 * len(full) // (world * accum * (3 * seq + 1)) + 1  # past the stream's end twice
+        for s in range(steps):
+            got = rows.next_step(global_tokens, seq, accum, out=buf) if s % 2 else rows.next_step(global_tokens, seq, accum)
+            assert got.dtype == np.int32 and (got is buf) == bool(s % 2)
+            for m in range(accum):
+                x, y = calls.next_batch(global_tokens, seq, accum)
+                assert np.array_equal(got[m, :-1].reshape(-1, seq), x.numpy())
+                assert np.array_equal(got[m, 1:].reshape(-1, seq), y.numpy())
+            assert rows.state_dict() == calls.state_dict()
+    with pytest.raises(ValueError, match=r"out has shape \(2, 49\), not \(1, 49\)"):
+        rows.next_step(3 * seq * world, seq, 1, out=np.empty((2, 49), dtype=np.int32))
+    with pytest.raises(ValueError, match=r"take\(5\): out has shape \(4,\)"):
+        rows.stream.take(5, np.empty(4, dtype=np.int32))
+
+
 def test_distributed_loader_resume(stream_dir: tuple[Path, np.ndarray]) -> None:
     d, _ = stream_dir
     args = (512, 32, 2)

@@ -279,13 +279,15 @@ def test_ema_modes():
         EMA(model, 0.9, "delayed")
 
 
-def test_foreach_grad_accum_is_autograds_sums_exactly(smoke_run, tmp_path):
-    """train.foreach_grad_accum: 4 micro-batches a step summed by foreach adds give the same
-    weights, bit for bit, as autograd's AccumulateGrad."""
+@pytest.mark.parametrize("switch", ["train.foreach_grad_accum", "train.step_batch_copy"])
+def test_exact_switches_train_bit_for_bit(smoke_run, tmp_path, switch):
+    """Over 4 micro-batches a step, the same weights bit for bit with the switch on as off:
+    train.foreach_grad_accum (micro-batch gradients summed by foreach adds, not autograd's
+    AccumulateGrad) and train.step_batch_copy (a step's tokens in one copy, not one a micro-batch)."""
     sets = _overrides(smoke_run, "train.iterations=3", "train.warmdown_iters=0", "train.grad_accum=4",
                       "train.log_every=1", "train.val_every=0")
     for on in ("false", "true"):
-        r = train(preset("smoke", [*sets, f"train.foreach_grad_accum={on}"]), tmp_path / on, progress=False)
+        r = train(preset("smoke", [*sets, f"{switch}={on}"]), tmp_path / on, progress=False)
         assert r.completed and r.steps == 3
     _equal_nested(torch.load(tmp_path / "false" / "model.pt", weights_only=True)["model"],
                   torch.load(tmp_path / "true" / "model.pt", weights_only=True)["model"], "model.pt")
@@ -351,10 +353,11 @@ def test_torchrun_two_ranks_match_one_process(smoke_run, tmp_path):
         return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
 
     # the DDP switches (small buckets, gradients as bucket views) change no number, nor does
-    # train.foreach_grad_accum (each rank's first micro-batch summed by it, its last by DDP's hooks)
+    # train.foreach_grad_accum (each rank's first micro-batch summed by it, its last by DDP's hooks),
+    # nor train.step_batch_copy (each rank's rows of the step at once)
     ddp = train(["torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m"], "ddp",
                 "--set", "train.ddp_bucket_cap_mb=0.01", "--set", "train.ddp_grad_as_bucket_view=true",
-                "--set", "train.foreach_grad_accum=true")
+                "--set", "train.foreach_grad_accum=true", "--set", "train.step_batch_copy=true")
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     one = train([], "one")
     assert one.returncode == 0, one.stderr[-3000:]
@@ -363,7 +366,7 @@ def test_torchrun_two_ranks_match_one_process(smoke_run, tmp_path):
     assert s_ddp["world_size"] == 2 and s_ddp["grad_accum_per_rank"] == 2 and s_one["grad_accum_per_rank"] == 4
     saved = json.loads((tmp_path / "ddp" / "config.json").read_text())["train"]
     assert saved["ddp_bucket_cap_mb"] == 0.01 and saved["ddp_grad_as_bucket_view"] is True
-    assert saved["foreach_grad_accum"] is True
+    assert saved["foreach_grad_accum"] is True and saved["step_batch_copy"] is True
     curve = lambda p: [(r["step"], r["train_loss"]) for r in read_jsonl(p / "metrics.jsonl") if r["kind"] == "train"]
     a, b = curve(tmp_path / "ddp"), curve(tmp_path / "one")
     assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, 11))
@@ -652,15 +655,38 @@ def test_cuda_graphs_train_as_the_default_compile(smoke_run, tmp_path):
     sets = ["train.compile=true", "train.device=cuda", "train.iterations=6", "train.warmdown_iters=0",
             "train.log_every=1", "train.val_every=0", "train.inductor_mix_order_reduction=true"]
     losses = {}
-    for mode, foreach in (("default", "false"), ("reduce-overhead", "false"), ("reduce-overhead", "true")):
+    # the last: train.step_batch_copy's rows from pinned buffers, the graphs' inputs cast from them
+    for mode, foreach, copy in (("default", "false", "false"), ("reduce-overhead", "false", "false"),
+                                ("reduce-overhead", "true", "false"), ("reduce-overhead", "true", "true")):
         torch._dynamo.reset()
         cfg = preset("smoke", _overrides(smoke_run, *sets, f"train.compile_mode={mode}",
-                                         f"train.foreach_grad_accum={foreach}"))  # true: copied too
+                                         f"train.foreach_grad_accum={foreach}",  # true: copied too
+                                         f"train.step_batch_copy={copy}"))
         assert cfg.train.grad_accum == 2
-        r = train(cfg, tmp_path / f"{mode}-{foreach}", progress=False)
+        r = train(cfg, tmp_path / f"{mode}-{foreach}-{copy}", progress=False)
         assert r.completed and r.steps == 6
-        rows = read_jsonl(tmp_path / f"{mode}-{foreach}" / "metrics.jsonl")
-        losses[mode, foreach] = [x["train_loss"] for x in rows if x["kind"] == "train"]
-    assert len(losses["default", "false"]) == 6
-    assert losses["reduce-overhead", "false"] == pytest.approx(losses["default", "false"], rel=1e-4)
-    assert losses["reduce-overhead", "true"] == pytest.approx(losses["default", "false"], rel=1e-4)
+        rows = read_jsonl(tmp_path / f"{mode}-{foreach}-{copy}" / "metrics.jsonl")
+        losses[mode, foreach, copy] = [x["train_loss"] for x in rows if x["kind"] == "train"]
+    assert len(losses["default", "false", "false"]) == 6
+    for case in (("reduce-overhead", "false", "false"), ("reduce-overhead", "true", "false")):
+        assert losses[case] == pytest.approx(losses["default", "false", "false"], rel=1e-4)
+    assert losses["reduce-overhead", "true", "true"] == losses["reduce-overhead", "true", "false"]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_step_rows_on_cuda_are_the_loaders_rows(smoke_run):
+    """train.step_batch_copy on CUDA: each step's rows, read into two pinned buffers used in turn and
+    copied without a wait, are the loader's rows on the device, step after step."""
+    from lmcore.data import DistributedTokenLoader
+    from lmcore.session import StepRows
+
+    d, args = smoke_run["data"], (4 * 64 * 3, 64, 3)
+    rows = StepRows(DistributedTokenLoader(d), torch.device("cuda"))
+    ref = DistributedTokenLoader(d)
+    got = [rows.next(*args) for _ in range(5)]  # held, so a rewritten buffer would show
+    want = [torch.from_numpy(ref.next_step(*args)) for _ in range(5)]
+    assert [t.device.type for t in got] == ["cuda"] * 5 and got[0].shape == (3, 4 * 64 + 1)
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g.cpu(), w)
+    assert all(buf.is_pinned() for buf, _ in rows.host) and len(rows.host) == 2

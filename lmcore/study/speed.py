@@ -94,6 +94,15 @@ SPEED_LEVERS: dict[str, list[str]] = {
                                                    "train.fused_mlp=true", "train.fold_output_scales=true",
                                                    "train.foreach_grad_accum=true",
                                                    "train.compile_mode=reduce-overhead"],
+    # a step's tokens in one pinned buffer and one copy to the GPU, not a pin and a copy of x and y a micro-batch
+    # (train.step_batch_copy; the same batches): alone, and on the fastest set with repeat_v
+    "step_batch_copy": ["train.step_batch_copy=true"],
+    "fused_all_qkv_fold_foreach_graphs_repeat_v_step_copy": ["train.fused_qkv=true", "train.fused_qkv_repeat_v=true",
+                                                             "train.fused_xsa_gate=true", "train.expand_kv=true",
+                                                             "train.fused_mlp=true", "train.fold_output_scales=true",
+                                                             "train.foreach_grad_accum=true",
+                                                             "train.compile_mode=reduce-overhead",
+                                                             "train.step_batch_copy=true"],
     "ddp_buckets": ["train.ddp_bucket_cap_mb=100", "train.ddp_grad_as_bucket_view=true"],  # 2+ ranks only
     # CUDA graphs (mix-order reduction off, as the defaults): -2.4 ms a step with both fused ops (session 9)
     "cuda_graphs": ["train.compile_mode=reduce-overhead"],
