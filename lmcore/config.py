@@ -242,7 +242,8 @@ class TrainConfig:
     # GPU at once (x and y cast to int64 there), instead of a pin and a copy of x and of y for every micro-batch.
     # The same batches. Session 21's profile on one H200 (fastest set): the GPU idled 19.3 ms at the start of
     # the profiled step, waiting for the first micro-batch's two pins (6.0 and 10.3 ms of host time); the host
-    # runs a step ahead except after a sync (log steps; under a wallclock cap on 2+ ranks, every step).
+    # runs a step ahead except after a sync (log steps; under a wallclock cap on 2+ ranks, every step). Its cuda
+    # test passes on an H200 (session 21); its step time is not yet measured.
     step_batch_copy: bool = False
     ddp_bucket_cap_mb: float = 25.0  # DDP gradient bucket size (torch's default 25)
     ddp_grad_as_bucket_view: bool = False  # DDP gradients as views into its buckets (saves a copy)
