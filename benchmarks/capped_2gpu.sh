@@ -15,6 +15,10 @@
 # their compiles and evaluations.
 # LM_SETS: lmcore's --set overrides beyond `record` (e.g. "train.fused_qk_norm_rope=true
 # train.fused_xsa_gate=true"), printed in the log's setup line; default none.
+# SEEDS (default 1337): the pair of runs once a seed (the original's SEED, lmcore's train.seed), into
+# res/sSEED/ with its table; the report ends with the seeds' table (lmcore's raw val_bpb minus the
+# original's at each seed, their mean, sd and worst against the bar of 0.01). Each seed's pair takes
+# about 511 s on x2 (session 19) and half of that on 4 GPUs.
 #   bash benchmarks/capped_2gpu.sh start [POLL_S]  |  bash benchmarks/capped_2gpu.sh poll [POLL_S]
 set -uo pipefail
 S=/tmp/capped
@@ -23,22 +27,46 @@ POLL_S=${2:-540}
 CAP_S=${CAP_S:-150}
 NPROC=${NPROC:-2}
 LM_SETS=${LM_SETS:-}
+SEEDS=${SEEDS:-1337}
 
 source benchmarks/detached.sh  # stamp, run_until, detached_poll, detached_main
 
-original() {  # GPUS LOG: after its post-EMA diagnostic it goes on to calibration: stopped there
-  GRACE_S=2 run_until 900 "$2" "DIAGNOSTIC post_ema" env CUDA_VISIBLE_DEVICES="$1" DATA_PATH="$D" \
-    TOKENIZER_PATH="$TOK" MAX_WALLCLOCK_SECONDS="$CAP_S" SEED=1337 TTT_ENABLED=0 RUN_ID=capped TRAIN_LOG_EVERY=50 \
+original() {  # GPUS DIR SEED: DIR/original.log; after its post-EMA diagnostic it goes on to calibration: stopped there
+  GRACE_S=2 run_until 900 "$2/original.log" "DIAGNOSTIC post_ema" env CUDA_VISIBLE_DEVICES="$1" DATA_PATH="$D" \
+    TOKENIZER_PATH="$TOK" MAX_WALLCLOCK_SECONDS="$CAP_S" SEED="$3" TTT_ENABLED=0 RUN_ID=capped TRAIN_LOG_EVERY=50 \
     python3 -m torch.distributed.run --standalone --nproc_per_node="$NPROC" "$S/orig_fa3/seed_train_gpt.py"
 }
 
-lmcore_run() {  # GPUS LOG
+lmcore_run() {  # GPUS DIR SEED: DIR/lmcore_run, its output in DIR/lmcore.log
   local extra=() l
   for l in $LM_SETS; do extra+=(--set "$l"); done
   CUDA_VISIBLE_DEVICES=$1 timeout 900 python3 -m torch.distributed.run --standalone --nproc_per_node="$NPROC" \
     -m lmcore train --preset record --set data.data_dir="$D" --set data.tokenizer="$TOK" \
-    --set train.max_wallclock_seconds="$CAP_S" --set train.log_every=50 "${extra[@]}" --no-progress \
-    --run-dir "$R/lmcore_run" > "$2" 2>&1
+    --set train.max_wallclock_seconds="$CAP_S" --set train.log_every=50 --set train.seed="$3" "${extra[@]}" \
+    --no-progress --run-dir "$2/lmcore_run" > "$2/lmcore.log" 2>&1
+}
+
+setup() {
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl .fa3/dist/*.whl 2>&1 | tail -2
+  python3 -c "import torch, flash_attn_interface as f; print('torch', torch.__version__, 'fa3', f.__file__)"
+  original_alone "$S/orig_fa3" "$PYTHONPATH" || return 1
+  python3 -m lmcore data build --docs .data/proxy_docs.jsonl.xz --tokenizer "$TOK" --out "$D" \
+    --val-docs 1500 --shard-tokens 10000000 --no-progress
+}
+
+seed_pair() {  # N_GPUS SEED: the original and lmcore at SEED into $R/sSEED, then its table
+  local o=$R/s$2
+  mkdir -p "$o"
+  echo "== seed $2"
+  if [ "$NPROC" = 1 ]; then
+    original 0 "$o" "$2"; lmcore_run 0 "$o" "$2"
+  elif [ "$1" -ge 4 ]; then
+    both "original 0,1 $o $2" "lmcore_run 2,3 $o $2"
+  else
+    original 0,1 "$o" "$2"; lmcore_run 0,1 "$o" "$2"
+  fi
+  python3 benchmarks/capped_report.py "$o/original.log" "$o/lmcore_run/summary.json" "$1" "$CAP_S" "$NPROC" \
+    --seed "$2" | tee "$o/table.md"
 }
 
 job() {
@@ -46,27 +74,16 @@ job() {
   export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
   R=$S/res TOK=$S/src/.data/fineweb_1024_bpe.model D=$S/proxy
   mkdir -p "$R"
-  echo "== setup; NPROC $NPROC; LM_SETS: ${LM_SETS:-none}"
+  echo "== setup; NPROC $NPROC; SEEDS $SEEDS; LM_SETS: ${LM_SETS:-none}"
   nvidia-smi --query-gpu=name,uuid,memory.total,driver_version --format=csv,noheader
-  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl .fa3/dist/*.whl 2>&1 | tail -2
   export PYTHONPATH=/tmp/site:$S/src
-  python3 -c "import torch, flash_attn_interface as f; print('torch', torch.__version__, 'fa3', f.__file__)"
-  original_alone "$S/orig_fa3" "$PYTHONPATH" || return 1
-  python3 -m lmcore data build --docs .data/proxy_docs.jsonl.xz --tokenizer "$TOK" --out "$D" \
-    --val-docs 1500 --shard-tokens 10000000 --no-progress || return 1
-  local n
+  setup || return 1
+  local n seed
   n=$(nvidia-smi -L | wc -l)
   echo "== training, cap $CAP_S s, $n GPUs"
-  if [ "$NPROC" = 1 ]; then
-    original 0 "$R/original.log"; lmcore_run 0 "$R/lmcore.log"
-  elif [ "$n" -ge 4 ]; then
-    both "original 0,1 $R/original.log" "lmcore_run 2,3 $R/lmcore.log"
-  else
-    original 0,1 "$R/original.log"; lmcore_run 0,1 "$R/lmcore.log"
-  fi
+  for seed in $SEEDS; do seed_pair "$n" "$seed"; done
   echo "== report"
-  python3 benchmarks/capped_report.py "$R/original.log" "$R/lmcore_run/summary.json" "$n" "$CAP_S" "$NPROC" \
-    | tee "$R/table.md"
+  python3 benchmarks/capped_report.py --seeds-of "$R" | tee "$R/table.md"
   echo "== done"
 }
 

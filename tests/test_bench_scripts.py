@@ -5,7 +5,8 @@ run the original script on FA3: .ref/ holds an FA2 shim named flash_attn_interfa
 script's own folder comes first on sys.path, so the original run from .ref/ imports the shim
 whatever PYTHONPATH says (capped_2gpu.sh did until session 12). Checked with a fake .ref/ and a
 fake FA3 module. benchmarks/capped_report.py: capped_2gpu.sh's table from the committed logs.
-speed.sh's job on a fake 2-GPU (and 1-GPU) machine, its runs stubbed: every stage, in order, to the end."""
+speed.sh's job on a fake 2-GPU (and 1-GPU) machine, its runs stubbed: every stage, in order, to the end;
+capped_2gpu.sh's likewise: a pair a seed, then the seeds' table."""
 
 from __future__ import annotations
 
@@ -126,20 +127,24 @@ esac
 """
 
 
-def _speed_job(tmp_path: Path, gpus: int) -> tuple[subprocess.CompletedProcess, list]:
-    """speed.sh's `job` on CPU: a fake nvidia-smi, and setup, the runs and the kernel sources stubbed
-    (each run prints speed.sh's run line); the stages, their pairs, the variants, the report."""
-    fake = tmp_path / "bin"
+def _fake_machine(tmp_path: Path) -> tuple[Path, str]:
+    """A job's scratch folder (its src/ this checkout) and a PATH whose nvidia-smi is FAKE_SMI."""
+    fake, scratch = tmp_path / "bin", tmp_path / "scratch"
     fake.mkdir()
     (fake / "nvidia-smi").write_text(FAKE_SMI)
     (fake / "nvidia-smi").chmod(0o755)
-    scratch = tmp_path / "scratch"
     scratch.mkdir()
     (scratch / "src").symlink_to(ROOT)
+    return scratch, f"{fake}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+
+
+def _speed_job(tmp_path: Path, gpus: int) -> tuple[subprocess.CompletedProcess, list]:
+    """speed.sh's `job` on CPU: a fake nvidia-smi, and setup, the runs and the kernel sources stubbed
+    (each run prints speed.sh's run line); the stages, their pairs, the variants, the report."""
+    scratch, path = _fake_machine(tmp_path)
     stubs = ('setup() { :; }; orig() { echo "== $1 (GPU $2, 0 s)"; sleep 0.3; }; '
              'lm() { echo "== $1 (GPU $3, 0 s)"; sleep 0.3; }; sources() { :; }')
-    env = {**os.environ, "PATH": f"{fake}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "GPUS": str(gpus), "SMI_PID": str(tmp_path / "smi.pid"), "STAGES": "orig1 lm1 orig2 lm2", "LM2": "after rv",
+    env = {**os.environ, "PATH": path, "GPUS": str(gpus), "SMI_PID": str(tmp_path / "smi.pid"), "STAGES": "orig1 lm1 orig2 lm2", "LM2": "after rv",
            "VARIANTS": "rv:train.x=1", "ONE_GPU_RUNS": "orig_fa3_1 lm_after_1", "PYTHONPATH": ""}
     proc = subprocess.Popen(["bash", "-c", f"source benchmarks/speed.sh job; S={scratch}; {stubs}; job"], cwd=ROOT,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -171,6 +176,47 @@ def test_the_speed_job_runs_every_stage_in_order_and_stops_its_sampler(tmp_path:
     res, runs = _speed_job(tmp_path / "one", gpus=1)
     assert res.returncode == 0 and "== one GPU: the 2-rank stages are skipped" in res.stdout, res.stdout + res.stderr
     assert runs == [("orig_fa3_1", "0"), ("lm_after_1", "0"), ("lm_v_rv_1", "0")]
+
+
+@needs_bash
+@pytest.mark.parametrize("gpus", [2, 4])
+def test_the_capped_job_runs_a_pair_a_seed_and_reports_over_the_seeds(tmp_path: Path, gpus: int):
+    """capped_2gpu.sh's job on a fake machine, setup and the runs stubbed (the original writes its
+    last lines, lmcore its summary.json): one pair a seed of SEEDS, in order, side by side on 4 GPUs,
+    each seed's table, then the seeds' table (the report scripts run for real)."""
+    scratch, path = _fake_machine(tmp_path)
+    bpb = {"1337": ("1.6289", "1.5533"), "42": ("1.6301", "1.6251")}  # seed 42: only 0.0050 better
+    case = lambda k: "case $3 in " + " ".join(f"{seed}) b={v[k]} ;;" for seed, v in bpb.items()) + " esac; "
+    stubs = ("setup() { :; }; "
+             "original() { echo \"run original $1 $3\"; " + case(0) +
+             "echo \"step:461/20000 val_loss:2.7 val_bpb:$b train_time:150000ms step_avg:325.50ms\" > $2/original.log; }; "
+             "lmcore_run() { echo \"run lmcore $1 $3\"; " + case(1) +
+             "mkdir -p $2/lmcore_run; printf '{\"card\": \"fake\", \"attention_backend\": \"fa3\", \"steps\": 561, "
+             "\"mean_step_ms\": 268.0, \"val_bpb_raw\": %s, \"val_bpb_ema\": 4.0}' $b > $2/lmcore_run/summary.json; }")
+    env = {**os.environ, "PATH": path, "GPUS": str(gpus), "SEEDS": "1337 42", "PYTHONPATH": ""}
+    res = subprocess.run(["bash", "-c", f"source benchmarks/capped_2gpu.sh job; S={scratch}; {stubs}; job"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert res.returncode == 0 and "== done" in res.stdout, res.stdout + res.stderr
+    runs = re.findall(r"^run (\w+) (\S+) (\d+)$", res.stdout, re.MULTILINE)
+    lm_gpus = "2,3" if gpus == 4 else "0,1"
+    assert [set(runs[0:2]), set(runs[2:4])] == [{("original", "0,1", s), ("lmcore", lm_gpus, s)} for s in ("1337", "42")]
+    assert res.stdout.index("== seed 1337") < res.stdout.index("== seed 42") < res.stdout.index("== report")
+    res_dir = scratch / "res"
+    for seed, (orig, lm) in bpb.items():
+        table = (res_dir / f"s{seed}" / "table.md").read_text().splitlines()
+        assert f"seed {seed}," in table[0] and table[3].endswith(f"| {orig} | nan |") and f"| {lm} |" in table[4]
+    assert (res_dir / "table.md").read_text() == (
+        "| seed | original steps | original val_bpb | lmcore steps | lmcore val_bpb | lmcore - original |\n"
+        "|---|---|---|---|---|---|\n"
+        "| 42 | 461 | 1.6301 | 561 | 1.6251 | -0.0050 |\n"
+        "| 1337 | 461 | 1.6289 | 561 | 1.5533 | -0.0756 |\n"
+        "\n"
+        "lmcore - original over 2 seed(s): mean -0.0403, sd 0.0499, worst -0.0050; at least 0.01 better at every seed: no\n")
+
+
+def test_capped_seeds_table_needs_seed_folders(tmp_path: Path, capsys):
+    assert capped_report.main(["--seeds-of", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == f"capped_report: {tmp_path}: no seed folders (sSEED)"
 
 
 @needs_bash
