@@ -18,7 +18,7 @@
 #          then each of $VARIANTS, one at a time on GPU 0 ("NAME:overrides;NAME:overrides", run
 #          lm_v_NAME_1, MATH_STEPS steps, profiled, ended after VARIANT_TIMEOUT s): lever sets
 #          measured beside the table's runs (their same math is against the first of before,
-#          after, solo that ran)
+#          after, solo that ran; their kernels against after's and solo's, where those ran)
 #   orig2  the original with real FA3, 2 ranks under torchrun (NCCL), STEPS steps
 #   lm2    lmcore's 2-rank runs under torchrun, STEPS steps each, profiled, in LM2's order (default
 #          "after before"; a VARIANTS name there runs that variant as lm_v_NAME_2)

@@ -70,10 +70,12 @@ def lm_runs(res: Path, ranks: int) -> list[tuple[str, str]]:
 
 
 def kernel_pairs(res: Path) -> list[tuple[str, str]]:
-    """KERNEL_PAIRS, each variant against solo (or after, where no solo ran), and each 2-rank variant
-    against after on 2 ranks."""
-    base = "lm_solo_1" if (res / "lm_solo_1" / "profile" / "breakdown.json").exists() else "lm_after_1"
-    return KERNEL_PAIRS + [(base, f) for f, _, _ in variants(res)] + [("lm_after_2", f) for f, _ in variants_2(res)]
+    """KERNEL_PAIRS, each variant against after and solo (those of the two that ran; in a 2-GPU job
+    after ran on GPU 0, like the variants, and solo on GPU 1), and each 2-rank variant against after
+    on 2 ranks."""
+    bases = [r for r in ("lm_after_1", "lm_solo_1") if (res / r / "profile" / "breakdown.json").exists()]
+    return (KERNEL_PAIRS + [(b, f) for f, _, _ in variants(res) for b in bases]
+            + [("lm_after_2", f) for f, _ in variants_2(res)])
 
 
 def train_lines(run: Path) -> list[dict]:

@@ -106,11 +106,21 @@ def test_committed_speed_table_is_what_its_results_give(capsys, job):
     # table whose two profiled steps idled more than 20 ms apart: h200x2, s9, s14, s16; job.log
     # keeps what the machine printed; s17's, s18's and s19's tables are as printed, with the sustained peak's line;
     # s19's the 2-rank stages alone, LM2 running a variant; s20's made here from the files of a job that
-    # hung after its first pair, the originals on one GPU; s21's the whole job as printed, s21b the
-    # 2-rank "before" alone, a second job on the same machine) must be what the report gives for them
+    # hung after its first pair, the originals on one GPU; s21's the whole job, made here again once its
+    # variant was compared with after (same GPU) as well as solo; s21b the 2-rank "before" alone, a
+    # second job on the same machine) must be what the report gives for them
     res = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / job
     assert speed_report.main(res) == 0
     assert capsys.readouterr().out == (res / "speed_table.md").read_text()
+
+
+def test_variants_kernels_are_compared_with_after_and_solo_where_both_ran():
+    # a 2-GPU job: after ran on GPU 0, like the variants, and solo (after's twin in session 21) on GPU 1
+    res = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+    pairs = speed_report.kernel_pairs(res / "speed-2026-11-29-h200x2-s21")
+    assert pairs[-2:] == [("lm_after_1", "lm_v_repeat_v_1"), ("lm_solo_1", "lm_v_repeat_v_1")]
+    assert speed_report.kernel_pairs(res / "speed-2026-11-29-h200-s18")[-2:] == [
+        ("lm_solo_1", "lm_v_qkv_1"), ("lm_solo_1", "lm_v_twin_1")]  # a 1-GPU job without after: solo alone
 
 
 def test_kernel_changes_match_kernels_across_compiles():
