@@ -18,10 +18,10 @@ import torch
 
 from lmcore import cli
 from lmcore.config import preset
-from lmcore.data import list_shards, read_shard
+from lmcore.data import DistributedTokenLoader, list_shards, read_shard
 from lmcore.runs import read_jsonl
 from lmcore.runtime import DistInfo
-from lmcore.session import Session
+from lmcore.session import Session, StepRows
 from lmcore.train import EMA, latest_checkpoint, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -678,9 +678,6 @@ def test_cuda_graphs_train_as_the_default_compile(smoke_run, tmp_path):
 def test_step_rows_on_cuda_are_the_loaders_rows(smoke_run):
     """train.step_batch_copy on CUDA: each step's rows, read into two pinned buffers used in turn and
     copied without a wait, are the loader's rows on the device, step after step."""
-    from lmcore.data import DistributedTokenLoader
-    from lmcore.session import StepRows
-
     d, args = smoke_run["data"], (4 * 64 * 3, 64, 3)
     rows = StepRows(DistributedTokenLoader(d), torch.device("cuda"))
     ref = DistributedTokenLoader(d)
