@@ -21,7 +21,8 @@
 #          after, solo that ran; their kernels against after's and solo's, where those ran)
 #   orig2  the original with real FA3, 2 ranks under torchrun (NCCL), STEPS steps
 #   lm2    lmcore's 2-rank runs under torchrun, STEPS steps each, profiled, in LM2's order (default
-#          "after before"; a VARIANTS name there runs that variant as lm_v_NAME_2)
+#          "after before"; "solo" runs $SOLO as lm_solo_2; a VARIANTS name runs that variant as
+#          lm_v_NAME_2 though it also runs on GPU 0 in lm1)
 # The 1-GPU runs go two at a time (so every 1-GPU run of the table has a neighbour); the
 # 2-rank runs have the machine to themselves. On a 1-GPU machine (nvidia-h200) the 1-GPU runs
 # go one at a time (ONE_GPU_RUNS, by default original FA3, before, after, solo, twin, original
@@ -153,16 +154,17 @@ variant_sets() {
   return 0
 }
 
-# lm2 NAME: one of LM2's runs on GPUs 0,1 (after, before, or a variant as lm_v_NAME_2)
+# lm2 NAME: one of LM2's runs on GPUs 0,1 (after, before, solo, or a variant as lm_v_NAME_2)
 # shellcheck disable=SC2046,SC2086 # the overrides split into --set pairs on purpose
 lm2() {
   local prof2=$((STEPS - 5)) vs
   case $1 in
     after) lm lm_after_2 after 0,1 2 "$STEPS" --set train.profile_step=$prof2 $(sets $LEVERS) ;;
     before) lm lm_before_2 before 0,1 2 "$STEPS" --set train.profile_step=$prof2 $(sets $BEFORE) ;;
+    solo) lm lm_solo_2 solo 0,1 2 "$STEPS" --set train.profile_step=$prof2 $(sets $SOLO) ;;
     *)
       vs=$(variant_sets "$1")
-      [ -n "$vs" ] || { echo "LM2 names $1, which is neither after, before nor a VARIANTS name"; return 0; }
+      [ -n "$vs" ] || { echo "LM2 names $1, which is neither after, before, solo nor a VARIANTS name"; return 0; }
       LM_TIMEOUT=$VARIANT_TIMEOUT lm "lm_v_${1}_2" "v_$1" 0,1 2 "$STEPS" --set train.profile_step=$prof2 $(sets $vs) ;;
   esac
 }

@@ -64,18 +64,26 @@ def variants_2(res: Path) -> list[tuple[str, str]]:
     return [(f, label) for f, label in folders if (res / f).is_dir()]
 
 
+def solo_2(res: Path) -> list[tuple[str, str]]:
+    """SOLO on 2 ranks (speed.sh's LM2 naming solo), where it ran."""
+    return [("lm_solo_2", "lmcore solo (SOLO)")] if (res / "lm_solo_2").is_dir() else []
+
+
 def lm_runs(res: Path, ranks: int) -> list[tuple[str, str]]:
-    """LM_RUNS[ranks], then the job's variants: every one on one GPU, those that ran on 2 ranks."""
-    return LM_RUNS[ranks] + ([(f, label) for f, label, _ in variants(res)] if ranks == 1 else variants_2(res))
+    """LM_RUNS[ranks], then solo on 2 ranks where it ran, then the job's variants: every one on one
+    GPU, those that ran on 2 ranks."""
+    if ranks == 1:
+        return LM_RUNS[1] + [(f, label) for f, label, _ in variants(res)]
+    return LM_RUNS[2] + solo_2(res) + variants_2(res)
 
 
 def kernel_pairs(res: Path) -> list[tuple[str, str]]:
     """KERNEL_PAIRS, each variant against after and solo (those of the two that ran; in a 2-GPU job
-    after ran on GPU 0, like the variants, and solo on GPU 1), and each 2-rank variant against after
-    on 2 ranks."""
+    after ran on GPU 0, like the variants, and solo on GPU 1), and solo and each variant on 2 ranks
+    against after on 2 ranks."""
     bases = [r for r in ("lm_after_1", "lm_solo_1") if (res / r / "profile" / "breakdown.json").exists()]
     return (KERNEL_PAIRS + [(b, f) for f, _, _ in variants(res) for b in bases]
-            + [("lm_after_2", f) for f, _ in variants_2(res)])
+            + [("lm_after_2", f) for f, _ in solo_2(res) + variants_2(res)])
 
 
 def train_lines(run: Path) -> list[dict]:

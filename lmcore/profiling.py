@@ -3,7 +3,8 @@
 Perfetto trace) and `breakdown.json`: the step's wall time, the device's busy time, the time
 by category (gemm, attention, communication, fused elementwise from inductor's Triton
 kernels, eager elementwise, memory copies, other), the 20 most expensive kernels and every
-kernel's time (`kernels`, what two profiles are compared by).
+kernel's time (`kernels`, what two profiles are compared by) and when the step ran (`unix_s`:
+start and end, seconds since the epoch, to find the card's clock samples of that step).
 
 On a GPU the breakdown is read off the trace's device events (kernels, memcpy, memset) alone:
 the profiler also gives host ops such as `aten::mm` a device time (that of the kernels they
@@ -134,16 +135,18 @@ def profile_step(
     with tprofile(activities=acts, record_shapes=False) as prof:
         if on_device:
             torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
+        t0, unix0 = time.perf_counter(), time.time()
         yield
         if on_device:
             torch.cuda.synchronize(device)
         wall_ms = 1000.0 * (time.perf_counter() - t0)
     with pause():
-        _export(prof, out, on_device=on_device, wall_ms=wall_ms, step=step, device=device)
+        _export(prof, out, on_device=on_device, wall_ms=wall_ms, step=step, device=device,
+                unix=(unix0, unix0 + wall_ms / 1000.0))
 
 
-def _export(prof: torch.profiler.profile, out: Path, *, on_device: bool, wall_ms: float, step: int, device: torch.device) -> None:
+def _export(prof: torch.profiler.profile, out: Path, *, on_device: bool, wall_ms: float, step: int, device: torch.device,
+            unix: tuple[float, float]) -> None:
     raw = out / ".trace.json"
     prof.export_chrome_trace(str(raw))
     if on_device:
@@ -153,6 +156,7 @@ def _export(prof: torch.profiler.profile, out: Path, *, on_device: bool, wall_ms
         info = host_breakdown(prof, wall_ms=wall_ms)
     info["step"] = int(step)
     info["device"] = torch.cuda.get_device_name(device) if on_device else "cpu"
+    info["unix_s"] = [round(unix[0], 3), round(unix[1], 3)]  # when the step ran (wall clock), to match clock samples
     with raw.open("rb") as src, gzip.open(out / ".trace.json.gz.tmp", "wb") as dst:
         shutil.copyfileobj(src, dst)
     (out / ".trace.json.gz.tmp").replace(out / "trace.json.gz")

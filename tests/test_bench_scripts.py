@@ -144,7 +144,7 @@ def _speed_job(tmp_path: Path, gpus: int) -> tuple[subprocess.CompletedProcess, 
     scratch, path = _fake_machine(tmp_path)
     stubs = ('setup() { :; }; orig() { echo "== $1 (GPU $2, 0 s)"; sleep 0.3; }; '
              'lm() { echo "== $1 (GPU $3, 0 s)"; sleep 0.3; }; sources() { :; }')
-    env = {**os.environ, "PATH": path, "GPUS": str(gpus), "SMI_PID": str(tmp_path / "smi.pid"), "STAGES": "orig1 lm1 orig2 lm2", "LM2": "after rv",
+    env = {**os.environ, "PATH": path, "GPUS": str(gpus), "SMI_PID": str(tmp_path / "smi.pid"), "STAGES": "orig1 lm1 orig2 lm2", "LM2": "after solo rv",
            "VARIANTS": "rv:train.x=1", "ONE_GPU_RUNS": "orig_fa3_1 lm_after_1", "PYTHONPATH": ""}
     proc = subprocess.Popen(["bash", "-c", f"source benchmarks/speed.sh job; S={scratch}; {stubs}; job"], cwd=ROOT,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -167,7 +167,8 @@ def test_the_speed_job_runs_every_stage_in_order_and_stops_its_sampler(tmp_path:
     pairs = [set(runs[i:i + 2]) for i in (0, 2, 4)]  # a pair's two lines come in either order
     assert pairs == [{("orig_fa3_1", "0"), ("orig_fa2_1", "1")}, {("lm_before_1", "0"), ("lm_before_1b", "1")},
                      {("lm_after_1", "0"), ("lm_solo_1", "1")}]
-    assert runs[6:] == [("lm_v_rv_1", "0"), ("orig_fa3_2", "0,1"), ("lm_after_2", "0,1"), ("lm_v_rv_2", "0,1")]
+    assert runs[6:] == [("lm_v_rv_1", "0"), ("orig_fa3_2", "0,1"), ("lm_after_2", "0,1"), ("lm_solo_2", "0,1"),
+                        ("lm_v_rv_2", "0,1")]
     pid = int((tmp_path / "smi.pid").read_text())
     with pytest.raises(ProcessLookupError):  # the sampler was stopped with the job
         os.kill(pid, 0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import json
+import time
 
 import pytest
 import torch
@@ -74,10 +75,13 @@ def test_device_breakdown_splits_the_gaps_by_length():
 
 def test_profile_step_writes_the_breakdown(tmp_path):
     cfg = preset("tiny", ["train.profile_step=3", "train.iterations=4"])
+    before = time.time()
     train(cfg, tmp_path / "run", progress=False)
     info = json.loads((tmp_path / "run/profile/breakdown.json").read_text())
     assert info["step"] == 3 and info["device"] == "cpu" and not info["on_device"]
     assert info["categories"]["gemm"] > 0 and info["wall_ms"] > 0
+    start, end = info["unix_s"]  # the step's own wall time, inside the training call
+    assert before <= start <= end <= time.time() and end - start == pytest.approx(info["wall_ms"] / 1000, abs=2e-3)
     assert info["busy_ms"] == pytest.approx(sum(info["categories"].values()), abs=0.01)
     assert info["top"] and all({"name", "ms", "calls", "category"} <= set(r) for r in info["top"])
     with gzip.open(tmp_path / "run/profile/trace.json.gz", "rt") as f:

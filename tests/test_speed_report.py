@@ -195,6 +195,22 @@ def test_a_variant_that_ran_on_2_ranks_joins_the_2_rank_rows_against_after(tmp_p
     assert "| `triton_poi_fused_x` | 5.00 | 4.50 | -0.50 |" in out
 
 
+def test_solo_on_2_ranks_joins_the_2_rank_rows_against_after(tmp_path: Path, capsys):
+    # speed.sh's LM2 naming solo: lm_solo_2 after lm_before_2 and before the variants; absent, no row
+    (tmp_path / "orig_fa3_2.log").write_text("step:40/40 train_loss:3.0 train_time:13000ms step_avg:325.00ms\n")
+    _lm(tmp_path / "lm_after_2", 260.0, [3.0, 2.0])
+    assert ("lmcore solo (SOLO)", 2) not in {(r["run"], r["ranks"]) for r in speed_report.speed_rows(tmp_path, 1.0, None)}
+    _lm(tmp_path / "lm_solo_2", 250.0, [3.0, 2.0])
+    assert [f for f, _ in speed_report.lm_runs(tmp_path, 2)] == ["lm_before_2", "lm_after_2", "lm_solo_2"]
+    rows = {(r["run"], r["ranks"]): r for r in speed_report.speed_rows(tmp_path, 1.0, None)}
+    assert rows[("lmcore solo (SOLO)", 2)]["vs_fa3"] == pytest.approx(325 / 250)
+    for run, ms in (("lm_after_2", 5.0), ("lm_solo_2", 4.0)):
+        _profile(tmp_path / run, ms)
+    assert speed_report.kernel_pairs(tmp_path)[-1] == ("lm_after_2", "lm_solo_2")
+    assert speed_report.main(tmp_path) == 0
+    assert "| `triton_poi_fused_x` | 5.00 | 4.00 | -1.00 |" in capsys.readouterr().out
+
+
 def test_a_sustained_peak_adds_one_line(tmp_path: Path, capsys):
     # matmul_peak.py --sustain writes sustained_tflops; the report says it after the card line
     # and leaves the rest as it was
