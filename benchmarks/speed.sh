@@ -58,6 +58,9 @@
 # Session 21 on nvidia-h200-x2, all stages (LM2=after, one variant): 1,333 s (setup 20 s, peak 27 s, the originals'
 # pair 275 s, the lm1 pairs 252 and 223 s, the variant 195 s, the 2-rank original 222 s, lm_after_2 108 s,
 # report 11 s). STAGES=lm2 LM2=before alone: 165 s.
+# Session 22 on nvidia-h200-x2, all stages (LM2="after solo before", no variant): 1,337 s (setup 18 s, peak 26 s,
+# the originals' pair 272 s, the lm1 pairs 247 and 213 s, the 2-rank original 200 s, lm_after_2 107 s, lm_solo_2
+# 108 s, lm_before_2 135 s, report 11 s).
 # It outlasts one device call: `start` runs it detached (benchmarks/detached.sh) and polls;
 # `poll` (the next call, within 30 s of the last) goes on. Carry .whl, .data, .ref and .fa3.
 # Each poll leaves $OUT/speed.log, and once done $OUT/speed_table.md and
