@@ -240,11 +240,11 @@ class TrainConfig:
     foreach_grad_accum: bool = False
     # A step's tokens for this rank read into one pinned host buffer (int32, two used in turn) and copied to the
     # GPU at once (x and y cast to int64 there), instead of a pin and a copy of x and of y for every micro-batch.
-    # The same batches. Session 21's profile on one H200 (fastest set): the GPU idled 19.3 ms at the start of
-    # the profiled step, waiting for the first micro-batch's two pins (6.0 and 10.3 ms of host time); the host
-    # runs a step ahead except after a sync (log steps; under a wallclock cap on 2+ ranks, every step). Its cuda
-    # test passes on an H200 (session 21); its step time is not yet measured.
-    step_batch_copy: bool = False
+    # The same batches, so on by default since session 22. There, on two H200s of one host (the fastest set),
+    # steady step minus the profiled step's kernel time: 18.1 ms without it (GPU 0, 521.8 ms a step), 9.2 with
+    # it (GPU 1, 512.8 ms), the GPU waiting for the first micro-batch's two pins; on 2 ranks the same step time
+    # (266.6 against 266.7 ms). false: the pin-and-copy path, to ablate.
+    step_batch_copy: bool = True
     ddp_bucket_cap_mb: float = 25.0  # DDP gradient bucket size (torch's default 25)
     ddp_grad_as_bucket_view: bool = False  # DDP gradients as views into its buckets (saves a copy)
     profile_step: int = 0  # > 0: profile that optimizer step into RUN/profile/ (lmcore.profiling)

@@ -354,12 +354,13 @@ def test_torchrun_two_ranks_match_one_process(smoke_run, tmp_path):
 
     # the DDP switches (small buckets, gradients as bucket views) change no number, nor does
     # train.foreach_grad_accum (each rank's first micro-batch summed by it, its last by DDP's hooks),
-    # nor train.step_batch_copy (each rank's rows of the step at once)
+    # nor train.step_batch_copy (each rank's rows of the step at once; the one process copies x and y a
+    # micro-batch)
     ddp = train(["torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m"], "ddp",
                 "--set", "train.ddp_bucket_cap_mb=0.01", "--set", "train.ddp_grad_as_bucket_view=true",
                 "--set", "train.foreach_grad_accum=true", "--set", "train.step_batch_copy=true")
     assert ddp.returncode == 0, ddp.stderr[-3000:]
-    one = train([], "one")
+    one = train([], "one", "--set", "train.step_batch_copy=false")
     assert one.returncode == 0, one.stderr[-3000:]
     s_ddp = json.loads((tmp_path / "ddp" / "summary.json").read_text())
     s_one = json.loads((tmp_path / "one" / "summary.json").read_text())
@@ -670,7 +671,10 @@ def test_cuda_graphs_train_as_the_default_compile(smoke_run, tmp_path):
     assert len(losses["default", "false", "false"]) == 6
     for case in (("reduce-overhead", "false", "false"), ("reduce-overhead", "true", "false")):
         assert losses[case] == pytest.approx(losses["default", "false", "false"], rel=1e-4)
-    assert losses["reduce-overhead", "true", "true"] == losses["reduce-overhead", "true", "false"]
+    # the same rows: the first step's loss (a forward of the same weights) is equal bit for bit; later
+    # ones differ as two runs of one config do on CUDA (session 22: 6.128690 against 6.128684 at step 3)
+    with_copy, without = losses["reduce-overhead", "true", "true"], losses["reduce-overhead", "true", "false"]
+    assert with_copy[0] == without[0] and with_copy == pytest.approx(without, rel=1e-4)
 
 
 @pytest.mark.cuda

@@ -29,7 +29,7 @@ __all__ = ["SPEED_LEVERS", "loss_difference", "loss_differences", "speed_table",
 
 TRAINED = ("trained", "packed", "ok")  # load_run's statuses of runs whose training completed
 
-# the fastest set measured (session 21, one H200): its lever and the one with train.step_batch_copy on it
+# the fastest set measured (session 21, one H200; train.step_batch_copy, on by default since session 22, with it)
 _FASTEST_REPEAT_V = ["train.fused_qkv=true", "train.fused_qkv_repeat_v=true", "train.fused_xsa_gate=true",
                      "train.expand_kv=true", "train.fused_mlp=true", "train.fold_output_scales=true",
                      "train.foreach_grad_accum=true", "train.compile_mode=reduce-overhead"]
@@ -95,10 +95,11 @@ SPEED_LEVERS: dict[str, list[str]] = {
     # that with k's kernels also repeating v for attention and summing its copies' gradients
     # (train.fused_qkv_repeat_v; on one H200, session 21: 516.5 -> 513.3 ms a step)
     "fused_all_qkv_fold_foreach_graphs_repeat_v": _FASTEST_REPEAT_V,
-    # a step's tokens in one pinned buffer and one copy to the GPU, not a pin and a copy of x and y a micro-batch
-    # (train.step_batch_copy; the same batches): alone, and on the fastest set with repeat_v
-    "step_batch_copy": ["train.step_batch_copy=true"],
-    "fused_all_qkv_fold_foreach_graphs_repeat_v_step_copy": [*_FASTEST_REPEAT_V, "train.step_batch_copy=true"],
+    # a pin and a copy of x and y a micro-batch instead of the default's one pinned buffer and one copy a step
+    # (train.step_batch_copy=false; the same batches). Session 22, the fastest set: 521.8 ms a step without it
+    # (GPU 0) against 512.8 with it (GPU 1 of the same host), the profiled steps' kernel time equal
+    "no_step_batch_copy": ["train.step_batch_copy=false"],
+    "fused_all_qkv_fold_foreach_graphs_repeat_v_no_step_copy": [*_FASTEST_REPEAT_V, "train.step_batch_copy=false"],
     "ddp_buckets": ["train.ddp_bucket_cap_mb=100", "train.ddp_grad_as_bucket_view=true"],  # 2+ ranks only
     # CUDA graphs (mix-order reduction off, as the defaults): -2.4 ms a step with both fused ops (session 9)
     "cuda_graphs": ["train.compile_mode=reduce-overhead"],
