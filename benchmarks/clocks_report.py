@@ -6,12 +6,18 @@ over busy samples, so a run's compile and start-up do not dilute them. "power ca
 share of busy samples with the driver's software power cap active (clocks lowered to stay under
 the power limit).
 
-    python benchmarks/clocks_report.py CLOCKS_CSV JOB_LOG [--busy 90]
+With --profiles RES (speed.sh's results folder), a second table: the samples taken during each
+profiled step (RES/RUN/profile/breakdown.json's `unix_s`, written since session 22) of a run on
+GPU 0, beside its stage's busy median, to tell whether the profiled step ran at the clock of the
+steady steps. nvidia-smi's timestamps are read as UTC, the device machines' time zone.
+
+    python benchmarks/clocks_report.py CLOCKS_CSV JOB_LOG [--busy 90] [--profiles RES]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 from pathlib import Path
@@ -74,6 +80,7 @@ def samples(clocks_csv: Path) -> pd.DataFrame:
     stamps = pd.to_datetime(df["timestamp"], format="%Y/%m/%d %H:%M:%S.%f")
     tod = (stamps - stamps.dt.normalize()).dt.total_seconds().tolist()
     df["t"] = _unwrap(tod)
+    df["unix"] = (stamps - pd.Timestamp("1970-01-01")).dt.total_seconds()  # read as UTC
     cap = next((c for c in CAP_COLUMNS if c in df.columns), None)
     df["capped"] = df[cap].astype(str).str.strip().eq("Active") if cap else False
     for c in NEEDED[1:]:
@@ -97,11 +104,43 @@ def report(df: pd.DataFrame, spans: list[tuple[str, float, float]], busy: float)
     return "\n".join(rows)
 
 
+def profiled_steps(res: Path, spans: list[tuple[str, float, float]]) -> list[tuple[str, dict]]:
+    """(run, breakdown) of each run of `spans` (GPU 0's stages) whose profile says when it ran."""
+    out = []
+    for name, _, _ in spans:
+        try:
+            info = json.loads((res / name / "profile" / "breakdown.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(info.get("unix_s"), list) and len(info["unix_s"]) == 2:
+            out.append((name, info))
+    return out
+
+
+def profile_report(df: pd.DataFrame, spans: list[tuple[str, float, float]], res: Path, busy: float) -> str:
+    """The samples within each profiled step (see the module docstring), one row a run."""
+    rows = ["| run | profiled step | wall ms | samples in the step | SM MHz in the step | power W in the step "
+            "| stage SM MHz (median, busy) |", "|---|---|---|---|---|---|---|"]
+    window = {name: (start, end) for name, start, end in spans}
+    for name, info in profiled_steps(res, spans):
+        a, b = info["unix_s"]
+        s = df[(df.unix >= a) & (df.unix <= b)]
+        st = df[(df.t >= window[name][0]) & (df.t < window[name][1])]
+        st = st[st["utilization.gpu"] >= busy]
+        med = f"{st['clocks.sm'].median():.0f}" if not st.empty else "-"
+        mhz = ", ".join(f"{v:.0f}" for v in s["clocks.sm"]) or "-"
+        watts = ", ".join(f"{v:.0f}" for v in s["power.draw"]) or "-"
+        rows.append(f"| {name} | {info.get('step', '-')} | {info.get('wall_ms', 0):.1f} | {len(s)} | {mhz} | {watts} | {med} |")
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("clocks_csv", type=Path)
     ap.add_argument("job_log", type=Path)
     ap.add_argument("--busy", type=float, default=90.0, help="utilization %% from which a sample is busy")
+    ap.add_argument("--profiles", type=Path, default=None, metavar="RES",
+                    help="also the samples within each profiled step of RES's runs on GPU 0")
     args = ap.parse_args(argv)
     for p in (args.clocks_csv, args.job_log):
         if not p.is_file():
@@ -117,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"clocks_report: {e}", file=sys.stderr)
         return 2
     print(report(df, spans, args.busy))
+    if args.profiles is not None:
+        print("\nGPU 0's samples within each profiled step (nvidia-smi every 500 ms; timestamps read as UTC):\n")
+        print(profile_report(df, spans, args.profiles, args.busy))
     return 0
 
 

@@ -68,7 +68,8 @@
 # kernels' sources).
 # All along, nvidia-smi samples GPU 0's clocks and power every 500 ms (res/clocks.csv); the report
 # ends with them by stage (benchmarks/clocks_report.py: res/clocks.md), to tell a step held back
-# by the card's power limit from one held back by its kernels.
+# by the card's power limit from one held back by its kernels, and with the samples taken during
+# each profiled step on GPU 0 (whether the profile ran at the steady steps' clock).
 #   bash benchmarks/speed.sh start [POLL_S]  |  bash benchmarks/speed.sh poll [POLL_S]
 set -uo pipefail
 S=/tmp/speed
@@ -241,7 +242,7 @@ job() {
   kill "$CLK" 2> /dev/null
   PYTHONPATH=$BASE python3 benchmarks/speed_report.py "$R" | tee "$R/speed_table.md"
   echo "GPU 0's clocks and power by stage (benchmarks/clocks_report.py; median over samples at >= 90% utilization):"
-  PYTHONPATH=$BASE python3 benchmarks/clocks_report.py "$R/clocks.csv" "$S/job.log" | tee "$R/clocks.md"
+  PYTHONPATH=$BASE python3 benchmarks/clocks_report.py "$R/clocks.csv" "$S/job.log" --profiles "$R" | tee "$R/clocks.md"
   echo "== done ($((SECONDS - T0)) s)"
 }
 

@@ -85,3 +85,38 @@ def test_committed_clocks_table_is_what_its_samples_give(capsys, job, row):
     out = capsys.readouterr().out
     assert out == (res / "clocks.md").read_text()
     assert row in out.splitlines()
+
+
+def test_profiled_steps_take_the_samples_within_them(tmp_path: Path, capsys):
+    # --profiles RES: each GPU 0 run's profiled step (breakdown.json's unix_s) against the samples taken
+    # within it; a run on GPU 1 (not sampled) and a profile without unix_s (before session 22) are left out
+    log = tmp_path / "job.log"
+    log.write_text("10:00:00 == lm_after_1 (GPU 0, 1 s)\n10:00:00 == lm_solo_1 (GPU 1, 1 s)\n"
+                   "10:00:10 == lm_before_1 (GPU 0, 11 s)\n10:00:20 == report (21 s)\n")
+    csv = tmp_path / "clocks.csv"
+    csv.write_text(HEADER + "".join(_sample(f"10:00:0{i}", 1650 + 10 * i, 690.0, 100, True) for i in range(8)))
+    t0 = 1_795_910_400.0 + 10 * 3600  # 2026/11/29 10:00:00 UTC
+    for run, unix in (("lm_after_1", [t0 + 3.0, t0 + 4.5]), ("lm_solo_1", [t0 + 3.0, t0 + 4.0])):
+        (tmp_path / run / "profile").mkdir(parents=True)
+        (tmp_path / run / "profile" / "breakdown.json").write_text(
+            f'{{"step": 5, "wall_ms": 1500.0, "unix_s": [{unix[0]}, {unix[1]}]}}')
+    (tmp_path / "lm_before_1" / "profile").mkdir(parents=True)
+    (tmp_path / "lm_before_1" / "profile" / "breakdown.json").write_text('{"step": 5, "wall_ms": 600.0}')
+    assert clocks_report.main([str(csv), str(log), "--profiles", str(tmp_path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    # samples at 10:00:03.25 and 10:00:04.25 lie in [3.0, 4.5]; the stage's 8 busy samples have median 1685
+    assert out[-1] == "| lm_after_1 | 5 | 1500.0 | 2 | 1680, 1690 | 690, 690 | 1685 |"
+    assert out[-3].startswith("| run | profiled step |")
+    assert clocks_report.main([str(csv), str(log)]) == 0
+    assert "profiled step" not in capsys.readouterr().out
+
+
+def test_session_22s_profiled_steps():
+    # session 22's job (GPU 0 is GPU-5a19d858): before's profiled step ran at its stage's clock, after's
+    # one sample read higher than its stage's median
+    res = ROOT / "benchmarks" / "results" / "speed-2026-11-30-h200x2-s22"
+    df, spans = clocks_report.samples(res / "clocks.csv"), clocks_report.stages(res / "job.log")
+    rows = clocks_report.profile_report(df, spans, res, busy=90).splitlines()
+    assert "| lm_before_1 | 195 | 600.4 | 1 | 1710 | 690 | 1710 |" in rows
+    assert "| lm_after_1 | 195 | 529.0 | 1 | 1755 | 679 | 1650 |" in rows
+    assert not any(r.startswith("| lm_solo_1 ") for r in rows)  # GPU 1: not sampled
