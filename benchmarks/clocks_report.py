@@ -88,13 +88,18 @@ def samples(clocks_csv: Path) -> pd.DataFrame:
     return df
 
 
+def _in_stage(df: pd.DataFrame, start: float, end: float, busy: float) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The samples of [start, end) (seconds of the first day), and those of them at >= busy % utilization."""
+    s = df[(df.t >= start) & (df.t < end)]
+    return s, s[s["utilization.gpu"] >= busy]
+
+
 def report(df: pd.DataFrame, spans: list[tuple[str, float, float]], busy: float) -> str:
     head = ("| stage | samples | busy | SM MHz (median) | SM MHz (min) | power W (median) | power limit W "
             "| power capped | temp C |")
     rows = [head, "|---|---|---|---|---|---|---|---|---|"]
     for name, start, end in spans:
-        s = df[(df.t >= start) & (df.t < end)]
-        b = s[s["utilization.gpu"] >= busy]
+        s, b = _in_stage(df, start, end, busy)
         if b.empty:
             rows.append(f"| {name} | {len(s)} | 0 | - | - | - | - | - | - |")
             continue
@@ -104,29 +109,27 @@ def report(df: pd.DataFrame, spans: list[tuple[str, float, float]], busy: float)
     return "\n".join(rows)
 
 
-def profiled_steps(res: Path, spans: list[tuple[str, float, float]]) -> list[tuple[str, dict]]:
-    """(run, breakdown) of each run of `spans` (GPU 0's stages) whose profile says when it ran."""
-    out = []
-    for name, _, _ in spans:
-        try:
-            info = json.loads((res / name / "profile" / "breakdown.json").read_text())
-        except (OSError, ValueError):
-            continue
-        if isinstance(info.get("unix_s"), list) and len(info["unix_s"]) == 2:
-            out.append((name, info))
-    return out
+def _profile(run: Path) -> dict | None:
+    """The run's profile breakdown where it says when the step ran (`unix_s`), else None."""
+    try:
+        info = json.loads((run / "profile" / "breakdown.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info.get("unix_s"), list) and len(info["unix_s"]) == 2 else None
 
 
 def profile_report(df: pd.DataFrame, spans: list[tuple[str, float, float]], res: Path, busy: float) -> str:
-    """The samples within each profiled step (see the module docstring), one row a run."""
+    """The samples within each profiled step of the runs of `spans` (GPU 0's stages; see the module
+    docstring), one row a run."""
     rows = ["| run | profiled step | wall ms | samples in the step | SM MHz in the step | power W in the step "
             "| stage SM MHz (median, busy) |", "|---|---|---|---|---|---|---|"]
-    window = {name: (start, end) for name, start, end in spans}
-    for name, info in profiled_steps(res, spans):
+    for name, start, end in spans:
+        info = _profile(res / name)
+        if info is None:
+            continue
         a, b = info["unix_s"]
         s = df[(df.unix >= a) & (df.unix <= b)]
-        st = df[(df.t >= window[name][0]) & (df.t < window[name][1])]
-        st = st[st["utilization.gpu"] >= busy]
+        _, st = _in_stage(df, start, end, busy)
         med = f"{st['clocks.sm'].median():.0f}" if not st.empty else "-"
         mhz = ", ".join(f"{v:.0f}" for v in s["clocks.sm"]) or "-"
         watts = ", ".join(f"{v:.0f}" for v in s["power.draw"]) or "-"
