@@ -7,7 +7,8 @@
 #   orig1  the original script on 1 GPU, STEPS steps, with real FA3 (its own
 #          flash_attn_interface import, GPU 0) beside it with the FA2 shim
 #          (.ref/flash_attn_interface.py, GPU 1)
-#   lm1    lmcore on 1 GPU, MATH_STEPS steps each, two at a time (GPU 0 and GPU 1):
+#   lm1    lmcore on 1 GPU, MATH_STEPS steps each, two at a time (GPU 0 and GPU 1; LM1_PAIRS
+#          picks the pairs, default "before after"):
 #          "before" (+ $BEFORE: lmcore before issue 16's levers, session 5's defaults; fa3)
 #          beside "before" again (the run-to-run noise of the same math), then "after"
 #          (today's defaults + $LEVERS) beside lmcore with $SOLO (another lever set, by
@@ -88,6 +89,7 @@ SOLO_TIMEOUT=${SOLO_TIMEOUT:-420}  # the solo run is ended after this many secon
 VARIANTS=${VARIANTS:-}  # "NAME:overrides;NAME:overrides": more lmcore runs after lm1 (empty: none)
 VARIANT_TIMEOUT=${VARIANT_TIMEOUT:-600}
 LM2=${LM2:-after before}  # the 2-rank lmcore runs in order: after, before or a VARIANTS name
+LM1_PAIRS=${LM1_PAIRS:-before after}  # the 1-GPU pairs on 2 GPUs: before (+ its twin), after (+ solo)
 
 source benchmarks/detached.sh  # stamp, run_until, detached_poll, detached_main
 
@@ -219,7 +221,12 @@ job() {
     has peak && echo "== peak ($((SECONDS - T0)) s)" && PYTHONPATH=$BASE python3 benchmarks/matmul_peak.py --json "$R/peak.json" --sustain 20
     if [ "$n_gpu" -ge 2 ]; then
       has orig1 && both "orig_fa3_1 0" "orig_fa2_1 1"
-      has lm1 && { both "lm_before_1 0" "lm_before_1b 1"; both "lm_after_1 0" "lm_solo_1 1"; }
+      if has lm1; then
+        local pair
+        for pair in $LM1_PAIRS; do
+          case $pair in before) both "lm_before_1 0" "lm_before_1b 1" ;; after) both "lm_after_1 0" "lm_solo_1 1" ;; esac
+        done
+      fi
     else  # one GPU: one at a time, ONE_GPU_RUNS of the stages picked, in its order
       local run
       for run in $ONE_GPU_RUNS; do

@@ -206,6 +206,13 @@ class TrainConfig:
     # bench). The same kernel body and numbers; the same step time within the noise (541.4 ms device,
     # 541.9 host, with both fused ops and expand_kv on one H200, session 15).
     fused_mlp_descriptors: str = "device"
+    # With fused_mlp: both of its GEMMs as lmcore.mlp_pingpong's warp-specialized kernel (Gluon, Hopper only;
+    # elsewhere the TMA kernel runs): a loader warp and two consumer warpgroups that take tiles in turn, so one
+    # tile's epilogue runs while the other's GEMM does. The same numbers as the TMA kernel (bit for bit in
+    # benchmarks/mlp_pingpong_bench.py's checks, H200, session 23). At record's micro-batch on one H200 (session 23):
+    # 0.316 ms forward and 0.308 backward a call against 0.359 and 0.417 for the TMA kernel and 0.236 and 0.271
+    # for cuBLAS's GEMM alone. Not with fused_mlp_sign.
+    fused_mlp_pingpong: bool = False
     # With fused_mlp: its forward keeps post (which the backward needs anyway) and one bit an element, pre > 0,
     # instead of pre, and its backward takes act'(pre) = 2 sqrt(post) (pre > 0) or -2 |slope| sqrt(post) from
     # them (lmcore.mlp_kernel._dpre_sign_math). The forward kernel writes 19 MB of signs instead of 302 MB of pre
@@ -320,6 +327,10 @@ class Config:
             raise ConfigError(f"train.fused_mlp_descriptors={self.train.fused_mlp_descriptors!r}: expected device or host")
         if self.train.fused_qkv_repeat_v and not (self.train.fused_qkv and self.train.expand_kv):
             raise ConfigError("train.fused_qkv_repeat_v=true needs train.fused_qkv=true and train.expand_kv=true")
+        if self.train.fused_mlp_pingpong and not self.train.fused_mlp:
+            raise ConfigError("train.fused_mlp_pingpong=true needs train.fused_mlp=true")
+        if self.train.fused_mlp_pingpong and self.train.fused_mlp_sign:
+            raise ConfigError("train.fused_mlp_pingpong=true does not take train.fused_mlp_sign=true")
         if self.train.fused_mlp_sign and not self.train.fused_mlp:
             raise ConfigError("train.fused_mlp_sign=true needs train.fused_mlp=true")
         if self.train.fused_mlp_sign and self.model.mlp_hidden % 32:

@@ -65,6 +65,9 @@ DATA_BUILD_ONLY = frozenset({"corpus"})
 KERNEL_MODULES = {"fused_qk_norm_rope": "kernels", "fused_xsa_gate": "kernels", "fused_qkv": "kernels",
                   "fused_mlp": "mlp_kernel"}
 KERNEL_SWITCHES = tuple(KERNEL_MODULES)
+# A kernel switch's option with a module of its own, embedded only with the option on (mlp_kernel
+# imports it lazily): train.fused_mlp_pingpong's warp-specialized kernel.
+KERNEL_OPTION_MODULES = {"fused_mlp_pingpong": "mlp_pingpong"}
 # Third-party modules the script may import; triton too where it embeds the kernels.
 ALLOWED_THIRD_PARTY = frozenset({"torch", "numpy", "sentencepiece", "brotli"})
 
@@ -179,8 +182,9 @@ def needed_modules(cfg: Config, pkg: Path = _PKG) -> list[str]:
     smoke = is_smoke_config(cfg)
     todo = list(ROOT_MODULES) + (["smoke_data"] if smoke else [])
     skip = CLI_ONLY | (set() if smoke else {"smoke_data"} | DATA_BUILD_ONLY)
-    on = {module for switch, module in KERNEL_MODULES.items() if getattr(cfg.train, switch)}
-    skip |= set(KERNEL_MODULES.values()) - on
+    kernel_modules = {**KERNEL_MODULES, **KERNEL_OPTION_MODULES}
+    on = {module for switch, module in kernel_modules.items() if getattr(cfg.train, switch)}
+    skip |= set(kernel_modules.values()) - on
     seen: set[str] = set()
     while todo:
         m = todo.pop()

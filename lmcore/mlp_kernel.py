@@ -68,6 +68,7 @@ BLOCK_K, GROUP_M = 64, 8
 TILE_POINTERS = (128, 128, BLOCK_K, 4, 3)
 TILE_TMA_FWD, TILE_TMA_BWD = (128, 256, BLOCK_K, 8, 4, 2, 1), (128, 256, BLOCK_K, 8, 3, 2, 1)
 DESCRIPTORS = {"device": 2, "host": 1}  # train.fused_mlp_descriptors -> the TMA tile's sixth field
+PINGPONG = "pingpong"  # the op's kernel choice for train.fused_mlp_pingpong (lmcore.mlp_pingpong)
 
 
 def _act(h: Tensor, slope: float) -> Tensor:
@@ -327,10 +328,28 @@ def _sm_count(device: torch.device) -> int:
     return _sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
+def _pingpong_takes(a: Tensor, n: int) -> bool:
+    """lmcore.mlp_pingpong's kernel for a (M, K) and an (M, n) output: Gluon present, a Hopper GPU
+    (its wgmma), rows and base 16-byte aligned for TMA, and K a multiple of BLOCK_K. Imported here:
+    the exported script embeds lmcore.mlp_pingpong only with train.fused_mlp_pingpong on."""
+    from lmcore import mlp_pingpong as PP
+
+    return (PP.gluon is not None and torch.cuda.get_device_capability(a.device)[0] == 9 and n % 8 == 0
+            and a.size(1) % BLOCK_K == 0 and a.data_ptr() % 16 == 0)
+
+
 def _fc_triton(x: Tensor, w_fc: Tensor, slope: float, tile: tuple | None = None,
                descriptors: str = "device", sign: bool = False) -> tuple[Tensor, Tensor]:
-    """(pre, post), or (signs, post) with `sign` (_fc_sign_math's)."""
+    """(pre, post), or (signs, post) with `sign` (_fc_sign_math's). descriptors "pingpong":
+    lmcore.mlp_pingpong's kernel where it takes the tensors, else the TMA kernel's default."""
     post = x.new_empty(x.size(0), w_fc.size(0))
+    if descriptors == PINGPONG and not sign and tile is None and _pingpong_takes(x, post.size(1)):
+        from lmcore.mlp_pingpong import launch
+
+        pre = torch.empty_like(post)
+        launch(x, w_fc, pre, post, slope, False, _sm_count(x.device))
+        return pre, post
+    descriptors = "device" if descriptors == PINGPONG else descriptors
     tile = tile or _tile(x, post.size(1), True, descriptors)
     if sign:
         signs = torch.empty(x.size(0), post.size(1) // 32, dtype=torch.int32, device=x.device)
@@ -343,8 +362,15 @@ def _fc_triton(x: Tensor, w_fc: Tensor, slope: float, tile: tuple | None = None,
 
 def _dpre_triton(g: Tensor, w_proj: Tensor, pre: Tensor, slope: float, tile: tuple | None = None,
                  descriptors: str = "device", signs: Tensor | None = None) -> Tensor:
-    """dpre from pre, or with `signs` from post (passed as `pre`) and pre's signs."""
+    """dpre from pre, or with `signs` from post (passed as `pre`) and pre's signs; descriptors
+    "pingpong" as _fc_triton's."""
     dpre = torch.empty_like(pre)
+    if descriptors == PINGPONG and signs is None and tile is None and _pingpong_takes(g, pre.size(1)):
+        from lmcore.mlp_pingpong import launch
+
+        launch(g, w_proj.t().contiguous(), pre, dpre, slope, True, _sm_count(g.device))
+        return dpre
+    descriptors = "device" if descriptors == PINGPONG else descriptors
     _launch(g, w_proj, pre, dpre, slope, True, tile or _tile(g, pre.size(1), False, descriptors), signs)
     return dpre
 
@@ -416,11 +442,15 @@ def leaky_mlp(x: Tensor, w_fc: Tensor, w_proj: Tensor, slope: float, descriptors
     """leaky_relu(x w_fc^T, slope)^2 w_proj^T for x (..., D), w_fc (hidden, D), w_proj (D_out,
     hidden), all of one dtype; the same math as the model's plain MLP. `descriptors`: where the
     TMA kernel's descriptors are built, "device" or "host" (the same kernel body, the same numbers).
+    "pingpong" (train.fused_mlp_pingpong): lmcore.mlp_pingpong's warp-specialized kernel both ways
+    (Hopper; elsewhere the TMA kernel on device-built descriptors), the same numbers.
     `sign` (train.fused_mlp_sign; hidden a multiple of 32): the forward keeps post and one bit an
     element, pre > 0, instead of pre, and the backward takes act'(pre) from them (_dpre_sign_math:
     a deliberate rounding change)."""
-    if descriptors not in DESCRIPTORS:
-        raise ValueError(f"descriptors={descriptors!r}: expected one of {', '.join(DESCRIPTORS)}")
+    if descriptors not in (*DESCRIPTORS, PINGPONG):
+        raise ValueError(f"descriptors={descriptors!r}: expected one of {', '.join([*DESCRIPTORS, PINGPONG])}")
+    if sign and descriptors == PINGPONG:
+        raise ValueError("sign=True has no ping-pong kernel: descriptors='pingpong' needs sign=False")
     if sign and w_fc.size(0) % 32:
         raise ValueError(f"sign=True needs a hidden width that is a multiple of 32, not {w_fc.size(0)}")
     y, _, _ = _leaky_mlp(x.reshape(-1, x.size(-1)).contiguous(), w_fc.contiguous(), w_proj.contiguous(),

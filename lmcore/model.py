@@ -405,7 +405,8 @@ class GPT(nn.Module):
         """The MLP's LeakyReLU^2 fused into its GEMMs through lmcore.mlp_kernel.leaky_mlp
         (train.fused_mlp): Triton GEMMs with the activation, and its derivative, as epilogues on
         CUDA, their TMA descriptors built on the "device" or the "host"
-        (train.fused_mlp_descriptors); with `sign` (train.fused_mlp_sign) the backward keeps pre's
+        (train.fused_mlp_descriptors), or lmcore.mlp_pingpong's kernel ("pingpong",
+        train.fused_mlp_pingpong); with `sign` (train.fused_mlp_sign) the backward keeps pre's
         signs instead of pre; imported here, like use_fused_qk_norm_rope's."""
         from lmcore.mlp_kernel import leaky_mlp
 

@@ -44,6 +44,8 @@ def test_overrides_parse_by_type():
         ("model.gated_attn_layers=0,99", "gated_attn_layers"),
         ("train.fused_mlp_descriptors=gpu", "train.fused_mlp_descriptors='gpu'"),
         ("train.fused_mlp_sign=true", "needs train.fused_mlp=true"),
+        ("train.fused_mlp_pingpong=true", "needs train.fused_mlp=true"),
+        ("train.fused_mlp=true train.fused_mlp_pingpong=true train.fused_mlp_sign=true", "does not take train.fused_mlp_sign"),
         ("train.fused_qkv=true train.fused_qkv_repeat_v=true", "needs train.fused_qkv=true and train.expand_kv=true"),
         ("train.fused_mlp=true train.fused_mlp_sign=true model.mlp_hidden=100", "model.mlp_hidden a multiple of 32, not 100"),
         ("noequals", "noequals"),

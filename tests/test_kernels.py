@@ -253,6 +253,13 @@ def test_the_exported_script_embeds_the_kernels_with_a_switch_on(switch):
     assert json.loads(ast.literal_eval(script.split("CONFIG_JSON = ", 1)[1].split("\n", 1)[0]))["train"][switch] is True
 
 
+def test_the_exported_script_embeds_the_pingpong_kernel_only_with_its_option():
+    mlp, pingpong = preset("record", ["train.fused_mlp=true"]), preset("record", ["train.fused_mlp=true",
+                                                                                   "train.fused_mlp_pingpong=true"])
+    assert set(embedded_sources(pingpong)) - set(embedded_sources(mlp)) == {"lmcore/mlp_pingpong.py"}
+    assert "lmcore/mlp_pingpong.py" not in embedded_sources(preset("record"))
+
+
 PROBE = Path(__file__).with_name("embedded_kernels_probe.py")
 
 

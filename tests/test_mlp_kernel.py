@@ -105,13 +105,41 @@ def test_the_descriptors_choice_reaches_both_gemms(monkeypatch):
     monkeypatch.setattr(MK, "_fc_triton", fc)
     monkeypatch.setattr(MK, "_dpre_triton", dpre)
     model, ids, tgt = _model_and_batch()
-    for descriptors in ("host", "device"):
+    for descriptors in ("host", "device", "pingpong"):
         model.use_fused_mlp(descriptors)
         seen.clear()
         loss_and_grads(model, ids, tgt)
         assert seen == [("fc", descriptors)] * model.cfg.num_layers + [("dpre", descriptors)] * model.cfg.num_layers
     with pytest.raises(ValueError, match="descriptors='gpu'"):
         leaky_mlp(ids.float()[..., None], torch.ones(4, 1), torch.ones(1, 4), SLOPE, "gpu")
+    with pytest.raises(ValueError, match="no ping-pong kernel"):
+        leaky_mlp(ids.float()[..., None], torch.ones(32, 1), torch.ones(1, 32), SLOPE, "pingpong", sign=True)
+
+
+def test_pingpong_falls_back_to_the_tma_kernel_where_it_cannot_run(monkeypatch):
+    """descriptors "pingpong" where lmcore.mlp_pingpong's kernel does not take the tensors (no
+    Hopper GPU, or no Gluon): the TMA kernel on device-built descriptors, both ways; with a tile
+    given (the benches'), that tile."""
+    import lmcore.mlp_pingpong as PP
+
+    launched = []
+    monkeypatch.setattr(MK, "_launch", lambda a, b, pre, out, slope, backward, tile, signs=None: launched.append(tile))
+    monkeypatch.setattr(MK, "_pingpong_takes", lambda a, n: False)
+    monkeypatch.setattr(PP, "launch", lambda *a: pytest.fail("the ping-pong kernel ran"))
+    a, w = torch.zeros(64, 512, dtype=torch.bfloat16), torch.zeros(1536, 512, dtype=torch.bfloat16)
+    monkeypatch.setattr(MK, "TensorDescriptor", object())
+    MK._fc_triton(a, w, SLOPE, descriptors="pingpong")
+    MK._dpre_triton(a, w.t(), torch.zeros(64, 1536, dtype=torch.bfloat16), SLOPE, descriptors="pingpong")
+    assert launched == [MK.TILE_TMA_FWD, MK.TILE_TMA_BWD]  # the defaults: descriptors on the device
+    ran = []
+    monkeypatch.setattr(MK, "_pingpong_takes", lambda a, n: True)
+    monkeypatch.setattr(PP, "launch", lambda a, b, pre, out, slope, backward, sms: ran.append((b.shape, backward)))
+    monkeypatch.setattr(MK, "_sm_count", lambda device: 132)
+    MK._fc_triton(a, w, SLOPE, descriptors="pingpong")
+    MK._dpre_triton(a, w.t(), torch.zeros(64, 1536, dtype=torch.bfloat16), SLOPE, descriptors="pingpong")
+    assert ran == [((1536, 512), False), ((1536, 512), True)]  # B as (N, K) both ways
+    MK._fc_triton(a, w, SLOPE, (128, 128, 64, 4, 3), descriptors="pingpong")
+    assert len(ran) == 2 and launched[-1] == (128, 128, 64, 4, 3)
 
 
 def _model_and_batch(**kw):
@@ -205,6 +233,41 @@ def test_triton_gemm_is_the_pytorch_kernels(m, d, hidden, tile, dtype):
 
 @pytest.mark.cuda
 @needs_cuda
+@pytest.mark.parametrize(("m", "d", "hidden", "tile"), [
+    (98304 // 8, 512, 1536, None),  # record's widths, the default tile
+    (98304 // 8, 512, 1536, (128, 128, 64, 4, 232, 1)),  # one consumer (no ping-pong), 4 stages
+    (2880, 512, 1536, None),  # two or three tiles a program, a row tail
+    (1000, 128, 384, None),  # one tile a program at most
+    (300, 64, 200, (128, 128, 64, 3, 232, 2)),  # columns not a multiple of the tile either; 3 stages
+])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_pingpong_kernel_is_the_tma_kernel(m, d, hidden, tile, dtype):
+    """lmcore.mlp_pingpong's kernel (train.fused_mlp_pingpong) against the TMA kernel's outputs
+    (the same accumulation order of wgmma's k-slices: equal here) and the PyTorch kernels."""
+    import lmcore.mlp_pingpong as PP
+
+    if not MK._pingpong_takes(torch.zeros(8, 64, device="cuda", dtype=dtype), 64):
+        pytest.skip("no Gluon or not a Hopper GPU")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x, dy = (torch.randn(m, d, generator=g, device="cuda").to(dtype) for _ in range(2))
+    wf = (torch.randn(hidden, d, generator=g, device="cuda") * d**-0.5).to(dtype)
+    wp = (torch.randn(d, hidden, generator=g, device="cuda") * hidden**-0.5).to(dtype)
+    pre, post = (torch.empty(m, hidden, device="cuda", dtype=dtype) for _ in range(2))
+    PP.launch(x, wf, pre, post, SLOPE, False, MK._sm_count(x.device), *([tile] if tile else []))
+    ref_pre, ref_post = MK._fc_math(x, wf, SLOPE)
+    dpre = torch.empty_like(pre)
+    PP.launch(dy, wp.t().contiguous(), ref_pre, dpre, SLOPE, True, MK._sm_count(x.device), *([tile] if tile else []))
+    tma_pre, tma_post = MK._fc_triton(x, wf, SLOPE)
+    for got, want in ((pre, tma_pre), (post, tma_post), (dpre, MK._dpre_triton(dy, wp, ref_pre, SLOPE))):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(pre, ref_pre)  # at most a rounding apart (accumulation order)
+    torch.testing.assert_close(post, MK._act(pre, SLOPE), rtol=0, atol=0)
+    torch.testing.assert_close(dpre, MK._dpre_math(dy, wp, ref_pre, SLOPE), rtol=2e-2, atol=2e-2)
+    assert (ref_pre < 0).any() and (ref_pre > 0).any()
+
+
+@pytest.mark.cuda
+@needs_cuda
 def test_fused_model_on_cuda_compiled_under_autocast_is_the_plain_model(monkeypatch):
     cfg = tiny_model_cfg(model_dim=128, num_heads=4, num_kv_heads=2, rope_dims=16, mlp_hidden=384)
     torch.manual_seed(0)
@@ -226,7 +289,7 @@ def test_fused_model_on_cuda_compiled_under_autocast_is_the_plain_model(monkeypa
 
 @pytest.mark.cuda
 @needs_cuda
-@pytest.mark.parametrize("descriptors", ["device", "host"])
+@pytest.mark.parametrize("descriptors", ["device", "host", "pingpong"])
 def test_the_op_replays_in_a_cuda_graph(descriptors):
     """train.compile_mode=reduce-overhead captures the op: the device-built descriptors' scratch
     comes from the graph's pool. Replays on new inputs equal eager runs on them."""

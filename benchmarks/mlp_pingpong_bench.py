@@ -1,0 +1,114 @@
+"""lmcore.mlp_pingpong's warp-specialized kernel against lmcore.mlp_kernel's persistent TMA kernel
+and cuBLAS's GEMM alone, at `record`'s MLP (512 -> 1536) and micro-batch, forward and backward.
+
+First the checks: at each tile, on a small shape with row tails (1000 tokens) and at the
+micro-batch, the ping-pong kernel's pre, post and dpre against the TMA kernel's (max abs
+difference over the largest |value|; the two differ only by the GEMM's accumulation order, so
+this is small, not zero) and against the PyTorch math (_fc_math, _dpre_math). Then ms a call
+(fp8_matmul_bench.timed: 10 calls in a row, median of 20), and what 88 calls a step (11 layers x
+8 micro-batches) would save over the TMA kernel.
+
+usage: python benchmarks/mlp_pingpong_bench.py [--tokens 98304] [--tiles BMxBNxBKxSTAGESxREGSxCONSUMERS,...]
+       [--json PATH]
+GPU only (sm_90).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+import triton
+from fp8_matmul_bench import timed  # this folder: CUDA-event median timing, shared
+
+import lmcore.mlp_kernel as MK
+import lmcore.mlp_pingpong as PP
+
+SLOPE = 0.5  # record's leaky_slope
+CALLS_PER_STEP = 11 * 8
+D, HIDDEN = 512, 1536
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
+
+
+def pingpong_fwd(x, w, tile):
+    pre = torch.empty(x.size(0), w.size(0), dtype=x.dtype, device=x.device)
+    post = torch.empty_like(pre)
+    PP.launch(x, w, pre, post, SLOPE, False, MK._sm_count(x.device), tile)
+    return pre, post
+
+
+def pingpong_bwd(g, wp_nk, pre, tile):
+    out = torch.empty_like(pre)
+    PP.launch(g, wp_nk, pre, out, SLOPE, True, MK._sm_count(g.device), tile)
+    return out
+
+
+def check(tokens: int, tile: tuple) -> dict:
+    """Relative max differences of the ping-pong kernel's outputs at `tokens` rows."""
+    torch.manual_seed(0)
+    x = torch.randn(tokens, D, device="cuda", dtype=torch.bfloat16)
+    w = (torch.randn(HIDDEN, D, device="cuda") / D**0.5).to(torch.bfloat16)
+    wp = (torch.randn(D, HIDDEN, device="cuda") / HIDDEN**0.5).to(torch.bfloat16)
+    g = torch.randn(tokens, D, device="cuda", dtype=torch.bfloat16)
+    pre, post = pingpong_fwd(x, w, tile)
+    tpre, tpost = MK._fc_triton(x, w, SLOPE)
+    mpre, mpost = MK._fc_math(x, w, SLOPE)
+    dpre = pingpong_bwd(g, wp.t().contiguous(), mpre, tile)
+    tdpre = MK._dpre_triton(g, wp, mpre, SLOPE)
+    mdpre = MK._dpre_math(g, wp, mpre, SLOPE)
+    torch.cuda.synchronize()
+    return {"tokens": tokens, "pre_vs_tma": rel(pre, tpre), "post_vs_tma": rel(post, tpost),
+            "dpre_vs_tma": rel(dpre, tdpre), "pre_vs_math": rel(pre, mpre), "post_vs_math": rel(post, mpost),
+            "dpre_vs_math": rel(dpre, mdpre), "tma_dpre_vs_math": rel(tdpre, mdpre)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tokens", type=int, default=48 * 2048)
+    ap.add_argument("--tiles", default="128x128x64x4x232x2", help="BMxBNxBKxSTAGESxREGSxCONSUMERS, comma-separated")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    triton.set_allocator(MK._scratch)  # lmcore.mlp_kernel's TMA kernel builds its descriptors on the device
+    tiles = [tuple(int(v) for v in t.split("x")) for t in args.tiles.split(",") if t]
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, tokens {args.tokens}")
+    out = {"device": torch.cuda.get_device_name(), "tokens": args.tokens, "checks": [], "ms": {}}
+    for tile in tiles:
+        for tokens in (1000, 2880, args.tokens):  # one tile a program, two or three (a row tail), record
+            r = check(tokens, tile)
+            out["checks"].append({"tile": list(tile), **r})
+            print("check", "x".join(map(str, tile)), " ".join(f"{k}={v:.3g}" for k, v in r.items()), flush=True)
+    torch.manual_seed(0)
+    n = args.tokens
+    x = torch.randn(n, D, device="cuda", dtype=torch.bfloat16)
+    w = (torch.randn(HIDDEN, D, device="cuda") / D**0.5).to(torch.bfloat16)
+    wp = (torch.randn(D, HIDDEN, device="cuda") / HIDDEN**0.5).to(torch.bfloat16)
+    wp_nk = wp.t().contiguous()
+    g = torch.randn(n, D, device="cuda", dtype=torch.bfloat16)
+    pre = MK._fc_math(x, w, SLOPE)[0]
+    rows = {
+        "cuBLAS GEMM alone": (lambda: x @ w.t(), lambda: g @ wp),
+        "lmcore TMA kernel (default)": (lambda: MK._fc_triton(x, w, SLOPE), lambda: MK._dpre_triton(g, wp, pre, SLOPE)),
+    }
+    for tile in tiles:
+        rows["ping-pong " + "x".join(map(str, tile))] = (lambda t=tile: pingpong_fwd(x, w, t),
+                                                         lambda t=tile: pingpong_bwd(g, wp_nk, pre, t))
+    print("\n| kernel | forward ms | backward ms |\n|---|---|---|")
+    for name, (f, b) in rows.items():
+        out["ms"][name] = [timed(f), timed(b)]
+        print(f"| {name} | {out['ms'][name][0]:.3f} | {out['ms'][name][1]:.3f} |", flush=True)
+    base = sum(out["ms"]["lmcore TMA kernel (default)"])
+    for name, ms in out["ms"].items():
+        if name.startswith("ping-pong"):
+            print(f"{name}: {CALLS_PER_STEP * (base - sum(ms)):+.1f} ms a step saved over the TMA kernel")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

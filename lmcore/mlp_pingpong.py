@@ -1,0 +1,238 @@
+"""train.fused_mlp's GEMMs as a warp-specialized ping-pong kernel (Gluon, Hopper; issue 16).
+
+lmcore.mlp_kernel's persistent TMA kernel runs each tile's epilogue (pre and act(pre) forward,
+dpost * act'(pre) backward) in the same warps as its GEMM, so the tensor cores wait while it
+runs: 0.09-0.13 ms a call over cuBLAS's GEMM alone at `record`'s micro-batch (session 18).
+This kernel splits a program into three partitions (`gl.warp_specialize`):
+- a loader warp that issues every TMA load (A and B's k-slices into a ring of stages and, for
+  the backward, pre's tile for its epilogue);
+- two consumer warpgroups that take the program's tiles in turn (even and odd), each with its
+  own (BM, BN) fp32 accumulator: while one runs its epilogue, the other runs its GEMM.
+The same math as mlp_kernel's kernels: the GEMM's fp32 result is rounded to the output dtype,
+the activation (or its derivative) runs in fp32 on that value and is rounded once; only the
+accumulation order may differ. Output tiles go out through shared memory by TMA stores.
+
+`launch(a, b_nk, pre, out, slope, backward, tile)`: C = a (M, K) @ b_nk (N, K)^T, bf16 or fp16,
+contiguous, K a multiple of BK; forward writes pre = C and out = act(C); backward reads pre and
+writes out = C * act'(pre). tile = (BM, BN, BK, stages, consumer registers). Needs Triton's
+Gluon (3.6) and an sm_90 GPU; lmcore.mlp_kernel decides when it runs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+try:
+    import triton
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait,
+    )
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+except ImportError:  # no Triton, or one without Gluon's Hopper ops: lmcore.mlp_kernel's kernels serve
+    gluon = None
+
+# BM, BN, BK, stages, registers a consumer thread, consumers. benchmarks/mlp_pingpong_bench.py on H200s
+# (session 23), ms a call forward / backward at record's micro-batch: 5 stages 0.316-0.320 / 0.308-0.324; 4
+# stages 0.336-0.372 / 0.326-0.330; 3 stages 0.412 / 0.383; BK 32 at 10 stages 0.367 / 0.355; one consumer
+# (no ping-pong) at 4 stages 0.393 / 0.368; 240 registers 0.348 / 0.328. The TMA kernel: 0.359-0.364 / 0.417-0.418.
+TILE = (128, 128, 64, 5, 232, 2)
+# Registers a thread at launch: 3 warpgroups (the default consumer, the other consumer, the loader's
+# warp rounded up to a group) x 128 threads x 168 fit the SM's 65,536; then the loader gives back to 24
+# and the consumers take REGS and what remains.
+MAXNREG = 168
+
+
+if gluon is not None:
+
+    @gluon.jit
+    def _loader(a_desc, b_desc, pre_desc, a_bufs, b_bufs, pre_bufs, ready, empty, pre_ready, pre_empty,
+                M, N, K, BACKWARD: gl.constexpr, SMS: gl.constexpr, CONSUMERS: gl.constexpr):
+        # one warp: the k-slices of A and B of every tile of this program, in tile order, into the
+        # ring of stages; for the backward, after a tile's slices, pre's tile into its consumer's buffer
+        BM: gl.constexpr = a_desc.block_type.shape[0]
+        BK: gl.constexpr = a_desc.block_type.shape[1]
+        BN: gl.constexpr = b_desc.block_type.shape[0]
+        STAGES: gl.constexpr = a_bufs.type.shape[0]
+        grid_n = gl.cdiv(N, BN)
+        kt = gl.cdiv(K, BK)
+        pos = 0
+        j = 0
+        for tile in range(gl.program_id(0), gl.cdiv(M, BM) * grid_n, SMS):
+            om = (tile // grid_n) * BM
+            on = (tile % grid_n) * BN
+            for ki in range(kt):
+                s = pos % STAGES
+                mbarrier.wait(empty.index(s), ((pos // STAGES) & 1) ^ 1)
+                bar = ready.index(s)
+                mbarrier.expect(bar, a_desc.block_type.nbytes + b_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(a_desc, [om, ki * BK], bar, a_bufs.index(s))
+                tma.async_copy_global_to_shared(b_desc, [on, ki * BK], bar, b_bufs.index(s))
+                pos += 1
+            if BACKWARD:  # pre's two half tiles
+                c = j % CONSUMERS
+                bar = pre_ready.index(c)
+                mbarrier.wait(pre_empty.index(c), ((j // CONSUMERS) & 1) ^ 1)
+                mbarrier.expect(bar, 2 * pre_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(pre_desc, [om, on], bar, pre_bufs.index(2 * c))
+                tma.async_copy_global_to_shared(pre_desc, [om, on + BN // 2], bar, pre_bufs.index(2 * c + 1))
+            j += 1
+
+    @gluon.jit
+    def _consume(WHICH: gl.constexpr, a_bufs, b_bufs, pre_bufs, ready, empty, pre_ready, pre_empty, turn,
+                 pre_desc, out_desc, M, N, K, slope, BACKWARD: gl.constexpr, SMS: gl.constexpr,
+                 CONSUMERS: gl.constexpr):
+        # one warpgroup: the program's tiles WHICH, WHICH + 2, ...: the GEMM from the ring's stages
+        # (one wgmma in flight; a stage goes back to the loader once the wgmma after it is issued),
+        # then the epilogue through its own shared-memory tile (pre_bufs[WHICH]) and a TMA store
+        BM: gl.constexpr = a_bufs.type.shape[1]
+        BK: gl.constexpr = a_bufs.type.shape[2]
+        BN: gl.constexpr = b_bufs.type.shape[1]
+        STAGES: gl.constexpr = a_bufs.type.shape[0]
+        layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                         instr_shape=[16, BN, 16])
+        dtype: gl.constexpr = out_desc.dtype
+        grid_n = gl.cdiv(N, BN)
+        kt = gl.cdiv(K, BK)
+        j = WHICH
+        for tile in range(gl.program_id(0) + WHICH * SMS, gl.cdiv(M, BM) * grid_n, CONSUMERS * SMS):
+            om = (tile // grid_n) * BM
+            on = (tile % grid_n) * BN
+            acc = gl.zeros([BM, BN], gl.float32, layout)
+            pos = j * kt
+            if CONSUMERS == 2:  # the GEMMs take turns (see _pingpong_kernel)
+                mbarrier.wait(turn.index(WHICH), ((j // 2) & 1) ^ (1 - WHICH))
+            for ki in range(kt):
+                s = (pos + ki) % STAGES
+                mbarrier.wait(ready.index(s), ((pos + ki) // STAGES) & 1)
+                acc = warpgroup_mma(a_bufs.index(s), b_bufs.index(s).permute((1, 0)), acc, is_async=True)
+                acc = warpgroup_mma_wait(1, deps=(acc,))
+                if ki > 0:
+                    mbarrier.arrive(empty.index((pos + ki - 1) % STAGES), count=1)
+                else:  # the last tile's store has had the whole of this tile's first wgmma to finish
+                    tma.store_wait(0)
+                    if BACKWARD:
+                        mbarrier.arrive(pre_empty.index(WHICH), count=1, pred=j >= CONSUMERS)
+            if CONSUMERS == 2:
+                mbarrier.arrive(turn.index(1 - WHICH), count=1)
+            acc = warpgroup_mma_wait(0, deps=(acc,))
+            mbarrier.arrive(empty.index((pos + kt - 1) % STAGES), count=1)
+            h = acc.to(dtype).to(gl.float32)  # the GEMM's output as cuBLAS would round it
+            left, right = h.reshape([BM, 2, BN // 2]).permute(0, 2, 1).split()  # two (BM, BN / 2) halves
+            if BACKWARD:  # h is dpost: dpre = dpost * act'(pre), written over pre's half tiles
+                mbarrier.wait(pre_ready.index(WHICH), (j // CONSUMERS) & 1)
+                _dpre_half(left, pre_bufs.index(2 * WHICH), out_desc, om, on, slope)
+                _dpre_half(right, pre_bufs.index(2 * WHICH + 1), out_desc, om, on + BN // 2, slope)
+            else:  # h is pre: pre and post = leaky(pre)^2 by half tiles, through two half-tile buffers
+                _store_half(left, pre_bufs.index(2 * WHICH), pre_bufs.index(2 * WHICH + 1), pre_desc, out_desc,
+                            om, on, slope, False)
+                _store_half(right, pre_bufs.index(2 * WHICH), pre_bufs.index(2 * WHICH + 1), pre_desc, out_desc,
+                            om, on + BN // 2, slope, True)
+            j += CONSUMERS
+        tma.store_wait(0)
+
+    @gluon.jit
+    def _dpre_half(h, buf, out_desc, om, on, slope):
+        # dpre = dpost * act'(pre) on a (BM, BN / 2) half tile: pre from its buffer, dpre over it
+        dtype: gl.constexpr = out_desc.dtype
+        p = buf.load(h.type.layout).to(gl.float32)
+        grad = 2.0 * gl.where(p > 0, p, p * slope) * gl.where(p > 0, 1.0, slope)
+        buf.store((h * grad).to(dtype))
+        fence_async_shared()
+        tma.async_copy_shared_to_global(out_desc, [om, on], buf)
+
+    @gluon.jit
+    def _store_half(h, pre_buf, post_buf, pre_desc, out_desc, om, on, slope, WAIT: gl.constexpr):
+        # pre's and post's (BM, BN / 2) half tiles through their buffers; WAIT: each buffer's last
+        # store may still be reading it (one store stays in flight while the next is staged)
+        dtype: gl.constexpr = out_desc.dtype
+        if WAIT:
+            tma.store_wait(1)
+        pre_buf.store(h.to(dtype))
+        fence_async_shared()
+        tma.async_copy_shared_to_global(pre_desc, [om, on], pre_buf)
+        lk = gl.where(h > 0, h, h * slope)
+        post = (lk * lk).to(dtype)
+        if WAIT:
+            tma.store_wait(1)
+        post_buf.store(post)
+        fence_async_shared()
+        tma.async_copy_shared_to_global(out_desc, [om, on], post_buf)
+
+    @gluon.jit
+    def _consume_even(a_bufs, b_bufs, pre_bufs, ready, empty, pre_ready, pre_empty, turn, pre_desc, out_desc,
+                      M, N, K, slope, BACKWARD: gl.constexpr, SMS: gl.constexpr, CONSUMERS: gl.constexpr):
+        _consume(0, a_bufs, b_bufs, pre_bufs, ready, empty, pre_ready, pre_empty, turn, pre_desc, out_desc,
+                 M, N, K, slope, BACKWARD, SMS, CONSUMERS)
+
+    @gluon.jit
+    def _consume_odd(a_bufs, b_bufs, pre_bufs, ready, empty, pre_ready, pre_empty, turn, pre_desc, out_desc,
+                     M, N, K, slope, BACKWARD: gl.constexpr, SMS: gl.constexpr, CONSUMERS: gl.constexpr):
+        if CONSUMERS == 2:
+            _consume(1, a_bufs, b_bufs, pre_bufs, ready, empty, pre_ready, pre_empty, turn, pre_desc, out_desc,
+                     M, N, K, slope, BACKWARD, SMS, CONSUMERS)
+
+    @gluon.jit
+    def _pingpong_kernel(a_desc, b_desc, pre_desc, out_desc, M, N, K, slope, BACKWARD: gl.constexpr,
+                         STAGES: gl.constexpr, SMS: gl.constexpr, REGS: gl.constexpr, CONSUMERS: gl.constexpr):
+        BM: gl.constexpr = a_desc.block_type.shape[0]
+        BK: gl.constexpr = a_desc.block_type.shape[1]
+        BN: gl.constexpr = b_desc.block_type.shape[0]
+        dtype: gl.constexpr = a_desc.dtype
+        a_bufs = gl.allocate_shared_memory(dtype, [STAGES, BM, BK], a_desc.layout)
+        b_bufs = gl.allocate_shared_memory(dtype, [STAGES, BN, BK], b_desc.layout)
+        # two (BM, BN / 2) half tiles a consumer: forward, pre's and post's; backward, pre's, overwritten by dpre's
+        pre_bufs = gl.allocate_shared_memory(dtype, [4, BM, BN // 2], pre_desc.layout)
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        pre_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        pre_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(ready.index(i), count=1)
+            mbarrier.init(empty.index(i), count=1)
+        for i in gl.static_range(2):
+            mbarrier.init(pre_ready.index(i), count=1)
+            mbarrier.init(pre_empty.index(i), count=1)
+            mbarrier.init(turn.index(i), count=1)
+        consumer = (a_bufs, b_bufs, pre_bufs, ready, empty, pre_ready, pre_empty, turn, pre_desc, out_desc,
+                    M, N, K, slope, BACKWARD, SMS, CONSUMERS)
+        gl.warp_specialize([
+            (_consume_even, consumer),
+            (_consume_odd, consumer),
+            (_loader, (a_desc, b_desc, pre_desc, a_bufs, b_bufs, pre_bufs, ready, empty, pre_ready, pre_empty,
+                       M, N, K, BACKWARD, SMS, CONSUMERS)),
+        ], [4, 1], [REGS, 24])
+
+
+def _gl_dtype(t: Tensor):
+    return gl.bfloat16 if t.dtype == torch.bfloat16 else gl.float16
+
+
+def layouts(dtype, bm: int, bn: int, bk: int, cn: int) -> tuple:
+    """The NVMMA shared layouts of A's (bm, bk), B's (bn, bk) and C's (bm, cn) tiles."""
+    get = gl.NVMMASharedLayout.get_default_for
+    return get([bm, bk], dtype), get([bn, bk], dtype), get([bm, cn], dtype)
+
+
+def descriptors(a: Tensor, b_nk: Tensor, pre: Tensor, out: Tensor, bm: int, bn: int, bk: int) -> list:
+    """Host-built TMA descriptors of A's (bm, bk) and B's (bn, bk) tiles and of pre's and out's
+    (bm, bn / 2) half tiles."""
+    cn = bn // 2
+    la, lb, lc = layouts(_gl_dtype(a), bm, bn, bk, cn)
+    return [TensorDescriptor.from_tensor(a, [bm, bk], la), TensorDescriptor.from_tensor(b_nk, [bn, bk], lb),
+            TensorDescriptor.from_tensor(pre, [bm, cn], lc), TensorDescriptor.from_tensor(out, [bm, cn], lc)]
+
+
+def launch(a: Tensor, b_nk: Tensor, pre: Tensor, out: Tensor, slope: float, backward: bool, sms: int,
+           tile: tuple = TILE) -> None:
+    """One ping-pong kernel over C = a @ b_nk^T (module docstring), on `sms` persistent programs
+    at most, with descriptors built on the host (kernel arguments: a CUDA graph keeps them)."""
+    bm, bn, bk, stages, regs, consumers = tile
+    (m, k), n = a.shape, b_nk.size(0)
+    grid = (min(sms, triton.cdiv(m, bm) * triton.cdiv(n, bn)),)
+    _pingpong_kernel[grid](*descriptors(a, b_nk, pre, out, bm, bn, bk), m, n, k, slope, BACKWARD=backward,
+                           STAGES=stages, SMS=grid[0], REGS=regs, CONSUMERS=consumers, num_warps=4,
+                           maxnreg=MAXNREG)
