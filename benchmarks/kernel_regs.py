@@ -7,8 +7,8 @@ gradients, at expand_kv's 2 copies), a gated layer and one without the gate for 
 lmcore.mlp_kernel's persistent TMA GEMM (descriptors built by the host, and on the device) at its
 tile, each way, at 3 and 4 stages, with and without train.fused_mlp_sign: shared memory against
 the card's 232,448 bytes, registers, spills, and the global scratch the device-built descriptors
-need. Needs triton (its ptxas does the register
-allocation); no CUDA. What it cannot tell is time: that is benchmarks/qk_kernel_bench.py's,
+need; and lmcore.mlp_pingpong's warp-specialized kernel (shared memory, registers at launch).
+Needs triton (its ptxas does the register allocation); no CUDA. What it cannot tell is time: that is benchmarks/qk_kernel_bench.py's,
 xsa_kernel_bench.py's and mlp_epilogue_bench.py's, on the GPU.
 
 usage: python benchmarks/kernel_regs.py
@@ -104,6 +104,44 @@ def mlp_rows(tool: str) -> None:
                           f"{getattr(c.metadata, 'global_scratch_size', 0)} |")
 
 
+def pingpong_rows(tool: str) -> None:
+    """lmcore.mlp_pingpong's warp-specialized kernel (train.fused_mlp_pingpong) at a few tiles, each way:
+    shared memory, and the registers ptxas gives a thread at launch (the partitions then move them
+    with setmaxnreg: 24 for the loader, REGS and the rest for the consumers)."""
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.experimental.gluon import language as gl
+
+    from lmcore import mlp_pingpong as PP
+
+    print()
+    print("| lmcore.mlp_pingpong | tile (BM x BN x BK, stages, consumer registers, consumers) | shared bytes | fits | "
+          "registers at launch | spill bytes |")
+    print("|---|---|---|---|---|---|")
+    for backward in (False, True):
+        for tile in (PP.TILE, (128, 128, 64, 4, 232, 2), (128, 128, 64, 4, 232, 1)):
+            bm, bn, bk, stages, regs, consumers = tile
+            la, lb, lc = PP.layouts(gl.bfloat16, bm, bn, bk, bn // 2)
+            sig = {"a_desc": f"tensordesc<bf16[{bm}, {bk}],{la!r}>", "b_desc": f"tensordesc<bf16[{bn}, {bk}],{lb!r}>",
+                   "pre_desc": f"tensordesc<bf16[{bm}, {bn // 2}],{lc!r}>",
+                   "out_desc": f"tensordesc<bf16[{bm}, {bn // 2}],{lc!r}>", "M": "i32", "N": "i32", "K": "i32",
+                   "slope": "fp32"}
+            consts = {"BACKWARD": backward, "STAGES": stages, "SMS": 132, "REGS": regs, "CONSUMERS": consumers}
+            src = GluonASTSource(fn=PP._pingpong_kernel, signature=dict(sig, **{k: "constexpr" for k in consts}),
+                                 constexprs=consts, attrs={})
+            c = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "maxnreg": PP.MAXNREG})
+            with tempfile.TemporaryDirectory() as d:
+                ptx = Path(d) / "k.ptx"
+                ptx.write_text(c.asm["ptx"])
+                info = subprocess.run([tool, "-arch=sm_90a", "-v", str(ptx), "-o", str(Path(d) / "k.cubin")],
+                                      capture_output=True, text=True, check=True).stderr
+            mark = " (lmcore)" if tile == PP.TILE else ""
+            used = re.search(r"Used (\d+) registers", info).group(1)
+            spills = re.search(r"(\d+) bytes spill stores", info).group(1)
+            print(f"| {'backward' if backward else 'forward'} | {'x'.join(map(str, tile[:3]))}, {stages}, {regs}, "
+                  f"{consumers}{mark} | {c.metadata.shared:,} | {'yes' if c.metadata.shared <= SHARED_LIMIT else 'no'} | "
+                  f"{used} | {spills} |")
+
+
 def _rows(name: str, rows: int, mark: str, warps: int, fns: list, consts: dict, tool: str) -> None:
     for kname, fn, args in fns:
         regs, spills, bars = registers(fn, args, consts, warps, tool)
@@ -137,6 +175,7 @@ def main() -> int:
             mark = " (lmcore)" if rows == kernels.XSA_TILE // (g * m.head_dim) and warps == kernels.XSA_WARPS else ""
             _rows(name, rows, mark, warps, xsa, consts, tool)
     mlp_rows(tool)
+    pingpong_rows(tool)
     return 0
 
 

@@ -207,11 +207,10 @@ class TrainConfig:
     # 541.9 host, with both fused ops and expand_kv on one H200, session 15).
     fused_mlp_descriptors: str = "device"
     # With fused_mlp: both of its GEMMs as lmcore.mlp_pingpong's warp-specialized kernel (Gluon, Hopper only;
-    # elsewhere the TMA kernel runs): a loader warp and two consumer warpgroups that take tiles in turn, so one
-    # tile's epilogue runs while the other's GEMM does. The same numbers as the TMA kernel (bit for bit in
-    # benchmarks/mlp_pingpong_bench.py's checks, H200, session 23). At record's micro-batch on one H200 (session 23):
-    # 0.316 ms forward and 0.308 backward a call against 0.359 and 0.417 for the TMA kernel and 0.236 and 0.271
-    # for cuBLAS's GEMM alone. Not with fused_mlp_sign.
+    # elsewhere the TMA kernel): two consumer warpgroups take tiles in turn, one's epilogue beside the other's
+    # GEMM. Its outputs equal the TMA kernel's bit for bit (benchmarks/mlp_pingpong_bench.py). Session 23, H200s:
+    # 0.316 / 0.308 ms a call forward / backward against the TMA kernel's 0.359 / 0.417; in the fastest set on
+    # 2 ranks 262.3 -> 257.2 ms a step, losses within the noise (benchmarks/RESULTS.md). Not with fused_mlp_sign.
     fused_mlp_pingpong: bool = False
     # With fused_mlp: its forward keeps post (which the backward needs anyway) and one bit an element, pre > 0,
     # instead of pre, and its backward takes act'(pre) = 2 sqrt(post) (pre > 0) or -2 |slope| sqrt(post) from

@@ -21,6 +21,8 @@ strides; session 11's, the fallback). The TMA one runs on descriptors each progr
 device (`descriptors="device"`, the default: the launch takes pointers, so it costs the host what
 the pointer kernel's does) or on descriptors the host builds at every launch ("host": session 14's,
 37-50 us more host time a launch, the same step time; train.fused_mlp_descriptors chooses).
+On Hopper, train.fused_mlp_pingpong runs both GEMMs as lmcore.mlp_pingpong's warp-specialized kernel
+instead (the op's `descriptors` "pingpong"; the same numbers; imported only then).
 
 The same math as the plain path (without `sign`): the GEMM's fp32 result is rounded to the input
 dtype as cuBLAS's output would be, and the activation and its derivative run in fp32 on that value

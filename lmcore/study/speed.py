@@ -95,8 +95,8 @@ SPEED_LEVERS: dict[str, list[str]] = {
     # that with k's kernels also repeating v for attention and summing its copies' gradients
     # (train.fused_qkv_repeat_v; on one H200, session 21: 516.5 -> 513.3 ms a step)
     "fused_all_qkv_fold_foreach_graphs_repeat_v": _FASTEST_REPEAT_V,
-    # that with the fused MLP's GEMMs as the warp-specialized ping-pong kernel (train.fused_mlp_pingpong; its
-    # bench on one H200, session 23: 13.3 ms a step less kernel time than the TMA kernel over 88 calls each way)
+    # that with the fused MLP's GEMMs as the warp-specialized ping-pong kernel (train.fused_mlp_pingpong). Session 23,
+    # two H200s: on 2 ranks 262.3 -> 257.2 ms a step (1.214x -> 1.237x); on one GPU 503.3 ms (1.261x, GPU 1)
     "fused_all_qkv_fold_foreach_graphs_repeat_v_pingpong": [*_FASTEST_REPEAT_V, "train.fused_mlp_pingpong=true"],
     # a pin and a copy of x and y a micro-batch instead of the default's one pinned buffer and one copy a step
     # (train.step_batch_copy=false; the same batches). Session 22, the fastest set: 521.8 ms a step without it
