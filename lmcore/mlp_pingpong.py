@@ -7,15 +7,19 @@ This kernel splits a program into three partitions (`gl.warp_specialize`):
 - a loader warp that issues every TMA load (A and B's k-slices into a ring of stages and, for
   the backward, pre's tile for its epilogue);
 - two consumer warpgroups that take the program's tiles in turn (even and odd), each with its
-  own (BM, BN) fp32 accumulator: while one runs its epilogue, the other runs its GEMM.
+  own (BM, BN) fp32 accumulator: while one runs its epilogue, the other runs its GEMM. Their
+  GEMMs take turns (a pair of mbarriers): both wait on the one ring, and a consumer that ran
+  ahead of the other's waits could pass a wait meant for a later phase of a stage.
 The same math as mlp_kernel's kernels: the GEMM's fp32 result is rounded to the output dtype,
-the activation (or its derivative) runs in fp32 on that value and is rounded once; only the
-accumulation order may differ. Output tiles go out through shared memory by TMA stores.
+the activation (or its derivative) runs in fp32 on that value and is rounded once. Its outputs
+equal the TMA kernel's bit for bit at the shapes tested (the same wgmma k-slice order).
+Epilogues go out by (BM, BN / 2) half tiles through shared memory and TMA stores.
 
 `launch(a, b_nk, pre, out, slope, backward, tile)`: C = a (M, K) @ b_nk (N, K)^T, bf16 or fp16,
 contiguous, K a multiple of BK; forward writes pre = C and out = act(C); backward reads pre and
-writes out = C * act'(pre). tile = (BM, BN, BK, stages, consumer registers). Needs Triton's
-Gluon (3.6) and an sm_90 GPU; lmcore.mlp_kernel decides when it runs.
+writes out = C * act'(pre). tile = (BM, BN, BK, stages, registers a consumer thread, consumers:
+2, or 1 for no ping-pong). Needs Triton's Gluon (3.6) and an sm_90 GPU; lmcore.mlp_kernel
+decides when it runs. Measured: benchmarks/mlp_pingpong_bench.py; benchmarks/RESULTS.md, session 23.
 """
 
 from __future__ import annotations
@@ -84,9 +88,10 @@ if gluon is not None:
     def _consume(WHICH: gl.constexpr, a_bufs, b_bufs, pre_bufs, ready, empty, pre_ready, pre_empty, turn,
                  pre_desc, out_desc, M, N, K, slope, BACKWARD: gl.constexpr, SMS: gl.constexpr,
                  CONSUMERS: gl.constexpr):
-        # one warpgroup: the program's tiles WHICH, WHICH + 2, ...: the GEMM from the ring's stages
-        # (one wgmma in flight; a stage goes back to the loader once the wgmma after it is issued),
-        # then the epilogue through its own shared-memory tile (pre_bufs[WHICH]) and a TMA store
+        # one warpgroup: the program's tiles WHICH, WHICH + CONSUMERS, ...: the GEMM from the ring's
+        # stages (one wgmma in flight; a stage goes back to the loader once the wgmma after it is
+        # issued), then the epilogue through its two half-tile buffers (pre_bufs[2 WHICH], [2 WHICH + 1])
+        # and TMA stores
         BM: gl.constexpr = a_bufs.type.shape[1]
         BK: gl.constexpr = a_bufs.type.shape[2]
         BN: gl.constexpr = b_bufs.type.shape[1]
@@ -102,7 +107,7 @@ if gluon is not None:
             on = (tile % grid_n) * BN
             acc = gl.zeros([BM, BN], gl.float32, layout)
             pos = j * kt
-            if CONSUMERS == 2:  # the GEMMs take turns (see _pingpong_kernel)
+            if CONSUMERS == 2:  # the GEMMs take turns (the module's docstring says why)
                 mbarrier.wait(turn.index(WHICH), ((j // 2) & 1) ^ (1 - WHICH))
             for ki in range(kt):
                 s = (pos + ki) % STAGES
