@@ -118,7 +118,7 @@ def pingpong_rows(tool: str) -> None:
           "registers at launch | spill bytes |")
     print("|---|---|---|---|---|---|")
     for backward in (False, True):
-        for tile in (PP.TILE, (128, 128, 64, 4, 232, 2), (128, 128, 64, 4, 232, 1)):
+        for tile in (PP.TILE, (128, 128, 64, 4, 232, 2), (128, 128, 64, 4, 232, 1), (64, 256, 64, 4, 232, 2)):
             bm, bn, bk, stages, regs, consumers = tile
             la, lb, lc = PP.layouts(gl.bfloat16, bm, bn, bk, bn // 2)
             sig = {"a_desc": f"tensordesc<bf16[{bm}, {bk}],{la!r}>", "b_desc": f"tensordesc<bf16[{bn}, {bk}],{lb!r}>",
