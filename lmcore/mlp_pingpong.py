@@ -91,7 +91,7 @@ if gluon is not None:
         # one warpgroup: the program's tiles WHICH, WHICH + CONSUMERS, ...: the GEMM from the ring's
         # stages (one wgmma in flight; a stage goes back to the loader once the wgmma after it is
         # issued), then the epilogue through its two half-tile buffers (pre_bufs[2 WHICH], [2 WHICH + 1])
-        # and TMA stores
+        # and TMA stores. WHICH 1 with one consumer: no tiles
         BM: gl.constexpr = a_bufs.type.shape[1]
         BK: gl.constexpr = a_bufs.type.shape[2]
         BN: gl.constexpr = b_bufs.type.shape[1]
@@ -101,8 +101,9 @@ if gluon is not None:
         dtype: gl.constexpr = out_desc.dtype
         grid_n = gl.cdiv(N, BN)
         kt = gl.cdiv(K, BK)
+        tiles = gl.cdiv(M, BM) * grid_n if WHICH < CONSUMERS else 0
         j = WHICH
-        for tile in range(gl.program_id(0) + WHICH * SMS, gl.cdiv(M, BM) * grid_n, CONSUMERS * SMS):
+        for tile in range(gl.program_id(0) + WHICH * SMS, tiles, CONSUMERS * SMS):
             om = (tile // grid_n) * BM
             on = (tile % grid_n) * BN
             acc = gl.zeros([BM, BN], gl.float32, layout)
@@ -167,19 +168,6 @@ if gluon is not None:
         tma.async_copy_shared_to_global(out_desc, [om, on], post_buf)
 
     @gluon.jit
-    def _consume_even(a_bufs, b_bufs, pre_bufs, ready, empty, pre_ready, pre_empty, turn, pre_desc, out_desc,
-                      M, N, K, slope, BACKWARD: gl.constexpr, SMS: gl.constexpr, CONSUMERS: gl.constexpr):
-        _consume(0, a_bufs, b_bufs, pre_bufs, ready, empty, pre_ready, pre_empty, turn, pre_desc, out_desc,
-                 M, N, K, slope, BACKWARD, SMS, CONSUMERS)
-
-    @gluon.jit
-    def _consume_odd(a_bufs, b_bufs, pre_bufs, ready, empty, pre_ready, pre_empty, turn, pre_desc, out_desc,
-                     M, N, K, slope, BACKWARD: gl.constexpr, SMS: gl.constexpr, CONSUMERS: gl.constexpr):
-        if CONSUMERS == 2:
-            _consume(1, a_bufs, b_bufs, pre_bufs, ready, empty, pre_ready, pre_empty, turn, pre_desc, out_desc,
-                     M, N, K, slope, BACKWARD, SMS, CONSUMERS)
-
-    @gluon.jit
     def _pingpong_kernel(a_desc, b_desc, pre_desc, out_desc, M, N, K, slope, BACKWARD: gl.constexpr,
                          STAGES: gl.constexpr, SMS: gl.constexpr, REGS: gl.constexpr, CONSUMERS: gl.constexpr):
         BM: gl.constexpr = a_desc.block_type.shape[0]
@@ -202,11 +190,13 @@ if gluon is not None:
             mbarrier.init(pre_ready.index(i), count=1)
             mbarrier.init(pre_empty.index(i), count=1)
             mbarrier.init(turn.index(i), count=1)
-        consumer = (a_bufs, b_bufs, pre_bufs, ready, empty, pre_ready, pre_empty, turn, pre_desc, out_desc,
-                    M, N, K, slope, BACKWARD, SMS, CONSUMERS)
+        # each partition's arguments as a tuple written out here: a tuple kept in a variable would turn
+        # the constexprs in it into runtime values (both branches of `if BACKWARD` compiled and taken at run time)
         gl.warp_specialize([
-            (_consume_even, consumer),
-            (_consume_odd, consumer),
+            (_consume, (0, a_bufs, b_bufs, pre_bufs, ready, empty, pre_ready, pre_empty, turn, pre_desc, out_desc,
+                        M, N, K, slope, BACKWARD, SMS, CONSUMERS)),
+            (_consume, (1, a_bufs, b_bufs, pre_bufs, ready, empty, pre_ready, pre_empty, turn, pre_desc, out_desc,
+                        M, N, K, slope, BACKWARD, SMS, CONSUMERS)),
             (_loader, (a_desc, b_desc, pre_desc, a_bufs, b_bufs, pre_bufs, ready, empty, pre_ready, pre_empty,
                        M, N, K, BACKWARD, SMS, CONSUMERS)),
         ], [4, 1], [REGS, 24])
