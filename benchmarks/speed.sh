@@ -88,6 +88,7 @@ ONE_GPU_RUNS=${ONE_GPU_RUNS:-orig_fa3_1 lm_before_1 lm_after_1 lm_solo_1 lm_befo
 SOLO_TIMEOUT=${SOLO_TIMEOUT:-420}  # the solo run is ended after this many seconds (compile included)
 VARIANTS=${VARIANTS:-}  # "NAME:overrides;NAME:overrides": more lmcore runs after lm1 (empty: none)
 VARIANT_TIMEOUT=${VARIANT_TIMEOUT:-600}
+VARIANTS_1GPU=${VARIANTS_1GPU:-1}  # 0: the VARIANTS run only where LM2 names them (2-rank levers), not in lm1
 LM2=${LM2:-after before}  # the 2-rank lmcore runs in order: after, before or a VARIANTS name
 LM1_PAIRS=${LM1_PAIRS:-before after}  # the 1-GPU pairs on 2 GPUs: before (+ its twin), after (+ solo)
 
@@ -236,7 +237,7 @@ job() {
     if has lm1; then
       local c
       for c in before after solo; do [ -f "$R/lm_${c}_1/profile/breakdown.json" ] && sources "lm_${c}_1" "$c"; done
-      variants
+      [ "$VARIANTS_1GPU" = 1 ] && variants
     fi
     if [ "$n_gpu" -ge 2 ]; then
       has orig2 && orig orig_fa3_2 0,1 2 "$S/orig_fa3" "$FA3:$BASE"

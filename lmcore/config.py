@@ -237,12 +237,9 @@ class TrainConfig:
     fold_output_scales: bool = False
     # The micro-batches' gradients summed with foreach adds, one a dtype (torch.autograd.grad, then
     # torch._foreach_add_ into .grad) instead of autograd's AccumulateGrad, one add kernel a parameter: the same
-    # fp32 sums in the same order. Under DDP the last micro-batch keeps .backward() for the all-reduce. On one
-    # H200 (session 16, with both fused ops, expand_kv and fused_mlp): 4 multi-tensor kernels an accumulation
-    # instead of 134 adds (benchmarks/grad_accum_kernels.py), 545.8 -> 543.1 ms a step; max |dloss| 0.0329 over
-    # 200 steps (two plain runs: 0.0316 in session 14; the sums are bit-identical on CPU, FA3's backward is not
-    # deterministic). It trained on 2 ranks under NCCL in session 19 (in the fastest set, with CUDA graphs).
-    # Off by default, like the other speed switches.
+    # fp32 sums in the same order. Under DDP the last micro-batch keeps .backward() for the all-reduce. One H200
+    # (session 16): 4 multi-tensor kernels an accumulation instead of 134 adds, 545.8 -> 543.1 ms a step; max
+    # |dloss| 0.0329 over 200 steps (two plain runs: 0.0316). Off by default, like the other speed switches.
     foreach_grad_accum: bool = False
     # A step's tokens for this rank read into one pinned host buffer (int32, two used in turn) and copied to the
     # GPU at once (x and y cast to int64 there), instead of a pin and a copy of x and of y for every micro-batch.
@@ -253,6 +250,10 @@ class TrainConfig:
     step_batch_copy: bool = True
     ddp_bucket_cap_mb: float = 25.0  # DDP gradient bucket size (torch's default 25)
     ddp_grad_as_bucket_view: bool = False  # DDP gradients as views into its buckets (saves a copy)
+    # A compiled model under DDP: dynamo splits its graph at DDP's buckets (torch's optimize_ddp), so each bucket's
+    # all-reduce starts while the backward goes on. false: one graph (optimize_ddp off), the all-reduce after the
+    # whole backward; the same math. Session 22 saw inductor fuse the 2-rank graph worse than the 1-GPU one.
+    ddp_split_graph: bool = True
     profile_step: int = 0  # > 0: profile that optimizer step into RUN/profile/ (lmcore.profiling)
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
 

@@ -255,6 +255,14 @@ def compile_kwargs(tc: TrainConfig) -> dict[str, Any]:
     return kw
 
 
+def ddp_graph_mode(tc: TrainConfig) -> None:
+    """train.ddp_split_graph as dynamo's optimize_ddp (read when it compiles): a graph a DDP bucket, or
+    one graph. A process setting, like the compile itself; without DDP it changes nothing."""
+    import torch._dynamo.config as dynamo_config
+
+    dynamo_config.optimize_ddp = tc.ddp_split_graph
+
+
 def start_session(
     cfg: Config, run_dir: Path, dist: DistInfo, *, device: torch.device, resume: bool, progress: bool
 ) -> tuple[Session, TrainState]:
@@ -310,6 +318,8 @@ def start_session(
     backend = model.set_attention_backend(cfg.model.attention, device)
     opt = build_optimizers(model, tc)
     compiled = device.type == "cuda" and tc.compile
+    if compiled:
+        ddp_graph_mode(tc)
     forward: nn.Module = torch.compile(model, **compile_kwargs(tc)) if compiled else model
     ddp = None
     if dist.distributed:

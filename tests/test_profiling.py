@@ -142,3 +142,37 @@ def test_compile_arguments_of_the_switches():
         assert {k: v for k, v in opts.items() if k != "triton.mix_order_reduction"} == list_mode_options(mode)
         # torch.compile checks the options when it wraps (an unknown one raises), before any compiling
         torch.compile(torch.nn.Linear(2, 2), **compile_kwargs(preset("record", [f"train.compile_mode={mode}"]).train))
+
+
+def test_ddp_split_graph_switch_splits_the_compiled_graph_at_ddp_buckets(tmp_path):
+    """train.ddp_split_graph: under DDP dynamo compiles a graph a bucket (true, torch's default) or one
+    graph (false); counted by a backend that records each graph it is given (one rank, gloo, CPU)."""
+    import torch.distributed as tdist
+    from torch import nn
+
+    from lmcore.session import ddp_graph_mode
+
+    graphs: list[int] = []
+
+    def backend(gm, _inputs):
+        graphs.append(sum(n.op == "call_function" for n in gm.graph.nodes))
+        return gm.forward
+
+    tdist.init_process_group("gloo", store=tdist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        counts = {}
+        for split in (True, False):
+            ddp_graph_mode(preset("record", [f"train.ddp_split_graph={str(split).lower()}"]).train)
+            torch._dynamo.reset()
+            graphs.clear()
+            torch.manual_seed(0)
+            model = nn.Sequential(*(nn.Linear(256, 256, bias=False) for _ in range(8)))
+            ddp = nn.parallel.DistributedDataParallel(torch.compile(model, backend=backend), bucket_cap_mb=1)
+            ddp(torch.randn(3, 256)).sum().backward()
+            counts[split] = list(graphs)
+        assert len(counts[False]) == 1 and len(counts[True]) > 1  # 256 KiB a layer, 1 MiB buckets
+        assert sum(counts[True]) == counts[False][0]  # the same ops, split
+    finally:
+        tdist.destroy_process_group()
+        ddp_graph_mode(preset("record").train)
+        torch._dynamo.reset()

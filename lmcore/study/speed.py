@@ -104,6 +104,8 @@ SPEED_LEVERS: dict[str, list[str]] = {
     "no_step_batch_copy": ["train.step_batch_copy=false"],
     "fused_all_qkv_fold_foreach_graphs_repeat_v_no_step_copy": [*_FASTEST_REPEAT_V, "train.step_batch_copy=false"],
     "ddp_buckets": ["train.ddp_bucket_cap_mb=100", "train.ddp_grad_as_bucket_view=true"],  # 2+ ranks only
+    # the compiled model as one graph under DDP, not one a bucket (train.ddp_split_graph=false); 2+ ranks only
+    "one_graph": ["train.ddp_split_graph=false"],
     # CUDA graphs (mix-order reduction off, as the defaults): -2.4 ms a step with both fused ops (session 9)
     "cuda_graphs": ["train.compile_mode=reduce-overhead"],
     # inductor's Triton GEMM templates: -2.3 ms a step, a compile of about 450 s; cuBLAS won every
