@@ -98,13 +98,18 @@ SPEED_LEVERS: dict[str, list[str]] = {
     # that with the fused MLP's GEMMs as the warp-specialized ping-pong kernel (train.fused_mlp_pingpong). Session 23,
     # two H200s: on 2 ranks 262.3 -> 257.2 ms a step (1.214x -> 1.237x); on one GPU 503.3 ms (1.261x, GPU 1)
     "fused_all_qkv_fold_foreach_graphs_repeat_v_pingpong": [*_FASTEST_REPEAT_V, "train.fused_mlp_pingpong=true"],
+    # that with the compiled model as one graph under DDP (train.ddp_split_graph=false; 2+ ranks only). Session 24,
+    # two H200s: on 2 ranks 264.7 -> 258.1 ms a step (1.223x -> 1.253x)
+    "fused_all_qkv_fold_foreach_graphs_repeat_v_pingpong_one_graph": [
+        *_FASTEST_REPEAT_V, "train.fused_mlp_pingpong=true", "train.ddp_split_graph=false"],
     # a pin and a copy of x and y a micro-batch instead of the default's one pinned buffer and one copy a step
     # (train.step_batch_copy=false; the same batches). Session 22, the fastest set: 521.8 ms a step without it
     # (GPU 0) against 512.8 with it (GPU 1 of the same host), the profiled steps' kernel time equal
     "no_step_batch_copy": ["train.step_batch_copy=false"],
     "fused_all_qkv_fold_foreach_graphs_repeat_v_no_step_copy": [*_FASTEST_REPEAT_V, "train.step_batch_copy=false"],
     "ddp_buckets": ["train.ddp_bucket_cap_mb=100", "train.ddp_grad_as_bucket_view=true"],  # 2+ ranks only
-    # the compiled model as one graph under DDP, not one a bucket (train.ddp_split_graph=false); 2+ ranks only
+    # the compiled model as one graph under DDP, not one a bucket (train.ddp_split_graph=false); 2+ ranks only.
+    # Session 24 (two H200s, the fastest set with the ping-pong kernel): 264.7 -> 258.1 ms a step on 2 ranks
     "one_graph": ["train.ddp_split_graph=false"],
     # CUDA graphs (mix-order reduction off, as the defaults): -2.4 ms a step with both fused ops (session 9)
     "cuda_graphs": ["train.compile_mode=reduce-overhead"],
