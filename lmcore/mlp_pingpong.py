@@ -279,6 +279,8 @@ def grid_size(m: int, n: int, k: int, sms: int, tile: tuple) -> tuple[int, int]:
     bm, bn, bk = tile[:3]
     grid_n = -(-n // bn)
     if len(tile) > 6 and tile[6]:
+        if k % bk:  # the consumers count k-slices from K; B's buffers hold K // BK of them
+            raise ValueError(f"mlp_pingpong: B resident needs K ({k}) a multiple of BK ({bk})")
         return max(1, sms // grid_n) * grid_n, k // bk
     return min(sms, -(-m // bm) * grid_n), 0
 

@@ -130,6 +130,8 @@ def test_pingpong_programs_with_b_resident():
     assert grid_size(300, 200, 64, 132, resident) == (132, 1)  # 66 each of 2, most with no row tile
     assert grid_size(64, 64 * 200, 512, 132, resident[:6] + (1,)) == (100, 8)  # more column blocks than SMs
     assert grid_size(98_304, 1536, 512, 132, resident[:6] + (0,)) == (132, 0)  # 0: the plain schedule
+    with pytest.raises(ValueError, match=r"K \(96\) a multiple of BK \(64\)"):
+        grid_size(300, 200, 96, 132, resident)
 
 
 def test_pingpong_falls_back_to_the_tma_kernel_where_it_cannot_run(monkeypatch):
