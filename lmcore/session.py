@@ -308,7 +308,9 @@ def start_session(
     if tc.fused_qkv:
         model.use_fused_qkv(tc.fused_qkv_repeat_v)
     if tc.fused_mlp:
-        model.use_fused_mlp("pingpong" if tc.fused_mlp_pingpong else tc.fused_mlp_descriptors, tc.fused_mlp_sign)
+        from lmcore.mlp_kernel import PINGPONG
+
+        model.use_fused_mlp(PINGPONG if tc.fused_mlp_pingpong else tc.fused_mlp_descriptors, tc.fused_mlp_sign)
     if tc.expand_kv:
         model.use_expanded_kv()
     if tc.fold_output_scales:
