@@ -116,24 +116,6 @@ def test_the_descriptors_choice_reaches_both_gemms(monkeypatch):
         leaky_mlp(ids.float()[..., None], torch.ones(32, 1), torch.ones(1, 32), SLOPE, "pingpong", sign=True)
 
 
-def test_pingpong_programs_with_b_resident():
-    """lmcore.mlp_pingpong.grid_size: the plain schedule takes min(SMs, tiles) programs; with B
-    resident (a tile's seventh field) SMs // column blocks programs a column block, at least one,
-    and K // BK slices of B stay in shared memory."""
-    from lmcore.mlp_pingpong import TILE, grid_size
-
-    assert grid_size(98_304, 1536, 512, 132, TILE) == (132, 0)  # 9,216 tiles over 132 programs
-    assert grid_size(300, 200, 64, 132, (128, 128, 64, 3, 232, 2)) == (6, 0)  # 3 x 2 tiles
-    resident = (64, 128, 64, 8, 232, 2, 1)
-    assert grid_size(98_304, 1536, 512, 132, resident) == (132, 8)  # 11 programs each of 12 column blocks
-    assert grid_size(98_304, 1536, 512, 114, resident) == (108, 8)  # 9 each
-    assert grid_size(300, 200, 64, 132, resident) == (132, 1)  # 66 each of 2, most with no row tile
-    assert grid_size(64, 64 * 200, 512, 132, resident[:6] + (1,)) == (100, 8)  # more column blocks than SMs
-    assert grid_size(98_304, 1536, 512, 132, resident[:6] + (0,)) == (132, 0)  # 0: the plain schedule
-    with pytest.raises(ValueError, match=r"K \(96\) a multiple of BK \(64\)"):
-        grid_size(300, 200, 96, 132, resident)
-
-
 def test_pingpong_falls_back_to_the_tma_kernel_where_it_cannot_run(monkeypatch):
     """descriptors "pingpong" where lmcore.mlp_pingpong's kernel does not take the tensors (no
     Hopper GPU, or no Gluon): the TMA kernel on device-built descriptors, both ways; with a tile
@@ -257,10 +239,6 @@ def test_triton_gemm_is_the_pytorch_kernels(m, d, hidden, tile, dtype):
     (2880, 512, 1536, None),  # two or three tiles a program, a row tail
     (1000, 128, 384, None),  # one tile a program at most
     (300, 64, 200, (128, 128, 64, 3, 232, 2)),  # columns not a multiple of the tile either; 3 stages
-    (98304 // 8, 512, 1536, (64, 128, 64, 8, 232, 2, 1)),  # B resident, 64-row tiles
-    (2880, 512, 1536, (64, 128, 64, 8, 232, 2, 1)),  # B resident, a row tail
-    (1000, 128, 384, (128, 128, 64, 2, 232, 2, 1)),  # B resident, 128-row tiles, 2 slices of it
-    (300, 64, 200, (64, 128, 64, 4, 232, 2, 1)),  # B resident: one slice, a column tail, programs with no tile
 ])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_pingpong_kernel_is_the_tma_kernel(m, d, hidden, tile, dtype):
