@@ -4,9 +4,11 @@ and cuBLAS's GEMM alone, at `record`'s MLP (512 -> 1536) and micro-batch, forwar
 First the checks: at each tile, on a small shape with row tails (1000 tokens) and at the
 micro-batch, the ping-pong kernel's pre, post and dpre against the TMA kernel's (max abs
 difference over the largest |value|; the two differ only by the GEMM's accumulation order, so
-this is small, not zero) and against the PyTorch math (_fc_math, _dpre_math). Then ms a call
-(fp8_matmul_bench.timed: 10 calls in a row, median of 20), and what 88 calls a step (11 layers x
-8 micro-batches) would save over the TMA kernel.
+this is small, not zero) and against the PyTorch math (_fc_math, _dpre_math); dpre_kn is the
+backward with w_proj as stored, (K, N). Then ms a call (fp8_matmul_bench.timed: 10 calls in a
+row, median of 20), and what 88 calls a step (11 layers x 8 micro-batches) would save over the
+TMA kernel. Each tile's backward also as training ran it before session 25 (w_proj transposed
+into a copy each call) and as it runs now (B as (K, N), no copy).
 
 usage: python benchmarks/mlp_pingpong_bench.py [--tokens 98304] [--tiles BMxBNxBKxSTAGESxREGSxCONSUMERS,...]
        [--json PATH]
@@ -41,9 +43,10 @@ def pingpong_fwd(x, w, tile):
     return pre, post
 
 
-def pingpong_bwd(g, wp_nk, pre, tile):
+def pingpong_bwd(g, wp, pre, tile, b_kn=False):
+    """dpre from w_proj transposed, (N, K), or with b_kn as stored, (K, N)."""
     out = torch.empty_like(pre)
-    PP.launch(g, wp_nk, pre, out, SLOPE, True, MK._sm_count(g.device), tile)
+    PP.launch(g, wp, pre, out, SLOPE, True, MK._sm_count(g.device), tile, b_kn=b_kn)
     return out
 
 
@@ -58,11 +61,12 @@ def check(tokens: int, tile: tuple) -> dict:
     tpre, tpost = MK._fc_triton(x, w, SLOPE)
     mpre, mpost = MK._fc_math(x, w, SLOPE)
     dpre = pingpong_bwd(g, wp.t().contiguous(), mpre, tile)
+    dpre_kn = pingpong_bwd(g, wp, mpre, tile, b_kn=True)
     tdpre = MK._dpre_triton(g, wp, mpre, SLOPE)
     mdpre = MK._dpre_math(g, wp, mpre, SLOPE)
     torch.cuda.synchronize()
     return {"tokens": tokens, "pre_vs_tma": rel(pre, tpre), "post_vs_tma": rel(post, tpost),
-            "dpre_vs_tma": rel(dpre, tdpre), "pre_vs_math": rel(pre, mpre), "post_vs_math": rel(post, mpost),
+            "dpre_vs_tma": rel(dpre, tdpre), "dpre_kn_vs_tma": rel(dpre_kn, tdpre), "pre_vs_math": rel(pre, mpre), "post_vs_math": rel(post, mpost),
             "dpre_vs_math": rel(dpre, mdpre), "tma_dpre_vs_math": rel(tdpre, mdpre)}
 
 
@@ -94,15 +98,20 @@ def main() -> int:
         "lmcore TMA kernel (default)": (lambda: MK._fc_triton(x, w, SLOPE), lambda: MK._dpre_triton(g, wp, pre, SLOPE)),
     }
     for tile in tiles:
-        rows["ping-pong " + "x".join(map(str, tile))] = (lambda t=tile: pingpong_fwd(x, w, t),
-                                                         lambda t=tile: pingpong_bwd(g, wp_nk, pre, t))
+        name = "ping-pong " + "x".join(map(str, tile))
+        rows[name] = (lambda t=tile: pingpong_fwd(x, w, t), lambda t=tile: pingpong_bwd(g, wp_nk, pre, t))
+        # the backward as training ran it until session 25 (w_proj transposed a call), and as it runs now
+        rows[name + ", bwd with w_proj.t().contiguous()"] = (
+            lambda t=tile: pingpong_fwd(x, w, t), lambda t=tile: pingpong_bwd(g, wp.t().contiguous(), pre, t))
+        rows[name + ", bwd B as (K, N)"] = (lambda t=tile: pingpong_fwd(x, w, t),
+                                            lambda t=tile: pingpong_bwd(g, wp, pre, t, b_kn=True))
     print("\n| kernel | forward ms | backward ms |\n|---|---|---|")
     for name, (f, b) in rows.items():
         out["ms"][name] = [timed(f), timed(b)]
         print(f"| {name} | {out['ms'][name][0]:.3f} | {out['ms'][name][1]:.3f} |", flush=True)
     base = sum(out["ms"]["lmcore TMA kernel (default)"])
     for name, ms in out["ms"].items():
-        if name.startswith("ping-pong"):
+        if name.startswith("ping-pong") and "," not in name:
             print(f"{name}: {CALLS_PER_STEP * (base - sum(ms)):+.1f} ms a step saved over the TMA kernel")
     if args.json:
         with open(args.json, "w") as f:

@@ -15,9 +15,10 @@ the activation (or its derivative) runs in fp32 on that value and is rounded onc
 equal the TMA kernel's bit for bit at the shapes tested (the same wgmma k-slice order).
 Epilogues go out by (BM, BN / 2) half tiles through shared memory and TMA stores.
 
-`launch(a, b_nk, pre, out, slope, backward, tile)`: C = a (M, K) @ b_nk (N, K)^T, bf16 or fp16,
-contiguous, K a multiple of BK; forward writes pre = C and out = act(C); backward reads pre and
-writes out = C * act'(pre). tile = (BM, BN, BK, stages, registers a consumer thread, consumers:
+`launch(a, b, pre, out, slope, backward, tile, b_kn)`: C = a (M, K) @ b (N, K)^T, or with `b_kn`
+C = a @ b (K, N) (B's (BK, BN) tiles go to wgmma as they are, N-major: the backward takes w_proj
+as stored, with no transposed copy a call); bf16 or fp16, contiguous, K a multiple of BK; forward
+writes pre = C and out = act(C); backward reads pre and writes out = C * act'(pre). tile = (BM, BN, BK, stages, registers a consumer thread, consumers:
 2, or 1 for no ping-pong). Needs Triton's Gluon (3.6) and an sm_90 GPU; lmcore.mlp_kernel
 decides when it runs. Measured: benchmarks/mlp_pingpong_bench.py; benchmarks/RESULTS.md, session 23.
 """
@@ -53,12 +54,12 @@ if gluon is not None:
 
     @gluon.jit
     def _loader(a_desc, b_desc, pre_desc, a_bufs, b_bufs, pre_bufs, ready, empty, pre_ready, pre_empty,
-                M, N, K, BACKWARD: gl.constexpr, SMS: gl.constexpr, CONSUMERS: gl.constexpr):
+                M, N, K, BACKWARD: gl.constexpr, SMS: gl.constexpr, CONSUMERS: gl.constexpr, B_KN: gl.constexpr):
         # one warp: the k-slices of A and B of every tile of this program, in tile order, into the
         # ring of stages; for the backward, after a tile's slices, pre's tile into its consumer's buffer
         BM: gl.constexpr = a_desc.block_type.shape[0]
         BK: gl.constexpr = a_desc.block_type.shape[1]
-        BN: gl.constexpr = b_desc.block_type.shape[0]
+        BN: gl.constexpr = 2 * pre_desc.block_type.shape[1]
         STAGES: gl.constexpr = a_bufs.type.shape[0]
         grid_n = gl.cdiv(N, BN)
         kt = gl.cdiv(K, BK)
@@ -73,7 +74,10 @@ if gluon is not None:
                 bar = ready.index(s)
                 mbarrier.expect(bar, a_desc.block_type.nbytes + b_desc.block_type.nbytes)
                 tma.async_copy_global_to_shared(a_desc, [om, ki * BK], bar, a_bufs.index(s))
-                tma.async_copy_global_to_shared(b_desc, [on, ki * BK], bar, b_bufs.index(s))
+                if B_KN:
+                    tma.async_copy_global_to_shared(b_desc, [ki * BK, on], bar, b_bufs.index(s))
+                else:
+                    tma.async_copy_global_to_shared(b_desc, [on, ki * BK], bar, b_bufs.index(s))
                 pos += 1
             if BACKWARD:  # pre's two half tiles
                 c = j % CONSUMERS
@@ -87,14 +91,14 @@ if gluon is not None:
     @gluon.jit
     def _consume(WHICH: gl.constexpr, a_bufs, b_bufs, pre_bufs, ready, empty, pre_ready, pre_empty, turn,
                  pre_desc, out_desc, M, N, K, slope, BACKWARD: gl.constexpr, SMS: gl.constexpr,
-                 CONSUMERS: gl.constexpr):
+                 CONSUMERS: gl.constexpr, B_KN: gl.constexpr):
         # one warpgroup: the program's tiles WHICH, WHICH + CONSUMERS, ...: the GEMM from the ring's
         # stages (one wgmma in flight; a stage goes back to the loader once the wgmma after it is
         # issued), then the epilogue through its two half-tile buffers (pre_bufs[2 WHICH], [2 WHICH + 1])
         # and TMA stores. WHICH 1 with one consumer: no tiles
         BM: gl.constexpr = a_bufs.type.shape[1]
         BK: gl.constexpr = a_bufs.type.shape[2]
-        BN: gl.constexpr = b_bufs.type.shape[1]
+        BN: gl.constexpr = 2 * pre_bufs.type.shape[2]
         STAGES: gl.constexpr = a_bufs.type.shape[0]
         layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                          instr_shape=[16, BN, 16])
@@ -113,7 +117,10 @@ if gluon is not None:
             for ki in range(kt):
                 s = (pos + ki) % STAGES
                 mbarrier.wait(ready.index(s), ((pos + ki) // STAGES) & 1)
-                acc = warpgroup_mma(a_bufs.index(s), b_bufs.index(s).permute((1, 0)), acc, is_async=True)
+                if B_KN:  # a (BK, BN) tile
+                    acc = warpgroup_mma(a_bufs.index(s), b_bufs.index(s), acc, is_async=True)
+                else:  # a (BN, BK) tile, seen as (BK, BN)
+                    acc = warpgroup_mma(a_bufs.index(s), b_bufs.index(s).permute((1, 0)), acc, is_async=True)
                 acc = warpgroup_mma_wait(1, deps=(acc,))
                 if ki > 0:
                     mbarrier.arrive(empty.index((pos + ki - 1) % STAGES), count=1)
@@ -169,13 +176,16 @@ if gluon is not None:
 
     @gluon.jit
     def _pingpong_kernel(a_desc, b_desc, pre_desc, out_desc, M, N, K, slope, BACKWARD: gl.constexpr,
-                         STAGES: gl.constexpr, SMS: gl.constexpr, REGS: gl.constexpr, CONSUMERS: gl.constexpr):
+                         STAGES: gl.constexpr, SMS: gl.constexpr, REGS: gl.constexpr, CONSUMERS: gl.constexpr,
+                         B_KN: gl.constexpr):
+        # B_KN: b_desc's tiles are (BK, BN) of a (K, N) B, else (BN, BK) of an (N, K) one
         BM: gl.constexpr = a_desc.block_type.shape[0]
         BK: gl.constexpr = a_desc.block_type.shape[1]
-        BN: gl.constexpr = b_desc.block_type.shape[0]
+        BN: gl.constexpr = 2 * pre_desc.block_type.shape[1]
         dtype: gl.constexpr = a_desc.dtype
         a_bufs = gl.allocate_shared_memory(dtype, [STAGES, BM, BK], a_desc.layout)
-        b_bufs = gl.allocate_shared_memory(dtype, [STAGES, BN, BK], b_desc.layout)
+        b_bufs = gl.allocate_shared_memory(dtype, [STAGES, b_desc.block_type.shape[0], b_desc.block_type.shape[1]],
+                                           b_desc.layout)
         # two (BM, BN / 2) half tiles a consumer: forward, pre's and post's; backward, pre's, overwritten by dpre's
         pre_bufs = gl.allocate_shared_memory(dtype, [4, BM, BN // 2], pre_desc.layout)
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -194,11 +204,11 @@ if gluon is not None:
         # the constexprs in it into runtime values (both branches of `if BACKWARD` compiled and taken at run time)
         gl.warp_specialize([
             (_consume, (0, a_bufs, b_bufs, pre_bufs, ready, empty, pre_ready, pre_empty, turn, pre_desc, out_desc,
-                        M, N, K, slope, BACKWARD, SMS, CONSUMERS)),
+                        M, N, K, slope, BACKWARD, SMS, CONSUMERS, B_KN)),
             (_consume, (1, a_bufs, b_bufs, pre_bufs, ready, empty, pre_ready, pre_empty, turn, pre_desc, out_desc,
-                        M, N, K, slope, BACKWARD, SMS, CONSUMERS)),
+                        M, N, K, slope, BACKWARD, SMS, CONSUMERS, B_KN)),
             (_loader, (a_desc, b_desc, pre_desc, a_bufs, b_bufs, pre_bufs, ready, empty, pre_ready, pre_empty,
-                       M, N, K, BACKWARD, SMS, CONSUMERS)),
+                       M, N, K, BACKWARD, SMS, CONSUMERS, B_KN)),
         ], [4, 1], [REGS, 24])
 
 
@@ -206,28 +216,28 @@ def _gl_dtype(t: Tensor):
     return gl.bfloat16 if t.dtype == torch.bfloat16 else gl.float16
 
 
-def layouts(dtype, bm: int, bn: int, bk: int, cn: int) -> tuple:
-    """The NVMMA shared layouts of A's (bm, bk), B's (bn, bk) and C's (bm, cn) tiles."""
-    get = gl.NVMMASharedLayout.get_default_for
-    return get([bm, bk], dtype), get([bn, bk], dtype), get([bm, cn], dtype)
+def descriptors(a: Tensor, b: Tensor, pre: Tensor, out: Tensor, bm: int, bn: int, bk: int,
+                b_kn: bool = False) -> list:
+    """Host-built TMA descriptors (NVMMA shared layouts) of A's (bm, bk) tiles, B's (bn, bk) tiles
+    (with b_kn: (bk, bn)) and pre's and out's (bm, bn / 2) half tiles."""
+    get, dtype = gl.NVMMASharedLayout.get_default_for, _gl_dtype(a)
+    b_block = [bk, bn] if b_kn else [bn, bk]
+    c_block = [bm, bn // 2]
+    return [TensorDescriptor.from_tensor(a, [bm, bk], get([bm, bk], dtype)),
+            TensorDescriptor.from_tensor(b, b_block, get(b_block, dtype)),
+            TensorDescriptor.from_tensor(pre, c_block, get(c_block, dtype)),
+            TensorDescriptor.from_tensor(out, c_block, get(c_block, dtype))]
 
 
-def descriptors(a: Tensor, b_nk: Tensor, pre: Tensor, out: Tensor, bm: int, bn: int, bk: int) -> list:
-    """Host-built TMA descriptors of A's (bm, bk) and B's (bn, bk) tiles and of pre's and out's
-    (bm, bn / 2) half tiles."""
-    cn = bn // 2
-    la, lb, lc = layouts(_gl_dtype(a), bm, bn, bk, cn)
-    return [TensorDescriptor.from_tensor(a, [bm, bk], la), TensorDescriptor.from_tensor(b_nk, [bn, bk], lb),
-            TensorDescriptor.from_tensor(pre, [bm, cn], lc), TensorDescriptor.from_tensor(out, [bm, cn], lc)]
-
-
-def launch(a: Tensor, b_nk: Tensor, pre: Tensor, out: Tensor, slope: float, backward: bool, sms: int,
-           tile: tuple = TILE) -> None:
-    """One ping-pong kernel over C = a @ b_nk^T (module docstring), on `sms` persistent programs
-    at most, with descriptors built on the host (kernel arguments: a CUDA graph keeps them)."""
+def launch(a: Tensor, b: Tensor, pre: Tensor, out: Tensor, slope: float, backward: bool, sms: int,
+           tile: tuple = TILE, b_kn: bool = False) -> None:
+    """One ping-pong kernel over C = a @ b^T, or a @ b with `b_kn` (module docstring), on `sms`
+    persistent programs at most, with descriptors built on the host (kernel arguments: a CUDA
+    graph keeps them)."""
     bm, bn, bk, stages, regs, consumers = tile
-    (m, k), n = a.shape, b_nk.size(0)
+    m, k = a.shape
+    n = b.size(1) if b_kn else b.size(0)
     grid = (min(sms, triton.cdiv(m, bm) * triton.cdiv(n, bn)),)
-    _pingpong_kernel[grid](*descriptors(a, b_nk, pre, out, bm, bn, bk), m, n, k, slope, BACKWARD=backward,
-                           STAGES=stages, SMS=grid[0], REGS=regs, CONSUMERS=consumers, num_warps=4,
+    _pingpong_kernel[grid](*descriptors(a, b, pre, out, bm, bn, bk, b_kn), m, n, k, slope, BACKWARD=backward,
+                           STAGES=stages, SMS=grid[0], REGS=regs, CONSUMERS=consumers, B_KN=b_kn, num_warps=4,
                            maxnreg=MAXNREG)

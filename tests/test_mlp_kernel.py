@@ -133,11 +133,14 @@ def test_pingpong_falls_back_to_the_tma_kernel_where_it_cannot_run(monkeypatch):
     assert launched == [MK.TILE_TMA_FWD, MK.TILE_TMA_BWD]  # the defaults: descriptors on the device
     ran = []
     monkeypatch.setattr(MK, "_pingpong_takes", lambda a, n: True)
-    monkeypatch.setattr(PP, "launch", lambda a, b, pre, out, slope, backward, sms: ran.append((b.shape, backward)))
+    monkeypatch.setattr(PP, "launch", lambda a, b, pre, out, slope, backward, sms, b_kn=False:
+                        ran.append((b.shape, backward, b_kn, b.is_contiguous())))
     monkeypatch.setattr(MK, "_sm_count", lambda device: 132)
     MK._fc_triton(a, w, SLOPE, descriptors="pingpong")
-    MK._dpre_triton(a, w.t(), torch.zeros(64, 1536, dtype=torch.bfloat16), SLOPE, descriptors="pingpong")
-    assert ran == [((1536, 512), False), ((1536, 512), True)]  # B as (N, K) both ways
+    MK._dpre_triton(a, torch.zeros(512, 1536, dtype=torch.bfloat16), torch.zeros(64, 1536, dtype=torch.bfloat16),
+                    SLOPE, descriptors="pingpong")
+    # forward: w_fc (N, K); backward: w_proj as stored, (K, N), no transposed copy
+    assert ran == [((1536, 512), False, False, True), ((512, 1536), True, True, True)]
     MK._fc_triton(a, w, SLOPE, (128, 128, 64, 4, 3), descriptors="pingpong")
     assert len(ran) == 2 and launched[-1] == (128, 128, 64, 4, 3)
 
@@ -257,8 +260,11 @@ def test_pingpong_kernel_is_the_tma_kernel(m, d, hidden, tile, dtype):
     ref_pre, ref_post = MK._fc_math(x, wf, SLOPE)
     dpre = torch.empty_like(pre)
     PP.launch(dy, wp.t().contiguous(), ref_pre, dpre, SLOPE, True, MK._sm_count(x.device), *([tile] if tile else []))
+    dpre_kn = torch.empty_like(pre)  # B as stored, (K, N): its (BK, BN) tiles go to wgmma N-major
+    PP.launch(dy, wp, ref_pre, dpre_kn, SLOPE, True, MK._sm_count(x.device), *([tile] if tile else []), b_kn=True)
     tma_pre, tma_post = MK._fc_triton(x, wf, SLOPE)
-    for got, want in ((pre, tma_pre), (post, tma_post), (dpre, MK._dpre_triton(dy, wp, ref_pre, SLOPE))):
+    tma_dpre = MK._dpre_triton(dy, wp, ref_pre, SLOPE)
+    for got, want in ((pre, tma_pre), (post, tma_post), (dpre, tma_dpre), (dpre_kn, tma_dpre)):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
     torch.testing.assert_close(pre, ref_pre)  # at most a rounding apart (accumulation order)
     torch.testing.assert_close(post, MK._act(pre, SLOPE), rtol=0, atol=0)
