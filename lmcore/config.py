@@ -179,6 +179,9 @@ class TrainConfig:
     # XSA + the attention gate as one op on the XSA layers (lmcore.kernels.xsa_gate; the same math up
     # to fp32 rounding). The exported script embeds the kernels.
     fused_xsa_gate: bool = False
+    # The logit softcap and the training loss's cross-entropy as one op (lmcore.ce_kernel: Triton on CUDA); the
+    # same math up to fp32 rounding and the tanh formula. The exported script embeds the kernels.
+    fused_softcap_ce: bool = False
     # c_q, c_k and c_v as one GEMM on their weights concatenated (1024 x 512 at record's widths), then the q/k
     # op (as fused_qk_norm_rope's, which it subsumes) on the q and k slices of its output in place; the
     # backward writes q's, k's and v's gradients into one tensor, so the input's gradient is one GEMM and the
@@ -212,14 +215,9 @@ class TrainConfig:
     # 0.316 / 0.308 ms a call forward / backward against the TMA kernel's 0.359 / 0.417; in the fastest set on
     # 2 ranks 262.3 -> 257.2 ms a step, losses within the noise (benchmarks/RESULTS.md). Not with fused_mlp_sign.
     fused_mlp_pingpong: bool = False
-    # With fused_mlp: its forward keeps post (which the backward needs anyway) and one bit an element, pre > 0,
-    # instead of pre, and its backward takes act'(pre) = 2 sqrt(post) (pre > 0) or -2 |slope| sqrt(post) from
-    # them (lmcore.mlp_kernel._dpre_sign_math). The forward kernel writes 19 MB of signs instead of 302 MB of pre
-    # a call at record's micro-batch, and peak memory should be about 3.1 GB less (11 layers' pre; not measured).
-    # A deliberate rounding change: sqrt(post) stands for |leaky(pre)| rounded once more. mlp_hidden a multiple
-    # of 32. On an H200 (session 19) its cuda test passes; at the default tiles its kernels take 0.316 ms forward
-    # and 0.443 backward a call against 0.339 and 0.403 without it: about 1.5 ms a step slower over 88 calls each
-    # way (benchmarks/mlp_epilogue_bench.py --sign, not a training run).
+    # With fused_mlp: its forward keeps post and pre's signs instead of pre, and its backward takes act'(pre) from
+    # them (lmcore.mlp_kernel._dpre_sign_math); a deliberate rounding change. mlp_hidden a multiple of 32. Slower on
+    # an H200 (session 19): 0.316 / 0.443 ms a call forward / backward against 0.339 / 0.403 without it.
     fused_mlp_sign: bool = False
     # k and v repeated to the query heads before attention (GQA run as MHA: FA3's backward then writes
     # dk/dv without its fp32 GQA accumulators and their converts); autograd sums each kv head's copies'

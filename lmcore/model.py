@@ -322,6 +322,7 @@ class GPT(nn.Module):
             self.ve_shared = None
             self.ve_layer_scales = nn.ParameterList()
         self._init_weights()
+        self.ce_op: Callable[..., Tensor] | None = None  # lmcore.ce_kernel.softcap_cross_entropy when fused
         # RoPE tables of one sequence length, computed once (cache_rope); None: every forward computes them
         self.register_buffer("rope_cos", None, persistent=False)
         self.register_buffer("rope_sin", None, persistent=False)
@@ -429,6 +430,15 @@ class GPT(nn.Module):
             if b.attn.xsa:
                 b.attn.xsa_op = xsa_gate
 
+    def use_fused_softcap_ce(self) -> None:
+        """The training loss (the logit softcap and the mean cross-entropy) through
+        lmcore.ce_kernel.softcap_cross_entropy (train.fused_softcap_ce): one Triton pass forward and
+        one backward on CUDA, no logits in memory. Logits, per-token losses (evaluation, TTT) and
+        other reductions keep the plain path; imported here, like use_fused_qk_norm_rope's."""
+        from lmcore.ce_kernel import softcap_cross_entropy
+
+        self.ce_op = softcap_cross_entropy
+
     def set_qat(self, bits: int) -> None:
         """Turn straight-through fake quantization of the block linears on (bits) or off (0)."""
         for b in self.blocks:
@@ -490,7 +500,10 @@ class GPT(nn.Module):
                 skips.append(x)
         if cache is not None:
             cache.pos.add_(1)
-        logits = self.logits(rms_norm(x))
+        h = rms_norm(x)
+        if self.ce_op is not None and targets is not None and reduction == "mean":  # GPT.use_fused_softcap_ce
+            return self.ce_op(self.unembed(h).flatten(0, 1), targets.flatten(), self.cfg.logit_softcap).mean()
+        logits = self.logits(h)
         if targets is None:
             return logits
         loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction=reduction)
@@ -526,8 +539,12 @@ class GPT(nn.Module):
             cache.prev_ids.copy_(ids)
         return x
 
+    def unembed(self, h: Tensor) -> Tensor:
+        """The logits before the softcap: h times the tied embedding."""
+        return F.linear(h, self.tok_emb.weight.to(h.dtype))
+
     def logits(self, h: Tensor) -> Tensor:
-        z = F.linear(h, self.tok_emb.weight.to(h.dtype))
+        z = self.unembed(h)
         cap = self.cfg.logit_softcap
         return cap * torch.tanh(z / cap) if cap > 0 else z
 

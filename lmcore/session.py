@@ -305,6 +305,8 @@ def start_session(
         model.use_fused_qk_norm_rope()
     if tc.fused_xsa_gate:
         model.use_fused_xsa_gate()
+    if tc.fused_softcap_ce:
+        model.use_fused_softcap_ce()
     if tc.fused_qkv:
         model.use_fused_qkv(tc.fused_qkv_repeat_v)
     if tc.fused_mlp:

@@ -43,6 +43,12 @@ def randomize_(model: torch.nn.Module, seed: int = 0, std: float = 0.3) -> torch
     return model
 
 
+def next_token_batch(vocab: int, shape: tuple[int, int] = (2, 16), device: str = "cpu", seed: int = 1):
+    """(ids, targets): random token ids and the next token of each (the ids rolled by one)."""
+    ids = torch.randint(0, vocab, shape, device=device, generator=torch.Generator(device=device).manual_seed(seed))
+    return ids, torch.roll(ids, -1, 1)
+
+
 def loss_and_grads(model, ids, tgt, forward=None):
     """(loss, {name: grad}) of one forward (through `forward`, e.g. the compiled model, or the
     model itself) and backward, the model's gradients zeroed first."""

@@ -102,6 +102,12 @@ SPEED_LEVERS: dict[str, list[str]] = {
     # two H200s: on 2 ranks 264.7 -> 258.1 ms a step (1.223x -> 1.253x)
     "fused_all_qkv_fold_foreach_graphs_repeat_v_pingpong_one_graph": [
         *_FASTEST_REPEAT_V, "train.fused_mlp_pingpong=true", "train.ddp_split_graph=false"],
+    # the logit softcap and the training loss's cross-entropy as one Triton op (train.fused_softcap_ce), alone and
+    # on the fastest set with the ping-pong kernel. Not yet run in training; its bench on one H200: 0.194 ms a
+    # micro-batch forward + backward against inductor's 0.323
+    "fused_ce": ["train.fused_softcap_ce=true"],
+    "fused_all_qkv_fold_foreach_graphs_repeat_v_pingpong_ce": [
+        *_FASTEST_REPEAT_V, "train.fused_mlp_pingpong=true", "train.fused_softcap_ce=true"],
     # a pin and a copy of x and y a micro-batch instead of the default's one pinned buffer and one copy a step
     # (train.step_batch_copy=false; the same batches). Session 22, the fastest set: 521.8 ms a step without it
     # (GPU 0) against 512.8 with it (GPU 1 of the same host), the profiled steps' kernel time equal
