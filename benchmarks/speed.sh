@@ -62,6 +62,9 @@
 # Session 22 on nvidia-h200-x2, all stages (LM2="after solo before", no variant): 1,337 s (setup 18 s, peak 26 s,
 # the originals' pair 272 s, the lm1 pairs 247 and 213 s, the 2-rank original 200 s, lm_after_2 107 s, lm_solo_2
 # 108 s, lm_before_2 135 s, report 11 s).
+# Session 25 on nvidia-h200-x2 (LM1_PAIRS=after, LM2=after): setup 21 s, peak 26 s, the originals' pair 291 s, the
+# lm1 pair 224 s, the 2-rank original 233 s; the device time ran out as lm_after_2 started. The `cuda` tests run
+# in the same call before `start` took 197 s on the fresh machine (compiles): budget them.
 # It outlasts one device call: `start` runs it detached (benchmarks/detached.sh) and polls;
 # `poll` (the next call, within 30 s of the last) goes on. Carry .whl, .data, .ref and .fa3.
 # Each poll leaves $OUT/speed.log, and once done $OUT/speed_table.md and
