@@ -120,13 +120,10 @@ def pingpong_rows(tool: str) -> None:
     for backward in (False, True):
         for tile in (PP.TILE, (128, 128, 64, 4, 232, 2), (128, 128, 64, 4, 232, 1), (64, 256, 64, 4, 232, 2)):
             bm, bn, bk, stages, regs, consumers = tile
-            b_block = [bk, bn] if backward else [bn, bk]  # the backward takes w_proj as (K, N) (B_KN)
-            la, lb, lc = (gl.NVMMASharedLayout.get_default_for(s, gl.bfloat16) for s in ([bm, bk], b_block, [bm, bn // 2]))
-            sig = {"a_desc": f"tensordesc<bf16[{bm}, {bk}],{la!r}>",
-                   "b_desc": f"tensordesc<bf16[{b_block[0]}, {b_block[1]}],{lb!r}>",
-                   "pre_desc": f"tensordesc<bf16[{bm}, {bn // 2}],{lc!r}>",
-                   "out_desc": f"tensordesc<bf16[{bm}, {bn // 2}],{lc!r}>", "M": "i32", "N": "i32", "K": "i32",
-                   "slope": "fp32"}
+            # the backward takes w_proj as stored, (K, N) (B_KN)
+            descs = [f"tensordesc<bf16[{b[0]}, {b[1]}],{lay!r}>" for b, lay in PP.layouts(gl.bfloat16, bm, bn, bk, backward)]
+            sig = {"a_desc": descs[0], "b_desc": descs[1], "pre_desc": descs[2], "out_desc": descs[2],
+                   "M": "i32", "N": "i32", "K": "i32", "slope": "fp32"}
             consts = {"BACKWARD": backward, "STAGES": stages, "SMS": 132, "REGS": regs, "CONSUMERS": consumers,
                       "B_KN": backward}
             src = GluonASTSource(fn=PP._pingpong_kernel, signature=dict(sig, **{k: "constexpr" for k in consts}),

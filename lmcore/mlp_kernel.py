@@ -370,7 +370,7 @@ def _dpre_triton(g: Tensor, w_proj: Tensor, pre: Tensor, slope: float, tile: tup
     if descriptors == PINGPONG and signs is None and tile is None and _pingpong_takes(g, pre.size(1)):
         from lmcore.mlp_pingpong import launch
 
-        launch(g, w_proj.contiguous(), pre, dpre, slope, True, _sm_count(g.device), b_kn=True)  # (K, N), as stored
+        launch(g, w_proj, pre, dpre, slope, True, _sm_count(g.device), b_kn=True)  # w_proj (K, N), as leaky_mlp gives it
         return dpre
     descriptors = "device" if descriptors == PINGPONG else descriptors
     _launch(g, w_proj, pre, dpre, slope, True, tile or _tile(g, pre.size(1), False, descriptors), signs)

@@ -18,8 +18,8 @@ Epilogues go out by (BM, BN / 2) half tiles through shared memory and TMA stores
 `launch(a, b, pre, out, slope, backward, tile, b_kn)`: C = a (M, K) @ b (N, K)^T, or with `b_kn`
 C = a @ b (K, N) (B's (BK, BN) tiles go to wgmma as they are, N-major: the backward takes w_proj
 as stored, with no transposed copy a call); bf16 or fp16, contiguous, K a multiple of BK; forward
-writes pre = C and out = act(C); backward reads pre and writes out = C * act'(pre). tile = (BM, BN, BK, stages, registers a consumer thread, consumers:
-2, or 1 for no ping-pong). Needs Triton's Gluon (3.6) and an sm_90 GPU; lmcore.mlp_kernel
+writes pre = C and out = act(C); backward reads pre and writes out = C * act'(pre). tile = (BM,
+BN, BK, stages, registers a consumer thread, consumers: 2, or 1 for no ping-pong). Needs Triton's Gluon (3.6) and an sm_90 GPU; lmcore.mlp_kernel
 decides when it runs. Measured: benchmarks/mlp_pingpong_bench.py; benchmarks/RESULTS.md, session 23.
 """
 
@@ -216,17 +216,18 @@ def _gl_dtype(t: Tensor):
     return gl.bfloat16 if t.dtype == torch.bfloat16 else gl.float16
 
 
+def layouts(dtype, bm: int, bn: int, bk: int, b_kn: bool = False) -> list[tuple[list[int], object]]:
+    """(block, NVMMA shared layout) of A's (bm, bk) tiles, B's (bn, bk) tiles (with b_kn: (bk, bn))
+    and C's (bm, bn / 2) half tiles."""
+    get = gl.NVMMASharedLayout.get_default_for
+    return [(block, get(block, dtype)) for block in ([bm, bk], [bk, bn] if b_kn else [bn, bk], [bm, bn // 2])]
+
+
 def descriptors(a: Tensor, b: Tensor, pre: Tensor, out: Tensor, bm: int, bn: int, bk: int,
                 b_kn: bool = False) -> list:
-    """Host-built TMA descriptors (NVMMA shared layouts) of A's (bm, bk) tiles, B's (bn, bk) tiles
-    (with b_kn: (bk, bn)) and pre's and out's (bm, bn / 2) half tiles."""
-    get, dtype = gl.NVMMASharedLayout.get_default_for, _gl_dtype(a)
-    b_block = [bk, bn] if b_kn else [bn, bk]
-    c_block = [bm, bn // 2]
-    return [TensorDescriptor.from_tensor(a, [bm, bk], get([bm, bk], dtype)),
-            TensorDescriptor.from_tensor(b, b_block, get(b_block, dtype)),
-            TensorDescriptor.from_tensor(pre, c_block, get(c_block, dtype)),
-            TensorDescriptor.from_tensor(out, c_block, get(c_block, dtype))]
+    """Host-built TMA descriptors of A's and B's tiles and of pre's and out's half tiles (layouts)."""
+    la, lb, lc = layouts(_gl_dtype(a), bm, bn, bk, b_kn)
+    return [TensorDescriptor.from_tensor(t, *blk) for t, blk in ((a, la), (b, lb), (pre, lc), (out, lc))]
 
 
 def launch(a: Tensor, b: Tensor, pre: Tensor, out: Tensor, slope: float, backward: bool, sms: int,
