@@ -94,6 +94,9 @@ VARIANT_TIMEOUT=${VARIANT_TIMEOUT:-600}
 VARIANTS_1GPU=${VARIANTS_1GPU:-1}  # 0: the VARIANTS run only where LM2 names them (2-rank levers), not in lm1
 LM2=${LM2:-after before}  # the 2-rank lmcore runs in order: after, before or a VARIANTS name
 LM1_PAIRS=${LM1_PAIRS:-before after}  # the 1-GPU pairs on 2 GPUs: before (+ its twin), after (+ solo)
+# a wheel (path or glob) of another FA3 build for lmcore's runs only, e.g. FA3_DPSUM=1 scripts/build_fa3.sh's
+# for train.fa3_xsa_rowsum; the originals keep .fa3/dist's. Empty: lmcore runs on .fa3/dist's too
+LM_FA3_WHL=${LM_FA3_WHL:-}
 
 source benchmarks/detached.sh  # stamp, run_until, detached_poll, detached_main
 
@@ -121,7 +124,7 @@ lm() {
   rm -rf "$R/$name"
   local launch=(python3 -m lmcore)
   [ "$nproc" -gt 1 ] && launch=(python3 -m torch.distributed.run --standalone --nproc_per_node="$nproc" -m lmcore)
-  CUDA_VISIBLE_DEVICES=$gpus PYTHONPATH=$FA3:$BASE TORCHINDUCTOR_CACHE_DIR=$S/inductor/$cache timeout "${LM_TIMEOUT:-900}" "${launch[@]}" train \
+  CUDA_VISIBLE_DEVICES=$gpus PYTHONPATH=$LMFA3:$BASE TORCHINDUCTOR_CACHE_DIR=$S/inductor/$cache timeout "${LM_TIMEOUT:-900}" "${launch[@]}" train \
     --preset record --set data.data_dir="$D" --set data.tokenizer="$TOK" \
     --set train.iterations="$n" --set train.warmdown_iters=0 --set train.max_wallclock_seconds=0 \
     --set train.log_every=10 --set data.val_max_tokens=262145 --set model.attention=fa3 "$@" \
@@ -197,6 +200,10 @@ setup() {
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
   python3 -m pip install -q --no-index --no-deps --target "$FA3" .fa3/dist/*.whl
   PYTHONPATH=$FA3:$BASE python3 -c "import torch, flash_attn_interface as f; print('torch', torch.__version__, 'fa3', f.__file__)"
+  if [ -n "$LM_FA3_WHL" ]; then  # lmcore's own FA3 build
+    python3 -m pip install -q --no-index --no-deps --target "$LMFA3" $LM_FA3_WHL || return 1
+    PYTHONPATH=$LMFA3:$BASE python3 -c "import flash_attn_interface as f; print('lmcore runs on fa3', f.__file__)"
+  fi
   PYTHONPATH=$BASE python3 -m lmcore data build --docs .data/proxy_docs.jsonl.xz --tokenizer "$TOK" --out "$D" \
     --val-docs 1500 --shard-tokens 10000000 --no-progress || return 1
   # the original with real FA3: its script alone in a folder (.ref/ holds the FA2 shim)
@@ -207,6 +214,7 @@ job() {
   cd "$S/src" || exit 1
   export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
   R=$S/res TOK=$S/src/.data/fineweb_1024_bpe.model D=$S/proxy BASE=/tmp/site:$S/src FA3=/tmp/fa3
+  LMFA3=$FA3; [ -n "$LM_FA3_WHL" ] && LMFA3=/tmp/fa3lm
   T0=$SECONDS
   mkdir -p "$R"
   clocks_sample "$R/clocks.csv" &
@@ -215,7 +223,7 @@ job() {
   python3 -c 'import json, sys; print(json.dumps(dict(zip(("before", "after", "solo"), sys.argv[1:]))))' \
     "$BEFORE" "$LEVERS" "$SOLO" > "$R/levers.json"
   printf '%s\n' "$VARIANTS" > "$R/variants.txt"
-  echo "== setup: stages $STAGES; STEPS $STEPS; ONE_GPU_RUNS $ONE_GPU_RUNS (one GPU); BEFORE $BEFORE; LEVERS $LEVERS; SOLO $SOLO; VARIANTS $VARIANTS; LM2 $LM2 (2 ranks)"
+  echo "== setup: stages $STAGES; STEPS $STEPS; ONE_GPU_RUNS $ONE_GPU_RUNS (one GPU); BEFORE $BEFORE; LEVERS $LEVERS; SOLO $SOLO; VARIANTS $VARIANTS; LM2 $LM2 (2 ranks); LM_FA3_WHL ${LM_FA3_WHL:-(.fa3/dist)}"
   nvidia-smi --query-gpu=name,uuid,memory.total,driver_version --format=csv,noheader
   setup || return 1
   local n_gpu; n_gpu=$(nvidia-smi -L | wc -l)

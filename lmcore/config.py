@@ -198,6 +198,8 @@ class TrainConfig:
     # embeddings. The same math up to the sum's rounding. Its cuda tests pass on an H200 (session 20). On one
     # H200 with the fastest set (session 21): 516.5 -> 513.3 ms a step, the kernels it changes 3.0 ms less.
     fused_qkv_repeat_v: bool = False
+    # FA3's backward takes rowsum(dO * O) from fused_xsa_gate's backward (lmcore.fa3_xsa; FA3 built with FA3_DPSUM=1)
+    fa3_xsa_rowsum: bool = False
     # The MLP's LeakyReLU^2 as its first GEMM's epilogue, act' as the backward GEMM's (lmcore.mlp_kernel:
     # Triton GEMMs on CUDA, the same math in PyTorch elsewhere; the same math as the plain MLP up to the
     # GEMMs' accumulation order). The exported script embeds the kernel. With both fused ops and expand_kv on
@@ -325,6 +327,8 @@ class Config:
             raise ConfigError(f"train.fused_mlp_descriptors={self.train.fused_mlp_descriptors!r}: expected device or host")
         if self.train.fused_qkv_repeat_v and not (self.train.fused_qkv and self.train.expand_kv):
             raise ConfigError("train.fused_qkv_repeat_v=true needs train.fused_qkv=true and train.expand_kv=true")
+        if self.train.fa3_xsa_rowsum and not (self.train.fused_xsa_gate and self.train.expand_kv):
+            raise ConfigError("train.fa3_xsa_rowsum=true needs train.fused_xsa_gate=true and train.expand_kv=true")
         if self.train.fused_mlp_pingpong and not self.train.fused_mlp:
             raise ConfigError("train.fused_mlp_pingpong=true needs train.fused_mlp=true")
         if self.train.fused_mlp_pingpong and self.train.fused_mlp_sign:

@@ -65,9 +65,10 @@ DATA_BUILD_ONLY = frozenset({"corpus"})
 KERNEL_MODULES = {"fused_qk_norm_rope": "kernels", "fused_xsa_gate": "kernels", "fused_qkv": "kernels",
                   "fused_mlp": "mlp_kernel", "fused_softcap_ce": "ce_kernel"}
 KERNEL_SWITCHES = tuple(KERNEL_MODULES)
-# A kernel switch's option with a module of its own, embedded only with the option on (mlp_kernel
-# imports it lazily): train.fused_mlp_pingpong's warp-specialized kernel.
-KERNEL_OPTION_MODULES = {"fused_mlp_pingpong": "mlp_pingpong"}
+# A kernel switch's option with a module of its own, embedded only with the option on (GPT imports
+# it lazily): train.fused_mlp_pingpong's warp-specialized kernel, train.fa3_xsa_rowsum's op (an
+# option of fused_xsa_gate).
+KERNEL_OPTION_MODULES = {"fused_mlp_pingpong": "mlp_pingpong", "fa3_xsa_rowsum": "fa3_xsa"}
 # Third-party modules the script may import; triton too where it embeds the kernels.
 ALLOWED_THIRD_PARTY = frozenset({"torch", "numpy", "sentencepiece", "brotli"})
 

@@ -472,8 +472,9 @@ if triton is not None:
         tl.store(out_ptr + ytile, p.to(out_ptr.dtype.element_ty), mask=ymask)
 
     @triton.jit
-    def _xsa_bwd_kernel(g_ptr, y_ptr, v_ptr, z_ptr, dy_ptr, dv_ptr, dz_ptr, n_rows, eps,
-                        G: tl.constexpr, D: tl.constexpr, R: tl.constexpr, HAS_GATE: tl.constexpr):
+    def _xsa_bwd_kernel(g_ptr, y_ptr, v_ptr, z_ptr, dy_ptr, dv_ptr, dz_ptr, ds_ptr, n_rows, eps, T, TR, HKV,
+                        G: tl.constexpr, D: tl.constexpr, R: tl.constexpr, HAS_GATE: tl.constexpr,
+                        ROWSUM: tl.constexpr):
         rows = tl.program_id(0) * R + tl.arange(0, R)
         live = rows < n_rows
         ytile, ymask, v, norm = _xsa_tiles(y_ptr, v_ptr, rows, live, G, D)
@@ -490,7 +491,12 @@ if triton is not None:
             tl.store(dz_ptr + zoff, dz.to(dz_ptr.dtype.element_ty), mask=live[:, None])
             g = g * s[:, :, None]
         gv = tl.sum(g * vn3, axis=2)[:, :, None]
-        tl.store(dy_ptr + ytile, (g - gv * vn3).to(dy_ptr.dtype.element_ty), mask=ymask)
+        dy = (g - gv * vn3).to(dy_ptr.dtype.element_ty)
+        tl.store(dy_ptr + ytile, dy, mask=ymask)
+        if ROWSUM:  # rowsum(dy * y) a query head into FA3's softmax_d (B, H, TR) (lmcore.fa3_xsa)
+            tok, hk = rows // HKV, rows % HKV
+            ds = (tok // T * (HKV * G) + hk * G)[:, None] + tl.arange(0, G)[None, :]
+            tl.store(ds_ptr + ds * TR + (tok % T)[:, None], tl.sum(dy.to(tl.float32) * y, axis=2), mask=live[:, None])
         dvn = -tl.sum(yv * g + gv * y, axis=1)  # (R, D)
         dv = tl.where((norm > eps)[:, None], (dvn - vn * tl.sum(vn * dvn, axis=1)[:, None]) * inv[:, None], dvn * inv[:, None])
         tl.store(dv_ptr + rows[:, None] * D + tl.arange(0, D)[None, :], dv.to(dv_ptr.dtype.element_ty), mask=live[:, None])
@@ -521,16 +527,19 @@ def _xsa_forward_triton(y: Tensor, v: Tensor, z: Tensor | None, rows: int | None
 
 
 def _xsa_backward_triton(
-    dout: Tensor, y: Tensor, v: Tensor, z: Tensor | None, rows: int | None = None, warps: int = XSA_WARPS
+    dout: Tensor, y: Tensor, v: Tensor, z: Tensor | None, rows: int | None = None, warps: int = XSA_WARPS,
+    rowsum: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
+    """The backward kernel; with `rowsum` ((B, H, TR) fp32, TR >= T) it also writes rowsum(dy * y) there."""
     b, t, hkv, d = v.shape
     g = y.size(2) // hkv
     dy, dv = torch.empty_like(y), torch.empty_like(v)
     dz = y.new_empty(0) if z is None else torch.empty_like(z)
     n_rows, rows = b * t * hkv, rows or XSA_TILE // (g * d)
     _xsa_bwd_kernel[(triton.cdiv(n_rows, rows),)](dout, y, v, y if z is None else z, dy, dv, y if z is None else dz,
-                                                  n_rows, NORM_EPS, G=g, D=d, R=rows, HAS_GATE=z is not None,
-                                                  num_warps=warps)
+                                                  dv if rowsum is None else rowsum, n_rows, NORM_EPS, t,
+                                                  t if rowsum is None else rowsum.size(2), hkv, G=g, D=d, R=rows,
+                                                  HAS_GATE=z is not None, ROWSUM=rowsum is not None, num_warps=warps)
     return dy, dv, dz
 
 

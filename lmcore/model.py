@@ -102,6 +102,7 @@ class Attention(nn.Module):
         self.qkv_op: Callable[..., tuple[Tensor, ...]] | None = None  # kernels.qkv_norm_rope (GPT.use_fused_qkv)
         self.qkv_repeat_v = False  # GPT.use_fused_qkv(repeat_v=True): the op writes attention's repeated v too
         self.xsa_op: Callable[..., Tensor] | None = None  # lmcore.kernels.xsa_gate when fused (XSA layers)
+        self.attn_xsa_op: Callable[..., Tensor] | None = None  # lmcore.fa3_xsa.attention_xsa (GPT.use_fa3_xsa_rowsum)
         self.kv_repeat = 1  # GPT.use_expanded_kv: H // Hkv, k and v repeated to the query heads for attention
 
     def forward(self, x: Tensor, ve: Tensor | None, rope: tuple[Tensor, Tensor], cache: KVCache | None = None,
@@ -125,24 +126,31 @@ class Attention(nn.Module):
                 q, k = rms_norm(q), rms_norm(k)
                 q, k = apply_rope(q, cos, sin), repeat_heads(apply_rope(k, cos, sin), rep)
                 q = q * self.q_gain.to(q.dtype)[None, None, :, None]
-        if cache is None:  # k is already repeated; v keeps its kv heads for XSA below
-            y = attention(q, k, repeat_heads(v, rep) if v_att is None else v_att, self.backend)
+        gate = self.attn_gate(x) if self.attn_gate is not None else None
+        if cache is None and self.attn_xsa_op is not None:  # GPT.use_fa3_xsa_rowsum: the same math, one op
+            y = self.attn_xsa_op(q, k, repeat_heads(v, rep) if v_att is None else v_att, v, gate, self.backend)
+        elif cache is None:  # k is already repeated; v keeps its kv heads for XSA below
+            y = self._xsa_gate(attention(q, k, repeat_heads(v, rep) if v_att is None else v_att, self.backend), v, gate)
         else:
-            y = self._cached_attention(q, k, v, cache)
-        if self.xsa_op is not None and cache is None:  # GPT.use_fused_xsa_gate: the same math, one op
-            y = self.xsa_op(y, v, self.attn_gate(x) if self.attn_gate is not None else None)
-        else:
-            if self.xsa:  # remove the component along the head's own (unit) value vector
-                g = H // Hkv
-                yg = y.view(B, T, Hkv, g, D)
-                vn = F.normalize(v, dim=-1).unsqueeze(-2)
-                y = (yg - (yg * vn).sum(-1, keepdim=True) * vn).view(B, T, H, D)
-            if self.attn_gate is not None:
-                y = y * torch.sigmoid(self.attn_gate(x).to(y.dtype)).unsqueeze(-1)
+            y = self._xsa_gate(self._cached_attention(q, k, v, cache), v, gate, cache)
         y = y.reshape(B, T, H * D)
         if out_scale is not None:  # Block.fold_scales: out_scale * proj(y) as one GEMM on scaled rows
             return F.linear(y, self.proj.scaled_weight(out_scale, y.dtype))
         return self.proj(y)
+
+    def _xsa_gate(self, y: Tensor, v: Tensor, gate: Tensor | None, cache: KVCache | None = None) -> Tensor:
+        """XSA (on XSA layers) then the attention gate (gate: its logits, or None) on y (B, T, H, D)."""
+        if self.xsa_op is not None and cache is None:  # GPT.use_fused_xsa_gate: the same math, one op
+            return self.xsa_op(y, v, gate)
+        B, T, H, D = y.shape
+        if self.xsa:  # remove the component along the head's own (unit) value vector
+            Hkv = v.size(2)
+            yg = y.view(B, T, Hkv, H // Hkv, D)
+            vn = F.normalize(v, dim=-1).unsqueeze(-2)
+            y = (yg - (yg * vn).sum(-1, keepdim=True) * vn).view(B, T, H, D)
+        if gate is not None:
+            y = y * torch.sigmoid(gate.to(y.dtype)).unsqueeze(-1)
+        return y
 
     def _cached_attention(self, q: Tensor, k: Tensor, v: Tensor, cache: KVCache) -> Tensor:
         # One new token per call (T == 1): write K/V at pos, attend to positions <= pos.
@@ -429,6 +437,16 @@ class GPT(nn.Module):
         for b in self.blocks:
             if b.attn.xsa:
                 b.attn.xsa_op = xsa_gate
+
+    def use_fa3_xsa_rowsum(self) -> None:
+        """Attention, XSA and the gate as one op on the XSA layers (train.fa3_xsa_rowsum,
+        lmcore.fa3_xsa): XSA's backward hands FA3's backward the rowsums it would otherwise read O
+        and dO again for. Needs k and v repeated to the query heads (use_expanded_kv)."""
+        from lmcore.fa3_xsa import attention_xsa
+
+        for b in self.blocks:
+            if b.attn.xsa:
+                b.attn.attn_xsa_op = attention_xsa
 
     def use_fused_softcap_ce(self) -> None:
         """The training loss (the logit softcap and the mean cross-entropy) through

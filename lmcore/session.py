@@ -307,6 +307,8 @@ def start_session(
         model.use_fused_xsa_gate()
     if tc.fused_softcap_ce:
         model.use_fused_softcap_ce()
+    if tc.fa3_xsa_rowsum:
+        model.use_fa3_xsa_rowsum()
     if tc.fused_qkv:
         model.use_fused_qkv(tc.fused_qkv_repeat_v)
     if tc.fused_mlp:
@@ -320,6 +322,12 @@ def start_session(
     if device.type == "cuda" and bf16:
         model.cast_embeddings(torch.bfloat16)
     backend = model.set_attention_backend(cfg.model.attention, device)
+    if tc.fa3_xsa_rowsum and backend != "math":
+        from lmcore.fa3_xsa import fa3_rowsum_reason
+
+        reason = fa3_rowsum_reason() if backend == "fa3" else f"it runs on attention backend fa3, not {backend}"
+        if reason:
+            raise ConfigError(f"train.fa3_xsa_rowsum: {reason}")
     opt = build_optimizers(model, tc)
     compiled = device.type == "cuda" and tc.compile
     if compiled:

@@ -23,6 +23,9 @@
 #   FA3_PTXAS=PATH   assemble the device code with this ptxas (e.g. CUDA 12.8's, which
 #                    upstream prefers) instead of the toolkit's; see scripts/fa3_ptxas.sh
 #                    (neither is faster at the record's shape: benchmarks/RESULTS.md)
+#   FA3_DPSUM=1      patch the backward to take rowsum(dO * O) from the caller (scripts/fa3_dpsum_patch.py:
+#                    bwd's last argument `softmax_d`; lmcore's train.fa3_xsa_rowsum needs it); the
+#                    wheel's local version ends in .dpsum. Without the argument every kernel runs as before
 #   FA3_TAG=NAME    appended to the wheel's local version (3.0.0+lmcore.hd64bf16...NAME), to
 #                    tell builds of patched sources apart
 #   FA3_WORK (scratch, default /tmp/fa3_build), MAX_JOBS (default nproc), NVCC_THREADS (2),
@@ -108,6 +111,7 @@ if [ "$FA_AT" != "$FA_PIN" ] || [ "$CUTLASS_AT" != "$CUTLASS_PIN" ]; then
 fi
 H=$WORK/fa/hopper
 "$PY" "$REPO/scripts/fa3_setup_patch.py" "$H/setup.py"
+if [ "${FA3_DPSUM:-0}" = 1 ]; then "$PY" "$REPO/scripts/fa3_dpsum_patch.py" "$H" || die "the FA3_DPSUM patch did not apply"; fi
 
 # ---- optional ptxas: a toolkit overlay whose bin/ptxas is scripts/fa3_ptxas.sh ---------------
 PTXAS_DESC="$("$CUDA_HOME/bin/ptxas" --version | grep -o 'release [0-9.]*') (toolkit)"
@@ -132,6 +136,7 @@ OFF="SPLIT PAGEDKV APPENDKV LOCAL SOFTCAP FP16 FP8 VARLEN SM80 HDIM96 HDIM128 HD
 LOCAL=lmcore.hd64bf16
 if [ "${FA3_PACKGQA:-0}" = 1 ]; then LOCAL=$LOCAL.packgqa; else OFF="$OFF PACKGQA"; fi
 [ -n "${FA3_PTXAS:-}" ] && LOCAL=$LOCAL.ptxas$("$FA3_REAL_PTXAS" --version | grep -o 'release [0-9.]*' | tr -dc 0-9)
+[ "${FA3_DPSUM:-0}" = 1 ] && LOCAL=$LOCAL.dpsum
 [ -n "${FA3_TAG:-}" ] && LOCAL=$LOCAL.$FA3_TAG
 for f in $OFF; do export "FLASH_ATTENTION_DISABLE_$f=TRUE"; done
 unset FLASH_ATTENTION_DISABLE_BACKWARD FLASH_ATTENTION_DISABLE_HDIM64 FLASH_ATTENTION_DISABLE_CLUSTER FLASH_ATTENTION_ENABLE_VCOLMAJOR

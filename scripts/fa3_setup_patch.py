@@ -27,18 +27,22 @@ PATCHES = [
 ]
 
 
-def main(path: str) -> int:
+def apply(path: str, patches: list[tuple[str, str]], tool: str) -> int:
+    """Replace each anchor of `patches` in `path`; 1 (the anchor named) if one is missing."""
     with open(path) as f:
         src = f.read()
-    for old, new in PATCHES:
-        if old not in src:
-            print(f"fa3_setup_patch: anchor not found in {path}: {old!r}", file=sys.stderr)
+    for old, new in patches:
+        if src.count(old) != 1:
+            print(f"{tool}: anchor found {src.count(old)} times (not once) in {path}: {old!r}", file=sys.stderr)
             return 1
         src = src.replace(old, new)
     with open(path, "w") as f:
         f.write(src)
     return 0
 
+
+def main(path: str) -> int:
+    return apply(path, PATCHES, "fa3_setup_patch")
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:

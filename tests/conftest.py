@@ -66,6 +66,20 @@ def assert_same_loss_and_grads(loss, grads, plain_loss, plain_grads, loss_abs: f
         torch.testing.assert_close(grads[n], plain_grads[n], rtol=rtol, atol=atol, msg=n)
 
 
+def compiled_without_and_with(model, ids, tgt, switch_on, bf16: bool = True):
+    """[(loss, grads) without, (loss, grads) with]: the model compiled by inductor (fullgraph, static
+    shapes, as training compiles it) before and after `switch_on()`, under bf16 autocast if bf16."""
+    results = []
+    for on in (False, True):
+        if on:
+            switch_on()
+        torch._dynamo.reset()
+        compiled = torch.compile(model, fullgraph=True, dynamic=False)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+            results.append(loss_and_grads(model, ids, tgt, forward=compiled))
+    return results
+
+
 def compiled_loss(model, ids, tgt) -> float:
     """The model's loss compiled whole (fullgraph, static shapes, aot_eager) after a dynamo reset:
     the fused ops and folded paths as torch.compile traces them."""

@@ -180,6 +180,23 @@ def test_the_speed_job_runs_every_stage_in_order_and_stops_its_sampler(tmp_path:
 
 
 @needs_bash
+@pytest.mark.parametrize(("wheel", "lm_fa3"), [("", "/tmp/fa3"), ("/x/flash_attn_3-dpsum.whl", "/tmp/fa3lm")])
+def test_the_speed_job_runs_lmcore_on_its_own_fa3_build_only_when_given(tmp_path: Path, wheel: str, lm_fa3: str):
+    """LM_FA3_WHL (train.fa3_xsa_rowsum's FA3_DPSUM build): lmcore's runs on it, the originals on .fa3/dist's
+    (the FA2 shim's on none: its path starts with the site folder)."""
+    scratch, path = _fake_machine(tmp_path)
+    stubs = 'setup() { :; }; orig() { echo "orig $1 ${5%%:*}"; }; lm() { echo "lm $1 $LMFA3"; }; sources() { :; }'
+    env = {**os.environ, "PATH": path, "GPUS": "2", "SMI_PID": str(tmp_path / "smi.pid"), "STAGES": "orig1 lm1 orig2",
+           "LM1_PAIRS": "after", "LM_FA3_WHL": wheel, "PYTHONPATH": ""}
+    res = subprocess.run(["bash", "-c", f"source benchmarks/speed.sh job; S={scratch}; {stubs}; job"], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert res.returncode == 0 and "== done" in res.stdout, res.stdout + res.stderr
+    lines = set(re.findall(r"^(?:orig|lm) .*$", res.stdout, re.MULTILINE))
+    assert lines == {"orig orig_fa3_1 /tmp/fa3", "orig orig_fa2_1 /tmp/site", "orig orig_fa3_2 /tmp/fa3",
+                     f"lm lm_after_1 {lm_fa3}", f"lm lm_solo_1 {lm_fa3}"}, res.stdout
+
+
+@needs_bash
 @pytest.mark.parametrize("gpus", [2, 4])
 def test_the_capped_job_runs_a_pair_a_seed_and_reports_over_the_seeds(tmp_path: Path, gpus: int):
     """capped_2gpu.sh's job on a fake machine, setup and the runs stubbed (the original writes its

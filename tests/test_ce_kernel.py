@@ -16,6 +16,7 @@ from lmcore.model import GPT
 from lmcore.train import train
 from tests.conftest import (
     assert_same_loss_and_grads,
+    compiled_without_and_with,
     loss_and_grads,
     next_token_batch,
     randomize_,
@@ -130,14 +131,6 @@ def test_fused_loss_model_on_cuda_compiled_is_the_plain_model(bf16):
     cfg = tiny_model_cfg(model_dim=128, num_heads=4, num_kv_heads=2, rope_dims=16)
     model = randomize_(GPT(cfg), std=0.05).cuda().train()
     ids, tgt = next_token_batch(cfg.vocab_size, (4, 64), "cuda")
-    results = []
-    for fused in (False, True):
-        if fused:
-            model.use_fused_softcap_ce()
-        torch._dynamo.reset()
-        compiled = torch.compile(model, fullgraph=True, dynamic=False)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
-            results.append(loss_and_grads(model, ids, tgt, forward=compiled))
-    (plain_loss, plain_grads), (loss, grads) = results
+    (plain_loss, plain_grads), (loss, grads) = compiled_without_and_with(model, ids, tgt, model.use_fused_softcap_ce, bf16)
     tol = (1e-2, 1e-3) if bf16 else (1e-4, 1e-5)
     assert_same_loss_and_grads(loss, grads, plain_loss, plain_grads, tol[1], rtol=tol[0], atol=tol[1])

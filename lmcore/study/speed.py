@@ -108,6 +108,10 @@ SPEED_LEVERS: dict[str, list[str]] = {
     "fused_ce": ["train.fused_softcap_ce=true"],
     "fused_all_qkv_fold_foreach_graphs_repeat_v_pingpong_ce": [
         *_FASTEST_REPEAT_V, "train.fused_mlp_pingpong=true", "train.fused_softcap_ce=true"],
+    # that with FA3's backward given its rowsums rowsum(dO * O) by XSA's backward (train.fa3_xsa_rowsum: FA3 built with
+    # FA3_DPSUM=1 scripts/build_fa3.sh; its preprocess then skips reading O and dO, 9.0 ms a 1-GPU step in session 25)
+    "fused_all_qkv_fold_foreach_graphs_repeat_v_pingpong_ce_rowsum": [
+        *_FASTEST_REPEAT_V, "train.fused_mlp_pingpong=true", "train.fused_softcap_ce=true", "train.fa3_xsa_rowsum=true"],
     # a pin and a copy of x and y a micro-batch instead of the default's one pinned buffer and one copy a step
     # (train.step_batch_copy=false; the same batches). Session 22, the fastest set: 521.8 ms a step without it
     # (GPU 0) against 512.8 with it (GPU 1 of the same host), the profiled steps' kernel time equal

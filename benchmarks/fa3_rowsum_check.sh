@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# train.fa3_xsa_rowsum on a GPU machine, in one device call, then optionally the speed job:
+#   1. FA3 built with FA3_DPSUM=1 (scripts/build_fa3.sh into .fa3/dpsum; skipped when a wheel is there:
+#      carry .fa3 with it), installed in /tmp/fa3lm;
+#   2. pytest -m cuda tests/test_fa3_xsa.py and the XSA kernel's cuda tests on that build;
+#   3. with START_SPEED=1: benchmarks/speed.sh start with LM_FA3_WHL=that wheel. LEVERS_OK is the after set
+#      when the tests pass, LEVERS_FAIL when they do not (the environment's SOLO, LM2, ... as speed.sh takes them).
+# $OUT gets the wheel (in fa3_dpsum_wheel.tar: untar it in the checkout to skip the build next time), the
+# build's summary and the tests' log. Carry .whl, .data, .ref and .fa3 (with fa3-src.tar.xz copied into it).
+# Session 26 on nvidia-h200-x2: the build 145 s (32 cores), the tests 84 s, then the speed job 1,081 s.
+#   START_SPEED=1 LEVERS_OK="..." LEVERS_FAIL="..." SOLO="..." bash benchmarks/fa3_rowsum_check.sh
+set -uo pipefail
+OUT=${OUT:-/tmp/fa3_rowsum_out}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+if ! ls .fa3/dpsum/flash_attn_3-*.whl > /dev/null 2>&1; then
+  echo "== FA3_DPSUM=1 scripts/build_fa3.sh ($SECONDS s)"
+  FA3_DPSUM=1 timeout 420 bash scripts/build_fa3.sh .fa3/dpsum > "$OUT/fa3_dpsum_build.txt" 2>&1
+  rc=$?
+  grep -v "^  " "$OUT/fa3_dpsum_build.txt" | tail -12
+  [ $rc -eq 0 ] || { tail -40 .fa3/dpsum/fa3_build.log > "$OUT/fa3_build_tail.log"; exit 1; }
+fi
+tar -cf "$OUT/fa3_dpsum_wheel.tar" .fa3/dpsum/flash_attn_3-*.whl  # a wheel's name ('+') does not come back itself
+python3 -m pip install -q --no-index --no-deps --target /tmp/fa3lm .fa3/dpsum/flash_attn_3-*.whl || exit 1
+echo "== pytest -m cuda ($SECONDS s)"
+PYTHONPATH=/tmp/fa3lm:/tmp/site:$PWD timeout 360 python3 -m pytest -q -m cuda -rs -p no:cacheprovider \
+  tests/test_fa3_xsa.py tests/test_kernels.py -k "xsa or fa3" > "$OUT/cuda_tests.txt" 2>&1
+RC=$?
+grep -E "passed|failed|SKIPPED|Error" "$OUT/cuda_tests.txt" | tail -12
+echo "== tests rc $RC ($SECONDS s)"
+if [ "${START_SPEED:-0}" = 1 ]; then
+  whl=""  # lmcore's runs on the FA3_DPSUM build only when its tests passed
+  if [ $RC -eq 0 ]; then export LEVERS=$LEVERS_OK; whl=$(ls "$PWD"/.fa3/dpsum/flash_attn_3-*.whl); else export LEVERS=$LEVERS_FAIL; fi
+  echo "== speed.sh start: LEVERS $LEVERS"
+  LM_FA3_WHL=$whl bash benchmarks/speed.sh start $((570 - SECONDS))
+fi
+exit $RC

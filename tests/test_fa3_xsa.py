@@ -1,0 +1,222 @@
+"""lmcore.fa3_xsa (train.fa3_xsa_rowsum): attention + XSA + the gate as one op whose backward hands
+FA3's backward the rowsums rowsum(dO * O) from XSA's. On CPU through the math backend (FA3's
+contract in PyTorch): the math backend against plain attention, the rowsums against their
+definition, the op's gradients against autograd of attention then kernels.xsa_gate, the model with
+the switch against the model without, eager and compiled, and a training run. On GPU (marked cuda):
+the rowsums against FA3's own preprocess, and the op on FA3 against FA3 then xsa_gate."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import lmcore.fa3_xsa as FX
+from lmcore import kernels
+from lmcore.attention import math_attention
+from lmcore.config import ConfigError, preset
+from lmcore.export import code_bytes_of_export, embedded_sources
+from lmcore.model import GPT
+from lmcore.train import train
+from tests.conftest import (
+    assert_same_loss_and_grads,
+    compiled_without_and_with,
+    loss_and_grads,
+    next_token_batch,
+    randomize_,
+    tiny_model_cfg,
+    train_losses,
+)
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import fa3_dpsum_patch as FX_PATCH  # noqa: E402  (scripts/, not a package)
+
+
+def _qkv(b=2, t=9, h=4, hkv=2, d=8, device="cpu", dtype=torch.float32, gate=True, seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, device=device).to(dtype)  # noqa: E731
+    v = r(b, t, hkv, d)
+    z = r(b, t, h) if gate else None
+    return r(b, t, h, d), r(b, t, h, d), v.repeat_interleave(h // hkv, dim=2), v, z
+
+
+def test_math_backend_is_causal_attention_with_its_log_sum_exp():
+    q, k, v_att, _, _ = _qkv()
+    out, lse = FX._attention_lse(q, k, v_att, q.size(-1) ** -0.5)
+    torch.testing.assert_close(out, math_attention(q, k, v_att), rtol=1e-5, atol=1e-6)
+    assert lse.shape == (2, 4, 9)
+    s0 = (q[:, 0] * k[:, 0]).sum(-1) * q.size(-1) ** -0.5  # the first query sees only the first key
+    torch.testing.assert_close(lse[:, :, 0], s0)
+
+
+@pytest.mark.parametrize("gate", [True, False])
+@pytest.mark.parametrize("t", [9, 128])
+def test_xsa_backward_with_rowsums_is_xsa_backward_plus_rowsum_of_dy_times_y(t, gate):
+    _, _, y, v, z = _qkv(t=t, gate=gate)
+    y = torch.randn_like(y)
+    dout = torch.randn_like(y)
+    dy, dv, dz, rowsum = FX._xsa_backward_rowsum(dout, y, v, z)
+    ref = kernels._xsa_backward_math(dout, y, v, z)
+    for got, want in zip((dy, dv, dz), ref):
+        assert torch.equal(got, want)
+    assert rowsum.shape == (2, 4, 128) and rowsum.dtype == torch.float32 and rowsum.is_contiguous()
+    torch.testing.assert_close(rowsum[:, :, :t], torch.einsum("bthd,bthd->bht", dy, y))
+    assert torch.equal(rowsum[:, :, t:], torch.zeros(2, 4, 128 - t))  # FA3's padded rows
+
+
+@pytest.mark.parametrize("gate", [True, False])
+def test_op_gradients_are_autograd_of_attention_then_xsa_gate(gate):
+    q, k, v_att, v, z = _qkv(gate=gate)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v_att, v) + ((z,) if gate else ())]
+    w = torch.randn(2, 9, 4, 8)
+
+    def grads(fn):
+        xs = [x.detach().clone().requires_grad_() for x in leaves]
+        out = fn(*xs[:4], xs[4] if gate else None)
+        (out * w).sum().backward()
+        return out.detach(), [x.grad for x in xs]
+
+    out, got = grads(lambda q, k, va, v, z: FX.attention_xsa(q, k, va, v, z, "math"))
+    ref_out, ref = grads(lambda q, k, va, v, z: kernels.xsa_gate(math_attention(q, k, va), v, z))
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    # the rowsums matter: FA3's backward without them (zero) gives another dq
+    y, lse = FX._attention_lse(q, k, v_att, q.size(-1) ** -0.5)
+    dy, _, _, rowsum = FX._xsa_backward_rowsum(w, y, v, z)
+    dq = FX._attention_backward(dy, q, k, v_att, lse, rowsum, q.size(-1) ** -0.5)[0]
+    dq0 = FX._attention_backward(dy, q, k, v_att, lse, torch.zeros_like(rowsum), q.size(-1) ** -0.5)[0]
+    torch.testing.assert_close(dq, got[0], rtol=1e-4, atol=1e-5)
+    assert (dq - dq0).abs().max() > 0.1
+
+
+def test_op_takes_only_fa3_or_math_and_repeated_kv():
+    q, k, v_att, v, z = _qkv()
+    with pytest.raises(ValueError, match="sdpa"):
+        FX.attention_xsa(q, k, v_att, v, z, "sdpa")
+    with pytest.raises(ValueError, match="repeated"):
+        FX.attention_xsa(q, k[:, :, :2], v_att, v, z, "math")
+
+
+def _model():
+    cfg = tiny_model_cfg(gated_attn_layers="0,2")
+    model = randomize_(GPT(cfg), std=0.1).train()
+    model.use_expanded_kv()
+    model.use_fused_xsa_gate()
+    return model
+
+
+def test_model_with_the_op_is_the_model_without_eager_and_compiled():
+    model = _model()
+    ids, tgt = next_token_batch(model.cfg.vocab_size)
+    plain_loss, plain_grads = loss_and_grads(model, ids, tgt)
+    model.use_fa3_xsa_rowsum()
+    calls = []
+    for b in model.blocks:
+        b.attn.attn_xsa_op = lambda *a, f=b.attn.attn_xsa_op: calls.append(1) or f(*a)
+    loss, grads = loss_and_grads(model, ids, tgt)
+    assert len(calls) == model.cfg.num_layers  # every XSA layer (all of them) went through the op
+    assert_same_loss_and_grads(loss, grads, plain_loss, plain_grads, 1e-5, rtol=1e-4, atol=1e-6)
+    assert grads["blocks.0.attn.attn_gate.weight"].abs().sum() > 0
+    model.use_fa3_xsa_rowsum()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, dynamic=False, backend="aot_eager")
+    c_loss, c_grads = loss_and_grads(model, ids, tgt, forward=compiled)
+    assert_same_loss_and_grads(c_loss, c_grads, plain_loss, plain_grads, 1e-5, rtol=1e-4, atol=1e-6)
+
+
+def test_the_switch_needs_the_fused_xsa_op_and_repeated_kv():
+    with pytest.raises(ConfigError, match="fused_xsa_gate"):
+        preset("tiny", ["train.fa3_xsa_rowsum=true", "train.expand_kv=true"])
+    with pytest.raises(ConfigError, match="expand_kv"):
+        preset("tiny", ["train.fa3_xsa_rowsum=true", "train.fused_xsa_gate=true"])
+
+
+def test_the_exported_script_embeds_the_op_only_with_the_switch():
+    base = ["train.fused_xsa_gate=true", "train.expand_kv=true"]
+    on, off = preset("record", [*base, "train.fa3_xsa_rowsum=true"]), preset("record", base)
+    assert set(embedded_sources(on)) - set(embedded_sources(off)) == {"lmcore/fa3_xsa.py"}
+    assert code_bytes_of_export(on) > code_bytes_of_export(off)
+
+
+def test_training_with_the_switch_follows_the_plain_losses(tmp_path):
+    on = ["train.iterations=3", "train.log_every=1", "model.attention=math", "train.fused_xsa_gate=true",
+          "train.expand_kv=true"]
+    plain = train(preset("tiny", on), tmp_path / "plain", progress=False)
+    fused = train(preset("tiny", [*on, "train.fa3_xsa_rowsum=true"]), tmp_path / "fused", progress=False)
+    a, b = train_losses(tmp_path / "plain"), train_losses(tmp_path / "fused")
+    assert len(a) == 3 and b == pytest.approx(a, abs=1e-4)
+    assert fused.val_bpb == pytest.approx(plain.val_bpb, abs=1e-4)
+
+
+def test_the_fa3_patch_applies_once_to_the_pinned_sources(shared_dir, tmp_path):
+    # build_fa3.sh FA3_DPSUM=1: each anchor found exactly once in ../shared/fa3's sources (the pinned commit),
+    # a second application refused (its anchors are gone), the schema's new argument last and optional
+    tar = shared_dir / "fa3" / "fa3-src.tar.xz"
+    if not tar.is_file():
+        pytest.skip(f"{tar} is not present")
+    names = [f"fa/hopper/{n}" for n in FX_PATCH.PATCHES]
+    subprocess.run(["tar", "-xJf", str(tar), "-C", str(tmp_path), *names], check=True)
+    hopper = tmp_path / "fa" / "hopper"
+    before = {n: (hopper / n).read_text() for n in FX_PATCH.PATCHES}
+    assert FX_PATCH.main(str(hopper)) == 0
+    api = (hopper / "flash_api_stable.cpp").read_text()
+    assert '"int sm_margin = 0,"\n        "Tensor? softmax_d = None) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");' in api
+    assert "to<std::optional<Tensor>>(stack[22])" in api and "sm_margin, softmax_d_in);  //" in api
+    for n, old in before.items():
+        assert (hopper / n).read_text().count(FX_PATCH.NOTE) == len(FX_PATCH.PATCHES[n]) and old.count(FX_PATCH.NOTE) == 0
+    assert FX_PATCH.main(str(hopper)) == 1
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("gate", [True, False])
+@pytest.mark.parametrize("t", [2048, 200])
+def test_on_fa3_the_rowsums_are_fa3s_and_the_op_is_fa3_then_xsa_gate(t, gate):
+    reason = FX.fa3_rowsum_reason()
+    if reason:
+        pytest.skip(reason)
+    from flash_attn_interface import flash_attn_func
+
+    q, k, v_att, v, z = _qkv(b=4, t=t, h=8, hkv=4, d=64, device="cuda", dtype=torch.bfloat16, gate=gate)
+    w = torch.randn(4, t, 8, 64, device="cuda", dtype=torch.bfloat16)
+    scale = 64 ** -0.5
+    y, lse = FX._fa3_forward(q, k, v_att, scale)
+    dy, _, _, rowsum = FX._xsa_backward_rowsum(w, y, v, z)
+    ref = torch.ops.flash_attn_3.bwd(dy, q, k, v_att, y, lse, None, None, None)[0]  # FA3's own preprocess
+    torch.testing.assert_close(rowsum[:, :, :t], ref[:, :, :t], rtol=1e-4, atol=1e-4)
+    results = []
+    for fused in (True, False):
+        xs = [x.clone().requires_grad_() for x in (q, k, v_att, v) + ((z,) if gate else ())]
+        zz = xs[4] if gate else None
+        if fused:
+            out = FX.attention_xsa(*xs[:4], zz, "fa3")
+        else:
+            out = kernels.xsa_gate(flash_attn_func(xs[0], xs[1], xs[2], causal=True), xs[3], zz)
+        (out.float() * w.float()).sum().backward()
+        results.append((out.detach(), [x.grad for x in xs]))
+    (out_f, g_f), (out_p, g_p) = results
+    assert torch.equal(out_f, out_p)  # the same kernels forward
+    for a, b in zip(g_f, g_p):  # only the rowsums' order of additions differs
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-3)
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_on_fa3_the_compiled_model_with_the_op_is_the_model_without():
+    # inductor (fullgraph, as training compiles it) under bf16 autocast, head dim 64 (the FA3 build's)
+    reason = FX.fa3_rowsum_reason()
+    if reason:
+        pytest.skip(reason)
+    cfg = tiny_model_cfg(model_dim=256, num_heads=4, num_kv_heads=2, rope_dims=16, gated_attn_layers="0,2")
+    model = randomize_(GPT(cfg), std=0.05).cuda().train()
+    model.use_expanded_kv()
+    model.use_fused_xsa_gate()
+    assert model.set_attention_backend("fa3", "cuda") == "fa3"
+    ids, tgt = next_token_batch(cfg.vocab_size, (4, 256), "cuda")
+    (plain_loss, plain_grads), (loss, grads) = compiled_without_and_with(model, ids, tgt, model.use_fa3_xsa_rowsum)
+    assert_same_loss_and_grads(loss, grads, plain_loss, plain_grads, 1e-3, rtol=2e-2, atol=2e-3)
