@@ -65,6 +65,9 @@
 # Session 25 on nvidia-h200-x2 (LM1_PAIRS=after, LM2=after): setup 21 s, peak 26 s, the originals' pair 291 s, the
 # lm1 pair 224 s, the 2-rank original 233 s; the device time ran out as lm_after_2 started. The `cuda` tests run
 # in the same call before `start` took 197 s on the fresh machine (compiles): budget them.
+# Session 26 on nvidia-h200-x2 (LM1_PAIRS=after, LM2="after solo", LM_FA3_WHL the FA3_DPSUM build): 1,081 s (setup
+# 28 s, peak 26 s, the originals' pair 305 s, the lm1 pair 228 s, the 2-rank original 255 s, lm_after_2 113 s,
+# lm_solo_2 112 s, report 14 s). STAGES=lm2 LM2="after solo" alone: 239 s.
 # It outlasts one device call: `start` runs it detached (benchmarks/detached.sh) and polls;
 # `poll` (the next call, within 30 s of the last) goes on. Carry .whl, .data, .ref and .fa3.
 # Each poll leaves $OUT/speed.log, and once done $OUT/speed_table.md and

@@ -77,12 +77,13 @@ def test_older_drivers_name_and_bad_paths(tmp_path: Path, capsys):
     ("speed-2026-11-30-h200x2-s24", "| lm_v_one_graph_2 | 185 | 37 | 1650 | 1530 | 692 | 700 | 76% | 60 |"),
     ("speed-2026-11-30-h200-s24b", "| lm_solo_1 | 271 | 145 | 1665 | 1245 | 693 | 700 | 99% | 56 |"),
     ("speed-2026-11-30-h200x2-s25", "| lm_after_1 | 446 | 216 | 1650 | 1530 | 693 | 700 | 100% | 58 |"),
-    ("speed-2026-11-30-h200x2-s26", "| lm_after_1 | 453 | 217 | 1620 | 1455 | 694 | 700 | 100% | 62 |")])
+    ("speed-2026-11-30-h200x2-s26", "| lm_after_1 | 453 | 217 | 1620 | 1455 | 694 | 700 | 100% | 62 |"),
+    ("speed-2026-11-30-h200x2-s26b", "| lm_after_2 | 203 | 30 | 1650 | 1350 | 693 | 700 | 97% | 60 |")])
 def test_committed_clocks_table_is_what_its_samples_give(capsys, job, row):
     # session 16's second speed.sh job (H200 GPU-44b6d01d), session 17's (GPU-c21df98c, the
     # original sampled too), session 18's (GPU-7baecdac) and session 19's (2-rank stages; GPU 0 is
     # GPU-33858fae), session 20's (GPU 0 is GPU-a1f914b4), session 21's two (GPU 0 is GPU-bebd79c4) and
-    # session 22's (GPU 0 is GPU-5a19d858), session 23's (GPU 0 is GPU-1f3810d9) and session 24's two (GPU-1ee68278; s24b GPU-48725ebc), session 25's (GPU-3af83493, made here), session 26's (GPU-34632a62, as printed):
+    # session 22's (GPU 0 is GPU-5a19d858), session 23's (GPU 0 is GPU-1f3810d9) and session 24's two (GPU-1ee68278; s24b GPU-48725ebc), session 25's (GPU-3af83493, made here), session 26's two (GPU-34632a62; s26b GPU-451d3400, as printed):
     # nvidia-smi's samples and the job's log as the device wrote them; clocks.md as the report gives them
     # (s16b's rerun here after zero-length stages were left out; s20's made here; s23's printed by the job
     # with --profiles, as speed.sh runs it since session 22)
