@@ -39,7 +39,8 @@ BWD_ARGS = {"g_ptr": "*bf16", "x_ptr": "*bf16", "rstd_ptr": "*fp32", "cos_ptr": 
 CHOICES = [(16, 2), (16, 4), (32, 4), (32, 8), (64, 8)]  # (rows a program, warps); lmcore.kernels uses TILE // D, WARPS
 XSA_FWD_ARGS = {"y_ptr": "*bf16", "v_ptr": "*bf16", "z_ptr": "*bf16", "out_ptr": "*bf16", "n_rows": "i32", "eps": "fp32"}
 XSA_BWD_ARGS = {"g_ptr": "*bf16", "y_ptr": "*bf16", "v_ptr": "*bf16", "z_ptr": "*bf16", "dy_ptr": "*bf16",
-                "dv_ptr": "*bf16", "dz_ptr": "*bf16", "n_rows": "i32", "eps": "fp32"}
+                "dv_ptr": "*bf16", "dz_ptr": "*bf16", "ds_ptr": "*fp32", "n_rows": "i32", "eps": "fp32", "T": "i32",
+                "TR": "i32", "HKV": "i32"}
 XSA_CHOICES = [(8, 4), (16, 4), (16, 8), (32, 8)]  # lmcore.kernels uses XSA_TILE // (G * D), XSA_WARPS
 
 
@@ -169,9 +170,10 @@ def main() -> int:
             mark = " (lmcore)" if rows == kernels.TILE // m.head_dim and warps == kernels.WARPS else ""
             _rows(name, rows, mark, warps, qk, consts, tool)
     xsa = [("forward", kernels._xsa_fwd_kernel, XSA_FWD_ARGS), ("backward", kernels._xsa_bwd_kernel, XSA_BWD_ARGS)]
-    for name, gated in (("XSA, gated", True), ("XSA, no gate", False)):
+    for name, gated, rowsum in (("XSA, gated", True, False), ("XSA, no gate", False, False),
+                                ("XSA, gated, rowsums (train.fa3_xsa_rowsum)", True, True)):
         for rows, warps in XSA_CHOICES:
-            consts = {"G": g, "D": m.head_dim, "R": rows, "HAS_GATE": gated}
+            consts = {"G": g, "D": m.head_dim, "R": rows, "HAS_GATE": gated, "ROWSUM": rowsum}
             mark = " (lmcore)" if rows == kernels.XSA_TILE // (g * m.head_dim) and warps == kernels.XSA_WARPS else ""
             _rows(name, rows, mark, warps, xsa, consts, tool)
     mlp_rows(tool)
