@@ -263,6 +263,18 @@ def ddp_graph_mode(tc: TrainConfig) -> None:
     dynamo_config.optimize_ddp = tc.ddp_split_graph
 
 
+def _check_fa3_rowsum(attention: str, device: torch.device) -> None:
+    """train.fa3_xsa_rowsum runs on FA3 built with FA3_DPSUM=1 (or the math backend): a ConfigError
+    naming what is missing otherwise (before anything is written; it also loads FA3's op)."""
+    from lmcore.attention import resolve_backend
+    from lmcore.fa3_xsa import fa3_rowsum_reason
+
+    backend = resolve_backend(attention, device)
+    reason = None if backend == "math" else fa3_rowsum_reason() if backend == "fa3" else f"it runs on fa3, not {backend}"
+    if reason:
+        raise ConfigError(f"train.fa3_xsa_rowsum with model.attention={attention}: {reason}")
+
+
 def start_session(
     cfg: Config, run_dir: Path, dist: DistInfo, *, device: torch.device, resume: bool, progress: bool
 ) -> tuple[Session, TrainState]:
@@ -288,6 +300,8 @@ def start_session(
     tables = ByteTables.from_sentencepiece(cfg.data.tokenizer, vocab).to(device)
     if tables.size > vocab:
         raise ConfigError(f"{cfg.data.tokenizer}: tokenizer has {tables.size} pieces, more than model.vocab_size={vocab}")
+    if tc.fa3_xsa_rowsum:
+        _check_fa3_rowsum(cfg.model.attention, device)
     found = load_resumable_checkpoint(run_dir) if resume else None
     if found is not None and main:
         for note in found[2]:
@@ -322,12 +336,6 @@ def start_session(
     if device.type == "cuda" and bf16:
         model.cast_embeddings(torch.bfloat16)
     backend = model.set_attention_backend(cfg.model.attention, device)
-    if tc.fa3_xsa_rowsum and backend != "math":
-        from lmcore.fa3_xsa import fa3_rowsum_reason
-
-        reason = fa3_rowsum_reason() if backend == "fa3" else f"it runs on attention backend fa3, not {backend}"
-        if reason:
-            raise ConfigError(f"train.fa3_xsa_rowsum: {reason}")
     opt = build_optimizers(model, tc)
     compiled = device.type == "cuda" and tc.compile
     if compiled:

@@ -143,6 +143,13 @@ def test_the_exported_script_embeds_the_op_only_with_the_switch():
     assert code_bytes_of_export(on) > code_bytes_of_export(off)
 
 
+def test_training_refuses_the_switch_off_fa3_before_writing_anything(tmp_path):
+    on = ["train.fused_xsa_gate=true", "train.expand_kv=true", "train.fa3_xsa_rowsum=true"]
+    with pytest.raises(ConfigError, match="model.attention=sdpa: it runs on fa3, not sdpa"):
+        train(preset("tiny", [*on, "model.attention=sdpa"]), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "config.json").exists()
+
+
 def test_training_with_the_switch_follows_the_plain_losses(tmp_path):
     on = ["train.iterations=3", "train.log_every=1", "model.attention=math", "train.fused_xsa_gate=true",
           "train.expand_kv=true"]
