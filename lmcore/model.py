@@ -132,15 +132,16 @@ class Attention(nn.Module):
         elif cache is None:  # k is already repeated; v keeps its kv heads for XSA below
             y = self._xsa_gate(attention(q, k, repeat_heads(v, rep) if v_att is None else v_att, self.backend), v, gate)
         else:
-            y = self._xsa_gate(self._cached_attention(q, k, v, cache), v, gate, cache)
+            y = self._xsa_gate(self._cached_attention(q, k, v, cache), v, gate, fused=False)
         y = y.reshape(B, T, H * D)
         if out_scale is not None:  # Block.fold_scales: out_scale * proj(y) as one GEMM on scaled rows
             return F.linear(y, self.proj.scaled_weight(out_scale, y.dtype))
         return self.proj(y)
 
-    def _xsa_gate(self, y: Tensor, v: Tensor, gate: Tensor | None, cache: KVCache | None = None) -> Tensor:
-        """XSA (on XSA layers) then the attention gate (gate: its logits, or None) on y (B, T, H, D)."""
-        if self.xsa_op is not None and cache is None:  # GPT.use_fused_xsa_gate: the same math, one op
+    def _xsa_gate(self, y: Tensor, v: Tensor, gate: Tensor | None, fused: bool = True) -> Tensor:
+        """XSA (on XSA layers) then the attention gate (gate: its logits, or None) on y (B, T, H, D);
+        through xsa_op where set, unless not `fused` (KV-cached decoding)."""
+        if self.xsa_op is not None and fused:  # GPT.use_fused_xsa_gate: the same math, one op
             return self.xsa_op(y, v, gate)
         B, T, H, D = y.shape
         if self.xsa:  # remove the component along the head's own (unit) value vector
