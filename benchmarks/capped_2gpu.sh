@@ -15,6 +15,8 @@
 # their compiles and evaluations.
 # LM_SETS: lmcore's --set overrides beyond `record` (e.g. "train.fused_qk_norm_rope=true
 # train.fused_xsa_gate=true"), printed in the log's setup line; default none.
+# LM_FA3_WHL: a wheel (path or glob) of another FA3 build for lmcore's runs only (e.g. FA3_DPSUM=1
+# scripts/build_fa3.sh's, for train.fa3_xsa_rowsum in LM_SETS); the original keeps .fa3/dist's. Default none.
 # SEEDS (default 1337): the pair of runs once a seed (the original's SEED, lmcore's train.seed), into
 # res/sSEED/ with its table; the report ends with the seeds' table (lmcore's raw val_bpb minus the
 # original's at each seed, their mean, sd and worst against the bar of 0.01). Each seed's pair takes
@@ -27,6 +29,7 @@ POLL_S=${2:-540}
 CAP_S=${CAP_S:-150}
 NPROC=${NPROC:-2}
 LM_SETS=${LM_SETS:-}
+LM_FA3_WHL=${LM_FA3_WHL:-}
 SEEDS=${SEEDS:-1337}
 
 source benchmarks/detached.sh  # stamp, run_until, detached_poll, detached_main
@@ -38,9 +41,10 @@ original() {  # GPUS DIR SEED: DIR/original.log; after its post-EMA diagnostic i
 }
 
 lmcore_run() {  # GPUS DIR SEED: DIR/lmcore_run, its output in DIR/lmcore.log
-  local extra=() l
+  local extra=() l pp=$PYTHONPATH
   for l in $LM_SETS; do extra+=(--set "$l"); done
-  CUDA_VISIBLE_DEVICES=$1 timeout 900 python3 -m torch.distributed.run --standalone --nproc_per_node="$NPROC" \
+  [ -n "$LM_FA3_WHL" ] && pp=/tmp/fa3lm:$pp  # lmcore's own FA3 build first
+  PYTHONPATH=$pp CUDA_VISIBLE_DEVICES=$1 timeout 900 python3 -m torch.distributed.run --standalone --nproc_per_node="$NPROC" \
     -m lmcore train --preset record --set data.data_dir="$D" --set data.tokenizer="$TOK" \
     --set train.max_wallclock_seconds="$CAP_S" --set train.log_every=50 --set train.seed="$3" "${extra[@]}" \
     --no-progress --run-dir "$2/lmcore_run" > "$2/lmcore.log" 2>&1
@@ -50,6 +54,11 @@ setup() {
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl .fa3/dist/*.whl 2>&1 | tail -2
   python3 -c "import torch, flash_attn_interface as f; print('torch', torch.__version__, 'fa3', f.__file__)"
   original_alone "$S/orig_fa3" "$PYTHONPATH" || return 1
+  if [ -n "$LM_FA3_WHL" ]; then
+    # shellcheck disable=SC2086 # a glob
+    python3 -m pip install -q --no-index --no-deps --target /tmp/fa3lm $LM_FA3_WHL || return 1
+    PYTHONPATH=/tmp/fa3lm:$PYTHONPATH python3 -c "import flash_attn_interface as f; print('lmcore runs on fa3', f.__file__)"
+  fi
   python3 -m lmcore data build --docs .data/proxy_docs.jsonl.xz --tokenizer "$TOK" --out "$D" \
     --val-docs 1500 --shard-tokens 10000000 --no-progress
 }
@@ -74,7 +83,7 @@ job() {
   export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
   R=$S/res TOK=$S/src/.data/fineweb_1024_bpe.model D=$S/proxy
   mkdir -p "$R"
-  echo "== setup; NPROC $NPROC; SEEDS $SEEDS; LM_SETS: ${LM_SETS:-none}"
+  echo "== setup; NPROC $NPROC; SEEDS $SEEDS; LM_SETS: ${LM_SETS:-none}; LM_FA3_WHL: ${LM_FA3_WHL:-(.fa3/dist)}"
   nvidia-smi --query-gpu=name,uuid,memory.total,driver_version --format=csv,noheader
   export PYTHONPATH=/tmp/site:$S/src
   setup || return 1

@@ -284,3 +284,18 @@ def test_sustained_matmuls_time_the_second_half(monkeypatch):
     monkeypatch.setattr(matmul_peak.time, "perf_counter", lambda: next(ticks) / 64)
     assert matmul_peak.sustained_tflops(8, 4 / 64 * 2, device="cpu") == 2 * 8**3 * 40 / (5 / 64) / 1e12
     assert next(ticks) == 12  # two halves of 6 readings: the start, 4 checks, the end
+
+
+@needs_bash
+@pytest.mark.parametrize(("wheel", "first"), [("", "/tmp/site"), ("/x/flash_attn_3-dpsum.whl", "/tmp/fa3lm")])
+def test_the_capped_jobs_lmcore_runs_on_its_own_fa3_build_only_when_given(tmp_path: Path, wheel: str, first: str):
+    """capped_2gpu.sh's LM_FA3_WHL (train.fa3_xsa_rowsum in LM_SETS): lmcore's run imports FA3 from that
+    build first; without it, from the site folder the original uses too."""
+    env = {**os.environ, "LM_FA3_WHL": wheel, "LM_SETS": "train.fa3_xsa_rowsum=true", "PYTHONPATH": "/tmp/site:/src"}
+    stub = 'timeout() { echo "pythonpath $PYTHONPATH"; echo "args $*"; }'
+    res = subprocess.run(["bash", "-c", f"source benchmarks/capped_2gpu.sh job; {stub}; D=/d TOK=/t; "
+                          f"lmcore_run 0,1 {tmp_path} 1337; cat {tmp_path}/lmcore.log"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert res.stdout.split("pythonpath ")[1].split(":")[0] == first
+    assert "--set train.fa3_xsa_rowsum=true" in res.stdout and "--set train.seed=1337" in res.stdout

@@ -179,6 +179,44 @@ def test_the_fa3_patch_applies_once_to_the_pinned_sources(shared_dir, tmp_path):
     assert FX_PATCH.main(str(hopper)) == 1
 
 
+def _dq_tile_index(d: int = 64) -> torch.Tensor:
+    """Where FA3's backward (sm90, head dim 64) keeps dQ's fp32 accumulator, read from its sources
+    (benchmarks/RESULTS.md, session 27): for each position p of a 128-row block's flat 128 * d
+    floats, the row * d + col it holds. Each of the 2 MMA warpgroups w adds its rows 64w.. as 4096
+    floats, thread t's register i at (i // 4) * 512 + 4 * t + i % 4; register i of t = lane + 32 *
+    warp is wgmma's accumulator element: row 16 * warp + lane // 4 + 8 * ((i // 2) % 2), column
+    8 * (i // 4) + 2 * (lane % 4) + i % 2."""
+    p = torch.arange(FX.BLOCK_M * d)
+    w, rem = p // 4096, p % 4096
+    i_hi, t, i_lo = rem // 512, (rem % 512) // 4, rem % 4
+    lane, warp = t % 32, t // 32
+    row = 64 * w + 16 * warp + lane // 4 + 8 * (i_lo // 2)
+    return row * d + 8 * i_hi + 2 * (lane % 4) + i_lo % 2
+
+
+def _dq_from_accumulator(acc: torch.Tensor, t: int, scale: float) -> torch.Tensor:
+    """dQ (B, T, H, 64) from FA3's fp32 accumulator (B, H, TR * 64) as its postprocess makes it: the
+    tiles in row order, times softmax_scale, rounded to bf16."""
+    b, h, _ = acc.shape
+    tiles = acc.view(b, h, -1, FX.BLOCK_M * 64)
+    rows = torch.empty_like(tiles)
+    rows[..., _dq_tile_index().to(acc.device)] = tiles
+    return (rows.view(b, h, -1, 64)[:, :, :t] * scale).to(torch.bfloat16).transpose(1, 2).contiguous()
+
+
+def test_the_dq_accumulator_map_is_a_permutation_with_wgmmas_thread_pattern():
+    idx = _dq_tile_index()
+    assert torch.equal(idx.sort().values, torch.arange(128 * 64))
+    row, col = idx // 64, idx % 64
+    # thread 0 of warpgroup 0: its first 4 registers are rows 0, 0, 8, 8 and columns 0, 1, 0, 1
+    assert row[:4].tolist() == [0, 0, 8, 8] and col[:4].tolist() == [0, 1, 0, 1]
+    # its registers 4..7 (the next 512 floats) are the next 8 columns
+    assert row[512:516].tolist() == [0, 0, 8, 8] and col[512:516].tolist() == [8, 9, 8, 9]
+    # lane 5 (4 floats a thread): row 1, columns 2 and 3; warp 1 starts at row 16; warpgroup 1 at row 64
+    assert row[20:22].tolist() == [1, 1] and col[20:22].tolist() == [2, 3]
+    assert row[128] == 16 and row[4096] == 64
+
+
 @pytest.mark.cuda
 @needs_cuda
 @pytest.mark.parametrize("gate", [True, False])
@@ -227,3 +265,24 @@ def test_on_fa3_the_compiled_model_with_the_op_is_the_model_without():
     ids, tgt = next_token_batch(cfg.vocab_size, (4, 256), "cuda")
     (plain_loss, plain_grads), (loss, grads) = compiled_without_and_with(model, ids, tgt, model.use_fa3_xsa_rowsum)
     assert_same_loss_and_grads(loss, grads, plain_loss, plain_grads, 1e-3, rtol=2e-2, atol=2e-3)
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("t", [2048, 200])
+def test_fa3_dq_accumulator_layout(t):
+    # flash_attn_3::bwd returns dQ's fp32 accumulator beside the dq its postprocess made from it: the
+    # map above turns the one into the other exactly (any FA3 build: the plain one needs no patch)
+    try:
+        from flash_attn_interface import _flash_attn_forward
+    except ImportError as e:
+        pytest.skip(f"FA3 is not importable ({e})")
+    q, k, v, _, _ = _qkv(b=2, t=t, h=8, hkv=8, d=64, device="cuda", dtype=torch.bfloat16, gate=False)
+    scale = 64 ** -0.5
+    out, lse, *_ = _flash_attn_forward(q, k, v, softmax_scale=scale, causal=True)
+    dout = torch.randn_like(out)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    acc = torch.ops.flash_attn_3.bwd(dout, q, k, v, out, lse, dq, dk, dv, None, None, None, None, None, None, scale,
+                                     True, -1, -1, 0.0, False, 0)[2]
+    assert acc.dtype == torch.float32 and tuple(acc.shape) == (2, 8, FX.rounded_rows(t) * 64)
+    assert torch.equal(_dq_from_accumulator(acc, t, scale), dq)
