@@ -15,6 +15,7 @@ import re
 import signal
 import shutil
 import subprocess
+import time
 import sys
 from pathlib import Path
 
@@ -299,3 +300,20 @@ def test_the_capped_jobs_lmcore_runs_on_its_own_fa3_build_only_when_given(tmp_pa
     assert res.returncode == 0, res.stdout + res.stderr
     assert res.stdout.split("pythonpath ")[1].split(":")[0] == first
     assert "--set train.fa3_xsa_rowsum=true" in res.stdout and "--set train.seed=1337" in res.stdout
+
+
+@needs_bash
+def test_run_until_ends_a_process_that_outlives_sigterm(tmp_path: Path):
+    """Session 27: one of the original's torchrun ranks outlived run_until's SIGTERM by minutes and shared
+    the GPUs with the next run. A child that ignores SIGTERM is killed once KILL_S has passed, and
+    run_until returns only when nothing of the command's process group is left."""
+    log, pgid = tmp_path / "run.log", tmp_path / "pgid"
+    cmd = f"trap '' TERM; ps -o pgid= \\$\\$ > {pgid}; (sleep 60) & echo STOP; wait"  # $$: the command's shell
+    t0 = time.monotonic()
+    res = _bash(tmp_path, f'KILL_S=1 GRACE_S=0 run_until 60 {log} STOP bash -c "{cmd}"')
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert time.monotonic() - t0 < 20
+    assert "SIGKILL" in res.stderr
+    group = int(pgid.read_text())
+    with pytest.raises(ProcessLookupError):
+        os.killpg(group, 0)  # nothing of the group is left
