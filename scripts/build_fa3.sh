@@ -24,8 +24,9 @@
 #                    upstream prefers) instead of the toolkit's; see scripts/fa3_ptxas.sh
 #                    (neither is faster at the record's shape: benchmarks/RESULTS.md)
 #   FA3_DPSUM=1      patch the backward to take rowsum(dO * O) from the caller (scripts/fa3_dpsum_patch.py:
-#                    bwd's last argument `softmax_d`; lmcore's train.fa3_xsa_rowsum needs it); the
-#                    wheel's local version ends in .dpsum. Without the argument every kernel runs as before
+#                    bwd's argument `softmax_d`; lmcore's train.fa3_xsa_rowsum needs it; and its flag
+#                    `dq_accum_only`, which skips dQ's convert); the wheel's local version ends in .dpsum.
+#                    Without the two every kernel runs as before
 #   FA3_TAG=NAME    appended to the wheel's local version (3.0.0+lmcore.hd64bf16...NAME), to
 #                    tell builds of patched sources apart
 #   FA3_WORK (scratch, default /tmp/fa3_build), MAX_JOBS (default nproc), NVCC_THREADS (2),

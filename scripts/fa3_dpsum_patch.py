@@ -14,7 +14,11 @@ by-product, so the preprocess need not read either again. The patch:
   O pointer, which makes it skip the O / dO loads and the rowsum store (it still writes the base-2
   LSE, zeroes dQ's accumulator and the dQ semaphore);
 - without it, every kernel runs as before: the only change on that path is one uniform branch in
-  the preprocess kernel.
+  the preprocess kernel;
+- and one more, `bool dq_accum_only = False`: true skips the postprocess that converts dQ's fp32
+  accumulator into dq (dq is then not written; the caller reads the accumulator `bwd` returns, laid
+  out as tests/test_fa3_xsa.py's `_dq_tile_index` says). For lmcore's planned dQ lever (RESULTS.md,
+  session 27): not used by lmcore yet.
 
 Each anchor must occur exactly once at the pinned flash-attention commit, else the build stops
 with the anchor named (fa3_setup_patch.apply).
@@ -33,7 +37,8 @@ PATCHES: dict[str, list[tuple[str, str]]] = {
     "flash.h": [
         (
             "    bool deterministic;\n",
-            f"    bool deterministic;\n    bool dpsum_given;  // {NOTE}: softmax_d from the caller\n",
+            f"    bool deterministic;\n    bool dpsum_given;  // {NOTE}: softmax_d from the caller\n"
+            f"    bool dq_accum_only;  // {NOTE}: no dQ postprocess (the caller reads dq_accum)\n",
         ),
     ],
     "flash_bwd_preprocess_kernel.h": [
@@ -57,12 +62,18 @@ PATCHES: dict[str, list[tuple[str, str]]] = {
             "        static_cast<Element const*>(params.o_ptr),\n",
             f"        params.dpsum_given ? nullptr : static_cast<Element const*>(params.o_ptr),  // {NOTE}\n",
         ),
+        (
+            "    CHECK_CUTLASS(cutlass::kernel_launch<PostprocessKernel>(grid_m_postprocess, ",
+            f"    if (!params.dq_accum_only)  // {NOTE}\n"
+            "    CHECK_CUTLASS(cutlass::kernel_launch<PostprocessKernel>(grid_m_postprocess, ",
+        ),
     ],
     "flash_api_stable.cpp": [
         (  # mha_bwd's signature
             "    bool deterministic,\n    int64_t sm_margin\n) {\n",
             "    bool deterministic,\n    int64_t sm_margin,\n"
-            f"    std::optional<Tensor> softmax_d_  // {NOTE}: rowsum(dO * O), (b, h, seqlen_q_rounded) fp32\n) {{\n",
+            f"    std::optional<Tensor> softmax_d_,  // {NOTE}: rowsum(dO * O), (b, h, seqlen_q_rounded) fp32\n"
+            f"    bool dq_accum_only_  // {NOTE}: skip dQ's postprocess\n) {{\n",
         ),
         (
             "        softmax_d = torch::stable::new_empty(q, {batch_size, num_heads, seqlen_q_rounded}, "
@@ -88,23 +99,27 @@ PATCHES: dict[str, list[tuple[str, str]]] = {
             "    params.softmax_lse_log2_ptr = softmax_lse_log2.data_ptr();\n",
             "    params.total_q = total_q;\n    params.total_k = total_k;\n"
             "    params.softmax_lse_log2_ptr = softmax_lse_log2.data_ptr();\n"
-            f"    params.dpsum_given = softmax_d_.has_value();  // {NOTE}\n",
+            f"    params.dpsum_given = softmax_d_.has_value();  // {NOTE}\n"
+            f"    params.dq_accum_only = dq_accum_only_;  // {NOTE}\n",
         ),
         (
             "    auto sm_margin = to<int64_t>(stack[21]);\n\n"
             "    auto [softmax_d, softmax_lse_log2, dq_accum, dk_accum, dv_accum] = mha_bwd(",
             "    auto sm_margin = to<int64_t>(stack[21]);\n"
-            f"    auto softmax_d_in = to<std::optional<Tensor>>(stack[22]);  // {NOTE}\n\n"
+            f"    auto softmax_d_in = to<std::optional<Tensor>>(stack[22]);  // {NOTE}\n"
+            f"    auto dq_accum_only_in = to<bool>(stack[23]);  // {NOTE}\n\n"
             "    auto [softmax_d, softmax_lse_log2, dq_accum, dk_accum, dv_accum] = mha_bwd(",
         ),
         (
             "softcap, deterministic, sm_margin);\n\n    stack[0] = from(softmax_d);\n",
-            f"softcap, deterministic, sm_margin, softmax_d_in);  // {NOTE}\n\n    stack[0] = from(softmax_d);\n",
+            f"softcap, deterministic, sm_margin, softmax_d_in, dq_accum_only_in);  // {NOTE}\n\n"
+            "    stack[0] = from(softmax_d);\n",
         ),
         (
             '        "int sm_margin = 0) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");\n',
             '        "int sm_margin = 0,"\n'
-            f'        "Tensor? softmax_d = None) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");  // {NOTE}\n',
+            '        "Tensor? softmax_d = None,"\n'
+            f'        "bool dq_accum_only = False) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");  // {NOTE}\n',
         ),
     ],
 }

@@ -162,7 +162,7 @@ def test_training_with_the_switch_follows_the_plain_losses(tmp_path):
 
 def test_the_fa3_patch_applies_once_to_the_pinned_sources(shared_dir, tmp_path):
     # build_fa3.sh FA3_DPSUM=1: each anchor found exactly once in ../shared/fa3's sources (the pinned commit),
-    # a second application refused (its anchors are gone), the schema's new argument last and optional
+    # a second application refused (its anchors are gone), the schema's new arguments last and optional
     tar = shared_dir / "fa3" / "fa3-src.tar.xz"
     if not tar.is_file():
         pytest.skip(f"{tar} is not present")
@@ -172,10 +172,16 @@ def test_the_fa3_patch_applies_once_to_the_pinned_sources(shared_dir, tmp_path):
     before = {n: (hopper / n).read_text() for n in FX_PATCH.PATCHES}
     assert FX_PATCH.main(str(hopper)) == 0
     api = (hopper / "flash_api_stable.cpp").read_text()
-    assert '"int sm_margin = 0,"\n        "Tensor? softmax_d = None) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");' in api
-    assert "to<std::optional<Tensor>>(stack[22])" in api and "sm_margin, softmax_d_in);  //" in api
+    assert ('"int sm_margin = 0,"\n        "Tensor? softmax_d = None,"\n'
+            '        "bool dq_accum_only = False) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");') in api
+    assert "to<std::optional<Tensor>>(stack[22])" in api and "to<bool>(stack[23])" in api
+    assert "sm_margin, softmax_d_in, dq_accum_only_in);  //" in api
+    launch = (hopper / "flash_bwd_launch_template.h").read_text()
+    skip = launch.index("    if (!params.dq_accum_only)")  # the dQ convert's launch, and only it, is skipped
+    assert launch[skip:].split("\n")[1].startswith("    CHECK_CUTLASS(cutlass::kernel_launch<PostprocessKernel>(")
     for n, old in before.items():
-        assert (hopper / n).read_text().count(FX_PATCH.NOTE) == len(FX_PATCH.PATCHES[n]) and old.count(FX_PATCH.NOTE) == 0
+        notes = sum(new.count(FX_PATCH.NOTE) for _, new in FX_PATCH.PATCHES[n])
+        assert (hopper / n).read_text().count(FX_PATCH.NOTE) == notes and old.count(FX_PATCH.NOTE) == 0
     assert FX_PATCH.main(str(hopper)) == 1
 
 
