@@ -176,8 +176,11 @@ def train(
         init_distributed(dist, device)
         with StopSignal() as stop:
             s, st = start_session(cfg, run_dir, dist, device=device, resume=resume, progress=progress)
-            return _train(s, st, max_steps=max_steps, compare_ema=compare_ema or tc.compare_ema, wall0=wall0,
-                          stop=stop)
+            try:
+                return _train(s, st, max_steps=max_steps, compare_ema=compare_ema or tc.compare_ema, wall0=wall0,
+                              stop=stop)
+            finally:  # DDP's reducer holds the process group: free it before the group is destroyed below
+                del s
     except BaseException:
         if lock is not None and not existed and {p.name for p in run_dir.iterdir()} <= {".lock"}:
             lock.release()
