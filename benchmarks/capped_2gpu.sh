@@ -54,11 +54,7 @@ setup() {
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl .fa3/dist/*.whl 2>&1 | tail -2
   python3 -c "import torch, flash_attn_interface as f; print('torch', torch.__version__, 'fa3', f.__file__)"
   original_alone "$S/orig_fa3" "$PYTHONPATH" || return 1
-  if [ -n "$LM_FA3_WHL" ]; then
-    # shellcheck disable=SC2086 # a glob
-    python3 -m pip install -q --no-index --no-deps --target /tmp/fa3lm $LM_FA3_WHL || return 1
-    PYTHONPATH=/tmp/fa3lm:$PYTHONPATH python3 -c "import flash_attn_interface as f; print('lmcore runs on fa3', f.__file__)"
-  fi
+  if [ -n "$LM_FA3_WHL" ]; then lm_fa3_install "$LM_FA3_WHL" /tmp/fa3lm "$PYTHONPATH" || return 1; fi
   python3 -m lmcore data build --docs .data/proxy_docs.jsonl.xz --tokenizer "$TOK" --out "$D" \
     --val-docs 1500 --shard-tokens 10000000 --no-progress
 }

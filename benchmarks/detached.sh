@@ -27,7 +27,7 @@ run_until() {
       kill -- -$pid 2>/dev/null
       for ((i = 0; i < ${KILL_S:-10}; i++)); do kill -0 -- -$pid 2>/dev/null || break; sleep 1; done
       if kill -0 -- -$pid 2>/dev/null; then
-        echo "run_until: $log: processes left $((${KILL_S:-10})) s after SIGTERM: SIGKILL" >&2
+        echo "run_until: $log: processes left ${KILL_S:-10} s after SIGTERM: SIGKILL" >&2
         kill -9 -- -$pid 2>/dev/null
       fi
       break
@@ -36,6 +36,29 @@ run_until() {
   done
   wait $pid 2>/dev/null
   for ((i = 0; i < 30; i++)); do kill -0 -- -$pid 2>/dev/null || break; sleep 1; done
+}
+
+# fa3_dpsum_wheel OUT: FA3 built with FA3_DPSUM=1 (scripts/build_fa3.sh into .fa3/dpsum; skipped when a
+# wheel is there: carry .fa3), the build's summary in OUT/fa3_dpsum_build.txt, and the wheel in
+# OUT/fa3_dpsum_wheel.tar (a wheel's name ('+') does not come back itself: untar it in the checkout).
+fa3_dpsum_wheel() {
+  local out=$1 rc
+  if ! ls .fa3/dpsum/flash_attn_3-*.whl > /dev/null 2>&1; then
+    echo "== FA3_DPSUM=1 scripts/build_fa3.sh ($SECONDS s)"
+    FA3_DPSUM=1 timeout 420 bash scripts/build_fa3.sh .fa3/dpsum > "$out/fa3_dpsum_build.txt" 2>&1
+    rc=$?
+    grep -v "^  " "$out/fa3_dpsum_build.txt" | tail -12
+    [ $rc -eq 0 ] || { tail -40 .fa3/dpsum/fa3_build.log > "$out/fa3_build_tail.log"; return 1; }
+  fi
+  tar -cf "$out/fa3_dpsum_wheel.tar" .fa3/dpsum/flash_attn_3-*.whl
+}
+
+# lm_fa3_install WHL DIR PYTHONPATH: another FA3 build (a wheel's path or glob, LM_FA3_WHL) installed into
+# DIR for lmcore's runs only, and the module lmcore then imports (DIR first on PYTHONPATH).
+lm_fa3_install() {
+  # shellcheck disable=SC2086 # a glob
+  python3 -m pip install -q --no-index --no-deps --target "$2" $1 || return 1
+  PYTHONPATH=$2:$3 python3 -c "import flash_attn_interface as f; print('lmcore runs on fa3', f.__file__)"
 }
 
 # original_alone DIR PYTHONPATH [FILE...]: copies .ref/seed_train_gpt.py (and FILEs of .ref/) into DIR, a

@@ -10,17 +10,11 @@
 # Session 26 on nvidia-h200-x2: the build 145 s (32 cores), the tests 84 s, then the speed job 1,081 s.
 #   START_SPEED=1 LEVERS_OK="..." LEVERS_FAIL="..." SOLO="..." bash benchmarks/fa3_rowsum_check.sh
 set -uo pipefail
+source benchmarks/detached.sh  # fa3_dpsum_wheel
 OUT=${OUT:-/tmp/fa3_rowsum_out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
-if ! ls .fa3/dpsum/flash_attn_3-*.whl > /dev/null 2>&1; then
-  echo "== FA3_DPSUM=1 scripts/build_fa3.sh ($SECONDS s)"
-  FA3_DPSUM=1 timeout 420 bash scripts/build_fa3.sh .fa3/dpsum > "$OUT/fa3_dpsum_build.txt" 2>&1
-  rc=$?
-  grep -v "^  " "$OUT/fa3_dpsum_build.txt" | tail -12
-  [ $rc -eq 0 ] || { tail -40 .fa3/dpsum/fa3_build.log > "$OUT/fa3_build_tail.log"; exit 1; }
-fi
-tar -cf "$OUT/fa3_dpsum_wheel.tar" .fa3/dpsum/flash_attn_3-*.whl  # a wheel's name ('+') does not come back itself
+fa3_dpsum_wheel "$OUT" || exit 1
 python3 -m pip install -q --no-index --no-deps --target /tmp/fa3lm .fa3/dpsum/flash_attn_3-*.whl || exit 1
 echo "== pytest -m cuda ($SECONDS s)"
 PYTHONPATH=/tmp/fa3lm:/tmp/site:$PWD timeout 360 python3 -m pytest -q -m cuda -rs -p no:cacheprovider \

@@ -203,10 +203,7 @@ setup() {
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
   python3 -m pip install -q --no-index --no-deps --target "$FA3" .fa3/dist/*.whl
   PYTHONPATH=$FA3:$BASE python3 -c "import torch, flash_attn_interface as f; print('torch', torch.__version__, 'fa3', f.__file__)"
-  if [ -n "$LM_FA3_WHL" ]; then  # lmcore's own FA3 build
-    python3 -m pip install -q --no-index --no-deps --target "$LMFA3" $LM_FA3_WHL || return 1
-    PYTHONPATH=$LMFA3:$BASE python3 -c "import flash_attn_interface as f; print('lmcore runs on fa3', f.__file__)"
-  fi
+  if [ -n "$LM_FA3_WHL" ]; then lm_fa3_install "$LM_FA3_WHL" "$LMFA3" "$BASE" || return 1; fi  # lmcore's own FA3
   PYTHONPATH=$BASE python3 -m lmcore data build --docs .data/proxy_docs.jsonl.xz --tokenizer "$TOK" --out "$D" \
     --val-docs 1500 --shard-tokens 10000000 --no-progress || return 1
   # the original with real FA3: its script alone in a folder (.ref/ holds the FA2 shim)

@@ -33,12 +33,11 @@ import torch.distributed as tdist
 
 from lmcore.config import preset
 from lmcore.optim import muon_momentum
+from lmcore.profiling import DEVICE_EVENT_CATS, SHORT_GAP_US, category
 from lmcore.runtime import dist_from_env, init_distributed, pick_device, shutdown_distributed, synchronize
 from lmcore.session import FiniteWatch, start_session
-from lmcore.train import _compile_warmup, _compile_warmup_steps
+from lmcore.train import _agree_on_stop, _compile_warmup, _compile_warmup_steps
 
-DEVICE_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
-GAP_US = 20.0  # shorter idle between device events is launch turnaround, not attributed
 STEP_MARK = "timeline_step_"
 
 
@@ -54,11 +53,9 @@ def _step(s: Any, step: int, watch: FiniteWatch, log_every: int) -> tuple[float,
     t1 = time.perf_counter()
     watch.push(step + 1, grad_norm)
     if log_every > 0 and (step + 1) % log_every == 0:  # the log step's collectives and syncs
+        _agree_on_stop(s, False, False, collective=True)
         if s.dist.distributed:
-            flags = torch.zeros(2, device=s.device)
-            tdist.all_reduce(flags, op=tdist.ReduceOp.MAX)
             tdist.all_reduce(loss, op=tdist.ReduceOp.SUM)
-            flags.tolist()
         float(loss.item())
     return 1000.0 * (t1 - t0), 1000.0 * (time.perf_counter() - t1)
 
@@ -93,7 +90,7 @@ def analyze(events: list[dict[str, Any]], *, top: int = 8) -> list[dict[str, Any
     annotation; a step runs from its first device event to the next step's first, the last to its
     own last event's end): busy ms, idle split into host / device gaps (see the module docstring),
     NCCL kernel ms and the `top` longest gaps."""
-    dev = sorted((e for e in events if e.get("cat") in DEVICE_CATS and "dur" in e), key=lambda e: e["ts"])
+    dev = sorted((e for e in events if e.get("cat") in DEVICE_EVENT_CATS and "dur" in e), key=lambda e: e["ts"])
     launches = {e["args"]["correlation"]: e for e in events
                 if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
     host_calls = [e for e in events if e.get("cat") in ("cuda_runtime", "cuda_driver", "cpu_op", "user_annotation")
@@ -123,11 +120,11 @@ def analyze(events: list[dict[str, Any]], *, top: int = 8) -> list[dict[str, Any
         end, prev = lo, None
         for e in (e for e in dev if lo <= e["ts"] < hi):
             a, b = float(e["ts"]), float(e["ts"]) + float(e["dur"])
-            if "nccl" in e["name"].lower():
+            if category(e["name"]) == "communication":
                 nccl += b - a
             if a > end:
                 gap = a - end
-                if gap < GAP_US:
+                if gap < SHORT_GAP_US:
                     short += gap
                 else:
                     ln = launched(e)

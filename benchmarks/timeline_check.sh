@@ -7,6 +7,7 @@
 # Session 27 on nvidia-h200-x2: 286 s (the FA3 build 121 s, data 9 s, 2 ranks 91 s, 1 GPU 65 s).
 #   LEVERS="train.fused_qkv=true ..." RANKS="2 1" bash benchmarks/timeline_check.sh
 set -uo pipefail
+source benchmarks/detached.sh  # fa3_dpsum_wheel
 OUT=${OUT:-/tmp/timeline_out}
 W=/tmp/timeline  # the results, tarred into $OUT at the end ($OUT takes at most 8 files back)
 LEVERS=${LEVERS:-}
@@ -18,11 +19,7 @@ nvidia-smi --query-gpu=index,name,uuid --format=csv,noheader
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
 whl=.fa3/dist/flash_attn_3-*.whl
 if [[ " $LEVERS " == *" train.fa3_xsa_rowsum=true "* ]]; then
-  if ! ls .fa3/dpsum/flash_attn_3-*.whl > /dev/null 2>&1; then
-    echo "== FA3_DPSUM=1 scripts/build_fa3.sh ($SECONDS s)"
-    FA3_DPSUM=1 timeout 420 bash scripts/build_fa3.sh .fa3/dpsum > "$OUT/fa3_dpsum_build.txt" 2>&1 || exit 1
-    tar -cf "$OUT/fa3_dpsum_wheel.tar" .fa3/dpsum/flash_attn_3-*.whl
-  fi
+  fa3_dpsum_wheel "$OUT" || exit 1
   whl=.fa3/dpsum/flash_attn_3-*.whl
 fi
 # shellcheck disable=SC2086 # a glob

@@ -15,8 +15,8 @@ import re
 import signal
 import shutil
 import subprocess
-import time
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -317,3 +317,16 @@ def test_run_until_ends_a_process_that_outlives_sigterm(tmp_path: Path):
     group = int(pgid.read_text())
     with pytest.raises(ProcessLookupError):
         os.killpg(group, 0)  # nothing of the group is left
+
+
+@needs_bash
+def test_a_carried_dpsum_wheel_is_not_built_again_and_comes_back_tarred(tmp_path: Path):
+    """fa3_dpsum_wheel (fa3_rowsum_check.sh, timeline_check.sh): a wheel in .fa3/dpsum (carried) skips the
+    build; the wheel goes into OUT's tar either way (its '+' name would not come back itself)."""
+    wheel = tmp_path / ".fa3" / "dpsum" / "flash_attn_3-3.0.0+lmcore.dpsum-cp310-abi3-linux_x86_64.whl"
+    wheel.parent.mkdir(parents=True)
+    wheel.write_bytes(b"wheel")
+    (tmp_path / "out").mkdir()
+    res = _bash(tmp_path, "fa3_dpsum_wheel out && tar -tf out/fa3_dpsum_wheel.tar")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "build_fa3" not in res.stdout and res.stdout.strip() == str(wheel.relative_to(tmp_path))
