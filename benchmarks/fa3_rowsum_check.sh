@@ -2,7 +2,8 @@
 # train.fa3_xsa_rowsum on a GPU machine, in one device call, then optionally the speed job:
 #   1. FA3 built with FA3_DPSUM=1 (scripts/build_fa3.sh into .fa3/dpsum; skipped when a wheel is there:
 #      carry .fa3 with it), installed in /tmp/fa3lm;
-#   2. pytest -m cuda tests/test_fa3_xsa.py and the XSA kernel's cuda tests on that build;
+#   2. pytest -m cuda tests/test_fa3_xsa.py (train.fa3_dq_accum's too) and the XSA and fused q/k/v kernels' cuda tests
+#      on that build;
 #   3. with START_SPEED=1: benchmarks/speed.sh start with LM_FA3_WHL=that wheel. LEVERS_OK is the after set
 #      when the tests pass, LEVERS_FAIL when they do not (the environment's SOLO, LM2, ... as speed.sh takes them).
 # $OUT gets the wheel (in fa3_dpsum_wheel.tar: untar it in the checkout to skip the build next time), the
@@ -18,7 +19,7 @@ fa3_dpsum_wheel "$OUT" || exit 1
 python3 -m pip install -q --no-index --no-deps --target /tmp/fa3lm .fa3/dpsum/flash_attn_3-*.whl || exit 1
 echo "== pytest -m cuda ($SECONDS s)"
 PYTHONPATH=/tmp/fa3lm:/tmp/site:$PWD timeout 360 python3 -m pytest -q -m cuda -rs -p no:cacheprovider \
-  tests/test_fa3_xsa.py tests/test_kernels.py -k "xsa or fa3" > "$OUT/cuda_tests.txt" 2>&1
+  tests/test_fa3_xsa.py tests/test_kernels.py -k "xsa or fa3 or qkv" > "$OUT/cuda_tests.txt" 2>&1
 RC=$?
 grep -E "passed|failed|SKIPPED|Error" "$OUT/cuda_tests.txt" | tail -12
 echo "== tests rc $RC ($SECONDS s)"

@@ -1,4 +1,4 @@
-"""lmcore.kernels' Triton kernels compiled for sm_90 (H100/H200) without a GPU: registers a
+"""lmcore.kernels' and lmcore.xsa_kernel's Triton kernels compiled for sm_90 (H100/H200) without a GPU: registers a
 thread, spills, barriers (layout conversions through shared memory) and resident warps an
 SM, for a few (rows a program, warps) choices at `record`'s shapes: q and k for the q/k
 kernels (k also as train.fused_qkv runs it: reading its slice of the q/k/v GEMM's output and
@@ -26,7 +26,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from lmcore import kernels
+from lmcore import kernels, xsa_kernel
 from lmcore import mlp_kernel as MK
 from lmcore.config import preset
 
@@ -41,7 +41,7 @@ XSA_FWD_ARGS = {"y_ptr": "*bf16", "v_ptr": "*bf16", "z_ptr": "*bf16", "out_ptr":
 XSA_BWD_ARGS = {"g_ptr": "*bf16", "y_ptr": "*bf16", "v_ptr": "*bf16", "z_ptr": "*bf16", "dy_ptr": "*bf16",
                 "dv_ptr": "*bf16", "dz_ptr": "*bf16", "ds_ptr": "*fp32", "n_rows": "i32", "eps": "fp32", "T": "i32",
                 "TR": "i32", "HKV": "i32"}
-XSA_CHOICES = [(8, 4), (16, 4), (16, 8), (32, 8)]  # lmcore.kernels uses XSA_TILE // (G * D), XSA_WARPS
+XSA_CHOICES = [(8, 4), (16, 4), (16, 8), (32, 8)]  # lmcore.xsa_kernel uses XSA_TILE // (G * D), XSA_WARPS
 
 
 def ptxas() -> str:
@@ -169,12 +169,12 @@ def main() -> int:
                       "REP": rep, "XS": xs, "DXS": xs, "HAS_V": has_v, "V_REP": rep > 1}
             mark = " (lmcore)" if rows == kernels.TILE // m.head_dim and warps == kernels.WARPS else ""
             _rows(name, rows, mark, warps, qk, consts, tool)
-    xsa = [("forward", kernels._xsa_fwd_kernel, XSA_FWD_ARGS), ("backward", kernels._xsa_bwd_kernel, XSA_BWD_ARGS)]
+    xsa = [("forward", xsa_kernel._xsa_fwd_kernel, XSA_FWD_ARGS), ("backward", xsa_kernel._xsa_bwd_kernel, XSA_BWD_ARGS)]
     for name, gated, rowsum in (("XSA, gated", True, False), ("XSA, no gate", False, False),
                                 ("XSA, gated, rowsums (train.fa3_xsa_rowsum)", True, True)):
         for rows, warps in XSA_CHOICES:
             consts = {"G": g, "D": m.head_dim, "R": rows, "HAS_GATE": gated, "ROWSUM": rowsum}
-            mark = " (lmcore)" if rows == kernels.XSA_TILE // (g * m.head_dim) and warps == kernels.XSA_WARPS else ""
+            mark = " (lmcore)" if rows == xsa_kernel.XSA_TILE // (g * m.head_dim) and warps == xsa_kernel.XSA_WARPS else ""
             _rows(name, rows, mark, warps, xsa, consts, tool)
     mlp_rows(tool)
     pingpong_rows(tool)

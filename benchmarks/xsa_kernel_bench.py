@@ -1,6 +1,6 @@
 """XSA + the attention gate at `record`'s micro-batch on one GPU: the model's plain path compiled
 by inductor (as in training: bf16 attention output, value vectors and gate logits; fp32 math)
-against lmcore.kernels.xsa_gate (train.fused_xsa_gate), forward + backward, in the same
+against lmcore.xsa_kernel.xsa_gate (train.fused_xsa_gate), forward + backward, in the same
 process, for a gated layer and one without the gate. Then the fused kernels alone for a few
 tile choices (rows a program, warps). Prints Markdown tables: GPU microseconds a call (calls
 queued back to back: qk_kernel_bench.queued_us), effective GB/s (the bytes a pass must move:
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from qk_kernel_bench import micro_batch_header, print_sweep, queued_us, sweep_row  # this folder: timing, tables
 
-from lmcore import kernels
+from lmcore import xsa_kernel as kernels
 from lmcore.config import preset
 
 CHOICES = [(8, 4), (16, 4), (16, 8), (32, 8)]  # (rows a program, warps)
@@ -57,7 +57,7 @@ def main() -> int:
     for name, gated in (("gated", True), ("no gate", False)):
         z = torch.randn(b, t, m.num_heads, device="cuda", dtype=torch.bfloat16, requires_grad=True) if gated else None
         base = None
-        for label, fn in (("plain, inductor", compiled), ("fused (lmcore.kernels)", kernels.xsa_gate)):
+        for label, fn in (("plain, inductor", compiled), ("fused (lmcore.xsa_kernel)", kernels.xsa_gate)):
             fwd = queued_us(functools.partial(fn, y, v, z), args.iters)
             both = queued_us(functools.partial(forward_backward, fn, y, v, z, dout), args.iters)
             base = base or both

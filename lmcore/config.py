@@ -176,7 +176,7 @@ class TrainConfig:
     # q/k RMSNorm + RoPE + q_gain as one op (lmcore.kernels: Triton on CUDA, the same math in PyTorch
     # elsewhere; the same math as the plain path up to fp32 rounding). The exported script embeds the kernels.
     fused_qk_norm_rope: bool = False
-    # XSA + the attention gate as one op on the XSA layers (lmcore.kernels.xsa_gate; the same math up
+    # XSA + the attention gate as one op on the XSA layers (lmcore.xsa_kernel.xsa_gate; the same math up
     # to fp32 rounding). The exported script embeds the kernels.
     fused_xsa_gate: bool = False
     # The logit softcap and the training loss's cross-entropy as one op (lmcore.ce_kernel: Triton on CUDA); the
@@ -188,18 +188,18 @@ class TrainConfig:
     # weights' gradients one GEMM (lmcore.kernels.qkv_norm_rope). The normed input is read once instead of
     # three times each way. The same math up to the GEMMs' accumulation order. KV-cached decoding keeps the
     # three GEMMs. The exported script embeds the kernels. k's kernels move v's rows out of (and its gradient
-    # into) its slice. On one H200 (session 18, in place of fused_qk_norm_rope on the fastest set: fused_xsa_gate,
-    # expand_kv, fused_mlp, fold_output_scales, foreach_grad_accum, CUDA graphs): 534.3 -> 525.4 ms a step, max
-    # |dloss| 0.0191 over 200 steps against a twin's 0.0128 (benchmarks/RESULTS.md).
+    # into) its slice. On one H200: 534.3 -> 525.4 ms a step (benchmarks/RESULTS.md, session 18).
     fused_qkv: bool = False
     # With fused_qkv and expand_kv: k's kernels also write v's heads repeated for attention, and sum those copies'
     # gradients with v's own (XSA's) in fp32 into v's slice of the fused gradient, in place of inductor's repeat
     # and sum kernels (3.3 + 3.9 ms a step on one H200, session 18's profile), on the layers without value
-    # embeddings. The same math up to the sum's rounding. Its cuda tests pass on an H200 (session 20). On one
-    # H200 with the fastest set (session 21): 516.5 -> 513.3 ms a step, the kernels it changes 3.0 ms less.
+    # embeddings. The same math up to the sum's rounding. On one H200: 516.5 -> 513.3 ms a step (session 21).
     fused_qkv_repeat_v: bool = False
     # FA3's backward takes rowsum(dO * O) from fused_xsa_gate's backward (lmcore.fa3_xsa; FA3 built with FA3_DPSUM=1)
     fa3_xsa_rowsum: bool = False
+    # With fa3_xsa_rowsum and fused_qkv: FA3 skips its dQ postprocess and q's backward kernel reads FA3's fp32 dQ
+    # accumulator instead of a bf16 dq (lmcore.fa3_xsa; FA3_DPSUM build). One bf16 rounding of dq fewer.
+    fa3_dq_accum: bool = False
     # The MLP's LeakyReLU^2 as its first GEMM's epilogue, act' as the backward GEMM's (lmcore.mlp_kernel:
     # Triton GEMMs on CUDA, the same math in PyTorch elsewhere; the same math as the plain MLP up to the
     # GEMMs' accumulation order). The exported script embeds the kernel. With both fused ops and expand_kv on
@@ -207,9 +207,7 @@ class TrainConfig:
     # pointer kernel); losses within run-to-run noise (benchmarks/RESULTS.md).
     fused_mlp: bool = False
     # Where the fused MLP's TMA kernel builds its descriptors: device (each program, at its start; the launch
-    # takes pointers) | host (at every launch: 37-50 us more host time a launch on an H200, session 15's
-    # bench). The same kernel body and numbers; the same step time within the noise (541.4 ms device,
-    # 541.9 host, with both fused ops and expand_kv on one H200, session 15).
+    # takes pointers) | host (at every launch). The same kernel body and numbers and step time (session 15).
     fused_mlp_descriptors: str = "device"
     # With fused_mlp: both of its GEMMs as lmcore.mlp_pingpong's warp-specialized kernel (Gluon, Hopper only;
     # elsewhere the TMA kernel): two consumer warpgroups take tiles in turn, one's epilogue beside the other's
@@ -329,6 +327,8 @@ class Config:
             raise ConfigError("train.fused_qkv_repeat_v=true needs train.fused_qkv=true and train.expand_kv=true")
         if self.train.fa3_xsa_rowsum and not (self.train.fused_xsa_gate and self.train.expand_kv):
             raise ConfigError("train.fa3_xsa_rowsum=true needs train.fused_xsa_gate=true and train.expand_kv=true")
+        if self.train.fa3_dq_accum and not (self.train.fa3_xsa_rowsum and self.train.fused_qkv):
+            raise ConfigError("train.fa3_dq_accum=true needs train.fa3_xsa_rowsum=true and train.fused_qkv=true")
         if self.train.fused_mlp_pingpong and not self.train.fused_mlp:
             raise ConfigError("train.fused_mlp_pingpong=true needs train.fused_mlp=true")
         if self.train.fused_mlp_pingpong and self.train.fused_mlp_sign:

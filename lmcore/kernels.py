@@ -1,4 +1,4 @@
-"""Fused kernels for the training step (train.fused_qk_norm_rope, train.fused_xsa_gate), each as
+"""Fused kernels for attention's q/k/v path (train.fused_qk_norm_rope, train.fused_qkv), each as
 one custom op whose CPU kernel is the same math written out in PyTorch and whose CUDA kernel is
 Triton.
 
@@ -23,18 +23,13 @@ copied it with PyTorch: 176 strided copies, 11.4 ms a step on an H200). With `re
 attention reads v under train.expand_kv, and its backward programs sum those copies' gradients
 with v's own (XSA's) in fp32 into v's slice: inductor's repeat and sum kernels are left out.
 
-`xsa_gate(y, v, z)`: XSA (each query head's attention output less its component along its kv
-head's unit value vector) then the attention gate (times sigmoid of the gate's logits; None:
-no gate), one pass each way: the forward reads y and v and writes the output; the backward
-reads the output's gradient, y and v and writes their gradients and the logits'.
-
-All are torch.library custom ops (lmcore::qk_norm_rope, lmcore::qkv_norm_rope, lmcore::xsa_gate and their
-_backward ops) with fake kernels, so torch.compile keeps them in its whole graph as calls. The
-CPU kernels (`_forward_math`, `_backward_math`, `_xsa_forward_math`, `_xsa_backward_math`) are
-what tests check against autograd of the plain composition; the Triton kernels are checked
-against them on GPU (tests marked cuda). Without Triton, CUDA tensors run the PyTorch math.
-Imported only by GPT.use_fused_qk_norm_rope / use_fused_qkv / use_fused_xsa_gate: the exported single-file
-script embeds this module only for a config with a switch on (lmcore.export).
+All are torch.library custom ops (lmcore::qk_norm_rope, lmcore::qkv_norm_rope and their _backward
+ops) with fake kernels, so torch.compile keeps them in its whole graph as calls. The CPU kernels
+(`_forward_math`, `_backward_math`) are what tests check against autograd of the plain
+composition; the Triton kernels are checked against them on GPU (tests marked cuda). Without
+Triton, CUDA tensors run the PyTorch math. XSA's kernels are lmcore.xsa_kernel's.
+Imported only by GPT.use_fused_qk_norm_rope / use_fused_qkv: the exported single-file script
+embeds this module only for a config with a switch on (lmcore.export).
 """
 
 from __future__ import annotations
@@ -99,15 +94,32 @@ if triton is not None:
         return (rows // H) * XS + (rows % H) * D
 
     @triton.jit
-    def _tile(ptr, offs, mask, D: tl.constexpr, HALF: tl.constexpr):
+    def _tile(ptr, offs, mask, D: tl.constexpr, HALF: tl.constexpr, ACC: tl.constexpr):
         """A (R, D) tile of heads starting at offs and its partner tile (rotated halves swapped; 0
-        elsewhere), fp32."""
+        elsewhere), fp32. ACC: the heads lie as FA3's dQ accumulator keeps them (_acc_col)."""
         cols = tl.arange(0, D)[None, :]
+        partner_cols = cols + HALF - 2 * HALF * ((cols // HALF) % 2)
+        if ACC:
+            cols, partner_cols = _acc_col(cols), _acc_col(partner_cols)
         base = ptr + offs[:, None]
         full = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
-        partner_cols = cols + HALF - 2 * HALF * ((cols // HALF) % 2)
-        partner = tl.load(base + partner_cols, mask=mask & (cols < 2 * HALF), other=0.0).to(tl.float32)
-        return full, partner
+        partner = tl.load(base + partner_cols, mask=mask & (tl.arange(0, D)[None, :] < 2 * HALF), other=0.0)
+        return full, partner.to(tl.float32)
+
+    # FA3's dQ accumulator (sm90, head dim 64; train.fa3_dq_accum): (B, H, TR * 64) fp32, in blocks of
+    # 128 rows whose element (r, c) is at _acc_row(r) + _acc_col(c) (acc_offsets below, in PyTorch)
+    @triton.jit
+    def _acc_col(c):
+        return 512 * (c // 8) + 4 * ((c % 8) // 2) + c % 2
+
+    @triton.jit
+    def _acc_rows(rows, T: tl.constexpr, H: tl.constexpr, D: tl.constexpr, TR: tl.constexpr):
+        """Where each row (a head of a token: row = token * H + head) starts in the accumulator."""
+        tok, h = rows // H, rows % H
+        t = tok % T
+        r = t % 128
+        block = ((tok // T * H + h) * TR + t - r) * D
+        return block + 4096 * (r // 64) + 128 * ((r % 64) // 16) + 16 * (r % 8) + 2 * ((r % 16) // 8)
 
     @triton.jit
     def _rope_cs(cos_ptr, sin_ptr, rows, mask, T: tl.constexpr, H: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr):
@@ -136,7 +148,7 @@ if triton is not None:
             if V_REP:
                 for j in tl.static_range(REP):
                     tl.store(v_rep_ptr + (rows * REP + j)[:, None] * D + cols, vt, mask=mask)
-        x, xp = _tile(x_ptr, _heads(rows, H, D, XS), mask, D, HALF)
+        x, xp = _tile(x_ptr, _heads(rows, H, D, XS), mask, D, HALF, False)
         c, s = _rope_cs(cos_ptr, sin_ptr, rows, mask, T, H, D, HALF)
         rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)  # (R,)
         scale = rstd
@@ -149,12 +161,13 @@ if triton is not None:
 
     @triton.jit
     def _qk_bwd_kernel(g_ptr, x_ptr, rstd_ptr, cos_ptr, sin_ptr, gain_ptr, dx_ptr, dgain_part_ptr, gv_ptr, gv_rep_ptr,
-                       dv_ptr, n_rows, T: tl.constexpr, H: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr,
-                       R: tl.constexpr, HAS_GAIN: tl.constexpr, REP: tl.constexpr, XS: tl.constexpr, DXS: tl.constexpr,
-                       HAS_V: tl.constexpr, V_REP: tl.constexpr):
+                       dv_ptr, n_rows, acc_scale, T: tl.constexpr, H: tl.constexpr, D: tl.constexpr,
+                       HALF: tl.constexpr, R: tl.constexpr, HAS_GAIN: tl.constexpr, REP: tl.constexpr, XS: tl.constexpr,
+                       DXS: tl.constexpr, HAS_V: tl.constexpr, V_REP: tl.constexpr, TR: tl.constexpr):
         # x is read, and dx written, with tokens XS and DXS elements apart (_heads); HAS_V: v's
         # (contiguous) gradient written DXS apart too, into its slice of the fused gradient, with its
-        # REP copies' gradients (V_REP) added in fp32
+        # REP copies' gradients (V_REP) added in fp32; TR > 0: g is FA3's dQ accumulator (TR rows a
+        # head), times acc_scale
         pid = tl.program_id(0)
         rows = pid * R + tl.arange(0, R)
         live = rows < n_rows
@@ -167,9 +180,13 @@ if triton is not None:
                 for j in tl.static_range(REP):
                     gv += tl.load(gv_rep_ptr + (rows * REP + j)[:, None] * D + cols, mask=mask, other=0.0).to(tl.float32)
             tl.store(dv_ptr + _heads(rows, H, D, DXS)[:, None] + cols, gv.to(dv_ptr.dtype.element_ty), mask=mask)
-        g, gp = _tile(g_ptr, rows * REP * D, mask, D, HALF)
+        if TR > 0:
+            g, gp = _tile(g_ptr, _acc_rows(rows, T, H, D, TR), mask, D, HALF, True)
+            g, gp = g * acc_scale, gp * acc_scale
+        else:
+            g, gp = _tile(g_ptr, rows * REP * D, mask, D, HALF, False)
         for j in tl.static_range(1, REP):  # the gradients of row r's copies, summed in fp32
-            gj, gpj = _tile(g_ptr, (rows * REP + j) * D, mask, D, HALF)
+            gj, gpj = _tile(g_ptr, (rows * REP + j) * D, mask, D, HALF, False)
             g, gp = g + gj, gp + gpj
         x = tl.load(x_ptr + _heads(rows, H, D, XS)[:, None] + cols, mask=mask, other=0.0).to(tl.float32)
         c, s = _rope_cs(cos_ptr, sin_ptr, rows, mask, T, H, D, HALF)
@@ -233,11 +250,12 @@ def _forward_triton(
 def _backward_triton(
     g: Tensor, x: Tensor, rstd: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None, repeat: int = 1,
     rows: int | None = None, warps: int = WARPS, dx: Tensor | None = None, gv: Tensor | None = None,
-    dv: Tensor | None = None, gv_rep: Tensor | None = None,
+    dv: Tensor | None = None, gv_rep: Tensor | None = None, acc_scale: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
     """The backward kernel, writing x's gradient into `dx` (x's shape, any token stride) if given;
     with `gv` (contiguous, x's shape) the same programs copy it into `dv` (dx's token stride), with
-    the sum of `gv_rep`'s copies (g's shape: v's heads `repeat` times in a row) added where given."""
+    the sum of `gv_rep`'s copies (g's shape: v's heads `repeat` times in a row) added where given.
+    acc_scale > 0: g is FA3's dQ accumulator (B, H, TR * D) fp32 (repeat 1), times acc_scale."""
     b, t, h, d = x.shape
     n_rows, rows = b * t * h, rows or _rows(x)
     blocks = triton.cdiv(n_rows, rows)
@@ -245,9 +263,9 @@ def _backward_triton(
     part = torch.empty((blocks if gain is not None else 0, h), dtype=torch.float32, device=x.device)
     _qk_bwd_kernel[(blocks,)](g, x, rstd, cos, sin, x if gain is None else gain, dx, part,
                               x if gv is None else gv, g if gv_rep is None else gv_rep, dx if dv is None else dv, n_rows,
-                              T=t, H=h, D=d, HALF=cos.size(-1), R=rows, HAS_GAIN=gain is not None, REP=repeat,
-                              XS=_token_stride(x), DXS=_token_stride(dx), HAS_V=gv is not None,
-                              V_REP=gv_rep is not None, num_warps=warps)
+                              acc_scale, T=t, H=h, D=d, HALF=cos.size(-1), R=rows, HAS_GAIN=gain is not None,
+                              REP=repeat, XS=_token_stride(x), DXS=_token_stride(dx), HAS_V=gv is not None,
+                              V_REP=gv_rep is not None, TR=g.size(2) // d if acc_scale else 0, num_warps=warps)
     return dx, part.sum(0) if gain is not None else part.new_empty(0)
 
 
@@ -314,19 +332,57 @@ def _split_qkv(qkv: Tensor, heads: int, head_dim: int) -> tuple[Tensor, Tensor, 
     return q.view(b, t, heads, head_dim), k.view(b, t, -1, head_dim), v.view(b, t, -1, head_dim)
 
 
+# FA3's dQ accumulator (train.fa3_dq_accum): FA3's backward (sm90, head dim 64) sums dQ / softmax_scale in
+# fp32 (B, H, TR * 64), TR = T rounded up to 128, in blocks of 128 rows laid out as its MMA fragments
+# lie (tests/test_fa3_xsa.py derives the map from wgmma's thread pattern and checks it on FA3).
+ACC_BLOCK = 128
+
+
+def acc_offsets(d: int = 64) -> Tensor:
+    """(128, d): where element (row, col) of a 128-row block lies in the accumulator's block."""
+    if d != 64:
+        raise ValueError(f"FA3's dQ accumulator layout is known for head dim 64, not {d}")
+    r, c = torch.arange(ACC_BLOCK)[:, None], torch.arange(d)[None, :]
+    return (4096 * (r // 64) + 128 * ((r % 64) // 16) + 16 * (r % 8) + 2 * ((r % 16) // 8)
+            + 512 * (c // 8) + 4 * ((c % 8) // 2) + c % 2)
+
+
+def from_accumulator(acc: Tensor, t: int) -> Tensor:
+    """The (B, T, H, D) rows an accumulator (B, H, TR * D) holds, in its dtype (a strided view-free copy)."""
+    b, h, _ = acc.shape
+    idx = acc_offsets().flatten().to(acc.device)
+    return acc.view(b, h, -1, idx.numel())[..., idx].view(b, h, -1, 64)[:, :, :t].transpose(1, 2)
+
+
+def to_accumulator(g: Tensor, tr: int) -> Tensor:
+    """g (B, T, H, D) laid out as the accumulator (B, H, TR * D), rows past T zero."""
+    b, t, h, d = g.shape
+    rows = torch.nn.functional.pad(g.transpose(1, 2), (0, 0, 0, tr - t)).reshape(b, h, -1, ACC_BLOCK * d)
+    acc = torch.empty_like(rows)
+    acc[..., acc_offsets(d).flatten().to(g.device)] = rows
+    return acc.view(b, h, tr * d)
+
+
 @torch.library.custom_op("lmcore::qkv_norm_rope", mutates_args=())
 def _qkv_norm_rope(qkv: Tensor, cos: Tensor, sin: Tensor, gain: Tensor, heads: int, head_dim: int, repeat: int,
-                   repeat_v: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                   repeat_v: bool, dq_acc_scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     q, k, v = _split_qkv(qkv, heads, head_dim)
+    slot = _dq_slot(qkv, heads, head_dim, dq_acc_scale)  # never written: its gradient carries q's
     if _use_triton(q, cos.size(-1)) and _use_triton(k, cos.size(-1)):  # the kernels read the slices in place
         v_out = v.new_empty(v.shape)  # k's programs copy v's rows out beside k's (and repeated: repeat_v)
         v_rep = v.new_empty(_repeated(v, repeat) if repeat_v else 0)
         (qo, rq), (ko, rk) = _forward_triton(q, cos, sin, gain), _forward_triton(
             k, cos, sin, None, repeat, v=v, v_out=v_out, v_rep=v_rep if repeat_v else None)
-        return qo, ko, v_out, v_rep, rq, rk
+        return qo, ko, v_out, v_rep, rq, rk, slot
     (qo, rq), (ko, rk) = _forward_math(q, cos, sin, gain), _forward_math(k, cos, sin, None, repeat)
     v_rep = v.repeat_interleave(repeat, dim=2) if repeat_v else v.new_empty(0)
-    return qo, ko, v.clone(memory_format=torch.contiguous_format), v_rep, rq, rk
+    return qo, ko, v.clone(memory_format=torch.contiguous_format), v_rep, rq, rk, slot
+
+
+def _dq_slot(qkv: Tensor, heads: int, head_dim: int, dq_acc_scale: float) -> Tensor:
+    """(B, H, TR * D) fp32 with dq_acc_scale > 0 (empty: only its gradient is used), else (0,)."""
+    rows = -(-qkv.size(1) // ACC_BLOCK) * ACC_BLOCK if dq_acc_scale > 0 else 0
+    return qkv.new_empty(qkv.size(0), heads, rows * head_dim, dtype=torch.float32)
 
 
 def _repeated(x: Tensor, repeat: int) -> tuple[int, int, int, int]:
@@ -336,27 +392,30 @@ def _repeated(x: Tensor, repeat: int) -> tuple[int, int, int, int]:
 
 @_qkv_norm_rope.register_fake
 def _(qkv: Tensor, cos: Tensor, sin: Tensor, gain: Tensor, heads: int, head_dim: int, repeat: int,
-      repeat_v: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+      repeat_v: bool, dq_acc_scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     q, k, v = _split_qkv(qkv, heads, head_dim)
     b, t, hkv, f32 = k.size(0), k.size(1), k.size(2), torch.float32
     return (q.new_empty(q.shape), k.new_empty(_repeated(k, repeat)), v.new_empty(v.shape),
             v.new_empty(_repeated(v, repeat) if repeat_v else 0),
-            qkv.new_empty(b, t, heads, dtype=f32), qkv.new_empty(b, t, hkv, dtype=f32))
+            qkv.new_empty(b, t, heads, dtype=f32), qkv.new_empty(b, t, hkv, dtype=f32),
+            _dq_slot(qkv, heads, head_dim, dq_acc_scale))
 
 
 @torch.library.custom_op("lmcore::qkv_norm_rope_backward", mutates_args=())
 def _qkv_norm_rope_backward(
     gq: Tensor, gk: Tensor, gv: Tensor, gv_rep: Tensor | None, qkv: Tensor, rq: Tensor, rk: Tensor, cos: Tensor,
-    sin: Tensor, gain: Tensor, heads: int, head_dim: int, repeat: int,
+    sin: Tensor, gain: Tensor, heads: int, head_dim: int, repeat: int, acc_scale: float,
 ) -> tuple[Tensor, Tensor]:
+    """acc_scale > 0: gq is FA3's dQ accumulator, times acc_scale (its softmax_scale)."""
     q, k, _ = _split_qkv(qkv, heads, head_dim)
     if _use_triton(q, cos.size(-1)) and _use_triton(k, cos.size(-1)):  # each gradient written into its slice
         dqkv = torch.empty_like(qkv)
         dq, dk, dv = _split_qkv(dqkv, heads, head_dim)
-        _, dgain = _backward_triton(gq, q, rq, cos, sin, gain, dx=dq)
+        _, dgain = _backward_triton(gq, q, rq, cos, sin, gain, dx=dq, acc_scale=acc_scale)
         # and v's gradient (with its copies', gv_rep), in k's programs
         _backward_triton(gk, k, rk, cos, sin, None, repeat, dx=dk, gv=gv, dv=dv, gv_rep=gv_rep)
         return dqkv, dgain
+    gq = from_accumulator(gq, q.size(1)) * acc_scale if acc_scale > 0 else gq
     dq, dgain = _backward_math(gq, q, rq, cos, sin, gain)
     dk, _ = _backward_math(gk, k, rk, cos, sin, None, repeat)
     if gv_rep is not None:  # the copies' gradients summed with v's own, in fp32
@@ -367,22 +426,24 @@ def _qkv_norm_rope_backward(
 @_qkv_norm_rope_backward.register_fake
 def _(
     gq: Tensor, gk: Tensor, gv: Tensor, gv_rep: Tensor | None, qkv: Tensor, rq: Tensor, rk: Tensor, cos: Tensor,
-    sin: Tensor, gain: Tensor, heads: int, head_dim: int, repeat: int,
+    sin: Tensor, gain: Tensor, heads: int, head_dim: int, repeat: int, acc_scale: float,
 ) -> tuple[Tensor, Tensor]:
     return torch.empty_like(qkv), qkv.new_empty(gain.size(0), dtype=torch.float32)
 
 
 def _qkv_setup_context(ctx, inputs, output) -> None:
-    qkv, cos, sin, gain, ctx.heads, ctx.head_dim, ctx.repeat, ctx.repeat_v = inputs
+    qkv, cos, sin, gain, ctx.heads, ctx.head_dim, ctx.repeat, ctx.repeat_v, ctx.acc_scale = inputs
     ctx.save_for_backward(qkv, output[4], output[5], cos, sin, gain)
 
 
-def _qkv_backward(ctx, gq: Tensor, gk: Tensor, gv: Tensor, gv_rep: Tensor, _g_rq: Tensor, _g_rk: Tensor):
+def _qkv_backward(ctx, gq: Tensor, gk: Tensor, gv: Tensor, gv_rep: Tensor, _g_rq: Tensor, _g_rk: Tensor,
+                  g_slot: Tensor):
     qkv, rq, rk, cos, sin, gain = ctx.saved_tensors
+    gq = g_slot if ctx.acc_scale > 0 else gq  # the accumulator FA3's backward returned (lmcore.fa3_xsa)
     dqkv, dgain = _qkv_norm_rope_backward(gq.contiguous(), gk.contiguous(), gv.contiguous(),
                                           gv_rep.contiguous() if ctx.repeat_v else None, qkv, rq, rk, cos, sin,
-                                          gain, ctx.heads, ctx.head_dim, ctx.repeat)
-    return dqkv, None, None, dgain.to(gain.dtype), None, None, None, None
+                                          gain, ctx.heads, ctx.head_dim, ctx.repeat, ctx.acc_scale)
+    return dqkv, None, None, dgain.to(gain.dtype), None, None, None, None, None
 
 
 _qkv_norm_rope.register_autograd(_qkv_backward, setup_context=_qkv_setup_context)
@@ -390,198 +451,19 @@ _qkv_norm_rope.register_autograd(_qkv_backward, setup_context=_qkv_setup_context
 
 def qkv_norm_rope(
     qkv: Tensor, cos: Tensor, sin: Tensor, gain: Tensor, heads: int, head_dim: int, repeat: int = 1,
-    repeat_v: bool = False,
-) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """(q, k, v, v repeated) from qkv (B, T, (H + 2 Hkv) D), the output of one GEMM on c_q, c_k and
-    c_v's weights concatenated: q = qk_norm_rope(q's slice, gain), k = qk_norm_rope(k's slice,
+    repeat_v: bool = False, dq_acc_scale: float = 0.0,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
+    """(q, k, v, v repeated, dq slot) from qkv (B, T, (H + 2 Hkv) D), the output of one GEMM on c_q,
+    c_k and c_v's weights concatenated: q = qk_norm_rope(q's slice, gain), k = qk_norm_rope(k's slice,
     None, repeat), v its slice (B, T, Hkv, D), contiguous, and with `repeat_v` v's heads `repeat`
     times in a row (as k's; else None). The kernels read q's and k's slices where they lie, and the
     backward writes the three gradients (v's: its own plus its copies') into one (B, T, (H + 2 Hkv) D)
-    tensor, the input of the one GEMM that gives the input's gradient."""
-    q, k, v, v_rep, _, _ = _qkv_norm_rope(qkv.contiguous(), cos.float().contiguous(), sin.float().contiguous(), gain,
-                                          heads, head_dim, repeat, repeat_v)
-    return q, k, v, v_rep if repeat_v else None
+    tensor, the input of the one GEMM that gives the input's gradient.
 
-
-# XSA + the attention gate (train.fused_xsa_gate) ------------------------------------------
-
-NORM_EPS = 1e-12  # F.normalize's default
-
-
-def _xsa_forward_math(y: Tensor, v: Tensor, z: Tensor | None) -> Tensor:
-    """out = sigmoid(z) * (y - (y . vn) vn) per query head, vn = v / max(|v|, eps) of its kv
-    head (y (B, T, H, D), v (B, T, Hkv, D), z (B, T, H) or None: no gate); fp32 math, y's dtype."""
-    b, t, h, d = y.shape
-    yf = y.float().view(b, t, v.size(2), -1, d)
-    vn = torch.nn.functional.normalize(v.float(), dim=-1, eps=NORM_EPS).unsqueeze(-2)
-    p = yf - (yf * vn).sum(-1, keepdim=True) * vn
-    if z is not None:
-        p = p * torch.sigmoid(z.float()).view(*yf.shape[:-1], 1)
-    return p.view(b, t, h, d).to(y.dtype)
-
-
-def _xsa_backward_math(dout: Tensor, y: Tensor, v: Tensor, z: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-    """(dy, dv, dz; dz is (0,) without a gate) for out = s * P y, P = 1 - vn vn^T, s = sigmoid(z):
-    with gp = s * dout, dy = P gp; dz = (dout . P y) s (1 - s); dvn = -sum over the kv head's
-    query heads of (y . vn) gp + (gp . vn) y; dv = (dvn - vn (vn . dvn)) / |v| (dvn / eps where
-    |v| <= eps: F.normalize's clamp)."""
-    b, t, h, d = y.shape
-    shape = (b, t, v.size(2), -1, d)
-    yf, gf, vf = y.float().view(shape), dout.float().view(shape), v.float()
-    norm = vf.norm(dim=-1, keepdim=True)
-    vn = (vf / norm.clamp_min(NORM_EPS)).unsqueeze(-2)
-    yv = (yf * vn).sum(-1, keepdim=True)
-    if z is None:
-        s, dz = None, y.new_empty(0)
-    else:
-        s = torch.sigmoid(z.float()).view(*shape[:-1], 1)
-        dz = ((gf * (yf - yv * vn)).sum(-1, keepdim=True) * s * (1 - s)).view(z.shape).to(z.dtype)
-        gf = gf * s
-    gv = (gf * vn).sum(-1, keepdim=True)
-    dy = gf - gv * vn
-    dvn = -(yv * gf + gv * yf).sum(-2)
-    vn = vn.squeeze(-2)
-    dv = torch.where(norm > NORM_EPS, (dvn - vn * (vn * dvn).sum(-1, keepdim=True)) / norm, dvn / NORM_EPS)
-    return dy.view(b, t, h, d).to(y.dtype), dv.to(v.dtype), dz
-
-
-if triton is not None:
-
-    @triton.jit
-    def _xsa_tiles(y_ptr, v_ptr, rows, live, G: tl.constexpr, D: tl.constexpr):
-        """For R rows (one kv head of one token each): offsets of the (R, G, D) tile of its
-        query heads, their mask, v's (R, D) tile in fp32 and its norm (R,)."""
-        cols = tl.arange(0, D)
-        ytile = rows[:, None, None] * (G * D) + tl.arange(0, G)[None, :, None] * D + cols[None, None, :]
-        ymask = live[:, None, None]
-        v = tl.load(v_ptr + rows[:, None] * D + cols[None, :], mask=live[:, None], other=0.0).to(tl.float32)
-        return ytile, ymask, v, tl.sqrt(tl.sum(v * v, axis=1))
-
-    @triton.jit
-    def _xsa_fwd_kernel(y_ptr, v_ptr, z_ptr, out_ptr, n_rows, eps,
-                        G: tl.constexpr, D: tl.constexpr, R: tl.constexpr, HAS_GATE: tl.constexpr):
-        rows = tl.program_id(0) * R + tl.arange(0, R)
-        live = rows < n_rows
-        ytile, ymask, v, norm = _xsa_tiles(y_ptr, v_ptr, rows, live, G, D)
-        vn = (v / tl.maximum(norm, eps)[:, None])[:, None, :]  # (R, 1, D)
-        y = tl.load(y_ptr + ytile, mask=ymask, other=0.0).to(tl.float32)
-        p = y - tl.sum(y * vn, axis=2)[:, :, None] * vn
-        if HAS_GATE:
-            z = tl.load(z_ptr + rows[:, None] * G + tl.arange(0, G)[None, :], mask=live[:, None], other=0.0)
-            p = p * tl.sigmoid(z.to(tl.float32))[:, :, None]
-        tl.store(out_ptr + ytile, p.to(out_ptr.dtype.element_ty), mask=ymask)
-
-    @triton.jit
-    def _xsa_bwd_kernel(g_ptr, y_ptr, v_ptr, z_ptr, dy_ptr, dv_ptr, dz_ptr, ds_ptr, n_rows, eps, T, TR, HKV,
-                        G: tl.constexpr, D: tl.constexpr, R: tl.constexpr, HAS_GATE: tl.constexpr,
-                        ROWSUM: tl.constexpr):
-        rows = tl.program_id(0) * R + tl.arange(0, R)
-        live = rows < n_rows
-        ytile, ymask, v, norm = _xsa_tiles(y_ptr, v_ptr, rows, live, G, D)
-        inv = 1.0 / tl.maximum(norm, eps)
-        vn = v * inv[:, None]
-        vn3 = vn[:, None, :]
-        y = tl.load(y_ptr + ytile, mask=ymask, other=0.0).to(tl.float32)
-        g = tl.load(g_ptr + ytile, mask=ymask, other=0.0).to(tl.float32)
-        yv = tl.sum(y * vn3, axis=2)[:, :, None]  # (R, G, 1)
-        if HAS_GATE:
-            zoff = rows[:, None] * G + tl.arange(0, G)[None, :]
-            s = tl.sigmoid(tl.load(z_ptr + zoff, mask=live[:, None], other=0.0).to(tl.float32))
-            dz = tl.sum(g * (y - yv * vn3), axis=2) * s * (1.0 - s)
-            tl.store(dz_ptr + zoff, dz.to(dz_ptr.dtype.element_ty), mask=live[:, None])
-            g = g * s[:, :, None]
-        gv = tl.sum(g * vn3, axis=2)[:, :, None]
-        dy = (g - gv * vn3).to(dy_ptr.dtype.element_ty)
-        tl.store(dy_ptr + ytile, dy, mask=ymask)
-        if ROWSUM:  # rowsum(dy * y) a query head into FA3's softmax_d (B, H, TR) (lmcore.fa3_xsa)
-            tok, hk = rows // HKV, rows % HKV
-            ds = (tok // T * (HKV * G) + hk * G)[:, None] + tl.arange(0, G)[None, :]
-            tl.store(ds_ptr + ds * TR + (tok % T)[:, None], tl.sum(dy.to(tl.float32) * y, axis=2), mask=live[:, None])
-        dvn = -tl.sum(yv * g + gv * y, axis=1)  # (R, D)
-        dv = tl.where((norm > eps)[:, None], (dvn - vn * tl.sum(vn * dvn, axis=1)[:, None]) * inv[:, None], dvn * inv[:, None])
-        tl.store(dv_ptr + rows[:, None] * D + tl.arange(0, D)[None, :], dv.to(dv_ptr.dtype.element_ty), mask=live[:, None])
-
-
-XSA_TILE = 2048  # elements of y per Triton program: XSA_TILE // (G * D) rows (kv heads of one token)
-# 4 warps, measured (benchmarks/xsa_kernel_bench.py, H200, session 8) at record's shapes (G 2,
-# D 64: 16 rows): forward 61 us, backward 99 us a layer call; at 8 warps, which sm_90 ptxas gives
-# fewer registers (30/40 against 40/80) and one barrier against 11, the backward took 290 us
-XSA_WARPS = 4
-
-
-def _xsa_use_triton(y: Tensor, v: Tensor) -> bool:
-    """Triton for CUDA tensors whose head dim and query heads a kv head are powers of two."""
-    g, d = y.size(2) // v.size(2), y.size(3)
-    return triton is not None and y.is_cuda and _pow2(g) and _pow2(d) and g * d <= XSA_TILE
-
-
-def _xsa_forward_triton(y: Tensor, v: Tensor, z: Tensor | None, rows: int | None = None, warps: int = XSA_WARPS) -> Tensor:
-    """The forward kernel; `rows` a program (default XSA_TILE // (G * D)) and `warps` are the tile choice."""
-    b, t, hkv, d = v.shape
-    g = y.size(2) // hkv
-    out = torch.empty_like(y)
-    n_rows, rows = b * t * hkv, rows or XSA_TILE // (g * d)
-    _xsa_fwd_kernel[(triton.cdiv(n_rows, rows),)](y, v, y if z is None else z, out, n_rows, NORM_EPS,
-                                                  G=g, D=d, R=rows, HAS_GATE=z is not None, num_warps=warps)
-    return out
-
-
-def _xsa_backward_triton(
-    dout: Tensor, y: Tensor, v: Tensor, z: Tensor | None, rows: int | None = None, warps: int = XSA_WARPS,
-    rowsum: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """The backward kernel; with `rowsum` ((B, H, TR) fp32, TR >= T) it also writes rowsum(dy * y) there."""
-    b, t, hkv, d = v.shape
-    g = y.size(2) // hkv
-    dy, dv = torch.empty_like(y), torch.empty_like(v)
-    dz = y.new_empty(0) if z is None else torch.empty_like(z)
-    n_rows, rows = b * t * hkv, rows or XSA_TILE // (g * d)
-    _xsa_bwd_kernel[(triton.cdiv(n_rows, rows),)](dout, y, v, y if z is None else z, dy, dv, y if z is None else dz,
-                                                  dv if rowsum is None else rowsum, n_rows, NORM_EPS, t,
-                                                  t if rowsum is None else rowsum.size(2), hkv, G=g, D=d, R=rows,
-                                                  HAS_GATE=z is not None, ROWSUM=rowsum is not None, num_warps=warps)
-    return dy, dv, dz
-
-
-@torch.library.custom_op("lmcore::xsa_gate", mutates_args=())
-def _xsa_gate(y: Tensor, v: Tensor, z: Tensor | None) -> Tensor:
-    if _xsa_use_triton(y, v):
-        return _xsa_forward_triton(y, v, z)
-    return _xsa_forward_math(y, v, z)
-
-
-@_xsa_gate.register_fake
-def _(y: Tensor, v: Tensor, z: Tensor | None) -> Tensor:
-    return torch.empty_like(y)
-
-
-@torch.library.custom_op("lmcore::xsa_gate_backward", mutates_args=())
-def _xsa_gate_backward(dout: Tensor, y: Tensor, v: Tensor, z: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-    if _xsa_use_triton(y, v):
-        return _xsa_backward_triton(dout, y, v, z)
-    return _xsa_backward_math(dout, y, v, z)
-
-
-@_xsa_gate_backward.register_fake
-def _(dout: Tensor, y: Tensor, v: Tensor, z: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-    return torch.empty_like(y), torch.empty_like(v), y.new_empty(0) if z is None else torch.empty_like(z)
-
-
-def _xsa_setup_context(ctx, inputs, output) -> None:
-    ctx.save_for_backward(*inputs)
-
-
-def _xsa_backward(ctx, dout: Tensor):
-    y, v, z = ctx.saved_tensors
-    dy, dv, dz = _xsa_gate_backward(dout.contiguous(), y, v, z)
-    return dy, dv, None if z is None else dz
-
-
-_xsa_gate.register_autograd(_xsa_backward, setup_context=_xsa_setup_context)
-
-
-def xsa_gate(y: Tensor, v: Tensor, z: Tensor | None) -> Tensor:
-    """XSA (remove from each query head's output its component along its kv head's unit value
-    vector) then the attention gate (times sigmoid(z); None: no gate), in fp32, returned in y's
-    dtype: y (B, T, H, D) attention's output, v (B, T, Hkv, D), z (B, T, H) the gate's logits."""
-    return _xsa_gate(y.contiguous(), v.contiguous(), None if z is None else z.contiguous())
+    dq_acc_scale > 0 (train.fa3_dq_accum): the dq slot is a (B, H, TR * D) fp32 tensor, never
+    written, for lmcore.fa3_xsa.attention_xsa, whose backward gives q's gradient as the slot's: FA3's
+    dQ accumulator (acc_offsets' layout), which q's backward kernel reads times dq_acc_scale (the
+    attention's softmax_scale) instead of a bf16 dq. Else None."""
+    q, k, v, v_rep, _, _, slot = _qkv_norm_rope(qkv.contiguous(), cos.float().contiguous(), sin.float().contiguous(),
+                                                gain, heads, head_dim, repeat, repeat_v, float(dq_acc_scale))
+    return q, k, v, v_rep if repeat_v else None, slot if dq_acc_scale > 0 else None

@@ -101,8 +101,9 @@ class Attention(nn.Module):
         self.qk_op: Callable[..., Tensor] | None = None  # lmcore.kernels.qk_norm_rope when fused
         self.qkv_op: Callable[..., tuple[Tensor, ...]] | None = None  # kernels.qkv_norm_rope (GPT.use_fused_qkv)
         self.qkv_repeat_v = False  # GPT.use_fused_qkv(repeat_v=True): the op writes attention's repeated v too
-        self.xsa_op: Callable[..., Tensor] | None = None  # lmcore.kernels.xsa_gate when fused (XSA layers)
+        self.xsa_op: Callable[..., Tensor] | None = None  # lmcore.xsa_kernel.xsa_gate when fused (XSA layers)
         self.attn_xsa_op: Callable[..., Tensor] | None = None  # lmcore.fa3_xsa.attention_xsa (GPT.use_fa3_xsa_rowsum)
+        self.dq_accum = False  # GPT.use_fa3_xsa_rowsum(dq_accum=True): q's gradient as FA3's dQ accumulator
         self.kv_repeat = 1  # GPT.use_expanded_kv: H // Hkv, k and v repeated to the query heads for attention
 
     def forward(self, x: Tensor, ve: Tensor | None, rope: tuple[Tensor, Tensor], cache: KVCache | None = None,
@@ -111,11 +112,12 @@ class Attention(nn.Module):
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         cos, sin = rope
         rep = self.kv_repeat if cache is None else 1
-        v_att = None  # attention's v, where the fused op wrote it repeated (else v repeated below)
+        v_att = slot = None  # attention's v, where the fused op wrote it repeated (else v repeated below)
         if self.qkv_op is not None and cache is None:  # GPT.use_fused_qkv: one GEMM on the three weights
             w = torch.cat([m.cast_weight(x.dtype) for m in (self.c_q, self.c_k, self.c_v)])
             fused_v = self.qkv_repeat_v and ve is None and rep > 1  # a value-embedding layer adds ve first
-            q, k, v, v_att = self.qkv_op(F.linear(x, w), cos, sin, self.q_gain, H, D, rep, fused_v)
+            acc = D ** -0.5 if self.dq_accum and self.attn_xsa_op is not None else 0.0  # attention's softmax scale
+            q, k, v, v_att, slot = self.qkv_op(F.linear(x, w), cos, sin, self.q_gain, H, D, rep, fused_v, acc)
             v = v if ve is None else v + ve.view_as(v)
         else:
             q, k = self.c_q(x).view(B, T, H, D), self.c_k(x).view(B, T, Hkv, D)
@@ -128,7 +130,7 @@ class Attention(nn.Module):
                 q = q * self.q_gain.to(q.dtype)[None, None, :, None]
         gate = self.attn_gate(x) if self.attn_gate is not None else None
         if cache is None and self.attn_xsa_op is not None:  # GPT.use_fa3_xsa_rowsum: the same math, one op
-            y = self.attn_xsa_op(q, k, repeat_heads(v, rep) if v_att is None else v_att, v, gate, self.backend)
+            y = self.attn_xsa_op(q, k, repeat_heads(v, rep) if v_att is None else v_att, v, gate, self.backend, slot)
         elif cache is None:  # k is already repeated; v keeps its kv heads for XSA below
             y = self._xsa_gate(attention(q, k, repeat_heads(v, rep) if v_att is None else v_att, self.backend), v, gate)
         else:
@@ -430,24 +432,25 @@ class GPT(nn.Module):
             b.fold_scales = True
 
     def use_fused_xsa_gate(self) -> None:
-        """XSA + the attention gate through lmcore.kernels.xsa_gate on the XSA layers
+        """XSA + the attention gate through lmcore.xsa_kernel.xsa_gate on the XSA layers
         (train.fused_xsa_gate): one Triton pass each way on CUDA; imported here, like
         use_fused_qk_norm_rope's."""
-        from lmcore.kernels import xsa_gate
+        from lmcore.xsa_kernel import xsa_gate
 
         for b in self.blocks:
             if b.attn.xsa:
                 b.attn.xsa_op = xsa_gate
 
-    def use_fa3_xsa_rowsum(self) -> None:
+    def use_fa3_xsa_rowsum(self, dq_accum: bool = False) -> None:
         """Attention, XSA and the gate as one op on the XSA layers (train.fa3_xsa_rowsum,
         lmcore.fa3_xsa): XSA's backward hands FA3's backward the rowsums it would otherwise read O
-        and dO again for. Needs k and v repeated to the query heads (use_expanded_kv)."""
+        and dO again for. Needs k and v repeated to the query heads (use_expanded_kv). dq_accum
+        (train.fa3_dq_accum; with use_fused_qkv): q's gradient as FA3's dQ accumulator."""
         from lmcore.fa3_xsa import attention_xsa
 
         for b in self.blocks:
             if b.attn.xsa:
-                b.attn.attn_xsa_op = attention_xsa
+                b.attn.attn_xsa_op, b.attn.dq_accum = attention_xsa, dq_accum
 
     def use_fused_softcap_ce(self) -> None:
         """The training loss (the logit softcap and the mean cross-entropy) through

@@ -263,14 +263,15 @@ def ddp_graph_mode(tc: TrainConfig) -> None:
     dynamo_config.optimize_ddp = tc.ddp_split_graph
 
 
-def _check_fa3_rowsum(attention: str, device: torch.device) -> None:
-    """train.fa3_xsa_rowsum runs on FA3 built with FA3_DPSUM=1 (or the math backend): a ConfigError
-    naming what is missing otherwise (before anything is written; it also loads FA3's op)."""
+def _check_fa3_rowsum(attention: str, device: torch.device, dq_accum: bool) -> None:
+    """train.fa3_xsa_rowsum (and fa3_dq_accum) runs on FA3 built with FA3_DPSUM=1 (or the math backend): a
+    ConfigError naming what is missing otherwise (before anything is written; it also loads FA3's op)."""
     from lmcore.attention import resolve_backend
     from lmcore.fa3_xsa import fa3_rowsum_reason
 
     backend = resolve_backend(attention, device)
-    reason = None if backend == "math" else fa3_rowsum_reason() if backend == "fa3" else f"it runs on fa3, not {backend}"
+    reason = None if backend == "math" else f"it runs on fa3, not {backend}"
+    reason = fa3_rowsum_reason(dq_accum) if backend == "fa3" else reason
     if reason:
         raise ConfigError(f"train.fa3_xsa_rowsum with model.attention={attention}: {reason}")
 
@@ -301,7 +302,7 @@ def start_session(
     if tables.size > vocab:
         raise ConfigError(f"{cfg.data.tokenizer}: tokenizer has {tables.size} pieces, more than model.vocab_size={vocab}")
     if tc.fa3_xsa_rowsum:
-        _check_fa3_rowsum(cfg.model.attention, device)
+        _check_fa3_rowsum(cfg.model.attention, device, tc.fa3_dq_accum)
     found = load_resumable_checkpoint(run_dir) if resume else None
     if found is not None and main:
         for note in found[2]:
@@ -322,7 +323,7 @@ def start_session(
     if tc.fused_softcap_ce:
         model.use_fused_softcap_ce()
     if tc.fa3_xsa_rowsum:
-        model.use_fa3_xsa_rowsum()
+        model.use_fa3_xsa_rowsum(tc.fa3_dq_accum)
     if tc.fused_qkv:
         model.use_fused_qkv(tc.fused_qkv_repeat_v)
     if tc.fused_mlp:

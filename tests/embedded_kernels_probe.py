@@ -2,8 +2,8 @@
 
     python tests/embedded_kernels_probe.py PATH/train_gpt.py [--cuda]
 
-imports lmcore.kernels from the exported script's SOURCES (its importer first on sys.meta_path)
-and prints one JSON line: the module's file, whether the script embeds it, whether triton
+imports lmcore.kernels and lmcore.xsa_kernel from the exported script's SOURCES (its importer first on sys.meta_path)
+and prints one JSON line: the modules' files, whether the script embeds them, whether triton
 imported. With --cuda it also runs both fused ops forward and backward on CUDA (where Triton
 serves them: the JIT reads the kernels' source through the script's importer) and on CPU (the
 PyTorch math), and adds the largest differences of outputs and gradients; where the script embeds
@@ -31,7 +31,7 @@ def _max_diff(a, b) -> float:
     return max(float((x - y).abs().max()) for x, y in zip(a, b, strict=True))
 
 
-def cuda_checks(kernels) -> dict:
+def cuda_checks(kernels, xsa) -> dict:
     import torch
 
     g = torch.Generator().manual_seed(0)
@@ -43,9 +43,9 @@ def cuda_checks(kernels) -> dict:
     qk = lambda x_, gain_: kernels.qk_norm_rope(x_, cos.to(x_.device), sin.to(x_.device), gain_)
     return {
         "qk_triton": kernels._use_triton(x.cuda(), half),
-        "xsa_triton": kernels._xsa_use_triton(y.cuda(), v.cuda()),
+        "xsa_triton": xsa._xsa_use_triton(y.cuda(), v.cuda()),
         "qk_max_diff": _max_diff(_run(qk, [x, gain], "cuda"), _run(qk, [x, gain], "cpu")),
-        "xsa_max_diff": _max_diff(_run(kernels.xsa_gate, [y, v, z], "cuda"), _run(kernels.xsa_gate, [y, v, z], "cpu")),
+        "xsa_max_diff": _max_diff(_run(xsa.xsa_gate, [y, v, z], "cuda"), _run(xsa.xsa_gate, [y, v, z], "cpu")),
     }
 
 
@@ -77,11 +77,12 @@ def main(argv: list[str]) -> int:
     import train_gpt
 
     finder = train_gpt.install(vars(train_gpt))
-    from lmcore import kernels
+    from lmcore import kernels, xsa_kernel
 
-    out = {"file": kernels.__file__, "embedded": "lmcore/kernels.py" in finder.sources, "triton": kernels.triton is not None}
+    out = {"file": kernels.__file__, "xsa_file": xsa_kernel.__file__, "triton": kernels.triton is not None,
+           "embedded": all(f"lmcore/{m}.py" in finder.sources for m in ("kernels", "xsa_kernel"))}
     if "--cuda" in argv:
-        out.update(cuda_checks(kernels))
+        out.update(cuda_checks(kernels, xsa_kernel))
         if "lmcore/mlp_kernel.py" in finder.sources:
             from lmcore import mlp_kernel
 

@@ -1,7 +1,7 @@
 """lmcore.fa3_xsa (train.fa3_xsa_rowsum): attention + XSA + the gate as one op whose backward hands
 FA3's backward the rowsums rowsum(dO * O) from XSA's. On CPU through the math backend (FA3's
 contract in PyTorch): the math backend against plain attention, the rowsums against their
-definition, the op's gradients against autograd of attention then kernels.xsa_gate, the model with
+definition, the op's gradients against autograd of attention then xsa_kernel.xsa_gate, the model with
 the switch against the model without, eager and compiled, and a training run. On GPU (marked cuda):
 the rowsums against FA3's own preprocess, and the op on FA3 against FA3 then xsa_gate."""
 
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import lmcore.fa3_xsa as FX
-from lmcore import kernels
+from lmcore import xsa_kernel
 from lmcore.attention import math_attention
 from lmcore.config import ConfigError, preset
 from lmcore.export import code_bytes_of_export, embedded_sources
@@ -60,7 +60,7 @@ def test_xsa_backward_with_rowsums_is_xsa_backward_plus_rowsum_of_dy_times_y(t, 
     y = torch.randn_like(y)
     dout = torch.randn_like(y)
     dy, dv, dz, rowsum = FX._xsa_backward_rowsum(dout, y, v, z)
-    ref = kernels._xsa_backward_math(dout, y, v, z)
+    ref = xsa_kernel._xsa_backward_math(dout, y, v, z)
     for got, want in zip((dy, dv, dz), ref):
         assert torch.equal(got, want)
     assert rowsum.shape == (2, 4, 128) and rowsum.dtype == torch.float32 and rowsum.is_contiguous()
@@ -81,7 +81,7 @@ def test_op_gradients_are_autograd_of_attention_then_xsa_gate(gate):
         return out.detach(), [x.grad for x in xs]
 
     out, got = grads(lambda q, k, va, v, z: FX.attention_xsa(q, k, va, v, z, "math"))
-    ref_out, ref = grads(lambda q, k, va, v, z: kernels.xsa_gate(math_attention(q, k, va), v, z))
+    ref_out, ref = grads(lambda q, k, va, v, z: xsa_kernel.xsa_gate(math_attention(q, k, va), v, z))
     torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
@@ -247,7 +247,7 @@ def test_on_fa3_the_rowsums_are_fa3s_and_the_op_is_fa3_then_xsa_gate(t, gate):
         if fused:
             out = FX.attention_xsa(*xs[:4], zz, "fa3")
         else:
-            out = kernels.xsa_gate(flash_attn_func(xs[0], xs[1], xs[2], causal=True), xs[3], zz)
+            out = xsa_kernel.xsa_gate(flash_attn_func(xs[0], xs[1], xs[2], causal=True), xs[3], zz)
         (out.float() * w.float()).sum().backward()
         results.append((out.detach(), [x.grad for x in xs]))
     (out_f, g_f), (out_p, g_p) = results
@@ -292,3 +292,165 @@ def test_fa3_dq_accumulator_layout(t):
                                      True, -1, -1, 0.0, False, 0)[2]
     assert acc.dtype == torch.float32 and tuple(acc.shape) == (2, 8, FX.rounded_rows(t) * 64)
     assert torch.equal(_dq_from_accumulator(acc, t, scale), dq)
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_fa3_dq_accum_only_leaves_dq_unwritten_and_returns_the_same_accumulator():
+    # the FA3_DPSUM build's dq_accum_only (scripts/fa3_dpsum_patch.py) skips the dQ convert, and only it
+    if FX.fa3_rowsum_reason():
+        pytest.skip(FX.fa3_rowsum_reason())
+    if "dq_accum_only" not in [a.name for a in torch.ops.flash_attn_3.bwd.default._schema.arguments]:
+        pytest.skip("this FA3_DPSUM build predates dq_accum_only")
+    from flash_attn_interface import _flash_attn_forward
+
+    q, k, v, _, _ = _qkv(b=2, t=1024, h=8, hkv=8, d=64, device="cuda", dtype=torch.bfloat16, gate=False)
+    scale = 64 ** -0.5
+    out, lse, *_ = _flash_attn_forward(q, k, v, softmax_scale=scale, causal=True)
+    dout = torch.randn_like(out)
+    results = []
+    for only in (False, True):
+        dq = torch.full_like(q, float("nan"))
+        acc = torch.ops.flash_attn_3.bwd(dout, q, k, v, out, lse, dq, None, None, None, None, None, None, None, None,
+                                         scale, True, -1, -1, 0.0, False, 0, None, only)[2]
+        results.append((dq, acc.clone()))
+    (dq_plain, acc_plain), (dq_only, acc_only) = results
+    assert torch.equal(_dq_from_accumulator(acc_plain, 1024, scale), dq_plain)
+    assert dq_only.isnan().all()  # not written
+    torch.testing.assert_close(acc_only, acc_plain, rtol=1e-5, atol=1e-5)  # the atomics' order only
+
+
+# ---------------------------------------------------------------- train.fa3_dq_accum: q's gradient as FA3's dQ accumulator
+
+
+def test_the_kernels_accumulator_offsets_are_fa3s_map_and_round_trip():
+    from lmcore.kernels import acc_offsets, from_accumulator, to_accumulator
+
+    off = acc_offsets()
+    assert torch.equal(_dq_tile_index()[off.flatten()], torch.arange(128 * 64))  # (r, c) holds r * 64 + c
+    g = torch.randn(2, 200, 3, 64)
+    acc = to_accumulator(g, 256)
+    assert acc.shape == (2, 3, 256 * 64) and torch.equal(from_accumulator(acc, 200), g)
+    # FA3's postprocess as the test above reads it: the same rows, times softmax_scale, in bf16
+    assert torch.equal((from_accumulator(acc, 200) * 0.125).bfloat16(), _dq_from_accumulator(acc, 200, 0.125))
+    assert acc.view(2, 3, 2, 8192)[:, :, 1].flatten()[off[72:].flatten()].abs().sum() == 0  # rows past T: zero
+    with pytest.raises(ValueError, match="head dim 64"):
+        acc_offsets(32)
+
+
+@pytest.mark.parametrize("gate", [True, False])
+def test_op_with_a_dq_slot_gives_qs_gradient_as_the_slots_accumulator(gate):
+    q, k, v_att, v, z = _qkv(b=2, t=130, h=4, hkv=2, d=64, gate=gate)
+    w = torch.randn(q.shape)
+    from lmcore.kernels import from_accumulator
+
+    grads = []
+    for with_slot in (False, True):
+        xs = [x.clone().requires_grad_() for x in (q, k, v_att, v)]
+        slot = torch.zeros(2, 4, 256 * 64, requires_grad=True) if with_slot else None
+        (FX.attention_xsa(*xs, z, "math", slot) * w).sum().backward()
+        grads.append([x.grad for x in xs] + ([slot.grad] if with_slot else []))
+    (dq, *rest), (none, *rest_s, acc) = grads
+    assert none is None  # q's gradient went to the slot
+    for a, b in zip(rest, rest_s, strict=True):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(from_accumulator(acc, 130) * 64 ** -0.5, dq, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="dq_slot"):
+        FX.attention_xsa(q, k, v_att, v, z, "math", torch.zeros(2, 4, 130 * 64))
+
+
+def _dq_model(dq_accum: bool):
+    cfg = tiny_model_cfg(model_dim=256, num_heads=4, num_kv_heads=2, rope_dims=16, gated_attn_layers="0,2")
+    model = randomize_(GPT(cfg), std=0.05).train()
+    model.use_expanded_kv()
+    model.use_fused_xsa_gate()
+    model.use_fused_qkv(True)
+    model.use_fa3_xsa_rowsum(dq_accum)
+    return model
+
+
+def test_model_with_dq_accum_is_the_model_without_eager_and_compiled():
+    model = _dq_model(False)
+    ids, tgt = next_token_batch(model.cfg.vocab_size, (2, 160))
+    plain_loss, plain_grads = loss_and_grads(model, ids, tgt)
+    model.use_fa3_xsa_rowsum(dq_accum=True)
+    slots = []
+    for b in model.blocks:
+        b.attn.attn_xsa_op = lambda *a, f=b.attn.attn_xsa_op: slots.append(a[-1]) or f(*a)
+    loss, grads = loss_and_grads(model, ids, tgt)
+    assert len(slots) == model.cfg.num_layers and all(s is not None and s.shape == (2, 4, 256 * 64) for s in slots)
+    assert_same_loss_and_grads(loss, grads, plain_loss, plain_grads, 1e-5, rtol=1e-4, atol=1e-6)
+    assert grads["blocks.0.attn.q_gain"].abs().sum() > 0  # q's backward ran on the accumulator
+    model.use_fa3_xsa_rowsum(dq_accum=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, dynamic=False, backend="aot_eager")
+    c_loss, c_grads = loss_and_grads(model, ids, tgt, forward=compiled)
+    assert_same_loss_and_grads(c_loss, c_grads, plain_loss, plain_grads, 1e-5, rtol=1e-4, atol=1e-6)
+
+
+def test_dq_accum_needs_the_rowsum_op_and_fused_qkv():
+    base = ["train.fused_xsa_gate=true", "train.expand_kv=true"]
+    with pytest.raises(ConfigError, match="fa3_dq_accum=true needs"):
+        preset("tiny", [*base, "train.fused_qkv=true", "train.fa3_dq_accum=true"])
+    with pytest.raises(ConfigError, match="fa3_dq_accum=true needs"):
+        preset("tiny", [*base, "train.fa3_xsa_rowsum=true", "train.fa3_dq_accum=true"])
+    preset("tiny", [*base, "train.fa3_xsa_rowsum=true", "train.fused_qkv=true", "train.fa3_dq_accum=true"])
+
+
+def _qkv_acc_case(device: str, t: int = 200):
+    """A fused q/k/v input at head dim 64 and an accumulator for q's gradient (rows past T left as noise)."""
+    from lmcore.layers import rope_tables
+
+    g = torch.Generator(device=device).manual_seed(3)
+    h, hkv, d = 8, 4, 64
+    cfg = tiny_model_cfg(rope_dims=16, model_dim=h * d, num_heads=h, num_kv_heads=hkv)
+    cos, sin = (z.float().to(device) for z in rope_tables(cfg, t, torch.device("cpu")))
+    qkv = torch.randn(2, t, (h + 2 * hkv) * d, generator=g, device=device).bfloat16()
+    gain = torch.rand(h, generator=g, device=device) + 0.5
+    acc = torch.randn(2, h, FX.rounded_rows(t) * d, generator=g, device=device)
+    return qkv, cos, sin, gain, acc
+
+
+def _qkv_backward_both_ways(qkv, cos, sin, gain, acc):
+    """kernels' q/k/v backward given q's gradient as the accumulator, and given it read out (fp32) first."""
+    import lmcore.kernels as K
+
+    b, t, _ = qkv.shape
+    q, k, _ = K._split_qkv(qkv, 8, 64)
+    (_, rq), (_, rk) = K._forward_math(q, cos, sin, gain), K._forward_math(k, cos, sin, None, 2)
+    gk, gv = torch.ones(b, t, 8, 64, device=qkv.device).bfloat16(), torch.ones(b, t, 4, 64, device=qkv.device).bfloat16()
+    via_acc = K._qkv_norm_rope_backward(acc, gk, gv, None, qkv, rq, rk, cos, sin, gain, 8, 64, 2, 0.125)
+    read = (K.from_accumulator(acc, t) * 0.125).contiguous()
+    return via_acc, K._qkv_norm_rope_backward(read, gk, gv, None, qkv, rq, rk, cos, sin, gain, 8, 64, 2, 0.0)
+
+
+def test_qkv_backward_reads_the_accumulator_as_its_read_out_gradient():
+    (a, ga), (b, gb) = _qkv_backward_both_ways(*_qkv_acc_case("cpu"))
+    assert torch.equal(a, b) and torch.equal(ga, gb)
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("t", [2048, 200])
+def test_on_cuda_the_q_kernel_reads_the_accumulator_as_its_read_out_gradient(t):
+    # the Triton kernel's _acc_rows / _acc_col against kernels.acc_offsets: the same fp32 products, bit for bit
+    import lmcore.kernels as K
+
+    case = _qkv_acc_case("cuda", t)
+    assert K._use_triton(K._split_qkv(case[0], 8, 64)[0], 8)
+    (a, ga), (b, gb) = _qkv_backward_both_ways(*case)
+    assert torch.equal(a, b) and torch.equal(ga, gb)
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_on_fa3_the_compiled_model_with_dq_accum_is_the_model_without():
+    reason = FX.fa3_rowsum_reason(dq_accum=True)
+    if reason:
+        pytest.skip(reason)
+    model = _dq_model(False).cuda()
+    assert model.set_attention_backend("fa3", "cuda") == "fa3"
+    ids, tgt = next_token_batch(model.cfg.vocab_size, (4, 256), "cuda")
+    (plain_loss, plain_grads), (loss, grads) = compiled_without_and_with(
+        model, ids, tgt, lambda: model.use_fa3_xsa_rowsum(dq_accum=True))
+    assert_same_loss_and_grads(loss, grads, plain_loss, plain_grads, 1e-3, rtol=2e-2, atol=2e-3)

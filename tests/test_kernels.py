@@ -1,4 +1,4 @@
-"""lmcore.kernels (train.fused_qk_norm_rope, train.fused_xsa_gate, train.fused_qkv): each op's PyTorch kernels
+"""lmcore.kernels (train.fused_qk_norm_rope, train.fused_qkv) and lmcore.xsa_kernel (train.fused_xsa_gate): each op's PyTorch kernels
 against autograd of the model's plain path (q/k: rms_norm, apply_rope, gain, for partial and
 whole-head RoPE, with and without a gain, each head written once or twice (train.expand_kv);
 XSA: F.normalize and the projection, then the sigmoid gate, with and without it, 1-4 query
@@ -32,7 +32,8 @@ from lmcore.export import (
     export_script,
     fused_kernels,
 )
-from lmcore.kernels import _backward_math, _forward_math, qk_norm_rope, qkv_norm_rope, xsa_gate
+from lmcore.kernels import _backward_math, _forward_math, qk_norm_rope, qkv_norm_rope
+from lmcore.xsa_kernel import xsa_gate
 from lmcore.layers import apply_rope, repeat_heads, rms_norm, rope_tables
 from lmcore.model import GPT
 from lmcore.pack import pack_run
@@ -170,12 +171,13 @@ def test_fused_qkv_writing_v_repeated_is_the_repeat_in_fp32():
     qkv = torch.randn(2, 5, (4 + 2 * 2) * 8, generator=g, requires_grad=True)
     gain = torch.rand(4, generator=g) + 0.5
     w_v, w_rep = torch.randn(2, 5, 2, 8, generator=g), torch.randn(2, 5, 4, 8, generator=g)
-    q, k, v, v_rep = qkv_norm_rope(qkv, cos, sin, gain, 4, 8, 2, repeat_v=True)
+    q, k, v, v_rep, slot = qkv_norm_rope(qkv, cos, sin, gain, 4, 8, 2, repeat_v=True)
+    assert slot is None  # train.fa3_dq_accum off
     assert torch.equal(v_rep, v.repeat_interleave(2, dim=2)) and v_rep.shape == (2, 5, 4, 8)
     ((q + k).sum() + (v * w_v).sum() + (v_rep * w_rep).sum()).backward()
     got = qkv.grad.clone()
     qkv.grad = None
-    q, k, v, none = qkv_norm_rope(qkv, cos, sin, gain, 4, 8, 2)
+    q, k, v, none, _ = qkv_norm_rope(qkv, cos, sin, gain, 4, 8, 2)
     assert none is None
     ((q + k).sum() + (v * w_v).sum() + (v.repeat_interleave(2, dim=2) * w_rep).sum()).backward()
     torch.testing.assert_close(got, qkv.grad, rtol=1e-6, atol=1e-6)
@@ -194,7 +196,7 @@ def test_model_with_v_repeated_by_the_fused_op_is_the_plain_model(monkeypatch):
     model.use_expanded_kv()
     calls = []
     for b in model.blocks:
-        monkeypatch.setattr(b.attn, "qkv_op", lambda *a, _op=b.attn.qkv_op: calls.append(a[-1]) or _op(*a))
+        monkeypatch.setattr(b.attn, "qkv_op", lambda *a, _op=b.attn.qkv_op: calls.append(a[7]) or _op(*a))
     loss, grads = loss_and_grads(model, ids, tgt)
     assert calls == [True, False, True, False]  # repeat_v a layer: layers 1 and 3 add ve to v first
     assert_same_loss_and_grads(loss, grads, plain_loss, plain_grads, 1e-5, rtol=1e-4, atol=1e-5)
@@ -283,7 +285,7 @@ def test_the_exported_script_trains_with_the_embedded_kernels(tmp_path, one_thre
     work.mkdir()
     (work / "train_gpt.py").write_text(export_script(cfg))
     found = _probe(work / "train_gpt.py")
-    assert found["embedded"] and found["file"].startswith(str(work / "train_gpt.py"))
+    assert found["embedded"] and all(found[f].startswith(str(work / "train_gpt.py")) for f in ("file", "xsa_file"))
     env = script_env()
     cmd = [sys.executable, "train_gpt.py", "--no-progress", "--set", f"data.data_dir={data}",
            "--set", f"data.tokenizer={data / 'tokenizer.model'}"]
@@ -316,7 +318,8 @@ def test_the_exported_scripts_kernels_run_triton_on_cuda(tmp_path):
     switches = [f"train.{sw}=true" for sw in KERNEL_SWITCHES]  # both fused ops and train.fused_mlp
     (tmp_path / "train_gpt.py").write_text(export_script(preset("record", switches)))
     found = _probe(tmp_path / "train_gpt.py", "--cuda", keep_pythonpath=True)  # lmcore still comes from the script
-    assert found["embedded"] and found["file"].startswith(str(tmp_path / "train_gpt.py")) and found["triton"] and found["qk_triton"] and found["xsa_triton"], found
+    assert found["embedded"] and found["xsa_file"].startswith(str(tmp_path / "train_gpt.py"))
+    assert found["file"].startswith(str(tmp_path / "train_gpt.py")) and found["triton"] and found["qk_triton"] and found["xsa_triton"], found
     assert found["qk_max_diff"] < 1e-4 and found["xsa_max_diff"] < 1e-4, found
     assert found["mlp_file"].startswith(str(tmp_path / "train_gpt.py")) and found["mlp_triton"], found
     assert found["mlp_post_is_act_of_pre"] and found["mlp_pre_max_diff"] < 0.1 and found["mlp_dpre_rel_err"] < 1e-2, found
@@ -391,7 +394,7 @@ def test_triton_kernels_are_the_pytorch_kernels(b, t, h, d, rope_dims, with_gain
     (3, 37, 4, 4, 16, True, None), (3, 37, 8, 2, 32, False, (4, 2)),
 ])
 def test_xsa_triton_kernels_are_the_pytorch_kernels(b, t, h, hkv, d, with_gate, tile, dtype):
-    import lmcore.kernels as K
+    import lmcore.xsa_kernel as K
 
     g = torch.Generator(device="cuda").manual_seed(0)
     y, dout = (torch.randn(b, t, h, d, generator=g, device="cuda").to(dtype) for _ in range(2))
