@@ -94,32 +94,15 @@ if triton is not None:
         return (rows // H) * XS + (rows % H) * D
 
     @triton.jit
-    def _tile(ptr, offs, mask, D: tl.constexpr, HALF: tl.constexpr, ACC: tl.constexpr):
+    def _tile(ptr, offs, mask, D: tl.constexpr, HALF: tl.constexpr):
         """A (R, D) tile of heads starting at offs and its partner tile (rotated halves swapped; 0
-        elsewhere), fp32. ACC: the heads lie as FA3's dQ accumulator keeps them (_acc_col)."""
+        elsewhere), fp32."""
         cols = tl.arange(0, D)[None, :]
-        partner_cols = cols + HALF - 2 * HALF * ((cols // HALF) % 2)
-        if ACC:
-            cols, partner_cols = _acc_col(cols), _acc_col(partner_cols)
         base = ptr + offs[:, None]
         full = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
-        partner = tl.load(base + partner_cols, mask=mask & (tl.arange(0, D)[None, :] < 2 * HALF), other=0.0)
-        return full, partner.to(tl.float32)
-
-    # FA3's dQ accumulator (sm90, head dim 64; train.fa3_dq_accum): (B, H, TR * 64) fp32, in blocks of
-    # 128 rows whose element (r, c) is at _acc_row(r) + _acc_col(c) (acc_offsets below, in PyTorch)
-    @triton.jit
-    def _acc_col(c):
-        return 512 * (c // 8) + 4 * ((c % 8) // 2) + c % 2
-
-    @triton.jit
-    def _acc_rows(rows, T: tl.constexpr, H: tl.constexpr, D: tl.constexpr, TR: tl.constexpr):
-        """Where each row (a head of a token: row = token * H + head) starts in the accumulator."""
-        tok, h = rows // H, rows % H
-        t = tok % T
-        r = t % 128
-        block = ((tok // T * H + h) * TR + t - r) * D
-        return block + 4096 * (r // 64) + 128 * ((r % 64) // 16) + 16 * (r % 8) + 2 * ((r % 16) // 8)
+        partner_cols = cols + HALF - 2 * HALF * ((cols // HALF) % 2)
+        partner = tl.load(base + partner_cols, mask=mask & (cols < 2 * HALF), other=0.0).to(tl.float32)
+        return full, partner
 
     @triton.jit
     def _rope_cs(cos_ptr, sin_ptr, rows, mask, T: tl.constexpr, H: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr):
@@ -148,7 +131,7 @@ if triton is not None:
             if V_REP:
                 for j in tl.static_range(REP):
                     tl.store(v_rep_ptr + (rows * REP + j)[:, None] * D + cols, vt, mask=mask)
-        x, xp = _tile(x_ptr, _heads(rows, H, D, XS), mask, D, HALF, False)
+        x, xp = _tile(x_ptr, _heads(rows, H, D, XS), mask, D, HALF)
         c, s = _rope_cs(cos_ptr, sin_ptr, rows, mask, T, H, D, HALF)
         rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)  # (R,)
         scale = rstd
@@ -161,13 +144,12 @@ if triton is not None:
 
     @triton.jit
     def _qk_bwd_kernel(g_ptr, x_ptr, rstd_ptr, cos_ptr, sin_ptr, gain_ptr, dx_ptr, dgain_part_ptr, gv_ptr, gv_rep_ptr,
-                       dv_ptr, n_rows, acc_scale, T: tl.constexpr, H: tl.constexpr, D: tl.constexpr,
-                       HALF: tl.constexpr, R: tl.constexpr, HAS_GAIN: tl.constexpr, REP: tl.constexpr, XS: tl.constexpr,
-                       DXS: tl.constexpr, HAS_V: tl.constexpr, V_REP: tl.constexpr, TR: tl.constexpr):
+                       dv_ptr, n_rows, T: tl.constexpr, H: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr,
+                       R: tl.constexpr, HAS_GAIN: tl.constexpr, REP: tl.constexpr, XS: tl.constexpr, DXS: tl.constexpr,
+                       HAS_V: tl.constexpr, V_REP: tl.constexpr):
         # x is read, and dx written, with tokens XS and DXS elements apart (_heads); HAS_V: v's
         # (contiguous) gradient written DXS apart too, into its slice of the fused gradient, with its
-        # REP copies' gradients (V_REP) added in fp32; TR > 0: g is FA3's dQ accumulator (TR rows a
-        # head), times acc_scale
+        # REP copies' gradients (V_REP) added in fp32
         pid = tl.program_id(0)
         rows = pid * R + tl.arange(0, R)
         live = rows < n_rows
@@ -180,25 +162,64 @@ if triton is not None:
                 for j in tl.static_range(REP):
                     gv += tl.load(gv_rep_ptr + (rows * REP + j)[:, None] * D + cols, mask=mask, other=0.0).to(tl.float32)
             tl.store(dv_ptr + _heads(rows, H, D, DXS)[:, None] + cols, gv.to(dv_ptr.dtype.element_ty), mask=mask)
-        if TR > 0:
-            g, gp = _tile(g_ptr, _acc_rows(rows, T, H, D, TR), mask, D, HALF, True)
-            g, gp = g * acc_scale, gp * acc_scale
-        else:
-            g, gp = _tile(g_ptr, rows * REP * D, mask, D, HALF, False)
+        g, gp = _tile(g_ptr, rows * REP * D, mask, D, HALF)
         for j in tl.static_range(1, REP):  # the gradients of row r's copies, summed in fp32
-            gj, gpj = _tile(g_ptr, (rows * REP + j) * D, mask, D, HALF, False)
+            gj, gpj = _tile(g_ptr, (rows * REP + j) * D, mask, D, HALF)
             g, gp = g + gj, gp + gpj
+        t = _norm_rope_grad(g, gp, x_ptr, rstd_ptr, cos_ptr, sin_ptr, gain_ptr, dx_ptr, rows, live, T, H, D, HALF,
+                            XS, DXS, HAS_GAIN)
+        if HAS_GAIN:  # the gain's gradient: t summed over each head's rows, one partial a program
+            tl.store(dgain_part_ptr + pid * H + tl.arange(0, H), tl.sum(tl.reshape(t, (R // H, H)), axis=0))
+
+    @triton.jit
+    def _norm_rope_grad(g, gp, x_ptr, rstd_ptr, cos_ptr, sin_ptr, gain_ptr, dx_ptr, rows, live, T: tl.constexpr,
+                        H: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, XS: tl.constexpr, DXS: tl.constexpr,
+                        HAS_GAIN: tl.constexpr):
+        """dx of the rows for their output's gradient g and its partner tile gp (R, D) fp32, stored;
+        returns t = sum(rope^T(g) * n) a row (R,), what the gain's gradient sums."""
+        mask, cols = live[:, None], tl.arange(0, D)[None, :]
         x = tl.load(x_ptr + _heads(rows, H, D, XS)[:, None] + cols, mask=mask, other=0.0).to(tl.float32)
         c, s = _rope_cs(cos_ptr, sin_ptr, rows, mask, T, H, D, HALF)
         r = tl.load(rstd_ptr + rows, mask=live, other=0.0)  # (R,)
         u = g * c - gp * s  # rope^T(g)
         t = tl.sum(u * x, axis=1) * r  # sum(u * n) a row
         scale = r
-        if HAS_GAIN:  # the gain's gradient: t summed over each head's rows, one partial a program
-            tl.store(dgain_part_ptr + pid * H + tl.arange(0, H), tl.sum(tl.reshape(t, (R // H, H)), axis=0))
+        if HAS_GAIN:
             scale = scale * tl.load(gain_ptr + rows % H, mask=live, other=0.0).to(tl.float32)
         dx = scale[:, None] * (u - x * (r * t / D)[:, None])
         tl.store(dx_ptr + _heads(rows, H, D, DXS)[:, None] + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        return t
+
+    @triton.jit
+    def _acc_tile(ptr, base, HALF: tl.constexpr):
+        """64 rows x 64 columns of FA3's dQ accumulator (one MMA warpgroup's half of a 128-row block: 4096
+        floats from base, in memory as [col // 8, row // 16, row % 8, (col % 8) // 2, (row % 16) // 8,
+        col % 2]) and its partner tile, both in row order (64, 64) fp32. Loaded whole and contiguous,
+        then permuted in registers. The partner's column groups of 8 swap (HALF a multiple of 8)."""
+        i = tl.arange(0, 4096)
+        group = i // 512
+        partner_group = group + HALF // 8 - 2 * (HALF // 8) * ((group // (HALF // 8)) % 2)
+        full = tl.load(ptr + base + i)
+        partner = tl.load(ptr + base + i + (partner_group - group) * 512, mask=group < 2 * HALF // 8, other=0.0)
+        full = tl.reshape(tl.permute(tl.reshape(full, (8, 4, 8, 4, 2, 2)), (1, 4, 2, 0, 3, 5)), (64, 64))
+        partner = tl.reshape(tl.permute(tl.reshape(partner, (8, 4, 8, 4, 2, 2)), (1, 4, 2, 0, 3, 5)), (64, 64))
+        return full, partner
+
+    @triton.jit
+    def _q_bwd_acc_kernel(acc_ptr, x_ptr, rstd_ptr, cos_ptr, sin_ptr, gain_ptr, dx_ptr, dgain_part_ptr, acc_scale,
+                          T: tl.constexpr, H: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, TR: tl.constexpr,
+                          XS: tl.constexpr, DXS: tl.constexpr):
+        # q's backward from FA3's dQ accumulator (B, H, TR * 64) (train.fa3_dq_accum): program
+        # (b * H + h) * (TR // 64) + j takes tokens 64 j .. 64 j + 63 of head h, one partial of the gain's gradient
+        pid = tl.program_id(0)
+        bh, j = pid // (TR // 64), pid % (TR // 64)
+        tok = j * 64 + tl.arange(0, 64)
+        live = tok < T
+        rows = ((bh // H) * T + tok) * H + bh % H  # rows as _qk_bwd_kernel numbers them
+        g, gp = _acc_tile(acc_ptr, pid * 4096, HALF)  # (bh * TR + 64 j) * 64
+        t = _norm_rope_grad(g * acc_scale, gp * acc_scale, x_ptr, rstd_ptr, cos_ptr, sin_ptr, gain_ptr, dx_ptr, rows,
+                            live, T, H, D, HALF, XS, DXS, True)
+        tl.store(dgain_part_ptr + pid, tl.sum(t, axis=0))
 
 
 def _pow2(n: int) -> bool:
@@ -250,12 +271,11 @@ def _forward_triton(
 def _backward_triton(
     g: Tensor, x: Tensor, rstd: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None, repeat: int = 1,
     rows: int | None = None, warps: int = WARPS, dx: Tensor | None = None, gv: Tensor | None = None,
-    dv: Tensor | None = None, gv_rep: Tensor | None = None, acc_scale: float = 0.0,
+    dv: Tensor | None = None, gv_rep: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The backward kernel, writing x's gradient into `dx` (x's shape, any token stride) if given;
     with `gv` (contiguous, x's shape) the same programs copy it into `dv` (dx's token stride), with
-    the sum of `gv_rep`'s copies (g's shape: v's heads `repeat` times in a row) added where given.
-    acc_scale > 0: g is FA3's dQ accumulator (B, H, TR * D) fp32 (repeat 1), times acc_scale."""
+    the sum of `gv_rep`'s copies (g's shape: v's heads `repeat` times in a row) added where given."""
     b, t, h, d = x.shape
     n_rows, rows = b * t * h, rows or _rows(x)
     blocks = triton.cdiv(n_rows, rows)
@@ -263,10 +283,26 @@ def _backward_triton(
     part = torch.empty((blocks if gain is not None else 0, h), dtype=torch.float32, device=x.device)
     _qk_bwd_kernel[(blocks,)](g, x, rstd, cos, sin, x if gain is None else gain, dx, part,
                               x if gv is None else gv, g if gv_rep is None else gv_rep, dx if dv is None else dv, n_rows,
-                              acc_scale, T=t, H=h, D=d, HALF=cos.size(-1), R=rows, HAS_GAIN=gain is not None,
-                              REP=repeat, XS=_token_stride(x), DXS=_token_stride(dx), HAS_V=gv is not None,
-                              V_REP=gv_rep is not None, TR=g.size(2) // d if acc_scale else 0, num_warps=warps)
+                              T=t, H=h, D=d, HALF=cos.size(-1), R=rows, HAS_GAIN=gain is not None, REP=repeat,
+                              XS=_token_stride(x), DXS=_token_stride(dx), HAS_V=gv is not None,
+                              V_REP=gv_rep is not None, num_warps=warps)
     return dx, part.sum(0) if gain is not None else part.new_empty(0)
+
+
+def _q_backward_acc_triton(acc: Tensor, x: Tensor, rstd: Tensor, cos: Tensor, sin: Tensor, gain: Tensor, dx: Tensor,
+                           acc_scale: float, warps: int = WARPS) -> Tensor:
+    """q's backward kernel reading its output's gradient as FA3's dQ accumulator (B, H, TR * 64) fp32
+    times acc_scale, writing dx (x's shape, any token stride); the gain's gradient (H,) returned."""
+    b, t, h, d = x.shape
+    half = cos.size(-1)
+    if d != 64 or half % 8 or acc.shape != (b, h, acc.size(2)) or acc.size(2) % (ACC_BLOCK * d):
+        raise ValueError(f"q's backward from FA3's dQ accumulator: head dim 64 and a rotated half a multiple of 8, "
+                         f"not {d} and {half}; accumulator {tuple(acc.shape)}")
+    tr = acc.size(2) // d
+    part = torch.empty(b * h * (tr // 64), dtype=torch.float32, device=x.device)
+    _q_bwd_acc_kernel[(part.numel(),)](acc, x, rstd, cos, sin, gain, dx, part, acc_scale, T=t, H=h, D=d, HALF=half,
+                                       TR=tr, XS=_token_stride(x), DXS=_token_stride(dx), num_warps=warps)
+    return part.view(b, h, -1).sum((0, 2))
 
 
 @torch.library.custom_op("lmcore::qk_norm_rope", mutates_args=())
@@ -411,7 +447,10 @@ def _qkv_norm_rope_backward(
     if _use_triton(q, cos.size(-1)) and _use_triton(k, cos.size(-1)):  # each gradient written into its slice
         dqkv = torch.empty_like(qkv)
         dq, dk, dv = _split_qkv(dqkv, heads, head_dim)
-        _, dgain = _backward_triton(gq, q, rq, cos, sin, gain, dx=dq, acc_scale=acc_scale)
+        if acc_scale > 0:
+            dgain = _q_backward_acc_triton(gq, q, rq, cos, sin, gain, dq, acc_scale)
+        else:
+            _, dgain = _backward_triton(gq, q, rq, cos, sin, gain, dx=dq)
         # and v's gradient (with its copies', gv_rep), in k's programs
         _backward_triton(gk, k, rk, cos, sin, None, repeat, dx=dk, gv=gv, dv=dv, gv_rep=gv_rep)
         return dqkv, dgain

@@ -42,7 +42,7 @@ from lmcore.checkpoint import (
     set_rng_state,
     truncate_metrics,
 )
-from lmcore.config import Config, ConfigError, TrainConfig, is_smoke_config
+from lmcore.config import Config, ConfigError, ModelConfig, TrainConfig, is_smoke_config
 from lmcore.ema import EMA
 from lmcore.errors import InputError
 from lmcore.optim import Optimizers, build_optimizers
@@ -263,12 +263,16 @@ def ddp_graph_mode(tc: TrainConfig) -> None:
     dynamo_config.optimize_ddp = tc.ddp_split_graph
 
 
-def _check_fa3_rowsum(attention: str, device: torch.device, dq_accum: bool) -> None:
+def _check_fa3_rowsum(model: ModelConfig, device: torch.device, dq_accum: bool) -> None:
     """train.fa3_xsa_rowsum (and fa3_dq_accum) runs on FA3 built with FA3_DPSUM=1 (or the math backend): a
     ConfigError naming what is missing otherwise (before anything is written; it also loads FA3's op)."""
     from lmcore.attention import resolve_backend
     from lmcore.fa3_xsa import fa3_rowsum_reason
 
+    if dq_accum and (model.head_dim != 64 or model.rope_dims % 16):  # the accumulator layout q's kernel reads
+        raise ConfigError(f"train.fa3_dq_accum needs head dim 64 and model.rope_dims a multiple of 16, not "
+                          f"{model.head_dim} and {model.rope_dims}")
+    attention = model.attention
     backend = resolve_backend(attention, device)
     reason = None if backend == "math" else f"it runs on fa3, not {backend}"
     reason = fa3_rowsum_reason(dq_accum) if backend == "fa3" else reason
@@ -302,7 +306,7 @@ def start_session(
     if tables.size > vocab:
         raise ConfigError(f"{cfg.data.tokenizer}: tokenizer has {tables.size} pieces, more than model.vocab_size={vocab}")
     if tc.fa3_xsa_rowsum:
-        _check_fa3_rowsum(cfg.model.attention, device, tc.fa3_dq_accum)
+        _check_fa3_rowsum(cfg.model, device, tc.fa3_dq_accum)
     found = load_resumable_checkpoint(run_dir) if resume else None
     if found is not None and main:
         for note in found[2]:

@@ -17,8 +17,8 @@ by-product, so the preprocess need not read either again. The patch:
   the preprocess kernel;
 - and one more, `bool dq_accum_only = False`: true skips the postprocess that converts dQ's fp32
   accumulator into dq (dq is then not written; the caller reads the accumulator `bwd` returns, laid
-  out as tests/test_fa3_xsa.py's `_dq_tile_index` says). For lmcore's planned dQ lever (RESULTS.md,
-  session 27): not used by lmcore yet.
+  out as tests/test_fa3_xsa.py's `_dq_tile_index` says). lmcore's train.fa3_dq_accum (lmcore.fa3_xsa)
+  passes it.
 
 Each anchor must occur exactly once at the pinned flash-attention commit, else the build stops
 with the anchor named (fa3_setup_patch.apply).

@@ -112,6 +112,11 @@ SPEED_LEVERS: dict[str, list[str]] = {
     # FA3_DPSUM=1 scripts/build_fa3.sh; its preprocess then skips reading O and dO, 9.0 ms a 1-GPU step in session 25)
     "fused_all_qkv_fold_foreach_graphs_repeat_v_pingpong_ce_rowsum": [
         *_FASTEST_REPEAT_V, "train.fused_mlp_pingpong=true", "train.fused_softcap_ce=true", "train.fa3_xsa_rowsum=true"],
+    # that with q's backward kernel reading FA3's fp32 dQ accumulator, FA3's dQ postprocess skipped (train.fa3_dq_accum;
+    # the FA3_DPSUM build's dq_accum_only). Session 28, one H200: 502.2 -> 498.0 ms a step (40 steps; its bench: 4.27 ms)
+    "fused_all_qkv_fold_foreach_graphs_repeat_v_pingpong_ce_rowsum_dq": [
+        *_FASTEST_REPEAT_V, "train.fused_mlp_pingpong=true", "train.fused_softcap_ce=true", "train.fa3_xsa_rowsum=true",
+        "train.fa3_dq_accum=true"],
     # a pin and a copy of x and y a micro-batch instead of the default's one pinned buffer and one copy a step
     # (train.step_batch_copy=false; the same batches). Session 22, the fastest set: 521.8 ms a step without it
     # (GPU 0) against 512.8 with it (GPU 1 of the same host), the profiled steps' kernel time equal
