@@ -4,14 +4,19 @@
 #      carry .fa3 with it), installed in /tmp/fa3lm;
 #   2. pytest -m cuda tests/test_fa3_xsa.py (train.fa3_dq_accum's too) and the XSA and fused q/k/v kernels' cuda tests
 #      on that build;
-#   3. with START_SPEED=1: benchmarks/speed.sh start with LM_FA3_WHL=that wheel. LEVERS_OK is the after set
-#      when the tests pass, LEVERS_FAIL when they do not (the environment's SOLO, LM2, ... as speed.sh takes them).
+#   3. when they pass, benchmarks/dq_accum_bench.py (train.fa3_dq_accum's kernels, with and without);
+#   4. with START_SPEED=1: benchmarks/speed.sh start with LM_FA3_WHL=that wheel. LEVERS_OK is the after set
+#      when the tests pass, LEVERS_FAIL when they do not (the environment's SOLO, LM2, ... as speed.sh takes them);
+#      then lmcore runs on the plain FA3, so the job is not started if LEVERS_FAIL or SOLO need the FA3_DPSUM
+#      build (needs_dpsum).
 # $OUT gets the wheel (in fa3_dpsum_wheel.tar: untar it in the checkout to skip the build next time), the
 # build's summary and the tests' log. Carry .whl, .data, .ref and .fa3 (with fa3-src.tar.xz copied into it).
 # Session 26 on nvidia-h200-x2: the build 145 s (32 cores), the tests 84 s, then the speed job 1,081 s.
+# Session 28 on nvidia-h200: the build 100 s (16 cores), the tests 93 s; the bench about 20 s; the speed job with
+# STAGES="peak orig1 lm1" ONE_GPU_RUNS="orig_fa3_1 lm_after_1 lm_solo_1" 592 s (two calls: start, then poll).
 #   START_SPEED=1 LEVERS_OK="..." LEVERS_FAIL="..." SOLO="..." bash benchmarks/fa3_rowsum_check.sh
 set -uo pipefail
-source benchmarks/detached.sh  # fa3_dpsum_wheel
+source benchmarks/detached.sh  # fa3_dpsum_wheel, needs_dpsum
 OUT=${OUT:-/tmp/fa3_rowsum_out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
@@ -23,9 +28,17 @@ PYTHONPATH=/tmp/fa3lm:/tmp/site:$PWD timeout 360 python3 -m pytest -q -m cuda -r
 RC=$?
 grep -E "passed|failed|SKIPPED|Error" "$OUT/cuda_tests.txt" | tail -12
 echo "== tests rc $RC ($SECONDS s)"
+if [ $RC -eq 0 ]; then  # train.fa3_dq_accum's bench: FA3's backward and q's kernel with and without it
+  PYTHONPATH=/tmp/fa3lm:/tmp/site:$PWD timeout 150 python3 benchmarks/dq_accum_bench.py > "$OUT/dq_accum_bench.txt" 2>&1
+  tail -6 "$OUT/dq_accum_bench.txt"
+fi
 if [ "${START_SPEED:-0}" = 1 ]; then
   whl=""  # lmcore's runs on the FA3_DPSUM build only when its tests passed
   if [ $RC -eq 0 ]; then export LEVERS=$LEVERS_OK; whl=$(ls "$PWD"/.fa3/dpsum/flash_attn_3-*.whl); else export LEVERS=$LEVERS_FAIL; fi
+  if [ $RC -ne 0 ] && needs_dpsum "$LEVERS ${SOLO-}"; then  # session 28: such runs died at their start
+    echo "== the tests failed and LEVERS_FAIL or SOLO need the FA3_DPSUM build: the speed job is not started"
+    exit $RC
+  fi
   echo "== speed.sh start: LEVERS $LEVERS"
   LM_FA3_WHL=$whl bash benchmarks/speed.sh start $((570 - SECONDS))
 fi

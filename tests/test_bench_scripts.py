@@ -330,3 +330,16 @@ def test_a_carried_dpsum_wheel_is_not_built_again_and_comes_back_tarred(tmp_path
     res = _bash(tmp_path, "fa3_dpsum_wheel out && tar -tf out/fa3_dpsum_wheel.tar")
     assert res.returncode == 0, res.stdout + res.stderr
     assert "build_fa3" not in res.stdout and res.stdout.strip() == str(wheel.relative_to(tmp_path))
+
+
+@needs_bash
+@pytest.mark.parametrize(("overrides", "needs"), [
+    ("train.fused_qkv=true train.fa3_xsa_rowsum=true", True), ("train.fa3_dq_accum=true", True),
+    ("train.fa3_xsa_rowsum=1 train.expand_kv=true", True), ("train.fa3_xsa_rowsum=false", False),
+    ("train.fused_qkv=true train.fused_softcap_ce=true", False), ("", False),
+])
+def test_needs_dpsum_tells_the_overrides_that_run_only_on_the_fa3_dpsum_build(tmp_path: Path, overrides: str, needs: bool):
+    # fa3_rowsum_check.sh does not start the speed job on plain FA3 with such a SOLO or LEVERS_FAIL (session 28's
+    # first call: both lmcore runs died at their start)
+    res = _bash(tmp_path, f'needs_dpsum "{overrides}"')
+    assert res.returncode == (0 if needs else 1), res.stderr
