@@ -116,7 +116,8 @@ class Attention(nn.Module):
         if self.qkv_op is not None and cache is None:  # GPT.use_fused_qkv: one GEMM on the three weights
             w = torch.cat([m.cast_weight(x.dtype) for m in (self.c_q, self.c_k, self.c_v)])
             fused_v = self.qkv_repeat_v and ve is None and rep > 1  # a value-embedding layer adds ve first
-            acc = D ** -0.5 if self.dq_accum and self.attn_xsa_op is not None else 0.0  # attention's softmax scale
+            # q's gradient as FA3's dQ accumulator (attention's softmax scale); no slot where no gradient flows (eval)
+            acc = D ** -0.5 if self.dq_accum and self.attn_xsa_op is not None and torch.is_grad_enabled() else 0.0
             q, k, v, v_att, slot = self.qkv_op(F.linear(x, w), cos, sin, self.q_gain, H, D, rep, fused_v, acc)
             v = v if ve is None else v + ve.view_as(v)
         else:

@@ -381,12 +381,23 @@ def test_model_with_dq_accum_is_the_model_without_eager_and_compiled():
     loss, grads = loss_and_grads(model, ids, tgt)
     assert len(slots) == model.cfg.num_layers and all(s is not None and s.shape == (2, 4, 256 * 64) for s in slots)
     assert_same_loss_and_grads(loss, grads, plain_loss, plain_grads, 1e-5, rtol=1e-4, atol=1e-6)
+    slots.clear()
+    with torch.no_grad():  # evaluation: no slot (nothing to carry), the same loss
+        assert model(ids, tgt).item() == pytest.approx(plain_loss.item(), abs=1e-5)
+    assert slots == [None] * model.cfg.num_layers
     assert grads["blocks.0.attn.q_gain"].abs().sum() > 0  # q's backward ran on the accumulator
     model.use_fa3_xsa_rowsum(dq_accum=True)
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True, dynamic=False, backend="aot_eager")
     c_loss, c_grads = loss_and_grads(model, ids, tgt, forward=compiled)
     assert_same_loss_and_grads(c_loss, c_grads, plain_loss, plain_grads, 1e-5, rtol=1e-4, atol=1e-6)
+
+
+def test_the_exported_script_with_dq_accum_embeds_no_module_more_than_its_needs():
+    base = ["train.fused_xsa_gate=true", "train.expand_kv=true", "train.fa3_xsa_rowsum=true", "train.fused_qkv=true"]
+    on, off = preset("record", [*base, "train.fa3_dq_accum=true"]), preset("record", base)
+    assert embedded_sources(on) == embedded_sources(off)
+    assert {"lmcore/kernels.py", "lmcore/xsa_kernel.py", "lmcore/fa3_xsa.py"} <= set(embedded_sources(on))
 
 
 def test_dq_accum_needs_the_rowsum_op_and_fused_qkv():
