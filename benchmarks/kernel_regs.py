@@ -3,7 +3,8 @@ thread, spills, barriers (layout conversions through shared memory) and resident
 SM, for a few (rows a program, warps) choices at `record`'s shapes: q and k for the q/k
 kernels (k also as train.fused_qkv runs it: reading its slice of the q/k/v GEMM's output and
 moving v's rows, and with train.fused_qkv_repeat_v repeating them and summing their copies'
-gradients, at expand_kv's 2 copies), a gated layer and one without the gate for the XSA kernels. Then
+gradients, at expand_kv's 2 copies; q's backward from FA3's dQ accumulator, train.fa3_dq_accum),
+a gated layer and one without the gate for the XSA kernels. Then
 lmcore.mlp_kernel's persistent TMA GEMM (descriptors built by the host, and on the device) at its
 tile, each way, at 3 and 4 stages, with and without train.fused_mlp_sign: shared memory against
 the card's 232,448 bytes, registers, spills, and the global scratch the device-built descriptors
@@ -42,6 +43,10 @@ XSA_BWD_ARGS = {"g_ptr": "*bf16", "y_ptr": "*bf16", "v_ptr": "*bf16", "z_ptr": "
                 "dv_ptr": "*bf16", "dz_ptr": "*bf16", "ds_ptr": "*fp32", "n_rows": "i32", "eps": "fp32", "T": "i32",
                 "TR": "i32", "HKV": "i32"}
 XSA_CHOICES = [(8, 4), (16, 4), (16, 8), (32, 8)]  # lmcore.xsa_kernel uses XSA_TILE // (G * D), XSA_WARPS
+# q's backward from FA3's dQ accumulator (train.fa3_dq_accum): 64 rows a program, warps chosen here
+ACC_ARGS = {"acc_ptr": "*fp32", "x_ptr": "*bf16", "rstd_ptr": "*fp32", "cos_ptr": "*fp32", "sin_ptr": "*fp32",
+            "gain_ptr": "*fp32", "dx_ptr": "*bf16", "dgain_part_ptr": "*fp32", "acc_scale": "fp32"}
+ACC_WARPS = [4, 8, 16]
 
 
 def ptxas() -> str:
@@ -176,6 +181,10 @@ def main() -> int:
             consts = {"G": g, "D": m.head_dim, "R": rows, "HAS_GATE": gated, "ROWSUM": rowsum}
             mark = " (lmcore)" if rows == xsa_kernel.XSA_TILE // (g * m.head_dim) and warps == xsa_kernel.XSA_WARPS else ""
             _rows(name, rows, mark, warps, xsa, consts, tool)
+    qkv_consts = {"T": 2048, "H": m.num_heads, "D": m.head_dim, "HALF": half, "TR": 2048, "XS": qkv, "DXS": qkv}
+    for warps in ACC_WARPS:
+        _rows("q from FA3's dQ accumulator (train.fa3_dq_accum)", 64, " (lmcore)" if warps == kernels.WARPS else "",
+              warps, [("backward", kernels._q_bwd_acc_kernel, ACC_ARGS)], qkv_consts, tool)
     mlp_rows(tool)
     pingpong_rows(tool)
     return 0
