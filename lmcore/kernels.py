@@ -384,7 +384,7 @@ def acc_offsets(d: int = 64) -> Tensor:
 
 
 def from_accumulator(acc: Tensor, t: int) -> Tensor:
-    """The (B, T, H, D) rows an accumulator (B, H, TR * D) holds, in its dtype (a strided view-free copy)."""
+    """The (B, T, H, D) rows an accumulator (B, H, TR * D) holds, in its dtype (gathered, then transposed)."""
     b, h, _ = acc.shape
     idx = acc_offsets().flatten().to(acc.device)
     return acc.view(b, h, -1, idx.numel())[..., idx].view(b, h, -1, 64)[:, :, :t].transpose(1, 2)
