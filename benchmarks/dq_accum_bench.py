@@ -9,7 +9,8 @@ backward to q's RMSNorm + RoPE backward, with and without the lever, in the same
 Needs FA3 built with FA3_DPSUM=1 (scripts/build_fa3.sh; its bwd has dq_accum_only). Prints a
 Markdown table: GPU microseconds a layer call for FA3's backward and for q's kernel, each way,
 the difference, and that difference times the 88 layer calls of a `record` step (11 layers, 8
-micro-batches). Times are of calls queued back to back (qk_kernel_bench.queued_us). Also checks
+micro-batches). Then q's kernel from the accumulator alone at each of --warps (lmcore's:
+kernels.WARPS). Times are of calls queued back to back (qk_kernel_bench.queued_us). Also checks
 that both ways give the same dx from one accumulator (bit for bit: the same fp32 products) before
 timing; two FA3 calls differ in their atomics' order of additions, so their dq are not compared.
 Session 28 (one H200): 1,256.0 us a layer call without, 1,207.4 with: 4.27 ms a step.
@@ -46,6 +47,7 @@ def fa3_backward(dout, q, k, v, out, lse, softmax_d, scale, accum_only: bool) ->
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--warps", default="4,8,16", help="warps a program to time q's kernel from the accumulator at")
     args = ap.parse_args()
     reason = fa3_rowsum_reason(dq_accum=True)
     if reason:
@@ -92,6 +94,11 @@ def main() -> int:
         print(f"| {name} | {fa3_us:.1f} | {q_us:.1f} | {fa3_us + q_us:.1f} |")
     saved = (rows[0][1] + rows[0][2]) - (rows[1][1] + rows[1][2])
     print(f"\nsaved a layer call: {saved:.1f} us; x 88 calls a record step: {saved * 88 / 1000:.2f} ms")
+    print("\n| warps | q backward from the accumulator us |\n|---|---|")
+    for warps in (int(w) for w in args.warps.split(",")):
+        us = queued_us(functools.partial(kernels._q_backward_acc_triton, acc, q, rstd, cos, sin, gain, dx_acc, scale,
+                                         warps), args.iters)
+        print(f"| {warps}{' (lmcore)' if warps == kernels.WARPS else ''} | {us:.1f} |")
     return 0
 
 
