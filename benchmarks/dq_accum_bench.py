@@ -32,16 +32,8 @@ from qk_kernel_bench import queued_us  # noqa: E402  (benchmarks/, not a package
 
 from lmcore import kernels  # noqa: E402
 from lmcore.config import preset  # noqa: E402
-from lmcore.fa3_xsa import fa3_rowsum_reason, rounded_rows  # noqa: E402
+from lmcore.fa3_xsa import _fa3_backward, fa3_rowsum_reason, rounded_rows  # noqa: E402
 from lmcore.layers import rope_tables  # noqa: E402
-
-
-def fa3_backward(dout, q, k, v, out, lse, softmax_d, scale, accum_only: bool) -> torch.Tensor:
-    """FA3's backward as lmcore.fa3_xsa calls it; returns dq (bf16) or, accum_only, the fp32 accumulator."""
-    dq = torch.empty_like(q)
-    acc = torch.ops.flash_attn_3.bwd(dout, q, k, v, out, lse, dq, None, None, None, None, None, None, None, None,
-                                     scale, True, -1, -1, 0.0, False, 0, softmax_d, accum_only)[2]
-    return acc if accum_only else dq
 
 
 def main() -> int:
@@ -69,15 +61,15 @@ def main() -> int:
     _, rstd = kernels._forward_math(q, cos, sin, gain)
     dx_acc = torch.empty_like(q)
 
-    acc = fa3_backward(dout, q, k, v, out, lse, softmax_d, scale, True)
-    dq = fa3_backward(dout, q, k, v, out, lse, softmax_d, scale, False)
+    acc = _fa3_backward(dout, q, k, v, out, lse, softmax_d, scale, True)[0]  # lmcore.fa3_xsa's op, as training runs it
+    dq = _fa3_backward(dout, q, k, v, out, lse, softmax_d, scale, False)[0]
     kernels._q_backward_acc_triton(acc, q, rstd, cos, sin, gain, dx_acc, scale)
     read = (kernels.from_accumulator(acc, t) * scale).contiguous()
     same = torch.equal(dx_acc, kernels._backward_triton(read, q, rstd, cos, sin, gain)[0])
 
     rows = []
     for name, accum_only in (("without (convert + bf16 dq)", False), ("with (fp32 accumulator)", True)):
-        fa3_us = queued_us(functools.partial(fa3_backward, dout, q, k, v, out, lse, softmax_d, scale, accum_only),
+        fa3_us = queued_us(functools.partial(_fa3_backward, dout, q, k, v, out, lse, softmax_d, scale, accum_only),
                            args.iters)
         if accum_only:
             q_us = queued_us(functools.partial(kernels._q_backward_acc_triton, acc, q, rstd, cos, sin, gain, dx_acc,

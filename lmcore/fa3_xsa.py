@@ -123,35 +123,21 @@ def _(dout: Tensor, y: Tensor, v: Tensor, z: Tensor | None) -> tuple[Tensor, Ten
 
 @torch.library.custom_op("lmcore::fa3_backward_rowsum", mutates_args=())
 def _fa3_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, softmax_d: Tensor,
-                  scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    """FA3's causal backward with rowsum(dO * O) given (FA3 built with FA3_DPSUM=1)."""
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    torch.ops.flash_attn_3.bwd(dout, q, k, v, out, lse, dq, dk, dv, None, None, None, None, None, None, scale,
-                               True, -1, -1, 0.0, False, 0, softmax_d)
-    return dq, dk, dv
+                  scale: float, dq_accum: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """FA3's causal backward with rowsum(dO * O) given (FA3 built with FA3_DPSUM=1): (dq, dk, dv), or with
+    `dq_accum` (dq_accum_only: no dQ postprocess) dQ's fp32 accumulator (B, H, TR * D) in dq's place."""
+    dq, dk, dv = None if dq_accum else torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    acc = torch.ops.flash_attn_3.bwd(dout, q, k, v, out, lse, dq, dk, dv, None, None, None, None, None, None, scale,
+                                     True, -1, -1, 0.0, False, 0, softmax_d, *((True,) if dq_accum else ()))[2]
+    return acc if dq_accum else dq, dk, dv
 
 
 @_fa3_backward.register_fake
 def _(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, softmax_d: Tensor,
-      scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-
-
-@torch.library.custom_op("lmcore::fa3_backward_dq_accum", mutates_args=())
-def _fa3_backward_acc(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, softmax_d: Tensor,
-                      scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    """_fa3_backward without dQ's postprocess: (dQ's fp32 accumulator (B, H, TR * D), dk, dv)."""
-    dk, dv = torch.empty_like(k), torch.empty_like(v)
-    acc = torch.ops.flash_attn_3.bwd(dout, q, k, v, out, lse, None, dk, dv, None, None, None, None, None, None,
-                                     scale, True, -1, -1, 0.0, False, 0, softmax_d, True)[2]
-    return acc, dk, dv
-
-
-@_fa3_backward_acc.register_fake
-def _(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, softmax_d: Tensor,
-      scale: float) -> tuple[Tensor, Tensor, Tensor]:
+      scale: float, dq_accum: bool) -> tuple[Tensor, Tensor, Tensor]:
     b, t, h, d = q.shape
-    return q.new_empty(b, h, rounded_rows(t) * d, dtype=torch.float32), torch.empty_like(k), torch.empty_like(v)
+    dq = q.new_empty(b, h, rounded_rows(t) * d, dtype=torch.float32) if dq_accum else torch.empty_like(q)
+    return dq, torch.empty_like(k), torch.empty_like(v)
 
 
 def _fa3_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
@@ -174,8 +160,7 @@ class _AttentionXSA(torch.autograd.Function):
         q, k, v_att, v, z, y, lse = ctx.saved_tensors
         dy, dv, dz, rowsum = _xsa_backward_rowsum(dout.contiguous(), y, v, z)
         if ctx.fa3:
-            backward = _fa3_backward_acc if ctx.dq_accum else _fa3_backward
-            dq, dk, dv_att = backward(dy, q, k, v_att, y, lse, rowsum, ctx.scale)
+            dq, dk, dv_att = _fa3_backward(dy, q, k, v_att, y, lse, rowsum, ctx.scale, ctx.dq_accum)
         else:
             dq, dk, dv_att = _attention_backward(dy, q, k, v_att, lse, rowsum, ctx.scale, ctx.dq_accum)
         if ctx.dq_accum:  # q's gradient goes as the slot's (lmcore.kernels.qkv_norm_rope reads it)

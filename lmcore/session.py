@@ -272,12 +272,13 @@ def _check_fa3_rowsum(model: ModelConfig, device: torch.device, dq_accum: bool) 
     if dq_accum and (model.head_dim != 64 or model.rope_dims % 16):  # the accumulator layout q's kernel reads
         raise ConfigError(f"train.fa3_dq_accum needs head dim 64 and model.rope_dims a multiple of 16, not "
                           f"{model.head_dim} and {model.rope_dims}")
-    attention = model.attention
-    backend = resolve_backend(attention, device)
-    reason = None if backend == "math" else f"it runs on fa3, not {backend}"
-    reason = fa3_rowsum_reason(dq_accum) if backend == "fa3" else reason
+    backend = resolve_backend(model.attention, device)
+    if backend == "fa3":
+        reason = fa3_rowsum_reason(dq_accum)
+    else:
+        reason = None if backend == "math" else f"it runs on fa3, not {backend}"
     if reason:
-        raise ConfigError(f"train.fa3_xsa_rowsum with model.attention={attention}: {reason}")
+        raise ConfigError(f"train.fa3_xsa_rowsum with model.attention={model.attention}: {reason}")
 
 
 def start_session(
