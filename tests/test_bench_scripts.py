@@ -255,13 +255,17 @@ def test_committed_capped_table_is_what_its_logs_give(job: str, capsys):
     assert capsys.readouterr().out == (d / "table.md").read_text()
 
 
-def test_committed_2_rank_capped_table_is_what_its_logs_give(capsys):
-    # session 19's capped_2gpu.sh job (2 ranks, one x2 H200 host, one run after the other): issue 16's check
-    d = ROOT / "benchmarks" / "results" / "capped-2026-11-29-h200x2-s19"
+@pytest.mark.parametrize("job, row", [
+    ("capped-2026-11-29-h200x2-s19", "| original | FA3 (the wheel's flash_attn_interface) | 461 | 325.5 | 1.6289 | 5.6377 |"),
+    ("capped-2026-11-30-h200x2-s29/s1337", "| lmcore `record` | fa3 | 592 | 253.8 | 1.5450 | 3.6259 |")])
+def test_committed_2_rank_capped_table_is_what_its_logs_give(capsys, job: str, row: str):
+    # capped_2gpu.sh jobs (2 ranks, one x2 H200 host, one run after the other): issue 16's check; session 19's,
+    # and session 29's seed 1337 with session 26's set + train.fa3_dq_accum
+    d = ROOT / "benchmarks" / "results" / job
     assert capped_report.main([str(d / "original.log"), str(d / "lmcore_run" / "summary.json"), "2", "150", "2"]) == 0
     out = capsys.readouterr().out
     assert out == (d / "table.md").read_text()
-    assert "| original | FA3 (the wheel's flash_attn_interface) | 461 | 325.5 | 1.6289 | 5.6377 |" in out.splitlines()
+    assert row in out.splitlines()
 
 
 def test_capped_table_without_the_originals_last_lines():

@@ -78,7 +78,8 @@ def test_older_drivers_name_and_bad_paths(tmp_path: Path, capsys):
     ("speed-2026-11-30-h200-s24b", "| lm_solo_1 | 271 | 145 | 1665 | 1245 | 693 | 700 | 99% | 56 |"),
     ("speed-2026-11-30-h200x2-s25", "| lm_after_1 | 446 | 216 | 1650 | 1530 | 693 | 700 | 100% | 58 |"),
     ("speed-2026-11-30-h200x2-s26", "| lm_after_1 | 453 | 217 | 1620 | 1455 | 694 | 700 | 100% | 62 |"),
-    ("speed-2026-11-30-h200x2-s26b", "| lm_after_2 | 203 | 30 | 1650 | 1350 | 693 | 700 | 97% | 60 |")])
+    ("speed-2026-11-30-h200x2-s26b", "| lm_after_2 | 203 | 30 | 1650 | 1350 | 693 | 700 | 97% | 60 |"),
+    ("speed-2026-11-30-h200x2-s29", "| lm_after_1 | 412 | 216 | 1605 | 1560 | 694 | 700 | 100% | 60 |")])
 def test_committed_clocks_table_is_what_its_samples_give(capsys, job, row):
     # session 16's second speed.sh job (H200 GPU-44b6d01d), session 17's (GPU-c21df98c, the
     # original sampled too), session 18's (GPU-7baecdac) and session 19's (2-rank stages; GPU 0 is
