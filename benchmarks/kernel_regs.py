@@ -32,11 +32,11 @@ from lmcore import mlp_kernel as MK
 from lmcore.config import preset
 
 FWD_ARGS = {"x_ptr": "*bf16", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "gain_ptr": "*fp32", "out_ptr": "*bf16",
-            "rstd_ptr": "*fp32", "v_ptr": "*bf16", "v_out_ptr": "*bf16", "v_rep_ptr": "*bf16", "n_rows": "i32",
-            "eps": "fp32"}
+            "rstd_ptr": "*fp32", "v_ptr": "*bf16", "v_out_ptr": "*bf16", "v_rep_ptr": "*bf16", "vs_ptr": "*fp32",
+            "n_rows": "i32", "eps": "fp32"}
 BWD_ARGS = {"g_ptr": "*bf16", "x_ptr": "*bf16", "rstd_ptr": "*fp32", "cos_ptr": "*fp32", "sin_ptr": "*fp32",
             "gain_ptr": "*fp32", "dx_ptr": "*bf16", "dgain_part_ptr": "*fp32", "gv_ptr": "*bf16", "gv_rep_ptr": "*bf16",
-            "dv_ptr": "*bf16", "n_rows": "i32"}
+            "dv_ptr": "*bf16", "v_ptr": "*bf16", "vs_ptr": "*fp32", "dvs_part_ptr": "*fp32", "n_rows": "i32"}
 CHOICES = [(16, 2), (16, 4), (32, 4), (32, 8), (64, 8)]  # (rows a program, warps); lmcore.kernels uses TILE // D, WARPS
 XSA_FWD_ARGS = {"y_ptr": "*bf16", "v_ptr": "*bf16", "z_ptr": "*bf16", "out_ptr": "*bf16", "n_rows": "i32", "eps": "fp32"}
 XSA_BWD_ARGS = {"g_ptr": "*bf16", "y_ptr": "*bf16", "v_ptr": "*bf16", "z_ptr": "*bf16", "dy_ptr": "*bf16",
@@ -165,13 +165,15 @@ def main() -> int:
     qk = [("forward", kernels._qk_fwd_kernel, FWD_ARGS), ("backward", kernels._qk_bwd_kernel, BWD_ARGS)]
     qkv = (m.num_heads + 2 * m.num_kv_heads) * m.head_dim  # a token's stride in train.fused_qkv's GEMM output
     g = m.num_heads // m.num_kv_heads
-    for name, heads, has_gain, has_v, rep in (("q", m.num_heads, True, False, 1), ("k", m.num_kv_heads, False, False, 1),
-                                              ("k, fused q/k/v (moves v)", m.num_kv_heads, False, True, 1),
-                                              ("k, fused q/k/v, v repeated", m.num_kv_heads, False, True, g)):
+    for name, heads, has_gain, has_v, rep, vs in (
+            ("q", m.num_heads, True, False, 1, False), ("k", m.num_kv_heads, False, False, 1, False),
+            ("k, fused q/k/v (moves v)", m.num_kv_heads, False, True, 1, False),
+            ("k, fused q/k/v, v repeated", m.num_kv_heads, False, True, g, False),
+            ("k, fused q/k/v, v repeated and scaled (train.fold_attn_norm)", m.num_kv_heads, False, True, g, True)):
         for rows, warps in CHOICES:  # k: no gain
             xs = qkv if has_v else heads * m.head_dim
             consts = {"T": 2048, "H": heads, "D": m.head_dim, "HALF": half, "R": rows, "HAS_GAIN": has_gain,
-                      "REP": rep, "XS": xs, "DXS": xs, "HAS_V": has_v, "V_REP": rep > 1}
+                      "REP": rep, "XS": xs, "DXS": xs, "HAS_V": has_v, "V_REP": rep > 1, "HAS_VS": vs}
             mark = " (lmcore)" if rows == kernels.TILE // m.head_dim and warps == kernels.WARPS else ""
             _rows(name, rows, mark, warps, qk, consts, tool)
     xsa = [("forward", xsa_kernel._xsa_fwd_kernel, XSA_FWD_ARGS), ("backward", xsa_kernel._xsa_bwd_kernel, XSA_BWD_ARGS)]

@@ -146,14 +146,12 @@ class TrainConfig:
     ema_decay: float = 0.997
     ema: str = "original"  # original (starts at init) | bias_corrected | off
     compare_ema: bool = False  # also validate the other EMA mode's weights of the same run at the end
-    # lmcore's own late QAT (off in every preset). The original's late QAT never runs: its switch
-    # is a class attribute flipped inside a model compiled with fullgraph=True, which torch.compile
-    # constant-folds at the first trace (openai/parameter-golf #315, #1032, #667). Measured on
-    # 2xH200, 400 steps with QAT "on" from step 1 (SPEC 8b): the original's loss curve equals
-    # lmcore's without QAT to the 4th decimal (val_bpb 1.7997 vs 1.8002), while real QAT gives
-    # 2.7617. So `record` trains without fake quantization, as the original effectively does.
-    # > 0: straight-through fake int(model.qat_bits) in the block linears once the LR multiplier
-    # drops below this value (the original's written rule used 0.15).
+    # lmcore's own late QAT (off in every preset). The original's late QAT never runs: its switch is a class attribute
+    # flipped inside a model compiled with fullgraph=True, which torch.compile constant-folds at the first trace
+    # (openai/parameter-golf #315, #1032, #667). Measured on 2xH200, 400 steps with QAT "on" from step 1 (SPEC 8b):
+    # the original's loss curve equals lmcore's without QAT to the 4th decimal (val_bpb 1.7997 vs 1.8002), while real
+    # QAT gives 2.7617. So `record` trains without fake quantization, as the original effectively does. > 0: fake
+    # int(model.qat_bits) (straight-through) in the block linears once the LR multiplier is below it (original: 0.15)
     lmcore_late_qat_threshold: float = 0.0
     val_every: int = 0  # steps between validations; 0 = only at the end
     log_every: int = 50
@@ -163,15 +161,11 @@ class TrainConfig:
     # torch.compile mode: default | max-autotune-no-cudagraphs | max-autotune | reduce-overhead (CUDA graphs),
     # given to torch.compile as the mode's inductor options, so it combines with the switches below
     compile_mode: str = "default"
-    # inductor's mix-order reduction (torch >= 2.11: fuses the RMSNorm backward into larger kernels;
-    # openai/parameter-golf #1420 measured +5.9 ms a backward from it on 8xH100). Off by default (torch's
-    # older codegen; with rope_cache on: 627.4/625.3 -> 592.8/595.1 ms a step on one H200, the same
-    # losses within run-to-run noise, benchmarks/RESULTS.md "Speed"); true = torch's default. On a torch
-    # without the option, off changes nothing.
+    # inductor's mix-order reduction (torch >= 2.11; parameter-golf #1420: +5.9 ms a backward on 8xH100), true = torch's
+    # default. Off: 627.4/625.3 -> 592.8/595.1 ms a step on one H200 with rope_cache (RESULTS.md "Speed"); session 29's
+    # fused column-sum kernels ran at 2.2 TB/s. A torch without the option ignores off.
     inductor_mix_order_reduction: bool = False
-    # inductor's coordinate-descent tuning: each generated Triton kernel's block sizes are
-    # benchmarked at compile time (longer compile; the same math)
-    inductor_coordinate_descent: bool = False
+    inductor_coordinate_descent: bool = False  # inductor's Triton kernels' block sizes tuned at compile (the same math)
     rope_cache: bool = True  # RoPE tables computed once for data.seq_len (GPT.cache_rope), not in the graph
     # q/k RMSNorm + RoPE + q_gain as one op (lmcore.kernels: Triton on CUDA, the same math in PyTorch
     # elsewhere; the same math as the plain path up to fp32 rounding). The exported script embeds the kernels.
@@ -226,6 +220,9 @@ class TrainConfig:
     # Session 10 (one H200 a job): 578.5 -> 573.9 ms a step on the defaults, 564.4 -> 557.7 with both
     # fused ops, 1.6 GB more peak memory; losses within run-to-run noise (benchmarks/RESULTS.md).
     expand_kv: bool = False
+    # With fused_qkv and fold_output_scales: the q/k/v GEMM reads the residual stream, and v's rows (and the gate's)
+    # take its RMSNorm's scale in the q/k/v kernels; q/k's RMSNorm cancels it (GPT.fold_attn_norm). A rounding fewer.
+    fold_attn_norm: bool = False
     # attn_scale and mlp_scale folded into the rows of the output projections they scale (GPT.fold_output_scales):
     # x + (diag(s) W) h as one GEMM instead of x + s * (W h), so the scaled branches are never written and the
     # backward takes ds and dW from the scaled weight's gradient instead of a column sum over the tokens. A
@@ -239,12 +236,12 @@ class TrainConfig:
     # (session 16): 4 multi-tensor kernels an accumulation instead of 134 adds, 545.8 -> 543.1 ms a step; max
     # |dloss| 0.0329 over 200 steps (two plain runs: 0.0316). Off by default, like the other speed switches.
     foreach_grad_accum: bool = False
-    # A step's tokens for this rank read into one pinned host buffer (int32, two used in turn) and copied to the
-    # GPU at once (x and y cast to int64 there), instead of a pin and a copy of x and of y for every micro-batch.
-    # The same batches, so on by default since session 22. There, on two H200s of one host (the fastest set),
-    # steady step minus the profiled step's kernel time: 18.1 ms without it (GPU 0, 521.8 ms a step), 9.2 with
-    # it (GPU 1, 512.8 ms), the GPU waiting for the first micro-batch's two pins; on 2 ranks the same step time
-    # (266.6 against 266.7 ms). false: the pin-and-copy path, to ablate.
+    # A step's tokens for this rank read into one pinned host buffer (int32, two used in turn) and copied to the GPU
+    # at once (x and y cast to int64 there), instead of a pin and a copy of x and of y for every micro-batch. The same
+    # batches, so on by default since session 22. There, on two H200s of one host (the fastest set), steady step minus
+    # the profiled step's kernel time: 18.1 ms without it (GPU 0, 521.8 ms a step), 9.2 with it (GPU 1, 512.8 ms), the
+    # GPU waiting for the first micro-batch's two pins; on 2 ranks the same step time (266.6 against 266.7 ms). false:
+    # the pin-and-copy path, to ablate.
     step_batch_copy: bool = True
     ddp_bucket_cap_mb: float = 25.0  # DDP gradient bucket size (torch's default 25)
     ddp_grad_as_bucket_view: bool = False  # DDP gradients as views into its buckets (saves a copy)
@@ -329,6 +326,8 @@ class Config:
             raise ConfigError("train.fa3_xsa_rowsum=true needs train.fused_xsa_gate=true and train.expand_kv=true")
         if self.train.fa3_dq_accum and not (self.train.fa3_xsa_rowsum and self.train.fused_qkv):
             raise ConfigError("train.fa3_dq_accum=true needs train.fa3_xsa_rowsum=true and train.fused_qkv=true")
+        if self.train.fold_attn_norm and not (self.train.fused_qkv and self.train.fold_output_scales):
+            raise ConfigError("train.fold_attn_norm=true needs train.fused_qkv=true and train.fold_output_scales=true")
         if self.train.fused_mlp_pingpong and not self.train.fused_mlp:
             raise ConfigError("train.fused_mlp_pingpong=true needs train.fused_mlp=true")
         if self.train.fused_mlp_pingpong and self.train.fused_mlp_sign:

@@ -115,18 +115,21 @@ if triton is not None:
         return c, tl.where(cols < HALF, s, -s)
 
     @triton.jit
-    def _qk_fwd_kernel(x_ptr, cos_ptr, sin_ptr, gain_ptr, out_ptr, rstd_ptr, v_ptr, v_out_ptr, v_rep_ptr, n_rows, eps,
-                       T: tl.constexpr, H: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, R: tl.constexpr,
+    def _qk_fwd_kernel(x_ptr, cos_ptr, sin_ptr, gain_ptr, out_ptr, rstd_ptr, v_ptr, v_out_ptr, v_rep_ptr, vs_ptr,
+                       n_rows, eps, T: tl.constexpr, H: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, R: tl.constexpr,
                        HAS_GAIN: tl.constexpr, REP: tl.constexpr, XS: tl.constexpr, HAS_V: tl.constexpr,
-                       V_REP: tl.constexpr):
+                       V_REP: tl.constexpr, HAS_VS: tl.constexpr):
         # HAS_V (k's call under train.fused_qkv): v's rows, XS apart like x's, copied out contiguous;
-        # V_REP: and REP times in a row into v_rep, like k's
+        # V_REP: and REP times in a row into v_rep, like k's; HAS_VS: times their token's scale (fp32)
         rows = tl.program_id(0) * R + tl.arange(0, R)
         live = rows < n_rows
         mask = live[:, None]
         cols = tl.arange(0, D)[None, :]
         if HAS_V:
             vt = tl.load(v_ptr + _heads(rows, H, D, XS)[:, None] + cols, mask=mask)
+            if HAS_VS:
+                vs = tl.load(vs_ptr + rows // H, mask=live, other=0.0)
+                vt = (vt.to(tl.float32) * vs[:, None]).to(v_out_ptr.dtype.element_ty)
             tl.store(v_out_ptr + rows[:, None] * D + cols, vt, mask=mask)
             if V_REP:
                 for j in tl.static_range(REP):
@@ -144,12 +147,13 @@ if triton is not None:
 
     @triton.jit
     def _qk_bwd_kernel(g_ptr, x_ptr, rstd_ptr, cos_ptr, sin_ptr, gain_ptr, dx_ptr, dgain_part_ptr, gv_ptr, gv_rep_ptr,
-                       dv_ptr, n_rows, T: tl.constexpr, H: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr,
-                       R: tl.constexpr, HAS_GAIN: tl.constexpr, REP: tl.constexpr, XS: tl.constexpr, DXS: tl.constexpr,
-                       HAS_V: tl.constexpr, V_REP: tl.constexpr):
+                       dv_ptr, v_ptr, vs_ptr, dvs_part_ptr, n_rows, T: tl.constexpr, H: tl.constexpr, D: tl.constexpr,
+                       HALF: tl.constexpr, R: tl.constexpr, HAS_GAIN: tl.constexpr, REP: tl.constexpr, XS: tl.constexpr,
+                       DXS: tl.constexpr, HAS_V: tl.constexpr, V_REP: tl.constexpr, HAS_VS: tl.constexpr):
         # x is read, and dx written, with tokens XS and DXS elements apart (_heads); HAS_V: v's
         # (contiguous) gradient written DXS apart too, into its slice of the fused gradient, with its
-        # REP copies' gradients (V_REP) added in fp32
+        # REP copies' gradients (V_REP) added in fp32; HAS_VS: v's forward was v (XS apart) times its
+        # token's scale: its gradient is scaled too, and each row's sum(gv * v) is stored for the scale's
         pid = tl.program_id(0)
         rows = pid * R + tl.arange(0, R)
         live = rows < n_rows
@@ -161,6 +165,11 @@ if triton is not None:
                 gv = gv.to(tl.float32)
                 for j in tl.static_range(REP):
                     gv += tl.load(gv_rep_ptr + (rows * REP + j)[:, None] * D + cols, mask=mask, other=0.0).to(tl.float32)
+            if HAS_VS:
+                gv = gv.to(tl.float32)
+                vt = tl.load(v_ptr + _heads(rows, H, D, XS)[:, None] + cols, mask=mask, other=0.0).to(tl.float32)
+                tl.store(dvs_part_ptr + rows, tl.sum(gv * vt, axis=1), mask=live)
+                gv = gv * tl.load(vs_ptr + rows // H, mask=live, other=0.0)[:, None]
             tl.store(dv_ptr + _heads(rows, H, D, DXS)[:, None] + cols, gv.to(dv_ptr.dtype.element_ty), mask=mask)
         g, gp = _tile(g_ptr, rows * REP * D, mask, D, HALF)
         for j in tl.static_range(1, REP):  # the gradients of row r's copies, summed in fp32
@@ -250,42 +259,49 @@ def _token_stride(x: Tensor) -> int:
 def _forward_triton(
     x: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None, repeat: int = 1, rows: int | None = None,
     warps: int = WARPS, v: Tensor | None = None, v_out: Tensor | None = None, v_rep: Tensor | None = None,
+    vscale: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The forward kernel; `rows` a program (a multiple of H; default TILE // D) and `warps`
     are the tile choice (benchmarks/qk_kernel_bench.py compares a few). With `v` (x's shape and
     token stride) the same programs copy it into `v_out` (contiguous), and into `v_rep` (out's shape)
-    each head `repeat` times in a row where given."""
+    each head `repeat` times in a row where given; times `vscale` (B, T) fp32 where given."""
     b, t, h, d = x.shape
     out = x.new_empty(b, t, h * repeat, d)
     rstd = torch.empty((b, t, h), dtype=torch.float32, device=x.device)
     n_rows, rows = b * t * h, rows or _rows(x)
     _qk_fwd_kernel[(triton.cdiv(n_rows, rows),)](x, cos, sin, x if gain is None else gain, out, rstd,
                                                  x if v is None else v, out if v_out is None else v_out,
-                                                 out if v_rep is None else v_rep, n_rows, EPS,
-                                                 T=t, H=h, D=d, HALF=cos.size(-1), R=rows, HAS_GAIN=gain is not None,
-                                                 REP=repeat, XS=_token_stride(x), HAS_V=v is not None,
-                                                 V_REP=v_rep is not None, num_warps=warps)
+                                                 out if v_rep is None else v_rep, rstd if vscale is None else vscale,
+                                                 n_rows, EPS, T=t, H=h, D=d, HALF=cos.size(-1), R=rows,
+                                                 HAS_GAIN=gain is not None, REP=repeat, XS=_token_stride(x),
+                                                 HAS_V=v is not None, V_REP=v_rep is not None,
+                                                 HAS_VS=vscale is not None, num_warps=warps)
     return out, rstd
 
 
 def _backward_triton(
     g: Tensor, x: Tensor, rstd: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None, repeat: int = 1,
     rows: int | None = None, warps: int = WARPS, dx: Tensor | None = None, gv: Tensor | None = None,
-    dv: Tensor | None = None, gv_rep: Tensor | None = None,
+    dv: Tensor | None = None, gv_rep: Tensor | None = None, v: Tensor | None = None, vscale: Tensor | None = None,
+    dvs_part: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The backward kernel, writing x's gradient into `dx` (x's shape, any token stride) if given;
     with `gv` (contiguous, x's shape) the same programs copy it into `dv` (dx's token stride), with
-    the sum of `gv_rep`'s copies (g's shape: v's heads `repeat` times in a row) added where given."""
+    the sum of `gv_rep`'s copies (g's shape: v's heads `repeat` times in a row) added where given. With
+    `vscale` (B, T) fp32 (v, x's token stride, was scaled by it) that sum is scaled too, and each row's
+    sum(that sum * v) goes to `dvs_part` (B, T, H) fp32."""
     b, t, h, d = x.shape
     n_rows, rows = b * t * h, rows or _rows(x)
     blocks = triton.cdiv(n_rows, rows)
     dx = torch.empty((b, t, h, d), dtype=x.dtype, device=x.device) if dx is None else dx
     part = torch.empty((blocks if gain is not None else 0, h), dtype=torch.float32, device=x.device)
     _qk_bwd_kernel[(blocks,)](g, x, rstd, cos, sin, x if gain is None else gain, dx, part,
-                              x if gv is None else gv, g if gv_rep is None else gv_rep, dx if dv is None else dv, n_rows,
-                              T=t, H=h, D=d, HALF=cos.size(-1), R=rows, HAS_GAIN=gain is not None, REP=repeat,
-                              XS=_token_stride(x), DXS=_token_stride(dx), HAS_V=gv is not None,
-                              V_REP=gv_rep is not None, num_warps=warps)
+                              x if gv is None else gv, g if gv_rep is None else gv_rep, dx if dv is None else dv,
+                              x if v is None else v, rstd if vscale is None else vscale,
+                              rstd if dvs_part is None else dvs_part, n_rows, T=t, H=h, D=d, HALF=cos.size(-1), R=rows,
+                              HAS_GAIN=gain is not None, REP=repeat, XS=_token_stride(x), DXS=_token_stride(dx),
+                              HAS_V=gv is not None, V_REP=gv_rep is not None, HAS_VS=vscale is not None,
+                              num_warps=warps)
     return dx, part.sum(0) if gain is not None else part.new_empty(0)
 
 
@@ -401,18 +417,22 @@ def to_accumulator(g: Tensor, tr: int) -> Tensor:
 
 @torch.library.custom_op("lmcore::qkv_norm_rope", mutates_args=())
 def _qkv_norm_rope(qkv: Tensor, cos: Tensor, sin: Tensor, gain: Tensor, heads: int, head_dim: int, repeat: int,
-                   repeat_v: bool, dq_acc_scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                   repeat_v: bool, dq_acc_scale: float,
+                   vscale: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     q, k, v = _split_qkv(qkv, heads, head_dim)
     slot = _dq_slot(qkv, heads, head_dim, dq_acc_scale)  # never written: its gradient carries q's
     if _use_triton(q, cos.size(-1)) and _use_triton(k, cos.size(-1)):  # the kernels read the slices in place
         v_out = v.new_empty(v.shape)  # k's programs copy v's rows out beside k's (and repeated: repeat_v)
         v_rep = v.new_empty(_repeated(v, repeat) if repeat_v else 0)
         (qo, rq), (ko, rk) = _forward_triton(q, cos, sin, gain), _forward_triton(
-            k, cos, sin, None, repeat, v=v, v_out=v_out, v_rep=v_rep if repeat_v else None)
+            k, cos, sin, None, repeat, v=v, v_out=v_out, v_rep=v_rep if repeat_v else None, vscale=vscale)
         return qo, ko, v_out, v_rep, rq, rk, slot
     (qo, rq), (ko, rk) = _forward_math(q, cos, sin, gain), _forward_math(k, cos, sin, None, repeat)
-    v_rep = v.repeat_interleave(repeat, dim=2) if repeat_v else v.new_empty(0)
-    return qo, ko, v.clone(memory_format=torch.contiguous_format), v_rep, rq, rk, slot
+    if vscale is None:
+        v = v.clone(memory_format=torch.contiguous_format)
+    else:  # v's rows times their token's scale, in fp32
+        v = (v.float() * vscale[:, :, None, None]).to(v.dtype)
+    return qo, ko, v, v.repeat_interleave(repeat, dim=2) if repeat_v else v.new_empty(0), rq, rk, slot
 
 
 def _dq_slot(qkv: Tensor, heads: int, head_dim: int, dq_acc_scale: float) -> Tensor:
@@ -428,7 +448,8 @@ def _repeated(x: Tensor, repeat: int) -> tuple[int, int, int, int]:
 
 @_qkv_norm_rope.register_fake
 def _(qkv: Tensor, cos: Tensor, sin: Tensor, gain: Tensor, heads: int, head_dim: int, repeat: int,
-      repeat_v: bool, dq_acc_scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+      repeat_v: bool, dq_acc_scale: float,
+      vscale: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     q, k, v = _split_qkv(qkv, heads, head_dim)
     b, t, hkv, f32 = k.size(0), k.size(1), k.size(2), torch.float32
     return (q.new_empty(q.shape), k.new_empty(_repeated(k, repeat)), v.new_empty(v.shape),
@@ -440,10 +461,12 @@ def _(qkv: Tensor, cos: Tensor, sin: Tensor, gain: Tensor, heads: int, head_dim:
 @torch.library.custom_op("lmcore::qkv_norm_rope_backward", mutates_args=())
 def _qkv_norm_rope_backward(
     gq: Tensor, gk: Tensor, gv: Tensor, gv_rep: Tensor | None, qkv: Tensor, rq: Tensor, rk: Tensor, cos: Tensor,
-    sin: Tensor, gain: Tensor, heads: int, head_dim: int, repeat: int, acc_scale: float,
-) -> tuple[Tensor, Tensor]:
-    """acc_scale > 0: gq is FA3's dQ accumulator, times acc_scale (its softmax_scale)."""
-    q, k, _ = _split_qkv(qkv, heads, head_dim)
+    sin: Tensor, gain: Tensor, heads: int, head_dim: int, repeat: int, acc_scale: float, vscale: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """acc_scale > 0: gq is FA3's dQ accumulator, times acc_scale (its softmax_scale). With vscale (B, T): v's
+    gradient is scaled by it too, and vscale's own gradient (B, T) fp32 is the third output (else (0,))."""
+    q, k, v = _split_qkv(qkv, heads, head_dim)
+    dvs = qkv.new_empty(v.shape[:3] if vscale is not None else 0, dtype=torch.float32)  # a partial a kv head
     if _use_triton(q, cos.size(-1)) and _use_triton(k, cos.size(-1)):  # each gradient written into its slice
         dqkv = torch.empty_like(qkv)
         dq, dk, dv = _split_qkv(dqkv, heads, head_dim)
@@ -452,37 +475,40 @@ def _qkv_norm_rope_backward(
         else:
             _, dgain = _backward_triton(gq, q, rq, cos, sin, gain, dx=dq)
         # and v's gradient (with its copies', gv_rep), in k's programs
-        _backward_triton(gk, k, rk, cos, sin, None, repeat, dx=dk, gv=gv, dv=dv, gv_rep=gv_rep)
-        return dqkv, dgain
+        _backward_triton(gk, k, rk, cos, sin, None, repeat, dx=dk, gv=gv, dv=dv, gv_rep=gv_rep, v=v, vscale=vscale,
+                         dvs_part=dvs if vscale is not None else None)
+        return dqkv, dgain, dvs.sum(-1) if vscale is not None else dvs
     gq = from_accumulator(gq, q.size(1)) * acc_scale if acc_scale > 0 else gq
     dq, dgain = _backward_math(gq, q, rq, cos, sin, gain)
     dk, _ = _backward_math(gk, k, rk, cos, sin, None, repeat)
-    if gv_rep is not None:  # the copies' gradients summed with v's own, in fp32
-        gv = (gv.float() + gv_rep.float().unflatten(2, (gv.size(2), repeat)).sum(3)).to(gv.dtype)
-    return torch.cat((dq.flatten(2), dk.flatten(2), gv.flatten(2)), dim=-1), dgain
+    gvf = gv.float() if gv_rep is None else gv.float() + gv_rep.float().unflatten(2, (gv.size(2), repeat)).sum(3)
+    if vscale is not None:  # v = scale * v's slice: each token's scale gets sum(gv * v's slice)
+        dvs, gvf = (gvf * v.float()).sum((2, 3)), gvf * vscale[:, :, None, None]
+    return torch.cat((dq.flatten(2), dk.flatten(2), gvf.to(gv.dtype).flatten(2)), dim=-1), dgain, dvs
 
 
 @_qkv_norm_rope_backward.register_fake
 def _(
     gq: Tensor, gk: Tensor, gv: Tensor, gv_rep: Tensor | None, qkv: Tensor, rq: Tensor, rk: Tensor, cos: Tensor,
-    sin: Tensor, gain: Tensor, heads: int, head_dim: int, repeat: int, acc_scale: float,
-) -> tuple[Tensor, Tensor]:
-    return torch.empty_like(qkv), qkv.new_empty(gain.size(0), dtype=torch.float32)
+    sin: Tensor, gain: Tensor, heads: int, head_dim: int, repeat: int, acc_scale: float, vscale: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    dvs = qkv.new_empty(vscale.shape if vscale is not None else 0, dtype=torch.float32)
+    return torch.empty_like(qkv), qkv.new_empty(gain.size(0), dtype=torch.float32), dvs
 
 
 def _qkv_setup_context(ctx, inputs, output) -> None:
-    qkv, cos, sin, gain, ctx.heads, ctx.head_dim, ctx.repeat, ctx.repeat_v, ctx.acc_scale = inputs
-    ctx.save_for_backward(qkv, output[4], output[5], cos, sin, gain)
+    qkv, cos, sin, gain, ctx.heads, ctx.head_dim, ctx.repeat, ctx.repeat_v, ctx.acc_scale, vscale = inputs
+    ctx.save_for_backward(qkv, output[4], output[5], cos, sin, gain, vscale)
 
 
 def _qkv_backward(ctx, gq: Tensor, gk: Tensor, gv: Tensor, gv_rep: Tensor, _g_rq: Tensor, _g_rk: Tensor,
                   g_slot: Tensor):
-    qkv, rq, rk, cos, sin, gain = ctx.saved_tensors
+    qkv, rq, rk, cos, sin, gain, vscale = ctx.saved_tensors
     gq = g_slot if ctx.acc_scale > 0 else gq  # the accumulator FA3's backward returned (lmcore.fa3_xsa)
-    dqkv, dgain = _qkv_norm_rope_backward(gq.contiguous(), gk.contiguous(), gv.contiguous(),
-                                          gv_rep.contiguous() if ctx.repeat_v else None, qkv, rq, rk, cos, sin,
-                                          gain, ctx.heads, ctx.head_dim, ctx.repeat, ctx.acc_scale)
-    return dqkv, None, None, dgain.to(gain.dtype), None, None, None, None, None
+    dqkv, dgain, dvs = _qkv_norm_rope_backward(gq.contiguous(), gk.contiguous(), gv.contiguous(),
+                                               gv_rep.contiguous() if ctx.repeat_v else None, qkv, rq, rk, cos, sin,
+                                               gain, ctx.heads, ctx.head_dim, ctx.repeat, ctx.acc_scale, vscale)
+    return dqkv, None, None, dgain.to(gain.dtype), None, None, None, None, None, None if vscale is None else dvs
 
 
 _qkv_norm_rope.register_autograd(_qkv_backward, setup_context=_qkv_setup_context)
@@ -490,7 +516,7 @@ _qkv_norm_rope.register_autograd(_qkv_backward, setup_context=_qkv_setup_context
 
 def qkv_norm_rope(
     qkv: Tensor, cos: Tensor, sin: Tensor, gain: Tensor, heads: int, head_dim: int, repeat: int = 1,
-    repeat_v: bool = False, dq_acc_scale: float = 0.0,
+    repeat_v: bool = False, dq_acc_scale: float = 0.0, vscale: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
     """(q, k, v, v repeated, dq slot) from qkv (B, T, (H + 2 Hkv) D), the output of one GEMM on c_q,
     c_k and c_v's weights concatenated: q = qk_norm_rope(q's slice, gain), k = qk_norm_rope(k's slice,
@@ -502,7 +528,11 @@ def qkv_norm_rope(
     dq_acc_scale > 0 (train.fa3_dq_accum): the dq slot is a (B, H, TR * D) fp32 tensor, never
     written, for lmcore.fa3_xsa.attention_xsa, whose backward gives q's gradient as the slot's: FA3's
     dQ accumulator (acc_offsets' layout), which q's backward kernel reads times dq_acc_scale (the
-    attention's softmax_scale) instead of a bf16 dq. Else None."""
+    attention's softmax_scale) instead of a bf16 dq. Else None.
+
+    vscale (B, T) (train.fold_attn_norm): v (and its copies) times its token's scale, in fp32; its
+    gradient is returned for vscale, each token's sum of v's gradient times v's slice."""
+    vs = None if vscale is None else vscale.float().contiguous()
     q, k, v, v_rep, _, _, slot = _qkv_norm_rope(qkv.contiguous(), cos.float().contiguous(), sin.float().contiguous(),
-                                                gain, heads, head_dim, repeat, repeat_v, float(dq_acc_scale))
+                                                gain, heads, head_dim, repeat, repeat_v, float(dq_acc_scale), vs)
     return q, k, v, v_rep if repeat_v else None, slot if dq_acc_scale > 0 else None

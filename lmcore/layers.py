@@ -54,6 +54,12 @@ def rms_norm(x: Tensor) -> Tensor:
     return F.rms_norm(x, (x.size(-1),))
 
 
+def rms_scale(x: Tensor, factor: float = 1.0) -> Tensor:
+    """factor / rms(x) a row, fp32 (x's shape without its last dim): rms_norm(x) * factor is x times it, up to
+    rounding (F.rms_norm's eps for fp32 math, which it runs in under autocast)."""
+    return factor * torch.rsqrt(x.float().square().mean(-1) + torch.finfo(torch.float32).eps)
+
+
 def rope_tables(cfg: ModelConfig, length: int, device: torch.device) -> tuple[Tensor, Tensor]:
     """cos/sin of shape (length, rope_dims/2) for a sequence of `length` tokens.
 

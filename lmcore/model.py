@@ -9,7 +9,7 @@ Components: tied embedding, product-key / hashed / no bigram, RMS norm, SmearGat
 skips, blocks with residual mix to x0, GQA attention with q/k RMS norm, partial RoPE
 (NTK-rescaled past `rope_train_len`), per-head q gain, XSA, gated attention, shared value
 embedding, LeakyReLU(0.5)^2 MLP, logit softcap, and the `bos_mask` fix (SPEC section 7).
-"""
+        """
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from lmcore.attention import attention, resolve_backend
 from lmcore.config import ModelConfig, resolve_layers
-from lmcore.layers import CastedLinear, apply_rope, repeat_heads, rms_norm, rope_tables
+from lmcore.layers import CastedLinear, apply_rope, repeat_heads, rms_norm, rms_scale, rope_tables
 
 # Parameter-name fragments of the small "control" tensors (kept fp32, AdamW scalar group).
 CONTROL_PATTERNS = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_weights", "smear", "ve_layer_scales",
@@ -105,9 +105,11 @@ class Attention(nn.Module):
         self.attn_xsa_op: Callable[..., Tensor] | None = None  # lmcore.fa3_xsa.attention_xsa (GPT.use_fa3_xsa_rowsum)
         self.dq_accum = False  # GPT.use_fa3_xsa_rowsum(dq_accum=True): q's gradient as FA3's dQ accumulator
         self.kv_repeat = 1  # GPT.use_expanded_kv: H // Hkv, k and v repeated to the query heads for attention
+        self.row_scaled = False  # GPT.fold_attn_norm: reads the residual stream and its RMSNorm's row scale
 
     def forward(self, x: Tensor, ve: Tensor | None, rope: tuple[Tensor, Tensor], cache: KVCache | None = None,
-                out_scale: Tensor | None = None) -> Tensor:
+                out_scale: Tensor | None = None, row_scale: Tensor | None = None) -> Tensor:
+        """row_scale (B, T) (GPT.fold_attn_norm): x un-normed, its norm's row scale taken by v and the gate only."""
         B, T, _ = x.shape
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         cos, sin = rope
@@ -118,7 +120,8 @@ class Attention(nn.Module):
             fused_v = self.qkv_repeat_v and ve is None and rep > 1  # a value-embedding layer adds ve first
             # q's gradient as FA3's dQ accumulator (attention's softmax scale); no slot where no gradient flows (eval)
             acc = D ** -0.5 if self.dq_accum and self.attn_xsa_op is not None and torch.is_grad_enabled() else 0.0
-            q, k, v, v_att, slot = self.qkv_op(F.linear(x, w), cos, sin, self.q_gain, H, D, rep, fused_v, acc)
+            qkv = F.linear(x, w)
+            q, k, v, v_att, slot = self.qkv_op(qkv, cos, sin, self.q_gain, H, D, rep, fused_v, acc, row_scale)
             v = v if ve is None else v + ve.view_as(v)
         else:
             q, k = self.c_q(x).view(B, T, H, D), self.c_k(x).view(B, T, Hkv, D)
@@ -129,7 +132,7 @@ class Attention(nn.Module):
                 q, k = rms_norm(q), rms_norm(k)
                 q, k = apply_rope(q, cos, sin), repeat_heads(apply_rope(k, cos, sin), rep)
                 q = q * self.q_gain.to(q.dtype)[None, None, :, None]
-        gate = self.attn_gate(x) if self.attn_gate is not None else None
+        gate = None if self.attn_gate is None else self.attn_gate(x) if row_scale is None else self._gate(x, row_scale)
         if cache is None and self.attn_xsa_op is not None:  # GPT.use_fa3_xsa_rowsum: the same math, one op
             y = self.attn_xsa_op(q, k, repeat_heads(v, rep) if v_att is None else v_att, v, gate, self.backend, slot)
         elif cache is None:  # k is already repeated; v keeps its kv heads for XSA below
@@ -140,6 +143,11 @@ class Attention(nn.Module):
         if out_scale is not None:  # Block.fold_scales: out_scale * proj(y) as one GEMM on scaled rows
             return F.linear(y, self.proj.scaled_weight(out_scale, y.dtype))
         return self.proj(y)
+
+    def _gate(self, x: Tensor, row_scale: Tensor) -> Tensor:
+        """The gate's logits of n = row_scale * x: row_scale (x W) + b, in fp32, returned in the GEMM's dtype."""
+        gl = F.linear(x, self.attn_gate.weight)
+        return (gl.float() * row_scale[..., None] + self.attn_gate.bias.float()).to(gl.dtype)
 
     def _xsa_gate(self, y: Tensor, v: Tensor, gate: Tensor | None, fused: bool = True) -> Tensor:
         """XSA (on XSA layers) then the attention gate (gate: its logits, or None) on y (B, T, H, D);
@@ -219,7 +227,9 @@ class Block(nn.Module):
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
         if self.fold_scales and latent is None:  # the scales inside the output projections' GEMMs
-            x = x + self.attn(rms_norm(x) * self.ln_factor, ve, rope, cache, self.attn_scale)
+            scaled = self.attn.row_scaled and cache is None  # GPT.fold_attn_norm: x and its norm's row scale
+            n, r = (x, rms_scale(x, self.ln_factor)) if scaled else (rms_norm(x) * self.ln_factor, None)
+            x = x + self.attn(n, ve, rope, cache, self.attn_scale, r)
             return x + self.mlp(rms_norm(x) * self.ln_factor, None, self.mlp_scale)
         a = self.attn(rms_norm(x) * self.ln_factor, ve, rope, cache)
         mlp_mask = None
@@ -314,11 +324,8 @@ class GPT(nn.Module):
         self.cfg = cfg
         L, d = cfg.num_layers, cfg.model_dim
         self.tok_emb = nn.Embedding(cfg.vocab_size, d)
-        self.bigram: nn.Module | None = {
-            "product_key": ProductKeyBigram,
-            "hashed": HashedBigram,
-            "none": lambda c: None,
-        }[cfg.bigram](cfg)
+        bigrams = {"product_key": ProductKeyBigram, "hashed": HashedBigram, "none": lambda c: None}
+        self.bigram: nn.Module | None = bigrams[cfg.bigram](cfg)
         self.smear = SmearGate(d) if cfg.smear_gate else None
         self.num_encoder = L // 2 if cfg.unet_skips else 0
         n_skip = min(self.num_encoder, L - self.num_encoder)
@@ -338,20 +345,17 @@ class GPT(nn.Module):
         # RoPE tables of one sequence length, computed once (cache_rope); None: every forward computes them
         self.register_buffer("rope_cos", None, persistent=False)
         self.register_buffer("rope_sin", None, persistent=False)
-        # The backend is resolved for a device: a CUDA-only choice starts as the CPU default
-        # until train/eval/pack call set_attention_backend(cfg.attention, device). That
-        # stand-in is never silent: `attention_fallback` says why, and the first forward that
-        # runs it warns.
+        # The backend is resolved for a device: a CUDA-only choice starts as the CPU default until train/eval/pack
+        # call set_attention_backend(cfg.attention, device). That stand-in is never silent: `attention_fallback` says
+        # why, and the first forward that runs it warns.
         self.attention_fallback: str | None = None
         self._fallback_warned = False
         try:
             self.set_attention_backend(cfg.attention, torch.device("cpu"))
         except ValueError as e:
             self.set_attention_backend("auto", torch.device("cpu"))
-            self.attention_fallback = (
-                f"model.attention={cfg.attention!r}: {e}; running {self.attention_backend!r} until "
-                "set_attention_backend() is called"
-            )
+            self.attention_fallback = (f"model.attention={cfg.attention!r}: {e}; running {self.attention_backend!r} "
+                                       "until set_attention_backend() is called")
 
     # ------------------------------------------------------------------ setup
     def _init_weights(self) -> None:
@@ -378,28 +382,27 @@ class GPT(nn.Module):
         return backend
 
     def cache_rope(self, length: int) -> None:
-        """Compute RoPE's cos/sin tables for sequences of `length` once, on the model's device
-        (train.rope_cache). Forwards over that length read them; any other length computes its
-        own. Under torch.compile the tables then are an input of the graph: computed inside it,
-        inductor recomputes them (pow, cos, sin per element) in every kernel that reads them."""
+        """Compute RoPE's cos/sin tables for sequences of `length` once, on the model's device (train.rope_cache).
+        Forwards over that length read them; any other length computes its own. Under torch.compile the tables then
+        are an input of the graph: computed inside it, inductor recomputes them (pow, cos, sin per element) in every
+        kernel that reads them."""
         cos, sin = rope_tables(self.cfg, length, self.tok_emb.weight.device)
         self.rope_cos, self.rope_sin = cos, sin
 
     def use_fused_qk_norm_rope(self) -> None:
-        """q/k RMSNorm + RoPE + q_gain through lmcore.kernels.qk_norm_rope (train.fused_qk_norm_rope):
-        one Triton pass forward and one backward on CUDA; imported here, so that the exported
-        script, which may not import triton, does not embed it."""
+        """q/k RMSNorm + RoPE + q_gain through lmcore.kernels.qk_norm_rope (train.fused_qk_norm_rope): one Triton pass
+        forward and one backward on CUDA; imported here, so that the exported script, which may not import triton,
+        does not embed it."""
         from lmcore.kernels import qk_norm_rope
 
         for b in self.blocks:
             b.attn.qk_op = qk_norm_rope
 
     def use_fused_qkv(self, repeat_v: bool = False) -> None:
-        """q, k and v from one GEMM on c_q, c_k and c_v's concatenated weights, then
-        lmcore.kernels.qkv_norm_rope (train.fused_qkv): the q/k kernels read their slices of its
-        output in place and write their gradients into one tensor for the input's gradient GEMM.
-        With `repeat_v` (train.fused_qkv_repeat_v; with use_expanded_kv) they also write v's heads
-        repeated for attention and sum their gradients, on the layers without value embeddings.
+        """q, k and v from one GEMM on c_q, c_k and c_v's concatenated weights, then lmcore.kernels.qkv_norm_rope
+        (train.fused_qkv): the q/k kernels read their slices of its output in place and write their gradients into one
+        tensor for the input's gradient GEMM. With `repeat_v` (train.fused_qkv_repeat_v; with use_expanded_kv) they
+        also write v's heads repeated for attention and sum their gradients, on the layers without value embeddings.
         KV-cached decoding keeps the three GEMMs; imported here, like use_fused_qk_norm_rope's."""
         from lmcore.kernels import qkv_norm_rope
 
@@ -407,20 +410,27 @@ class GPT(nn.Module):
             b.attn.qkv_op = qkv_norm_rope
             b.attn.qkv_repeat_v = repeat_v
 
+    def fold_attn_norm(self) -> None:
+        """Attention's input RMSNorm folded into v (train.fold_attn_norm; after use_fused_qkv and fold_output_scales):
+        q/k's own RMSNorm cancels a row's scale, so the q/k/v GEMM reads the residual stream x and the op scales v's
+        rows (and the gate's) by r = ln_factor / rms(x); the normed x is never written."""
+        if not all(b.attn.qkv_op is not None and b.fold_scales for b in self.blocks):
+            raise ValueError("fold_attn_norm needs use_fused_qkv and fold_output_scales first")
+        for b in self.blocks:
+            b.attn.row_scaled = True
+
     def use_expanded_kv(self) -> None:
-        """k and v repeated to the query heads for attention (train.expand_kv): the kernel then
-        runs MHA, and autograd sums each kv head's copies' gradients. KV-cached decoding keeps
-        the kv heads."""
+        """k and v repeated to the query heads for attention (train.expand_kv): the kernel then runs MHA, and autograd
+        sums each kv head's copies' gradients. KV-cached decoding keeps the kv heads."""
         for b in self.blocks:
             b.attn.kv_repeat = b.attn.num_heads // b.attn.num_kv_heads
 
     def use_fused_mlp(self, descriptors: str = "device", sign: bool = False) -> None:
-        """The MLP's LeakyReLU^2 fused into its GEMMs through lmcore.mlp_kernel.leaky_mlp
-        (train.fused_mlp): Triton GEMMs with the activation, and its derivative, as epilogues on
-        CUDA, their TMA descriptors built on the "device" or the "host"
-        (train.fused_mlp_descriptors), or lmcore.mlp_pingpong's kernel ("pingpong",
-        train.fused_mlp_pingpong); with `sign` (train.fused_mlp_sign) the backward keeps pre's
-        signs instead of pre; imported here, like use_fused_qk_norm_rope's."""
+        """The MLP's LeakyReLU^2 fused into its GEMMs through lmcore.mlp_kernel.leaky_mlp (train.fused_mlp): Triton
+        GEMMs with the activation, and its derivative, as epilogues on CUDA, their TMA descriptors built on the
+        "device" or the "host" (train.fused_mlp_descriptors), or lmcore.mlp_pingpong's kernel ("pingpong",
+        train.fused_mlp_pingpong); with `sign` (train.fused_mlp_sign) the backward keeps pre's signs instead of pre;
+        imported here, like use_fused_qk_norm_rope's."""
         from lmcore.mlp_kernel import leaky_mlp
 
         for b in self.blocks:
@@ -433,9 +443,8 @@ class GPT(nn.Module):
             b.fold_scales = True
 
     def use_fused_xsa_gate(self) -> None:
-        """XSA + the attention gate through lmcore.xsa_kernel.xsa_gate on the XSA layers
-        (train.fused_xsa_gate): one Triton pass each way on CUDA; imported here, like
-        use_fused_qk_norm_rope's."""
+        """XSA + the attention gate through lmcore.xsa_kernel.xsa_gate on the XSA layers (train.fused_xsa_gate): one
+        Triton pass each way on CUDA; imported here, like use_fused_qk_norm_rope's."""
         from lmcore.xsa_kernel import xsa_gate
 
         for b in self.blocks:
@@ -443,10 +452,10 @@ class GPT(nn.Module):
                 b.attn.xsa_op = xsa_gate
 
     def use_fa3_xsa_rowsum(self, dq_accum: bool = False) -> None:
-        """Attention, XSA and the gate as one op on the XSA layers (train.fa3_xsa_rowsum,
-        lmcore.fa3_xsa): XSA's backward hands FA3's backward the rowsums it would otherwise read O
-        and dO again for. Needs k and v repeated to the query heads (use_expanded_kv). dq_accum
-        (train.fa3_dq_accum; with use_fused_qkv): q's gradient as FA3's dQ accumulator."""
+        """Attention, XSA and the gate as one op on the XSA layers (train.fa3_xsa_rowsum, lmcore.fa3_xsa): XSA's
+        backward hands FA3's backward the rowsums it would otherwise read O and dO again for. Needs k and v repeated
+        to the query heads (use_expanded_kv). dq_accum (train.fa3_dq_accum; with use_fused_qkv): q's gradient as FA3's
+        dQ accumulator."""
         from lmcore.fa3_xsa import attention_xsa
 
         for b in self.blocks:
@@ -455,9 +464,9 @@ class GPT(nn.Module):
 
     def use_fused_softcap_ce(self) -> None:
         """The training loss (the logit softcap and the mean cross-entropy) through
-        lmcore.ce_kernel.softcap_cross_entropy (train.fused_softcap_ce): one Triton pass forward and
-        one backward on CUDA, no logits in memory. Logits, per-token losses (evaluation, TTT) and
-        other reductions keep the plain path; imported here, like use_fused_qk_norm_rope's."""
+        lmcore.ce_kernel.softcap_cross_entropy (train.fused_softcap_ce): one Triton pass forward and one backward on
+        CUDA, no logits in memory. Logits, per-token losses (evaluation, TTT) and other reductions keep the plain
+        path; imported here, like use_fused_qk_norm_rope's."""
         from lmcore.ce_kernel import softcap_cross_entropy
 
         self.ce_op = softcap_cross_entropy

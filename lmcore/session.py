@@ -339,6 +339,8 @@ def start_session(
         model.use_expanded_kv()
     if tc.fold_output_scales:
         model.fold_output_scales()
+    if tc.fold_attn_norm:
+        model.fold_attn_norm()
     if device.type == "cuda" and bf16:
         model.cast_embeddings(torch.bfloat16)
     backend = model.set_attention_backend(cfg.model.attention, device)
