@@ -9,7 +9,7 @@ Components: tied embedding, product-key / hashed / no bigram, RMS norm, SmearGat
 skips, blocks with residual mix to x0, GQA attention with q/k RMS norm, partial RoPE
 (NTK-rescaled past `rope_train_len`), per-head q gain, XSA, gated attention, shared value
 embedding, LeakyReLU(0.5)^2 MLP, logit softcap, and the `bos_mask` fix (SPEC section 7).
-        """
+"""
 
 from __future__ import annotations
 
