@@ -51,8 +51,8 @@ def _outputs_and_grads(qkv, cos, sin, gain, scale, h, d, repeat, repeat_v, by_op
         v = (v.float() * scale[:, :, None, None]).to(v.dtype)
         v_rep = v.repeat_interleave(repeat, dim=2) if repeat_v else None
     out = [o for o in (q, k, v, v_rep) if o is not None]
-    g = torch.Generator(device=qkv.device).manual_seed(1)
-    ws = [torch.randn(o.shape, generator=g, device=qkv.device) for o in out]
+    g = torch.Generator().manual_seed(1)  # on the CPU: the same weights for a CUDA run and its CPU reference
+    ws = [torch.randn(o.shape, generator=g).to(qkv.device) for o in out]
     sum((o.float() * w).sum() for o, w in zip(out, ws, strict=True)).backward()
     return [o.detach() for o in out], qkv.grad, scale.grad
 
@@ -148,9 +148,7 @@ def test_on_cuda_the_kernels_scale_v_as_the_pytorch_math(t, repeat_v, dtype):
     case = _op_case("cuda", b=4, t=t, h=8, hkv=4, d=64, rope_dims=16, dtype=dtype)
     assert K._use_triton(K._split_qkv(case[0], 8, 64)[0], 8)
     got = _outputs_and_grads(*case, 8, 64, 2, repeat_v, True)
-    with torch.device("cpu"):
-        cpu = [z.cpu() for z in case]
-    ref = _outputs_and_grads(*cpu, 8, 64, 2, repeat_v, True)  # the op's PyTorch math on the same values
+    ref = _outputs_and_grads(*(z.cpu() for z in case), 8, 64, 2, repeat_v, True)  # the PyTorch math, same values
     for a, r in zip(got[0], ref[0], strict=True):
         torch.testing.assert_close(a.cpu(), r)
     torch.testing.assert_close(got[1].cpu(), ref[1])
