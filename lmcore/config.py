@@ -189,16 +189,17 @@ class TrainConfig:
     # and sum kernels (3.3 + 3.9 ms a step on one H200, session 18's profile), on the layers without value
     # embeddings. The same math up to the sum's rounding. On one H200: 516.5 -> 513.3 ms a step (session 21).
     fused_qkv_repeat_v: bool = False
+    # With fused_qkv: the gated layers' q/k/v GEMM also gives the attention gate's logits (its weight's rows appended),
+    # so x is not read again for them, nor dx a GEMM of its own. The bias is added in fp32: a rounding apart.
+    fused_qkv_gate: bool = False
     # FA3's backward takes rowsum(dO * O) from fused_xsa_gate's backward (lmcore.fa3_xsa; FA3 built with FA3_DPSUM=1)
     fa3_xsa_rowsum: bool = False
     # With fa3_xsa_rowsum and fused_qkv: FA3 skips its dQ postprocess and q's backward kernel reads FA3's fp32 dQ
     # accumulator instead of a bf16 dq (lmcore.fa3_xsa; FA3_DPSUM build). One bf16 rounding of dq fewer.
     fa3_dq_accum: bool = False
-    # The MLP's LeakyReLU^2 as its first GEMM's epilogue, act' as the backward GEMM's (lmcore.mlp_kernel:
-    # Triton GEMMs on CUDA, the same math in PyTorch elsewhere; the same math as the plain MLP up to the
-    # GEMMs' accumulation order). The exported script embeds the kernel. With both fused ops and expand_kv on
-    # one H200: 541.3 -> 533.1 ms a step with the TMA kernel (session 14; 543.6 -> 541.4 with session 11's
-    # pointer kernel); losses within run-to-run noise (benchmarks/RESULTS.md).
+    # The MLP's LeakyReLU^2 as its first GEMM's epilogue, act' as the backward GEMM's (lmcore.mlp_kernel; the same
+    # math up to the GEMMs' accumulation order; the exported script embeds it). One H200 (session 14, TMA kernel):
+    # 541.3 -> 533.1 ms a step; losses within run-to-run noise (benchmarks/RESULTS.md).
     fused_mlp: bool = False
     # Where the fused MLP's TMA kernel builds its descriptors: device (each program, at its start; the launch
     # takes pointers) | host (at every launch). The same kernel body and numbers and step time (session 15).
@@ -213,12 +214,10 @@ class TrainConfig:
     # them (lmcore.mlp_kernel._dpre_sign_math); a deliberate rounding change. mlp_hidden a multiple of 32. Slower on
     # an H200 (session 19): 0.316 / 0.443 ms a call forward / backward against 0.339 / 0.403 without it.
     fused_mlp_sign: bool = False
-    # k and v repeated to the query heads before attention (GQA run as MHA: FA3's backward then writes
-    # dk/dv without its fp32 GQA accumulators and their converts); autograd sums each kv head's copies'
-    # gradients. With fused_qk_norm_rope the q/k kernel writes k's copies and sums their gradients in
-    # fp32; v's repeat is inductor's. The same math up to the order of those sums (GPT.use_expanded_kv).
-    # Session 10 (one H200 a job): 578.5 -> 573.9 ms a step on the defaults, 564.4 -> 557.7 with both
-    # fused ops, 1.6 GB more peak memory; losses within run-to-run noise (benchmarks/RESULTS.md).
+    # k and v repeated to the query heads before attention (GQA run as MHA: FA3's backward then writes dk/dv without
+    # its fp32 GQA accumulators and their converts); autograd, or the q/k kernel (fused_qk_norm_rope), sums the
+    # copies' gradients: the same math up to those sums' order (GPT.use_expanded_kv). Session 10, one H200: 578.5 ->
+    # 573.9 ms a step on the defaults, 1.6 GB more peak memory; losses within run-to-run noise (RESULTS.md).
     expand_kv: bool = False
     # With fused_qkv and fold_output_scales: the q/k/v GEMM reads the residual stream, and v's rows (and the gate's)
     # take its RMSNorm's scale in the q/k/v kernels; q/k's RMSNorm cancels it (GPT.fold_attn_norm). A rounding fewer.
@@ -326,6 +325,8 @@ class Config:
             raise ConfigError("train.fa3_xsa_rowsum=true needs train.fused_xsa_gate=true and train.expand_kv=true")
         if self.train.fa3_dq_accum and not (self.train.fa3_xsa_rowsum and self.train.fused_qkv):
             raise ConfigError("train.fa3_dq_accum=true needs train.fa3_xsa_rowsum=true and train.fused_qkv=true")
+        if self.train.fused_qkv_gate and not self.train.fused_qkv:
+            raise ConfigError("train.fused_qkv_gate=true needs train.fused_qkv=true")
         if self.train.fold_attn_norm and not (self.train.fused_qkv and self.train.fold_output_scales):
             raise ConfigError("train.fold_attn_norm=true needs train.fused_qkv=true and train.fold_output_scales=true")
         if self.train.fused_mlp_pingpong and not self.train.fused_mlp:

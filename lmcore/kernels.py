@@ -116,9 +116,9 @@ if triton is not None:
 
     @triton.jit
     def _qk_fwd_kernel(x_ptr, cos_ptr, sin_ptr, gain_ptr, out_ptr, rstd_ptr, v_ptr, v_out_ptr, v_rep_ptr, vs_ptr,
-                       n_rows, eps, T: tl.constexpr, H: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, R: tl.constexpr,
-                       HAS_GAIN: tl.constexpr, REP: tl.constexpr, XS: tl.constexpr, HAS_V: tl.constexpr,
-                       V_REP: tl.constexpr, HAS_VS: tl.constexpr):
+                       n_rows, eps, T: tl.constexpr, H: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr,
+                       R: tl.constexpr, HAS_GAIN: tl.constexpr, REP: tl.constexpr, XS: tl.constexpr,
+                       HAS_V: tl.constexpr, V_REP: tl.constexpr, HAS_VS: tl.constexpr):
         # HAS_V (k's call under train.fused_qkv): v's rows, XS apart like x's, copied out contiguous;
         # V_REP: and REP times in a row into v_rep, like k's; HAS_VS: times their token's scale (fp32)
         rows = tl.program_id(0) * R + tl.arange(0, R)
@@ -376,11 +376,12 @@ def qk_norm_rope(x: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None, repea
 # q, k and v from one GEMM (train.fused_qkv) ------------------------------------------------
 
 
-def _split_qkv(qkv: Tensor, heads: int, head_dim: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Views (B, T, H, D), (B, T, Hkv, D) and (B, T, Hkv, D) of qkv (B, T, (H + 2 Hkv) D)."""
+def _split_qkv(qkv: Tensor, heads: int, head_dim: int, gate: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """Views (B, T, H, D), (B, T, Hkv, D) and (B, T, Hkv, D) of qkv (B, T, (H + 2 Hkv) D + gate); the last `gate`
+    columns (the attention gate's logits, train.fused_qkv_gate) are left out."""
     b, t, c = qkv.shape
-    kv = (c - heads * head_dim) // 2
-    q, k, v = qkv.split((heads * head_dim, kv, kv), dim=-1)
+    kv = (c - gate - heads * head_dim) // 2
+    q, k, v, _ = qkv.split((heads * head_dim, kv, kv, gate), dim=-1)
     return q.view(b, t, heads, head_dim), k.view(b, t, -1, head_dim), v.view(b, t, -1, head_dim)
 
 
@@ -417,22 +418,23 @@ def to_accumulator(g: Tensor, tr: int) -> Tensor:
 
 @torch.library.custom_op("lmcore::qkv_norm_rope", mutates_args=())
 def _qkv_norm_rope(qkv: Tensor, cos: Tensor, sin: Tensor, gain: Tensor, heads: int, head_dim: int, repeat: int,
-                   repeat_v: bool, dq_acc_scale: float,
-                   vscale: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    q, k, v = _split_qkv(qkv, heads, head_dim)
+                   repeat_v: bool, dq_acc_scale: float, vscale: Tensor | None,
+                   gate: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    q, k, v = _split_qkv(qkv, heads, head_dim, gate)
     slot = _dq_slot(qkv, heads, head_dim, dq_acc_scale)  # never written: its gradient carries q's
+    g_out = qkv[..., qkv.size(-1) - gate:].contiguous() if gate else qkv.new_empty(0)  # the gate's logits
     if _use_triton(q, cos.size(-1)) and _use_triton(k, cos.size(-1)):  # the kernels read the slices in place
         v_out = v.new_empty(v.shape)  # k's programs copy v's rows out beside k's (and repeated: repeat_v)
         v_rep = v.new_empty(_repeated(v, repeat) if repeat_v else 0)
         (qo, rq), (ko, rk) = _forward_triton(q, cos, sin, gain), _forward_triton(
             k, cos, sin, None, repeat, v=v, v_out=v_out, v_rep=v_rep if repeat_v else None, vscale=vscale)
-        return qo, ko, v_out, v_rep, rq, rk, slot
+        return qo, ko, v_out, v_rep, rq, rk, slot, g_out
     (qo, rq), (ko, rk) = _forward_math(q, cos, sin, gain), _forward_math(k, cos, sin, None, repeat)
     if vscale is None:
         v = v.clone(memory_format=torch.contiguous_format)
     else:  # v's rows times their token's scale, in fp32
         v = (v.float() * vscale[:, :, None, None]).to(v.dtype)
-    return qo, ko, v, v.repeat_interleave(repeat, dim=2) if repeat_v else v.new_empty(0), rq, rk, slot
+    return qo, ko, v, v.repeat_interleave(repeat, dim=2) if repeat_v else v.new_empty(0), rq, rk, slot, g_out
 
 
 def _dq_slot(qkv: Tensor, heads: int, head_dim: int, dq_acc_scale: float) -> Tensor:
@@ -448,28 +450,33 @@ def _repeated(x: Tensor, repeat: int) -> tuple[int, int, int, int]:
 
 @_qkv_norm_rope.register_fake
 def _(qkv: Tensor, cos: Tensor, sin: Tensor, gain: Tensor, heads: int, head_dim: int, repeat: int,
-      repeat_v: bool, dq_acc_scale: float,
-      vscale: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    q, k, v = _split_qkv(qkv, heads, head_dim)
+      repeat_v: bool, dq_acc_scale: float, vscale: Tensor | None,
+      gate: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    q, k, v = _split_qkv(qkv, heads, head_dim, gate)
     b, t, hkv, f32 = k.size(0), k.size(1), k.size(2), torch.float32
     return (q.new_empty(q.shape), k.new_empty(_repeated(k, repeat)), v.new_empty(v.shape),
             v.new_empty(_repeated(v, repeat) if repeat_v else 0),
             qkv.new_empty(b, t, heads, dtype=f32), qkv.new_empty(b, t, hkv, dtype=f32),
-            _dq_slot(qkv, heads, head_dim, dq_acc_scale))
+            _dq_slot(qkv, heads, head_dim, dq_acc_scale), qkv.new_empty((b, t, gate) if gate else 0))
 
 
 @torch.library.custom_op("lmcore::qkv_norm_rope_backward", mutates_args=())
 def _qkv_norm_rope_backward(
     gq: Tensor, gk: Tensor, gv: Tensor, gv_rep: Tensor | None, qkv: Tensor, rq: Tensor, rk: Tensor, cos: Tensor,
     sin: Tensor, gain: Tensor, heads: int, head_dim: int, repeat: int, acc_scale: float, vscale: Tensor | None,
+    g_gate: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """acc_scale > 0: gq is FA3's dQ accumulator, times acc_scale (its softmax_scale). With vscale (B, T): v's
-    gradient is scaled by it too, and vscale's own gradient (B, T) fp32 is the third output (else (0,))."""
-    q, k, v = _split_qkv(qkv, heads, head_dim)
+    gradient is scaled by it too, and vscale's own gradient (B, T) fp32 is the third output (else (0,)). g_gate
+    (B, T, G): the gradient of the gate's logits, qkv's last G columns."""
+    gate = 0 if g_gate is None else g_gate.size(-1)
+    q, k, v = _split_qkv(qkv, heads, head_dim, gate)
     dvs = qkv.new_empty(v.shape[:3] if vscale is not None else 0, dtype=torch.float32)  # a partial a kv head
     if _use_triton(q, cos.size(-1)) and _use_triton(k, cos.size(-1)):  # each gradient written into its slice
         dqkv = torch.empty_like(qkv)
-        dq, dk, dv = _split_qkv(dqkv, heads, head_dim)
+        dq, dk, dv = _split_qkv(dqkv, heads, head_dim, gate)
+        if gate:
+            dqkv[..., qkv.size(-1) - gate:] = g_gate
         if acc_scale > 0:
             dgain = _q_backward_acc_triton(gq, q, rq, cos, sin, gain, dq, acc_scale)
         else:
@@ -484,31 +491,36 @@ def _qkv_norm_rope_backward(
     gvf = gv.float() if gv_rep is None else gv.float() + gv_rep.float().unflatten(2, (gv.size(2), repeat)).sum(3)
     if vscale is not None:  # v = scale * v's slice: each token's scale gets sum(gv * v's slice)
         dvs, gvf = (gvf * v.float()).sum((2, 3)), gvf * vscale[:, :, None, None]
-    return torch.cat((dq.flatten(2), dk.flatten(2), gvf.to(gv.dtype).flatten(2)), dim=-1), dgain, dvs
+    grads = (dq.flatten(2), dk.flatten(2), gvf.to(gv.dtype).flatten(2)) + ((g_gate.to(gv.dtype),) if gate else ())
+    return torch.cat(grads, dim=-1), dgain, dvs
 
 
 @_qkv_norm_rope_backward.register_fake
 def _(
     gq: Tensor, gk: Tensor, gv: Tensor, gv_rep: Tensor | None, qkv: Tensor, rq: Tensor, rk: Tensor, cos: Tensor,
     sin: Tensor, gain: Tensor, heads: int, head_dim: int, repeat: int, acc_scale: float, vscale: Tensor | None,
+    g_gate: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     dvs = qkv.new_empty(vscale.shape if vscale is not None else 0, dtype=torch.float32)
     return torch.empty_like(qkv), qkv.new_empty(gain.size(0), dtype=torch.float32), dvs
 
 
 def _qkv_setup_context(ctx, inputs, output) -> None:
-    qkv, cos, sin, gain, ctx.heads, ctx.head_dim, ctx.repeat, ctx.repeat_v, ctx.acc_scale, vscale = inputs
+    qkv, cos, sin, gain, ctx.heads, ctx.head_dim, ctx.repeat, ctx.repeat_v, ctx.acc_scale, vscale, ctx.gate = inputs
     ctx.save_for_backward(qkv, output[4], output[5], cos, sin, gain, vscale)
 
 
 def _qkv_backward(ctx, gq: Tensor, gk: Tensor, gv: Tensor, gv_rep: Tensor, _g_rq: Tensor, _g_rk: Tensor,
-                  g_slot: Tensor):
+                  g_slot: Tensor, g_gate: Tensor):
     qkv, rq, rk, cos, sin, gain, vscale = ctx.saved_tensors
+    if ctx.gate:  # the gate's logits' gradient (zeros where they were not used)
+        g_gate = (qkv.new_zeros(*qkv.shape[:2], ctx.gate) if g_gate is None else g_gate).contiguous()
     gq = g_slot if ctx.acc_scale > 0 else gq  # the accumulator FA3's backward returned (lmcore.fa3_xsa)
     dqkv, dgain, dvs = _qkv_norm_rope_backward(gq.contiguous(), gk.contiguous(), gv.contiguous(),
                                                gv_rep.contiguous() if ctx.repeat_v else None, qkv, rq, rk, cos, sin,
-                                               gain, ctx.heads, ctx.head_dim, ctx.repeat, ctx.acc_scale, vscale)
-    return dqkv, None, None, dgain.to(gain.dtype), None, None, None, None, None, None if vscale is None else dvs
+                                               gain, ctx.heads, ctx.head_dim, ctx.repeat, ctx.acc_scale, vscale,
+                                               g_gate if ctx.gate else None)
+    return dqkv, None, None, dgain.to(gain.dtype), None, None, None, None, None, None if vscale is None else dvs, None
 
 
 _qkv_norm_rope.register_autograd(_qkv_backward, setup_context=_qkv_setup_context)
@@ -516,9 +528,9 @@ _qkv_norm_rope.register_autograd(_qkv_backward, setup_context=_qkv_setup_context
 
 def qkv_norm_rope(
     qkv: Tensor, cos: Tensor, sin: Tensor, gain: Tensor, heads: int, head_dim: int, repeat: int = 1,
-    repeat_v: bool = False, dq_acc_scale: float = 0.0, vscale: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
-    """(q, k, v, v repeated, dq slot) from qkv (B, T, (H + 2 Hkv) D), the output of one GEMM on c_q,
+    repeat_v: bool = False, dq_acc_scale: float = 0.0, vscale: Tensor | None = None, gate: int = 0,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """(q, k, v, v repeated, dq slot, gate logits) from qkv (B, T, (H + 2 Hkv) D), the output of one GEMM on c_q,
     c_k and c_v's weights concatenated: q = qk_norm_rope(q's slice, gain), k = qk_norm_rope(k's slice,
     None, repeat), v its slice (B, T, Hkv, D), contiguous, and with `repeat_v` v's heads `repeat`
     times in a row (as k's; else None). The kernels read q's and k's slices where they lie, and the
@@ -531,8 +543,12 @@ def qkv_norm_rope(
     attention's softmax_scale) instead of a bf16 dq. Else None.
 
     vscale (B, T) (train.fold_attn_norm): v (and its copies) times its token's scale, in fp32; its
-    gradient is returned for vscale, each token's sum of v's gradient times v's slice."""
+    gradient is returned for vscale, each token's sum of v's gradient times v's slice.
+
+    gate > 0 (train.fused_qkv_gate): qkv has `gate` more columns, the attention gate's logits from the same
+    GEMM, returned (B, T, gate) contiguous; their gradient goes back into those columns. Else None."""
     vs = None if vscale is None else vscale.float().contiguous()
-    q, k, v, v_rep, _, _, slot = _qkv_norm_rope(qkv.contiguous(), cos.float().contiguous(), sin.float().contiguous(),
-                                                gain, heads, head_dim, repeat, repeat_v, float(dq_acc_scale), vs)
-    return q, k, v, v_rep if repeat_v else None, slot if dq_acc_scale > 0 else None
+    q, k, v, v_rep, _, _, slot, g = _qkv_norm_rope(qkv.contiguous(), cos.float().contiguous(), sin.float().contiguous(),
+                                                   gain, heads, head_dim, repeat, repeat_v, float(dq_acc_scale), vs,
+                                                   gate)
+    return q, k, v, v_rep if repeat_v else None, slot if dq_acc_scale > 0 else None, g if gate else None

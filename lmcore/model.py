@@ -101,6 +101,7 @@ class Attention(nn.Module):
         self.qk_op: Callable[..., Tensor] | None = None  # lmcore.kernels.qk_norm_rope when fused
         self.qkv_op: Callable[..., tuple[Tensor, ...]] | None = None  # kernels.qkv_norm_rope (GPT.use_fused_qkv)
         self.qkv_repeat_v = False  # GPT.use_fused_qkv(repeat_v=True): the op writes attention's repeated v too
+        self.qkv_gate = False  # GPT.use_fused_qkv(gate=True): the gate's logits from the q/k/v GEMM (gated layers)
         self.xsa_op: Callable[..., Tensor] | None = None  # lmcore.xsa_kernel.xsa_gate when fused (XSA layers)
         self.attn_xsa_op: Callable[..., Tensor] | None = None  # lmcore.fa3_xsa.attention_xsa (GPT.use_fa3_xsa_rowsum)
         self.dq_accum = False  # GPT.use_fa3_xsa_rowsum(dq_accum=True): q's gradient as FA3's dQ accumulator
@@ -114,14 +115,16 @@ class Attention(nn.Module):
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         cos, sin = rope
         rep = self.kv_repeat if cache is None else 1
-        v_att = slot = None  # attention's v, where the fused op wrote it repeated (else v repeated below)
+        v_att = slot = gl = None  # attention's v, where the fused op wrote it repeated (else v repeated below)
         if self.qkv_op is not None and cache is None:  # GPT.use_fused_qkv: one GEMM on the three weights
-            w = torch.cat([m.cast_weight(x.dtype) for m in (self.c_q, self.c_k, self.c_v)])
+            G = self.num_heads if self.qkv_gate and self.attn_gate is not None else 0  # the gate's rows appended
+            ws = [m.cast_weight(x.dtype) for m in (self.c_q, self.c_k, self.c_v)]
+            w = torch.cat(ws + [self.attn_gate.weight.to(x.dtype)] if G else ws)
             fused_v = self.qkv_repeat_v and ve is None and rep > 1  # a value-embedding layer adds ve first
             # q's gradient as FA3's dQ accumulator (attention's softmax scale); no slot where no gradient flows (eval)
             acc = D ** -0.5 if self.dq_accum and self.attn_xsa_op is not None and torch.is_grad_enabled() else 0.0
             qkv = F.linear(x, w)
-            q, k, v, v_att, slot = self.qkv_op(qkv, cos, sin, self.q_gain, H, D, rep, fused_v, acc, row_scale)
+            q, k, v, v_att, slot, gl = self.qkv_op(qkv, cos, sin, self.q_gain, H, D, rep, fused_v, acc, row_scale, G)
             v = v if ve is None else v + ve.view_as(v)
         else:
             q, k = self.c_q(x).view(B, T, H, D), self.c_k(x).view(B, T, Hkv, D)
@@ -132,7 +135,7 @@ class Attention(nn.Module):
                 q, k = rms_norm(q), rms_norm(k)
                 q, k = apply_rope(q, cos, sin), repeat_heads(apply_rope(k, cos, sin), rep)
                 q = q * self.q_gain.to(q.dtype)[None, None, :, None]
-        gate = None if self.attn_gate is None else self.attn_gate(x) if row_scale is None else self._gate(x, row_scale)
+        gate = None if self.attn_gate is None else self._gate(x, row_scale, gl)
         if cache is None and self.attn_xsa_op is not None:  # GPT.use_fa3_xsa_rowsum: the same math, one op
             y = self.attn_xsa_op(q, k, repeat_heads(v, rep) if v_att is None else v_att, v, gate, self.backend, slot)
         elif cache is None:  # k is already repeated; v keeps its kv heads for XSA below
@@ -144,14 +147,17 @@ class Attention(nn.Module):
             return F.linear(y, self.proj.scaled_weight(out_scale, y.dtype))
         return self.proj(y)
 
-    def _gate(self, x: Tensor, row_scale: Tensor) -> Tensor:
-        """The gate's logits of n = row_scale * x: row_scale (x W) + b, in fp32, returned in the GEMM's dtype."""
-        gl = F.linear(x, self.attn_gate.weight)
-        return (gl.float() * row_scale[..., None] + self.attn_gate.bias.float()).to(gl.dtype)
+    def _gate(self, x: Tensor, row_scale: Tensor | None, gl: Tensor | None) -> Tensor:
+        """The gate's logits W n + b: nn.Linear's, or from gl = W x (the q/k/v GEMM's) and n = row_scale * x where x is
+        un-normed (GPT.fold_attn_norm), the bias added in fp32 and returned in the GEMM's dtype."""
+        if gl is None and row_scale is None:
+            return self.attn_gate(x)
+        gl = F.linear(x, self.attn_gate.weight) if gl is None else gl
+        gf = gl.float() if row_scale is None else gl.float() * row_scale[..., None]
+        return (gf + self.attn_gate.bias.float()).to(gl.dtype)
 
     def _xsa_gate(self, y: Tensor, v: Tensor, gate: Tensor | None, fused: bool = True) -> Tensor:
-        """XSA (on XSA layers) then the attention gate (gate: its logits, or None) on y (B, T, H, D);
-        through xsa_op where set, unless not `fused` (KV-cached decoding)."""
+        """XSA (XSA layers), then the gate (its logits, or None) on y (B, T, H, D); xsa_op unless not `fused`."""
         if self.xsa_op is not None and fused:  # GPT.use_fused_xsa_gate: the same math, one op
             return self.xsa_op(y, v, gate)
         B, T, H, D = y.shape
@@ -391,29 +397,27 @@ class GPT(nn.Module):
 
     def use_fused_qk_norm_rope(self) -> None:
         """q/k RMSNorm + RoPE + q_gain through lmcore.kernels.qk_norm_rope (train.fused_qk_norm_rope): one Triton pass
-        forward and one backward on CUDA; imported here, so that the exported script, which may not import triton,
-        does not embed it."""
+        each way on CUDA; imported here, so that an exported script without the switch does not embed it."""
         from lmcore.kernels import qk_norm_rope
 
         for b in self.blocks:
             b.attn.qk_op = qk_norm_rope
 
-    def use_fused_qkv(self, repeat_v: bool = False) -> None:
+    def use_fused_qkv(self, repeat_v: bool = False, gate: bool = False) -> None:
         """q, k and v from one GEMM on c_q, c_k and c_v's concatenated weights, then lmcore.kernels.qkv_norm_rope
         (train.fused_qkv): the q/k kernels read their slices of its output in place and write their gradients into one
         tensor for the input's gradient GEMM. With `repeat_v` (train.fused_qkv_repeat_v; with use_expanded_kv) they
         also write v's heads repeated for attention and sum their gradients, on the layers without value embeddings.
-        KV-cached decoding keeps the three GEMMs; imported here, like use_fused_qk_norm_rope's."""
+        With `gate` (train.fused_qkv_gate) the gated layers' GEMM gives the gate's logits too. KV-cached decoding keeps
+        the three GEMMs; imported here, like use_fused_qk_norm_rope's."""
         from lmcore.kernels import qkv_norm_rope
 
         for b in self.blocks:
-            b.attn.qkv_op = qkv_norm_rope
-            b.attn.qkv_repeat_v = repeat_v
+            b.attn.qkv_op, b.attn.qkv_repeat_v, b.attn.qkv_gate = qkv_norm_rope, repeat_v, gate
 
     def fold_attn_norm(self) -> None:
-        """Attention's input RMSNorm folded into v (train.fold_attn_norm; after use_fused_qkv and fold_output_scales):
-        q/k's own RMSNorm cancels a row's scale, so the q/k/v GEMM reads the residual stream x and the op scales v's
-        rows (and the gate's) by r = ln_factor / rms(x); the normed x is never written."""
+        """Attention's input RMSNorm folded into v and the gate (train.fold_attn_norm; after use_fused_qkv and
+        fold_output_scales): q/k's own RMSNorm cancels the row scale r = ln_factor / rms(x), the GEMM reads x."""
         if not all(b.attn.qkv_op is not None and b.fold_scales for b in self.blocks):
             raise ValueError("fold_attn_norm needs use_fused_qkv and fold_output_scales first")
         for b in self.blocks:
@@ -426,11 +430,9 @@ class GPT(nn.Module):
             b.attn.kv_repeat = b.attn.num_heads // b.attn.num_kv_heads
 
     def use_fused_mlp(self, descriptors: str = "device", sign: bool = False) -> None:
-        """The MLP's LeakyReLU^2 fused into its GEMMs through lmcore.mlp_kernel.leaky_mlp (train.fused_mlp): Triton
-        GEMMs with the activation, and its derivative, as epilogues on CUDA, their TMA descriptors built on the
-        "device" or the "host" (train.fused_mlp_descriptors), or lmcore.mlp_pingpong's kernel ("pingpong",
-        train.fused_mlp_pingpong); with `sign` (train.fused_mlp_sign) the backward keeps pre's signs instead of pre;
-        imported here, like use_fused_qk_norm_rope's."""
+        """The MLP's LeakyReLU^2 as its GEMMs' epilogues through lmcore.mlp_kernel.leaky_mlp (train.fused_mlp): TMA
+        descriptors built on the "device" or the "host" (train.fused_mlp_descriptors), or the "pingpong" kernel
+        (train.fused_mlp_pingpong); `sign` (train.fused_mlp_sign): pre's signs kept instead of pre. Imported here."""
         from lmcore.mlp_kernel import leaky_mlp
 
         for b in self.blocks:
@@ -453,9 +455,8 @@ class GPT(nn.Module):
 
     def use_fa3_xsa_rowsum(self, dq_accum: bool = False) -> None:
         """Attention, XSA and the gate as one op on the XSA layers (train.fa3_xsa_rowsum, lmcore.fa3_xsa): XSA's
-        backward hands FA3's backward the rowsums it would otherwise read O and dO again for. Needs k and v repeated
-        to the query heads (use_expanded_kv). dq_accum (train.fa3_dq_accum; with use_fused_qkv): q's gradient as FA3's
-        dQ accumulator."""
+        backward gives FA3's its rowsums (needs use_expanded_kv). dq_accum (train.fa3_dq_accum; with use_fused_qkv):
+        q's gradient as FA3's dQ accumulator."""
         from lmcore.fa3_xsa import attention_xsa
 
         for b in self.blocks:
@@ -463,10 +464,9 @@ class GPT(nn.Module):
                 b.attn.attn_xsa_op, b.attn.dq_accum = attention_xsa, dq_accum
 
     def use_fused_softcap_ce(self) -> None:
-        """The training loss (the logit softcap and the mean cross-entropy) through
-        lmcore.ce_kernel.softcap_cross_entropy (train.fused_softcap_ce): one Triton pass forward and one backward on
-        CUDA, no logits in memory. Logits, per-token losses (evaluation, TTT) and other reductions keep the plain
-        path; imported here, like use_fused_qk_norm_rope's."""
+        """The training loss (logit softcap, mean cross-entropy) through lmcore.ce_kernel.softcap_cross_entropy
+        (train.fused_softcap_ce): one Triton pass each way on CUDA, no logits in memory. Logits, per-token losses
+        (evaluation, TTT) and other reductions keep the plain path; imported here."""
         from lmcore.ce_kernel import softcap_cross_entropy
 
         self.ce_op = softcap_cross_entropy

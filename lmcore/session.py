@@ -330,7 +330,7 @@ def start_session(
     if tc.fa3_xsa_rowsum:
         model.use_fa3_xsa_rowsum(tc.fa3_dq_accum)
     if tc.fused_qkv:
-        model.use_fused_qkv(tc.fused_qkv_repeat_v)
+        model.use_fused_qkv(tc.fused_qkv_repeat_v, tc.fused_qkv_gate)
     if tc.fused_mlp:
         from lmcore.mlp_kernel import PINGPONG
 

@@ -431,9 +431,9 @@ def _qkv_backward_both_ways(qkv, cos, sin, gain, acc):
     q, k, _ = K._split_qkv(qkv, 8, 64)
     (_, rq), (_, rk) = K._forward_math(q, cos, sin, gain), K._forward_math(k, cos, sin, None, 2)
     gk, gv = torch.ones(b, t, 8, 64, device=qkv.device).bfloat16(), torch.ones(b, t, 4, 64, device=qkv.device).bfloat16()
-    via_acc = K._qkv_norm_rope_backward(acc, gk, gv, None, qkv, rq, rk, cos, sin, gain, 8, 64, 2, 0.125, None)[:2]
+    via_acc = K._qkv_norm_rope_backward(acc, gk, gv, None, qkv, rq, rk, cos, sin, gain, 8, 64, 2, 0.125, None, None)[:2]
     read = (K.from_accumulator(acc, t) * 0.125).contiguous()
-    return via_acc, K._qkv_norm_rope_backward(read, gk, gv, None, qkv, rq, rk, cos, sin, gain, 8, 64, 2, 0.0, None)[:2]
+    return via_acc, K._qkv_norm_rope_backward(read, gk, gv, None, qkv, rq, rk, cos, sin, gain, 8, 64, 2, 0.0, None, None)[:2]
 
 
 def test_qkv_backward_reads_the_accumulator_as_its_read_out_gradient():

@@ -45,7 +45,7 @@ def _outputs_and_grads(qkv, cos, sin, gain, scale, h, d, repeat, repeat_v, by_op
     """The op's outputs (q, k, v[, v repeated]) and the gradients of qkv and scale for a fixed random weighting of
     them: with the scale given to the op (by_op), or applied to v's slice afterwards by autograd."""
     qkv, scale = qkv.detach().clone().requires_grad_(), scale.detach().clone().requires_grad_()
-    q, k, v, v_rep, _ = qkv_norm_rope(qkv, cos, sin, gain, h, d, repeat, repeat_v=repeat_v and by_op,
+    q, k, v, v_rep, _, _ = qkv_norm_rope(qkv, cos, sin, gain, h, d, repeat, repeat_v=repeat_v and by_op,
                                       vscale=scale if by_op else None)
     if not by_op:
         v = (v.float() * scale[:, :, None, None]).to(v.dtype)
@@ -75,9 +75,9 @@ def test_the_ops_fake_gives_the_scales_gradient_its_shape():
     args = (torch.ones(2, 5, 4, 8), torch.ones(2, 5, 4, 8), torch.ones(2, 5, 2, 8), None, qkv, rq, rk, cos, sin, gain,
             4, 8, 2, 0.0)
     for vscale, shape in ((scale, (2, 5)), (None, (0,))):
-        real = K._qkv_norm_rope_backward(*args, vscale)
+        real = K._qkv_norm_rope_backward(*args, vscale, None)
         with torch._subclasses.FakeTensorMode(allow_non_fake_inputs=True):
-            fake = K._qkv_norm_rope_backward(*args, vscale)
+            fake = K._qkv_norm_rope_backward(*args, vscale, None)
         assert [tuple(t.shape) for t in fake] == [tuple(t.shape) for t in real] and real[2].shape == shape
 
 

@@ -171,13 +171,13 @@ def test_fused_qkv_writing_v_repeated_is_the_repeat_in_fp32():
     qkv = torch.randn(2, 5, (4 + 2 * 2) * 8, generator=g, requires_grad=True)
     gain = torch.rand(4, generator=g) + 0.5
     w_v, w_rep = torch.randn(2, 5, 2, 8, generator=g), torch.randn(2, 5, 4, 8, generator=g)
-    q, k, v, v_rep, slot = qkv_norm_rope(qkv, cos, sin, gain, 4, 8, 2, repeat_v=True)
-    assert slot is None  # train.fa3_dq_accum off
+    q, k, v, v_rep, slot, gate = qkv_norm_rope(qkv, cos, sin, gain, 4, 8, 2, repeat_v=True)
+    assert slot is None and gate is None  # train.fa3_dq_accum and train.fused_qkv_gate off
     assert torch.equal(v_rep, v.repeat_interleave(2, dim=2)) and v_rep.shape == (2, 5, 4, 8)
     ((q + k).sum() + (v * w_v).sum() + (v_rep * w_rep).sum()).backward()
     got = qkv.grad.clone()
     qkv.grad = None
-    q, k, v, none, _ = qkv_norm_rope(qkv, cos, sin, gain, 4, 8, 2)
+    q, k, v, none, _, _ = qkv_norm_rope(qkv, cos, sin, gain, 4, 8, 2)
     assert none is None
     ((q + k).sum() + (v * w_v).sum() + (v.repeat_interleave(2, dim=2) * w_rep).sum()).backward()
     torch.testing.assert_close(got, qkv.grad, rtol=1e-6, atol=1e-6)

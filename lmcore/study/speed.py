@@ -122,6 +122,10 @@ SPEED_LEVERS: dict[str, list[str]] = {
     "fused_all_qkv_fold_foreach_graphs_repeat_v_pingpong_ce_rowsum_dq_vnorm": [
         *_FASTEST_REPEAT_V, "train.fused_mlp_pingpong=true", "train.fused_softcap_ce=true", "train.fa3_xsa_rowsum=true",
         "train.fa3_dq_accum=true", "train.fold_attn_norm=true"],
+    # that with the gate's logits from the q/k/v GEMM (train.fused_qkv_gate). Not measured on a GPU yet
+    "fused_all_qkv_fold_foreach_graphs_repeat_v_pingpong_ce_rowsum_dq_vnorm_gate": [
+        *_FASTEST_REPEAT_V, "train.fused_mlp_pingpong=true", "train.fused_softcap_ce=true", "train.fa3_xsa_rowsum=true",
+        "train.fa3_dq_accum=true", "train.fold_attn_norm=true", "train.fused_qkv_gate=true"],
     # a pin and a copy of x and y a micro-batch instead of the default's one pinned buffer and one copy a step
     # (train.step_batch_copy=false; the same batches). Session 22, the fastest set: 521.8 ms a step without it
     # (GPU 0) against 512.8 with it (GPU 1 of the same host), the profiled steps' kernel time equal
