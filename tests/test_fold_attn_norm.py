@@ -41,6 +41,16 @@ def _op_case(device: str = "cpu", b: int = 2, t: int = 5, h: int = 4, hkv: int =
     return qkv, cos, sin, gain, scale
 
 
+def fused_model(device: str = "cpu", repeat_v: bool = True, std: float = 0.1, **cfg_kw) -> GPT:
+    """A random tiny model on the fused q/k/v (v repeated by the op, or not) and folded-scales path."""
+    model = randomize_(GPT(tiny_model_cfg(**cfg_kw)), std=std).to(device).train()
+    model.use_fused_qkv(repeat_v)
+    if repeat_v:
+        model.use_expanded_kv()
+    model.fold_output_scales()
+    return model
+
+
 def _outputs_and_grads(qkv, cos, sin, gain, scale, h, d, repeat, repeat_v, by_op: bool):
     """The op's outputs (q, k, v[, v repeated]) and the gradients of qkv and scale for a fixed random weighting of
     them: with the scale given to the op (by_op), or applied to v's slice afterwards by autograd."""
@@ -90,13 +100,9 @@ def test_the_row_scale_is_rms_norms():
 def test_model_with_the_norm_folded_into_v_is_the_model_without(monkeypatch, repeat_v):
     # on the fused q/k/v and folded-scales path (tiny: gated layers 0 and 2, value embeddings on 1 and 3), in fp32:
     # the loss and every gradient as without the switch, eager and compiled (aot_eager)
-    cfg = tiny_model_cfg()
-    model = randomize_(GPT(cfg), std=0.1).train()
+    model = fused_model(repeat_v=repeat_v)
+    cfg = model.cfg
     assert [b.attn.attn_gate is not None for b in model.blocks] == [True, False, True, False]
-    model.use_fused_qkv(repeat_v)
-    if repeat_v:
-        model.use_expanded_kv()
-    model.fold_output_scales()
     ids, tgt = next_token_batch(cfg.vocab_size)
     plain_loss, plain_grads = loss_and_grads(model, ids, tgt)
     model.fold_attn_norm()
@@ -158,12 +164,8 @@ def test_on_cuda_the_kernels_scale_v_as_the_pytorch_math(t, repeat_v, dtype):
 @pytest.mark.cuda
 @needs_cuda
 def test_on_cuda_the_compiled_model_with_the_switch_follows_the_model_without():
-    cfg = tiny_model_cfg(model_dim=512, num_heads=8, num_kv_heads=4, rope_dims=16)
-    model = randomize_(GPT(cfg), std=0.05).cuda().train()
-    model.use_fused_qkv(repeat_v=True)
-    model.use_expanded_kv()
-    model.fold_output_scales()
-    ids, tgt = next_token_batch(cfg.vocab_size, (4, 128), "cuda")
+    model = fused_model("cuda", std=0.05, model_dim=512, num_heads=8, num_kv_heads=4, rope_dims=16)
+    ids, tgt = next_token_batch(model.cfg.vocab_size, (4, 128), "cuda")
     (plain_loss, plain_grads), (loss, grads) = compiled_without_and_with(model, ids, tgt, model.fold_attn_norm)
     # bf16: n's rounding is gone and v is rounded after its scale instead: a rounding apart
     assert_same_loss_and_grads(loss, grads, plain_loss, plain_grads, 2e-3, rtol=5e-2, atol=5e-3)

@@ -9,22 +9,12 @@ import json
 import pytest
 import torch
 
-import lmcore.kernels as K
 from lmcore.config import ConfigError, preset
 from lmcore.kernels import qkv_norm_rope
-from lmcore.model import GPT
 from lmcore.train import train
-from tests.conftest import (
-    assert_same_loss_and_grads,
-    compiled_loss,
-    compiled_without_and_with,
-    loss_and_grads,
-    next_token_batch,
-    randomize_,
-    tiny_model_cfg,
-    train_losses,
-)
-from tests.test_fold_attn_norm import _op_case
+from tests.conftest import assert_same_loss_and_grads, compiled_loss, compiled_without_and_with, loss_and_grads
+from tests.conftest import next_token_batch, train_losses
+from tests.test_fold_attn_norm import _op_case, fused_model
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -60,14 +50,10 @@ def test_the_op_passes_the_gate_columns_through_and_back():
 @pytest.mark.parametrize("fold_norm", [False, True])
 def test_model_with_the_gate_from_the_qkv_gemm_is_the_model_without(monkeypatch, fold_norm):
     # tiny: gated layers 0 and 2; in fp32 the loss and every gradient as with the gate's own GEMM, eager and compiled
-    cfg = tiny_model_cfg()
-    model = randomize_(GPT(cfg), std=0.1).train()
-    model.use_fused_qkv(repeat_v=True)
-    model.use_expanded_kv()
-    model.fold_output_scales()
+    model = fused_model()
     if fold_norm:
         model.fold_attn_norm()
-    ids, tgt = next_token_batch(cfg.vocab_size)
+    ids, tgt = next_token_batch(model.cfg.vocab_size)
     plain_loss, plain_grads = loss_and_grads(model, ids, tgt)
     model.use_fused_qkv(repeat_v=True, gate=True)
     for b in model.blocks:  # the gate's own GEMM is not run
@@ -107,13 +93,9 @@ def test_on_cuda_the_kernels_read_q_k_v_past_the_gate_columns(dtype):
 @pytest.mark.cuda
 @needs_cuda
 def test_on_cuda_the_compiled_model_with_the_switch_follows_the_model_without():
-    cfg = tiny_model_cfg(model_dim=512, num_heads=8, num_kv_heads=4, rope_dims=16)
-    model = randomize_(GPT(cfg), std=0.05).cuda().train()
-    model.use_fused_qkv(repeat_v=True)
-    model.use_expanded_kv()
-    model.fold_output_scales()
+    model = fused_model("cuda", std=0.05, model_dim=512, num_heads=8, num_kv_heads=4, rope_dims=16)
     model.fold_attn_norm()
-    ids, tgt = next_token_batch(cfg.vocab_size, (4, 128), "cuda")
+    ids, tgt = next_token_batch(model.cfg.vocab_size, (4, 128), "cuda")
     on = lambda: model.use_fused_qkv(repeat_v=True, gate=True)  # noqa: E731
     (plain_loss, plain_grads), (loss, grads) = compiled_without_and_with(model, ids, tgt, on)
     assert_same_loss_and_grads(loss, grads, plain_loss, plain_grads, 2e-3, rtol=5e-2, atol=5e-3)
