@@ -138,12 +138,17 @@ def test_the_switch_needs_fused_qkv_and_folded_scales(tmp_path):
         preset("tiny", ["train.fold_attn_norm=true", "train.fused_qkv=true"])
     with pytest.raises(ValueError, match="fold_attn_norm needs use_fused_qkv and fold_output_scales"):
         GPT(tiny_model_cfg()).fold_attn_norm()
-    on = ["train.iterations=3", "train.log_every=1", *FOLD_SETS]
+    trains_as_without(tmp_path, FOLD_SETS, "fold_attn_norm")
+
+
+def trains_as_without(tmp_path, sets: list[str], switch: str) -> None:
+    """3 steps of `tiny` with train.SWITCH on and off (both with `sets`): the same losses, the switch in config.json."""
+    on = ["train.iterations=3", "train.log_every=1", *sets]
     train(preset("tiny", on), tmp_path / "plain", progress=False)
-    train(preset("tiny", [*on, "train.fold_attn_norm=true"]), tmp_path / "folded", progress=False)
-    a, b = train_losses(tmp_path / "plain"), train_losses(tmp_path / "folded")
+    train(preset("tiny", [*on, f"train.{switch}=true"]), tmp_path / "on", progress=False)
+    a, b = train_losses(tmp_path / "plain"), train_losses(tmp_path / "on")
     assert len(a) == 3 and b == pytest.approx(a, abs=1e-4)
-    assert json.loads((tmp_path / "folded" / "config.json").read_text())["train"]["fold_attn_norm"] is True
+    assert json.loads((tmp_path / "on" / "config.json").read_text())["train"][switch] is True
 
 
 @pytest.mark.cuda

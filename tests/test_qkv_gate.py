@@ -4,17 +4,14 @@ logits through and puts their gradient back into the GEMM output's gradient."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
 from lmcore.config import ConfigError, preset
 from lmcore.kernels import qkv_norm_rope
-from lmcore.train import train
 from tests.conftest import assert_same_loss_and_grads, compiled_loss, compiled_without_and_with, loss_and_grads
-from tests.conftest import next_token_batch, train_losses
-from tests.test_fold_attn_norm import _op_case, fused_model
+from tests.conftest import next_token_batch
+from tests.test_fold_attn_norm import _op_case, fused_model, trains_as_without
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -69,12 +66,7 @@ def test_model_with_the_gate_from_the_qkv_gemm_is_the_model_without(monkeypatch,
 def test_the_switch_needs_fused_qkv_and_trains_as_without(tmp_path):
     with pytest.raises(ConfigError, match="train.fused_qkv_gate=true needs train.fused_qkv=true"):
         preset("tiny", ["train.fused_qkv_gate=true"])
-    on = ["train.iterations=3", "train.log_every=1", "train.fused_qkv=true"]
-    train(preset("tiny", on), tmp_path / "plain", progress=False)
-    train(preset("tiny", [*on, "train.fused_qkv_gate=true"]), tmp_path / "gate", progress=False)
-    a, b = train_losses(tmp_path / "plain"), train_losses(tmp_path / "gate")
-    assert len(a) == 3 and b == pytest.approx(a, abs=1e-4)
-    assert json.loads((tmp_path / "gate" / "config.json").read_text())["train"]["fused_qkv_gate"] is True
+    trains_as_without(tmp_path, ["train.fused_qkv=true"], "fused_qkv_gate")
 
 
 @pytest.mark.cuda
