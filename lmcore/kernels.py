@@ -37,7 +37,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lmcore.layers import apply_rope, repeat_heads
+from lmcore.layers import RMS_EPS, apply_rope, repeat_heads
 
 try:
     import triton
@@ -45,7 +45,6 @@ try:
 except ImportError:  # CPU-only machines: the PyTorch math serves every device
     triton = None
 
-EPS = torch.finfo(torch.float32).eps  # F.rms_norm's default for the fp32 math it runs under autocast
 TILE = 2048  # elements of x per Triton program: 2048 // D rows, each one head of one token
 WARPS = 8
 
@@ -56,7 +55,7 @@ def _forward_math(
     """(out in x.dtype, rstd (B, T, H) fp32): out = gain * rope(x * rstd), in fp32, each head
     `repeat` times in a row (out (B, T, H * repeat, D))."""
     xf = x.float()
-    rstd = torch.rsqrt(xf.square().mean(-1) + EPS)
+    rstd = torch.rsqrt(xf.square().mean(-1) + RMS_EPS)
     out = apply_rope(xf * rstd[..., None], cos.float(), sin.float())
     if gain is not None:
         out = out * gain.float()[None, None, :, None]
@@ -272,7 +271,7 @@ def _forward_triton(
     _qk_fwd_kernel[(triton.cdiv(n_rows, rows),)](x, cos, sin, x if gain is None else gain, out, rstd,
                                                  x if v is None else v, out if v_out is None else v_out,
                                                  out if v_rep is None else v_rep, rstd if vscale is None else vscale,
-                                                 n_rows, EPS, T=t, H=h, D=d, HALF=cos.size(-1), R=rows,
+                                                 n_rows, RMS_EPS, T=t, H=h, D=d, HALF=cos.size(-1), R=rows,
                                                  HAS_GAIN=gain is not None, REP=repeat, XS=_token_stride(x),
                                                  HAS_V=v is not None, V_REP=v_rep is not None,
                                                  HAS_VS=vscale is not None, num_warps=warps)

@@ -54,10 +54,13 @@ def rms_norm(x: Tensor) -> Tensor:
     return F.rms_norm(x, (x.size(-1),))
 
 
+RMS_EPS = torch.finfo(torch.float32).eps  # F.rms_norm's default for the fp32 math it runs in under autocast
+
+
 def rms_scale(x: Tensor, factor: float = 1.0) -> Tensor:
     """factor / rms(x) a row, fp32 (x's shape without its last dim): rms_norm(x) * factor is x times it, up to
-    rounding (F.rms_norm's eps for fp32 math, which it runs in under autocast)."""
-    return factor * torch.rsqrt(x.float().square().mean(-1) + torch.finfo(torch.float32).eps)
+    rounding."""
+    return factor * torch.rsqrt(x.float().square().mean(-1) + RMS_EPS)
 
 
 def rope_tables(cfg: ModelConfig, length: int, device: torch.device) -> tuple[Tensor, Tensor]:
