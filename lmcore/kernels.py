@@ -415,7 +415,12 @@ def to_accumulator(g: Tensor, tr: int) -> Tensor:
     return acc.view(b, h, tr * d)
 
 
-@torch.library.custom_op("lmcore::qkv_norm_rope", mutates_args=())
+# qkv may come with its rows padded (inductor pads a 1,032-wide GEMM output to a 1,088 stride under
+# train.fused_qkv_gate): the kernels read any token stride, so only the stride order is fixed (no copy)
+ROWS_ANY_STRIDE = (torch.Tag.needs_fixed_stride_order,)
+
+
+@torch.library.custom_op("lmcore::qkv_norm_rope", mutates_args=(), tags=ROWS_ANY_STRIDE)
 def _qkv_norm_rope(qkv: Tensor, cos: Tensor, sin: Tensor, gain: Tensor, heads: int, head_dim: int, repeat: int,
                    repeat_v: bool, dq_acc_scale: float, vscale: Tensor | None,
                    gate: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -459,7 +464,7 @@ def _(qkv: Tensor, cos: Tensor, sin: Tensor, gain: Tensor, heads: int, head_dim:
             _dq_slot(qkv, heads, head_dim, dq_acc_scale), qkv.new_empty((b, t, gate) if gate else 0))
 
 
-@torch.library.custom_op("lmcore::qkv_norm_rope_backward", mutates_args=())
+@torch.library.custom_op("lmcore::qkv_norm_rope_backward", mutates_args=(), tags=ROWS_ANY_STRIDE)
 def _qkv_norm_rope_backward(
     gq: Tensor, gk: Tensor, gv: Tensor, gv_rep: Tensor | None, qkv: Tensor, rq: Tensor, rk: Tensor, cos: Tensor,
     sin: Tensor, gain: Tensor, heads: int, head_dim: int, repeat: int, acc_scale: float, vscale: Tensor | None,
@@ -472,7 +477,7 @@ def _qkv_norm_rope_backward(
     q, k, v = _split_qkv(qkv, heads, head_dim, gate)
     dvs = qkv.new_empty(v.shape[:3] if vscale is not None else 0, dtype=torch.float32)  # a partial a kv head
     if _use_triton(q, cos.size(-1)) and _use_triton(k, cos.size(-1)):  # each gradient written into its slice
-        dqkv = torch.empty_like(qkv)
+        dqkv = qkv.new_empty(qkv.shape)  # contiguous, as the GEMMs take it
         dq, dk, dv = _split_qkv(dqkv, heads, head_dim, gate)
         if gate:
             dqkv[..., qkv.size(-1) - gate:] = g_gate
@@ -501,7 +506,7 @@ def _(
     g_gate: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     dvs = qkv.new_empty(vscale.shape if vscale is not None else 0, dtype=torch.float32)
-    return torch.empty_like(qkv), qkv.new_empty(gain.size(0), dtype=torch.float32), dvs
+    return qkv.new_empty(qkv.shape), qkv.new_empty(gain.size(0), dtype=torch.float32), dvs
 
 
 def _qkv_setup_context(ctx, inputs, output) -> None:

@@ -251,7 +251,7 @@ def test_the_exported_script_embeds_the_kernels_with_a_switch_on(switch):
     assert set(with_kernels) - set(plain) == {f"lmcore/{KERNEL_MODULES[switch]}.py"}
     script = export_script(cfg)
     assert code_bytes_of_export(cfg) == len(script.encode("utf-8"))
-    assert 0 < len(script) - len(export_script(preset("record"))) < 5000  # the kernels, Brotli-compressed (4,343 bytes with lmcore.kernels in session 17)
+    assert 0 < len(script) - len(export_script(preset("record"))) < 5500  # the kernels, Brotli-compressed (4,343 bytes with lmcore.kernels in session 17, 5,062 in session 30)
     assert json.loads(ast.literal_eval(script.split("CONFIG_JSON = ", 1)[1].split("\n", 1)[0]))["train"][switch] is True
 
 

@@ -69,6 +69,43 @@ def test_the_switch_needs_fused_qkv_and_trains_as_without(tmp_path):
     trains_as_without(tmp_path, ["train.fused_qkv=true"], "fused_qkv_gate")
 
 
+def _assert_ops_read_padded_rows_in_place(qkv, cos, sin, gain, scale, h, d, repeat, gate):
+    """The raw ops (forward, then backward with fixed random gradients) on qkv (B, T, C) with `gate` columns appended,
+    and on the same values with each row padded to C + gate + 56 with NaN (a 1,032-wide GEMM output as inductor lays
+    it out: stride 1,088): every output and gradient equal, bit for bit, and q/k/v's gradient contiguous."""
+    qkv = torch.cat((qkv, torch.randn(*qkv.shape[:2], gate, device=qkv.device, dtype=qkv.dtype)), -1)
+    b, t, c = qkv.shape
+    padded = torch.full((b, t, c + 56), float("nan"), dtype=qkv.dtype, device=qkv.device)[..., :c]
+    padded.copy_(qkv)
+    res = []
+    for x in (qkv, padded):
+        outs = torch.ops.lmcore.qkv_norm_rope(x, cos, sin, gain, h, d, repeat, True, 0.0, scale, gate)
+        wg = torch.Generator().manual_seed(7)
+        gq, gk, gv, gv_rep = (torch.randn(o.shape, generator=wg).to(x.device, x.dtype) for o in outs[:4])
+        g_gate = torch.randn(outs[7].shape, generator=wg).to(x.device, x.dtype)
+        dqkv, dgain, dvs = torch.ops.lmcore.qkv_norm_rope_backward(gq, gk, gv, gv_rep, x, outs[4], outs[5], cos, sin,
+                                                                  gain, h, d, repeat, 0.0, scale, g_gate)
+        res.append(([*outs[:6], outs[7], dgain, dvs, dqkv]))
+    for r, a in zip(*res, strict=True):
+        assert torch.equal(a, r)
+    assert res[1][-1].is_contiguous()
+
+
+def test_the_ops_read_qkv_with_padded_rows_in_place():
+    # inductor keeps a padded GEMM output padded for these ops (their tag fixes the stride order only): same values
+    assert torch.Tag.needs_fixed_stride_order in torch.ops.lmcore.qkv_norm_rope.default.tags
+    assert torch.Tag.needs_fixed_stride_order in torch.ops.lmcore.qkv_norm_rope_backward.default.tags
+    _assert_ops_read_padded_rows_in_place(*_op_case(), 4, 8, 2, 4)
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_on_cuda_the_kernels_read_qkv_with_padded_rows_in_place(dtype):
+    _assert_ops_read_padded_rows_in_place(*_op_case("cuda", b=4, t=2048, h=8, hkv=4, d=64, rope_dims=16, dtype=dtype),
+                                          8, 64, 2, 8)
+
+
 @pytest.mark.cuda
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
