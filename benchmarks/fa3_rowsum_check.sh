@@ -9,12 +9,18 @@
 #      when the tests pass, LEVERS_FAIL when they do not (the environment's SOLO, LM2, ... as speed.sh takes them);
 #      then lmcore runs on the plain FA3, so the job is not started if LEVERS_FAIL or SOLO need the FA3_DPSUM
 #      build (needs_dpsum).
+#   With NEW_TESTS (test files): those files' cuda tests run after step 2, and LEVERS_OK is taken only when they pass
+#   too; when only they fail, LEVERS_BASE (still on the FA3_DPSUM build: levers built but not yet run on a GPU).
+#   BENCH=0 skips step 3.
 # $OUT gets the wheel (in fa3_dpsum_wheel.tar: untar it in the checkout to skip the build next time), the
 # build's summary and the tests' log. Carry .whl, .data, .ref and .fa3 (with fa3-src.tar.xz copied into it).
 # Session 26 on nvidia-h200-x2: the build 145 s (32 cores), the tests 84 s, then the speed job 1,081 s.
 # Session 28 on nvidia-h200: the build 100 s (16 cores), the tests 93 s; the bench about 20 s; the speed job with
 # STAGES="peak orig1 lm1" ONE_GPU_RUNS="orig_fa3_1 lm_after_1 lm_solo_1" 592 s (two calls: start, then poll).
 #   START_SPEED=1 LEVERS_OK="..." LEVERS_FAIL="..." SOLO="..." bash benchmarks/fa3_rowsum_check.sh
+# Session 30 (the new levers' tests, then the table; lever_sets.sh names the sets):
+#   source benchmarks/lever_sets.sh; NEW_TESTS="tests/test_fold_attn_norm.py tests/test_qkv_gate.py" BENCH=0 \
+#   START_SPEED=1 LEVERS_OK="$GATE" LEVERS_BASE="$DQ" LEVERS_FAIL="$QF" SOLO="$DQ" ... bash benchmarks/fa3_rowsum_check.sh
 set -uo pipefail
 source benchmarks/detached.sh  # fa3_dpsum_wheel, needs_dpsum
 OUT=${OUT:-/tmp/fa3_rowsum_out}
@@ -28,13 +34,23 @@ PYTHONPATH=/tmp/fa3lm:/tmp/site:$PWD timeout 360 python3 -m pytest -q -m cuda -r
 RC=$?
 grep -E "passed|failed|SKIPPED|Error" "$OUT/cuda_tests.txt" | tail -12
 echo "== tests rc $RC ($SECONDS s)"
-if [ $RC -eq 0 ]; then  # train.fa3_dq_accum's bench: FA3's backward and q's kernel with and without it
+NEW_RC=0
+if [ $RC -eq 0 ] && [ -n "${NEW_TESTS:-}" ]; then  # levers built on CPU, their first GPU run
+  # shellcheck disable=SC2086 # NEW_TESTS: test files, split on purpose
+  PYTHONPATH=/tmp/fa3lm:/tmp/site:$PWD timeout 300 python3 -m pytest -q -m cuda -rs -p no:cacheprovider \
+    $NEW_TESTS > "$OUT/cuda_tests_new.txt" 2>&1
+  NEW_RC=$?
+  grep -E "passed|failed|SKIPPED|Error" "$OUT/cuda_tests_new.txt" | tail -12
+  echo "== new tests rc $NEW_RC ($SECONDS s)"
+fi
+if [ $RC -eq 0 ] && [ "${BENCH:-1}" = 1 ]; then  # train.fa3_dq_accum's bench: FA3's backward and q's kernel with and without it
   PYTHONPATH=/tmp/fa3lm:/tmp/site:$PWD timeout 150 python3 benchmarks/dq_accum_bench.py > "$OUT/dq_accum_bench.txt" 2>&1
   tail -6 "$OUT/dq_accum_bench.txt"
 fi
 if [ "${START_SPEED:-0}" = 1 ]; then
   whl=""  # lmcore's runs on the FA3_DPSUM build only when its tests passed
-  if [ $RC -eq 0 ]; then export LEVERS=$LEVERS_OK; whl=$(ls "$PWD"/.fa3/dpsum/flash_attn_3-*.whl); else export LEVERS=$LEVERS_FAIL; fi
+  if [ $RC -eq 0 ] && [ $NEW_RC -ne 0 ]; then export LEVERS=$LEVERS_BASE; whl=$(ls "$PWD"/.fa3/dpsum/flash_attn_3-*.whl)
+  elif [ $RC -eq 0 ]; then export LEVERS=$LEVERS_OK; whl=$(ls "$PWD"/.fa3/dpsum/flash_attn_3-*.whl); else export LEVERS=$LEVERS_FAIL; fi
   if [ $RC -ne 0 ] && needs_dpsum "$LEVERS ${SOLO-}"; then  # session 28: such runs died at their start
     echo "== the tests failed and LEVERS_FAIL or SOLO need the FA3_DPSUM build: the speed job is not started"
     exit $RC
