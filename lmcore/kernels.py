@@ -424,6 +424,7 @@ ROWS_ANY_STRIDE = (torch.Tag.needs_fixed_stride_order,)
 def _qkv_norm_rope(qkv: Tensor, cos: Tensor, sin: Tensor, gain: Tensor, heads: int, head_dim: int, repeat: int,
                    repeat_v: bool, dq_acc_scale: float, vscale: Tensor | None,
                    gate: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    qkv = _even_rows(qkv)
     q, k, v = _split_qkv(qkv, heads, head_dim, gate)
     slot = _dq_slot(qkv, heads, head_dim, dq_acc_scale)  # never written: its gradient carries q's
     g_out = qkv[..., qkv.size(-1) - gate:].contiguous() if gate else qkv.new_empty(0)  # the gate's logits
@@ -439,6 +440,11 @@ def _qkv_norm_rope(qkv: Tensor, cos: Tensor, sin: Tensor, gain: Tensor, heads: i
     else:  # v's rows times their token's scale, in fp32
         v = (v.float() * vscale[:, :, None, None]).to(v.dtype)
     return qo, ko, v, v.repeat_interleave(repeat, dim=2) if repeat_v else v.new_empty(0), rq, rk, slot, g_out
+
+
+def _even_rows(qkv: Tensor) -> Tensor:
+    """qkv if its tokens are evenly spaced rows of contiguous columns (as the kernels read it), else a copy."""
+    return qkv if qkv.stride(-1) == 1 and qkv.stride(0) == qkv.size(1) * qkv.stride(1) else qkv.contiguous()
 
 
 def _dq_slot(qkv: Tensor, heads: int, head_dim: int, dq_acc_scale: float) -> Tensor:
@@ -474,6 +480,7 @@ def _qkv_norm_rope_backward(
     gradient is scaled by it too, and vscale's own gradient (B, T) fp32 is the third output (else (0,)). g_gate
     (B, T, G): the gradient of the gate's logits, qkv's last G columns."""
     gate = 0 if g_gate is None else g_gate.size(-1)
+    qkv = _even_rows(qkv)
     q, k, v = _split_qkv(qkv, heads, head_dim, gate)
     dvs = qkv.new_empty(v.shape[:3] if vscale is not None else 0, dtype=torch.float32)  # a partial a kv head
     if _use_triton(q, cos.size(-1)) and _use_triton(k, cos.size(-1)):  # each gradient written into its slice

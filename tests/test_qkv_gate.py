@@ -71,14 +71,16 @@ def test_the_switch_needs_fused_qkv_and_trains_as_without(tmp_path):
 
 def _assert_ops_read_padded_rows_in_place(qkv, cos, sin, gain, scale, h, d, repeat, gate):
     """The raw ops (forward, then backward with fixed random gradients) on qkv (B, T, C) with `gate` columns appended,
-    and on the same values with each row padded to C + gate + 56 with NaN (a 1,032-wide GEMM output as inductor lays
-    it out: stride 1,088): every output and gradient equal, bit for bit, and q/k/v's gradient contiguous."""
+    on the same values with each row padded to C + gate + 56 with NaN (a 1,032-wide GEMM output as inductor lays it
+    out: stride 1,088), and on them as the first T tokens of 2T (copied by the op): every output and gradient equal,
+    bit for bit, and q/k/v's gradient contiguous."""
     qkv = torch.cat((qkv, torch.randn(*qkv.shape[:2], gate, device=qkv.device, dtype=qkv.dtype)), -1)
     b, t, c = qkv.shape
     padded = torch.full((b, t, c + 56), float("nan"), dtype=qkv.dtype, device=qkv.device)[..., :c]
     padded.copy_(qkv)
+    head = torch.cat((qkv, torch.full_like(qkv, float("nan"))), 1)[:, :t]
     res = []
-    for x in (qkv, padded):
+    for x in (qkv, padded, head):
         outs = torch.ops.lmcore.qkv_norm_rope(x, cos, sin, gain, h, d, repeat, True, 0.0, scale, gate)
         wg = torch.Generator().manual_seed(7)
         gq, gk, gv, gv_rep = (torch.randn(o.shape, generator=wg).to(x.device, x.dtype) for o in outs[:4])
@@ -86,9 +88,10 @@ def _assert_ops_read_padded_rows_in_place(qkv, cos, sin, gain, scale, h, d, repe
         dqkv, dgain, dvs = torch.ops.lmcore.qkv_norm_rope_backward(gq, gk, gv, gv_rep, x, outs[4], outs[5], cos, sin,
                                                                   gain, h, d, repeat, 0.0, scale, g_gate)
         res.append(([*outs[:6], outs[7], dgain, dvs, dqkv]))
-    for r, a in zip(*res, strict=True):
-        assert torch.equal(a, r)
-    assert res[1][-1].is_contiguous()
+    for got in res[1:]:
+        for r, a in zip(res[0], got, strict=True):
+            assert torch.equal(a, r)
+        assert got[-1].is_contiguous()
 
 
 def test_the_ops_read_qkv_with_padded_rows_in_place():
