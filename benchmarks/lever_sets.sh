@@ -5,7 +5,8 @@
 #   FAST      QF + the softcapped CE kernel + FA3's rowsums from XSA (session 26's set; needs the FA3_DPSUM build)
 #   DQ        FAST + train.fa3_dq_accum (session 29's after set)
 #   VNORM     DQ + train.fold_attn_norm (session 29, built on CPU)
-#   GATE      VNORM + train.fused_qkv_gate (session 29, built on CPU)
+#   GATE      VNORM + train.fused_qkv_gate (session 29; session 30 took out its two copies)
+#   MIXT      GATE + inductor's mix-order kernels, tuned (train.inductor_mix_order_tuning; session 30, built on CPU)
 QF="train.fused_qkv=true train.fused_qkv_repeat_v=true train.fused_xsa_gate=true train.expand_kv=true"
 QF="$QF train.fused_mlp=true train.fold_output_scales=true train.foreach_grad_accum=true"
 QF="$QF train.compile_mode=reduce-overhead train.fused_mlp_pingpong=true train.ddp_split_graph=false"
@@ -13,4 +14,5 @@ FAST="$QF train.fused_softcap_ce=true train.fa3_xsa_rowsum=true"
 DQ="$FAST train.fa3_dq_accum=true"
 VNORM="$DQ train.fold_attn_norm=true"
 GATE="$VNORM train.fused_qkv_gate=true"
-export QF FAST DQ VNORM GATE
+MIXT="$GATE train.inductor_mix_order_reduction=true train.inductor_mix_order_tuning=true"
+export QF FAST DQ VNORM GATE MIXT

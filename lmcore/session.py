@@ -237,6 +237,10 @@ class Session:
         )
 
 
+# train.inductor_mix_order_tuning's inductor options (torch._inductor.config.triton), each set true where torch has it
+MIX_ORDER_TUNING = ("mix_order_reduction_autotune_split_size", "mix_order_reduction_allow_multi_stages")
+
+
 def compile_kwargs(tc: TrainConfig) -> dict[str, Any]:
     """torch.compile's arguments for the training model: whole graph, static shapes, and the
     inductor options of train.compile_mode (torch's own list for the mode, so that it combines
@@ -250,6 +254,9 @@ def compile_kwargs(tc: TrainConfig) -> dict[str, Any]:
         options["triton.mix_order_reduction"] = False  # (torch < 2.11 has no such pass)
     if tc.inductor_coordinate_descent:  # (the max-autotune modes turn it on themselves)
         options["coordinate_descent_tuning"] = True
+    for name in MIX_ORDER_TUNING if tc.inductor_mix_order_tuning else ():
+        if hasattr(inductor_config.triton, name):
+            options[f"triton.{name}"] = True
     if options:
         kw["options"] = options
     return kw

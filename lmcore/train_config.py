@@ -55,6 +55,11 @@ class TrainConfig:
     # fused column-sum kernels ran at 2.2 TB/s. A torch without the option ignores off.
     inductor_mix_order_reduction: bool = False
     inductor_coordinate_descent: bool = False  # inductor's Triton kernels' block sizes tuned at compile (the same math)
+    # inductor's mix-order kernels tuned (with inductor_mix_order_reduction): their split size benchmarked at compile and
+    # their loads pipelined over stages (options a torch lacks are left out). Session 29: at torch 2.11's defaults (a
+    # split of 64 rows walked one row at a time, one stage) they moved 2.2 TB/s where the plain norm backward moves 3.9.
+    # The same sums in another order: fp32 rounding. Not run on a GPU yet (session 30).
+    inductor_mix_order_tuning: bool = False
     rope_cache: bool = True  # RoPE tables computed once for data.seq_len (GPT.cache_rope), not in the graph
     # q/k RMSNorm + RoPE + q_gain as one op (lmcore.kernels: Triton on CUDA, the same math in PyTorch
     # elsewhere; the same math as the plain path up to fp32 rounding). The exported script embeds the kernels.

@@ -138,6 +138,12 @@ def test_compile_arguments_of_the_switches():
                                       "options": {"triton.cudagraphs": True, "triton.mix_order_reduction": False}}
     tuned = preset("record", ["train.compile_mode=max-autotune-no-cudagraphs", "train.inductor_mix_order_reduction=true"])
     assert compile_kwargs(tuned.validate().train)["options"] == {"max_autotune": True, "coordinate_descent_tuning": True}
+    mix = preset("record", ["train.inductor_mix_order_reduction=true", "train.inductor_mix_order_tuning=true"]).train
+    assert compile_kwargs(mix)["options"] == {"triton.mix_order_reduction_autotune_split_size": True,
+                                              "triton.mix_order_reduction_allow_multi_stages": True}  # (torch 2.13 here)
+    torch.compile(torch.nn.Linear(2, 2), **compile_kwargs(mix))
+    with pytest.raises(ConfigError, match="train.inductor_mix_order_tuning=true needs train.inductor_mix_order_reduction"):
+        preset("record", ["train.inductor_mix_order_tuning=true"])
     for mode in ("reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):
         opts = compile_kwargs(preset("record", [f"train.compile_mode={mode}"]).train)["options"]
         assert {k: v for k, v in opts.items() if k != "triton.mix_order_reduction"} == list_mode_options(mode)

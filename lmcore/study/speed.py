@@ -140,6 +140,9 @@ SPEED_LEVERS: dict[str, list[str]] = {
     # inductor's Triton GEMM templates: -2.3 ms a step, a compile of about 450 s; cuBLAS won every
     # large GEMM, so no epilogue fused (session 9)
     "max_autotune": ["train.compile_mode=max-autotune-no-cudagraphs"],
+    # inductor's mix-order kernels (a norm's backward and the column sums in one pass) with their split size
+    # benchmarked and their loads pipelined (train.inductor_mix_order_tuning); session 29 measured them untuned at 2.2 TB/s
+    "mix_order_tuned": ["train.inductor_mix_order_reduction=true", "train.inductor_mix_order_tuning=true"],
 }
 
 
