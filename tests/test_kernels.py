@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import lmcore.model
+import lmcore.attention_layer
 from lmcore import cli
 from lmcore.config import preset
 from lmcore.evaluate import eval_run
@@ -149,13 +149,13 @@ def test_expanded_kv_model_is_the_plain_model_eager_and_compiled(monkeypatch, fu
     tgt = torch.roll(ids, -1, 1)
     plain_loss, plain_grads = loss_and_grads(model, ids, tgt)
     heads = []  # (q, k, v) heads of each attention call
-    real = lmcore.model.attention
+    real = lmcore.attention_layer.attention
 
     def counted(q, k, v, backend):
         heads.append((q.size(2), k.size(2), v.size(2)))
         return real(q, k, v, backend)
 
-    monkeypatch.setattr(lmcore.model, "attention", counted)
+    monkeypatch.setattr(lmcore.attention_layer, "attention", counted)
     model.use_expanded_kv()
     loss, grads = loss_and_grads(model, ids, tgt)
     assert heads == [(4, 4, 4)] * cfg.num_layers
