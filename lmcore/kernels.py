@@ -558,8 +558,8 @@ def qkv_norm_rope(
 
     gate > 0 (train.fused_qkv_gate): qkv has `gate` more columns, the attention gate's logits from the same
     GEMM, returned (B, T, gate) contiguous; their gradient goes back into those columns. Else None."""
-    vs = None if vscale is None else vscale.float().contiguous()
-    q, k, v, v_rep, _, _, slot, g = _qkv_norm_rope(qkv.contiguous(), cos.float().contiguous(), sin.float().contiguous(),
+    vs = None if vscale is None else vscale.float().contiguous()  # qkv as given: _even_rows copies if it must
+    q, k, v, v_rep, _, _, slot, g = _qkv_norm_rope(qkv, cos.float().contiguous(), sin.float().contiguous(),
                                                    gain, heads, head_dim, repeat, repeat_v, float(dq_acc_scale), vs,
                                                    gate)
     return q, k, v, v_rep if repeat_v else None, slot if dq_acc_scale > 0 else None, g if gate else None
