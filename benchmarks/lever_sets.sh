@@ -4,9 +4,10 @@
 #   QF        the fused q/k/v, MLP and graph levers (session 23's set)
 #   FAST      QF + the softcapped CE kernel + FA3's rowsums from XSA (session 26's set; needs the FA3_DPSUM build)
 #   DQ        FAST + train.fa3_dq_accum (session 29's after set)
-#   VNORM     DQ + train.fold_attn_norm (session 29, built on CPU)
+#   VNORM     DQ + train.fold_attn_norm (session 29)
 #   GATE      VNORM + train.fused_qkv_gate (session 29; session 30 took out its two copies)
-#   MIXT      GATE + inductor's mix-order kernels, tuned (train.inductor_mix_order_tuning; session 30, built on CPU)
+#   MIXT      GATE + inductor's mix-order kernels, tuned (train.inductor_mix_order_tuning; session 30;
+#             no gain on one GPU in session 31)
 QF="train.fused_qkv=true train.fused_qkv_repeat_v=true train.fused_xsa_gate=true train.expand_kv=true"
 QF="$QF train.fused_mlp=true train.fold_output_scales=true train.foreach_grad_accum=true"
 QF="$QF train.compile_mode=reduce-overhead train.fused_mlp_pingpong=true train.ddp_split_graph=false"
