@@ -6,6 +6,7 @@
 #   DQ        FAST + train.fa3_dq_accum (session 29's after set)
 #   VNORM     DQ + train.fold_attn_norm (session 29)
 #   GATE      VNORM + train.fused_qkv_gate (session 29; session 30 took out its two copies)
+#   PRESET    the `record_fast` preset's switches: GATE without the two that need the FA3_DPSUM build
 #   MIXT      GATE + inductor's mix-order kernels, tuned (train.inductor_mix_order_tuning; session 30;
 #             no gain on one GPU in session 31)
 QF="train.fused_qkv=true train.fused_qkv_repeat_v=true train.fused_xsa_gate=true train.expand_kv=true"
@@ -15,5 +16,6 @@ FAST="$QF train.fused_softcap_ce=true train.fa3_xsa_rowsum=true"
 DQ="$FAST train.fa3_dq_accum=true"
 VNORM="$DQ train.fold_attn_norm=true"
 GATE="$VNORM train.fused_qkv_gate=true"
+PRESET="$QF train.fused_softcap_ce=true train.fold_attn_norm=true train.fused_qkv_gate=true"
 MIXT="$GATE train.inductor_mix_order_reduction=true train.inductor_mix_order_tuning=true"
-export QF FAST DQ VNORM GATE MIXT
+export QF FAST DQ VNORM GATE PRESET MIXT

@@ -438,6 +438,21 @@ PROXY500 = replace(
     train=replace(PROXY1.train, iterations=500, warmdown_iters=200, ema="bias_corrected", compare_ema=True),
 )
 
+# record with issue 16's speed switches that need no FA3 build of lmcore's own: the q/k/v, XSA, MLP (ping-pong on
+# Hopper) and softcapped cross-entropy kernels, the output scales and attention's input norm folded into the GEMMs,
+# the gate's logits from the q/k/v GEMM, summed gradients by foreach, CUDA graphs, one DDP graph. Each is the same
+# math on CPU or a named rounding change (README, "Speed"); `record` stays the study's baseline. With FA3 built
+# FA3_DPSUM=1, train.fa3_xsa_rowsum and train.fa3_dq_accum add on top (benchmarks/lever_sets.sh's GATE set).
+RECORD_FAST = replace(
+    RECORD,
+    name="record_fast",
+    train=replace(
+        RECORD.train, fused_qkv=True, fused_qkv_repeat_v=True, fused_xsa_gate=True, expand_kv=True, fused_mlp=True,
+        fold_output_scales=True, foreach_grad_accum=True, compile_mode="reduce-overhead", fused_mlp_pingpong=True,
+        ddp_split_graph=False, fused_softcap_ce=True, fold_attn_norm=True, fused_qkv_gate=True,
+    ),
+)
+
 # The smoke model and data made tiny: every phase (train, pack, eval with TTT) in seconds on a
 # CPU, to exercise a notebook or a study end to end, not to measure anything. 10 steps of
 # 2,048 tokens, a 2,048-token validation slice, EMA off (10 steps are too few for decay 0.997).
@@ -453,7 +468,8 @@ TINY = replace(
     eval=replace(SMOKE.eval, stride=64, ttt_chunk_tokens=512),
 )
 
-PRESETS: dict[str, Config] = {"record": RECORD, "proxy1": PROXY1, "proxy500": PROXY500, "smoke": SMOKE, "tiny": TINY}
+PRESETS: dict[str, Config] = {"record": RECORD, "record_fast": RECORD_FAST, "proxy1": PROXY1, "proxy500": PROXY500,
+                               "smoke": SMOKE, "tiny": TINY}
 
 
 def is_smoke_config(cfg: Config) -> bool:

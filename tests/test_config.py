@@ -2,6 +2,9 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+from dataclasses import fields, replace
+from pathlib import Path
 
 import pytest
 
@@ -22,6 +25,19 @@ def test_proxy1_differs_from_record_only_where_stated():
     assert (px.train.batch_tokens, px.train.iterations, px.train.warmdown_iters) == (196_608, 1000, 400)
     assert px.train.max_wallclock_seconds == 0
     assert px.train.grad_accum == 8 and px.data.seq_len == 2048
+
+
+def test_record_fast_is_record_with_the_lever_set_benchmarks_name_preset():
+    # the set speed.sh measures as PRESET (benchmarks/lever_sets.sh) is this preset, and nothing else differs
+    sets = Path(__file__).resolve().parents[1] / "benchmarks" / "lever_sets.sh"
+    out = subprocess.run(["bash", "-c", f'source "{sets}"; printf %s "$PRESET"'], capture_output=True, text=True,
+                         check=True).stdout.split()
+    rec, fast = PRESETS["record"], PRESETS["record_fast"]
+    assert fast == replace(preset("record", out), name="record_fast")
+    changed = {f.name for f in fields(rec.train) if getattr(rec.train, f.name) != getattr(fast.train, f.name)}
+    assert changed == {o.split("=")[0].removeprefix("train.") for o in out} and len(changed) == 13
+    assert not changed & {"fa3_xsa_rowsum", "fa3_dq_accum"}  # those need lmcore's own FA3 build
+    assert (fast.model, fast.data, fast.quant, fast.eval) == (rec.model, rec.data, rec.quant, rec.eval)
 
 
 def test_overrides_parse_by_type():
