@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 
 from lmcore.config import PRESETS, Config, ConfigError, preset, resolve_layers
+from lmcore.train import train
+from tests.conftest import train_losses
 
 
 def test_presets_validate_and_roundtrip(tmp_path):
@@ -38,6 +40,19 @@ def test_record_fast_is_record_with_the_lever_set_benchmarks_name_preset():
     assert changed == {o.split("=")[0].removeprefix("train.") for o in out} and len(changed) == 13
     assert not changed & {"fa3_xsa_rowsum", "fa3_dq_accum"}  # those need lmcore's own FA3 build
     assert (fast.model, fast.data, fast.quant, fast.eval) == (rec.model, rec.data, rec.quant, rec.eval)
+
+
+def test_record_fast_switches_train_tiny_as_records_defaults(tmp_path):
+    # on CPU every switch runs its PyTorch math: 3 steps of `tiny` with all 13 on give the losses of all off
+    rec, fast = PRESETS["record"], PRESETS["record_fast"]
+    on = [f"train.{f.name}={str(getattr(fast.train, f.name)).lower()}" for f in fields(rec.train)
+          if getattr(rec.train, f.name) != getattr(fast.train, f.name)]
+    base = ["train.iterations=3", "train.log_every=1"]
+    train(preset("tiny", base), tmp_path / "plain", progress=False)
+    train(preset("tiny", [*base, *on]), tmp_path / "fast", progress=False)
+    a, b = train_losses(tmp_path / "plain"), train_losses(tmp_path / "fast")
+    assert len(on) == 13 and len(a) == 3 and b == pytest.approx(a, abs=1e-4)
+    assert json.loads((tmp_path / "fast" / "config.json").read_text())["train"]["fused_qkv_gate"] is True
 
 
 def test_overrides_parse_by_type():
