@@ -123,8 +123,8 @@ def test_committed_speed_table_is_what_its_results_give(capsys, job):
     # as printed; s29's the shape of s26's, after with train.fa3_dq_accum, as printed; s29b one variant alone on
     # one GPU (mix-order reduction on), as printed; s30's the shape of s29's with a 2-rank variant, as printed; s30b
     # the 2-rank lmcore stage alone, another host, as printed; s31's the 1-GPU stages on one H200, after's twin and
-    # a variant as variants, as printed; s31b the
-    # original and the record_fast preset's switches on another H200, on the stock FA3 build, as printed) must be what the report gives for them
+    # a variant as variants, as printed; s31b the original and the record_fast preset's switches on another H200,
+    # on the stock FA3 build, as printed) must be what the report gives for them
     res = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / job
     assert speed_report.main(res) == 0
     assert capsys.readouterr().out == (res / "speed_table.md").read_text()
