@@ -141,7 +141,8 @@ SPEED_LEVERS: dict[str, list[str]] = {
     # large GEMM, so no epilogue fused (session 9)
     "max_autotune": ["train.compile_mode=max-autotune-no-cudagraphs"],
     # inductor's mix-order kernels (a norm's backward and the column sums in one pass) with their split size
-    # benchmarked and their loads pipelined (train.inductor_mix_order_tuning); session 29 measured them untuned at 2.2 TB/s
+    # benchmarked and their loads pipelined (train.inductor_mix_order_tuning); session 29 measured them untuned at
+    # 2.2 TB/s; session 31, on the fastest set (few column sums left to fuse after the folds): no gain on one H200
     "mix_order_tuned": ["train.inductor_mix_order_reduction=true", "train.inductor_mix_order_tuning=true"],
 }
 
