@@ -103,7 +103,8 @@ def test_kernel_sources_copies_the_top_triton_kernels(tmp_path: Path):
                                  "speed-2026-11-30-h200x2-s26", "speed-2026-11-30-h200x2-s26b",
                                  "speed-2026-11-30-h200x2-s29", "speed-2026-11-30-h200-s29b",
                                  "speed-2026-11-30-h200x2-s30", "speed-2026-11-30-h200x2-s30b",
-                                 "speed-2026-12-01-h200-s31", "speed-2026-12-01-h200-s31b"])
+                                 "speed-2026-12-01-h200-s31", "speed-2026-12-01-h200-s31b",
+                                 "speed-2026-12-01-h200-s32", "speed-2026-12-01-h200-s32b"])
 def test_committed_speed_table_is_what_its_results_give(capsys, job):
     # benchmarks/results/JOB holds the small files of one speed.sh job of issue 16 (session 5 on
     # two H200s, session 6 on one, session 7 on two); its speed_table.md (printed on the GPU
@@ -124,7 +125,9 @@ def test_committed_speed_table_is_what_its_results_give(capsys, job):
     # one GPU (mix-order reduction on), as printed; s30's the shape of s29's with a 2-rank variant, as printed; s30b
     # the 2-rank lmcore stage alone, another host, as printed; s31's the 1-GPU stages on one H200, after's twin and
     # a variant as variants, as printed; s31b the original and the record_fast preset's switches on another H200,
-    # on the stock FA3 build, as printed) must be what the report gives for them
+    # on the stock FA3 build, as printed; s32 the original, after and one variant (coordinate descent) on one H200,
+    # as printed; s32b record_fast's switches and a variant (coordinate descent) on another H200 on the stock FA3
+    # build, without the original, as printed) must be what the report gives for them
     res = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / job
     assert speed_report.main(res) == 0
     assert capsys.readouterr().out == (res / "speed_table.md").read_text()
