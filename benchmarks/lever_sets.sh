@@ -9,6 +9,8 @@
 #   PRESET    the `record_fast` preset's switches: GATE without the two that need the FA3_DPSUM build
 #   MIXT      GATE + inductor's mix-order kernels, tuned (train.inductor_mix_order_tuning; session 30;
 #             no gain on one GPU in session 31)
+#   CD        GATE + inductor's coordinate descent (train.inductor_coordinate_descent; -1.8 ms on one GPU in
+#             session 32, for about 95 s more compile)
 QF="train.fused_qkv=true train.fused_qkv_repeat_v=true train.fused_xsa_gate=true train.expand_kv=true"
 QF="$QF train.fused_mlp=true train.fold_output_scales=true train.foreach_grad_accum=true"
 QF="$QF train.compile_mode=reduce-overhead train.fused_mlp_pingpong=true train.ddp_split_graph=false"
@@ -18,4 +20,5 @@ VNORM="$DQ train.fold_attn_norm=true"
 GATE="$VNORM train.fused_qkv_gate=true"
 PRESET="$QF train.fused_softcap_ce=true train.fold_attn_norm=true train.fused_qkv_gate=true"
 MIXT="$GATE train.inductor_mix_order_reduction=true train.inductor_mix_order_tuning=true"
-export QF FAST DQ VNORM GATE PRESET MIXT
+CD="$GATE train.inductor_coordinate_descent=true"
+export QF FAST DQ VNORM GATE PRESET MIXT CD

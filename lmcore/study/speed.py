@@ -109,20 +109,23 @@ SPEED_LEVERS: dict[str, list[str]] = {
     "fused_all_qkv_fold_foreach_graphs_repeat_v_pingpong_ce": [
         *_FASTEST_REPEAT_V, "train.fused_mlp_pingpong=true", "train.fused_softcap_ce=true"],
     # that with FA3's backward given its rowsums rowsum(dO * O) by XSA's backward (train.fa3_xsa_rowsum: FA3 built with
-    # FA3_DPSUM=1 scripts/build_fa3.sh; its preprocess then skips reading O and dO, 9.0 ms a 1-GPU step in session 25)
+    # FA3_DPSUM=1 scripts/build_fa3.sh; its preprocess then skips reading O and dO: 9.0 ms a 1-GPU step, session 25)
     "fused_all_qkv_fold_foreach_graphs_repeat_v_pingpong_ce_rowsum": [
-        *_FASTEST_REPEAT_V, "train.fused_mlp_pingpong=true", "train.fused_softcap_ce=true", "train.fa3_xsa_rowsum=true"],
+        *_FASTEST_REPEAT_V, "train.fused_mlp_pingpong=true", "train.fused_softcap_ce=true",
+        "train.fa3_xsa_rowsum=true"],
     # that with q's backward kernel reading FA3's fp32 dQ accumulator, FA3's dQ postprocess skipped (train.fa3_dq_accum;
-    # the FA3_DPSUM build's dq_accum_only). Session 28, one H200: 502.2 -> 498.0 ms a step (40 steps; its bench: 4.27 ms)
+    # the FA3_DPSUM build's dq_accum_only). Session 28, one H200: 502.2 -> 498.0 ms a step (40 steps; bench: 4.27 ms)
     "fused_all_qkv_fold_foreach_graphs_repeat_v_pingpong_ce_rowsum_dq": [
         *_FASTEST_REPEAT_V, "train.fused_mlp_pingpong=true", "train.fused_softcap_ce=true", "train.fa3_xsa_rowsum=true",
         "train.fa3_dq_accum=true"],
     # that with attention's input RMSNorm folded into v (train.fold_attn_norm: the q/k/v GEMM reads the residual
-    # stream; q/k's own RMSNorm cancels the row scale, v and the gate take it). Not measured on a GPU yet
+    # stream; q/k's own RMSNorm cancels the row scale, v and the gate take it). Session 30: about 0.5 ms off a
+    # 2-rank step
     "fused_all_qkv_fold_foreach_graphs_repeat_v_pingpong_ce_rowsum_dq_vnorm": [
         *_FASTEST_REPEAT_V, "train.fused_mlp_pingpong=true", "train.fused_softcap_ce=true", "train.fa3_xsa_rowsum=true",
         "train.fa3_dq_accum=true", "train.fold_attn_norm=true"],
-    # that with the gate's logits from the q/k/v GEMM (train.fused_qkv_gate). Not measured on a GPU yet
+    # that with the gate's logits from the q/k/v GEMM (train.fused_qkv_gate). Session 31, one H200: -2.1 ms a
+    # step
     "fused_all_qkv_fold_foreach_graphs_repeat_v_pingpong_ce_rowsum_dq_vnorm_gate": [
         *_FASTEST_REPEAT_V, "train.fused_mlp_pingpong=true", "train.fused_softcap_ce=true", "train.fa3_xsa_rowsum=true",
         "train.fa3_dq_accum=true", "train.fold_attn_norm=true", "train.fused_qkv_gate=true"],
@@ -144,6 +147,9 @@ SPEED_LEVERS: dict[str, list[str]] = {
     # benchmarked and their loads pipelined (train.inductor_mix_order_tuning); session 29 measured them untuned at
     # 2.2 TB/s; session 31, on the fastest set (few column sums left to fuse after the folds): no gain on one H200
     "mix_order_tuned": ["train.inductor_mix_order_reduction=true", "train.inductor_mix_order_tuning=true"],
+    # inductor's Triton kernels' block sizes and warps tuned at compile (train.inductor_coordinate_descent). Session 32,
+    # one H200: -1.8 ms a step on the fastest set (about 95 s more compile), -1.0 ms on record_fast's switches
+    "coordinate_descent": ["train.inductor_coordinate_descent=true"],
 }
 
 
