@@ -104,7 +104,8 @@ def test_kernel_sources_copies_the_top_triton_kernels(tmp_path: Path):
                                  "speed-2026-11-30-h200x2-s29", "speed-2026-11-30-h200-s29b",
                                  "speed-2026-11-30-h200x2-s30", "speed-2026-11-30-h200x2-s30b",
                                  "speed-2026-12-01-h200-s31", "speed-2026-12-01-h200-s31b",
-                                 "speed-2026-12-01-h200-s32", "speed-2026-12-01-h200-s32b"])
+                                 "speed-2026-12-01-h200-s32", "speed-2026-12-01-h200-s32b",
+                                 "speed-2026-12-01-h200-s32c"])
 def test_committed_speed_table_is_what_its_results_give(capsys, job):
     # benchmarks/results/JOB holds the small files of one speed.sh job of issue 16 (session 5 on
     # two H200s, session 6 on one, session 7 on two); its speed_table.md (printed on the GPU
@@ -127,7 +128,8 @@ def test_committed_speed_table_is_what_its_results_give(capsys, job):
     # a variant as variants, as printed; s31b the original and the record_fast preset's switches on another H200,
     # on the stock FA3 build, as printed; s32 the original, after and one variant (coordinate descent) on one H200,
     # as printed; s32b record_fast's switches and a variant (coordinate descent) on another H200 on the stock FA3
-    # build, without the original, as printed) must be what the report gives for them
+    # build, without the original, as printed; s32c that variant's twin alone on a third H200, as printed) must be
+    # what the report gives for them
     res = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / job
     assert speed_report.main(res) == 0
     assert capsys.readouterr().out == (res / "speed_table.md").read_text()
@@ -243,3 +245,18 @@ def test_a_sustained_peak_adds_one_line(tmp_path: Path, capsys):
     assert lines[1] == ("At its power limit the card held 637.5 TFLOP/s (20.0 s of 8192-size matmuls, the second "
                         "half timed): an MFU against that is the MFU column x 1.250.")
     assert lines[:1] + lines[2:] == (job / "speed_table.md").read_text().splitlines()
+
+
+def test_session_32s_cross_job_twin_is_what_results_md_says():
+    # RESULTS.md, session 32: record_fast's switches with coordinate descent (s32b's variant) against its twin run
+    # alone on another H200 (s32c), and against s32b's after, from the committed training losses
+    res = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+    losses = {run: {r["step"]: r["train_loss"] for r in speed_report.train_lines(res / run)}
+              for run in ("speed-2026-12-01-h200-s32b/lm_after_1", "speed-2026-12-01-h200-s32b/lm_v_cd_1",
+                          "speed-2026-12-01-h200-s32c/lm_v_cdtwin_1")}
+    after, cd, twin = losses.values()
+    for base, other, want_max, want_mean in ((cd, twin, 0.0293, 0.0044), (after, cd, 0.0351, 0.0034),
+                                             (after, twin, 0.0169, 0.0029)):
+        d = speed_report.loss_difference(base, other)
+        assert d["steps"] == 29 and d["last_step"] == 200
+        assert (round(d["max_abs_diff"], 4), round(d["mean_abs_diff"], 4)) == (want_max, want_mean)
