@@ -54,11 +54,14 @@ class TrainConfig:
     # default. Off: 627.4/625.3 -> 592.8/595.1 ms a step on one H200 with rope_cache (RESULTS.md "Speed"); session 29's
     # fused column-sum kernels ran at 2.2 TB/s. A torch without the option ignores off.
     inductor_mix_order_reduction: bool = False
-    inductor_coordinate_descent: bool = False  # inductor's Triton kernels' block sizes tuned at compile (the same math)
-    # inductor's mix-order kernels tuned (with inductor_mix_order_reduction): their split size benchmarked at compile and
-    # their loads pipelined over stages (options a torch lacks are left out). Session 29: at torch 2.11's defaults (a
-    # split of 64 rows walked one row at a time, one stage) they moved 2.2 TB/s where the plain norm backward moves 3.9.
-    # The same sums in another order: fp32 rounding. Not run on a GPU yet (session 30).
+    # inductor's Triton kernels' block sizes tuned at compile (the same sums, blocked otherwise: fp32 rounding).
+    # Session 32, one H200: -1.8 ms a step on the fastest set, for about 95 s more compile; losses within the noise
+    inductor_coordinate_descent: bool = False
+    # inductor's mix-order kernels tuned (with inductor_mix_order_reduction): their split size benchmarked at compile
+    # and their loads pipelined over stages (options a torch lacks are left out). Session 29: at torch 2.11's defaults
+    # (a split of 64 rows walked one row at a time, one stage) they moved 2.2 TB/s where the plain norm backward moves
+    # 3.9.
+    # The same sums in another order: fp32 rounding. Session 31, one H200, on the fastest set: no gain (+1.3 ms)
     inductor_mix_order_tuning: bool = False
     rope_cache: bool = True  # RoPE tables computed once for data.seq_len (GPT.cache_rope), not in the graph
     # q/k RMSNorm + RoPE + q_gain as one op (lmcore.kernels: Triton on CUDA, the same math in PyTorch
