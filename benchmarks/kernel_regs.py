@@ -8,7 +8,8 @@ a gated layer and one without the gate for the XSA kernels. Then
 lmcore.mlp_kernel's persistent TMA GEMM (descriptors built by the host, and on the device) at its
 tile, each way, at 3 and 4 stages, with and without train.fused_mlp_sign: shared memory against
 the card's 232,448 bytes, registers, spills, and the global scratch the device-built descriptors
-need; and lmcore.mlp_pingpong's warp-specialized kernel (shared memory, registers at launch).
+need; and lmcore.mlp_pingpong's warp-specialized kernel, with and without the sign path (shared memory,
+registers at launch).
 Needs triton (its ptxas does the register allocation); no CUDA. What it cannot tell is time: that is benchmarks/qk_kernel_bench.py's,
 xsa_kernel_bench.py's and mlp_epilogue_bench.py's, on the GPU.
 
@@ -123,15 +124,17 @@ def pingpong_rows(tool: str) -> None:
     print("| lmcore.mlp_pingpong | tile (BM x BN x BK, stages, consumer registers, consumers) | shared bytes | fits | "
           "registers at launch | spill bytes |")
     print("|---|---|---|---|---|---|")
+    tiles = [(PP.TILE, False), ((128, 128, 64, 4, 232, 2), False), ((128, 128, 64, 4, 232, 1), False),
+             ((64, 256, 64, 4, 232, 2), False), (PP.TILE, True)]  # True: train.fused_mlp_sign's (pre's signs)
     for backward in (False, True):
-        for tile in (PP.TILE, (128, 128, 64, 4, 232, 2), (128, 128, 64, 4, 232, 1), (64, 256, 64, 4, 232, 2)):
+        for tile, sign in tiles:
             bm, bn, bk, stages, regs, consumers = tile
             # the backward takes w_proj as stored, (K, N) (B_KN)
             descs = [f"tensordesc<bf16[{b[0]}, {b[1]}],{lay!r}>" for b, lay in PP.layouts(gl.bfloat16, bm, bn, bk, backward)]
             sig = {"a_desc": descs[0], "b_desc": descs[1], "pre_desc": descs[2], "out_desc": descs[2],
-                   "M": "i32", "N": "i32", "K": "i32", "slope": "fp32"}
-            consts = {"BACKWARD": backward, "STAGES": stages, "SMS": 132, "REGS": regs, "CONSUMERS": consumers,
-                      "B_KN": backward}
+                   "sign_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "slope": "fp32"}
+            consts = {"BACKWARD": backward, "SIGN": sign, "STAGES": stages, "SMS": 132, "REGS": regs,
+                      "CONSUMERS": consumers, "B_KN": backward}
             src = GluonASTSource(fn=PP._pingpong_kernel, signature=dict(sig, **{k: "constexpr" for k in consts}),
                                  constexprs=consts, attrs={})
             c = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "maxnreg": PP.MAXNREG})
@@ -143,7 +146,8 @@ def pingpong_rows(tool: str) -> None:
             mark = " (lmcore)" if tile == PP.TILE else ""
             used = re.search(r"Used (\d+) registers", info).group(1)
             spills = re.search(r"(\d+) bytes spill stores", info).group(1)
-            print(f"| {'backward' if backward else 'forward'} | {'x'.join(map(str, tile[:3]))}, {stages}, {regs}, "
+            way = ("backward" if backward else "forward") + (", sign" if sign else "")
+            print(f"| {way} | {'x'.join(map(str, tile[:3]))}, {stages}, {regs}, "
                   f"{consumers}{mark} | {c.metadata.shared:,} | {'yes' if c.metadata.shared <= SHARED_LIMIT else 'no'} | "
                   f"{used} | {spills} |")
 

@@ -11,6 +11,8 @@
 #             no gain on one GPU in session 31)
 #   CD        GATE + inductor's coordinate descent (train.inductor_coordinate_descent; -1.8 ms on one GPU in
 #             session 32, for about 95 s more compile)
+#   SIGN      CD + the fused MLP keeping pre's signs instead of pre, on the ping-pong kernel (train.fused_mlp_sign;
+#             a deliberate rounding change; session 33)
 QF="train.fused_qkv=true train.fused_qkv_repeat_v=true train.fused_xsa_gate=true train.expand_kv=true"
 QF="$QF train.fused_mlp=true train.fold_output_scales=true train.foreach_grad_accum=true"
 QF="$QF train.compile_mode=reduce-overhead train.fused_mlp_pingpong=true train.ddp_split_graph=false"
@@ -21,4 +23,5 @@ GATE="$VNORM train.fused_qkv_gate=true"
 PRESET="$QF train.fused_softcap_ce=true train.fold_attn_norm=true train.fused_qkv_gate=true"
 MIXT="$GATE train.inductor_mix_order_reduction=true train.inductor_mix_order_tuning=true"
 CD="$GATE train.inductor_coordinate_descent=true"
-export QF FAST DQ VNORM GATE PRESET MIXT CD
+SIGN="$CD train.fused_mlp_sign=true"
+export QF FAST DQ VNORM GATE PRESET MIXT CD SIGN

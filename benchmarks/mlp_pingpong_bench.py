@@ -8,10 +8,13 @@ this is small, not zero) and against the PyTorch math (_fc_math, _dpre_math); dp
 backward with w_proj as stored, (K, N). Then ms a call (fp8_matmul_bench.timed: 10 calls in a
 row, median of 20), and what 88 calls a step (11 layers x 8 micro-batches) would save over the
 TMA kernel. Each tile's backward also as training ran it before session 25 (w_proj transposed
-into a copy each call) and as it runs now (B as (K, N), no copy).
+into a copy each call) and as it runs now (B as (K, N), no copy). With --sign, each tile also with
+train.fused_mlp_sign's epilogues (the forward writes post and pre's signs, the backward reads post and
+the signs; checked: the words equal _pack(pre > 0) and dpre the TMA sign kernel's), and the TMA
+kernel's sign path as a row.
 
 usage: python benchmarks/mlp_pingpong_bench.py [--tokens 98304] [--tiles BMxBNxBKxSTAGESxREGSxCONSUMERS,...]
-       [--json PATH]
+       [--sign] [--json PATH]
 GPU only (sm_90).
 """
 
@@ -43,11 +46,38 @@ def pingpong_fwd(x, w, tile):
     return pre, post
 
 
-def pingpong_bwd(g, wp, pre, tile, b_kn=False):
-    """dpre from w_proj transposed, (N, K), or with b_kn as stored, (K, N)."""
+def pingpong_bwd(g, wp, pre, tile, b_kn=False, signs=None):
+    """dpre from w_proj transposed, (N, K), or with b_kn as stored, (K, N); with signs, pre is post."""
     out = torch.empty_like(pre)
-    PP.launch(g, wp, pre, out, SLOPE, True, MK._sm_count(g.device), tile, b_kn=b_kn)
+    PP.launch(g, wp, pre, out, SLOPE, True, MK._sm_count(g.device), tile, b_kn=b_kn, signs=signs)
     return out
+
+
+def pingpong_fwd_sign(x, w, tile):
+    """(signs, post): train.fused_mlp_sign's forward, pre not written."""
+    post = torch.empty(x.size(0), w.size(0), dtype=x.dtype, device=x.device)
+    signs = torch.empty(x.size(0), w.size(0) // 32, dtype=torch.int32, device=x.device)
+    PP.launch(x, w, post, post, SLOPE, False, MK._sm_count(x.device), tile, signs=signs)
+    return signs, post
+
+
+def check_sign(tokens: int, tile: tuple) -> dict:
+    """The sign path at `tokens` rows: words and post against the plain ping-pong forward's pre and post
+    (0 and 0 when right), dpre against the TMA sign kernel's (0: the same accumulation order) and the math."""
+    torch.manual_seed(0)
+    x = torch.randn(tokens, D, device="cuda", dtype=torch.bfloat16)
+    w = (torch.randn(HIDDEN, D, device="cuda") / D**0.5).to(torch.bfloat16)
+    wp = (torch.randn(D, HIDDEN, device="cuda") / HIDDEN**0.5).to(torch.bfloat16)
+    g = torch.randn(tokens, D, device="cuda", dtype=torch.bfloat16)
+    pre, post = pingpong_fwd(x, w, tile)
+    signs, post_s = pingpong_fwd_sign(x, w, tile)
+    dpre = pingpong_bwd(g, wp, post, tile, b_kn=True, signs=signs)
+    tdpre = MK._dpre_triton(g, wp, post, SLOPE, signs=signs)
+    mdpre = MK._dpre_sign_math(g, wp, post, signs, SLOPE)
+    torch.cuda.synchronize()
+    return {"tokens": tokens, "sign_words_wrong": int((signs != MK._pack(pre > 0)).sum().item()),
+            "sign_post_vs_plain": rel(post_s, post), "sign_dpre_vs_tma": rel(dpre, tdpre),
+            "sign_dpre_vs_math": rel(dpre, mdpre)}
 
 
 def check(tokens: int, tile: tuple) -> dict:
@@ -74,6 +104,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokens", type=int, default=48 * 2048)
     ap.add_argument("--tiles", default="128x128x64x4x232x2", help="BMxBNxBKxSTAGESxREGSxCONSUMERS, comma-separated")
+    ap.add_argument("--sign", action="store_true", help="each tile also with train.fused_mlp_sign's epilogues")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     triton.set_allocator(MK._scratch)  # lmcore.mlp_kernel's TMA kernel builds its descriptors on the device
@@ -85,6 +116,11 @@ def main() -> int:
             r = check(tokens, tile)
             out["checks"].append({"tile": list(tile), **r})
             print("check", "x".join(map(str, tile)), " ".join(f"{k}={v:.3g}" for k, v in r.items()), flush=True)
+            if args.sign:
+                r = check_sign(tokens, tile)
+                out["checks"].append({"tile": list(tile), **r})
+                print("check sign", "x".join(map(str, tile)), " ".join(f"{k}={v:.3g}" for k, v in r.items()),
+                      flush=True)
     torch.manual_seed(0)
     n = args.tokens
     x = torch.randn(n, D, device="cuda", dtype=torch.bfloat16)
@@ -105,6 +141,14 @@ def main() -> int:
             lambda t=tile: pingpong_fwd(x, w, t), lambda t=tile: pingpong_bwd(g, wp.t().contiguous(), pre, t))
         rows[name + ", bwd B as (K, N)"] = (lambda t=tile: pingpong_fwd(x, w, t),
                                             lambda t=tile: pingpong_bwd(g, wp, pre, t, b_kn=True))
+        if args.sign:  # bwd from post and the signs (made once, outside the timing), B as (K, N) as training runs it
+            signs, post = pingpong_fwd_sign(x, w, tile)
+            rows[name + ", sign"] = (lambda t=tile: pingpong_fwd_sign(x, w, t),
+                                     lambda t=tile, p=post, s=signs: pingpong_bwd(g, wp, p, t, b_kn=True, signs=s))
+    if args.sign:
+        tsigns, tpost = MK._fc_triton(x, w, SLOPE, sign=True)
+        rows["lmcore TMA kernel, sign"] = (lambda: MK._fc_triton(x, w, SLOPE, sign=True),
+                                           lambda: MK._dpre_triton(g, wp, tpost, SLOPE, signs=tsigns))
     print("\n| kernel | forward ms | backward ms |\n|---|---|---|")
     for name, (f, b) in rows.items():
         out["ms"][name] = [timed(f), timed(b)]
@@ -113,6 +157,10 @@ def main() -> int:
     for name, ms in out["ms"].items():
         if name.startswith("ping-pong") and "," not in name:
             print(f"{name}: {CALLS_PER_STEP * (base - sum(ms)):+.1f} ms a step saved over the TMA kernel")
+        if name.startswith("ping-pong") and name.endswith(", sign"):  # against the same tile's B-as-(K, N) rows
+            plain = out["ms"][name.removesuffix(", sign") + ", bwd B as (K, N)"]
+            print(f"{name}: {CALLS_PER_STEP * (plain[0] - ms[0]):+.1f} ms forward, "
+                  f"{CALLS_PER_STEP * (plain[1] - ms[1]):+.1f} ms backward a step saved over the plain epilogues")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

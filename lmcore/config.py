@@ -201,8 +201,6 @@ class Config:
             raise ConfigError("train.inductor_mix_order_tuning=true needs train.inductor_mix_order_reduction=true")
         if self.train.fused_mlp_pingpong and not self.train.fused_mlp:
             raise ConfigError("train.fused_mlp_pingpong=true needs train.fused_mlp=true")
-        if self.train.fused_mlp_pingpong and self.train.fused_mlp_sign:
-            raise ConfigError("train.fused_mlp_pingpong=true does not take train.fused_mlp_sign=true")
         if self.train.fused_mlp_sign and not self.train.fused_mlp:
             raise ConfigError("train.fused_mlp_sign=true needs train.fused_mlp=true")
         if self.train.fused_mlp_sign and self.model.mlp_hidden % 32:

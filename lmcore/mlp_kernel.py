@@ -22,7 +22,7 @@ device (`descriptors="device"`, the default: the launch takes pointers, so it co
 the pointer kernel's does) or on descriptors the host builds at every launch ("host": session 14's,
 37-50 us more host time a launch, the same step time; train.fused_mlp_descriptors chooses).
 On Hopper, train.fused_mlp_pingpong runs both GEMMs as lmcore.mlp_pingpong's warp-specialized kernel
-instead (the op's `descriptors` "pingpong"; the same numbers; imported only then).
+instead (the op's `descriptors` "pingpong"; the same numbers, with or without `sign`; imported only then).
 
 The same math as the plain path (without `sign`): the GEMM's fp32 result is rounded to the input
 dtype as cuBLAS's output would be, and the activation and its derivative run in fp32 on that value
@@ -345,9 +345,13 @@ def _fc_triton(x: Tensor, w_fc: Tensor, slope: float, tile: tuple | None = None,
     """(pre, post), or (signs, post) with `sign` (_fc_sign_math's). descriptors "pingpong":
     lmcore.mlp_pingpong's kernel where it takes the tensors, else the TMA kernel's default."""
     post = x.new_empty(x.size(0), w_fc.size(0))
-    if descriptors == PINGPONG and not sign and tile is None and _pingpong_takes(x, post.size(1)):
+    if descriptors == PINGPONG and tile is None and _pingpong_takes(x, post.size(1)):
         from lmcore.mlp_pingpong import launch
 
+        if sign:  # pre is not written: post stands in for its descriptor
+            signs = torch.empty(x.size(0), post.size(1) // 32, dtype=torch.int32, device=x.device)
+            launch(x, w_fc, post, post, slope, False, _sm_count(x.device), signs=signs)
+            return signs, post
         pre = torch.empty_like(post)
         launch(x, w_fc, pre, post, slope, False, _sm_count(x.device))
         return pre, post
@@ -367,10 +371,11 @@ def _dpre_triton(g: Tensor, w_proj: Tensor, pre: Tensor, slope: float, tile: tup
     """dpre from pre, or with `signs` from post (passed as `pre`) and pre's signs; descriptors
     "pingpong" as _fc_triton's."""
     dpre = torch.empty_like(pre)
-    if descriptors == PINGPONG and signs is None and tile is None and _pingpong_takes(g, pre.size(1)):
+    if descriptors == PINGPONG and tile is None and _pingpong_takes(g, pre.size(1)):
         from lmcore.mlp_pingpong import launch
 
-        launch(g, w_proj, pre, dpre, slope, True, _sm_count(g.device), b_kn=True)  # w_proj (K, N), as leaky_mlp gives it
+        # w_proj (K, N), as leaky_mlp gives it
+        launch(g, w_proj, pre, dpre, slope, True, _sm_count(g.device), b_kn=True, signs=signs)
         return dpre
     descriptors = "device" if descriptors == PINGPONG else descriptors
     _launch(g, w_proj, pre, dpre, slope, True, tile or _tile(g, pre.size(1), False, descriptors), signs)
@@ -445,14 +450,12 @@ def leaky_mlp(x: Tensor, w_fc: Tensor, w_proj: Tensor, slope: float, descriptors
     hidden), all of one dtype; the same math as the model's plain MLP. `descriptors`: where the
     TMA kernel's descriptors are built, "device" or "host" (the same kernel body, the same numbers).
     "pingpong" (train.fused_mlp_pingpong): lmcore.mlp_pingpong's warp-specialized kernel both ways
-    (Hopper; elsewhere the TMA kernel on device-built descriptors), the same numbers.
+    (Hopper; elsewhere the TMA kernel on device-built descriptors), the same numbers, with `sign` too.
     `sign` (train.fused_mlp_sign; hidden a multiple of 32): the forward keeps post and one bit an
     element, pre > 0, instead of pre, and the backward takes act'(pre) from them (_dpre_sign_math:
     a deliberate rounding change)."""
     if descriptors not in (*DESCRIPTORS, PINGPONG):
         raise ValueError(f"descriptors={descriptors!r}: expected one of {', '.join([*DESCRIPTORS, PINGPONG])}")
-    if sign and descriptors == PINGPONG:
-        raise ValueError("sign=True has no ping-pong kernel: descriptors='pingpong' needs sign=False")
     if sign and w_fc.size(0) % 32:
         raise ValueError(f"sign=True needs a hidden width that is a multiple of 32, not {w_fc.size(0)}")
     y, _, _ = _leaky_mlp(x.reshape(-1, x.size(-1)).contiguous(), w_fc.contiguous(), w_proj.contiguous(),

@@ -15,10 +15,13 @@ the activation (or its derivative) runs in fp32 on that value and is rounded onc
 equal the TMA kernel's bit for bit at the shapes tested (the same wgmma k-slice order).
 Epilogues go out by (BM, BN / 2) half tiles through shared memory and TMA stores.
 
-`launch(a, b, pre, out, slope, backward, tile, b_kn)`: C = a (M, K) @ b (N, K)^T, or with `b_kn`
+`launch(a, b, pre, out, slope, backward, tile, b_kn, signs)`: C = a (M, K) @ b (N, K)^T, or with `b_kn`
 C = a @ b (K, N) (B's (BK, BN) tiles go to wgmma as they are, N-major: the backward takes w_proj
 as stored, with no transposed copy a call); bf16 or fp16, contiguous, K a multiple of BK; forward
-writes pre = C and out = act(C); backward reads pre and writes out = C * act'(pre). tile = (BM,
+writes pre = C and out = act(C); backward reads pre and writes out = C * act'(pre). With `signs`
+(train.fused_mlp_sign, mlp_kernel's `sign`): the forward writes pre's signs, 32 to an int32 word,
+instead of pre, and the backward takes act'(pre) from post (passed as pre) and the signs, as
+mlp_kernel's TMA kernel does (the same words, the same math). tile = (BM,
 BN, BK, stages, registers a consumer thread, consumers: 2, or 1 for no ping-pong). Needs Triton's Gluon (3.6) and an sm_90 GPU; lmcore.mlp_kernel
 decides when it runs. Measured: benchmarks/mlp_pingpong_bench.py; benchmarks/RESULTS.md, session 23.
 """
@@ -90,8 +93,8 @@ if gluon is not None:
 
     @gluon.jit
     def _consume(WHICH: gl.constexpr, a_bufs, b_bufs, pre_bufs, ready, empty, pre_ready, pre_empty, turn,
-                 pre_desc, out_desc, M, N, K, slope, BACKWARD: gl.constexpr, SMS: gl.constexpr,
-                 CONSUMERS: gl.constexpr, B_KN: gl.constexpr):
+                 pre_desc, out_desc, sign_ptr, M, N, K, slope, BACKWARD: gl.constexpr, SIGN: gl.constexpr,
+                 SMS: gl.constexpr, CONSUMERS: gl.constexpr, B_KN: gl.constexpr):
         # one warpgroup: the program's tiles WHICH, WHICH + CONSUMERS, ...: the GEMM from the ring's
         # stages (one wgmma in flight; a stage goes back to the loader once the wgmma after it is
         # issued), then the epilogue through its two half-tile buffers (pre_bufs[2 WHICH], [2 WHICH + 1])
@@ -134,10 +137,16 @@ if gluon is not None:
             mbarrier.arrive(empty.index((pos + kt - 1) % STAGES), count=1)
             h = acc.to(dtype).to(gl.float32)  # the GEMM's output as cuBLAS would round it
             left, right = h.reshape([BM, 2, BN // 2]).permute(0, 2, 1).split()  # two (BM, BN / 2) halves
-            if BACKWARD:  # h is dpost: dpre = dpost * act'(pre), written over pre's half tiles
+            if BACKWARD:  # h is dpost: dpre = dpost * act'(pre), written over pre's (SIGN: post's) half tiles
                 mbarrier.wait(pre_ready.index(WHICH), (j // CONSUMERS) & 1)
-                _dpre_half(left, pre_bufs.index(2 * WHICH), out_desc, om, on, slope)
-                _dpre_half(right, pre_bufs.index(2 * WHICH + 1), out_desc, om, on + BN // 2, slope)
+                _dpre_half(left, pre_bufs.index(2 * WHICH), out_desc, sign_ptr, om, on, M, N, slope, SIGN)
+                _dpre_half(right, pre_bufs.index(2 * WHICH + 1), out_desc, sign_ptr, om, on + BN // 2, M, N, slope,
+                           SIGN)
+            elif SIGN:  # h is pre: its signs, and post through a half-tile buffer each (free: the stores were waited)
+                _store_signs(left, sign_ptr, om, on, M, N)
+                _post_half(left, pre_bufs.index(2 * WHICH), out_desc, om, on, slope)
+                _store_signs(right, sign_ptr, om, on + BN // 2, M, N)
+                _post_half(right, pre_bufs.index(2 * WHICH + 1), out_desc, om, on + BN // 2, slope)
             else:  # h is pre: pre and post = leaky(pre)^2 by half tiles, through two half-tile buffers
                 _store_half(left, pre_bufs.index(2 * WHICH), pre_bufs.index(2 * WHICH + 1), pre_desc, out_desc,
                             om, on, slope, False)
@@ -147,12 +156,51 @@ if gluon is not None:
         tma.store_wait(0)
 
     @gluon.jit
-    def _dpre_half(h, buf, out_desc, om, on, slope):
-        # dpre = dpost * act'(pre) on a (BM, BN / 2) half tile: pre from its buffer, dpre over it
+    def _dpre_half(h, buf, out_desc, sign_ptr, om, on, M, N, slope, SIGN: gl.constexpr):
+        # dpre = dpost * act'(pre) on a (BM, BN / 2) half tile: pre from its buffer, dpre over it. SIGN: the
+        # buffer holds post, and act'(pre) = 2 sqrt(post) (1 where pre > 0, else slope, which is -|slope| here)
         dtype: gl.constexpr = out_desc.dtype
         p = buf.load(h.type.layout).to(gl.float32)
-        grad = 2.0 * gl.where(p > 0, p, p * slope) * gl.where(p > 0, 1.0, slope)
+        if SIGN:
+            grad = 2.0 * gl.sqrt(p) * gl.where(_load_signs(h, sign_ptr, om, on, M, N), 1.0, slope)
+        else:
+            grad = 2.0 * gl.where(p > 0, p, p * slope) * gl.where(p > 0, 1.0, slope)
         buf.store((h * grad).to(dtype))
+        fence_async_shared()
+        tma.async_copy_shared_to_global(out_desc, [om, on], buf)
+
+    @gluon.jit
+    def _sign_rows_cols(h, om, M):
+        # a (BM, BH) half tile's rows (global, and whether they exist) and columns (in it), in h's layout's slices
+        rows = om + gl.arange(0, h.shape[0], layout=gl.SliceLayout(1, h.type.layout))
+        return rows, rows < M, gl.arange(0, h.shape[1], layout=gl.SliceLayout(0, h.type.layout))
+
+    @gluon.jit
+    def _store_signs(h, sign_ptr, om, on, M, N):
+        # pre > 0 of a (BM, BH) half tile at (om, on) as the (M, N // 32) int32 words of mlp_kernel._pack (bit j of
+        # word i: column 32 i + j), BH // 32 words a row; each word a masked row sum of its 32 columns' bits
+        rows, live, cols = _sign_rows_cols(h, om, M)
+        bits = gl.where(h > 0, 1, 0) << gl.expand_dims(cols % 32, 0)
+        for i in gl.static_range(h.shape[1] // 32):
+            word = gl.sum(gl.where(gl.expand_dims(cols // 32 == i, 0), bits, 0), axis=1)
+            gl.store(sign_ptr + rows * (N // 32) + (on // 32 + i), word, mask=live & (on // 32 + i < N // 32))
+
+    @gluon.jit
+    def _load_signs(h, sign_ptr, om, on, M, N):
+        # _store_signs' inverse: pre > 0 of a (BM, BH) half tile at (om, on), in h's layout (out of bounds: false)
+        rows, live, cols = _sign_rows_cols(h, om, M)
+        bits = gl.full(h.shape, 0, gl.int32, h.type.layout)
+        for i in gl.static_range(h.shape[1] // 32):
+            word = gl.load(sign_ptr + rows * (N // 32) + (on // 32 + i), mask=live & (on // 32 + i < N // 32),
+                           other=0)
+            bits = gl.where(gl.expand_dims(cols // 32 == i, 0), gl.expand_dims(word, 1), bits)
+        return ((bits >> gl.expand_dims(cols % 32, 0)) & 1) != 0
+
+    @gluon.jit
+    def _post_half(h, buf, out_desc, om, on, slope):
+        # post = leaky(h)^2 of a (BM, BN / 2) half tile through its buffer and a TMA store (SIGN's forward)
+        lk = gl.where(h > 0, h, h * slope)
+        buf.store((lk * lk).to(out_desc.dtype))
         fence_async_shared()
         tma.async_copy_shared_to_global(out_desc, [om, on], buf)
 
@@ -175,10 +223,11 @@ if gluon is not None:
         tma.async_copy_shared_to_global(out_desc, [om, on], post_buf)
 
     @gluon.jit
-    def _pingpong_kernel(a_desc, b_desc, pre_desc, out_desc, M, N, K, slope, BACKWARD: gl.constexpr,
-                         STAGES: gl.constexpr, SMS: gl.constexpr, REGS: gl.constexpr, CONSUMERS: gl.constexpr,
-                         B_KN: gl.constexpr):
-        # B_KN: b_desc's tiles are (BK, BN) of a (K, N) B, else (BN, BK) of an (N, K) one
+    def _pingpong_kernel(a_desc, b_desc, pre_desc, out_desc, sign_ptr, M, N, K, slope, BACKWARD: gl.constexpr,
+                         SIGN: gl.constexpr, STAGES: gl.constexpr, SMS: gl.constexpr, REGS: gl.constexpr,
+                         CONSUMERS: gl.constexpr, B_KN: gl.constexpr):
+        # B_KN: b_desc's tiles are (BK, BN) of a (K, N) B, else (BN, BK) of an (N, K) one. SIGN: pre's signs
+        # at sign_ptr instead of pre (module docstring); pre_desc is then post's (backward) or unused (forward)
         BM: gl.constexpr = a_desc.block_type.shape[0]
         BK: gl.constexpr = a_desc.block_type.shape[1]
         BN: gl.constexpr = 2 * pre_desc.block_type.shape[1]
@@ -204,9 +253,9 @@ if gluon is not None:
         # the constexprs in it into runtime values (both branches of `if BACKWARD` compiled and taken at run time)
         gl.warp_specialize([
             (_consume, (0, a_bufs, b_bufs, pre_bufs, ready, empty, pre_ready, pre_empty, turn, pre_desc, out_desc,
-                        M, N, K, slope, BACKWARD, SMS, CONSUMERS, B_KN)),
+                        sign_ptr, M, N, K, slope, BACKWARD, SIGN, SMS, CONSUMERS, B_KN)),
             (_consume, (1, a_bufs, b_bufs, pre_bufs, ready, empty, pre_ready, pre_empty, turn, pre_desc, out_desc,
-                        M, N, K, slope, BACKWARD, SMS, CONSUMERS, B_KN)),
+                        sign_ptr, M, N, K, slope, BACKWARD, SIGN, SMS, CONSUMERS, B_KN)),
             (_loader, (a_desc, b_desc, pre_desc, a_bufs, b_bufs, pre_bufs, ready, empty, pre_ready, pre_empty,
                        M, N, K, BACKWARD, SMS, CONSUMERS, B_KN)),
         ], [4, 1], [REGS, 24])
@@ -231,14 +280,23 @@ def descriptors(a: Tensor, b: Tensor, pre: Tensor, out: Tensor, bm: int, bn: int
 
 
 def launch(a: Tensor, b: Tensor, pre: Tensor, out: Tensor, slope: float, backward: bool, sms: int,
-           tile: tuple = TILE, b_kn: bool = False) -> None:
+           tile: tuple = TILE, b_kn: bool = False, signs: Tensor | None = None) -> None:
     """One ping-pong kernel over C = a @ b^T, or a @ b with `b_kn` (module docstring), on `sms`
     persistent programs at most, with descriptors built on the host (kernel arguments: a CUDA
-    graph keeps them)."""
+    graph keeps them). With `signs` ((M, N // 32) int32; N and BN / 2 multiples of 32): the forward
+    writes them instead of pre (`pre` is not written: pass post), the backward reads them and post
+    (passed as `pre`)."""
     bm, bn, bk, stages, regs, consumers = tile
     m, k = a.shape
     n = b.size(1) if b_kn else b.size(0)
+    sign = signs is not None
+    if sign and (n % 32 or bn % 64 or signs.shape != (m, n // 32) or signs.dtype != torch.int32
+                 or not signs.is_contiguous()):
+        raise ValueError(f"signs {tuple(signs.shape)} {signs.dtype} for a ({m}, {n}) output at BN {bn}: needs "
+                         f"({m}, {n // 32}) int32 contiguous, N a multiple of 32 and BN of 64")
+    if sign and backward:  # the factor of act' where pre <= 0: -|slope| sqrt(post) * 2 (mlp_kernel._launch's)
+        slope = -abs(slope)
     grid = (min(sms, triton.cdiv(m, bm) * triton.cdiv(n, bn)),)
-    _pingpong_kernel[grid](*descriptors(a, b, pre, out, bm, bn, bk, b_kn), m, n, k, slope, BACKWARD=backward,
-                           STAGES=stages, SMS=grid[0], REGS=regs, CONSUMERS=consumers, B_KN=b_kn, num_warps=4,
-                           maxnreg=MAXNREG)
+    _pingpong_kernel[grid](*descriptors(a, b, pre, out, bm, bn, bk, b_kn), signs if sign else out, m, n, k, slope,
+                           BACKWARD=backward, SIGN=sign, STAGES=stages, SMS=grid[0], REGS=regs, CONSUMERS=consumers,
+                           B_KN=b_kn, num_warps=4, maxnreg=MAXNREG)

@@ -105,11 +105,12 @@ class TrainConfig:
     # elsewhere the TMA kernel): two consumer warpgroups take tiles in turn, one's epilogue beside the other's
     # GEMM. Its outputs equal the TMA kernel's bit for bit (benchmarks/mlp_pingpong_bench.py). Session 23, H200s:
     # 0.316 / 0.308 ms a call forward / backward against the TMA kernel's 0.359 / 0.417; in the fastest set on
-    # 2 ranks 262.3 -> 257.2 ms a step, losses within the noise (benchmarks/RESULTS.md). Not with fused_mlp_sign.
+    # 2 ranks 262.3 -> 257.2 ms a step, losses within the noise (benchmarks/RESULTS.md). With fused_mlp_sign too.
     fused_mlp_pingpong: bool = False
     # With fused_mlp: its forward keeps post and pre's signs instead of pre, and its backward takes act'(pre) from
-    # them (lmcore.mlp_kernel._dpre_sign_math); a deliberate rounding change. mlp_hidden a multiple of 32. Slower on
-    # an H200 (session 19): 0.316 / 0.443 ms a call forward / backward against 0.339 / 0.403 without it.
+    # them (lmcore.mlp_kernel._dpre_sign_math); a deliberate rounding change. mlp_hidden a multiple of 32. With the
+    # TMA kernel slower on an H200 (session 19): 0.316 / 0.443 ms a call forward / backward against 0.339 / 0.403
+    # without it. With fused_mlp_pingpong (session 33) the ping-pong kernel's epilogues write and read the signs.
     fused_mlp_sign: bool = False
     # k and v repeated to the query heads before attention (GQA run as MHA: FA3's backward then writes dk/dv without
     # its fp32 GQA accumulators and their converts); autograd, or the q/k kernel (fused_qk_norm_rope), sums the

@@ -90,30 +90,33 @@ def test_tma_kernel_only_where_its_descriptors_take_the_tensors(monkeypatch):
 
 
 def test_the_descriptors_choice_reaches_both_gemms(monkeypatch):
-    """train.fused_mlp_descriptors -> GPT.use_fused_mlp -> the op's forward and its backward's GEMM."""
+    """train.fused_mlp_descriptors (or _pingpong) and train.fused_mlp_sign -> GPT.use_fused_mlp -> the op's
+    forward and its backward's GEMM, every kernel choice with and without the signs."""
     seen = []
 
     def fc(x, w_fc, slope, tile=None, descriptors="device", sign=False):
-        seen.append(("fc", descriptors))
-        return MK._fc_math(x, w_fc, slope)
+        seen.append(("fc", descriptors, sign))
+        return (MK._fc_sign_math if sign else MK._fc_math)(x, w_fc, slope)
 
-    def dpre(g, w_proj, pre, slope, tile=None, descriptors="device"):
-        seen.append(("dpre", descriptors))
+    def dpre(g, w_proj, pre, slope, tile=None, descriptors="device", signs=None):
+        seen.append(("dpre", descriptors, signs is not None))
+        if signs is not None:  # pre is post here
+            return MK._dpre_sign_math(g, w_proj, pre, signs, slope)
         return MK._dpre_math(g, w_proj, pre, slope)
 
     monkeypatch.setattr(MK, "_use_triton", lambda *a: True)
     monkeypatch.setattr(MK, "_fc_triton", fc)
     monkeypatch.setattr(MK, "_dpre_triton", dpre)
-    model, ids, tgt = _model_and_batch()
+    model, ids, tgt = _model_and_batch(mlp_hidden=64)
+    layers = model.cfg.num_layers
     for descriptors in ("host", "device", "pingpong"):
-        model.use_fused_mlp(descriptors)
-        seen.clear()
-        loss_and_grads(model, ids, tgt)
-        assert seen == [("fc", descriptors)] * model.cfg.num_layers + [("dpre", descriptors)] * model.cfg.num_layers
+        for sign in (False, True):
+            model.use_fused_mlp(descriptors, sign)
+            seen.clear()
+            loss_and_grads(model, ids, tgt)
+            assert seen == [("fc", descriptors, sign)] * layers + [("dpre", descriptors, sign)] * layers
     with pytest.raises(ValueError, match="descriptors='gpu'"):
         leaky_mlp(ids.float()[..., None], torch.ones(4, 1), torch.ones(1, 4), SLOPE, "gpu")
-    with pytest.raises(ValueError, match="no ping-pong kernel"):
-        leaky_mlp(ids.float()[..., None], torch.ones(32, 1), torch.ones(1, 32), SLOPE, "pingpong", sign=True)
 
 
 def test_pingpong_falls_back_to_the_tma_kernel_where_it_cannot_run(monkeypatch):
@@ -133,16 +136,45 @@ def test_pingpong_falls_back_to_the_tma_kernel_where_it_cannot_run(monkeypatch):
     assert launched == [MK.TILE_TMA_FWD, MK.TILE_TMA_BWD]  # the defaults: descriptors on the device
     ran = []
     monkeypatch.setattr(MK, "_pingpong_takes", lambda a, n: True)
-    monkeypatch.setattr(PP, "launch", lambda a, b, pre, out, slope, backward, sms, b_kn=False:
-                        ran.append((b.shape, backward, b_kn, b.is_contiguous())))
+    monkeypatch.setattr(PP, "launch", lambda a, b, pre, out, slope, backward, sms, b_kn=False, signs=None:
+                        ran.append((b.shape, backward, b_kn, b.is_contiguous(), signs)))
     monkeypatch.setattr(MK, "_sm_count", lambda device: 132)
     MK._fc_triton(a, w, SLOPE, descriptors="pingpong")
     MK._dpre_triton(a, torch.zeros(512, 1536, dtype=torch.bfloat16), torch.zeros(64, 1536, dtype=torch.bfloat16),
                     SLOPE, descriptors="pingpong")
     # forward: w_fc (N, K); backward: w_proj as stored, (K, N), no transposed copy
-    assert ran == [((1536, 512), False, False, True), ((512, 1536), True, True, True)]
+    assert ran == [((1536, 512), False, False, True, None), ((512, 1536), True, True, True, None)]
     MK._fc_triton(a, w, SLOPE, (128, 128, 64, 4, 3), descriptors="pingpong")
     assert len(ran) == 2 and launched[-1] == (128, 128, 64, 4, 3)
+
+
+def test_the_sign_path_reaches_the_pingpong_kernel_or_the_tma_kernel(monkeypatch):
+    """train.fused_mlp_sign with the ping-pong kernel: its forward gets an (M, N // 32) int32 buffer for the
+    signs and post in pre's place (pre is not written), its backward post and those signs, slope as given (the
+    launch negates it, as _launch does); where the kernel cannot run, the TMA kernel gets the same."""
+    import lmcore.mlp_pingpong as PP
+
+    ran = []
+    monkeypatch.setattr(MK, "_pingpong_takes", lambda a, n: True)
+    monkeypatch.setattr(MK, "_sm_count", lambda device: 132)
+    monkeypatch.setattr(PP, "launch", lambda a, b, pre, out, slope, backward, sms, b_kn=False, signs=None:
+                        ran.append((pre, out, slope, backward, b_kn, signs)))
+    a, w = torch.zeros(64, 512, dtype=torch.bfloat16), torch.zeros(1536, 512, dtype=torch.bfloat16)
+    signs, post = MK._fc_triton(a, w, SLOPE, descriptors="pingpong", sign=True)
+    pre, out, slope, backward, b_kn, got = ran[-1]
+    assert got is signs and signs.shape == (64, 48) and signs.dtype == torch.int32
+    assert pre is post and out is post and (slope, backward, b_kn) == (SLOPE, False, False)
+    dpre = MK._dpre_triton(a, w.t(), post, SLOPE, descriptors="pingpong", signs=signs)
+    pre, out, slope, backward, b_kn, got = ran[-1]
+    assert pre is post and out is dpre and got is signs and (slope, backward, b_kn) == (SLOPE, True, True)
+    launched = []
+    monkeypatch.setattr(MK, "_pingpong_takes", lambda a, n: False)
+    monkeypatch.setattr(MK, "TensorDescriptor", object())
+    monkeypatch.setattr(MK, "_launch", lambda a, b, pre, out, slope, backward, tile, signs=None:
+                        launched.append((tile, signs is not None)))
+    MK._fc_triton(a, w, SLOPE, descriptors="pingpong", sign=True)
+    MK._dpre_triton(a, w.t(), post, SLOPE, descriptors="pingpong", signs=signs)
+    assert launched == [(MK.TILE_TMA_FWD, True), (MK.TILE_TMA_BWD, True)] and len(ran) == 2
 
 
 def _model_and_batch(**kw):
@@ -295,10 +327,12 @@ def test_fused_model_on_cuda_compiled_under_autocast_is_the_plain_model(monkeypa
 
 @pytest.mark.cuda
 @needs_cuda
-@pytest.mark.parametrize("descriptors", ["device", "host", "pingpong"])
-def test_the_op_replays_in_a_cuda_graph(descriptors):
+@pytest.mark.parametrize(("descriptors", "sign"), [("device", False), ("host", False), ("pingpong", False),
+                                                 ("pingpong", True)])
+def test_the_op_replays_in_a_cuda_graph(descriptors, sign):
     """train.compile_mode=reduce-overhead captures the op: the device-built descriptors' scratch
-    comes from the graph's pool. Replays on new inputs equal eager runs on them."""
+    comes from the graph's pool. Replays on new inputs equal eager runs on them (also with the
+    ping-pong kernel's sign path, train.fused_mlp_sign)."""
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(1024, 128, generator=g, device="cuda").bfloat16().requires_grad_()
     wf = (torch.randn(384, 128, generator=g, device="cuda") * 0.1).bfloat16().requires_grad_()
@@ -306,7 +340,7 @@ def test_the_op_replays_in_a_cuda_graph(descriptors):
     dy = torch.randn(1024, 128, generator=g, device="cuda").bfloat16()
 
     def step():
-        y = leaky_mlp(x, wf, wp, SLOPE, descriptors)
+        y = leaky_mlp(x, wf, wp, SLOPE, descriptors, sign)
         return (y, *torch.autograd.grad(y, (x, wf, wp), dy))
 
     side = torch.cuda.Stream()
@@ -390,3 +424,45 @@ def test_triton_sign_gemm_is_its_pytorch_kernels(m, d, hidden, tile):
     assert torch.equal(post_s, post) and torch.equal(signs, MK._pack(pre > 0))  # the same tile, the same pre
     dpre = MK._dpre_triton(dy, wp, post, SLOPE, tile, signs=signs)
     torch.testing.assert_close(dpre, MK._dpre_sign_math(dy, wp, post, signs, SLOPE), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize(("m", "d", "hidden", "tile"), [
+    (98304 // 8, 512, 1536, None),  # record's widths, the default tile
+    (2880, 512, 1536, None),  # two or three tiles a program, a row tail
+    (1000, 128, 384, (128, 128, 64, 4, 232, 1)),  # one consumer (no ping-pong), 4 stages
+    (300, 64, 224, (128, 128, 64, 3, 232, 2)),  # N = 224: the last tile's right half has one word of two
+])
+def test_pingpong_sign_kernel_is_the_tma_sign_kernel(m, d, hidden, tile):
+    """train.fused_mlp_sign on the ping-pong kernel: the same sign words as _pack of its own pre (and the TMA
+    sign kernel's), the same post, and dpre from post and the words equal to the TMA sign kernel's bit for bit
+    (the same accumulation order) and near _dpre_sign_math; words past N are not written."""
+    import lmcore.mlp_pingpong as PP
+
+    if not MK._pingpong_takes(torch.zeros(8, 64, device="cuda", dtype=torch.bfloat16), 64):
+        pytest.skip("no Gluon or not a Hopper GPU")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x, dy = (torch.randn(m, d, generator=g, device="cuda").bfloat16() for _ in range(2))
+    wf = (torch.randn(hidden, d, generator=g, device="cuda") * d**-0.5).bfloat16()
+    wp = (torch.randn(d, hidden, generator=g, device="cuda") * hidden**-0.5).bfloat16()
+    sms, tiles = MK._sm_count(x.device), [tile] if tile else []
+    pre, post = (torch.empty(m, hidden, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    PP.launch(x, wf, pre, post, SLOPE, False, sms, *tiles)
+    post_s = torch.empty_like(post)
+    words = torch.full((m, hidden // 32 + 1), 12345, dtype=torch.int32, device="cuda")
+    with pytest.raises(ValueError, match="contiguous"):  # a strided buffer would break the words' layout
+        PP.launch(x, wf, post_s, post_s, SLOPE, False, sms, *tiles, signs=words[:, :-1])
+    flat = torch.full((m * (hidden // 32) + 1,), 12345, dtype=torch.int32, device="cuda")  # + a canary past the end
+    signs = flat[:-1].view(m, hidden // 32)
+    PP.launch(x, wf, post_s, post_s, SLOPE, False, sms, *tiles, signs=signs)
+    assert flat[-1].item() == 12345  # at N = 224 the last row's word 7 would land there unmasked
+    tma_signs, tma_post = MK._fc_triton(x, wf, SLOPE, sign=True)
+    assert torch.equal(signs, MK._pack(pre > 0)) and torch.equal(signs, tma_signs)
+    assert torch.equal(post_s, post) and torch.equal(post_s, tma_post)
+    dpre = torch.empty_like(post)
+    PP.launch(dy, wp, post, dpre, SLOPE, True, sms, *tiles, b_kn=True, signs=signs)
+    tma_dpre = MK._dpre_triton(dy, wp, post, SLOPE, signs=signs)
+    torch.testing.assert_close(dpre, tma_dpre, rtol=0, atol=0)
+    torch.testing.assert_close(dpre, MK._dpre_sign_math(dy, wp, post, signs, SLOPE), rtol=2e-2, atol=2e-2)
+    assert (pre < 0).any() and (pre > 0).any()
