@@ -150,6 +150,10 @@ SPEED_LEVERS: dict[str, list[str]] = {
     # inductor's Triton kernels' block sizes and warps tuned at compile (train.inductor_coordinate_descent). Session 32,
     # one H200: -1.8 ms a step on the fastest set (about 95 s more compile), -1.0 ms on record_fast's switches
     "coordinate_descent": ["train.inductor_coordinate_descent=true"],
+    # the fused MLP on the ping-pong kernel keeping pre's signs instead of pre (train.fused_mlp_sign, a deliberate
+    # rounding change). Session 33, one H200, on the fastest set with coordinate descent: +0.4 ms a step (no gain),
+    # peak memory 20,490 -> 17,520 MiB
+    "mlp_sign_pingpong": ["train.fused_mlp=true", "train.fused_mlp_pingpong=true", "train.fused_mlp_sign=true"],
 }
 
 
