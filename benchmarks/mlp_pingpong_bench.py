@@ -39,6 +39,15 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
 
 
+def inputs(tokens: int) -> tuple[torch.Tensor, ...]:
+    """(x, w_fc, w_proj, dy) at record's MLP widths, seed 0: the same in the checks and the timings."""
+    torch.manual_seed(0)
+    x = torch.randn(tokens, D, device="cuda", dtype=torch.bfloat16)
+    w = (torch.randn(HIDDEN, D, device="cuda") / D**0.5).to(torch.bfloat16)
+    wp = (torch.randn(D, HIDDEN, device="cuda") / HIDDEN**0.5).to(torch.bfloat16)
+    return x, w, wp, torch.randn(tokens, D, device="cuda", dtype=torch.bfloat16)
+
+
 def pingpong_fwd(x, w, tile):
     pre = torch.empty(x.size(0), w.size(0), dtype=x.dtype, device=x.device)
     post = torch.empty_like(pre)
@@ -64,11 +73,7 @@ def pingpong_fwd_sign(x, w, tile):
 def check_sign(tokens: int, tile: tuple) -> dict:
     """The sign path at `tokens` rows: words and post against the plain ping-pong forward's pre and post
     (0 and 0 when right), dpre against the TMA sign kernel's (0: the same accumulation order) and the math."""
-    torch.manual_seed(0)
-    x = torch.randn(tokens, D, device="cuda", dtype=torch.bfloat16)
-    w = (torch.randn(HIDDEN, D, device="cuda") / D**0.5).to(torch.bfloat16)
-    wp = (torch.randn(D, HIDDEN, device="cuda") / HIDDEN**0.5).to(torch.bfloat16)
-    g = torch.randn(tokens, D, device="cuda", dtype=torch.bfloat16)
+    x, w, wp, g = inputs(tokens)
     pre, post = pingpong_fwd(x, w, tile)
     signs, post_s = pingpong_fwd_sign(x, w, tile)
     dpre = pingpong_bwd(g, wp, post, tile, b_kn=True, signs=signs)
@@ -82,11 +87,7 @@ def check_sign(tokens: int, tile: tuple) -> dict:
 
 def check(tokens: int, tile: tuple) -> dict:
     """Relative max differences of the ping-pong kernel's outputs at `tokens` rows."""
-    torch.manual_seed(0)
-    x = torch.randn(tokens, D, device="cuda", dtype=torch.bfloat16)
-    w = (torch.randn(HIDDEN, D, device="cuda") / D**0.5).to(torch.bfloat16)
-    wp = (torch.randn(D, HIDDEN, device="cuda") / HIDDEN**0.5).to(torch.bfloat16)
-    g = torch.randn(tokens, D, device="cuda", dtype=torch.bfloat16)
+    x, w, wp, g = inputs(tokens)
     pre, post = pingpong_fwd(x, w, tile)
     tpre, tpost = MK._fc_triton(x, w, SLOPE)
     mpre, mpost = MK._fc_math(x, w, SLOPE)
@@ -121,13 +122,8 @@ def main() -> int:
                 out["checks"].append({"tile": list(tile), **r})
                 print("check sign", "x".join(map(str, tile)), " ".join(f"{k}={v:.3g}" for k, v in r.items()),
                       flush=True)
-    torch.manual_seed(0)
-    n = args.tokens
-    x = torch.randn(n, D, device="cuda", dtype=torch.bfloat16)
-    w = (torch.randn(HIDDEN, D, device="cuda") / D**0.5).to(torch.bfloat16)
-    wp = (torch.randn(D, HIDDEN, device="cuda") / HIDDEN**0.5).to(torch.bfloat16)
+    x, w, wp, g = inputs(args.tokens)
     wp_nk = wp.t().contiguous()
-    g = torch.randn(n, D, device="cuda", dtype=torch.bfloat16)
     pre = MK._fc_math(x, w, SLOPE)[0]
     rows = {
         "cuBLAS GEMM alone": (lambda: x @ w.t(), lambda: g @ wp),
