@@ -345,25 +345,16 @@ def _fc_triton(x: Tensor, w_fc: Tensor, slope: float, tile: tuple | None = None,
     """(pre, post), or (signs, post) with `sign` (_fc_sign_math's). descriptors "pingpong":
     lmcore.mlp_pingpong's kernel where it takes the tensors, else the TMA kernel's default."""
     post = x.new_empty(x.size(0), w_fc.size(0))
+    signs = torch.empty(x.size(0), post.size(1) // 32, dtype=torch.int32, device=x.device) if sign else None
+    pre = post if sign else torch.empty_like(post)  # with the signs pre is not written: post stands in for it
     if descriptors == PINGPONG and tile is None and _pingpong_takes(x, post.size(1)):
         from lmcore.mlp_pingpong import launch
 
-        if sign:  # pre is not written: post stands in for its descriptor
-            signs = torch.empty(x.size(0), post.size(1) // 32, dtype=torch.int32, device=x.device)
-            launch(x, w_fc, post, post, slope, False, _sm_count(x.device), signs=signs)
-            return signs, post
-        pre = torch.empty_like(post)
-        launch(x, w_fc, pre, post, slope, False, _sm_count(x.device))
-        return pre, post
-    descriptors = "device" if descriptors == PINGPONG else descriptors
-    tile = tile or _tile(x, post.size(1), True, descriptors)
-    if sign:
-        signs = torch.empty(x.size(0), post.size(1) // 32, dtype=torch.int32, device=x.device)
-        _launch(x, w_fc.t(), post, post, slope, False, tile, signs)
-        return signs, post
-    pre = torch.empty_like(post)
-    _launch(x, w_fc.t(), pre, post, slope, False, tile)
-    return pre, post
+        launch(x, w_fc, pre, post, slope, False, _sm_count(x.device), signs=signs)
+    else:
+        descriptors = "device" if descriptors == PINGPONG else descriptors
+        _launch(x, w_fc.t(), pre, post, slope, False, tile or _tile(x, post.size(1), True, descriptors), signs)
+    return (signs if sign else pre), post
 
 
 def _dpre_triton(g: Tensor, w_proj: Tensor, pre: Tensor, slope: float, tile: tuple | None = None,

@@ -29,6 +29,14 @@ def test_proxy1_differs_from_record_only_where_stated():
     assert px.train.grad_accum == 8 and px.data.seq_len == 2048
 
 
+def _lever_sets() -> dict[str, list[str]]:
+    """benchmarks/lever_sets.sh's sets, in its export line's order: {name: overrides}."""
+    sets = Path(__file__).resolve().parents[1] / "benchmarks" / "lever_sets.sh"
+    script = f'source "{sets}"; for n in $(sed -n "s/^export //p" "{sets}"); do printf "%s %s\\n" "$n" "${{!n}}"; done'
+    out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True).stdout
+    return {line.split()[0]: line.split()[1:] for line in out.splitlines()}
+
+
 def _record_fast_switches() -> list[str]:
     """record_fast's train fields that differ from record's, as overrides."""
     rec, fast = PRESETS["record"].train, PRESETS["record_fast"].train
@@ -38,9 +46,7 @@ def _record_fast_switches() -> list[str]:
 
 def test_record_fast_is_record_with_the_lever_set_benchmarks_name_preset():
     # the set speed.sh measures as PRESET (benchmarks/lever_sets.sh) is this preset, and nothing else differs
-    sets = Path(__file__).resolve().parents[1] / "benchmarks" / "lever_sets.sh"
-    out = subprocess.run(["bash", "-c", f'source "{sets}"; printf %s "$PRESET"'], capture_output=True, text=True,
-                         check=True).stdout.split()
+    out = _lever_sets()["PRESET"]
     rec, fast = PRESETS["record"], PRESETS["record_fast"]
     assert fast == replace(preset("record", out), name="record_fast")
     assert sorted(_record_fast_switches()) == sorted(out) and len(out) == 13
@@ -50,17 +56,13 @@ def test_record_fast_is_record_with_the_lever_set_benchmarks_name_preset():
 
 def test_every_lever_set_benchmarks_name_is_a_valid_record_config():
     # speed.sh's LEVERS / VARIANTS take these sets: one the config refuses would end a device call's run at its start
-    sets = Path(__file__).resolve().parents[1] / "benchmarks" / "lever_sets.sh"
-    names = subprocess.run(["bash", "-c", f'source "{sets}"; printf %s "$(grep -o "^export .*" "{sets}")"'],
-                           capture_output=True, text=True, check=True).stdout.split()[1:]
-    assert names == ["QF", "FAST", "DQ", "VNORM", "GATE", "PRESET", "MIXT", "CD", "SIGN"]
-    for name in names:
-        out = subprocess.run(["bash", "-c", f'source "{sets}"; printf %s "${name}"'], capture_output=True, text=True,
-                             check=True).stdout.split()
+    sets = _lever_sets()
+    assert list(sets) == ["QF", "FAST", "DQ", "VNORM", "GATE", "PRESET", "MIXT", "CD", "SIGN"]
+    for out in sets.values():
         cfg = preset("record", out)  # raises ConfigError on a refused combination
         assert out and all(o.startswith("train.") and "=" in o for o in out)
         assert cfg.train.fused_mlp and cfg.train.fused_mlp_pingpong
-    assert preset("record", out).train.fused_mlp_sign  # SIGN, the last: the sign path on the ping-pong kernel
+    assert preset("record", sets["SIGN"]).train.fused_mlp_sign  # the sign path on the ping-pong kernel
 
 
 def test_record_fast_switches_train_tiny_as_records_defaults(tmp_path):
