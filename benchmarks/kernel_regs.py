@@ -8,8 +8,8 @@ a gated layer and one without the gate for the XSA kernels. Then
 lmcore.mlp_kernel's persistent TMA GEMM (descriptors built by the host, and on the device) at its
 tile, each way, at 3 and 4 stages, with and without train.fused_mlp_sign: shared memory against
 the card's 232,448 bytes, registers, spills, and the global scratch the device-built descriptors
-need; and lmcore.mlp_pingpong's warp-specialized kernel, with and without the sign path (shared memory,
-registers at launch).
+need; and lmcore.mlp_pingpong's warp-specialized kernel, with and without the sign path, and its backward
+zeroing FA3's dQ accumulator (train.mlp_zeroes_dq_accum) (shared memory, registers at launch).
 Needs triton (its ptxas does the register allocation); no CUDA. What it cannot tell is time: that is benchmarks/qk_kernel_bench.py's,
 xsa_kernel_bench.py's and mlp_epilogue_bench.py's, on the GPU.
 
@@ -127,13 +127,15 @@ def pingpong_rows(tool: str) -> None:
     tiles = [(PP.TILE, False), ((128, 128, 64, 4, 232, 2), False), ((128, 128, 64, 4, 232, 1), False),
              ((64, 256, 64, 4, 232, 2), False), (PP.TILE, True)]  # True: train.fused_mlp_sign's (pre's signs)
     for backward in (False, True):
-        for tile, sign in tiles:
+        # and the backward with train.mlp_zeroes_dq_accum's side job (zeros over FA3's dQ accumulator)
+        for tile, sign, zero in [(t, s, False) for t, s in tiles] + [(PP.TILE, False, True)] * backward:
             bm, bn, bk, stages, regs, consumers = tile
             # the backward takes w_proj as stored, (K, N) (B_KN)
             descs = [f"tensordesc<bf16[{b[0]}, {b[1]}],{lay!r}>" for b, lay in PP.layouts(gl.bfloat16, bm, bn, bk, backward)]
             sig = {"a_desc": descs[0], "b_desc": descs[1], "pre_desc": descs[2], "out_desc": descs[2],
-                   "sign_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "slope": "fp32"}
-            consts = {"BACKWARD": backward, "SIGN": sign, "STAGES": stages, "SMS": 132, "REGS": regs,
+                   "sign_ptr": "*i32", "zero_ptr": "*fp32", "zero_n": "i32", "M": "i32", "N": "i32", "K": "i32",
+                   "slope": "fp32"}
+            consts = {"BACKWARD": backward, "SIGN": sign, "ZERO": zero, "STAGES": stages, "SMS": 132, "REGS": regs,
                       "CONSUMERS": consumers, "B_KN": backward}
             src = GluonASTSource(fn=PP._pingpong_kernel, signature=dict(sig, **{k: "constexpr" for k in consts}),
                                  constexprs=consts, attrs={})
@@ -146,7 +148,7 @@ def pingpong_rows(tool: str) -> None:
             mark = " (lmcore)" if tile == PP.TILE else ""
             used = re.search(r"Used (\d+) registers", info).group(1)
             spills = re.search(r"(\d+) bytes spill stores", info).group(1)
-            way = ("backward" if backward else "forward") + (", sign" if sign else "")
+            way = ("backward" if backward else "forward") + (", sign" if sign else "") + (", zero" if zero else "")
             print(f"| {way} | {'x'.join(map(str, tile[:3]))}, {stages}, {regs}, "
                   f"{consumers}{mark} | {c.metadata.shared:,} | {'yes' if c.metadata.shared <= SHARED_LIMIT else 'no'} | "
                   f"{used} | {spills} |")

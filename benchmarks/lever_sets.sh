@@ -13,6 +13,8 @@
 #             session 32, for about 95 s more compile)
 #   SIGN      CD + the fused MLP keeping pre's signs instead of pre, on the ping-pong kernel (train.fused_mlp_sign;
 #             a deliberate rounding change; session 33)
+#   ZERO      CD + the MLP's backward kernel zeroing FA3's dQ accumulator (train.mlp_zeroes_dq_accum; session 34;
+#             needs the FA3_DPSUM build with dq_accum_in)
 QF="train.fused_qkv=true train.fused_qkv_repeat_v=true train.fused_xsa_gate=true train.expand_kv=true"
 QF="$QF train.fused_mlp=true train.fold_output_scales=true train.foreach_grad_accum=true"
 QF="$QF train.compile_mode=reduce-overhead train.fused_mlp_pingpong=true train.ddp_split_graph=false"
@@ -24,4 +26,5 @@ PRESET="$QF train.fused_softcap_ce=true train.fold_attn_norm=true train.fused_qk
 MIXT="$GATE train.inductor_mix_order_reduction=true train.inductor_mix_order_tuning=true"
 CD="$GATE train.inductor_coordinate_descent=true"
 SIGN="$CD train.fused_mlp_sign=true"
-export QF FAST DQ VNORM GATE PRESET MIXT CD SIGN
+ZERO="$CD train.mlp_zeroes_dq_accum=true"
+export QF FAST DQ VNORM GATE PRESET MIXT CD SIGN ZERO

@@ -11,10 +11,13 @@ TMA kernel. Each tile's backward also as training ran it before session 25 (w_pr
 into a copy each call) and as it runs now (B as (K, N), no copy). With --sign, each tile also with
 train.fused_mlp_sign's epilogues (the forward writes post and pre's signs, the backward reads post and
 the signs; checked: the words equal _pack(pre > 0) and dpre the TMA sign kernel's), and the TMA
-kernel's sign path as a row.
+kernel's sign path as a row. With --zero, each tile's backward also zeroing a buffer the size of FA3's
+dQ accumulator at these tokens (tokens x 8 heads x 64 fp32: train.mlp_zeroes_dq_accum's side job; checked:
+all zeros, dpre bit-equal to the backward without it), and the same buffer's zero_() alone as a row: the
+pass of FA3's preprocess that the side job replaces.
 
 usage: python benchmarks/mlp_pingpong_bench.py [--tokens 98304] [--tiles BMxBNxBKxSTAGESxREGSxCONSUMERS,...]
-       [--sign] [--json PATH]
+       [--sign] [--zero] [--json PATH]
 GPU only (sm_90).
 """
 
@@ -55,11 +58,27 @@ def pingpong_fwd(x, w, tile):
     return pre, post
 
 
-def pingpong_bwd(g, wp, pre, tile, b_kn=False, signs=None):
-    """dpre from w_proj transposed, (N, K), or with b_kn as stored, (K, N); with signs, pre is post."""
+def pingpong_bwd(g, wp, pre, tile, b_kn=False, signs=None, zero=None):
+    """dpre from w_proj transposed, (N, K), or with b_kn as stored, (K, N); with signs, pre is post; `zero`
+    (fp32) zeroed beside."""
     out = torch.empty_like(pre)
-    PP.launch(g, wp, pre, out, SLOPE, True, MK._sm_count(g.device), tile, b_kn=b_kn, signs=signs)
+    PP.launch(g, wp, pre, out, SLOPE, True, MK._sm_count(g.device), tile, b_kn=b_kn, signs=signs, zero=zero)
     return out
+
+
+ACC_FLOATS_PER_TOKEN = 8 * 64  # FA3's dQ accumulator at record's heads and head dim (rows rounded to 128)
+
+
+def check_zero(tokens: int, tile: tuple) -> dict:
+    """The backward with a NaN-filled accumulator-sized buffer to zero: what it left not zero (0 when right)
+    and dpre against the backward without it (0: the same kernel, the same GEMM)."""
+    x, w, wp, g = inputs(tokens)
+    pre = MK._fc_math(x, w, SLOPE)[0]
+    buf = torch.full((-(-tokens // 128) * 128 * ACC_FLOATS_PER_TOKEN,), float("nan"), device="cuda")
+    dpre_z = pingpong_bwd(g, wp, pre, tile, b_kn=True, zero=buf)
+    dpre = pingpong_bwd(g, wp, pre, tile, b_kn=True)
+    torch.cuda.synchronize()
+    return {"tokens": tokens, "zero_left_nonzero": int((buf != 0).sum().item()), "zero_dpre_vs_plain": rel(dpre_z, dpre)}
 
 
 def pingpong_fwd_sign(x, w, tile):
@@ -106,6 +125,7 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=48 * 2048)
     ap.add_argument("--tiles", default="128x128x64x4x232x2", help="BMxBNxBKxSTAGESxREGSxCONSUMERS, comma-separated")
     ap.add_argument("--sign", action="store_true", help="each tile also with train.fused_mlp_sign's epilogues")
+    ap.add_argument("--zero", action="store_true", help="each tile's backward also zeroing FA3's dQ accumulator")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     triton.set_allocator(MK._scratch)  # lmcore.mlp_kernel's TMA kernel builds its descriptors on the device
@@ -122,9 +142,15 @@ def main() -> int:
                 out["checks"].append({"tile": list(tile), **r})
                 print("check sign", "x".join(map(str, tile)), " ".join(f"{k}={v:.3g}" for k, v in r.items()),
                       flush=True)
+            if args.zero:
+                r = check_zero(tokens, tile)
+                out["checks"].append({"tile": list(tile), **r})
+                print("check zero", "x".join(map(str, tile)), " ".join(f"{k}={v:.3g}" for k, v in r.items()),
+                      flush=True)
     x, w, wp, g = inputs(args.tokens)
     wp_nk = wp.t().contiguous()
     pre = MK._fc_math(x, w, SLOPE)[0]
+    acc = torch.empty(-(-args.tokens // 128) * 128 * ACC_FLOATS_PER_TOKEN, device="cuda") if args.zero else None
     rows = {
         "cuBLAS GEMM alone": (lambda: x @ w.t(), lambda: g @ wp),
         "lmcore TMA kernel (default)": (lambda: MK._fc_triton(x, w, SLOPE), lambda: MK._dpre_triton(g, wp, pre, SLOPE)),
@@ -141,6 +167,11 @@ def main() -> int:
             signs, post = pingpong_fwd_sign(x, w, tile)
             rows[name + ", sign"] = (lambda t=tile: pingpong_fwd_sign(x, w, t),
                                      lambda t=tile, p=post, s=signs: pingpong_bwd(g, wp, p, t, b_kn=True, signs=s))
+        if args.zero:  # the backward zeroing the accumulator as it runs in training (B as (K, N))
+            rows[name + ", bwd B as (K, N), zero"] = (
+                lambda t=tile: pingpong_fwd(x, w, t), lambda t=tile: pingpong_bwd(g, wp, pre, t, b_kn=True, zero=acc))
+    if args.zero:
+        rows["the accumulator's zero_() alone (both columns)"] = (acc.zero_, acc.zero_)
     if args.sign:
         tsigns, tpost = MK._fc_triton(x, w, SLOPE, sign=True)
         rows["lmcore TMA kernel, sign"] = (lambda: MK._fc_triton(x, w, SLOPE, sign=True),
@@ -157,6 +188,11 @@ def main() -> int:
             plain = out["ms"][name.removesuffix(", sign") + ", bwd B as (K, N)"]
             print(f"{name}: {CALLS_PER_STEP * (plain[0] - ms[0]):+.1f} ms forward, "
                   f"{CALLS_PER_STEP * (plain[1] - ms[1]):+.1f} ms backward a step saved over the plain epilogues")
+        if name.startswith("ping-pong") and name.endswith(", zero"):
+            plain = out["ms"][name.removesuffix(", zero")][1]
+            alone = out["ms"]["the accumulator's zero_() alone (both columns)"][1]
+            print(f"{name}: the side job costs {CALLS_PER_STEP * (ms[1] - plain):+.2f} ms a step in the backward; the "
+                  f"zero_() it replaces {CALLS_PER_STEP * alone:.2f} ms")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

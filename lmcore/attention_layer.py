@@ -79,8 +79,10 @@ class Attention(nn.Module):
         self.row_scaled = False  # GPT.fold_attn_norm: reads the residual stream and its RMSNorm's row scale
 
     def forward(self, x: Tensor, ve: Tensor | None, rope: tuple[Tensor, Tensor], cache: KVCache | None = None,
-                out_scale: Tensor | None = None, row_scale: Tensor | None = None) -> Tensor:
-        """row_scale (B, T) (GPT.fold_attn_norm): x un-normed, its norm's row scale taken by v and the gate only."""
+                out_scale: Tensor | None = None, row_scale: Tensor | None = None,
+                token: bool = False) -> Tensor | tuple[Tensor, Tensor | None]:
+        """row_scale (B, T) (GPT.fold_attn_norm): x un-normed, its norm's row scale taken by v and the gate only.
+        token (Block.zero_dq): (out, the attention op's token for the MLP, or None where the op made no dq slot)."""
         B, T, _ = x.shape
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         cos, sin = rope
@@ -106,16 +108,21 @@ class Attention(nn.Module):
                 q, k = apply_rope(q, cos, sin), repeat_heads(apply_rope(k, cos, sin), rep)
                 q = q * self.q_gain.to(q.dtype)[None, None, :, None]
         gate = None if self.attn_gate is None else self._gate(x, row_scale, gl)
+        tok = None
         if cache is None and self.attn_xsa_op is not None:  # GPT.use_fa3_xsa_rowsum: the same math, one op
-            y = self.attn_xsa_op(q, k, repeat_heads(v, rep) if v_att is None else v_att, v, gate, self.backend, slot)
+            y = self.attn_xsa_op(q, k, repeat_heads(v, rep) if v_att is None else v_att, v, gate, self.backend, slot,
+                                 token and slot is not None)
+            y, tok = y if token and slot is not None else (y, None)
         elif cache is None:  # k is already repeated; v keeps its kv heads for XSA below
             y = self._xsa_gate(attention(q, k, repeat_heads(v, rep) if v_att is None else v_att, self.backend), v, gate)
         else:
             y = self._xsa_gate(self._cached_attention(q, k, v, cache), v, gate, fused=False)
         y = y.reshape(B, T, H * D)
         if out_scale is not None:  # Block.fold_scales: out_scale * proj(y) as one GEMM on scaled rows
-            return F.linear(y, self.proj.scaled_weight(out_scale, y.dtype))
-        return self.proj(y)
+            out = F.linear(y, self.proj.scaled_weight(out_scale, y.dtype))
+        else:
+            out = self.proj(y)
+        return (out, tok) if token else out
 
     def _gate(self, x: Tensor, row_scale: Tensor | None, gl: Tensor | None) -> Tensor:
         """The gate's logits W n + b: nn.Linear's, or from gl = W x (the q/k/v GEMM's) and n = row_scale * x where x is

@@ -358,25 +358,34 @@ def _fc_triton(x: Tensor, w_fc: Tensor, slope: float, tile: tuple | None = None,
 
 
 def _dpre_triton(g: Tensor, w_proj: Tensor, pre: Tensor, slope: float, tile: tuple | None = None,
-                 descriptors: str = "device", signs: Tensor | None = None) -> Tensor:
+                 descriptors: str = "device", signs: Tensor | None = None, zero: Tensor | None = None) -> Tensor:
     """dpre from pre, or with `signs` from post (passed as `pre`) and pre's signs; descriptors
-    "pingpong" as _fc_triton's."""
+    "pingpong" as _fc_triton's. `zero` (fp32, contiguous): filled with zeros, by the ping-pong
+    kernel as a side job where it runs, else after the TMA kernel."""
     dpre = torch.empty_like(pre)
     if descriptors == PINGPONG and tile is None and _pingpong_takes(g, pre.size(1)):
         from lmcore.mlp_pingpong import launch
 
         # w_proj (K, N), as leaky_mlp gives it
-        launch(g, w_proj, pre, dpre, slope, True, _sm_count(g.device), b_kn=True, signs=signs)
+        launch(g, w_proj, pre, dpre, slope, True, _sm_count(g.device), b_kn=True, signs=signs, zero=zero)
         return dpre
     descriptors = "device" if descriptors == PINGPONG else descriptors
     _launch(g, w_proj, pre, dpre, slope, True, tile or _tile(g, pre.size(1), False, descriptors), signs)
+    if zero is not None:
+        zero.zero_()
     return dpre
+
+
+def _zeros_for(g: Tensor, shape: list[int]) -> Tensor | None:
+    """The fp32 buffer the backward zeroes for the attention's (leaky_mlp's `token`), or None (shape [])."""
+    return g.new_empty(shape, dtype=torch.float32) if shape else None
 
 
 @torch.library.custom_op("lmcore::leaky_mlp", mutates_args=())
 def _leaky_mlp(x: Tensor, w_fc: Tensor, w_proj: Tensor, slope: float, descriptors: str,
-               sign: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """(y, pre, post), or (y, signs, post) with `sign`: what the backward keeps."""
+               sign: bool, token: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """(y, pre, post), or (y, signs, post) with `sign`: what the backward keeps. `token` is not read
+    (leaky_mlp's docstring: its gradient is a buffer of zeros)."""
     if _use_triton(x, w_fc.size(0)):
         kept, post = _fc_triton(x, w_fc, slope, descriptors=descriptors, sign=sign)
     else:
@@ -386,39 +395,52 @@ def _leaky_mlp(x: Tensor, w_fc: Tensor, w_proj: Tensor, slope: float, descriptor
 
 @_leaky_mlp.register_fake
 def _(x: Tensor, w_fc: Tensor, w_proj: Tensor, slope: float, descriptors: str,
-      sign: bool) -> tuple[Tensor, Tensor, Tensor]:
+      sign: bool, token: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
     post = x.new_empty(x.size(0), w_fc.size(0))
     kept = x.new_empty(x.size(0), w_fc.size(0) // 32, dtype=torch.int32) if sign else torch.empty_like(post)
     return x.new_empty(x.size(0), w_proj.size(0)), kept, post
 
 
+# zero_shape: [] or the shape of a fp32 buffer of zeros to return beside dpre (leaky_mlp's `token`), else (0,)
 @torch.library.custom_op("lmcore::leaky_mlp_dpre", mutates_args=())
-def _leaky_mlp_dpre(g: Tensor, w_proj: Tensor, pre: Tensor, slope: float, descriptors: str) -> Tensor:
+def _leaky_mlp_dpre(g: Tensor, w_proj: Tensor, pre: Tensor, slope: float, descriptors: str,
+                    zero_shape: list[int]) -> tuple[Tensor, Tensor]:
+    zero = _zeros_for(g, zero_shape)
     if _use_triton(g, pre.size(1)):
-        return _dpre_triton(g, w_proj, pre, slope, descriptors=descriptors)
-    return _dpre_math(g, w_proj, pre, slope)
+        dpre = _dpre_triton(g, w_proj, pre, slope, descriptors=descriptors, zero=zero)
+    else:
+        dpre = _dpre_math(g, w_proj, pre, slope)
+        zero = None if zero is None else zero.zero_()
+    return dpre, g.new_empty(0, dtype=torch.float32) if zero is None else zero
 
 
 @_leaky_mlp_dpre.register_fake
-def _(g: Tensor, w_proj: Tensor, pre: Tensor, slope: float, descriptors: str) -> Tensor:
-    return torch.empty_like(pre)
+def _(g: Tensor, w_proj: Tensor, pre: Tensor, slope: float, descriptors: str,
+      zero_shape: list[int]) -> tuple[Tensor, Tensor]:
+    return torch.empty_like(pre), g.new_empty(zero_shape or [0], dtype=torch.float32)
 
 
 @torch.library.custom_op("lmcore::leaky_mlp_dpre_sign", mutates_args=())
 def _leaky_mlp_dpre_sign(g: Tensor, w_proj: Tensor, post: Tensor, signs: Tensor, slope: float,
-                         descriptors: str) -> Tensor:
+                         descriptors: str, zero_shape: list[int]) -> tuple[Tensor, Tensor]:
+    zero = _zeros_for(g, zero_shape)
     if _use_triton(g, post.size(1)):
-        return _dpre_triton(g, w_proj, post, slope, descriptors=descriptors, signs=signs)
-    return _dpre_sign_math(g, w_proj, post, signs, slope)
+        dpre = _dpre_triton(g, w_proj, post, slope, descriptors=descriptors, signs=signs, zero=zero)
+    else:
+        dpre = _dpre_sign_math(g, w_proj, post, signs, slope)
+        zero = None if zero is None else zero.zero_()
+    return dpre, g.new_empty(0, dtype=torch.float32) if zero is None else zero
 
 
 @_leaky_mlp_dpre_sign.register_fake
-def _(g: Tensor, w_proj: Tensor, post: Tensor, signs: Tensor, slope: float, descriptors: str) -> Tensor:
-    return torch.empty_like(post)
+def _(g: Tensor, w_proj: Tensor, post: Tensor, signs: Tensor, slope: float, descriptors: str,
+      zero_shape: list[int]) -> tuple[Tensor, Tensor]:
+    return torch.empty_like(post), g.new_empty(zero_shape or [0], dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, w_fc, w_proj, ctx.slope, ctx.descriptors, ctx.sign = inputs
+    x, w_fc, w_proj, ctx.slope, ctx.descriptors, ctx.sign, token = inputs
+    ctx.zero_shape = [] if token is None else list(token.shape)
     ctx.save_for_backward(x, w_fc, w_proj, output[1], output[2])
 
 
@@ -426,17 +448,17 @@ def _backward(ctx, g: Tensor, _g_kept: Tensor, _g_post: Tensor):
     x, w_fc, w_proj, kept, post = ctx.saved_tensors
     g = g.contiguous()
     if ctx.sign:
-        dpre = _leaky_mlp_dpre_sign(g, w_proj, post, kept, ctx.slope, ctx.descriptors)
+        dpre, zero = _leaky_mlp_dpre_sign(g, w_proj, post, kept, ctx.slope, ctx.descriptors, ctx.zero_shape)
     else:
-        dpre = _leaky_mlp_dpre(g, w_proj, kept, ctx.slope, ctx.descriptors)
-    return dpre @ w_fc, dpre.t() @ x, g.t() @ post, None, None, None
+        dpre, zero = _leaky_mlp_dpre(g, w_proj, kept, ctx.slope, ctx.descriptors, ctx.zero_shape)
+    return dpre @ w_fc, dpre.t() @ x, g.t() @ post, None, None, None, zero if ctx.zero_shape else None
 
 
 _leaky_mlp.register_autograd(_backward, setup_context=_setup_context)
 
 
 def leaky_mlp(x: Tensor, w_fc: Tensor, w_proj: Tensor, slope: float, descriptors: str = "device",
-              sign: bool = False) -> Tensor:
+              sign: bool = False, token: Tensor | None = None) -> Tensor:
     """leaky_relu(x w_fc^T, slope)^2 w_proj^T for x (..., D), w_fc (hidden, D), w_proj (D_out,
     hidden), all of one dtype; the same math as the model's plain MLP. `descriptors`: where the
     TMA kernel's descriptors are built, "device" or "host" (the same kernel body, the same numbers).
@@ -444,11 +466,13 @@ def leaky_mlp(x: Tensor, w_fc: Tensor, w_proj: Tensor, slope: float, descriptors
     (Hopper; elsewhere the TMA kernel on device-built descriptors), the same numbers, with `sign` too.
     `sign` (train.fused_mlp_sign; hidden a multiple of 32): the forward keeps post and one bit an
     element, pre > 0, instead of pre, and the backward takes act'(pre) from them (_dpre_sign_math:
-    a deliberate rounding change)."""
+    a deliberate rounding change). `token` (train.mlp_zeroes_dq_accum; lmcore.fa3_xsa.attention_xsa's): not
+    read; its gradient is a fp32 buffer of its shape, all zeros, that the backward's kernel wrote beside its
+    GEMMs (the ping-pong kernel; elsewhere a fill after it): the attention's backward adds its dQ into it."""
     if descriptors not in (*DESCRIPTORS, PINGPONG):
         raise ValueError(f"descriptors={descriptors!r}: expected one of {', '.join([*DESCRIPTORS, PINGPONG])}")
     if sign and w_fc.size(0) % 32:
         raise ValueError(f"sign=True needs a hidden width that is a multiple of 32, not {w_fc.size(0)}")
     y, _, _ = _leaky_mlp(x.reshape(-1, x.size(-1)).contiguous(), w_fc.contiguous(), w_proj.contiguous(),
-                         float(slope), descriptors, bool(sign))
+                         float(slope), descriptors, bool(sign), token)
     return y.view(*x.shape[:-1], y.size(-1))

@@ -15,13 +15,16 @@ the activation (or its derivative) runs in fp32 on that value and is rounded onc
 equal the TMA kernel's bit for bit at the shapes tested (the same wgmma k-slice order).
 Epilogues go out by (BM, BN / 2) half tiles through shared memory and TMA stores.
 
-`launch(a, b, pre, out, slope, backward, tile, b_kn, signs)`: C = a (M, K) @ b (N, K)^T, or with `b_kn`
+`launch(a, b, pre, out, slope, backward, tile, b_kn, signs, zero)`: C = a (M, K) @ b (N, K)^T, or with `b_kn`
 C = a @ b (K, N) (B's (BK, BN) tiles go to wgmma as they are, N-major: the backward takes w_proj
 as stored, with no transposed copy a call); bf16 or fp16, contiguous, K a multiple of BK; forward
 writes pre = C and out = act(C); backward reads pre and writes out = C * act'(pre). With `signs`
 (train.fused_mlp_sign, mlp_kernel's `sign`): the forward writes pre's signs, 32 to an int32 word,
 instead of pre, and the backward takes act'(pre) from post (passed as pre) and the signs, as
-mlp_kernel's TMA kernel does (the same words, the same math). tile = (BM, BN, BK, stages,
+mlp_kernel's TMA kernel does (the same words, the same math). With `zero` (train.mlp_zeroes_dq_accum): the
+kernel also writes zeros over that fp32 buffer as a side job, a slice after each tile's epilogue, where the
+stores run while the other consumer's GEMM keeps the tensor cores busy (lmcore.fa3_xsa: the buffer is FA3's
+dQ accumulator for the next attention backward, which then skips its own zeroing). tile = (BM, BN, BK, stages,
 registers a consumer thread, consumers: 2, or 1 for no ping-pong). Needs Triton's Gluon (3.6) and
 an sm_90 GPU; lmcore.mlp_kernel decides when it runs. Measured: benchmarks/mlp_pingpong_bench.py;
 benchmarks/RESULTS.md, session 23 (the sign path: session 33, no faster: its forward as fast as
@@ -95,8 +98,9 @@ if gluon is not None:
 
     @gluon.jit
     def _consume(WHICH: gl.constexpr, a_bufs, b_bufs, pre_bufs, ready, empty, pre_ready, pre_empty, turn,
-                 pre_desc, out_desc, sign_ptr, M, N, K, slope, BACKWARD: gl.constexpr, SIGN: gl.constexpr,
-                 SMS: gl.constexpr, CONSUMERS: gl.constexpr, B_KN: gl.constexpr):
+                 pre_desc, out_desc, sign_ptr, zero_ptr, zero_n, M, N, K, slope, BACKWARD: gl.constexpr,
+                 SIGN: gl.constexpr, ZERO: gl.constexpr, SMS: gl.constexpr, CONSUMERS: gl.constexpr,
+                 B_KN: gl.constexpr):
         # one warpgroup: the program's tiles WHICH, WHICH + CONSUMERS, ...: the GEMM from the ring's
         # stages (one wgmma in flight; a stage goes back to the loader once the wgmma after it is
         # issued), then the epilogue through its two half-tile buffers (pre_bufs[2 WHICH], [2 WHICH + 1])
@@ -154,8 +158,21 @@ if gluon is not None:
                             om, on, slope, False)
                 _store_half(right, pre_bufs.index(2 * WHICH), pre_bufs.index(2 * WHICH + 1), pre_desc, out_desc,
                             om, on + BN // 2, slope, True)
+            if ZERO:  # this tile's slice of the buffer to zero, while the other consumer's GEMM runs
+                _zero_slice(zero_ptr, zero_n, tile, gl.cdiv(M, BM) * grid_n)
             j += CONSUMERS
         tma.store_wait(0)
+
+    @gluon.jit
+    def _zero_slice(zero_ptr, zero_n, tile, tiles):
+        # zeros over tile's slice of zero_ptr's zero_n floats: slices of one length, a multiple of ZB, in tile order
+        ZB: gl.constexpr = 2048  # 16 floats a thread of the warpgroup, as four 16-byte stores
+        layout: gl.constexpr = gl.BlockedLayout([4], [32], [4], [0])
+        chunk = gl.cdiv(gl.cdiv(zero_n, tiles), ZB) * ZB
+        offs = gl.arange(0, ZB, layout=layout)
+        zeros = gl.zeros([ZB], gl.float32, layout)
+        for start in range(tile * chunk, tile * chunk + chunk, ZB):
+            gl.store(zero_ptr + start + offs, zeros, mask=start + offs < zero_n)
 
     @gluon.jit
     def _dpre_half(h, buf, out_desc, sign_ptr, om, on, M, N, slope, SIGN: gl.constexpr):
@@ -225,11 +242,12 @@ if gluon is not None:
         tma.async_copy_shared_to_global(out_desc, [om, on], post_buf)
 
     @gluon.jit
-    def _pingpong_kernel(a_desc, b_desc, pre_desc, out_desc, sign_ptr, M, N, K, slope, BACKWARD: gl.constexpr,
-                         SIGN: gl.constexpr, STAGES: gl.constexpr, SMS: gl.constexpr, REGS: gl.constexpr,
-                         CONSUMERS: gl.constexpr, B_KN: gl.constexpr):
+    def _pingpong_kernel(a_desc, b_desc, pre_desc, out_desc, sign_ptr, zero_ptr, zero_n, M, N, K, slope,
+                         BACKWARD: gl.constexpr, SIGN: gl.constexpr, ZERO: gl.constexpr, STAGES: gl.constexpr,
+                         SMS: gl.constexpr, REGS: gl.constexpr, CONSUMERS: gl.constexpr, B_KN: gl.constexpr):
         # B_KN: b_desc's tiles are (BK, BN) of a (K, N) B, else (BN, BK) of an (N, K) one. SIGN: pre's signs
-        # at sign_ptr instead of pre (module docstring); pre_desc is then post's (backward) or unused (forward)
+        # at sign_ptr instead of pre (module docstring); pre_desc is then post's (backward) or unused (forward).
+        # ZERO: zero_ptr's zero_n floats are zeroed, a slice a tile (_zero_slice)
         BM: gl.constexpr = a_desc.block_type.shape[0]
         BK: gl.constexpr = a_desc.block_type.shape[1]
         BN: gl.constexpr = 2 * pre_desc.block_type.shape[1]
@@ -255,9 +273,9 @@ if gluon is not None:
         # the constexprs in it into runtime values (both branches of `if BACKWARD` compiled and taken at run time)
         gl.warp_specialize([
             (_consume, (0, a_bufs, b_bufs, pre_bufs, ready, empty, pre_ready, pre_empty, turn, pre_desc, out_desc,
-                        sign_ptr, M, N, K, slope, BACKWARD, SIGN, SMS, CONSUMERS, B_KN)),
+                        sign_ptr, zero_ptr, zero_n, M, N, K, slope, BACKWARD, SIGN, ZERO, SMS, CONSUMERS, B_KN)),
             (_consume, (1, a_bufs, b_bufs, pre_bufs, ready, empty, pre_ready, pre_empty, turn, pre_desc, out_desc,
-                        sign_ptr, M, N, K, slope, BACKWARD, SIGN, SMS, CONSUMERS, B_KN)),
+                        sign_ptr, zero_ptr, zero_n, M, N, K, slope, BACKWARD, SIGN, ZERO, SMS, CONSUMERS, B_KN)),
             (_loader, (a_desc, b_desc, pre_desc, a_bufs, b_bufs, pre_bufs, ready, empty, pre_ready, pre_empty,
                        M, N, K, BACKWARD, SMS, CONSUMERS, B_KN)),
         ], [4, 1], [REGS, 24])
@@ -282,12 +300,12 @@ def descriptors(a: Tensor, b: Tensor, pre: Tensor, out: Tensor, bm: int, bn: int
 
 
 def launch(a: Tensor, b: Tensor, pre: Tensor, out: Tensor, slope: float, backward: bool, sms: int,
-           tile: tuple = TILE, b_kn: bool = False, signs: Tensor | None = None) -> None:
+           tile: tuple = TILE, b_kn: bool = False, signs: Tensor | None = None, zero: Tensor | None = None) -> None:
     """One ping-pong kernel over C = a @ b^T, or a @ b with `b_kn` (module docstring), on `sms`
     persistent programs at most, with descriptors built on the host (kernel arguments: a CUDA
     graph keeps them). With `signs` ((M, N // 32) int32; N and BN / 2 multiples of 32): the forward
     writes them instead of pre (`pre` is not written: pass post), the backward reads them and post
-    (passed as `pre`)."""
+    (passed as `pre`). `zero`: a contiguous fp32 tensor the kernel also fills with zeros."""
     bm, bn, bk, stages, regs, consumers = tile
     m, k = a.shape
     n = b.size(1) if b_kn else b.size(0)
@@ -296,9 +314,14 @@ def launch(a: Tensor, b: Tensor, pre: Tensor, out: Tensor, slope: float, backwar
                  or not signs.is_contiguous()):
         raise ValueError(f"signs {tuple(signs.shape)} {signs.dtype} for a ({m}, {n}) output at BN {bn}: needs "
                          f"({m}, {n // 32}) int32 contiguous, N a multiple of 32 and BN of 64")
+    if zero is not None and (zero.dtype != torch.float32 or not zero.is_contiguous() or zero.device != a.device):
+        raise ValueError(f"zero: {zero.dtype} on {zero.device}, contiguous {zero.is_contiguous()}: needs a contiguous "
+                         f"float32 tensor on {a.device}")
     if sign and backward:  # the factor of act' where pre <= 0: -|slope| sqrt(post) * 2 (mlp_kernel._launch's)
         slope = -abs(slope)
     grid = (min(sms, triton.cdiv(m, bm) * triton.cdiv(n, bn)),)
-    _pingpong_kernel[grid](*descriptors(a, b, pre, out, bm, bn, bk, b_kn), signs if sign else out, m, n, k, slope,
-                           BACKWARD=backward, SIGN=sign, STAGES=stages, SMS=grid[0], REGS=regs, CONSUMERS=consumers,
-                           B_KN=b_kn, num_warps=4, maxnreg=MAXNREG)
+    z = zero is not None
+    _pingpong_kernel[grid](*descriptors(a, b, pre, out, bm, bn, bk, b_kn), signs if sign else out,
+                           zero if z else out, zero.numel() if z else 0, m, n, k, slope, BACKWARD=backward, SIGN=sign,
+                           ZERO=z, STAGES=stages, SMS=grid[0], REGS=regs, CONSUMERS=consumers, B_KN=b_kn, num_warps=4,
+                           maxnreg=MAXNREG)

@@ -60,13 +60,15 @@ class MLP(nn.Module):
         self.slope = cfg.leaky_slope
         self.fused_op = None  # GPT.use_fused_mlp: lmcore.mlp_kernel.leaky_mlp
 
-    def forward(self, x: Tensor, mask: tuple[Tensor, Tensor] | None = None, out_scale: Tensor | None = None) -> Tensor:
-        """out_scale (Block.fold_scales): out_scale * proj(h), as proj's rows scaled before its GEMM."""
+    def forward(self, x: Tensor, mask: tuple[Tensor, Tensor] | None = None, out_scale: Tensor | None = None,
+                token: Tensor | None = None) -> Tensor:
+        """out_scale (Block.fold_scales): out_scale * proj(h), as proj's rows scaled before its GEMM. token
+        (Block.zero_dq): the attention op's, for the fused op (its backward zeroes FA3's dQ accumulator)."""
         proj = self.proj.cast_weight if out_scale is None else functools.partial(self.proj.scaled_weight, out_scale)
         if self.fused_op is not None and mask is None:  # the same math, one op (LatentMask TTT: plain)
             on = torch.is_autocast_enabled(x.device.type)
             dt = torch.get_autocast_dtype(x.device.type) if on else x.dtype
-            return self.fused_op(x.to(dt), self.fc.cast_weight(dt), proj(dt), self.slope)
+            return self.fused_op(x.to(dt), self.fc.cast_weight(dt), proj(dt), self.slope, token=token)
         h = F.leaky_relu(self.fc(x), negative_slope=self.slope).square()
         if mask is not None:
             h = LatentMasks.apply(h, *mask)
@@ -85,6 +87,7 @@ class Block(nn.Module):
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(d), torch.zeros(d))))
         self.ln_factor = 1.0 / math.sqrt(layer + 1) if cfg.ln_scale else 1.0
         self.fold_scales = False  # GPT.fold_output_scales
+        self.zero_dq = False  # GPT.use_mlp_zeroes_dq_accum: the MLP's backward zeroes attention's dQ accumulator
 
     def forward(
         self,
@@ -97,19 +100,25 @@ class Block(nn.Module):
     ) -> Tensor:
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
+        tok = self.zero_dq and latent is None and cache is None  # the attention op's token, for the MLP's op
         if self.fold_scales and latent is None:  # the scales inside the output projections' GEMMs
             scaled = self.attn.row_scaled and cache is None  # GPT.fold_attn_norm: x and its norm's row scale
             n, r = (x, rms_scale(x, self.ln_factor)) if scaled else (rms_norm(x) * self.ln_factor, None)
-            x = x + self.attn(n, ve, rope, cache, self.attn_scale, r)
-            return x + self.mlp(rms_norm(x) * self.ln_factor, None, self.mlp_scale)
-        a = self.attn(rms_norm(x) * self.ln_factor, ve, rope, cache)
+            a, t = self._attend(tok, n, ve, rope, cache, self.attn_scale, r)
+            x = x + a
+            return x + self.mlp(rms_norm(x) * self.ln_factor, None, self.mlp_scale, t)
+        a, t = self._attend(tok, rms_norm(x) * self.ln_factor, ve, rope, cache)
         mlp_mask = None
         if latent is not None:
             i = self.layer
             a = LatentMasks.apply(a, latent.attn_mask[i], latent.attn_bias[i])
             mlp_mask = (latent.mlp_mask[i], latent.mlp_bias[i])
         x = x + self.attn_scale.to(x.dtype) * a
-        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.ln_factor, mlp_mask)
+        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.ln_factor, mlp_mask, token=t)
+
+    def _attend(self, token: bool, *args) -> tuple[Tensor, Tensor | None]:
+        """The attention's output and, with `token`, its op's token for the MLP (else None)."""
+        return self.attn(*args, token=True) if token else (self.attn(*args), None)
 
 
 def previous_ids(ids: Tensor, bos_mask: bool, bos_id: int) -> Tensor:
@@ -327,6 +336,15 @@ class GPT(nn.Module):
         for b in self.blocks:
             if b.attn.xsa:
                 b.attn.attn_xsa_op, b.attn.dq_accum = attention_xsa, dq_accum
+
+    def use_mlp_zeroes_dq_accum(self) -> None:
+        """On the layers whose attention gives q's gradient as FA3's dQ accumulator (use_fa3_xsa_rowsum(dq_accum=True)),
+        the block's fused MLP (use_fused_mlp) zeroes that accumulator in its backward kernel and hands it to the
+        attention's backward (train.mlp_zeroes_dq_accum; lmcore.fa3_xsa's docstring). The same math."""
+        if any(b.mlp.fused_op is None for b in self.blocks):
+            raise RuntimeError("use_mlp_zeroes_dq_accum: call use_fused_mlp first")
+        for b in self.blocks:
+            b.zero_dq = b.attn.attn_xsa_op is not None and b.attn.dq_accum
 
     def use_fused_softcap_ce(self) -> None:
         """The training loss (logit softcap, mean cross-entropy) through lmcore.ce_kernel.softcap_cross_entropy

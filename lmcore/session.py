@@ -270,7 +270,7 @@ def ddp_graph_mode(tc: TrainConfig) -> None:
     dynamo_config.optimize_ddp = tc.ddp_split_graph
 
 
-def _check_fa3_rowsum(model: ModelConfig, device: torch.device, dq_accum: bool) -> None:
+def _check_fa3_rowsum(model: ModelConfig, device: torch.device, dq_accum: bool, accum_in: bool = False) -> None:
     """train.fa3_xsa_rowsum (and fa3_dq_accum) runs on FA3 built with FA3_DPSUM=1 (or the math backend): a
     ConfigError naming what is missing otherwise (before anything is written; it also loads FA3's op)."""
     from lmcore.attention import resolve_backend
@@ -281,7 +281,7 @@ def _check_fa3_rowsum(model: ModelConfig, device: torch.device, dq_accum: bool) 
                           f"{model.head_dim} and {model.rope_dims}")
     backend = resolve_backend(model.attention, device)
     if backend == "fa3":
-        reason = fa3_rowsum_reason(dq_accum)
+        reason = fa3_rowsum_reason(dq_accum, accum_in)
     else:
         reason = None if backend == "math" else f"it runs on fa3, not {backend}"
     if reason:
@@ -314,7 +314,7 @@ def start_session(
     if tables.size > vocab:
         raise ConfigError(f"{cfg.data.tokenizer}: tokenizer has {tables.size} pieces, more than model.vocab_size={vocab}")
     if tc.fa3_xsa_rowsum:
-        _check_fa3_rowsum(cfg.model, device, tc.fa3_dq_accum)
+        _check_fa3_rowsum(cfg.model, device, tc.fa3_dq_accum, tc.mlp_zeroes_dq_accum)
     found = load_resumable_checkpoint(run_dir) if resume else None
     if found is not None and main:
         for note in found[2]:
@@ -342,6 +342,8 @@ def start_session(
         from lmcore.mlp_kernel import PINGPONG
 
         model.use_fused_mlp(PINGPONG if tc.fused_mlp_pingpong else tc.fused_mlp_descriptors, tc.fused_mlp_sign)
+    if tc.mlp_zeroes_dq_accum:
+        model.use_mlp_zeroes_dq_accum()
     if tc.expand_kv:
         model.use_expanded_kv()
     if tc.fold_output_scales:

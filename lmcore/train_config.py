@@ -113,6 +113,10 @@ class TrainConfig:
     # without it. With fused_mlp_pingpong the ping-pong kernel's epilogues write and read the signs: on one H200
     # (session 33, the fastest set) 490.5 ms a step against 490.1 without it, peak memory 20,490 -> 17,520 MiB.
     fused_mlp_sign: bool = False
+    # With fa3_dq_accum and fused_mlp_pingpong: the MLP's backward kernel writes zeros over the next attention
+    # backward's fp32 dQ accumulator beside its GEMMs (a slice after each tile), and FA3 adds into it without its
+    # preprocess zeroing one (201 MB a call at record's micro-batch; lmcore.fa3_xsa). The same math. FA3_DPSUM build.
+    mlp_zeroes_dq_accum: bool = False
     # k and v repeated to the query heads before attention (GQA run as MHA: FA3's backward then writes dk/dv without
     # its fp32 GQA accumulators and their converts); autograd, or the q/k kernel (fused_qk_norm_rope), sums the
     # copies' gradients: the same math up to those sums' order (GPT.use_expanded_kv). Session 10, one H200: 578.5 ->

@@ -18,7 +18,12 @@ by-product, so the preprocess need not read either again. The patch:
 - and one more, `bool dq_accum_only = False`: true skips the postprocess that converts dQ's fp32
   accumulator into dq (dq is then not written; the caller reads the accumulator `bwd` returns, laid
   out as tests/test_fa3_xsa.py's `_dq_tile_index` says). lmcore's train.fa3_dq_accum (lmcore.fa3_xsa)
-  passes it.
+  passes it;
+- and one more, `Tensor(dq_accum_in!)? dq_accum_in = None`: the caller's fp32 dQ accumulator, (batch,
+  heads, seqlen_q rounded * head dim rounded), contiguous, already zero (fixed-length batches only).
+  The backward adds into it, returns it as its third output, and the preprocess does not zero it
+  (a null accumulator pointer skips that block, as a null O skips the rowsums). lmcore's
+  train.mlp_zeroes_dq_accum passes one that the MLP's backward kernel zeroed.
 
 Each anchor must occur exactly once at the pinned flash-attention commit, else the build stops
 with the anchor named (fa3_setup_patch.apply).
@@ -38,7 +43,8 @@ PATCHES: dict[str, list[tuple[str, str]]] = {
         (
             "    bool deterministic;\n",
             f"    bool deterministic;\n    bool dpsum_given;  // {NOTE}: softmax_d from the caller\n"
-            f"    bool dq_accum_only;  // {NOTE}: no dQ postprocess (the caller reads dq_accum)\n",
+            f"    bool dq_accum_only;  // {NOTE}: no dQ postprocess (the caller reads dq_accum)\n"
+            f"    bool dq_accum_given;  // {NOTE}: the caller's dq_accum, already zero\n",
         ),
     ],
     "flash_bwd_preprocess_kernel.h": [
@@ -56,11 +62,25 @@ PATCHES: dict[str, list[tuple[str, str]]] = {
             "        }\n"
             f"        }}  // {NOTE}\n",
         ),
+        (
+            "        if constexpr (Clear_dQaccum) {\n",
+            f"        if (Clear_dQaccum && params.ptr_dQaccum != nullptr) {{  // {NOTE}: null when it is given zeroed\n",
+        ),
     ],
     "flash_bwd_launch_template.h": [
         (
             "        static_cast<Element const*>(params.o_ptr),\n",
             f"        params.dpsum_given ? nullptr : static_cast<Element const*>(params.o_ptr),  // {NOTE}\n",
+        ),
+        (  # the preprocess's arguments (the mainloop's stride line differs)
+            "        static_cast<ElementAccum*>(params.dq_accum_ptr),\n"
+            "        {seqlen_q_rounded * params.d_rounded, params.h, batch_q},  // shape_dQaccum\n"
+            "        {_1{}, seqlen_q_rounded * params.d_rounded, !is_varlen_q ? params.d_rounded * seqlen_q_rounded * "
+            "params.h : 0},  // stride_dQaccum\n",
+            f"        params.dq_accum_given ? nullptr : static_cast<ElementAccum*>(params.dq_accum_ptr),  // {NOTE}\n"
+            "        {seqlen_q_rounded * params.d_rounded, params.h, batch_q},  // shape_dQaccum\n"
+            "        {_1{}, seqlen_q_rounded * params.d_rounded, !is_varlen_q ? params.d_rounded * seqlen_q_rounded * "
+            "params.h : 0},  // stride_dQaccum\n",
         ),
         (
             "    CHECK_CUTLASS(cutlass::kernel_launch<PostprocessKernel>(grid_m_postprocess, ",
@@ -73,7 +93,27 @@ PATCHES: dict[str, list[tuple[str, str]]] = {
             "    bool deterministic,\n    int64_t sm_margin\n) {\n",
             "    bool deterministic,\n    int64_t sm_margin,\n"
             f"    std::optional<Tensor> softmax_d_,  // {NOTE}: rowsum(dO * O), (b, h, seqlen_q_rounded) fp32\n"
-            f"    bool dq_accum_only_  // {NOTE}: skip dQ's postprocess\n) {{\n",
+            f"    bool dq_accum_only_,  // {NOTE}: skip dQ's postprocess\n"
+            f"    std::optional<Tensor> dq_accum_in_  // {NOTE}: the caller's dQ accumulator, zero\n) {{\n",
+        ),
+        (
+            "        dq_accum = torch::stable::new_empty(q, {batch_size, num_heads, seqlen_q_rounded * head_size_rounded}, "
+            "std::make_optional(torch::headeronly::ScalarType::Float));\n",
+            f"        if (dq_accum_in_.has_value()) {{  // {NOTE}\n"
+            "            dq_accum = dq_accum_in_.value();\n"
+            "            CHECK_DEVICE(dq_accum); CHECK_CONTIGUOUS(dq_accum);\n"
+            "            STD_TORCH_CHECK(dq_accum.scalar_type() == torch::headeronly::ScalarType::Float, "
+            '"dq_accum_in must be float32");\n'
+            "            CHECK_SHAPE(dq_accum, batch_size, num_heads, seqlen_q_rounded * head_size_rounded);\n"
+            "        } else {\n"
+            "        dq_accum = torch::stable::new_empty(q, {batch_size, num_heads, seqlen_q_rounded * head_size_rounded}, "
+            "std::make_optional(torch::headeronly::ScalarType::Float));\n"
+            "        }\n",
+        ),
+        (
+            "        dq_accum = torch::stable::new_empty(q, {num_heads, total_q_padded_rounded * head_size_rounded}, ",
+            f'        STD_TORCH_CHECK(!dq_accum_in_.has_value(), "dq_accum_in is for fixed-length batches only");  // {NOTE}\n'
+            "        dq_accum = torch::stable::new_empty(q, {num_heads, total_q_padded_rounded * head_size_rounded}, ",
         ),
         (
             "        softmax_d = torch::stable::new_empty(q, {batch_size, num_heads, seqlen_q_rounded}, "
@@ -100,26 +140,29 @@ PATCHES: dict[str, list[tuple[str, str]]] = {
             "    params.total_q = total_q;\n    params.total_k = total_k;\n"
             "    params.softmax_lse_log2_ptr = softmax_lse_log2.data_ptr();\n"
             f"    params.dpsum_given = softmax_d_.has_value();  // {NOTE}\n"
-            f"    params.dq_accum_only = dq_accum_only_;  // {NOTE}\n",
+            f"    params.dq_accum_only = dq_accum_only_;  // {NOTE}\n"
+            f"    params.dq_accum_given = dq_accum_in_.has_value();  // {NOTE}\n",
         ),
         (
             "    auto sm_margin = to<int64_t>(stack[21]);\n\n"
             "    auto [softmax_d, softmax_lse_log2, dq_accum, dk_accum, dv_accum] = mha_bwd(",
             "    auto sm_margin = to<int64_t>(stack[21]);\n"
             f"    auto softmax_d_in = to<std::optional<Tensor>>(stack[22]);  // {NOTE}\n"
-            f"    auto dq_accum_only_in = to<bool>(stack[23]);  // {NOTE}\n\n"
+            f"    auto dq_accum_only_in = to<bool>(stack[23]);  // {NOTE}\n"
+            f"    auto dq_accum_in = to<std::optional<Tensor>>(stack[24]);  // {NOTE}\n\n"
             "    auto [softmax_d, softmax_lse_log2, dq_accum, dk_accum, dv_accum] = mha_bwd(",
         ),
         (
             "softcap, deterministic, sm_margin);\n\n    stack[0] = from(softmax_d);\n",
-            f"softcap, deterministic, sm_margin, softmax_d_in, dq_accum_only_in);  // {NOTE}\n\n"
+            f"softcap, deterministic, sm_margin, softmax_d_in, dq_accum_only_in, dq_accum_in);  // {NOTE}\n\n"
             "    stack[0] = from(softmax_d);\n",
         ),
         (
             '        "int sm_margin = 0) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");\n',
             '        "int sm_margin = 0,"\n'
             '        "Tensor? softmax_d = None,"\n'
-            f'        "bool dq_accum_only = False) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");  // {NOTE}\n',
+            '        "bool dq_accum_only = False,"\n'
+            f'        "Tensor(dq_accum_in!)? dq_accum_in = None) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");  // {NOTE}\n',
         ),
     ],
 }

@@ -173,13 +173,22 @@ def test_the_fa3_patch_applies_once_to_the_pinned_sources(shared_dir, tmp_path):
     before = {n: (hopper / n).read_text() for n in FX_PATCH.PATCHES}
     assert FX_PATCH.main(str(hopper)) == 0
     api = (hopper / "flash_api_stable.cpp").read_text()
-    assert ('"int sm_margin = 0,"\n        "Tensor? softmax_d = None,"\n'
-            '        "bool dq_accum_only = False) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");') in api
+    assert ('"int sm_margin = 0,"\n        "Tensor? softmax_d = None,"\n        "bool dq_accum_only = False,"\n'
+            '        "Tensor(dq_accum_in!)? dq_accum_in = None) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");') in api
     assert "to<std::optional<Tensor>>(stack[22])" in api and "to<bool>(stack[23])" in api
-    assert "sm_margin, softmax_d_in, dq_accum_only_in);  //" in api
+    assert "to<std::optional<Tensor>>(stack[24])" in api
+    assert "sm_margin, softmax_d_in, dq_accum_only_in, dq_accum_in);  //" in api
     launch = (hopper / "flash_bwd_launch_template.h").read_text()
     skip = launch.index("    if (!params.dq_accum_only)")  # the dQ convert's launch, and only it, is skipped
     assert launch[skip:].split("\n")[1].startswith("    CHECK_CUTLASS(cutlass::kernel_launch<PostprocessKernel>(")
+    # a given accumulator: the preprocess gets a null pointer (it then skips its zeroing, and only that);
+    # the backward's mainloop still adds into it
+    pre = launch[launch.index("typename PreprocessKernel::Arguments"):launch.index("PreprocessKernel::Params")]
+    assert "params.dq_accum_given ? nullptr : static_cast<ElementAccum*>(params.dq_accum_ptr)" in pre
+    assert launch.count("params.dq_accum_given") == 1 and launch.count("static_cast<ElementAccum*>(params.dq_accum_ptr)") == 2
+    kernel = (hopper / "flash_bwd_preprocess_kernel.h").read_text()
+    guard = kernel.index("if (Clear_dQaccum && params.ptr_dQaccum != nullptr) {")
+    assert "clear(zero);" in kernel[guard:kernel.index("params.dq_semaphore != nullptr", guard)]
     for n, old in before.items():
         notes = sum(new.count(FX_PATCH.NOTE) for _, new in FX_PATCH.PATCHES[n])
         assert (hopper / n).read_text().count(FX_PATCH.NOTE) == notes and old.count(FX_PATCH.NOTE) == 0
@@ -377,7 +386,7 @@ def test_model_with_dq_accum_is_the_model_without_eager_and_compiled():
     model.use_fa3_xsa_rowsum(dq_accum=True)
     slots = []
     for b in model.blocks:
-        b.attn.attn_xsa_op = lambda *a, f=b.attn.attn_xsa_op: slots.append(a[-1]) or f(*a)
+        b.attn.attn_xsa_op = lambda *a, f=b.attn.attn_xsa_op: slots.append(a[6]) or f(*a)
     loss, grads = loss_and_grads(model, ids, tgt)
     assert len(slots) == model.cfg.num_layers and all(s is not None and s.shape == (2, 4, 256 * 64) for s in slots)
     assert_same_loss_and_grads(loss, grads, plain_loss, plain_grads, 1e-5, rtol=1e-4, atol=1e-6)

@@ -98,8 +98,9 @@ def test_the_descriptors_choice_reaches_both_gemms(monkeypatch):
         seen.append(("fc", descriptors, sign))
         return (MK._fc_sign_math if sign else MK._fc_math)(x, w_fc, slope)
 
-    def dpre(g, w_proj, pre, slope, tile=None, descriptors="device", signs=None):
+    def dpre(g, w_proj, pre, slope, tile=None, descriptors="device", signs=None, zero=None):
         seen.append(("dpre", descriptors, signs is not None))
+        assert zero is None  # no token: no buffer to zero
         if signs is not None:  # pre is post here
             return MK._dpre_sign_math(g, w_proj, pre, signs, slope)
         return MK._dpre_math(g, w_proj, pre, slope)
@@ -136,7 +137,7 @@ def test_pingpong_falls_back_to_the_tma_kernel_where_it_cannot_run(monkeypatch):
     assert launched == [MK.TILE_TMA_FWD, MK.TILE_TMA_BWD]  # the defaults: descriptors on the device
     ran = []
     monkeypatch.setattr(MK, "_pingpong_takes", lambda a, n: True)
-    monkeypatch.setattr(PP, "launch", lambda a, b, pre, out, slope, backward, sms, b_kn=False, signs=None:
+    monkeypatch.setattr(PP, "launch", lambda a, b, pre, out, slope, backward, sms, b_kn=False, signs=None, zero=None:
                         ran.append((b.shape, backward, b_kn, b.is_contiguous(), signs)))
     monkeypatch.setattr(MK, "_sm_count", lambda device: 132)
     MK._fc_triton(a, w, SLOPE, descriptors="pingpong")
@@ -157,7 +158,7 @@ def test_the_sign_path_reaches_the_pingpong_kernel_or_the_tma_kernel(monkeypatch
     ran = []
     monkeypatch.setattr(MK, "_pingpong_takes", lambda a, n: True)
     monkeypatch.setattr(MK, "_sm_count", lambda device: 132)
-    monkeypatch.setattr(PP, "launch", lambda a, b, pre, out, slope, backward, sms, b_kn=False, signs=None:
+    monkeypatch.setattr(PP, "launch", lambda a, b, pre, out, slope, backward, sms, b_kn=False, signs=None, zero=None:
                         ran.append((pre, out, slope, backward, b_kn, signs)))
     a, w = torch.zeros(64, 512, dtype=torch.bfloat16), torch.zeros(1536, 512, dtype=torch.bfloat16)
     signs, post = MK._fc_triton(a, w, SLOPE, descriptors="pingpong", sign=True)
@@ -175,6 +176,28 @@ def test_the_sign_path_reaches_the_pingpong_kernel_or_the_tma_kernel(monkeypatch
     MK._fc_triton(a, w, SLOPE, descriptors="pingpong", sign=True)
     MK._dpre_triton(a, w.t(), post, SLOPE, descriptors="pingpong", signs=signs)
     assert launched == [(MK.TILE_TMA_FWD, True), (MK.TILE_TMA_BWD, True)] and len(ran) == 2
+
+
+def test_the_buffer_to_zero_reaches_the_pingpong_kernel_or_is_zeroed_after_the_tma_kernel(monkeypatch):
+    """train.mlp_zeroes_dq_accum: the backward's ping-pong launch gets the buffer (its kernel zeroes it); where
+    that kernel cannot run, the TMA kernel runs and the buffer is zeroed after it."""
+    import lmcore.mlp_pingpong as PP
+
+    ran = []
+    monkeypatch.setattr(MK, "_pingpong_takes", lambda a, n: True)
+    monkeypatch.setattr(MK, "_sm_count", lambda device: 132)
+    monkeypatch.setattr(PP, "launch", lambda a, b, pre, out, slope, backward, sms, b_kn=False, signs=None, zero=None:
+                        ran.append((backward, zero)))
+    a, w, pre = torch.zeros(64, 512, dtype=torch.bfloat16), torch.zeros(512, 1536, dtype=torch.bfloat16), \
+        torch.zeros(64, 1536, dtype=torch.bfloat16)
+    buf = torch.full((3, 100), float("nan"))
+    MK._dpre_triton(a, w, pre, SLOPE, descriptors="pingpong", zero=buf)
+    assert ran == [(True, buf)] and buf.isnan().all()  # the kernel's to zero, not the host's
+    monkeypatch.setattr(MK, "_pingpong_takes", lambda a, n: False)
+    monkeypatch.setattr(MK, "TensorDescriptor", object())
+    monkeypatch.setattr(MK, "_launch", lambda *a, **kw: ran.append("tma"))
+    MK._dpre_triton(a, w, pre, SLOPE, descriptors="pingpong", zero=buf)
+    assert ran[-1] == "tma" and torch.equal(buf, torch.zeros(3, 100))
 
 
 def _model_and_batch(**kw):

@@ -154,6 +154,12 @@ SPEED_LEVERS: dict[str, list[str]] = {
     # rounding change). Session 33, one H200, on the fastest set with coordinate descent: +0.4 ms a step (no gain),
     # peak memory 20,490 -> 17,520 MiB
     "mlp_sign_pingpong": ["train.fused_mlp=true", "train.fused_mlp_pingpong=true", "train.fused_mlp_sign=true"],
+    # the gate set with the MLP's backward kernel zeroing FA3's dQ accumulator beside its GEMMs, FA3's preprocess
+    # then not zeroing its own (train.mlp_zeroes_dq_accum; the FA3_DPSUM build with dq_accum_in). Session 34
+    "fused_all_qkv_fold_foreach_graphs_repeat_v_pingpong_ce_rowsum_dq_vnorm_gate_zero": [
+        *_FASTEST_REPEAT_V, "train.fused_mlp_pingpong=true", "train.fused_softcap_ce=true", "train.fa3_xsa_rowsum=true",
+        "train.fa3_dq_accum=true", "train.fold_attn_norm=true", "train.fused_qkv_gate=true",
+        "train.mlp_zeroes_dq_accum=true"],
 }
 
 
