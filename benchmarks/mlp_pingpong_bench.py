@@ -14,10 +14,14 @@ the signs; checked: the words equal _pack(pre > 0) and dpre the TMA sign kernel'
 kernel's sign path as a row. With --zero, each tile's backward also zeroing a buffer the size of FA3's
 dQ accumulator at these tokens (tokens x 8 heads x 64 fp32: train.mlp_zeroes_dq_accum's side job; checked:
 all zeros, dpre bit-equal to the backward without it), and the same buffer's zero_() alone as a row: the
-pass of FA3's preprocess that the side job replaces.
+pass of FA3's preprocess that the side job replaces. With --probe, each tile's forward also with its epilogue's
+TMA stores left out (launch's probe 1: the activation and the shared-memory stores kept), with no epilogue
+(probe 2: the accumulator summed to one value a tile), and with pre and post stored from the registers
+(probe 3: no shared memory, no TMA; checked: the same pre and post), to tell the GEMM loop from the epilogue
+and its stores (their backward column is the plain backward's).
 
 usage: python benchmarks/mlp_pingpong_bench.py [--tokens 98304] [--tiles BMxBNxBKxSTAGESxREGSxCONSUMERS,...]
-       [--sign] [--zero] [--json PATH]
+       [--sign] [--zero] [--probe] [--json PATH]
 GPU only (sm_90).
 """
 
@@ -51,10 +55,10 @@ def inputs(tokens: int) -> tuple[torch.Tensor, ...]:
     return x, w, wp, torch.randn(tokens, D, device="cuda", dtype=torch.bfloat16)
 
 
-def pingpong_fwd(x, w, tile):
+def pingpong_fwd(x, w, tile, probe=0):
     pre = torch.empty(x.size(0), w.size(0), dtype=x.dtype, device=x.device)
     post = torch.empty_like(pre)
-    PP.launch(x, w, pre, post, SLOPE, False, MK._sm_count(x.device), tile)
+    PP.launch(x, w, pre, post, SLOPE, False, MK._sm_count(x.device), tile, probe=probe)
     return pre, post
 
 
@@ -126,6 +130,7 @@ def main() -> int:
     ap.add_argument("--tiles", default="128x128x64x4x232x2", help="BMxBNxBKxSTAGESxREGSxCONSUMERS, comma-separated")
     ap.add_argument("--sign", action="store_true", help="each tile also with train.fused_mlp_sign's epilogues")
     ap.add_argument("--zero", action="store_true", help="each tile's backward also zeroing FA3's dQ accumulator")
+    ap.add_argument("--probe", action="store_true", help="each tile's forward without its stores, and without its epilogue")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     triton.set_allocator(MK._scratch)  # lmcore.mlp_kernel's TMA kernel builds its descriptors on the device
@@ -141,6 +146,13 @@ def main() -> int:
                 r = check_sign(tokens, tile)
                 out["checks"].append({"tile": list(tile), **r})
                 print("check sign", "x".join(map(str, tile)), " ".join(f"{k}={v:.3g}" for k, v in r.items()),
+                      flush=True)
+            if args.probe:  # probe 3 writes what the kernel writes
+                pre, post = pingpong_fwd(*inputs(tokens)[:2], tile)
+                pre3, post3 = pingpong_fwd(*inputs(tokens)[:2], tile, 3)
+                r = {"tokens": tokens, "probe3_pre_vs_plain": rel(pre3, pre), "probe3_post_vs_plain": rel(post3, post)}
+                out["checks"].append({"tile": list(tile), **r})
+                print("check probe 3", "x".join(map(str, tile)), " ".join(f"{k}={v:.3g}" for k, v in r.items()),
                       flush=True)
             if args.zero:
                 r = check_zero(tokens, tile)
@@ -167,6 +179,11 @@ def main() -> int:
             signs, post = pingpong_fwd_sign(x, w, tile)
             rows[name + ", sign"] = (lambda t=tile: pingpong_fwd_sign(x, w, t),
                                      lambda t=tile, p=post, s=signs: pingpong_bwd(g, wp, p, t, b_kn=True, signs=s))
+        if args.probe:  # the forward's parts (launch's probes); the plain backward beside them
+            for probe, what in ((1, "forward without its TMA stores"), (2, "forward GEMM alone, no epilogue"),
+                                (3, "forward storing from registers")):
+                rows[f"{name}, {what}"] = (lambda t=tile, pr=probe: pingpong_fwd(x, w, t, pr),
+                                           lambda t=tile: pingpong_bwd(g, wp, pre, t, b_kn=True))
         if args.zero:  # the backward zeroing the accumulator as it runs in training (B as (K, N))
             rows[name + ", bwd B as (K, N), zero"] = (
                 lambda t=tile: pingpong_fwd(x, w, t), lambda t=tile: pingpong_bwd(g, wp, pre, t, b_kn=True, zero=acc))

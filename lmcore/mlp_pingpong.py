@@ -98,9 +98,10 @@ if gluon is not None:
 
     @gluon.jit
     def _consume(WHICH: gl.constexpr, a_bufs, b_bufs, pre_bufs, ready, empty, pre_ready, pre_empty, turn,
-                 pre_desc, out_desc, sign_ptr, zero_ptr, zero_n, M, N, K, slope, BACKWARD: gl.constexpr,
+                 pre_desc, out_desc, sign_ptr, pre_ptr, out_ptr, zero_ptr, zero_n, M, N, K, slope,
+                 BACKWARD: gl.constexpr,
                  SIGN: gl.constexpr, ZERO: gl.constexpr, SMS: gl.constexpr, CONSUMERS: gl.constexpr,
-                 B_KN: gl.constexpr):
+                 B_KN: gl.constexpr, PROBE: gl.constexpr):
         # one warpgroup: the program's tiles WHICH, WHICH + CONSUMERS, ...: the GEMM from the ring's
         # stages (one wgmma in flight; a stage goes back to the loader once the wgmma after it is
         # issued), then the epilogue through its two half-tile buffers (pre_bufs[2 WHICH], [2 WHICH + 1])
@@ -111,7 +112,6 @@ if gluon is not None:
         STAGES: gl.constexpr = a_bufs.type.shape[0]
         layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                          instr_shape=[16, BN, 16])
-        dtype: gl.constexpr = out_desc.dtype
         grid_n = gl.cdiv(N, BN)
         kt = gl.cdiv(K, BK)
         tiles = gl.cdiv(M, BM) * grid_n if WHICH < CONSUMERS else 0
@@ -141,27 +141,55 @@ if gluon is not None:
                 mbarrier.arrive(turn.index(1 - WHICH), count=1)
             acc = warpgroup_mma_wait(0, deps=(acc,))
             mbarrier.arrive(empty.index((pos + kt - 1) % STAGES), count=1)
-            h = acc.to(dtype).to(gl.float32)  # the GEMM's output as cuBLAS would round it
-            left, right = h.reshape([BM, 2, BN // 2]).permute(0, 2, 1).split()  # two (BM, BN / 2) halves
-            if BACKWARD:  # h is dpost: dpre = dpost * act'(pre), written over pre's (SIGN: post's) half tiles
-                mbarrier.wait(pre_ready.index(WHICH), (j // CONSUMERS) & 1)
-                _dpre_half(left, pre_bufs.index(2 * WHICH), out_desc, sign_ptr, om, on, M, N, slope, SIGN)
-                _dpre_half(right, pre_bufs.index(2 * WHICH + 1), out_desc, sign_ptr, om, on + BN // 2, M, N, slope,
-                           SIGN)
-            elif SIGN:  # h is pre: its signs, and post through a half-tile buffer each (free: the stores were waited)
-                _store_signs(left, sign_ptr, om, on, M, N)
-                _post_half(left, pre_bufs.index(2 * WHICH), out_desc, om, on, slope)
-                _store_signs(right, sign_ptr, om, on + BN // 2, M, N)
-                _post_half(right, pre_bufs.index(2 * WHICH + 1), out_desc, om, on + BN // 2, slope)
-            else:  # h is pre: pre and post = leaky(pre)^2 by half tiles, through two half-tile buffers
-                _store_half(left, pre_bufs.index(2 * WHICH), pre_bufs.index(2 * WHICH + 1), pre_desc, out_desc,
-                            om, on, slope, False)
-                _store_half(right, pre_bufs.index(2 * WHICH), pre_bufs.index(2 * WHICH + 1), pre_desc, out_desc,
-                            om, on + BN // 2, slope, True)
+            if PROBE == 2:  # benches only (launch's probe): no epilogue, the accumulator summed to one value a tile
+                gl.store(sign_ptr + tile, gl.sum(gl.sum(acc, axis=1), axis=0).to(sign_ptr.dtype.element_ty))
+            else:
+                _epilogue(acc, WHICH, pre_bufs, pre_ready, pre_desc, out_desc, sign_ptr, pre_ptr, out_ptr, om, on, M,
+                          N, j, slope, BACKWARD, SIGN, CONSUMERS, PROBE)
             if ZERO:  # this tile's slice of the buffer to zero, while the other consumer's GEMM runs
                 _zero_slice(zero_ptr, zero_n, tile, gl.cdiv(M, BM) * grid_n)
             j += CONSUMERS
         tma.store_wait(0)
+
+    @gluon.jit
+    def _epilogue(acc, WHICH: gl.constexpr, pre_bufs, pre_ready, pre_desc, out_desc, sign_ptr, pre_ptr, out_ptr, om,
+                  on, M, N, j, slope, BACKWARD: gl.constexpr, SIGN: gl.constexpr, CONSUMERS: gl.constexpr,
+                  PROBE: gl.constexpr):
+        # a consumer's (BM, BN) tile from its accumulator: rounded as cuBLAS would, then by (BM, BN / 2) half tiles
+        # through its two half-tile buffers. launch's probes (the plain forward): 1 leaves out the TMA stores, 3
+        # stores pre and post from registers (pre_ptr, out_ptr) instead of through the buffers
+        BM: gl.constexpr = acc.shape[0]
+        BN: gl.constexpr = acc.shape[1]
+        h = acc.to(out_desc.dtype).to(gl.float32)  # the GEMM's output as cuBLAS would round it
+        left, right = h.reshape([BM, 2, BN // 2]).permute(0, 2, 1).split()  # two (BM, BN / 2) halves
+        if BACKWARD:  # h is dpost: dpre = dpost * act'(pre), written over pre's (SIGN: post's) half tiles
+            mbarrier.wait(pre_ready.index(WHICH), (j // CONSUMERS) & 1)
+            _dpre_half(left, pre_bufs.index(2 * WHICH), out_desc, sign_ptr, om, on, M, N, slope, SIGN)
+            _dpre_half(right, pre_bufs.index(2 * WHICH + 1), out_desc, sign_ptr, om, on + BN // 2, M, N, slope, SIGN)
+        elif SIGN:  # h is pre: its signs, and post through a half-tile buffer each (free: the stores were waited)
+            _store_signs(left, sign_ptr, om, on, M, N)
+            _post_half(left, pre_bufs.index(2 * WHICH), out_desc, om, on, slope)
+            _store_signs(right, sign_ptr, om, on + BN // 2, M, N)
+            _post_half(right, pre_bufs.index(2 * WHICH + 1), out_desc, om, on + BN // 2, slope)
+        elif PROBE == 3:
+            _global_half(left, pre_ptr, out_ptr, om, on, M, N, slope)
+            _global_half(right, pre_ptr, out_ptr, om, on + BN // 2, M, N, slope)
+        else:  # h is pre: pre and post = leaky(pre)^2 by half tiles, through two half-tile buffers
+            _store_half(left, pre_bufs.index(2 * WHICH), pre_bufs.index(2 * WHICH + 1), pre_desc, out_desc,
+                        om, on, slope, False, PROBE == 0)
+            _store_half(right, pre_bufs.index(2 * WHICH), pre_bufs.index(2 * WHICH + 1), pre_desc, out_desc,
+                        om, on + BN // 2, slope, True, PROBE == 0)
+
+    @gluon.jit
+    def _global_half(h, pre_ptr, out_ptr, om, on, M, N, slope):
+        # launch's probe 3: pre's and post's (BM, BN / 2) half tiles stored from the registers, in the
+        # accumulator's layout (no shared memory, no TMA)
+        rows, live, cols = _sign_rows_cols(h, om, M)
+        offs = gl.expand_dims(rows, 1) * N + gl.expand_dims(on + cols, 0)
+        mask = gl.expand_dims(live, 1) & gl.expand_dims(on + cols < N, 0)
+        gl.store(pre_ptr + offs, h.to(pre_ptr.dtype.element_ty), mask=mask)
+        lk = gl.where(h > 0, h, h * slope)
+        gl.store(out_ptr + offs, (lk * lk).to(out_ptr.dtype.element_ty), mask=mask)
 
     @gluon.jit
     def _zero_slice(zero_ptr, zero_n, tile, tiles):
@@ -224,27 +252,32 @@ if gluon is not None:
         tma.async_copy_shared_to_global(out_desc, [om, on], buf)
 
     @gluon.jit
-    def _store_half(h, pre_buf, post_buf, pre_desc, out_desc, om, on, slope, WAIT: gl.constexpr):
+    def _store_half(h, pre_buf, post_buf, pre_desc, out_desc, om, on, slope, WAIT: gl.constexpr, STORE: gl.constexpr):
         # pre's and post's (BM, BN / 2) half tiles through their buffers; WAIT: each buffer's last
-        # store may still be reading it (one store stays in flight while the next is staged)
+        # store may still be reading it (one store stays in flight while the next is staged). STORE false: no
+        # TMA store (launch's probe 1), the buffers written all the same
         dtype: gl.constexpr = out_desc.dtype
         if WAIT:
             tma.store_wait(1)
         pre_buf.store(h.to(dtype))
         fence_async_shared()
-        tma.async_copy_shared_to_global(pre_desc, [om, on], pre_buf)
+        if STORE:
+            tma.async_copy_shared_to_global(pre_desc, [om, on], pre_buf)
         lk = gl.where(h > 0, h, h * slope)
         post = (lk * lk).to(dtype)
         if WAIT:
             tma.store_wait(1)
         post_buf.store(post)
         fence_async_shared()
-        tma.async_copy_shared_to_global(out_desc, [om, on], post_buf)
+        if STORE:
+            tma.async_copy_shared_to_global(out_desc, [om, on], post_buf)
 
     @gluon.jit
-    def _pingpong_kernel(a_desc, b_desc, pre_desc, out_desc, sign_ptr, zero_ptr, zero_n, M, N, K, slope,
+    def _pingpong_kernel(a_desc, b_desc, pre_desc, out_desc, sign_ptr, pre_ptr, out_ptr, zero_ptr, zero_n, M, N, K,
+                         slope,
                          BACKWARD: gl.constexpr, SIGN: gl.constexpr, ZERO: gl.constexpr, STAGES: gl.constexpr,
-                         SMS: gl.constexpr, REGS: gl.constexpr, CONSUMERS: gl.constexpr, B_KN: gl.constexpr):
+                         SMS: gl.constexpr, REGS: gl.constexpr, CONSUMERS: gl.constexpr, B_KN: gl.constexpr,
+                         PROBE: gl.constexpr):
         # B_KN: b_desc's tiles are (BK, BN) of a (K, N) B, else (BN, BK) of an (N, K) one. SIGN: pre's signs
         # at sign_ptr instead of pre (module docstring); pre_desc is then post's (backward) or unused (forward).
         # ZERO: zero_ptr's zero_n floats are zeroed, a slice a tile (_zero_slice)
@@ -273,9 +306,11 @@ if gluon is not None:
         # the constexprs in it into runtime values (both branches of `if BACKWARD` compiled and taken at run time)
         gl.warp_specialize([
             (_consume, (0, a_bufs, b_bufs, pre_bufs, ready, empty, pre_ready, pre_empty, turn, pre_desc, out_desc,
-                        sign_ptr, zero_ptr, zero_n, M, N, K, slope, BACKWARD, SIGN, ZERO, SMS, CONSUMERS, B_KN)),
+                        sign_ptr, pre_ptr, out_ptr, zero_ptr, zero_n, M, N, K, slope, BACKWARD, SIGN, ZERO, SMS,
+                        CONSUMERS, B_KN, PROBE)),
             (_consume, (1, a_bufs, b_bufs, pre_bufs, ready, empty, pre_ready, pre_empty, turn, pre_desc, out_desc,
-                        sign_ptr, zero_ptr, zero_n, M, N, K, slope, BACKWARD, SIGN, ZERO, SMS, CONSUMERS, B_KN)),
+                        sign_ptr, pre_ptr, out_ptr, zero_ptr, zero_n, M, N, K, slope, BACKWARD, SIGN, ZERO, SMS,
+                        CONSUMERS, B_KN, PROBE)),
             (_loader, (a_desc, b_desc, pre_desc, a_bufs, b_bufs, pre_bufs, ready, empty, pre_ready, pre_empty,
                        M, N, K, BACKWARD, SMS, CONSUMERS, B_KN)),
         ], [4, 1], [REGS, 24])
@@ -300,12 +335,16 @@ def descriptors(a: Tensor, b: Tensor, pre: Tensor, out: Tensor, bm: int, bn: int
 
 
 def launch(a: Tensor, b: Tensor, pre: Tensor, out: Tensor, slope: float, backward: bool, sms: int,
-           tile: tuple = TILE, b_kn: bool = False, signs: Tensor | None = None, zero: Tensor | None = None) -> None:
+           tile: tuple = TILE, b_kn: bool = False, signs: Tensor | None = None, zero: Tensor | None = None,
+           probe: int = 0) -> None:
     """One ping-pong kernel over C = a @ b^T, or a @ b with `b_kn` (module docstring), on `sms`
     persistent programs at most, with descriptors built on the host (kernel arguments: a CUDA
     graph keeps them). With `signs` ((M, N // 32) int32; N and BN / 2 multiples of 32): the forward
     writes them instead of pre (`pre` is not written: pass post), the backward reads them and post
-    (passed as `pre`). `zero`: a contiguous fp32 tensor the kernel also fills with zeros."""
+    (passed as `pre`). `zero`: a contiguous fp32 tensor the kernel also fills with zeros. `probe` (benches only,
+    the plain forward): 1 leaves out the epilogue's TMA stores (pre and post are not written), 2 the whole epilogue
+    (each tile's accumulator is summed and the sum written over `out`'s first elements), 3 stores pre and post
+    from the registers instead of through shared memory and TMA (pre and out contiguous), to time its parts."""
     bm, bn, bk, stages, regs, consumers = tile
     m, k = a.shape
     n = b.size(1) if b_kn else b.size(0)
@@ -320,8 +359,10 @@ def launch(a: Tensor, b: Tensor, pre: Tensor, out: Tensor, slope: float, backwar
     if sign and backward:  # the factor of act' where pre <= 0: -|slope| sqrt(post) * 2 (mlp_kernel._launch's)
         slope = -abs(slope)
     grid = (min(sms, triton.cdiv(m, bm) * triton.cdiv(n, bn)),)
+    if probe and (backward or sign or probe not in (1, 2, 3)):
+        raise ValueError(f"probe={probe}: 1, 2 or 3, on the forward without signs")
     z = zero is not None
-    _pingpong_kernel[grid](*descriptors(a, b, pre, out, bm, bn, bk, b_kn), signs if sign else out,
+    _pingpong_kernel[grid](*descriptors(a, b, pre, out, bm, bn, bk, b_kn), signs if sign else out, pre, out,
                            zero if z else out, zero.numel() if z else 0, m, n, k, slope, BACKWARD=backward, SIGN=sign,
-                           ZERO=z, STAGES=stages, SMS=grid[0], REGS=regs, CONSUMERS=consumers, B_KN=b_kn, num_warps=4,
-                           maxnreg=MAXNREG)
+                           ZERO=z, STAGES=stages, SMS=grid[0], REGS=regs, CONSUMERS=consumers, B_KN=b_kn,
+                           PROBE=probe, num_warps=4, maxnreg=MAXNREG)

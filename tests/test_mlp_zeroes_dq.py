@@ -220,3 +220,29 @@ def test_on_fa3_the_compiled_model_with_the_switch_is_the_model_without():
     ids, tgt = next_token_batch(model.cfg.vocab_size, (4, 256), "cuda")
     (plain_loss, plain_grads), (loss, grads) = compiled_without_and_with(model, ids, tgt, model.use_mlp_zeroes_dq_accum)
     assert_same_loss_and_grads(loss, grads, plain_loss, plain_grads, 1e-3, rtol=2e-2, atol=2e-3)
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_pingpong_probes_and_launch_refuses_what_it_cannot_take():
+    # benchmarks/mlp_pingpong_bench.py --probe: probe 1 writes neither pre nor post, probe 3 writes what the kernel
+    # writes; the launch refuses a buffer to zero that is not contiguous fp32, and a probe on the backward
+    from lmcore import mlp_pingpong as PP
+
+    if PP.gluon is None or torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the ping-pong kernel needs Gluon and an sm_90 GPU")
+    x = torch.randn(1000, 512, device="cuda").bfloat16()
+    w = torch.randn(1536, 512, device="cuda").bfloat16()
+    pre, post = (torch.full((1000, 1536), float("nan"), device="cuda").bfloat16() for _ in range(2))
+    sms = MK._sm_count(x.device)
+    PP.launch(x, w, pre, post, 0.5, False, sms, probe=1)
+    assert pre.isnan().all() and post.isnan().all()
+    plain = [torch.empty_like(pre) for _ in range(2)]
+    PP.launch(x, w, *plain, 0.5, False, sms)
+    PP.launch(x, w, pre, post, 0.5, False, sms, probe=3)  # from the registers: the same values
+    assert torch.equal(pre, plain[0]) and torch.equal(post, plain[1])
+    for bad in (torch.zeros(64, device="cuda").half(), torch.zeros(64, 2, device="cuda").t()):
+        with pytest.raises(ValueError, match="zero: .* needs a contiguous float32"):
+            PP.launch(x, w, pre, post, 0.5, False, sms, zero=bad)
+    with pytest.raises(ValueError, match="probe=1: 1, 2 or 3, on the forward"):
+        PP.launch(x, w.t().contiguous(), pre, post, 0.5, True, sms, b_kn=True, probe=1)
