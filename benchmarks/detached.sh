@@ -54,9 +54,9 @@ fa3_dpsum_wheel() {
 }
 
 # needs_dpsum "OVERRIDES": whether --set overrides turn on a switch that runs only on the FA3_DPSUM build
-# (train.fa3_xsa_rowsum, train.fa3_dq_accum): such runs fail on the plain FA3 at their start.
+# (train.fa3_xsa_rowsum, train.fa3_dq_accum, train.mlp_zeroes_dq_accum): such runs fail on the plain FA3 at their start.
 needs_dpsum() {
-  [[ " $1 " =~ [[:space:]]train\.(fa3_xsa_rowsum|fa3_dq_accum)=(true|1)[[:space:]] ]]
+  [[ " $1 " =~ [[:space:]]train\.(fa3_xsa_rowsum|fa3_dq_accum|mlp_zeroes_dq_accum)=(true|1)[[:space:]] ]]
 }
 
 # lm_fa3_install WHL DIR PYTHONPATH: another FA3 build (a wheel's path or glob, LM_FA3_WHL) installed into

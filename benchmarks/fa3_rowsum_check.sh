@@ -18,6 +18,8 @@
 # Session 28 on nvidia-h200: the build 100 s (16 cores), the tests 93 s; the bench about 20 s; the speed job with
 # STAGES="peak orig1 lm1" ONE_GPU_RUNS="orig_fa3_1 lm_after_1 lm_solo_1" 592 s (two calls: start, then poll).
 #   START_SPEED=1 LEVERS_OK="..." LEVERS_FAIL="..." SOLO="..." bash benchmarks/fa3_rowsum_check.sh
+# Session 34 on nvidia-h200 (the wheel rebuilt for dq_accum_in, NEW_TESTS=tests/test_mlp_zeroes_dq.py, BENCH=0): the
+# build 96 s, the tests 79 s, the new tests 50 s; the speed job was started by hand after it (838 s, two calls).
 # Session 30 (the new levers' tests, then the table; lever_sets.sh names the sets):
 #   source benchmarks/lever_sets.sh; NEW_TESTS="tests/test_fold_attn_norm.py tests/test_qkv_gate.py" BENCH=0 \
 #   START_SPEED=1 LEVERS_OK="$GATE" LEVERS_BASE="$DQ" LEVERS_FAIL="$QF" SOLO="$DQ" ... bash benchmarks/fa3_rowsum_check.sh

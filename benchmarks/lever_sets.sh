@@ -13,8 +13,8 @@
 #             session 32, for about 95 s more compile)
 #   SIGN      CD + the fused MLP keeping pre's signs instead of pre, on the ping-pong kernel (train.fused_mlp_sign;
 #             a deliberate rounding change; session 33)
-#   ZERO      CD + the MLP's backward kernel zeroing FA3's dQ accumulator (train.mlp_zeroes_dq_accum; session 34;
-#             needs the FA3_DPSUM build with dq_accum_in)
+#   ZERO      CD + the MLP's backward kernel zeroing FA3's dQ accumulator (train.mlp_zeroes_dq_accum; needs the
+#             FA3_DPSUM build with dq_accum_in; no gain on one GPU in session 34)
 QF="train.fused_qkv=true train.fused_qkv_repeat_v=true train.fused_xsa_gate=true train.expand_kv=true"
 QF="$QF train.fused_mlp=true train.fold_output_scales=true train.foreach_grad_accum=true"
 QF="$QF train.compile_mode=reduce-overhead train.fused_mlp_pingpong=true train.ddp_split_graph=false"

@@ -28,7 +28,9 @@ dQ accumulator for the next attention backward, which then skips its own zeroing
 registers a consumer thread, consumers: 2, or 1 for no ping-pong). Needs Triton's Gluon (3.6) and
 an sm_90 GPU; lmcore.mlp_kernel decides when it runs. Measured: benchmarks/mlp_pingpong_bench.py;
 benchmarks/RESULTS.md, session 23 (the sign path: session 33, no faster: its forward as fast as
-without it, its backward 0.056 ms a call slower).
+without it, its backward 0.056 ms a call slower; the zeros: session 34, +0.037 ms a backward call, about
+what a pass of their own costs; launch's probes, session 34: the forward without its TMA stores runs at
+cuBLAS's GEMM-alone time, so its 0.09 ms a call over cuBLAS is those stores).
 """
 
 from __future__ import annotations

@@ -116,6 +116,8 @@ class TrainConfig:
     # With fa3_dq_accum and fused_mlp_pingpong: the MLP's backward kernel writes zeros over the next attention
     # backward's fp32 dQ accumulator beside its GEMMs (a slice after each tile), and FA3 adds into it without its
     # preprocess zeroing one (201 MB a call at record's micro-batch; lmcore.fa3_xsa). The same math. FA3_DPSUM build.
+    # One H200 (session 34, the fastest set with coordinate descent): 484.9 ms a step against 484.4 without it, no
+    # gain (FA3's preprocess -3.71 ms in the profiled step, the ping-pong kernel +3.14).
     mlp_zeroes_dq_accum: bool = False
     # k and v repeated to the query heads before attention (GQA run as MHA: FA3's backward then writes dk/dv without
     # its fp32 GQA accumulators and their converts); autograd, or the q/k kernel (fused_qk_norm_rope), sums the

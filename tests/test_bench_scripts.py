@@ -340,7 +340,7 @@ def test_a_carried_dpsum_wheel_is_not_built_again_and_comes_back_tarred(tmp_path
 @pytest.mark.parametrize(("overrides", "needs"), [
     ("train.fused_qkv=true train.fa3_xsa_rowsum=true", True), ("train.fa3_dq_accum=true", True),
     ("train.fa3_xsa_rowsum=1 train.expand_kv=true", True), ("train.fa3_xsa_rowsum=false", False),
-    ("train.fused_qkv=true train.fused_softcap_ce=true", False), ("", False),
+    ("train.fused_qkv=true train.fused_softcap_ce=true", False), ("", False), ("train.mlp_zeroes_dq_accum=true", True),
 ])
 def test_needs_dpsum_tells_the_overrides_that_run_only_on_the_fa3_dpsum_build(tmp_path: Path, overrides: str, needs: bool):
     # fa3_rowsum_check.sh does not start the speed job on plain FA3 with such a SOLO or LEVERS_FAIL (session 28's

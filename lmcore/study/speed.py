@@ -155,7 +155,8 @@ SPEED_LEVERS: dict[str, list[str]] = {
     # peak memory 20,490 -> 17,520 MiB
     "mlp_sign_pingpong": ["train.fused_mlp=true", "train.fused_mlp_pingpong=true", "train.fused_mlp_sign=true"],
     # the gate set with the MLP's backward kernel zeroing FA3's dQ accumulator beside its GEMMs, FA3's preprocess
-    # then not zeroing its own (train.mlp_zeroes_dq_accum; the FA3_DPSUM build with dq_accum_in). Session 34
+    # then not zeroing its own (train.mlp_zeroes_dq_accum; the FA3_DPSUM build with dq_accum_in). Session 34, one
+    # H200, with coordinate descent too: 484.9 ms a step against 484.4 without it (no gain)
     "fused_all_qkv_fold_foreach_graphs_repeat_v_pingpong_ce_rowsum_dq_vnorm_gate_zero": [
         *_FASTEST_REPEAT_V, "train.fused_mlp_pingpong=true", "train.fused_softcap_ce=true", "train.fa3_xsa_rowsum=true",
         "train.fa3_dq_accum=true", "train.fold_attn_norm=true", "train.fused_qkv_gate=true",
