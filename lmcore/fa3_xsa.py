@@ -25,8 +25,9 @@ shape that is never written (zero strides), for the block's MLP op to take (lmco
 The MLP's backward, which runs before the attention's, returns a buffer of zeros as the token's gradient,
 written by its ping-pong kernel beside its GEMMs; FA3's backward adds dQ into that buffer (`dq_accum_in`,
 the FA3_DPSUM build's) and its preprocess does not zero one of its own: 201 MB a call at `record`'s
-micro-batch written while the tensor cores are busy instead of in a pass of its own. Without a gradient
-for the token (an MLP that did not take it) FA3 zeroes its accumulator as before. The same math.
+micro-batch written beside the MLP's GEMMs instead of in a pass of its own (on one H200, session 34, that
+costs the MLP's kernel about what the pass cost: no faster). Without a gradient for the token (an MLP
+that did not take it) FA3 zeroes its accumulator as before. The same math.
 """
 
 from __future__ import annotations
