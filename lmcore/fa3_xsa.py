@@ -88,7 +88,8 @@ def _attention_lse(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tenso
 
 
 def _attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, softmax_d: Tensor,
-                        scale: float, dq_accum: bool = False, acc: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                        scale: float, dq_accum: bool = False,
+                        acc: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) from the LSE and the given softmax_d (B, H, TR): dS = P (dP - softmax_d); with
     `dq_accum`, dq as FA3's accumulator: dq / scale in fp32 laid out as kernels.acc_offsets says,
     added into `acc` where one is given (then returned as dq), as FA3's dq_accum_in."""
