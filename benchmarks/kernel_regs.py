@@ -134,8 +134,7 @@ def pingpong_rows(tool: str) -> None:
             descs = [f"tensordesc<bf16[{b[0]}, {b[1]}],{lay!r}>" for b, lay in PP.layouts(gl.bfloat16, bm, bn, bk, backward)]
             sig = {"a_desc": descs[0], "b_desc": descs[1], "pre_desc": descs[2], "out_desc": descs[2],
                    "sign_ptr": "*i32", "pre_ptr": "*bf16", "out_ptr": "*bf16", "zero_ptr": "*fp32", "zero_n": "i32",
-                   "M": "i32", "N": "i32", "K": "i32",
-                   "slope": "fp32"}
+                   "M": "i32", "N": "i32", "K": "i32", "slope": "fp32"}
             consts = {"BACKWARD": backward, "SIGN": sign, "ZERO": zero, "PROBE": 0, "STAGES": stages, "SMS": 132, "REGS": regs,
                       "CONSUMERS": consumers, "B_KN": backward}
             src = GluonASTSource(fn=PP._pingpong_kernel, signature=dict(sig, **{k: "constexpr" for k in consts}),

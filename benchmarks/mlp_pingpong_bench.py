@@ -70,7 +70,9 @@ def pingpong_bwd(g, wp, pre, tile, b_kn=False, signs=None, zero=None):
     return out
 
 
-ACC_FLOATS_PER_TOKEN = 8 * 64  # FA3's dQ accumulator at record's heads and head dim (rows rounded to 128)
+def accumulator_floats(tokens: int) -> int:
+    """FA3's dQ accumulator's floats at record's 8 heads and head dim 64, rows rounded up to 128."""
+    return -(-tokens // 128) * 128 * 8 * 64
 
 
 def check_zero(tokens: int, tile: tuple) -> dict:
@@ -78,7 +80,7 @@ def check_zero(tokens: int, tile: tuple) -> dict:
     and dpre against the backward without it (0: the same kernel, the same GEMM)."""
     x, w, wp, g = inputs(tokens)
     pre = MK._fc_math(x, w, SLOPE)[0]
-    buf = torch.full((-(-tokens // 128) * 128 * ACC_FLOATS_PER_TOKEN,), float("nan"), device="cuda")
+    buf = torch.full((accumulator_floats(tokens),), float("nan"), device="cuda")
     dpre_z = pingpong_bwd(g, wp, pre, tile, b_kn=True, zero=buf)
     dpre = pingpong_bwd(g, wp, pre, tile, b_kn=True)
     torch.cuda.synchronize()
@@ -148,8 +150,8 @@ def main() -> int:
                 print("check sign", "x".join(map(str, tile)), " ".join(f"{k}={v:.3g}" for k, v in r.items()),
                       flush=True)
             if args.probe:  # probe 3 writes what the kernel writes
-                pre, post = pingpong_fwd(*inputs(tokens)[:2], tile)
-                pre3, post3 = pingpong_fwd(*inputs(tokens)[:2], tile, 3)
+                xw = inputs(tokens)[:2]
+                (pre, post), (pre3, post3) = pingpong_fwd(*xw, tile), pingpong_fwd(*xw, tile, 3)
                 r = {"tokens": tokens, "probe3_pre_vs_plain": rel(pre3, pre), "probe3_post_vs_plain": rel(post3, post)}
                 out["checks"].append({"tile": list(tile), **r})
                 print("check probe 3", "x".join(map(str, tile)), " ".join(f"{k}={v:.3g}" for k, v in r.items()),
@@ -162,7 +164,7 @@ def main() -> int:
     x, w, wp, g = inputs(args.tokens)
     wp_nk = wp.t().contiguous()
     pre = MK._fc_math(x, w, SLOPE)[0]
-    acc = torch.empty(-(-args.tokens // 128) * 128 * ACC_FLOATS_PER_TOKEN, device="cuda") if args.zero else None
+    acc = torch.empty(accumulator_floats(args.tokens), device="cuda") if args.zero else None
     rows = {
         "cuBLAS GEMM alone": (lambda: x @ w.t(), lambda: g @ wp),
         "lmcore TMA kernel (default)": (lambda: MK._fc_triton(x, w, SLOPE), lambda: MK._dpre_triton(g, wp, pre, SLOPE)),

@@ -381,6 +381,11 @@ def _zeros_for(g: Tensor, shape: list[int]) -> Tensor | None:
     return g.new_empty(shape, dtype=torch.float32) if shape else None
 
 
+def _zeros_or_empty(zero: Tensor | None, g: Tensor) -> Tensor:
+    """The dpre ops' second output: the zeroed buffer, or an empty fp32 tensor (a custom op returns tensors)."""
+    return g.new_empty(0, dtype=torch.float32) if zero is None else zero
+
+
 @torch.library.custom_op("lmcore::leaky_mlp", mutates_args=())
 def _leaky_mlp(x: Tensor, w_fc: Tensor, w_proj: Tensor, slope: float, descriptors: str,
                sign: bool, token: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
@@ -411,7 +416,7 @@ def _leaky_mlp_dpre(g: Tensor, w_proj: Tensor, pre: Tensor, slope: float, descri
     else:
         dpre = _dpre_math(g, w_proj, pre, slope)
         zero = None if zero is None else zero.zero_()
-    return dpre, g.new_empty(0, dtype=torch.float32) if zero is None else zero
+    return dpre, _zeros_or_empty(zero, g)
 
 
 @_leaky_mlp_dpre.register_fake
@@ -429,7 +434,7 @@ def _leaky_mlp_dpre_sign(g: Tensor, w_proj: Tensor, post: Tensor, signs: Tensor,
     else:
         dpre = _dpre_sign_math(g, w_proj, post, signs, slope)
         zero = None if zero is None else zero.zero_()
-    return dpre, g.new_empty(0, dtype=torch.float32) if zero is None else zero
+    return dpre, _zeros_or_empty(zero, g)
 
 
 @_leaky_mlp_dpre_sign.register_fake

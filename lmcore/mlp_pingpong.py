@@ -101,9 +101,8 @@ if gluon is not None:
     @gluon.jit
     def _consume(WHICH: gl.constexpr, a_bufs, b_bufs, pre_bufs, ready, empty, pre_ready, pre_empty, turn,
                  pre_desc, out_desc, sign_ptr, pre_ptr, out_ptr, zero_ptr, zero_n, M, N, K, slope,
-                 BACKWARD: gl.constexpr,
-                 SIGN: gl.constexpr, ZERO: gl.constexpr, SMS: gl.constexpr, CONSUMERS: gl.constexpr,
-                 B_KN: gl.constexpr, PROBE: gl.constexpr):
+                 BACKWARD: gl.constexpr, SIGN: gl.constexpr, ZERO: gl.constexpr, SMS: gl.constexpr,
+                 CONSUMERS: gl.constexpr, B_KN: gl.constexpr, PROBE: gl.constexpr):
         # one warpgroup: the program's tiles WHICH, WHICH + CONSUMERS, ...: the GEMM from the ring's
         # stages (one wgmma in flight; a stage goes back to the loader once the wgmma after it is
         # issued), then the epilogue through its two half-tile buffers (pre_bufs[2 WHICH], [2 WHICH + 1])
@@ -276,8 +275,7 @@ if gluon is not None:
 
     @gluon.jit
     def _pingpong_kernel(a_desc, b_desc, pre_desc, out_desc, sign_ptr, pre_ptr, out_ptr, zero_ptr, zero_n, M, N, K,
-                         slope,
-                         BACKWARD: gl.constexpr, SIGN: gl.constexpr, ZERO: gl.constexpr, STAGES: gl.constexpr,
+                         slope, BACKWARD: gl.constexpr, SIGN: gl.constexpr, ZERO: gl.constexpr, STAGES: gl.constexpr,
                          SMS: gl.constexpr, REGS: gl.constexpr, CONSUMERS: gl.constexpr, B_KN: gl.constexpr,
                          PROBE: gl.constexpr):
         # B_KN: b_desc's tiles are (BK, BN) of a (K, N) B, else (BN, BK) of an (N, K) one. SIGN: pre's signs
