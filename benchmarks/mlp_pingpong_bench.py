@@ -20,7 +20,10 @@ TMA stores left out (launch's probe 1: the activation and the shared-memory stor
 (probe 3: no shared memory, no TMA; checked: the same pre and post), to tell the GEMM loop from the epilogue
 and its stores (their backward column is the plain backward's).
 
-usage: python benchmarks/mlp_pingpong_bench.py [--tokens 98304] [--tiles BMxBNxBKxSTAGESxREGSxCONSUMERS,...]
+A tile's two optional fields, RESIDENTxPARTS (launch's): 1 keeps B's k-slices in shared memory (the ring then holds
+A's alone), and PARTS 4 runs the epilogues by quarter tiles through half the shared memory (room for a stage more).
+
+usage: python benchmarks/mlp_pingpong_bench.py [--tokens 98304] [--tiles BMxBNxBKxSTAGESxREGSxCONSUMERS[xRxP],...]
        [--sign] [--zero] [--probe] [--json PATH]
 GPU only (sm_90).
 """
@@ -111,19 +114,25 @@ def check_sign(tokens: int, tile: tuple) -> dict:
 
 
 def check(tokens: int, tile: tuple) -> dict:
-    """Relative max differences of the ping-pong kernel's outputs at `tokens` rows."""
+    """Relative max differences of the ping-pong kernel's outputs at `tokens` rows, and against the default
+    tile's (0 where the tile keeps the GEMM's order: B resident, quarter tiles)."""
     x, w, wp, g = inputs(tokens)
     pre, post = pingpong_fwd(x, w, tile)
     tpre, tpost = MK._fc_triton(x, w, SLOPE)
     mpre, mpost = MK._fc_math(x, w, SLOPE)
+    dpre_, dpost_ = pingpong_fwd(x, w, PP.TILE)
+    out = {"tokens": tokens, "pre_vs_tma": rel(pre, tpre), "post_vs_tma": rel(post, tpost),
+           "pre_vs_default_tile": rel(pre, dpre_), "post_vs_default_tile": rel(post, dpost_),
+           "pre_vs_math": rel(pre, mpre), "post_vs_math": rel(post, mpost)}
     dpre = pingpong_bwd(g, wp.t().contiguous(), mpre, tile)
     dpre_kn = pingpong_bwd(g, wp, mpre, tile, b_kn=True)
+    default_kn = pingpong_bwd(g, wp, mpre, PP.TILE, b_kn=True)
     tdpre = MK._dpre_triton(g, wp, mpre, SLOPE)
     mdpre = MK._dpre_math(g, wp, mpre, SLOPE)
     torch.cuda.synchronize()
-    return {"tokens": tokens, "pre_vs_tma": rel(pre, tpre), "post_vs_tma": rel(post, tpost),
-            "dpre_vs_tma": rel(dpre, tdpre), "dpre_kn_vs_tma": rel(dpre_kn, tdpre), "pre_vs_math": rel(pre, mpre), "post_vs_math": rel(post, mpost),
-            "dpre_vs_math": rel(dpre, mdpre), "tma_dpre_vs_math": rel(tdpre, mdpre)}
+    return {**out, "dpre_vs_tma": rel(dpre, tdpre), "dpre_kn_vs_tma": rel(dpre_kn, tdpre),
+            "dpre_kn_vs_default_tile": rel(dpre_kn, default_kn), "dpre_vs_math": rel(dpre, mdpre),
+            "tma_dpre_vs_math": rel(tdpre, mdpre)}
 
 
 def main() -> int:
