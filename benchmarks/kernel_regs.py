@@ -126,14 +126,12 @@ def pingpong_rows(tool: str) -> None:
     print("|---|---|---|---|---|---|")
     tiles = [(PP.TILE, False), ((128, 128, 64, 4, 232, 2), False), ((128, 128, 64, 4, 232, 1), False),
              ((64, 256, 64, 4, 232, 2), False), (PP.TILE, True)]  # True: train.fused_mlp_sign's (pre's signs)
-    # the epilogues by quarter tiles at 6 stages; B resident (its 8 k-slices at record's K), the ring holding A's
-    # alone, by half tiles at 2 stages and by quarter tiles at 4
-    more = [(128, 128, 64, 6, 232, 2, 0, 4), (128, 128, 64, 2, 232, 2, 1, 2), (128, 128, 64, 4, 232, 2, 1, 4)]
+    more = {False: [PP.TILE_QUARTER], True: []}  # the forward's epilogue by quarter tiles at 6 stages
     for backward in (False, True):
         # and the backward with train.mlp_zeroes_dq_accum's side job (zeros over FA3's dQ accumulator)
-        for tile, sign, zero in ([(t, s, False) for t, s in tiles] + [(t, False, False) for t in more]
+        for tile, sign, zero in ([(t, s, False) for t, s in tiles] + [(t, False, False) for t in more[backward]]
                                  + [(PP.TILE, False, True)] * backward):
-            bm, bn, bk, stages, regs, consumers, kept, parts = (*tile, 0, 2)[:8]
+            bm, bn, bk, stages, regs, consumers, parts = (*tile, 2)[:7]
             # the backward takes w_proj as stored, (K, N) (B_KN)
             descs = [f"tensordesc<bf16[{b[0]}, {b[1]}],{lay!r}>"
                      for b, lay in PP.layouts(gl.bfloat16, bm, bn, bk, backward, parts)]
@@ -141,7 +139,7 @@ def pingpong_rows(tool: str) -> None:
                    "sign_ptr": "*i32", "pre_ptr": "*bf16", "out_ptr": "*bf16", "zero_ptr": "*fp32", "zero_n": "i32",
                    "M": "i32", "N": "i32", "K": "i32", "slope": "fp32"}
             consts = {"BACKWARD": backward, "SIGN": sign, "ZERO": zero, "PROBE": 0, "STAGES": stages, "SMS": 132, "REGS": regs,
-                      "CONSUMERS": consumers, "B_KN": backward, "KT": 512 // bk if kept else 0, "PARTS": parts}
+                      "CONSUMERS": consumers, "B_KN": backward, "PARTS": parts}
             src = GluonASTSource(fn=PP._pingpong_kernel, signature=dict(sig, **{k: "constexpr" for k in consts}),
                                  constexprs=consts, attrs={})
             c = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "maxnreg": PP.MAXNREG})
@@ -154,7 +152,7 @@ def pingpong_rows(tool: str) -> None:
             used = re.search(r"Used (\d+) registers", info).group(1)
             spills = re.search(r"(\d+) bytes spill stores", info).group(1)
             way = ("backward" if backward else "forward") + (", sign" if sign else "") + (", zero" if zero else "")
-            way += (", B resident" if kept else "") + (", quarter tiles" if parts == 4 else "")
+            way += ", quarter tiles" if parts == 4 else ""
             print(f"| {way} | {'x'.join(map(str, tile[:3]))}, {stages}, {regs}, "
                   f"{consumers}{mark} | {c.metadata.shared:,} | {'yes' if c.metadata.shared <= SHARED_LIMIT else 'no'} | "
                   f"{used} | {spills} |")

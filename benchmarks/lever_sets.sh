@@ -15,6 +15,8 @@
 #             a deliberate rounding change; session 33)
 #   ZERO      CD + the MLP's backward kernel zeroing FA3's dQ accumulator (train.mlp_zeroes_dq_accum; needs the
 #             FA3_DPSUM build with dq_accum_in; no gain on one GPU in session 34)
+#   QUARTER   CD + the ping-pong forward by quarter tiles at a sixth stage (train.fused_mlp_quarter_tiles; the same
+#             bits; session 35)
 QF="train.fused_qkv=true train.fused_qkv_repeat_v=true train.fused_xsa_gate=true train.expand_kv=true"
 QF="$QF train.fused_mlp=true train.fold_output_scales=true train.foreach_grad_accum=true"
 QF="$QF train.compile_mode=reduce-overhead train.fused_mlp_pingpong=true train.ddp_split_graph=false"
@@ -27,4 +29,5 @@ MIXT="$GATE train.inductor_mix_order_reduction=true train.inductor_mix_order_tun
 CD="$GATE train.inductor_coordinate_descent=true"
 SIGN="$CD train.fused_mlp_sign=true"
 ZERO="$CD train.mlp_zeroes_dq_accum=true"
-export QF FAST DQ VNORM GATE PRESET MIXT CD SIGN ZERO
+QUARTER="$CD train.fused_mlp_quarter_tiles=true"
+export QF FAST DQ VNORM GATE PRESET MIXT CD SIGN ZERO QUARTER

@@ -20,10 +20,10 @@ TMA stores left out (launch's probe 1: the activation and the shared-memory stor
 (probe 3: no shared memory, no TMA; checked: the same pre and post), to tell the GEMM loop from the epilogue
 and its stores (their backward column is the plain backward's).
 
-A tile's two optional fields, RESIDENTxPARTS (launch's): 1 keeps B's k-slices in shared memory (the ring then holds
-A's alone), and PARTS 4 runs the epilogues by quarter tiles through half the shared memory (room for a stage more).
+A tile's optional 7th field, PARTS (launch's): 4 runs the forward's epilogue by quarter tiles through half the shared
+memory (room for a stage more; lmcore.mlp_pingpong.TILE_QUARTER); such a tile has no backward (its rows: "-").
 
-usage: python benchmarks/mlp_pingpong_bench.py [--tokens 98304] [--tiles BMxBNxBKxSTAGESxREGSxCONSUMERS[xRxP],...]
+usage: python benchmarks/mlp_pingpong_bench.py [--tokens 98304] [--tiles BMxBNxBKxSTAGESxREGSxCONSUMERS[xPARTS],...]
        [--sign] [--zero] [--probe] [--json PATH]
 GPU only (sm_90).
 """
@@ -113,9 +113,14 @@ def check_sign(tokens: int, tile: tuple) -> dict:
             "sign_dpre_vs_math": rel(dpre, mdpre)}
 
 
+def forward_only(tile: tuple) -> bool:
+    """A tile whose forward's epilogue goes by quarter tiles (7th field 4): launch takes it on the forward only."""
+    return len(tile) == 7 and tile[6] == 4
+
+
 def check(tokens: int, tile: tuple) -> dict:
     """Relative max differences of the ping-pong kernel's outputs at `tokens` rows, and against the default
-    tile's (0 where the tile keeps the GEMM's order: B resident, quarter tiles)."""
+    tile's (0 where the tile keeps the GEMM's order, as the quarter tiles do). A forward-only tile: pre and post."""
     x, w, wp, g = inputs(tokens)
     pre, post = pingpong_fwd(x, w, tile)
     tpre, tpost = MK._fc_triton(x, w, SLOPE)
@@ -124,6 +129,8 @@ def check(tokens: int, tile: tuple) -> dict:
     out = {"tokens": tokens, "pre_vs_tma": rel(pre, tpre), "post_vs_tma": rel(post, tpost),
            "pre_vs_default_tile": rel(pre, dpre_), "post_vs_default_tile": rel(post, dpost_),
            "pre_vs_math": rel(pre, mpre), "post_vs_math": rel(post, mpost)}
+    if forward_only(tile):
+        return out
     dpre = pingpong_bwd(g, wp.t().contiguous(), mpre, tile)
     dpre_kn = pingpong_bwd(g, wp, mpre, tile, b_kn=True)
     default_kn = pingpong_bwd(g, wp, mpre, PP.TILE, b_kn=True)
@@ -153,19 +160,19 @@ def main() -> int:
             r = check(tokens, tile)
             out["checks"].append({"tile": list(tile), **r})
             print("check", "x".join(map(str, tile)), " ".join(f"{k}={v:.3g}" for k, v in r.items()), flush=True)
-            if args.sign:
+            if args.sign and not forward_only(tile):
                 r = check_sign(tokens, tile)
                 out["checks"].append({"tile": list(tile), **r})
                 print("check sign", "x".join(map(str, tile)), " ".join(f"{k}={v:.3g}" for k, v in r.items()),
                       flush=True)
-            if args.probe:  # probe 3 writes what the kernel writes
+            if args.probe and not forward_only(tile):  # probe 3 writes what the kernel writes
                 xw = inputs(tokens)[:2]
                 (pre, post), (pre3, post3) = pingpong_fwd(*xw, tile), pingpong_fwd(*xw, tile, 3)
                 r = {"tokens": tokens, "probe3_pre_vs_plain": rel(pre3, pre), "probe3_post_vs_plain": rel(post3, post)}
                 out["checks"].append({"tile": list(tile), **r})
                 print("check probe 3", "x".join(map(str, tile)), " ".join(f"{k}={v:.3g}" for k, v in r.items()),
                       flush=True)
-            if args.zero:
+            if args.zero and not forward_only(tile):
                 r = check_zero(tokens, tile)
                 out["checks"].append({"tile": list(tile), **r})
                 print("check zero", "x".join(map(str, tile)), " ".join(f"{k}={v:.3g}" for k, v in r.items()),
@@ -180,6 +187,12 @@ def main() -> int:
     }
     for tile in tiles:
         name = "ping-pong " + "x".join(map(str, tile))
+        if forward_only(tile):  # the forward and its probes 1 and 2, no backward
+            rows[name] = (lambda t=tile: pingpong_fwd(x, w, t), None)
+            if args.probe:
+                rows[f"{name}, forward without its TMA stores"] = (lambda t=tile: pingpong_fwd(x, w, t, 1), None)
+                rows[f"{name}, forward GEMM alone, no epilogue"] = (lambda t=tile: pingpong_fwd(x, w, t, 2), None)
+            continue
         rows[name] = (lambda t=tile: pingpong_fwd(x, w, t), lambda t=tile: pingpong_bwd(g, wp_nk, pre, t))
         # the backward as training ran it until session 25 (w_proj transposed a call), and as it runs now
         rows[name + ", bwd with w_proj.t().contiguous()"] = (
@@ -206,11 +219,14 @@ def main() -> int:
                                            lambda: MK._dpre_triton(g, wp, tpost, SLOPE, signs=tsigns))
     print("\n| kernel | forward ms | backward ms |\n|---|---|---|")
     for name, (f, b) in rows.items():
-        out["ms"][name] = [timed(f), timed(b)]
-        print(f"| {name} | {out['ms'][name][0]:.3f} | {out['ms'][name][1]:.3f} |", flush=True)
+        fwd, bwd = out["ms"][name] = [timed(f), timed(b) if b else None]
+        print(f"| {name} | {fwd:.3f} | {'-' if bwd is None else f'{bwd:.3f}'} |", flush=True)
     base = sum(out["ms"]["lmcore TMA kernel (default)"])
     for name, ms in out["ms"].items():
-        if name.startswith("ping-pong") and "," not in name:
+        default = out["ms"].get("ping-pong " + "x".join(map(str, PP.TILE)))
+        if name.startswith("ping-pong") and "," not in name and ms[1] is None and default:  # a forward-only tile
+            print(f"{name}: {CALLS_PER_STEP * (default[0] - ms[0]):+.1f} ms a step saved in the forward over TILE's")
+        elif name.startswith("ping-pong") and "," not in name:
             print(f"{name}: {CALLS_PER_STEP * (base - sum(ms)):+.1f} ms a step saved over the TMA kernel")
         if name.startswith("ping-pong") and name.endswith(", sign"):  # against the same tile's B-as-(K, N) rows
             plain = out["ms"][name.removesuffix(", sign") + ", bwd B as (K, N)"]

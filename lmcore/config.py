@@ -201,6 +201,9 @@ class Config:
             raise ConfigError("train.inductor_mix_order_tuning=true needs train.inductor_mix_order_reduction=true")
         if self.train.fused_mlp_pingpong and not self.train.fused_mlp:
             raise ConfigError("train.fused_mlp_pingpong=true needs train.fused_mlp=true")
+        if self.train.fused_mlp_quarter_tiles and not (self.train.fused_mlp_pingpong and not self.train.fused_mlp_sign):
+            raise ConfigError("train.fused_mlp_quarter_tiles=true needs train.fused_mlp_pingpong=true and "
+                              "train.fused_mlp_sign=false")
         if self.train.mlp_zeroes_dq_accum and not (self.train.fa3_dq_accum and self.train.fused_mlp_pingpong):
             raise ConfigError("train.mlp_zeroes_dq_accum=true needs train.fa3_dq_accum=true and "
                               "train.fused_mlp_pingpong=true")

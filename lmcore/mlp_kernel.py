@@ -71,6 +71,8 @@ TILE_POINTERS = (128, 128, BLOCK_K, 4, 3)
 TILE_TMA_FWD, TILE_TMA_BWD = (128, 256, BLOCK_K, 8, 4, 2, 1), (128, 256, BLOCK_K, 8, 3, 2, 1)
 DESCRIPTORS = {"device": 2, "host": 1}  # train.fused_mlp_descriptors -> the TMA tile's sixth field
 PINGPONG = "pingpong"  # the op's kernel choice for train.fused_mlp_pingpong (lmcore.mlp_pingpong)
+PINGPONG_QUARTER = "pingpong_quarter"  # the same, its forward by quarter tiles (train.fused_mlp_quarter_tiles)
+PINGPONGS = (PINGPONG, PINGPONG_QUARTER)
 
 
 def _act(h: Tensor, slope: float) -> Tensor:
@@ -343,16 +345,18 @@ def _pingpong_takes(a: Tensor, n: int) -> bool:
 def _fc_triton(x: Tensor, w_fc: Tensor, slope: float, tile: tuple | None = None,
                descriptors: str = "device", sign: bool = False) -> tuple[Tensor, Tensor]:
     """(pre, post), or (signs, post) with `sign` (_fc_sign_math's). descriptors "pingpong":
-    lmcore.mlp_pingpong's kernel where it takes the tensors, else the TMA kernel's default."""
+    lmcore.mlp_pingpong's kernel where it takes the tensors, else the TMA kernel's default; "pingpong_quarter" (not
+    with `sign`): the same at its quarter-tile tile, TILE_QUARTER."""
     post = x.new_empty(x.size(0), w_fc.size(0))
     signs = torch.empty(x.size(0), post.size(1) // 32, dtype=torch.int32, device=x.device) if sign else None
     pre = post if sign else torch.empty_like(post)  # with the signs pre is not written: post stands in for it
-    if descriptors == PINGPONG and tile is None and _pingpong_takes(x, post.size(1)):
-        from lmcore.mlp_pingpong import launch
+    if descriptors in PINGPONGS and tile is None and _pingpong_takes(x, post.size(1)):
+        from lmcore.mlp_pingpong import TILE, TILE_QUARTER, launch
 
-        launch(x, w_fc, pre, post, slope, False, _sm_count(x.device), signs=signs)
+        pp_tile = TILE_QUARTER if descriptors == PINGPONG_QUARTER else TILE
+        launch(x, w_fc, pre, post, slope, False, _sm_count(x.device), pp_tile, signs=signs)
     else:
-        descriptors = "device" if descriptors == PINGPONG else descriptors
+        descriptors = "device" if descriptors in PINGPONGS else descriptors
         _launch(x, w_fc.t(), pre, post, slope, False, tile or _tile(x, post.size(1), True, descriptors), signs)
     return (signs if sign else pre), post
 
@@ -363,13 +367,13 @@ def _dpre_triton(g: Tensor, w_proj: Tensor, pre: Tensor, slope: float, tile: tup
     "pingpong" as _fc_triton's. `zero` (fp32, contiguous): filled with zeros, by the ping-pong
     kernel as a side job where it runs, else after the TMA kernel."""
     dpre = torch.empty_like(pre)
-    if descriptors == PINGPONG and tile is None and _pingpong_takes(g, pre.size(1)):
+    if descriptors in PINGPONGS and tile is None and _pingpong_takes(g, pre.size(1)):
         from lmcore.mlp_pingpong import launch
 
         # w_proj (K, N), as leaky_mlp gives it
         launch(g, w_proj, pre, dpre, slope, True, _sm_count(g.device), b_kn=True, signs=signs, zero=zero)
         return dpre
-    descriptors = "device" if descriptors == PINGPONG else descriptors
+    descriptors = "device" if descriptors in PINGPONGS else descriptors
     _launch(g, w_proj, pre, dpre, slope, True, tile or _tile(g, pre.size(1), False, descriptors), signs)
     if zero is not None:
         zero.zero_()
@@ -468,14 +472,17 @@ def leaky_mlp(x: Tensor, w_fc: Tensor, w_proj: Tensor, slope: float, descriptors
     hidden), all of one dtype; the same math as the model's plain MLP. `descriptors`: where the
     TMA kernel's descriptors are built, "device" or "host" (the same kernel body, the same numbers).
     "pingpong" (train.fused_mlp_pingpong): lmcore.mlp_pingpong's warp-specialized kernel both ways
-    (Hopper; elsewhere the TMA kernel on device-built descriptors), the same numbers, with `sign` too.
+    (Hopper; elsewhere the TMA kernel on device-built descriptors), the same numbers, with `sign` too;
+    "pingpong_quarter" (train.fused_mlp_quarter_tiles): the same, its forward by quarter tiles (the same bits).
     `sign` (train.fused_mlp_sign; hidden a multiple of 32): the forward keeps post and one bit an
     element, pre > 0, instead of pre, and the backward takes act'(pre) from them (_dpre_sign_math:
     a deliberate rounding change). `token` (train.mlp_zeroes_dq_accum; lmcore.fa3_xsa.attention_xsa's): not
     read; its gradient is a fp32 buffer of its shape, all zeros, that the backward's kernel wrote beside its
     GEMMs (the ping-pong kernel; elsewhere a fill after it): the attention's backward adds its dQ into it."""
-    if descriptors not in (*DESCRIPTORS, PINGPONG):
-        raise ValueError(f"descriptors={descriptors!r}: expected one of {', '.join([*DESCRIPTORS, PINGPONG])}")
+    if descriptors not in (*DESCRIPTORS, *PINGPONGS):
+        raise ValueError(f"descriptors={descriptors!r}: expected one of {', '.join([*DESCRIPTORS, *PINGPONGS])}")
+    if sign and descriptors == PINGPONG_QUARTER:
+        raise ValueError("sign=True with descriptors 'pingpong_quarter': the sign path's forward goes by half tiles")
     if sign and w_fc.size(0) % 32:
         raise ValueError(f"sign=True needs a hidden width that is a multiple of 32, not {w_fc.size(0)}")
     y, _, _ = _leaky_mlp(x.reshape(-1, x.size(-1)).contiguous(), w_fc.contiguous(), w_proj.contiguous(),

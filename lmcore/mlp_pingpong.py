@@ -13,7 +13,7 @@ This kernel splits a program into three partitions (`gl.warp_specialize`):
 The same math as mlp_kernel's kernels: the GEMM's fp32 result is rounded to the output dtype,
 the activation (or its derivative) runs in fp32 on that value and is rounded once. Its outputs
 equal the TMA kernel's bit for bit at the shapes tested (the same wgmma k-slice order).
-Epilogues go out by (BM, BN / 2) half tiles through shared memory and TMA stores.
+Epilogues go out by (BM, BN / 2) half tiles (or quarter tiles) through shared memory and TMA stores.
 
 `launch(a, b, pre, out, slope, backward, tile, b_kn, signs, zero)`: C = a (M, K) @ b (N, K)^T, or with `b_kn`
 C = a @ b (K, N) (B's (BK, BN) tiles go to wgmma as they are, N-major: the backward takes w_proj
@@ -25,7 +25,8 @@ mlp_kernel's TMA kernel does (the same words, the same math). With `zero` (train
 kernel also writes zeros over that fp32 buffer as a side job, a slice after each tile's epilogue, where the
 stores run while the other consumer's GEMM keeps the tensor cores busy (lmcore.fa3_xsa: the buffer is FA3's
 dQ accumulator for the next attention backward, which then skips its own zeroing). tile = (BM, BN, BK, stages,
-registers a consumer thread, consumers: 2, or 1 for no ping-pong). Needs Triton's Gluon (3.6) and
+registers a consumer thread, consumers: 2, or 1 for no ping-pong[, parts: 2, or 4 for the forward's epilogue by
+(BM, BN / 4) quarter tiles, train.fused_mlp_quarter_tiles]). Needs Triton's Gluon (3.6) and
 an sm_90 GPU; lmcore.mlp_kernel decides when it runs. Measured: benchmarks/mlp_pingpong_bench.py;
 benchmarks/RESULTS.md, session 23 (the sign path: session 33, no faster: its forward as fast as
 without it, its backward 0.056 ms a call slower; the zeros: session 34, +0.037 ms a backward call, about
@@ -54,6 +55,12 @@ except ImportError:  # no Triton, or one without Gluon's Hopper ops: lmcore.mlp_
 # stages 0.336-0.372 / 0.326-0.330; 3 stages 0.412 / 0.383; BK 32 at 10 stages 0.367 / 0.355; one consumer
 # (no ping-pong) at 4 stages 0.393 / 0.368; 240 registers 0.348 / 0.328. The TMA kernel: 0.359-0.364 / 0.417-0.418.
 TILE = (128, 128, 64, 5, 232, 2)
+# The forward by quarter tiles (the 7th field, PARTS): its epilogue's two buffers a consumer take half the shared
+# memory, and the ring a sixth stage. The same GEMM order, the same bits (the bench's checks). Session 35, ms a
+# forward call on GPU-8b1977e5 / GPU-36627803: 0.291 / 0.295-0.315 against TILE's 0.329-0.346 / 0.321-0.339; at 5
+# stages 0.313-0.319 on the second. The backward by quarter tiles (pre's last two loaded in the epilogue) was
+# slower, 0.371-0.376 against 0.320-0.332; B kept in shared memory (the ring A's alone) slower both ways.
+TILE_QUARTER = (128, 128, 64, 6, 232, 2, 4)
 # Registers a thread at launch: 3 warpgroups (the default consumer, the other consumer, the loader's
 # warp rounded up to a group) x 128 threads x 168 fit the SM's 65,536; then the loader gives back to 24
 # and the consumers take REGS and what remains.
@@ -63,28 +70,16 @@ MAXNREG = 168
 if gluon is not None:
 
     @gluon.jit
-    def _loader(a_desc, b_desc, pre_desc, a_bufs, b_bufs, pre_bufs, ready, empty, pre_ready, pre_empty, b_ready,
-                M, N, K, BACKWARD: gl.constexpr, SMS: gl.constexpr, CONSUMERS: gl.constexpr, B_KN: gl.constexpr,
-                KT: gl.constexpr):
+    def _loader(a_desc, b_desc, pre_desc, a_bufs, b_bufs, pre_bufs, ready, empty, pre_ready, pre_empty,
+                M, N, K, BACKWARD: gl.constexpr, SMS: gl.constexpr, CONSUMERS: gl.constexpr, B_KN: gl.constexpr):
         # one warp: the k-slices of A and B of every tile of this program, in tile order, into the
-        # ring of stages; for the backward, after a tile's slices, pre's tile into its consumer's buffer.
-        # KT > 0 (B resident): B's KT k-slices of the program's column block once, at the start, and A's alone
-        # in the ring
-        RESIDENT: gl.constexpr = KT > 0
+        # ring of stages; for the backward, after a tile's slices, pre's tile into its consumer's buffer
         BM: gl.constexpr = a_desc.block_type.shape[0]
         BK: gl.constexpr = a_desc.block_type.shape[1]
         BN: gl.constexpr = b_desc.block_type.shape[1] if B_KN else b_desc.block_type.shape[0]
         STAGES: gl.constexpr = a_bufs.type.shape[0]
         grid_n = gl.cdiv(N, BN)
         kt = gl.cdiv(K, BK)
-        if RESIDENT:  # every tile of the program has its column block (launch: SMS a multiple of grid_n)
-            on = (gl.program_id(0) % grid_n) * BN
-            mbarrier.expect(b_ready, KT * b_desc.block_type.nbytes)
-            for kb in gl.static_range(KT):
-                if B_KN:
-                    tma.async_copy_global_to_shared(b_desc, [kb * BK, on], b_ready, b_bufs.index(kb))
-                else:
-                    tma.async_copy_global_to_shared(b_desc, [on, kb * BK], b_ready, b_bufs.index(kb))
         pos = 0
         j = 0
         for tile in range(gl.program_id(0), gl.cdiv(M, BM) * grid_n, SMS):
@@ -94,38 +89,31 @@ if gluon is not None:
                 s = pos % STAGES
                 mbarrier.wait(empty.index(s), ((pos // STAGES) & 1) ^ 1)
                 bar = ready.index(s)
-                if RESIDENT:
-                    mbarrier.expect(bar, a_desc.block_type.nbytes)
-                    tma.async_copy_global_to_shared(a_desc, [om, ki * BK], bar, a_bufs.index(s))
+                mbarrier.expect(bar, a_desc.block_type.nbytes + b_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(a_desc, [om, ki * BK], bar, a_bufs.index(s))
+                if B_KN:
+                    tma.async_copy_global_to_shared(b_desc, [ki * BK, on], bar, b_bufs.index(s))
                 else:
-                    mbarrier.expect(bar, a_desc.block_type.nbytes + b_desc.block_type.nbytes)
-                    tma.async_copy_global_to_shared(a_desc, [om, ki * BK], bar, a_bufs.index(s))
-                    if B_KN:
-                        tma.async_copy_global_to_shared(b_desc, [ki * BK, on], bar, b_bufs.index(s))
-                    else:
-                        tma.async_copy_global_to_shared(b_desc, [on, ki * BK], bar, b_bufs.index(s))
+                    tma.async_copy_global_to_shared(b_desc, [on, ki * BK], bar, b_bufs.index(s))
                 pos += 1
-            if BACKWARD:  # pre's two half tiles (PARTS 4: its first two quarter tiles; the consumer loads the others)
+            if BACKWARD:  # pre's two half tiles
                 c = j % CONSUMERS
                 bar = pre_ready.index(c)
                 mbarrier.wait(pre_empty.index(c), ((j // CONSUMERS) & 1) ^ 1)
                 mbarrier.expect(bar, 2 * pre_desc.block_type.nbytes)
                 tma.async_copy_global_to_shared(pre_desc, [om, on], bar, pre_bufs.index(2 * c))
-                tma.async_copy_global_to_shared(pre_desc, [om, on + pre_desc.block_type.shape[1]], bar,
-                                                pre_bufs.index(2 * c + 1))
+                tma.async_copy_global_to_shared(pre_desc, [om, on + BN // 2], bar, pre_bufs.index(2 * c + 1))
             j += 1
 
     @gluon.jit
-    def _consume(WHICH: gl.constexpr, a_bufs, b_bufs, pre_bufs, ready, empty, pre_ready, pre_empty, turn, b_ready, pre_late,
+    def _consume(WHICH: gl.constexpr, a_bufs, b_bufs, pre_bufs, ready, empty, pre_ready, pre_empty, turn,
                  pre_desc, out_desc, sign_ptr, pre_ptr, out_ptr, zero_ptr, zero_n, M, N, K, slope,
                  BACKWARD: gl.constexpr, SIGN: gl.constexpr, ZERO: gl.constexpr, SMS: gl.constexpr,
-                 CONSUMERS: gl.constexpr, B_KN: gl.constexpr, PROBE: gl.constexpr, RESIDENT: gl.constexpr,
-                 PARTS: gl.constexpr):
+                 CONSUMERS: gl.constexpr, B_KN: gl.constexpr, PROBE: gl.constexpr, PARTS: gl.constexpr):
         # one warpgroup: the program's tiles WHICH, WHICH + CONSUMERS, ...: the GEMM from the ring's
         # stages (one wgmma in flight; a stage goes back to the loader once the wgmma after it is
         # issued), then the epilogue through its two buffers (pre_bufs[2 WHICH], [2 WHICH + 1]: half tiles, or
-        # with PARTS 4 quarter tiles) and TMA stores. WHICH 1 with one consumer: no tiles. RESIDENT: B's k-slice ki
-        # is b_bufs[ki] for every tile, loaded once (b_ready)
+        # quarter tiles with PARTS 4) and TMA stores. WHICH 1 with one consumer: no tiles
         BM: gl.constexpr = a_bufs.type.shape[1]
         BK: gl.constexpr = a_bufs.type.shape[2]
         BN: gl.constexpr = PARTS * pre_bufs.type.shape[2]
@@ -136,8 +124,6 @@ if gluon is not None:
         kt = gl.cdiv(K, BK)
         tiles = gl.cdiv(M, BM) * grid_n if WHICH < CONSUMERS else 0
         j = WHICH
-        if RESIDENT:
-            mbarrier.wait(b_ready, 0)
         for tile in range(gl.program_id(0) + WHICH * SMS, tiles, CONSUMERS * SMS):
             om = (tile // grid_n) * BM
             on = (tile % grid_n) * BN
@@ -148,11 +134,10 @@ if gluon is not None:
             for ki in range(kt):
                 s = (pos + ki) % STAGES
                 mbarrier.wait(ready.index(s), ((pos + ki) // STAGES) & 1)
-                b = b_bufs.index(ki if RESIDENT else s)
                 if B_KN:  # a (BK, BN) tile
-                    acc = warpgroup_mma(a_bufs.index(s), b, acc, is_async=True)
+                    acc = warpgroup_mma(a_bufs.index(s), b_bufs.index(s), acc, is_async=True)
                 else:  # a (BN, BK) tile, seen as (BK, BN)
-                    acc = warpgroup_mma(a_bufs.index(s), b.permute((1, 0)), acc, is_async=True)
+                    acc = warpgroup_mma(a_bufs.index(s), b_bufs.index(s).permute((1, 0)), acc, is_async=True)
                 acc = warpgroup_mma_wait(1, deps=(acc,))
                 if ki > 0:
                     mbarrier.arrive(empty.index((pos + ki - 1) % STAGES), count=1)
@@ -167,7 +152,7 @@ if gluon is not None:
             if PROBE == 2:  # benches only (launch's probe): no epilogue, the accumulator summed to one value a tile
                 gl.store(sign_ptr + tile, gl.sum(gl.sum(acc, axis=1), axis=0).to(sign_ptr.dtype.element_ty))
             else:
-                _epilogue(acc, WHICH, pre_bufs, pre_ready, pre_late, pre_desc, out_desc, sign_ptr, pre_ptr, out_ptr, om, on, M,
+                _epilogue(acc, WHICH, pre_bufs, pre_ready, pre_desc, out_desc, sign_ptr, pre_ptr, out_ptr, om, on, M,
                           N, j, slope, BACKWARD, SIGN, CONSUMERS, PROBE, PARTS)
             if ZERO:  # this tile's slice of the buffer to zero, while the other consumer's GEMM runs
                 _zero_slice(zero_ptr, zero_n, tile, gl.cdiv(M, BM) * grid_n)
@@ -175,33 +160,18 @@ if gluon is not None:
         tma.store_wait(0)
 
     @gluon.jit
-    def _epilogue(acc, WHICH: gl.constexpr, pre_bufs, pre_ready, pre_late, pre_desc, out_desc, sign_ptr, pre_ptr, out_ptr, om,
+    def _epilogue(acc, WHICH: gl.constexpr, pre_bufs, pre_ready, pre_desc, out_desc, sign_ptr, pre_ptr, out_ptr, om,
                   on, M, N, j, slope, BACKWARD: gl.constexpr, SIGN: gl.constexpr, CONSUMERS: gl.constexpr,
                   PROBE: gl.constexpr, PARTS: gl.constexpr):
         # a consumer's (BM, BN) tile from its accumulator: rounded as cuBLAS would, then by (BM, BN / 2) half tiles
-        # through its two half-tile buffers (PARTS 4, the plain forward: by (BM, BN / 4) quarter tiles through two
-        # quarter-tile buffers). launch's probes (the plain forward): 1 leaves out the TMA stores, 3
+        # through its two half-tile buffers (PARTS 4, the forward without signs: by (BM, BN / 4) quarter tiles
+        # through two quarter-tile buffers, half the shared memory: room for a stage more). launch's probes (the plain forward): 1 leaves out the TMA stores, 3
         # stores pre and post from registers (pre_ptr, out_ptr) instead of through the buffers
         BM: gl.constexpr = acc.shape[0]
         BN: gl.constexpr = acc.shape[1]
         h = acc.to(out_desc.dtype).to(gl.float32)  # the GEMM's output as cuBLAS would round it
         left, right = h.reshape([BM, 2, BN // 2]).permute(0, 2, 1).split()  # two (BM, BN / 2) halves
-        if BACKWARD and PARTS == 4:  # by quarter tiles: the loader's two, then two this consumer loads
-            mbarrier.wait(pre_ready.index(WHICH), (j // CONSUMERS) & 1)
-            q0, q1 = left.reshape([BM, 2, BN // 4]).permute(0, 2, 1).split()
-            q2, q3 = right.reshape([BM, 2, BN // 4]).permute(0, 2, 1).split()
-            b0, b1 = pre_bufs.index(2 * WHICH), pre_bufs.index(2 * WHICH + 1)
-            _dpre_half(q0, b0, out_desc, sign_ptr, om, on, M, N, slope, SIGN)
-            _dpre_half(q1, b1, out_desc, sign_ptr, om, on + BN // 4, M, N, slope, SIGN)
-            tma.store_wait(0)  # the buffers read by the stores: pre's other two quarter tiles into them
-            bar = pre_late.index(WHICH)
-            mbarrier.expect(bar, 2 * pre_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(pre_desc, [om, on + BN // 2], bar, b0)
-            tma.async_copy_global_to_shared(pre_desc, [om, on + 3 * BN // 4], bar, b1)
-            mbarrier.wait(bar, (j // CONSUMERS) & 1)
-            _dpre_half(q2, b0, out_desc, sign_ptr, om, on + BN // 2, M, N, slope, SIGN)
-            _dpre_half(q3, b1, out_desc, sign_ptr, om, on + 3 * BN // 4, M, N, slope, SIGN)
-        elif BACKWARD:  # h is dpost: dpre = dpost * act'(pre), written over pre's (SIGN: post's) half tiles
+        if BACKWARD:  # h is dpost: dpre = dpost * act'(pre), written over pre's (SIGN: post's) half tiles
             mbarrier.wait(pre_ready.index(WHICH), (j // CONSUMERS) & 1)
             _dpre_half(left, pre_bufs.index(2 * WHICH), out_desc, sign_ptr, om, on, M, N, slope, SIGN)
             _dpre_half(right, pre_bufs.index(2 * WHICH + 1), out_desc, sign_ptr, om, on + BN // 2, M, N, slope, SIGN)
@@ -323,20 +293,18 @@ if gluon is not None:
     def _pingpong_kernel(a_desc, b_desc, pre_desc, out_desc, sign_ptr, pre_ptr, out_ptr, zero_ptr, zero_n, M, N, K,
                          slope, BACKWARD: gl.constexpr, SIGN: gl.constexpr, ZERO: gl.constexpr, STAGES: gl.constexpr,
                          SMS: gl.constexpr, REGS: gl.constexpr, CONSUMERS: gl.constexpr, B_KN: gl.constexpr,
-                         PROBE: gl.constexpr, KT: gl.constexpr, PARTS: gl.constexpr):
+                         PROBE: gl.constexpr, PARTS: gl.constexpr):
         # B_KN: b_desc's tiles are (BK, BN) of a (K, N) B, else (BN, BK) of an (N, K) one. SIGN: pre's signs
         # at sign_ptr instead of pre (module docstring); pre_desc is then post's (backward) or unused (forward).
-        # ZERO: zero_ptr's zero_n floats are zeroed, a slice a tile (_zero_slice). KT > 0 (RESIDENT): B's KT
-        # k-slices of the program's column block stay in shared memory, and the ring holds A's alone. PARTS: the
-        # epilogue's pieces (pre_desc's blocks are (BM, BN / PARTS))
-        RESIDENT: gl.constexpr = KT > 0
+        # ZERO: zero_ptr's zero_n floats are zeroed, a slice a tile (_zero_slice). PARTS: the epilogue's pieces
+        # (pre_desc's blocks are (BM, BN / PARTS))
         BM: gl.constexpr = a_desc.block_type.shape[0]
         BK: gl.constexpr = a_desc.block_type.shape[1]
         BN: gl.constexpr = PARTS * pre_desc.block_type.shape[1]
         dtype: gl.constexpr = a_desc.dtype
         a_bufs = gl.allocate_shared_memory(dtype, [STAGES, BM, BK], a_desc.layout)
-        b_bufs = gl.allocate_shared_memory(dtype, [KT if RESIDENT else STAGES, b_desc.block_type.shape[0],
-                                                   b_desc.block_type.shape[1]], b_desc.layout)
+        b_bufs = gl.allocate_shared_memory(dtype, [STAGES, b_desc.block_type.shape[0], b_desc.block_type.shape[1]],
+                                           b_desc.layout)
         # two (BM, BN / PARTS) tiles a consumer: forward, pre's and post's; backward, pre's, overwritten by dpre's
         pre_bufs = gl.allocate_shared_memory(dtype, [4, BM, BN // PARTS], pre_desc.layout)
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -344,9 +312,6 @@ if gluon is not None:
         pre_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         pre_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        b_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        mbarrier.init(b_ready, count=1)
-        pre_late = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())  # PARTS 4's backward
         for i in gl.static_range(STAGES):
             mbarrier.init(ready.index(i), count=1)
             mbarrier.init(empty.index(i), count=1)
@@ -354,18 +319,17 @@ if gluon is not None:
             mbarrier.init(pre_ready.index(i), count=1)
             mbarrier.init(pre_empty.index(i), count=1)
             mbarrier.init(turn.index(i), count=1)
-            mbarrier.init(pre_late.index(i), count=1)
         # each partition's arguments as a tuple written out here: a tuple kept in a variable would turn
         # the constexprs in it into runtime values (both branches of `if BACKWARD` compiled and taken at run time)
         gl.warp_specialize([
-            (_consume, (0, a_bufs, b_bufs, pre_bufs, ready, empty, pre_ready, pre_empty, turn, b_ready, pre_late, pre_desc,
-                        out_desc, sign_ptr, pre_ptr, out_ptr, zero_ptr, zero_n, M, N, K, slope, BACKWARD, SIGN, ZERO,
-                        SMS, CONSUMERS, B_KN, PROBE, RESIDENT, PARTS)),
-            (_consume, (1, a_bufs, b_bufs, pre_bufs, ready, empty, pre_ready, pre_empty, turn, b_ready, pre_late, pre_desc,
-                        out_desc, sign_ptr, pre_ptr, out_ptr, zero_ptr, zero_n, M, N, K, slope, BACKWARD, SIGN, ZERO,
-                        SMS, CONSUMERS, B_KN, PROBE, RESIDENT, PARTS)),
-            (_loader, (a_desc, b_desc, pre_desc, a_bufs, b_bufs, pre_bufs, ready, empty, pre_ready, pre_empty, b_ready,
-                       M, N, K, BACKWARD, SMS, CONSUMERS, B_KN, KT)),
+            (_consume, (0, a_bufs, b_bufs, pre_bufs, ready, empty, pre_ready, pre_empty, turn, pre_desc, out_desc,
+                        sign_ptr, pre_ptr, out_ptr, zero_ptr, zero_n, M, N, K, slope, BACKWARD, SIGN, ZERO, SMS,
+                        CONSUMERS, B_KN, PROBE, PARTS)),
+            (_consume, (1, a_bufs, b_bufs, pre_bufs, ready, empty, pre_ready, pre_empty, turn, pre_desc, out_desc,
+                        sign_ptr, pre_ptr, out_ptr, zero_ptr, zero_n, M, N, K, slope, BACKWARD, SIGN, ZERO, SMS,
+                        CONSUMERS, B_KN, PROBE, PARTS)),
+            (_loader, (a_desc, b_desc, pre_desc, a_bufs, b_bufs, pre_bufs, ready, empty, pre_ready, pre_empty,
+                       M, N, K, BACKWARD, SMS, CONSUMERS, B_KN)),
         ], [4, 1], [REGS, 24])
 
 
@@ -398,15 +362,10 @@ def launch(a: Tensor, b: Tensor, pre: Tensor, out: Tensor, slope: float, backwar
     the plain forward): 1 leaves out the epilogue's TMA stores (pre and post are not written), 2 the whole epilogue
     (each tile's accumulator is summed and the sum written over `out`'s first elements), 3 stores pre and post
     from the registers instead of through shared memory and TMA (pre and out contiguous), to time its parts."""
-    bm, bn, bk, stages, regs, consumers, resident, parts = (*tile, 0, 2)[:8]  # 6 fields: B not resident, halves
+    bm, bn, bk, stages, regs, consumers, parts = (*tile, 2)[:7]  # 6 fields: by half tiles
     m, k = a.shape
     n = b.size(1) if b_kn else b.size(0)
     sign = signs is not None
-    grid_n = triton.cdiv(n, bn)
-    if resident and sms < grid_n:
-        raise ValueError(f"tile {tile}: B resident needs a program a column block, {grid_n} of them, on {sms} SMs")
-    if parts not in (2, 4) or (parts == 4 and sign and not backward):
-        raise ValueError(f"tile {tile}: the epilogue by 2 pieces, or 4 (not the forward with signs)")
     if sign and (n % 32 or bn % 64 or signs.shape != (m, n // 32) or signs.dtype != torch.int32
                  or not signs.is_contiguous()):
         raise ValueError(f"signs {tuple(signs.shape)} {signs.dtype} for a ({m}, {n}) output at BN {bn}: needs "
@@ -416,12 +375,13 @@ def launch(a: Tensor, b: Tensor, pre: Tensor, out: Tensor, slope: float, backwar
                          f"float32 tensor on {a.device}")
     if sign and backward:  # the factor of act' where pre <= 0: -|slope| sqrt(post) * 2 (mlp_kernel._launch's)
         slope = -abs(slope)
-    # B resident: a multiple of grid_n programs, so that every tile of a program has its column block
-    grid = (min(sms // grid_n * grid_n if resident else sms, triton.cdiv(m, bm) * grid_n),)
+    grid = (min(sms, triton.cdiv(m, bm) * triton.cdiv(n, bn)),)
+    if parts not in (2, 4) or (parts == 4 and (backward or sign)):
+        raise ValueError(f"tile {tile}: the epilogue by 2 pieces, or by 4 on the forward without signs")
     if probe and (backward or sign or probe not in (1, 2, 3)):
         raise ValueError(f"probe={probe}: 1, 2 or 3, on the forward without signs")
     z = zero is not None
     _pingpong_kernel[grid](*descriptors(a, b, pre, out, bm, bn, bk, b_kn, parts), signs if sign else out, pre, out,
                            zero if z else out, zero.numel() if z else 0, m, n, k, slope, BACKWARD=backward, SIGN=sign,
                            ZERO=z, STAGES=stages, SMS=grid[0], REGS=regs, CONSUMERS=consumers, B_KN=b_kn,
-                           PROBE=probe, KT=k // bk if resident else 0, PARTS=parts, num_warps=4, maxnreg=MAXNREG)
+                           PROBE=probe, PARTS=parts, num_warps=4, maxnreg=MAXNREG)

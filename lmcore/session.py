@@ -339,9 +339,10 @@ def start_session(
     if tc.fused_qkv:
         model.use_fused_qkv(tc.fused_qkv_repeat_v, tc.fused_qkv_gate)
     if tc.fused_mlp:
-        from lmcore.mlp_kernel import PINGPONG
+        from lmcore.mlp_kernel import PINGPONG, PINGPONG_QUARTER
 
-        model.use_fused_mlp(PINGPONG if tc.fused_mlp_pingpong else tc.fused_mlp_descriptors, tc.fused_mlp_sign)
+        kernel = (PINGPONG_QUARTER if tc.fused_mlp_quarter_tiles else PINGPONG) if tc.fused_mlp_pingpong else None
+        model.use_fused_mlp(kernel or tc.fused_mlp_descriptors, tc.fused_mlp_sign)
     if tc.mlp_zeroes_dq_accum:
         model.use_mlp_zeroes_dq_accum()
     if tc.expand_kv:

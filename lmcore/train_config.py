@@ -107,6 +107,10 @@ class TrainConfig:
     # 0.316 / 0.308 ms a call forward / backward against the TMA kernel's 0.359 / 0.417; in the fastest set on
     # 2 ranks 262.3 -> 257.2 ms a step, losses within the noise (benchmarks/RESULTS.md). With fused_mlp_sign too.
     fused_mlp_pingpong: bool = False
+    # With fused_mlp_pingpong (and without fused_mlp_sign): the ping-pong kernel's forward writes pre and post by
+    # quarter tiles through half the shared memory, and its ring takes a sixth stage (lmcore.mlp_pingpong's
+    # TILE_QUARTER). The same bits. Session 35, two H200s' benches: 0.291-0.315 ms a forward call against 0.321-0.346.
+    fused_mlp_quarter_tiles: bool = False
     # With fused_mlp: its forward keeps post and pre's signs instead of pre, and its backward takes act'(pre) from
     # them (lmcore.mlp_kernel._dpre_sign_math); a deliberate rounding change. mlp_hidden a multiple of 32. With the
     # TMA kernel slower on an H200 (session 19): 0.316 / 0.443 ms a call forward / backward against 0.339 / 0.403

@@ -57,13 +57,14 @@ def test_record_fast_is_record_with_the_lever_set_benchmarks_name_preset():
 def test_every_lever_set_benchmarks_name_is_a_valid_record_config():
     # speed.sh's LEVERS / VARIANTS take these sets: one the config refuses would end a device call's run at its start
     sets = _lever_sets()
-    assert list(sets) == ["QF", "FAST", "DQ", "VNORM", "GATE", "PRESET", "MIXT", "CD", "SIGN", "ZERO"]
+    assert list(sets) == ["QF", "FAST", "DQ", "VNORM", "GATE", "PRESET", "MIXT", "CD", "SIGN", "ZERO", "QUARTER"]
     for out in sets.values():
         cfg = preset("record", out)  # raises ConfigError on a refused combination
         assert out and all(o.startswith("train.") and "=" in o for o in out)
         assert cfg.train.fused_mlp and cfg.train.fused_mlp_pingpong
     assert preset("record", sets["SIGN"]).train.fused_mlp_sign  # the sign path on the ping-pong kernel
     assert preset("record", sets["ZERO"]).train.mlp_zeroes_dq_accum  # the MLP's backward zeroes FA3's accumulator
+    assert preset("record", sets["QUARTER"]).train.fused_mlp_quarter_tiles  # the ping-pong forward by quarter tiles
 
 
 def test_record_fast_switches_train_tiny_as_records_defaults(tmp_path):
@@ -98,6 +99,10 @@ def test_overrides_parse_by_type():
         ("train.fused_mlp_descriptors=gpu", "train.fused_mlp_descriptors='gpu'"),
         ("train.fused_mlp_sign=true", "needs train.fused_mlp=true"),
         ("train.fused_mlp_pingpong=true", "needs train.fused_mlp=true"),
+        ("train.fused_mlp=true train.fused_mlp_quarter_tiles=true", "needs train.fused_mlp_pingpong=true and "
+         "train.fused_mlp_sign=false"),
+        ("train.fused_mlp=true train.fused_mlp_pingpong=true train.fused_mlp_sign=true train.fused_mlp_quarter_tiles=true",
+         "train.fused_mlp_quarter_tiles=true needs"),
         ("train.fused_qkv=true train.fused_qkv_repeat_v=true", "needs train.fused_qkv=true and train.expand_kv=true"),
         ("train.fused_mlp=true train.fused_mlp_sign=true model.mlp_hidden=100", "model.mlp_hidden a multiple of 32, not 100"),
         ("noequals", "noequals"),

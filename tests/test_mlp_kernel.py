@@ -110,10 +110,14 @@ def test_the_descriptors_choice_reaches_both_gemms(monkeypatch):
     monkeypatch.setattr(MK, "_dpre_triton", dpre)
     model, ids, tgt = _model_and_batch(mlp_hidden=64)
     layers = model.cfg.num_layers
-    for descriptors in ("host", "device", "pingpong"):
+    for descriptors in ("host", "device", "pingpong", "pingpong_quarter"):
         for sign in (False, True):
             model.use_fused_mlp(descriptors, sign)
             seen.clear()
+            if sign and descriptors == "pingpong_quarter":  # the sign path's forward goes by half tiles
+                with pytest.raises(ValueError, match="sign=True with descriptors 'pingpong_quarter'"):
+                    loss_and_grads(model, ids, tgt)
+                continue
             loss_and_grads(model, ids, tgt)
             assert seen == [("fc", descriptors, sign)] * layers + [("dpre", descriptors, sign)] * layers
     with pytest.raises(ValueError, match="descriptors='gpu'"):
@@ -137,7 +141,8 @@ def test_pingpong_falls_back_to_the_tma_kernel_where_it_cannot_run(monkeypatch):
     assert launched == [MK.TILE_TMA_FWD, MK.TILE_TMA_BWD]  # the defaults: descriptors on the device
     ran = []
     monkeypatch.setattr(MK, "_pingpong_takes", lambda a, n: True)
-    monkeypatch.setattr(PP, "launch", lambda a, b, pre, out, slope, backward, sms, b_kn=False, signs=None, zero=None:
+    monkeypatch.setattr(PP, "launch", lambda a, b, pre, out, slope, backward, sms, tile=None, b_kn=False, signs=None,
+                        zero=None:
                         ran.append((b.shape, backward, b_kn, b.is_contiguous(), signs)))
     monkeypatch.setattr(MK, "_sm_count", lambda device: 132)
     MK._fc_triton(a, w, SLOPE, descriptors="pingpong")
@@ -149,6 +154,32 @@ def test_pingpong_falls_back_to_the_tma_kernel_where_it_cannot_run(monkeypatch):
     assert len(ran) == 2 and launched[-1] == (128, 128, 64, 4, 3)
 
 
+def test_quarter_tiles_reach_the_pingpong_forward_only(monkeypatch):
+    """train.fused_mlp_quarter_tiles ("pingpong_quarter"): the ping-pong forward at TILE_QUARTER, its backward at
+    TILE; where the kernel cannot run, the TMA kernel's defaults, as with "pingpong"."""
+    import lmcore.mlp_pingpong as PP
+
+    ran = []
+    monkeypatch.setattr(MK, "_pingpong_takes", lambda a, n: True)
+    monkeypatch.setattr(MK, "_sm_count", lambda device: 132)
+    monkeypatch.setattr(PP, "launch", lambda a, b, pre, out, slope, backward, sms, tile=PP.TILE, b_kn=False,
+                        signs=None, zero=None: ran.append((backward, tile, b_kn)))
+    a, w = torch.zeros(64, 512, dtype=torch.bfloat16), torch.zeros(1536, 512, dtype=torch.bfloat16)
+    pre = torch.zeros(64, 1536, dtype=torch.bfloat16)
+    for descriptors in ("pingpong", "pingpong_quarter"):
+        MK._fc_triton(a, w, SLOPE, descriptors=descriptors)
+        MK._dpre_triton(a, w.t(), pre, SLOPE, descriptors=descriptors)
+    assert ran == [(False, PP.TILE, False), (True, PP.TILE, True), (False, PP.TILE_QUARTER, False), (True, PP.TILE, True)]
+    assert PP.TILE_QUARTER[:3] == PP.TILE[:3] and PP.TILE_QUARTER[3] == PP.TILE[3] + 1 and PP.TILE_QUARTER[6] == 4
+    launched = []
+    monkeypatch.setattr(MK, "_pingpong_takes", lambda a, n: False)
+    monkeypatch.setattr(MK, "TensorDescriptor", object())
+    monkeypatch.setattr(MK, "_launch", lambda a, b, pre, out, slope, backward, tile, signs=None: launched.append(tile))
+    MK._fc_triton(a, w, SLOPE, descriptors="pingpong_quarter")
+    MK._dpre_triton(a, w.t(), pre, SLOPE, descriptors="pingpong_quarter")
+    assert launched == [MK.TILE_TMA_FWD, MK.TILE_TMA_BWD] and len(ran) == 4
+
+
 def test_the_sign_path_reaches_the_pingpong_kernel_or_the_tma_kernel(monkeypatch):
     """train.fused_mlp_sign with the ping-pong kernel: its forward gets an (M, N // 32) int32 buffer for the
     signs and post in pre's place (pre is not written), its backward post and those signs, slope as given (the
@@ -158,7 +189,8 @@ def test_the_sign_path_reaches_the_pingpong_kernel_or_the_tma_kernel(monkeypatch
     ran = []
     monkeypatch.setattr(MK, "_pingpong_takes", lambda a, n: True)
     monkeypatch.setattr(MK, "_sm_count", lambda device: 132)
-    monkeypatch.setattr(PP, "launch", lambda a, b, pre, out, slope, backward, sms, b_kn=False, signs=None, zero=None:
+    monkeypatch.setattr(PP, "launch", lambda a, b, pre, out, slope, backward, sms, tile=None, b_kn=False, signs=None,
+                        zero=None:
                         ran.append((pre, out, slope, backward, b_kn, signs)))
     a, w = torch.zeros(64, 512, dtype=torch.bfloat16), torch.zeros(1536, 512, dtype=torch.bfloat16)
     signs, post = MK._fc_triton(a, w, SLOPE, descriptors="pingpong", sign=True)
@@ -186,7 +218,8 @@ def test_the_buffer_to_zero_reaches_the_pingpong_kernel_or_is_zeroed_after_the_t
     ran = []
     monkeypatch.setattr(MK, "_pingpong_takes", lambda a, n: True)
     monkeypatch.setattr(MK, "_sm_count", lambda device: 132)
-    monkeypatch.setattr(PP, "launch", lambda a, b, pre, out, slope, backward, sms, b_kn=False, signs=None, zero=None:
+    monkeypatch.setattr(PP, "launch", lambda a, b, pre, out, slope, backward, sms, tile=None, b_kn=False, signs=None,
+                        zero=None:
                         ran.append((backward, zero)))
     a, w, pre = torch.zeros(64, 512, dtype=torch.bfloat16), torch.zeros(512, 1536, dtype=torch.bfloat16), \
         torch.zeros(64, 1536, dtype=torch.bfloat16)
@@ -297,6 +330,8 @@ def test_triton_gemm_is_the_pytorch_kernels(m, d, hidden, tile, dtype):
     (2880, 512, 1536, None),  # two or three tiles a program, a row tail
     (1000, 128, 384, None),  # one tile a program at most
     (300, 64, 200, (128, 128, 64, 3, 232, 2)),  # columns not a multiple of the tile either; 3 stages
+    (98304 // 8, 512, 1536, "quarter"),  # the forward at TILE_QUARTER (train.fused_mlp_quarter_tiles)
+    (300, 64, 200, "quarter"),
 ])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_pingpong_kernel_is_the_tma_kernel(m, d, hidden, tile, dtype):
@@ -311,7 +346,14 @@ def test_pingpong_kernel_is_the_tma_kernel(m, d, hidden, tile, dtype):
     wf = (torch.randn(hidden, d, generator=g, device="cuda") * d**-0.5).to(dtype)
     wp = (torch.randn(d, hidden, generator=g, device="cuda") * hidden**-0.5).to(dtype)
     pre, post = (torch.empty(m, hidden, device="cuda", dtype=dtype) for _ in range(2))
-    PP.launch(x, wf, pre, post, SLOPE, False, MK._sm_count(x.device), *([tile] if tile else []))
+    if tile == "quarter":  # the forward by quarter tiles; the backward has only the default's halves
+        PP.launch(x, wf, pre, post, SLOPE, False, MK._sm_count(x.device), PP.TILE_QUARTER)
+        for backward, signs in ((True, None), (False, torch.empty(m, hidden // 32, device="cuda", dtype=torch.int32))):
+            with pytest.raises(ValueError, match="by 4 on the forward without signs"):
+                PP.launch(x, wf, pre, post, SLOPE, backward, MK._sm_count(x.device), PP.TILE_QUARTER, signs=signs)
+        tile = None
+    else:
+        PP.launch(x, wf, pre, post, SLOPE, False, MK._sm_count(x.device), *([tile] if tile else []))
     ref_pre, ref_post = MK._fc_math(x, wf, SLOPE)
     dpre = torch.empty_like(pre)
     PP.launch(dy, wp.t().contiguous(), ref_pre, dpre, SLOPE, True, MK._sm_count(x.device), *([tile] if tile else []))
