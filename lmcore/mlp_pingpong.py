@@ -366,6 +366,8 @@ def launch(a: Tensor, b: Tensor, pre: Tensor, out: Tensor, slope: float, backwar
     m, k = a.shape
     n = b.size(1) if b_kn else b.size(0)
     sign = signs is not None
+    if parts not in (2, 4) or (parts == 4 and (backward or sign)):  # before the signs' own checks
+        raise ValueError(f"tile {tile}: the epilogue by 2 pieces, or by 4 on the forward without signs")
     if sign and (n % 32 or bn % 64 or signs.shape != (m, n // 32) or signs.dtype != torch.int32
                  or not signs.is_contiguous()):
         raise ValueError(f"signs {tuple(signs.shape)} {signs.dtype} for a ({m}, {n}) output at BN {bn}: needs "
@@ -376,8 +378,6 @@ def launch(a: Tensor, b: Tensor, pre: Tensor, out: Tensor, slope: float, backwar
     if sign and backward:  # the factor of act' where pre <= 0: -|slope| sqrt(post) * 2 (mlp_kernel._launch's)
         slope = -abs(slope)
     grid = (min(sms, triton.cdiv(m, bm) * triton.cdiv(n, bn)),)
-    if parts not in (2, 4) or (parts == 4 and (backward or sign)):
-        raise ValueError(f"tile {tile}: the epilogue by 2 pieces, or by 4 on the forward without signs")
     if probe and (backward or sign or probe not in (1, 2, 3)):
         raise ValueError(f"probe={probe}: 1, 2 or 3, on the forward without signs")
     z = zero is not None

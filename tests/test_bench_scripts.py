@@ -347,3 +347,17 @@ def test_needs_dpsum_tells_the_overrides_that_run_only_on_the_fa3_dpsum_build(tm
     # first call: both lmcore runs died at their start)
     res = _bash(tmp_path, f'needs_dpsum "{overrides}"')
     assert res.returncode == (0 if needs else 1), res.stderr
+
+
+def test_energy_per_call_divides_the_counters_difference_by_the_calls(monkeypatch):
+    # energy_bench.energy_per_call on a clock that moves 1/8 s a reading and a counter that gains 3 mJ a call:
+    # batches of 4 calls until 1 s has passed (8 batches, 32 calls), 0.096 J over 1 s, the clock read once
+    import energy_bench
+
+    ticks, mj, clocks = iter(range(100)), [0], []
+    monkeypatch.setattr(energy_bench.time, "perf_counter", lambda: next(ticks) / 8)
+    fn = lambda: mj.__setitem__(0, mj[0] + 3)  # noqa: E731
+    r = energy_bench.energy_per_call(fn, 1.0, lambda: mj[0], lambda: None, lambda: clocks.append(1) or 1755, batch=4)
+    assert r == {"calls": 32, "ms": 1000 / 32, "j_per_call": 0.003, "watts": 0.096, "sm_mhz": 1755}
+    assert clocks == [1] and next(ticks) == 9  # the start and one reading a batch
+    assert energy_bench.above_idle(r, 0.064) == pytest.approx(0.003 - 0.064 / 32)

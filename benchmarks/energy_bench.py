@@ -1,0 +1,113 @@
+"""Joules a call of the MLP's kernels at `record`'s micro-batch, from the board's energy counter (NVML), beside
+their ms a call: at the card's power limit a step takes about its energy over the limit, so a kernel made shorter
+without doing less (fewer bytes moved, fewer instructions) leaves the step where it was (benchmarks/RESULTS.md,
+session 35: every lmcore run of sessions 32-35 at 693-694 W of 700, capped in all its samples).
+
+Each row runs its callable back to back for --seconds (batches of 20 calls, the host's clock read after each
+batch's synchronize), after a warm-up as long; the energy counter (millijoules since the driver loaded) is read at
+the start and the end. Reported: ms a call, joules a call, mean watts, the SM clock read in the middle, and joules
+a call above the card's idle power (measured first, --idle seconds asleep). The counter is the whole board's (GPU
+and memory), so the rows' differences are what matters. Rows: cuBLAS's GEMM alone, the ping-pong kernel forward at
+lmcore.mlp_pingpong.TILE and at TILE_QUARTER (train.fused_mlp_quarter_tiles), its forward with the sign path
+(train.fused_mlp_sign: post and pre's signs, pre not written) and its backward both ways (B as (K, N), as training
+runs it).
+
+usage: python benchmarks/energy_bench.py [--tokens 98304] [--seconds 3] [--idle 2] [--json PATH]
+GPU only (sm_90) with pynvml.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Callable
+
+import torch
+
+CALLS_PER_STEP = 11 * 8  # layers x micro-batches: one MLP forward and backward each
+
+
+def energy_per_call(fn: Callable[[], object], seconds: float, energy_mj: Callable[[], int],
+                    sync: Callable[[], None], clock_mhz: Callable[[], int] = lambda: 0, batch: int = 20) -> dict:
+    """Run fn in batches of `batch` calls until `seconds` have passed (the host's clock after each batch's sync),
+    reading the energy counter (millijoules) before and after: ms and joules a call, watts, and the clock read at
+    the first batch past half the time."""
+    sync()
+    e0, t0 = energy_mj(), time.perf_counter()
+    calls, mhz, now = 0, 0, t0
+    while now - t0 < seconds:
+        for _ in range(batch):
+            fn()
+        sync()
+        calls += batch
+        now = time.perf_counter()
+        if not mhz and now - t0 >= seconds / 2:
+            mhz = clock_mhz()
+    joules = (energy_mj() - e0) / 1000
+    return {"calls": calls, "ms": (now - t0) * 1000 / calls, "j_per_call": joules / calls,
+            "watts": joules / (now - t0), "sm_mhz": mhz}
+
+
+def above_idle(row: dict, idle_watts: float) -> float:
+    """Joules a call above what the board draws idle over the call's time."""
+    return row["j_per_call"] - idle_watts * row["ms"] / 1000
+
+
+def main() -> int:
+    import pynvml
+
+    import lmcore.mlp_pingpong as PP
+    from mlp_pingpong_bench import SLOPE, inputs, pingpong_bwd, pingpong_fwd, pingpong_fwd_sign
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tokens", type=int, default=48 * 2048)
+    ap.add_argument("--seconds", type=float, default=3.0)
+    ap.add_argument("--idle", type=float, default=2.0)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    pynvml.nvmlInit()
+    handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+    uuid = pynvml.nvmlDeviceGetUUID(handle)
+
+    def energy() -> int:  # millijoules since the driver loaded
+        return pynvml.nvmlDeviceGetTotalEnergyConsumption(handle)
+
+    def clock() -> int:
+        return pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM)
+
+    sync = torch.cuda.synchronize
+    x, w, wp, g = inputs(args.tokens)
+    pre, _ = pingpong_fwd(x, w, PP.TILE)
+    signs, post = pingpong_fwd_sign(x, w, PP.TILE)
+    rows = {
+        "cuBLAS GEMM alone, forward (x w_fc^T)": lambda: x @ w.t(),
+        "cuBLAS GEMM alone, backward (dy w_proj)": lambda: g @ wp,
+        "ping-pong forward, TILE": lambda: pingpong_fwd(x, w, PP.TILE),
+        "ping-pong forward, TILE_QUARTER": lambda: pingpong_fwd(x, w, PP.TILE_QUARTER),
+        "ping-pong forward, sign path": lambda: pingpong_fwd_sign(x, w, PP.TILE),
+        "ping-pong backward, TILE": lambda: pingpong_bwd(g, wp, pre, PP.TILE, b_kn=True),
+        "ping-pong backward, sign path": lambda: pingpong_bwd(g, wp, post, PP.TILE, b_kn=True, signs=signs),
+    }
+    sync()
+    e0, t0 = energy(), time.perf_counter()
+    time.sleep(args.idle)
+    idle_watts = (energy() - e0) / 1000 / (time.perf_counter() - t0)
+    print(f"# {torch.cuda.get_device_name()} {uuid}, torch {torch.__version__}, tokens {args.tokens}, power limit "
+          f"{pynvml.nvmlDeviceGetEnforcedPowerLimit(handle) / 1000:.0f} W, idle {idle_watts:.1f} W")
+    out = {"device": torch.cuda.get_device_name(), "uuid": uuid, "tokens": args.tokens, "idle_watts": idle_watts,
+           "seconds": args.seconds, "rows": {}}
+    print("\n| kernel | ms a call | J a call | J above idle | W | SM MHz | J a step (88 calls) |\n|---|---|---|---|---|---|---|")
+    for name, fn in rows.items():
+        energy_per_call(fn, args.seconds, energy, sync)  # warm-up, as long: the clock settles
+        r = out["rows"][name] = energy_per_call(fn, args.seconds, energy, sync, clock)
+        print(f"| {name} | {r['ms']:.3f} | {r['j_per_call']:.4f} | {above_idle(r, idle_watts):.4f} | {r['watts']:.0f} "
+              f"| {r['sm_mhz']} | {CALLS_PER_STEP * r['j_per_call']:.2f} |", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
