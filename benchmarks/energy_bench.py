@@ -97,7 +97,8 @@ def main() -> int:
           f"{pynvml.nvmlDeviceGetEnforcedPowerLimit(handle) / 1000:.0f} W, idle {idle_watts:.1f} W")
     out = {"device": torch.cuda.get_device_name(), "uuid": uuid, "tokens": args.tokens, "idle_watts": idle_watts,
            "seconds": args.seconds, "rows": {}}
-    print("\n| kernel | ms a call | J a call | J above idle | W | SM MHz | J a step (88 calls) |\n|---|---|---|---|---|---|---|")
+    print("\n| kernel | ms a call | J a call | J above idle | W | SM MHz | J a step (88 calls) |")
+    print("|---|---|---|---|---|---|---|")
     for name, fn in rows.items():
         energy_per_call(fn, args.seconds, energy, sync)  # warm-up, as long: the clock settles
         r = out["rows"][name] = energy_per_call(fn, args.seconds, energy, sync, clock)

@@ -31,7 +31,9 @@ an sm_90 GPU; lmcore.mlp_kernel decides when it runs. Measured: benchmarks/mlp_p
 benchmarks/RESULTS.md, session 23 (the sign path: session 33, no faster: its forward as fast as
 without it, its backward 0.056 ms a call slower; the zeros: session 34, +0.037 ms a backward call, about
 what a pass of their own costs; launch's probes, session 34: the forward without its TMA stores runs at
-cuBLAS's GEMM-alone time, so its 0.09 ms a call over cuBLAS is those stores).
+cuBLAS's GEMM-alone time, so its 0.09 ms a call over cuBLAS is those stores; the quarter tiles, session 35:
+0.03 ms a forward call faster in the bench, 0.006 ms run back to back at the card's power cap
+(benchmarks/energy_bench.py), no faster a training step).
 """
 
 from __future__ import annotations
@@ -165,8 +167,9 @@ if gluon is not None:
                   PROBE: gl.constexpr, PARTS: gl.constexpr):
         # a consumer's (BM, BN) tile from its accumulator: rounded as cuBLAS would, then by (BM, BN / 2) half tiles
         # through its two half-tile buffers (PARTS 4, the forward without signs: by (BM, BN / 4) quarter tiles
-        # through two quarter-tile buffers, half the shared memory: room for a stage more). launch's probes (the plain forward): 1 leaves out the TMA stores, 3
-        # stores pre and post from registers (pre_ptr, out_ptr) instead of through the buffers
+        # through two quarter-tile buffers, half the shared memory: room for a stage more). launch's probes (the
+        # plain forward): 1 leaves out the TMA stores, 3 stores pre and post from registers (pre_ptr, out_ptr)
+        # instead of through the buffers
         BM: gl.constexpr = acc.shape[0]
         BN: gl.constexpr = acc.shape[1]
         h = acc.to(out_desc.dtype).to(gl.float32)  # the GEMM's output as cuBLAS would round it

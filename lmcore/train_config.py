@@ -109,7 +109,9 @@ class TrainConfig:
     fused_mlp_pingpong: bool = False
     # With fused_mlp_pingpong (and without fused_mlp_sign): the ping-pong kernel's forward writes pre and post by
     # quarter tiles through half the shared memory, and its ring takes a sixth stage (lmcore.mlp_pingpong's
-    # TILE_QUARTER). The same bits. Session 35, two H200s' benches: 0.291-0.315 ms a forward call against 0.321-0.346.
+    # TILE_QUARTER). The same bits. Session 35, two H200s' benches: 0.291-0.315 ms a forward call against 0.321-0.346;
+    # one H200 (the fastest set with coordinate descent): 499.1 ms a step against 497.4 without it, no gain (at the
+    # card's power cap the kernel's 1.9 ms went back in clock; benchmarks/RESULTS.md).
     fused_mlp_quarter_tiles: bool = False
     # With fused_mlp: its forward keeps post and pre's signs instead of pre, and its backward takes act'(pre) from
     # them (lmcore.mlp_kernel._dpre_sign_math); a deliberate rounding change. mlp_hidden a multiple of 32. With the

@@ -101,8 +101,8 @@ def test_overrides_parse_by_type():
         ("train.fused_mlp_pingpong=true", "needs train.fused_mlp=true"),
         ("train.fused_mlp=true train.fused_mlp_quarter_tiles=true", "needs train.fused_mlp_pingpong=true and "
          "train.fused_mlp_sign=false"),
-        ("train.fused_mlp=true train.fused_mlp_pingpong=true train.fused_mlp_sign=true train.fused_mlp_quarter_tiles=true",
-         "train.fused_mlp_quarter_tiles=true needs"),
+        ("train.fused_mlp=true train.fused_mlp_pingpong=true train.fused_mlp_sign=true "
+         "train.fused_mlp_quarter_tiles=true", "train.fused_mlp_quarter_tiles=true needs"),
         ("train.fused_qkv=true train.fused_qkv_repeat_v=true", "needs train.fused_qkv=true and train.expand_kv=true"),
         ("train.fused_mlp=true train.fused_mlp_sign=true model.mlp_hidden=100", "model.mlp_hidden a multiple of 32, not 100"),
         ("noequals", "noequals"),

@@ -169,7 +169,8 @@ def test_quarter_tiles_reach_the_pingpong_forward_only(monkeypatch):
     for descriptors in ("pingpong", "pingpong_quarter"):
         MK._fc_triton(a, w, SLOPE, descriptors=descriptors)
         MK._dpre_triton(a, w.t(), pre, SLOPE, descriptors=descriptors)
-    assert ran == [(False, PP.TILE, False), (True, PP.TILE, True), (False, PP.TILE_QUARTER, False), (True, PP.TILE, True)]
+    assert ran == [(False, PP.TILE, False), (True, PP.TILE, True),
+                   (False, PP.TILE_QUARTER, False), (True, PP.TILE, True)]
     assert PP.TILE_QUARTER[:3] == PP.TILE[:3] and PP.TILE_QUARTER[3] == PP.TILE[3] + 1 and PP.TILE_QUARTER[6] == 4
     launched = []
     monkeypatch.setattr(MK, "_pingpong_takes", lambda a, n: False)

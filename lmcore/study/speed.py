@@ -155,8 +155,10 @@ SPEED_LEVERS: dict[str, list[str]] = {
     # peak memory 20,490 -> 17,520 MiB
     "mlp_sign_pingpong": ["train.fused_mlp=true", "train.fused_mlp_pingpong=true", "train.fused_mlp_sign=true"],
     # the ping-pong kernel's forward by quarter tiles, its ring a stage deeper (train.fused_mlp_quarter_tiles; the same
-    # bits). Session 35, two H200s' benches: 0.291-0.315 ms a forward call against 0.321-0.346
-    "mlp_quarter_tiles": ["train.fused_mlp=true", "train.fused_mlp_pingpong=true", "train.fused_mlp_quarter_tiles=true"],
+    # bits). Session 35, two H200s' benches: 0.291-0.315 ms a forward call against 0.321-0.346; one H200, on the
+    # fastest set with coordinate descent: 499.1 ms a step against 497.4 (no gain)
+    "mlp_quarter_tiles": ["train.fused_mlp=true", "train.fused_mlp_pingpong=true",
+                          "train.fused_mlp_quarter_tiles=true"],
     # the gate set with the MLP's backward kernel zeroing FA3's dQ accumulator beside its GEMMs, FA3's preprocess
     # then not zeroing its own (train.mlp_zeroes_dq_accum; the FA3_DPSUM build with dq_accum_in). Session 34, one
     # H200, with coordinate descent too: 484.9 ms a step against 484.4 without it (no gain)
