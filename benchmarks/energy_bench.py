@@ -10,9 +10,12 @@ a call above the card's idle power (measured first, --idle seconds asleep). The 
 and memory), so the rows' differences are what matters. Rows: cuBLAS's GEMM alone, the ping-pong kernel forward at
 lmcore.mlp_pingpong.TILE and at TILE_QUARTER (train.fused_mlp_quarter_tiles), its forward with the sign path
 (train.fused_mlp_sign: post and pre's signs, pre not written) and its backward both ways (B as (K, N), as training
-runs it).
+runs it). With --attention, where flash_attn_interface imports (FA3; carry its wheel), also the attention's kernels
+at `record`'s micro-batch as the fastest sets run them (8 heads after train.expand_kv, head dim 64, causal): FA3's
+forward, and its forward and backward together, and cuBLAS's GEMMs of the fused q/k/v projection (512 -> 1,024)
+and the output projection (512 -> 512), each forward, dX and dW.
 
-usage: python benchmarks/energy_bench.py [--tokens 98304] [--seconds 3] [--idle 2] [--json PATH]
+usage: python benchmarks/energy_bench.py [--tokens 98304] [--seconds 3] [--idle 2] [--attention] [--json PATH]
 GPU only (sm_90) with pynvml.
 """
 
@@ -54,6 +57,37 @@ def above_idle(row: dict, idle_watts: float) -> float:
     return row["j_per_call"] - idle_watts * row["ms"] / 1000
 
 
+def attention_rows(tokens: int, seq: int = 2048, heads: int = 8, dim: int = 64,
+                   device: str = "cuda") -> dict[str, Callable[[], object]]:
+    """--attention's rows (module docstring), or none where flash_attn_interface does not import (a line says so)."""
+    try:
+        from flash_attn_interface import flash_attn_func
+    except ImportError as e:
+        print(f"# --attention: no FA3 rows ({e})")
+        return {}
+    torch.manual_seed(0)
+    q, k, v, do = (torch.randn(tokens // seq, seq, heads, dim, device=device, dtype=torch.bfloat16) for _ in range(4))
+    qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+
+    def forward(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        out = flash_attn_func(a, b, c, causal=True)
+        return out[0] if isinstance(out, tuple) else out  # some builds return (out, lse)
+
+    def forward_backward() -> None:
+        torch.autograd.grad(forward(qg, kg, vg), (qg, kg, vg), do)
+
+    rows: dict[str, Callable[[], object]] = {"FA3 forward": lambda: forward(q, k, v),
+                                             "FA3 forward and backward": forward_backward}
+    x = torch.randn(tokens, 512, device=device, dtype=torch.bfloat16)
+    for name, n in (("q/k/v", 1024), ("output projection", 512)):
+        w = torch.randn(n, 512, device=device, dtype=torch.bfloat16) / 512**0.5
+        dy = torch.randn(tokens, n, device=device, dtype=torch.bfloat16)
+        rows[f"cuBLAS {name} 512 -> {n}: forward"] = lambda x=x, w=w: x @ w.t()
+        rows[f"cuBLAS {name} 512 -> {n}: dX"] = lambda dy=dy, w=w: dy @ w
+        rows[f"cuBLAS {name} 512 -> {n}: dW"] = lambda dy=dy, x=x: dy.t() @ x
+    return rows
+
+
 def main() -> int:
     import pynvml
 
@@ -64,6 +98,7 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=48 * 2048)
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--idle", type=float, default=2.0)
+    ap.add_argument("--attention", action="store_true", help="also FA3's and the attention's GEMMs' rows")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     pynvml.nvmlInit()
@@ -88,6 +123,7 @@ def main() -> int:
         "ping-pong forward, sign path": lambda: pingpong_fwd_sign(x, w, PP.TILE),
         "ping-pong backward, TILE": lambda: pingpong_bwd(g, wp, pre, PP.TILE, b_kn=True),
         "ping-pong backward, sign path": lambda: pingpong_bwd(g, wp, post, PP.TILE, b_kn=True, signs=signs),
+        **(attention_rows(args.tokens) if args.attention else {}),
     }
     sync()
     e0, t0 = energy(), time.perf_counter()

@@ -361,3 +361,31 @@ def test_energy_per_call_divides_the_counters_difference_by_the_calls(monkeypatc
     assert r == {"calls": 32, "ms": 1000 / 32, "j_per_call": 0.003, "watts": 0.096, "sm_mhz": 1755}
     assert clocks == [1] and next(ticks) == 9  # the start and one reading a batch
     assert energy_bench.above_idle(r, 0.064) == pytest.approx(0.003 - 0.064 / 32)
+
+
+def test_energy_bench_attention_rows_run_and_take_the_gradients(monkeypatch):
+    # energy_bench.attention_rows on CPU with a stand-in flash_attn_interface (causal SDPA over (B, T, H, D), returning
+    # (out, lse) as some builds do): every row runs at its shape, the backward row reaches q, k and v
+    import types
+
+    import energy_bench
+
+    torch = pytest.importorskip("torch")
+    calls = []
+
+    def flash_attn_func(q, k, v, causal=False):
+        calls.append((tuple(q.shape), causal, q.requires_grad))
+        qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+        out = torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
+        return out.transpose(1, 2), None
+
+    monkeypatch.setitem(sys.modules, "flash_attn_interface", types.SimpleNamespace(flash_attn_func=flash_attn_func))
+    rows = energy_bench.attention_rows(64, seq=32, heads=2, dim=8, device="cpu")
+    assert list(rows)[:2] == ["FA3 forward", "FA3 forward and backward"] and len(rows) == 8
+    shapes = {name: tuple(fn().shape) for name, fn in rows.items() if not name.startswith("FA3")}
+    assert shapes["cuBLAS q/k/v 512 -> 1024: forward"] == (64, 1024)
+    assert shapes["cuBLAS q/k/v 512 -> 1024: dW"] == (1024, 512)
+    assert shapes["cuBLAS output projection 512 -> 512: dX"] == (64, 512)
+    assert tuple(rows["FA3 forward"]().shape) == (2, 32, 2, 8)
+    assert rows["FA3 forward and backward"]() is None
+    assert calls == [((2, 32, 2, 8), True, False), ((2, 32, 2, 8), True, True)]
