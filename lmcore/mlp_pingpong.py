@@ -357,7 +357,8 @@ def descriptors(a: Tensor, b: Tensor, pre: Tensor, out: Tensor, bm: int, bn: int
 def launch(a: Tensor, b: Tensor, pre: Tensor, out: Tensor, slope: float, backward: bool, sms: int,
            tile: tuple = TILE, b_kn: bool = False, signs: Tensor | None = None, zero: Tensor | None = None,
            probe: int = 0) -> None:
-    """One ping-pong kernel over C = a @ b^T, or a @ b with `b_kn` (module docstring), on `sms`
+    """One ping-pong kernel over C = a @ b^T, or a @ b with `b_kn` (module docstring), at `tile` (TILE's six
+    fields, or TILE_QUARTER's seven: the forward without signs only), on `sms`
     persistent programs at most, with descriptors built on the host (kernel arguments: a CUDA
     graph keeps them). With `signs` ((M, N // 32) int32; N and BN / 2 multiples of 32): the forward
     writes them instead of pre (`pre` is not written: pass post), the backward reads them and post

@@ -306,7 +306,8 @@ class GPT(nn.Module):
     def use_fused_mlp(self, descriptors: str = "device", sign: bool = False) -> None:
         """The MLP's LeakyReLU^2 as its GEMMs' epilogues through lmcore.mlp_kernel.leaky_mlp (train.fused_mlp): TMA
         descriptors built on the "device" or the "host" (train.fused_mlp_descriptors), or the "pingpong" kernel
-        (train.fused_mlp_pingpong); `sign` (train.fused_mlp_sign): pre's signs kept instead of pre. Imported here."""
+        (train.fused_mlp_pingpong; "pingpong_quarter" with train.fused_mlp_quarter_tiles); `sign`
+        (train.fused_mlp_sign): pre's signs kept instead of pre. Imported here."""
         from lmcore.mlp_kernel import leaky_mlp
 
         for b in self.blocks:
