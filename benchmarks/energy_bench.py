@@ -15,7 +15,8 @@ at `record`'s micro-batch as the fastest sets run them (8 heads after train.expa
 forward, and its forward and backward together, and cuBLAS's GEMMs of the fused q/k/v projection (512 -> 1,024)
 and the output projection (512 -> 512), each forward, dX and dW.
 
-usage: python benchmarks/energy_bench.py [--tokens 98304] [--seconds 3] [--idle 2] [--attention] [--json PATH]
+usage: python benchmarks/energy_bench.py [--tokens 98304] [--seconds 3] [--idle 2] [--attention] [--rows REGEX]
+       [--json PATH]
 GPU only (sm_90) with pynvml.
 """
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from typing import Callable
 
@@ -99,6 +101,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--idle", type=float, default=2.0)
     ap.add_argument("--attention", action="store_true", help="also FA3's and the attention's GEMMs' rows")
+    ap.add_argument("--rows", default=None, help="only the rows whose name matches this regular expression")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     pynvml.nvmlInit()
@@ -125,6 +128,8 @@ def main() -> int:
         "ping-pong backward, sign path": lambda: pingpong_bwd(g, wp, post, PP.TILE, b_kn=True, signs=signs),
         **(attention_rows(args.tokens) if args.attention else {}),
     }
+    if args.rows:
+        rows = {name: fn for name, fn in rows.items() if re.search(args.rows, name)}
     sync()
     e0, t0 = energy(), time.perf_counter()
     time.sleep(args.idle)
