@@ -11,7 +11,11 @@ profiled step (RES/RUN/profile/breakdown.json's `unix_s`, written since session 
 GPU 0, beside its stage's busy median, to tell whether the profiled step ran at the clock of the
 steady steps. nvidia-smi's timestamps are read as UTC, the device machines' time zone.
 
-    python benchmarks/clocks_report.py CLOCKS_CSV JOB_LOG [--busy 90] [--profiles RES]
+With --energy CSV (benchmarks/energy_sample.py's samples of the board's energy counter), one more column: the
+stage's mean power while busy from the counter: the energy of the intervals between its samples whose middle is
+nearest a busy nvidia-smi sample of the stage, over their time. Unlike power.draw's single readings this counts all the time.
+
+    python benchmarks/clocks_report.py CLOCKS_CSV JOB_LOG [--busy 90] [--profiles RES] [--energy CSV]
 """
 
 from __future__ import annotations
@@ -88,24 +92,52 @@ def samples(clocks_csv: Path) -> pd.DataFrame:
     return df
 
 
+def energy_samples(energy_csv: Path) -> pd.DataFrame:
+    """energy_sample.py's samples with `t` (seconds of the first sample's day) and `energy_mj`."""
+    df = pd.read_csv(energy_csv, skipinitialspace=True)
+    if list(df.columns) != ["timestamp", "energy_mj"]:
+        raise ValueError(f"{energy_csv}: expected the columns timestamp, energy_mj (columns: {', '.join(df.columns)})")
+    stamps = pd.to_datetime(df["timestamp"], format="%Y/%m/%d %H:%M:%S.%f")
+    df["t"] = _unwrap((stamps - stamps.dt.normalize()).dt.total_seconds().tolist())
+    return df
+
+
+def counter_watts(df: pd.DataFrame, en: pd.DataFrame, start: float, end: float, busy: float) -> float | None:
+    """Mean watts from the energy counter over the busy intervals of [start, end) (module docstring), or None."""
+    e, d = en[(en.t >= start) & (en.t < end)], df[(df.t >= start) & (df.t < end)]
+    if len(e) < 2 or d.empty:
+        return None
+    t, mj = e["t"].to_numpy(), e["energy_mj"].to_numpy(dtype=float)
+    iv = pd.DataFrame({"mid": (t[:-1] + t[1:]) / 2, "s": t[1:] - t[:-1], "j": (mj[1:] - mj[:-1]) / 1000})
+    near = pd.merge_asof(iv.sort_values("mid"), d[["t", "utilization.gpu"]].sort_values("t"), left_on="mid",
+                         right_on="t", direction="nearest")
+    b = near[near["utilization.gpu"] >= busy]
+    return float(b["j"].sum() / b["s"].sum()) if not b.empty and b["s"].sum() > 0 else None
+
+
 def _in_stage(df: pd.DataFrame, start: float, end: float, busy: float) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The samples of [start, end) (seconds of the first day), and those of them at >= busy % utilization."""
     s = df[(df.t >= start) & (df.t < end)]
     return s, s[s["utilization.gpu"] >= busy]
 
 
-def report(df: pd.DataFrame, spans: list[tuple[str, float, float]], busy: float) -> str:
+def report(df: pd.DataFrame, spans: list[tuple[str, float, float]], busy: float,
+           en: pd.DataFrame | None = None) -> str:
     head = ("| stage | samples | busy | SM MHz (median) | SM MHz (min) | power W (median) | power limit W "
-            "| power capped | temp C |")
-    rows = [head, "|---|---|---|---|---|---|---|---|---|"]
+            "| power capped | temp C |" + (" counter W (busy) |" if en is not None else ""))
+    rows = [head, "|---" * head.count(" |") + "|"]
     for name, start, end in spans:
         s, b = _in_stage(df, start, end, busy)
+        extra = ""
+        if en is not None:
+            w = counter_watts(df, en, start, end, busy)
+            extra = f" {w:.1f} |" if w is not None else " - |"
         if b.empty:
-            rows.append(f"| {name} | {len(s)} | 0 | - | - | - | - | - | - |")
+            rows.append(f"| {name} | {len(s)} | 0 | - | - | - | - | - | - |" + extra)
             continue
         rows.append(f"| {name} | {len(s)} | {len(b)} | {b['clocks.sm'].median():.0f} | {b['clocks.sm'].min():.0f} "
                     f"| {b['power.draw'].median():.0f} | {b['power.limit'].median():.0f} "
-                    f"| {100 * b['capped'].mean():.0f}% | {b['temperature.gpu'].median():.0f} |")
+                    f"| {100 * b['capped'].mean():.0f}% | {b['temperature.gpu'].median():.0f} |" + extra)
     return "\n".join(rows)
 
 
@@ -144,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--busy", type=float, default=90.0, help="utilization %% from which a sample is busy")
     ap.add_argument("--profiles", type=Path, default=None, metavar="RES",
                     help="also the samples within each profiled step of RES's runs on GPU 0")
+    ap.add_argument("--energy", type=Path, default=None, metavar="CSV",
+                    help="energy_sample.py's counter samples: each stage's mean power while busy")
     args = ap.parse_args(argv)
     for p in (args.clocks_csv, args.job_log):
         if not p.is_file():
@@ -153,12 +187,16 @@ def main(argv: list[str] | None = None) -> int:
     if not spans:
         print(f"clocks_report: {args.job_log}: no stage lines ('HH:MM:SS == NAME')", file=sys.stderr)
         return 2
+    if args.energy is not None and not args.energy.is_file():
+        print(f"clocks_report: {args.energy}: no such file", file=sys.stderr)
+        return 2
     try:
         df = samples(args.clocks_csv)
+        en = energy_samples(args.energy) if args.energy is not None else None
     except ValueError as e:  # a missing column, or a timestamp not in nvidia-smi's layout
         print(f"clocks_report: {e}", file=sys.stderr)
         return 2
-    print(report(df, spans, args.busy))
+    print(report(df, spans, args.busy, en))
     if args.profiles is not None:
         print("\nGPU 0's samples within each profiled step (nvidia-smi every 500 ms; timestamps read as UTC):\n")
         print(profile_report(df, spans, args.profiles, args.busy))

@@ -73,7 +73,8 @@
 # Each poll leaves $OUT/speed.log, and once done $OUT/speed_table.md and
 # $OUT/speed_results.tgz (logs, summaries, metrics, the profiles' breakdowns and traces, the
 # kernels' sources).
-# All along, nvidia-smi samples GPU 0's clocks and power every 500 ms (res/clocks.csv); the report
+# All along, nvidia-smi samples GPU 0's clocks and power every 500 ms (res/clocks.csv), and
+# energy_sample.py its energy counter (res/energy.csv: clocks_report's counter W column); the report
 # ends with them by stage (benchmarks/clocks_report.py: res/clocks.md), to tell a step held back
 # by the card's power limit from one held back by its kernels, and with the samples taken during
 # each profiled step on GPU 0 (whether the profile ran at the steady steps' clock).
@@ -219,7 +220,9 @@ job() {
   mkdir -p "$R"
   clocks_sample "$R/clocks.csv" &
   CLK=$!
-  trap 'kill "$CLK" 2> /dev/null' RETURN  # a setup that fails stops the sampler too
+  python3 benchmarks/energy_sample.py "$R/energy.csv" &  # the board's energy counter, for clocks_report --energy
+  NRG=$!
+  trap 'kill "$CLK" "$NRG" 2> /dev/null' RETURN  # a setup that fails stops the samplers too
   python3 -c 'import json, sys; print(json.dumps(dict(zip(("before", "after", "solo"), sys.argv[1:]))))' \
     "$BEFORE" "$LEVERS" "$SOLO" > "$R/levers.json"
   printf '%s\n' "$VARIANTS" > "$R/variants.txt"
@@ -258,10 +261,12 @@ job() {
     fi
   } || true
   echo "== report ($((SECONDS - T0)) s)"
-  kill "$CLK" 2> /dev/null
+  kill "$CLK" "$NRG" 2> /dev/null
   PYTHONPATH=$BASE python3 benchmarks/speed_report.py "$R" | tee "$R/speed_table.md"
   echo "GPU 0's clocks and power by stage (benchmarks/clocks_report.py; median over samples at >= 90% utilization):"
-  PYTHONPATH=$BASE python3 benchmarks/clocks_report.py "$R/clocks.csv" "$S/job.log" --profiles "$R" | tee "$R/clocks.md"
+  local energy=(); [ "$(wc -l < "$R/energy.csv" 2> /dev/null || echo 0)" -gt 2 ] && energy=(--energy "$R/energy.csv")
+  PYTHONPATH=$BASE python3 benchmarks/clocks_report.py "$R/clocks.csv" "$S/job.log" --profiles "$R" "${energy[@]}" \
+    | tee "$R/clocks.md"
   echo "== done ($((SECONDS - T0)) s)"
 }
 

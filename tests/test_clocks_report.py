@@ -129,3 +129,32 @@ def test_session_22s_profiled_steps():
     assert "| lm_before_1 | 195 | 600.4 | 1 | 1710 | 690 | 1710 |" in rows
     assert "| lm_after_1 | 195 | 529.0 | 1 | 1755 | 679 | 1650 |" in rows
     assert not any(r.startswith("| lm_solo_1 ") for r in rows)  # GPU 1: not sampled
+
+
+def test_the_energy_counter_gives_each_stages_mean_power_while_busy(tmp_path: Path, capsys):
+    # --energy CSV (energy_sample.py's samples): each interval between two counter readings counts where its
+    # middle's nearest nvidia-smi sample is busy; the stage's watts are those intervals' joules over their seconds
+    import energy_sample
+
+    log = tmp_path / "job.log"
+    log.write_text("10:00:00 == lm_after_1 (GPU 0, 1 s)\n10:00:06 == report (7 s)\n10:00:08 done\n")
+    csv = tmp_path / "clocks.csv"
+    csv.write_text(HEADER + _sample("10:00:00", 1200, 300.0, 40, False)  # compiling: not busy
+                   + "".join(_sample(f"10:00:0{i}", 1600, 690.0, 100, True) for i in range(1, 6)))
+    readings = [0, 300_000, 990_000, 1_680_000, 2_370_000, 3_060_000, 3_750_000, 3_760_000]  # mJ, one a second
+    en = tmp_path / "energy.csv"
+    en.write_text(energy_sample.HEADER + "\n" + "".join(
+        f"2026/11/29 10:00:0{i}.000, {mj}\n" for i, mj in enumerate(readings)))
+    assert clocks_report.main([str(csv), str(log), "--energy", str(en)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith("| temp C | counter W (busy) |") and lines[1] == "|---" * 10 + "|"
+    # lm_after_1 holds the readings at 00 to 05 s: five intervals, their middles at 00.5 (nearest the sample at
+    # 00.25, compiling: left out, 300 J a second) and 01.5 to 04.5 (nearest busy samples: 690 J a second)
+    w = clocks_report.counter_watts(clocks_report.samples(csv), clocks_report.energy_samples(en), 36000, 36006, 90)
+    assert w == pytest.approx((3_060_000 - 300_000) / 1000 / 4) == 690.0
+    assert lines[2] == "| lm_after_1 | 6 | 5 | 1600 | 1600 | 690 | 700 | 100% | 60 | 690.0 |"
+    assert lines[3].startswith("| report |") and lines[3].endswith("| - |")
+    en.write_text("time, mj\n1, 2\n")
+    assert clocks_report.main([str(csv), str(log), "--energy", str(en)]) == 2
+    assert "expected the columns timestamp, energy_mj" in capsys.readouterr().err
+    assert energy_sample.stamp(0.0).count(":") == 2 and len(energy_sample.stamp(0.0)) == len("2026/11/29 10:00:00.500")
