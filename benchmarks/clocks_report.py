@@ -12,8 +12,11 @@ GPU 0, beside its stage's busy median, to tell whether the profiled step ran at 
 steady steps. nvidia-smi's timestamps are read as UTC, the device machines' time zone.
 
 With --energy CSV (benchmarks/energy_sample.py's samples of the board's energy counter), one more column: the
-stage's mean power while busy from the counter: the energy of the intervals between its samples whose middle is
-nearest a busy nvidia-smi sample of the stage, over their time. Unlike power.draw's single readings this counts all the time.
+stage's power while busy from the counter: the median over the intervals between its samples whose middle is
+nearest a busy nvidia-smi sample of the stage of each interval's energy over its time. Unlike power.draw's single
+readings each interval counts all its time. A median, not the busy intervals' mean: a stage's first busy samples
+(compilation's short bursts, with the power still ramping) would pull a mean down (session 36: the original's
+busy mean 603 W against 640-680 W in each 4 s of its steps).
 
     python benchmarks/clocks_report.py CLOCKS_CSV JOB_LOG [--busy 90] [--profiles RES] [--energy CSV]
 """
@@ -103,7 +106,8 @@ def energy_samples(energy_csv: Path) -> pd.DataFrame:
 
 
 def counter_watts(df: pd.DataFrame, en: pd.DataFrame, start: float, end: float, busy: float) -> float | None:
-    """Mean watts from the energy counter over the busy intervals of [start, end) (module docstring), or None."""
+    """The median watts from the energy counter over the busy intervals of [start, end) (module docstring), or
+    None."""
     e, d = en[(en.t >= start) & (en.t < end)], df[(df.t >= start) & (df.t < end)]
     if len(e) < 2 or d.empty:
         return None
@@ -111,8 +115,8 @@ def counter_watts(df: pd.DataFrame, en: pd.DataFrame, start: float, end: float, 
     iv = pd.DataFrame({"mid": (t[:-1] + t[1:]) / 2, "s": t[1:] - t[:-1], "j": (mj[1:] - mj[:-1]) / 1000})
     near = pd.merge_asof(iv.sort_values("mid"), d[["t", "utilization.gpu"]].sort_values("t"), left_on="mid",
                          right_on="t", direction="nearest")
-    b = near[near["utilization.gpu"] >= busy]
-    return float(b["j"].sum() / b["s"].sum()) if not b.empty and b["s"].sum() > 0 else None
+    b = near[(near["utilization.gpu"] >= busy) & (near["s"] > 0)]
+    return float((b["j"] / b["s"]).median()) if not b.empty else None
 
 
 def _in_stage(df: pd.DataFrame, start: float, end: float, busy: float) -> tuple[pd.DataFrame, pd.DataFrame]:
