@@ -11,7 +11,7 @@
 #      build (needs_dpsum).
 #   With NEW_TESTS (test files): those files' cuda tests run after step 2, and LEVERS_OK is taken only when they pass
 #   too; when only they fail, LEVERS_BASE (still on the FA3_DPSUM build: levers built but not yet run on a GPU).
-#   BENCH=0 skips step 3.
+#   BENCH=0 skips step 3. POLL_END (default 540): the speed job is polled until that many seconds of this script.
 # $OUT gets the wheel (in fa3_dpsum_wheel.tar: untar it in the checkout to skip the build next time), the
 # build's summary and the tests' log. Carry .whl, .data, .ref and .fa3 (with fa3-src.tar.xz copied into it).
 # Session 26 on nvidia-h200-x2: the build 145 s (32 cores), the tests 84 s, then the speed job 1,081 s.
@@ -58,6 +58,6 @@ if [ "${START_SPEED:-0}" = 1 ]; then
     exit $RC
   fi
   echo "== speed.sh start: LEVERS $LEVERS"
-  LM_FA3_WHL=$whl bash benchmarks/speed.sh start $((570 - SECONDS))
+  LM_FA3_WHL=$whl bash benchmarks/speed.sh start $((${POLL_END:-540} - SECONDS))  # session 36: 570 overran the call
 fi
 exit $RC
