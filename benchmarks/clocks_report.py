@@ -75,6 +75,16 @@ def stages(job_log: Path) -> list[tuple[str, float, float]]:
     return [(name, times[i], times[i + 1]) for i, (name, _) in enumerate(marks) if times[i + 1] > times[i]]
 
 
+def _stamps(df: pd.DataFrame) -> pd.Series:
+    """The `timestamp` column in nvidia-smi's layout (energy_sample.py writes the same)."""
+    return pd.to_datetime(df["timestamp"], format="%Y/%m/%d %H:%M:%S.%f")
+
+
+def _times(stamps: pd.Series) -> list[float]:
+    """Seconds of the first stamp's day, a day added past each midnight."""
+    return _unwrap((stamps - stamps.dt.normalize()).dt.total_seconds().tolist())
+
+
 def samples(clocks_csv: Path) -> pd.DataFrame:
     """nvidia-smi's samples with a `t` column (seconds of the first sample's day) and a boolean
     `capped` column (False where the driver did not report the reason)."""
@@ -84,9 +94,8 @@ def samples(clocks_csv: Path) -> pd.DataFrame:
     missing = [c for c in NEEDED if c not in df.columns]
     if missing:
         raise ValueError(f"{clocks_csv}: no column {', '.join(missing)} (columns: {', '.join(df.columns)})")
-    stamps = pd.to_datetime(df["timestamp"], format="%Y/%m/%d %H:%M:%S.%f")
-    tod = (stamps - stamps.dt.normalize()).dt.total_seconds().tolist()
-    df["t"] = _unwrap(tod)
+    stamps = _stamps(df)
+    df["t"] = _times(stamps)
     df["unix"] = (stamps - pd.Timestamp("1970-01-01")).dt.total_seconds()  # read as UTC
     cap = next((c for c in CAP_COLUMNS if c in df.columns), None)
     df["capped"] = df[cap].astype(str).str.strip().eq("Active") if cap else False
@@ -100,8 +109,7 @@ def energy_samples(energy_csv: Path) -> pd.DataFrame:
     df = pd.read_csv(energy_csv, skipinitialspace=True)
     if list(df.columns) != ["timestamp", "energy_mj"]:
         raise ValueError(f"{energy_csv}: expected the columns timestamp, energy_mj (columns: {', '.join(df.columns)})")
-    stamps = pd.to_datetime(df["timestamp"], format="%Y/%m/%d %H:%M:%S.%f")
-    df["t"] = _unwrap((stamps - stamps.dt.normalize()).dt.total_seconds().tolist())
+    df["t"] = _times(_stamps(df))
     return df
 
 
@@ -181,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profiles", type=Path, default=None, metavar="RES",
                     help="also the samples within each profiled step of RES's runs on GPU 0")
     ap.add_argument("--energy", type=Path, default=None, metavar="CSV",
-                    help="energy_sample.py's counter samples: each stage's mean power while busy")
+                    help="energy_sample.py's counter samples: each stage's power while busy (a median)")
     args = ap.parse_args(argv)
     for p in (args.clocks_csv, args.job_log):
         if not p.is_file():

@@ -2,9 +2,9 @@
 a CSV until the process is stopped (SIGTERM or SIGINT), for benchmarks/speed.sh beside nvidia-smi's clocks.csv.
 
 nvidia-smi's power.draw is one reading at each sample (on H100-class boards it is said to see about a quarter of
-the time); the counter's difference between two samples is the energy of the whole interval, so a stage's mean
-power from it is exact. benchmarks/clocks_report.py --energy turns the samples into each stage's mean power while
-busy. Timestamps are written as nvidia-smi writes them (local time, "%Y/%m/%d %H:%M:%S.%f"), so the two files join.
+the time); the counter's difference between two samples is the energy of the whole interval, so each interval's
+mean power is exact. benchmarks/clocks_report.py --energy turns the samples into each stage's power while busy
+(the median over its busy intervals). Timestamps are written as nvidia-smi writes them (local time, "%Y/%m/%d %H:%M:%S.%f"), so the two files join.
 Without pynvml the file gets its header only and a line on stderr says why.
 
     python benchmarks/energy_sample.py OUT_CSV [--interval 0.5]
