@@ -29,6 +29,8 @@
 #                    Without the two every kernel runs as before
 #   FA3_FWD64_CAUSAL_TILE=MxN  the causal forward's tile at head dim 64 (FA3's is 192x128; scripts/fa3_tile_patch.py);
 #                    the wheel's local version ends in .fwdMxN
+#   FA3_BWD64_CAUSAL=SPEC  the causal backward's template arguments at head dim 64, key=value over FA3's
+#                    (scripts/fa3_bwd_patch.py, e.g. atomdq=1,dprs=1); the wheel's local version ends in .bwd<SPEC>
 #   FA3_TAG=NAME    appended to the wheel's local version (3.0.0+lmcore.hd64bf16...NAME), to
 #                    tell builds of patched sources apart
 #   FA3_WORK (scratch, default /tmp/fa3_build), MAX_JOBS (default nproc), NVCC_THREADS (2),
@@ -118,6 +120,9 @@ if [ "${FA3_DPSUM:-0}" = 1 ]; then "$PY" "$REPO/scripts/fa3_dpsum_patch.py" "$H"
 if [ -n "${FA3_FWD64_CAUSAL_TILE:-}" ]; then
   "$PY" "$REPO/scripts/fa3_tile_patch.py" "$H" "$FA3_FWD64_CAUSAL_TILE" || die "the FA3_FWD64_CAUSAL_TILE patch did not apply"
 fi
+if [ -n "${FA3_BWD64_CAUSAL:-}" ]; then
+  "$PY" "$REPO/scripts/fa3_bwd_patch.py" "$H" "$FA3_BWD64_CAUSAL" || die "the FA3_BWD64_CAUSAL patch did not apply"
+fi
 
 # ---- optional ptxas: a toolkit overlay whose bin/ptxas is scripts/fa3_ptxas.sh ---------------
 PTXAS_DESC="$("$CUDA_HOME/bin/ptxas" --version | grep -o 'release [0-9.]*') (toolkit)"
@@ -144,6 +149,7 @@ if [ "${FA3_PACKGQA:-0}" = 1 ]; then LOCAL=$LOCAL.packgqa; else OFF="$OFF PACKGQ
 [ -n "${FA3_PTXAS:-}" ] && LOCAL=$LOCAL.ptxas$("$FA3_REAL_PTXAS" --version | grep -o 'release [0-9.]*' | tr -dc 0-9)
 [ "${FA3_DPSUM:-0}" = 1 ] && LOCAL=$LOCAL.dpsum
 [ -n "${FA3_FWD64_CAUSAL_TILE:-}" ] && LOCAL=$LOCAL.fwd$FA3_FWD64_CAUSAL_TILE
+[ -n "${FA3_BWD64_CAUSAL:-}" ] && LOCAL=$LOCAL.$("$PY" "$REPO/scripts/fa3_bwd_patch.py" --tag "$FA3_BWD64_CAUSAL")
 [ -n "${FA3_TAG:-}" ] && LOCAL=$LOCAL.$FA3_TAG
 for f in $OFF; do export "FLASH_ATTENTION_DISABLE_$f=TRUE"; done
 unset FLASH_ATTENTION_DISABLE_BACKWARD FLASH_ATTENTION_DISABLE_HDIM64 FLASH_ATTENTION_DISABLE_CLUSTER FLASH_ATTENTION_ENABLE_VCOLMAJOR
