@@ -337,6 +337,45 @@ def test_a_carried_dpsum_wheel_is_not_built_again_and_comes_back_tarred(tmp_path
 
 
 @needs_bash
+def test_fa3_wheels_energy_runs_the_base_each_wheel_then_the_base_again(tmp_path: Path):
+    """benchmarks/fa3_wheels_energy.sh on CPU, python3 and nvidia-smi stubbed: each wheel installed into its own
+    folder named by its local version, digested against the base and benched, the base benched again last; a
+    missing BASE is refused (exit 2) before anything runs."""
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    log = tmp_path / "calls.log"
+    for tool in ("python3", "nvidia-smi"):
+        (bin_ / tool).write_text(f'#!/usr/bin/env bash\necho "{tool} PYTHONPATH=${{PYTHONPATH:-}} $*" >> {log}\n')
+        (bin_ / tool).chmod(0o755)
+    wheels = [tmp_path / f"flash_attn_3-3.0.0+lmcore.hd64bf16.dpsum{v}-cp310-abi3-linux_x86_64.whl"
+              for v in ("", ".bwddqswap1")]
+    for w in wheels:
+        w.write_bytes(b"wheel")
+    env = {**os.environ, "PATH": f"{bin_}:{os.environ['PATH']}", "OUT": str(tmp_path / "out")}
+    script = str(ROOT / "benchmarks" / "fa3_wheels_energy.sh")
+    res = subprocess.run(["bash", script], cwd=tmp_path, env={**env, "BASE": str(tmp_path / "none.whl")},
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "BASE=" in res.stderr and not log.exists()
+    res = subprocess.run(["bash", script], cwd=tmp_path, env={**env, "BASE": str(wheels[0]), "WHEELS": str(wheels[1])},
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stdout + res.stderr
+    steps = []
+    for line in log.read_text().splitlines():
+        tool, path, args = line.split(" ", 2)
+        what = "pip" if args.startswith("-m pip") else args.split()[0]
+        steps.append((tool, path.removeprefix("PYTHONPATH=").split(":")[0], what))
+    base, dqswap = "/tmp/fw/dpsum", "/tmp/fw/dpsum.bwddqswap1"
+    assert steps == [("nvidia-smi", "", "--query-gpu=name,uuid,power.limit"), ("python3", "", "pip"),
+                     ("python3", base, "benchmarks/fa3_digest.py"), ("python3", base, "benchmarks/energy_bench.py"),
+                     ("python3", "", "pip"), ("python3", dqswap, "benchmarks/fa3_digest.py"),
+                     ("python3", dqswap, "benchmarks/energy_bench.py"), ("python3", base, "benchmarks/energy_bench.py")]
+    jsons = re.findall(r"--json \S+/(energy_\S+\.json)", log.read_text())
+    assert jsons == ["energy_base.json", "energy_dpsum.bwddqswap1.json", "energy_base_after.json"]
+    assert re.findall(r"--target (\S+)", log.read_text()) == ["/tmp/fw/dpsum", "/tmp/fw/dpsum.bwddqswap1"]
+    assert "--save /tmp/fw_base.pt" in log.read_text() and "--compare /tmp/fw_base.pt" in log.read_text()
+
+
+@needs_bash
 @pytest.mark.parametrize(("overrides", "needs"), [
     ("train.fused_qkv=true train.fa3_xsa_rowsum=true", True), ("train.fa3_dq_accum=true", True),
     ("train.fa3_xsa_rowsum=1 train.expand_kv=true", True), ("train.fa3_xsa_rowsum=false", False),
