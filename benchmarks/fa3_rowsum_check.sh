@@ -23,6 +23,8 @@
 # Session 30 (the new levers' tests, then the table; lever_sets.sh names the sets):
 #   source benchmarks/lever_sets.sh; NEW_TESTS="tests/test_fold_attn_norm.py tests/test_qkv_gate.py" BENCH=0 \
 #   START_SPEED=1 LEVERS_OK="$GATE" LEVERS_BASE="$DQ" LEVERS_FAIL="$QF" SOLO="$DQ" ... bash benchmarks/fa3_rowsum_check.sh
+# Session 37 on nvidia-h200: the FA3_DPSUM=1 FA3_FWD64_CAUSAL_TILE=128x128 wheel built on the CPU machine (README) and
+# carried in .fa3/dpsum (no build), the tests 102 s, then the speed job with a twin of after as solo (984 s, three calls).
 set -uo pipefail
 source benchmarks/detached.sh  # fa3_dpsum_wheel, needs_dpsum
 OUT=${OUT:-/tmp/fa3_rowsum_out}
