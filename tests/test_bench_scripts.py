@@ -16,6 +16,7 @@ import signal
 import shutil
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -351,7 +352,8 @@ def test_fa3_wheels_energy_runs_the_base_each_wheel_then_the_base_again(tmp_path
               for v in ("", ".bwddqswap1")]
     for w in wheels:
         w.write_bytes(b"wheel")
-    env = {**os.environ, "PATH": f"{bin_}:{os.environ['PATH']}", "OUT": str(tmp_path / "out")}
+    env = {**os.environ, "PATH": f"{bin_}:{os.environ['PATH']}", "OUT": str(tmp_path / "out"),
+           "FW_ENERGY_DIR": str(tmp_path / "energy")}
     script = str(ROOT / "benchmarks" / "fa3_wheels_energy.sh")
     res = subprocess.run(["bash", script], cwd=tmp_path, env={**env, "BASE": str(tmp_path / "none.whl")},
                          capture_output=True, text=True, timeout=60)
@@ -373,6 +375,9 @@ def test_fa3_wheels_energy_runs_the_base_each_wheel_then_the_base_again(tmp_path
     assert jsons == ["energy_base.json", "energy_dpsum.bwddqswap1.json", "energy_base_after.json"]
     assert re.findall(r"--target (\S+)", log.read_text()) == ["/tmp/fw/dpsum", "/tmp/fw/dpsum.bwddqswap1"]
     assert "--save /tmp/fw_base.pt" in log.read_text() and "--compare /tmp/fw_base.pt" in log.read_text()
+    with tarfile.open(tmp_path / "out" / "energy.tgz") as tar:  # the stubs write no JSON: the tables' tee files
+        assert sorted(Path(n).name for n in tar.getnames() if n.endswith(".txt")) == [
+            "energy_base.txt", "energy_base_after.txt", "energy_dpsum.bwddqswap1.txt"]
 
 
 @needs_bash
