@@ -4,7 +4,7 @@ PY ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
 
-.PHONY: test smoke env clean-env fa3
+.PHONY: test smoke env clean-env fa3 fa3-dpsum-cpu
 
 $(VENV)/.ready: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -27,6 +27,16 @@ smoke: $(VENV)/.ready
 FA3_OUT ?= .fa3/wheel
 fa3:
 	bash scripts/build_fa3.sh $(FA3_OUT)
+
+# lmcore's FA3 for the speed job (FA3_DPSUM + the 128 x 128 causal forward tile) built on a machine without a GPU
+# (nvcc 13 and 2 cores: about 3 minutes), against torch 2.11 in a venv of its own outside the checkout (4.6 GB);
+# the wheel lands in .fa3/dpsum, where fa3_rowsum_check.sh takes it instead of building on the device (README).
+TORCH_BUILD_VENV ?= /tmp/lmcore-torch211
+fa3-dpsum-cpu:
+	test -x $(TORCH_BUILD_VENV)/bin/python || ($(PY) -m venv $(TORCH_BUILD_VENV) && \
+	  $(TORCH_BUILD_VENV)/bin/pip install -q torch==2.11.0 setuptools wheel packaging ninja)
+	PYTHON=$(TORCH_BUILD_VENV)/bin/python FA3_DPSUM=1 FA3_FWD64_CAUSAL_TILE=128x128 MAX_JOBS=$$(nproc) \
+	  bash scripts/build_fa3.sh .fa3/dpsum
 
 clean-env:
 	rm -rf $(VENV)
