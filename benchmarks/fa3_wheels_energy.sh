@@ -11,7 +11,7 @@
 set -uo pipefail
 ROWS=${ROWS:-FA3}
 OUT=${OUT:-$PWD/.bench/out}; mkdir -p "$OUT"
-E=${FW_ENERGY_DIR:-/tmp/fw_energy}; rm -rf "$E"; mkdir -p "$E"  # the rows' files, tarred into $OUT at the end
+E=${FW_ENERGY_DIR:-/tmp/fw_energy}; rm -rf "$E"; mkdir -p "$E"  # the rows' files, tarred into $OUT after each bench
 export PYTHONUNBUFFERED=1
 stamp() { echo "$(date +%H:%M:%S) $*"; }
 name() { local v=${1##*/}; v=${v#flash_attn_3-*+}; v=${v%%-cp*}; v=${v#lmcore.hd64bf16}; echo "${v#.}"; }

@@ -33,6 +33,7 @@ from fa3_setup_patch import apply
 # AtomLayoutNdKV, AtomLayoutMdQ, Mma_dP_is_RS.
 DEFAULTS = {"m": 128, "n": 128, "stagesdo": 2, "stagesds": 2, "sdpswap": 1, "dkvswap": 0, "dqswap": 0,
             "atomsdp": 1, "atomdkv": 2, "atomdq": 2, "dprs": 0}
+# stagesdo at most Q's 2 stages (FA3: kStages >= kStages_dO); the flags 0 or 1
 CHOICES = {"m": (64, 96, 128), "n": (64, 96, 128), "stagesdo": (1, 2), "stagesds": (1, 2),
            "atomsdp": (1, 2), "atomdkv": (1, 2), "atomdq": (1, 2)}
 CALL = ("run_mha_bwd_dispatch<Arch, T, {m}, {n}, 64, Is_causal, Is_local, Has_softcap, {stagesdo}, {stagesds}, "
@@ -57,11 +58,10 @@ def parse_spec(spec: str) -> dict[str, int]:
         key, sep, value = item.partition("=")
         if not sep or key not in DEFAULTS:
             raise ValueError(f"{item!r}: expected key=value with key one of {', '.join(DEFAULTS)}")
-        if not value.isdigit() or int(value) not in CHOICES.get(key, (0, 1)):
-            raise ValueError(f"{key}={value}: expected one of {CHOICES.get(key, (0, 1))}")
+        choices = CHOICES.get(key, (0, 1))
+        if not value.isdigit() or int(value) not in choices:
+            raise ValueError(f"{key}={value}: expected one of {choices}")
         args[key] = int(value)
-    if args["stagesdo"] > 2:
-        raise ValueError("stagesdo: at most the 2 stages of Q (FA3: kStages >= kStages_dO)")
     if args["dprs"] and not args["sdpswap"]:
         raise ValueError("dprs=1 needs sdpswap=1 (FA3: !Mma_dP_is_RS || SdP_swapAB)")
     if args == DEFAULTS:
