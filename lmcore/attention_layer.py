@@ -80,9 +80,10 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, ve: Tensor | None, rope: tuple[Tensor, Tensor], cache: KVCache | None = None,
                 out_scale: Tensor | None = None, row_scale: Tensor | None = None,
-                token: bool = False) -> Tensor | tuple[Tensor, Tensor | None]:
+                token: bool = False, qkv: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor | None]:
         """row_scale (B, T) (GPT.fold_attn_norm): x un-normed, its norm's row scale taken by v and the gate only.
-        token (Block.zero_dq): (out, the attention op's token for the MLP, or None where the op made no dq slot)."""
+        token (Block.zero_dq): (out, the attention op's token for the MLP, or None where the op made no dq slot).
+        qkv: x times qkv_weight's transpose where the caller ran that GEMM (GPT.use_fused_resid_mix), else None."""
         B, T, _ = x.shape
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         cos, sin = rope
@@ -90,12 +91,10 @@ class Attention(nn.Module):
         v_att = slot = gl = None  # attention's v, where the fused op wrote it repeated (else v repeated below)
         if self.qkv_op is not None and cache is None:  # GPT.use_fused_qkv: one GEMM on the three weights
             G = self.num_heads if self.qkv_gate and self.attn_gate is not None else 0  # the gate's rows appended
-            ws = [m.cast_weight(x.dtype) for m in (self.c_q, self.c_k, self.c_v)]
-            w = torch.cat(ws + [self.attn_gate.weight.to(x.dtype)] if G else ws)
             fused_v = self.qkv_repeat_v and ve is None and rep > 1  # a value-embedding layer adds ve first
             # q's gradient as FA3's dQ accumulator (attention's softmax scale); no slot where no gradient flows (eval)
             acc = D ** -0.5 if self.dq_accum and self.attn_xsa_op is not None and torch.is_grad_enabled() else 0.0
-            qkv = F.linear(x, w)
+            qkv = F.linear(x, self.qkv_weight(x.dtype)) if qkv is None else qkv
             q, k, v, v_att, slot, gl = self.qkv_op(qkv, cos, sin, self.q_gain, H, D, rep, fused_v, acc, row_scale, G)
             v = v if ve is None else v + ve.view_as(v)
         else:
@@ -123,6 +122,12 @@ class Attention(nn.Module):
         else:
             out = self.proj(y)
         return (out, tok) if token else out
+
+    def qkv_weight(self, dtype: torch.dtype) -> Tensor:
+        """c_q, c_k and c_v's weights in `dtype`, concatenated (GPT.use_fused_qkv), the gate's appended where its logits
+        come from the same GEMM (train.fused_qkv_gate on a gated layer)."""
+        ws = [m.cast_weight(dtype) for m in (self.c_q, self.c_k, self.c_v)]
+        return torch.cat(ws + [self.attn_gate.weight.to(dtype)] if self.qkv_gate and self.attn_gate is not None else ws)
 
     def _gate(self, x: Tensor, row_scale: Tensor | None, gl: Tensor | None) -> Tensor:
         """The gate's logits W n + b: nn.Linear's, or from gl = W x (the q/k/v GEMM's) and n = row_scale * x where x is

@@ -67,8 +67,9 @@ KERNEL_MODULES = {"fused_qk_norm_rope": "kernels", "fused_xsa_gate": "xsa_kernel
 KERNEL_SWITCHES = tuple(KERNEL_MODULES)
 # A kernel switch's option with a module of its own, embedded only with the option on (GPT imports
 # it lazily): train.fused_mlp_pingpong's warp-specialized kernel, train.fa3_xsa_rowsum's op (an
-# option of fused_xsa_gate).
-KERNEL_OPTION_MODULES = {"fused_mlp_pingpong": "mlp_pingpong", "fa3_xsa_rowsum": "fa3_xsa"}
+# option of fused_xsa_gate), train.fused_resid_mix's op (an option of fused_qkv, through fold_attn_norm).
+KERNEL_OPTION_MODULES = {"fused_mlp_pingpong": "mlp_pingpong", "fa3_xsa_rowsum": "fa3_xsa",
+                         "fused_resid_mix": "mix_kernel"}
 # Third-party modules the script may import; triton too where it embeds the kernels.
 ALLOWED_THIRD_PARTY = frozenset({"torch", "numpy", "sentencepiece", "brotli"})
 

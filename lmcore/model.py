@@ -88,6 +88,7 @@ class Block(nn.Module):
         self.ln_factor = 1.0 / math.sqrt(layer + 1) if cfg.ln_scale else 1.0
         self.fold_scales = False  # GPT.fold_output_scales
         self.zero_dq = False  # GPT.use_mlp_zeroes_dq_accum: the MLP's backward zeroes attention's dQ accumulator
+        self.mix_op: Callable[..., tuple[Tensor, Tensor, Tensor]] | None = None  # GPT.use_fused_resid_mix
 
     def forward(
         self,
@@ -98,13 +99,19 @@ class Block(nn.Module):
         latent: LatentMasks | None = None,
         cache: KVCache | None = None,
     ) -> Tensor:
-        mix = self.resid_mix.to(x.dtype)
-        x = mix[0] * x + mix[1] * x0
         tok = self.zero_dq and latent is None and cache is None  # the attention op's token, for the MLP's op
-        if self.fold_scales and latent is None:  # the scales inside the output projections' GEMMs
-            scaled = self.attn.row_scaled and cache is None  # GPT.fold_attn_norm: x and its norm's row scale
-            n, r = (x, rms_scale(x, self.ln_factor)) if scaled else (rms_norm(x) * self.ln_factor, None)
-            a, t = self._attend(tok, n, ve, rope, cache, self.attn_scale, r)
+        folded = self.fold_scales and latent is None  # the scales inside the output projections' GEMMs
+        scaled = folded and self.attn.row_scaled and cache is None  # GPT.fold_attn_norm: x and its norm's row scale
+        if scaled and self.mix_op is not None:  # GPT.use_fused_resid_mix: the mix, its row scale and q/k/v as one op
+            x, r, qkv = self.mix_op(x, x0, self.resid_mix, self.attn.qkv_weight(x.dtype), self.ln_factor)
+            a, t = self._attend(tok, x, ve, rope, cache, self.attn_scale, r, qkv=qkv)
+        else:
+            mix = self.resid_mix.to(x.dtype)
+            x = mix[0] * x + mix[1] * x0
+            if folded:
+                n, r = (x, rms_scale(x, self.ln_factor)) if scaled else (rms_norm(x) * self.ln_factor, None)
+                a, t = self._attend(tok, n, ve, rope, cache, self.attn_scale, r)
+        if folded:
             x = x + a
             return x + self.mlp(rms_norm(x) * self.ln_factor, None, self.mlp_scale, t)
         a, t = self._attend(tok, rms_norm(x) * self.ln_factor, ve, rope, cache)
@@ -116,9 +123,9 @@ class Block(nn.Module):
         x = x + self.attn_scale.to(x.dtype) * a
         return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.ln_factor, mlp_mask, token=t)
 
-    def _attend(self, token: bool, *args) -> tuple[Tensor, Tensor | None]:
+    def _attend(self, token: bool, *args, **kwargs) -> tuple[Tensor, Tensor | None]:
         """The attention's output and, with `token`, its op's token for the MLP (else None)."""
-        return self.attn(*args, token=True) if token else (self.attn(*args), None)
+        return self.attn(*args, token=True, **kwargs) if token else (self.attn(*args, **kwargs), None)
 
 
 def previous_ids(ids: Tensor, bos_mask: bool, bos_id: int) -> Tensor:
@@ -296,6 +303,17 @@ class GPT(nn.Module):
             raise ValueError("fold_attn_norm needs use_fused_qkv and fold_output_scales first")
         for b in self.blocks:
             b.attn.row_scaled = True
+
+    def use_fused_resid_mix(self) -> None:
+        """Each block's residual mix, its row scale and the q/k/v GEMM as lmcore.mix_kernel.resid_mix_qkv
+        (train.fused_resid_mix; after fold_attn_norm): its backward writes the mix's gradient (column sums over the
+        tokens) in the pass that writes x's and x0's. Imported here, like use_fused_qk_norm_rope's."""
+        if not all(b.attn.row_scaled for b in self.blocks):
+            raise ValueError("use_fused_resid_mix needs fold_attn_norm first")
+        from lmcore.mix_kernel import resid_mix_qkv
+
+        for b in self.blocks:
+            b.mix_op = resid_mix_qkv
 
     def use_expanded_kv(self) -> None:
         """k and v repeated to the query heads for attention (train.expand_kv): the kernel then runs MHA, and autograd

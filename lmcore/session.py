@@ -351,6 +351,8 @@ def start_session(
         model.fold_output_scales()
     if tc.fold_attn_norm:
         model.fold_attn_norm()
+    if tc.fused_resid_mix:
+        model.use_fused_resid_mix()
     if device.type == "cuda" and bf16:
         model.cast_embeddings(torch.bfloat16)
     backend = model.set_attention_backend(cfg.model.attention, device)

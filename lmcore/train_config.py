@@ -133,6 +133,12 @@ class TrainConfig:
     # With fused_qkv and fold_output_scales: the q/k/v GEMM reads the residual stream, and v's rows (and the gate's)
     # take its RMSNorm's scale in the q/k/v kernels; q/k's RMSNorm cancels it (GPT.fold_attn_norm). A rounding fewer.
     fold_attn_norm: bool = False
+    # With fold_attn_norm: each block's residual mix (x_in = m0 x + m1 x0), its row scale and the q/k/v GEMM as one
+    # autograd op (GPT.use_fused_resid_mix, lmcore.mix_kernel): its backward writes dx, dx0 and resid_mix's gradient
+    # (the column sums of g x and g x0) in one Triton pass, where inductor reads g, x and x0 again for the column sums
+    # (10.7 ms of a 1-GPU record step, session 37). Within bf16 rounding of the plain path: x_in's gradient is not
+    # rounded between, the column sums are summed in another order.
+    fused_resid_mix: bool = False
     # attn_scale and mlp_scale folded into the rows of the output projections they scale (GPT.fold_output_scales):
     # x + (diag(s) W) h as one GEMM instead of x + s * (W h), so the scaled branches are never written and the
     # backward takes ds and dW from the scaled weight's gradient instead of a column sum over the tokens. A
