@@ -140,18 +140,23 @@ class _ResidMixQKV(torch.autograd.Function):
         m = mix.to(x.dtype)
         x_in = m[0] * x + m[1] * (x if x0 is None else x0)
         r = rms_scale(x_in, factor)
-        qkv = F.linear(x_in, w)
-        ctx.save_for_backward(x, x0, mix, w, x_in, r)
-        ctx.coef = -1.0 / (factor * factor * x.size(-1))
+        # the GEMM in autocast's dtype where it is on, as F.linear's would be; its operands saved in that dtype, so
+        # that the backward's GEMMs do not depend on the autocast state they are traced or run under
+        on = torch.is_autocast_enabled(x.device.type)
+        dt = torch.get_autocast_dtype(x.device.type) if on else x_in.dtype
+        xa, wa = x_in.to(dt), w.to(dt)
+        qkv = F.linear(xa, wa)
+        ctx.save_for_backward(x, x0, mix, wa, xa, r)
+        ctx.coef, ctx.w_dtype = -1.0 / (factor * factor * x.size(-1)), w.dtype
         return x_in, r, qkv
 
     @staticmethod
     def backward(ctx, g_in: Tensor, g_r: Tensor, g_qkv: Tensor):
-        x, x0, mix, w, x_in, r = ctx.saved_tensors
+        x, x0, mix, wa, xa, r = ctx.saved_tensors
         d = x.size(-1)
-        g2 = g_qkv.reshape(-1, g_qkv.size(-1))
-        dw = g2.t() @ x_in.reshape(-1, d)
-        g_mm = g2 @ w
+        g2 = g_qkv.reshape(-1, g_qkv.size(-1)).to(wa.dtype)
+        dw = (g2.t() @ xa.reshape(-1, d)).to(ctx.w_dtype)
+        g_mm = g2 @ wa
         rows = x.reshape(-1, d).contiguous()
         dx, dx0, dmix = _resid_mix_backward(g_in.reshape(-1, d).contiguous(), g_mm, g_r.reshape(-1).contiguous(),
                                             r.reshape(-1).contiguous(), rows,

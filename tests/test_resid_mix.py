@@ -157,6 +157,8 @@ def test_on_cuda_the_kernel_is_the_pytorch_math(n, dtype):
 
 @pytest.mark.cuda
 @needs_cuda
+@pytest.mark.xfail(strict=True, reason="session 38: inductor on CUDA gives wrong gradients with the op (eager and CPU "
+                   "inductor do not; benchmarks/resid_mix_check.py), so training refuses the switch when compiled")
 def test_on_cuda_the_compiled_model_with_the_switch_follows_the_model_without():
     model = _folded("cuda", std=0.05, model_dim=512, num_heads=8, num_kv_heads=4, rope_dims=16)
     ids, tgt = next_token_batch(model.cfg.vocab_size, (4, 128), "cuda")
