@@ -26,13 +26,12 @@ only by GPT.use_fused_resid_mix, so the exported script embeds it only with the 
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from lmcore.layers import rms_scale
+from lmcore.runtime import sm_count
 
 try:
     import triton
@@ -92,11 +91,6 @@ if triton is not None:
         tl.store(part_ptr + pid * 2 * D + D + cols, s1)
 
 
-@functools.cache
-def _sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _use_triton(x: Tensor) -> bool:
     """Triton for CUDA rows whose width is a power of two (tl.arange's sizes) up to MAX_D."""
     d = x.size(-1)
@@ -110,7 +104,7 @@ def _backward_triton(g_in: Tensor, g_mm: Tensor, g_r: Tensor, r: Tensor, x: Tens
     `programs` programs (None: PROGRAMS_PER_SM a multiprocessor)."""
     n, d = x.shape
     if programs is None:
-        programs = PROGRAMS_PER_SM * _sms(x.device.index if x.device.index is not None else torch.cuda.current_device())
+        programs = PROGRAMS_PER_SM * sm_count(x.device)
     programs = max(1, min(triton.cdiv(n, rows), programs))
     dx, dx0 = torch.empty_like(x), torch.empty_like(x)
     part = torch.empty(programs, 2, d, dtype=torch.float32, device=x.device)

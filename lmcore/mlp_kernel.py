@@ -36,11 +36,11 @@ Imported only by GPT.use_fused_mlp: the exported script embeds this module only 
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from lmcore.runtime import sm_count as _sm_count  # the name the kernels' launches (and tests' patches) use
 
 try:
     import triton
@@ -320,16 +320,6 @@ def _scratch(size: int, alignment: int, stream: int | None) -> Tensor:
     every such launch, as inductor sets its own at its kernels' launches: Triton keeps one
     allocator a thread (a ContextVar), and autograd runs the backward in its own thread."""
     return torch.empty(size, dtype=torch.int8, device="cuda")
-
-
-@functools.cache
-def _sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _sm_count(device: torch.device) -> int:
-    """The device's streaming multiprocessors (one persistent program each), cached."""
-    return _sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def _pingpong_takes(a: Tensor, n: int) -> bool:

@@ -6,6 +6,7 @@ commit). No environment reads: the CLI passes rank / world size in explicitly
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import random
 import subprocess
@@ -18,6 +19,16 @@ import torch
 import torch.distributed as dist
 
 from lmcore.errors import InputError
+
+
+@functools.cache
+def _sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """The CUDA device's streaming multiprocessors, cached (persistent kernels size their grids by it)."""
+    return _sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
