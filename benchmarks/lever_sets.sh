@@ -17,6 +17,8 @@
 #             FA3_DPSUM build with dq_accum_in; no gain on one GPU in session 34)
 #   QUARTER   CD + the ping-pong forward by quarter tiles at a sixth stage (train.fused_mlp_quarter_tiles; the same
 #             bits; session 35)
+#   MIX       CD + the residual mix, its row scale and the q/k/v GEMM as one op whose backward sums the mix's
+#             gradient in its pass (train.fused_resid_mix; session 38, right under torch 2.11's compile in 39)
 QF="train.fused_qkv=true train.fused_qkv_repeat_v=true train.fused_xsa_gate=true train.expand_kv=true"
 QF="$QF train.fused_mlp=true train.fold_output_scales=true train.foreach_grad_accum=true"
 QF="$QF train.compile_mode=reduce-overhead train.fused_mlp_pingpong=true train.ddp_split_graph=false"
@@ -30,4 +32,5 @@ CD="$GATE train.inductor_coordinate_descent=true"
 SIGN="$CD train.fused_mlp_sign=true"
 ZERO="$CD train.mlp_zeroes_dq_accum=true"
 QUARTER="$CD train.fused_mlp_quarter_tiles=true"
-export QF FAST DQ VNORM GATE PRESET MIXT CD SIGN ZERO QUARTER
+MIX="$CD train.fused_resid_mix=true"
+export QF FAST DQ VNORM GATE PRESET MIXT CD SIGN ZERO QUARTER MIX

@@ -60,7 +60,15 @@ RMS_EPS = torch.finfo(torch.float32).eps  # F.rms_norm's default for the fp32 ma
 def rms_scale(x: Tensor, factor: float = 1.0) -> Tensor:
     """factor / rms(x) a row, fp32 (x's shape without its last dim): rms_norm(x) * factor is x times it, up to
     rounding."""
-    return factor * torch.rsqrt(x.float().square().mean(-1) + RMS_EPS)
+    return factor * torch.rsqrt(as_dtype(x, torch.float32).square().mean(-1) + RMS_EPS)
+
+
+def as_dtype(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """x in `dtype`, with no conversion where it is in `dtype` already. Same result as x.to(dtype), but without
+    the name of a second tensor for x that x.to writes in a traced graph: under torch 2.11, dynamo returns every
+    such name from an autograd.Function's forward, and autograd gives x's gradient to the last of them (where
+    x is an output, its gradient is lost: lmcore.mix_kernel, session 39)."""
+    return x if x.dtype == dtype else x.to(dtype)
 
 
 def rope_tables(cfg: ModelConfig, length: int, device: torch.device) -> tuple[Tensor, Tensor]:

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lmcore.layers import rms_scale
+from lmcore.layers import as_dtype, rms_scale
 from lmcore.runtime import sm_count
 
 try:
@@ -131,14 +131,15 @@ class _ResidMixQKV(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, x0: Tensor | None, mix: Tensor, w: Tensor, factor: float):
         """x0 None: x0 is x itself (the first block; dynamo traces no tensor given twice)."""
-        m = mix.to(x.dtype)
+        # as_dtype, not .to: no second name for an output or an input (torch 2.11's dynamo loses x_in's gradient)
+        m = as_dtype(mix, x.dtype)
         x_in = m[0] * x + m[1] * (x if x0 is None else x0)
         r = rms_scale(x_in, factor)
         # the GEMM in autocast's dtype where it is on, as F.linear's would be; its operands saved in that dtype, so
         # that the backward's GEMMs do not depend on the autocast state they are traced or run under
         on = torch.is_autocast_enabled(x.device.type)
         dt = torch.get_autocast_dtype(x.device.type) if on else x_in.dtype
-        xa, wa = x_in.to(dt), w.to(dt)
+        xa, wa = as_dtype(x_in, dt), as_dtype(w, dt)
         qkv = F.linear(xa, wa)
         ctx.save_for_backward(x, x0, mix, wa, xa, r)
         ctx.coef, ctx.w_dtype = -1.0 / (factor * factor * x.size(-1)), w.dtype

@@ -166,6 +166,12 @@ SPEED_LEVERS: dict[str, list[str]] = {
         *_FASTEST_REPEAT_V, "train.fused_mlp_pingpong=true", "train.fused_softcap_ce=true", "train.fa3_xsa_rowsum=true",
         "train.fa3_dq_accum=true", "train.fold_attn_norm=true", "train.fused_qkv_gate=true",
         "train.mlp_zeroes_dq_accum=true"],
+    # the block's residual mix, its row scale and the q/k/v GEMM as one op whose backward writes resid_mix's gradient
+    # in the pass that writes x's and x0's (train.fused_resid_mix; needs train.fold_attn_norm). Sessions 38-39
+    "fused_resid_mix": [
+        *_FASTEST_REPEAT_V, "train.fused_mlp_pingpong=true", "train.fused_softcap_ce=true", "train.fa3_xsa_rowsum=true",
+        "train.fa3_dq_accum=true", "train.fold_attn_norm=true", "train.fused_qkv_gate=true",
+        "train.fused_resid_mix=true"],
 }
 
 
