@@ -139,7 +139,8 @@ class TrainConfig:
     # (10.7 ms of a 1-GPU record step, session 37). Within bf16 rounding of the plain path: x_in's gradient is not
     # rounded between, the column sums are summed in another order. Session 38, one H200: eager it gives the plain
     # path's gradients within 2e-7 (relative). Compiled under torch 2.11 they were wrong until session 39 (dynamo
-    # lost x_in's gradient to a no-op .float() of it: lmcore.layers.as_dtype).
+    # lost x_in's gradient to a no-op .float() of it: lmcore.layers.as_dtype). Session 39, one H200: 15.4 ms a step
+    # slower than without it (the op's kernel and the dx/dx0 passes inductor had fused); losses within noise.
     fused_resid_mix: bool = False
     # attn_scale and mlp_scale folded into the rows of the output projections they scale (GPT.fold_output_scales):
     # x + (diag(s) W) h as one GEMM instead of x + s * (W h), so the scaled branches are never written and the
