@@ -32,18 +32,18 @@ fa3:
 # (nvcc 13 and 2 cores: about 3 minutes), against torch 2.11 in a venv of its own outside the checkout (4.6 GB);
 # the wheel lands in .fa3/dpsum, where fa3_rowsum_check.sh takes it instead of building on the device (README).
 TORCH_BUILD_VENV ?= /tmp/lmcore-torch211
-fa3-dpsum-cpu:
-	test -x $(TORCH_BUILD_VENV)/bin/python || ($(PY) -m venv $(TORCH_BUILD_VENV) && \
-	  $(TORCH_BUILD_VENV)/bin/pip install -q torch==2.11.0 setuptools wheel packaging ninja)
+$(TORCH_BUILD_VENV)/bin/python:
+	$(PY) -m venv $(TORCH_BUILD_VENV)
+	$(TORCH_BUILD_VENV)/bin/pip install -q torch==2.11.0 setuptools wheel packaging ninja
+
+fa3-dpsum-cpu: $(TORCH_BUILD_VENV)/bin/python
 	PYTHON=$(TORCH_BUILD_VENV)/bin/python FA3_DPSUM=1 FA3_FWD64_CAUSAL_TILE=128x128 MAX_JOBS=$$(nproc) \
 	  bash scripts/build_fa3.sh .fa3/dpsum
 
 # The CPU test suite under torch 2.11, the GPU machines' version (CI runs 2.13): in fa3-dpsum-cpu's venv, lmcore
 # installed there editable. Session 39: a dynamo bug of 2.11 (compiled gradients of an autograd.Function) that 2.13
 # does not have. Not part of test.
-test-torch211:
-	test -x $(TORCH_BUILD_VENV)/bin/python || ($(PY) -m venv $(TORCH_BUILD_VENV) && \
-	  $(TORCH_BUILD_VENV)/bin/pip install -q torch==2.11.0 setuptools wheel packaging ninja)
+test-torch211: $(TORCH_BUILD_VENV)/bin/python
 	$(TORCH_BUILD_VENV)/bin/pip install -q -e ".[dev]"
 	$(TORCH_BUILD_VENV)/bin/python -m pytest -q -p no:cacheprovider tests
 

@@ -15,7 +15,6 @@ from lmcore.mix_kernel import resid_mix_qkv
 from lmcore.model import GPT
 from tests.conftest import (
     assert_same_loss_and_grads,
-    compiled_loss,
     compiled_without_and_with,
     loss_and_grads,
     next_token_batch,
@@ -124,9 +123,9 @@ def test_model_with_the_fused_mix_is_the_model_without(monkeypatch):
     assert_same_loss_and_grads(loss, grads, plain_loss, plain_grads, 1e-5, rtol=1e-4, atol=1e-5)
     assert all(grads[f"blocks.{i}.resid_mix"].abs().sum() > 0 for i in range(4))
     monkeypatch.undo()
-    assert compiled_loss(model, ids, tgt) == pytest.approx(plain_loss.item(), abs=1e-5)
-    # and compiled (dynamo + AOT, no inductor): torch 2.11's dynamo gave x_in's gradient to a no-op .float() of it
-    # inside the op's forward, so every gradient below the last block's mix went wrong while the loss stayed right
+    # and compiled (dynamo + AOT, no inductor), the loss within 1e-5 and the gradients: torch 2.11's dynamo gave
+    # x_in's gradient to a no-op .float() of it inside the op's forward, so every gradient below the last block's mix
+    # went wrong while the loss stayed right
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True, dynamic=False, backend="aot_eager")
     loss, grads = loss_and_grads(model, ids, tgt, forward=compiled)
