@@ -19,6 +19,7 @@
 #             bits; session 35)
 #   MIX       CD + the residual mix, its row scale and the q/k/v GEMM as one op whose backward sums the mix's
 #             gradient in its pass (train.fused_resid_mix; session 38, right under torch 2.11's compile in 39)
+#   EMB       CD + the input stage as one op, the tables' gradients summed by token (train.fused_embed; session 40)
 QF="train.fused_qkv=true train.fused_qkv_repeat_v=true train.fused_xsa_gate=true train.expand_kv=true"
 QF="$QF train.fused_mlp=true train.fold_output_scales=true train.foreach_grad_accum=true"
 QF="$QF train.compile_mode=reduce-overhead train.fused_mlp_pingpong=true train.ddp_split_graph=false"
@@ -33,4 +34,5 @@ SIGN="$CD train.fused_mlp_sign=true"
 ZERO="$CD train.mlp_zeroes_dq_accum=true"
 QUARTER="$CD train.fused_mlp_quarter_tiles=true"
 MIX="$CD train.fused_resid_mix=true"
-export QF FAST DQ VNORM GATE PRESET MIXT CD SIGN ZERO QUARTER MIX
+EMB="$CD train.fused_embed=true"
+export QF FAST DQ VNORM GATE PRESET MIXT CD SIGN ZERO QUARTER MIX EMB

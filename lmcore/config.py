@@ -199,6 +199,8 @@ class Config:
             raise ConfigError("train.fold_attn_norm=true needs train.fused_qkv=true and train.fold_output_scales=true")
         if self.train.fused_resid_mix and not self.train.fold_attn_norm:
             raise ConfigError("train.fused_resid_mix=true needs train.fold_attn_norm=true")
+        if self.train.fused_embed and not (self.model.bigram == "product_key" and self.model.smear_gate):
+            raise ConfigError("train.fused_embed=true needs model.bigram=product_key and model.smear_gate=true")
         if self.train.inductor_mix_order_tuning and not self.train.inductor_mix_order_reduction:
             raise ConfigError("train.inductor_mix_order_tuning=true needs train.inductor_mix_order_reduction=true")
         if self.train.fused_mlp_pingpong and not self.train.fused_mlp:

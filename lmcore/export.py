@@ -30,7 +30,8 @@ Code bytes are the bytes of that script: `code_bytes_of_export(cfg)`, which `lmc
 also uses for pack.json, so both count the same file.
 
 The fused-kernel switches (train.fused_qk_norm_rope, train.fused_qkv: lmcore.kernels; train.fused_xsa_gate:
-lmcore.xsa_kernel; train.fused_mlp: lmcore.mlp_kernel; train.fused_softcap_ce: lmcore.ce_kernel) travel with
+lmcore.xsa_kernel; train.fused_mlp: lmcore.mlp_kernel; train.fused_softcap_ce: lmcore.ce_kernel; train.fused_embed:
+lmcore.embed_kernel) travel with
 the config: with one on, the script embeds its module, which imports triton (shipped with torch's CUDA builds; without it the kernels'
 PyTorch math runs), and its code bytes count the kernels. With all off it embeds no kernel
 module and no triton.
@@ -63,7 +64,7 @@ DATA_BUILD_ONLY = frozenset({"corpus"})
 # Fused kernels: each switch's module. GPT imports one only when its switch is on, and the script
 # embeds it (and may import triton) only then.
 KERNEL_MODULES = {"fused_qk_norm_rope": "kernels", "fused_xsa_gate": "xsa_kernel", "fused_qkv": "kernels",
-                  "fused_mlp": "mlp_kernel", "fused_softcap_ce": "ce_kernel"}
+                  "fused_mlp": "mlp_kernel", "fused_softcap_ce": "ce_kernel", "fused_embed": "embed_kernel"}
 KERNEL_SWITCHES = tuple(KERNEL_MODULES)
 # A kernel switch's option with a module of its own, embedded only with the option on (GPT imports
 # it lazily): train.fused_mlp_pingpong's warp-specialized kernel, train.fa3_xsa_rowsum's op (an

@@ -229,6 +229,7 @@ class GPT(nn.Module):
             self.ve_layer_scales = nn.ParameterList()
         self._init_weights()
         self.ce_op: Callable[..., Tensor] | None = None  # lmcore.ce_kernel.softcap_cross_entropy when fused
+        self.embed_op: Callable[..., Tensor] | None = None  # lmcore.embed_kernel.embed_smear (use_fused_embed)
         # RoPE tables of one sequence length, computed once (cache_rope); None: every forward computes them
         self.register_buffer("rope_cos", None, persistent=False)
         self.register_buffer("rope_sin", None, persistent=False)
@@ -373,6 +374,16 @@ class GPT(nn.Module):
 
         self.ce_op = softcap_cross_entropy
 
+    def use_fused_embed(self) -> None:
+        """The input stage (token embedding, product-key bigram, RMS norm, SmearGate) through
+        lmcore.embed_kernel.embed_smear (train.fused_embed): Triton on CUDA, the tables' gradients summed by token
+        before they are added. KV-cached decoding keeps the plain path; imported here."""
+        if not isinstance(self.bigram, ProductKeyBigram) or self.smear is None:
+            raise ValueError("use_fused_embed needs model.bigram=product_key and model.smear_gate=true")
+        from lmcore.embed_kernel import embed_smear
+
+        self.embed_op = embed_smear
+
     def set_qat(self, bits: int) -> None:
         """Turn straight-through fake quantization of the block linears on (bits) or off (0)."""
         for b in self.blocks:
@@ -456,6 +467,10 @@ class GPT(nn.Module):
             prev = torch.where(cache.pos == 0, torch.zeros_like(prev), prev)
             if cfg.bos_mask:
                 prev = prev.masked_fill(ids == cfg.bos_id, 0)
+        if self.embed_op is not None and cache is None:  # GPT.use_fused_embed: the same math, one op
+            big, bos = self.bigram, cfg.bos_id if cfg.bos_mask else -1
+            return self.embed_op(ids, prev, self.tok_emb.weight, big.embed_prev.weight, big.embed_cur.weight,
+                                 big.scale, self.smear.gate, bos)
         x = self.tok_emb(ids)
         if self.bigram is not None:
             x = x + self.bigram(ids, prev)

@@ -334,6 +334,8 @@ def start_session(
         model.use_fused_xsa_gate()
     if tc.fused_softcap_ce:
         model.use_fused_softcap_ce()
+    if tc.fused_embed:
+        model.use_fused_embed()
     if tc.fa3_xsa_rowsum:
         model.use_fa3_xsa_rowsum(tc.fa3_dq_accum)
     if tc.fused_qkv:

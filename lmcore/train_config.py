@@ -142,6 +142,12 @@ class TrainConfig:
     # lost x_in's gradient to a no-op .float() of it: lmcore.layers.as_dtype). Session 39, one H200: 15.4 ms a step
     # slower than without it (the op's kernel and the dx/dx0 passes inductor had fused); losses within noise.
     fused_resid_mix: bool = False
+    # The input stage (token embedding, product-key bigram, RMS norm, SmearGate) as one op (GPT.use_fused_embed,
+    # lmcore.embed_kernel): Triton on CUDA. Its backward sums the tables' gradients by token (positions sorted by id)
+    # before it adds them, where inductor's adds every token's row with fp32 atomics (0.35 ms a micro-batch on one
+    # H200, session 39's profile). The same math up to fp32 sums' order. Needs model.bigram=product_key and
+    # model.smear_gate; KV-cached decoding keeps the plain path. The exported script embeds the kernels.
+    fused_embed: bool = False
     # attn_scale and mlp_scale folded into the rows of the output projections they scale (GPT.fold_output_scales):
     # x + (diag(s) W) h as one GEMM instead of x + s * (W h), so the scaled branches are never written and the
     # backward takes ds and dW from the scaled weight's gradient instead of a column sum over the tokens. A

@@ -172,6 +172,11 @@ SPEED_LEVERS: dict[str, list[str]] = {
         *_FASTEST_REPEAT_V, "train.fused_mlp_pingpong=true", "train.fused_softcap_ce=true", "train.fa3_xsa_rowsum=true",
         "train.fa3_dq_accum=true", "train.fold_attn_norm=true", "train.fused_qkv_gate=true",
         "train.fused_resid_mix=true"],
+    # the input stage as one op whose backward sums the embedding tables' gradients by token before adding them
+    # (train.fused_embed; lmcore.embed_kernel), on the gate set. Session 40
+    "fused_embed": [
+        *_FASTEST_REPEAT_V, "train.fused_mlp_pingpong=true", "train.fused_softcap_ce=true", "train.fa3_xsa_rowsum=true",
+        "train.fa3_dq_accum=true", "train.fold_attn_norm=true", "train.fused_qkv_gate=true", "train.fused_embed=true"],
 }
 
 
