@@ -55,7 +55,7 @@ except ImportError:  # CPU-only machines: the PyTorch math serves every device
 # The forward's (rows, columns, warps) a program (it walks its rows' columns in blocks); the backward's (rows, row
 # blocks and warps a program of its first kernel, rows, columns and warps of its second; the second's rows and
 # columns at least 16, tl.dot's smallest side). benchmarks/embed_bench.py sweeps the choices
-FWD_TILE, BWD_TILE = (8, 512, 8), (4, 16, 2, 16, 64, 4)
+FWD_TILE, BWD_TILE = (8, 512, 8), (2, 16, 1, 16, 128, 4)
 BLOCK_D = 16
 
 
