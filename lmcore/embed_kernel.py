@@ -154,16 +154,27 @@ if triton is not None:
         live = rows < n_rows
         had = live & (rows % T > 0)  # the row before is of the same sequence
         s = tl.load(scale_ptr).to(tl.float32)
-        rstd = _row_rstd(ids_ptr, prev_ptr, tok_ptr, ep_ptr, ec_ptr, s, rows, live, D, BD)
-        rstd0 = _row_rstd(ids_ptr, prev_ptr, tok_ptr, ep_ptr, ec_ptr, s, rows - 1, had, D, BD)
         k = _keep_of(tl.load(ids_ptr + rows, mask=live, other=0), BOS)
-        for c in tl.static_range(0, D, BD):
-            cols = c + tl.arange(0, BD)
-            g = tl.sigmoid(tl.load(gate_ptr + cols).to(tl.float32))[None, :]
+        if BD == D:  # whole rows: each row's gathers once (the same sums as one block of _row_rstd)
+            cols = tl.arange(0, D)
             e, _, _ = _gather_e(ids_ptr, prev_ptr, tok_ptr, ep_ptr, ec_ptr, s, rows, live, cols, D)
             e0, _, _ = _gather_e(ids_ptr, prev_ptr, tok_ptr, ep_ptr, ec_ptr, s, rows - 1, had, cols, D)
+            rstd = tl.math.rsqrt(tl.sum(e * e, axis=1) / D + _EPS)
+            rstd0 = tl.math.rsqrt(tl.sum(e0 * e0, axis=1) / D + _EPS)
+            g = tl.sigmoid(tl.load(gate_ptr + cols).to(tl.float32))[None, :]
             y = (1.0 - g) * (e * rstd[:, None]) + g * (k[:, None] * (e0 * rstd0[:, None]))
             tl.store(y_ptr + rows[:, None] * D + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=live[:, None])
+        else:  # the squares summed a column block at a time, then the values
+            rstd = _row_rstd(ids_ptr, prev_ptr, tok_ptr, ep_ptr, ec_ptr, s, rows, live, D, BD)
+            rstd0 = _row_rstd(ids_ptr, prev_ptr, tok_ptr, ep_ptr, ec_ptr, s, rows - 1, had, D, BD)
+            for c in tl.static_range(0, D, BD):
+                cols = c + tl.arange(0, BD)
+                g = tl.sigmoid(tl.load(gate_ptr + cols).to(tl.float32))[None, :]
+                e, _, _ = _gather_e(ids_ptr, prev_ptr, tok_ptr, ep_ptr, ec_ptr, s, rows, live, cols, D)
+                e0, _, _ = _gather_e(ids_ptr, prev_ptr, tok_ptr, ep_ptr, ec_ptr, s, rows - 1, had, cols, D)
+                y = (1.0 - g) * (e * rstd[:, None]) + g * (k[:, None] * (e0 * rstd0[:, None]))
+                tl.store(y_ptr + rows[:, None] * D + cols[None, :], y.to(y_ptr.dtype.element_ty),
+                         mask=live[:, None])
         tl.store(rstd_ptr + rows, rstd, mask=live)
 
     @triton.jit

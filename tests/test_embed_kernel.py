@@ -181,10 +181,21 @@ def test_on_cuda_the_kernels_are_the_pytorch_math(b, t, bos, tile, dtype):
 
 @pytest.mark.cuda
 @needs_cuda
-def test_on_cuda_the_compiled_model_with_the_op_follows_the_model_without():
-    model = randomize_(GPT(tiny_model_cfg(model_dim=512, num_heads=8, num_kv_heads=4, rope_dims=16, vocab_size=1024)),
-                       std=0.05).cuda()
-    model.cast_embeddings(torch.bfloat16)  # as training on CUDA stores them
+@pytest.mark.parametrize("bf16", [False, True])
+def test_on_cuda_the_compiled_model_with_the_op_follows_the_model_without(bf16):
+    # inductor on CUDA, as training compiles the model. In fp32 every gradient within fp32 rounding; under bf16
+    # autocast with bf16 tables (as training on CUDA stores them) within bf16 rounding, but bigram.scale's: it is
+    # one sum over every position and channel of terms that cancel, where the plain path rounds ep[p] ec[i] to bf16
+    # first (session 40's first GPU run: 5% apart on a model at std 0.5); its fp32 check stands for it
+    cfg = tiny_model_cfg(model_dim=512, num_heads=8, num_kv_heads=4, rope_dims=16, vocab_size=1024)
+    model = randomize_(GPT(cfg), std=0.05).cuda()
+    if bf16:
+        model.cast_embeddings(torch.bfloat16)
     ids, tgt = next_token_batch(model.cfg.vocab_size, (4, 128), "cuda")
-    (plain_loss, plain_grads), (loss, grads) = compiled_without_and_with(model, ids, tgt, model.use_fused_embed)
-    assert_same_loss_and_grads(loss, grads, plain_loss, plain_grads, 1e-2, rtol=5e-2, atol=5e-2)
+    (plain_loss, plain_grads), (loss, grads) = compiled_without_and_with(model, ids, tgt, model.use_fused_embed, bf16)
+    if bf16:
+        plain_grads.pop("bigram.scale")
+        grads.pop("bigram.scale")
+        assert_same_loss_and_grads(loss, grads, plain_loss, plain_grads, 1e-2, rtol=5e-2, atol=5e-2)
+    else:
+        assert_same_loss_and_grads(loss, grads, plain_loss, plain_grads, 1e-4, rtol=1e-3, atol=1e-5)
