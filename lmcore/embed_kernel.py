@@ -293,14 +293,12 @@ def _backward_de(dy: Tensor, ids: Tensor, prev: Tensor, tok: Tensor, ep: Tensor,
     n, d = ids.numel(), tok.size(1)
     programs = triton.cdiv(n, rows * iters)
     de = torch.empty(dy.shape, dtype=tok.dtype, device=dy.device)
-    dgate_part = torch.empty(programs, d, dtype=torch.float32, device=dy.device)
-    dscale_part = torch.zeros(programs, dtype=torch.float32, device=dy.device)
+    dgate_part = torch.empty(programs, d, dtype=torch.float32, device=dy.device)  # every program writes its row
+    dscale_part = torch.empty(programs, dtype=torch.float32, device=dy.device)
     if n:
         _embed_bwd_rows_kernel[(programs,)](dy, ids, prev, tok, ep, ec, scale, gate, rstd, de, dgate_part,
                                             dscale_part, n, ids.size(-1), D=d, R=rows, ITERS=iters, BOS=bos_id,
                                             WIDE=_wide(ids, d), num_warps=warps)
-    else:
-        dgate_part.zero_()
     return de, dscale_part.sum(), dgate_part.sum(0)
 
 
@@ -322,8 +320,8 @@ def _backward_tables(de: Tensor, ids: Tensor, prev: Tensor, tok: Tensor, ep: Ten
 def _backward_triton(dy: Tensor, ids: Tensor, prev: Tensor, tok: Tensor, ep: Tensor, ec: Tensor, scale: Tensor,
                      gate: Tensor, rstd: Tensor, bos_id: int, tile: tuple[int, int, int, int, int] | None = None
                      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The backward kernels, de (fp32) over the rows in order, then the tables' sums over the positions in ids
-    order: the gradients as _backward_math's. `tile`: BWD_TILE's choices."""
+    """The backward kernels, de (in the tables' dtype) over the rows in order, then the tables' sums over the
+    positions in ids order: the gradients as _backward_math's. `tile`: BWD_TILE's choices."""
     rows, iters, warps, srows, scols, swarps = tile or BWD_TILE
     de, dscale, dgate = _backward_de(dy, ids, prev, tok, ep, ec, scale, gate, rstd, bos_id, rows, iters, warps)
     dtok, dep, dec = _backward_tables(de, ids, prev, tok, ep, ec, scale, bos_id, srows, scols, swarps)

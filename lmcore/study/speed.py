@@ -34,6 +34,11 @@ _FASTEST_REPEAT_V = ["train.fused_qkv=true", "train.fused_qkv_repeat_v=true", "t
                      "train.expand_kv=true", "train.fused_mlp=true", "train.fold_output_scales=true",
                      "train.foreach_grad_accum=true", "train.compile_mode=reduce-overhead"]
 
+# session 31's gate set (benchmarks/lever_sets.sh's GATE), which the later levers are measured on
+_GATE_SET = [*_FASTEST_REPEAT_V, "train.fused_mlp_pingpong=true", "train.fused_softcap_ce=true",
+             "train.fa3_xsa_rowsum=true", "train.fa3_dq_accum=true", "train.fold_attn_norm=true",
+             "train.fused_qkv_gate=true"]
+
 SPEED_LEVERS: dict[str, list[str]] = {
     "defaults": [],
     "defaults_again": [],  # the baseline once more: its difference from `defaults` is the noise
@@ -126,9 +131,7 @@ SPEED_LEVERS: dict[str, list[str]] = {
         "train.fa3_dq_accum=true", "train.fold_attn_norm=true"],
     # that with the gate's logits from the q/k/v GEMM (train.fused_qkv_gate). Session 31, one H200: -2.1 ms a
     # step
-    "fused_all_qkv_fold_foreach_graphs_repeat_v_pingpong_ce_rowsum_dq_vnorm_gate": [
-        *_FASTEST_REPEAT_V, "train.fused_mlp_pingpong=true", "train.fused_softcap_ce=true", "train.fa3_xsa_rowsum=true",
-        "train.fa3_dq_accum=true", "train.fold_attn_norm=true", "train.fused_qkv_gate=true"],
+    "fused_all_qkv_fold_foreach_graphs_repeat_v_pingpong_ce_rowsum_dq_vnorm_gate": [*_GATE_SET],
     # a pin and a copy of x and y a micro-batch instead of the default's one pinned buffer and one copy a step
     # (train.step_batch_copy=false; the same batches). Session 22, the fastest set: 521.8 ms a step without it
     # (GPU 0) against 512.8 with it (GPU 1 of the same host), the profiled steps' kernel time equal
@@ -162,21 +165,13 @@ SPEED_LEVERS: dict[str, list[str]] = {
     # the gate set with the MLP's backward kernel zeroing FA3's dQ accumulator beside its GEMMs, FA3's preprocess
     # then not zeroing its own (train.mlp_zeroes_dq_accum; the FA3_DPSUM build with dq_accum_in). Session 34, one
     # H200, with coordinate descent too: 484.9 ms a step against 484.4 without it (no gain)
-    "fused_all_qkv_fold_foreach_graphs_repeat_v_pingpong_ce_rowsum_dq_vnorm_gate_zero": [
-        *_FASTEST_REPEAT_V, "train.fused_mlp_pingpong=true", "train.fused_softcap_ce=true", "train.fa3_xsa_rowsum=true",
-        "train.fa3_dq_accum=true", "train.fold_attn_norm=true", "train.fused_qkv_gate=true",
-        "train.mlp_zeroes_dq_accum=true"],
+    "fused_all_qkv_fold_foreach_graphs_repeat_v_pingpong_ce_rowsum_dq_vnorm_gate_zero": [*_GATE_SET, "train.mlp_zeroes_dq_accum=true"],
     # the block's residual mix, its row scale and the q/k/v GEMM as one op whose backward writes resid_mix's gradient
     # in the pass that writes x's and x0's (train.fused_resid_mix; needs train.fold_attn_norm). Sessions 38-39
-    "fused_resid_mix": [
-        *_FASTEST_REPEAT_V, "train.fused_mlp_pingpong=true", "train.fused_softcap_ce=true", "train.fa3_xsa_rowsum=true",
-        "train.fa3_dq_accum=true", "train.fold_attn_norm=true", "train.fused_qkv_gate=true",
-        "train.fused_resid_mix=true"],
+    "fused_resid_mix": [*_GATE_SET, "train.fused_resid_mix=true"],
     # the input stage as one op whose backward sums the embedding tables' gradients by token before adding them
     # (train.fused_embed; lmcore.embed_kernel), on the gate set. Session 40
-    "fused_embed": [
-        *_FASTEST_REPEAT_V, "train.fused_mlp_pingpong=true", "train.fused_softcap_ce=true", "train.fa3_xsa_rowsum=true",
-        "train.fa3_dq_accum=true", "train.fold_attn_norm=true", "train.fused_qkv_gate=true", "train.fused_embed=true"],
+    "fused_embed": [*_GATE_SET, "train.fused_embed=true"],
 }
 
 
