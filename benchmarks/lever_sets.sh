@@ -19,7 +19,8 @@
 #             bits; session 35)
 #   MIX       CD + the residual mix, its row scale and the q/k/v GEMM as one op whose backward sums the mix's
 #             gradient in its pass (train.fused_resid_mix; session 38, right under torch 2.11's compile in 39)
-#   EMB       CD + the input stage as one op, the tables' gradients summed by token (train.fused_embed; session 40)
+#   EMB       CD + the input stage as one op, the tables' gradients summed by token (train.fused_embed; session 40;
+#             the same step as CD in session 41)
 QF="train.fused_qkv=true train.fused_qkv_repeat_v=true train.fused_xsa_gate=true train.expand_kv=true"
 QF="$QF train.fused_mlp=true train.fold_output_scales=true train.foreach_grad_accum=true"
 QF="$QF train.compile_mode=reduce-overhead train.fused_mlp_pingpong=true train.ddp_split_graph=false"

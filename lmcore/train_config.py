@@ -146,9 +146,10 @@ class TrainConfig:
     # lmcore.embed_kernel): Triton on CUDA. Its backward sums the tables' gradients by token (positions sorted by id)
     # before it adds them, where inductor's adds every token's row with fp32 atomics (0.35 ms a micro-batch on one
     # H200, session 39's profile). The same math up to fp32 sums' order and one rounding of the rows' gradient to the
-    # tables' dtype (eager's). Session 40, one H200, benchmarks/embed_bench.py: 564 us a micro-batch against 836 (not
-    # yet measured in training). Needs model.bigram=product_key and model.smear_gate; KV-cached decoding keeps the
-    # plain path. The exported script embeds the kernels.
+    # tables' dtype (eager's). Session 40, one H200, benchmarks/embed_bench.py: 564 us a micro-batch against 836;
+    # session 41, in training on one H200: 0.9 ms of kernels saved a step, the same step time. Needs
+    # model.bigram=product_key and model.smear_gate; KV-cached decoding keeps the plain path. The exported script
+    # embeds the kernels.
     fused_embed: bool = False
     # attn_scale and mlp_scale folded into the rows of the output projections they scale (GPT.fold_output_scales):
     # x + (diag(s) W) h as one GEMM instead of x + s * (W h), so the scaled branches are never written and the

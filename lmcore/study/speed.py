@@ -170,7 +170,7 @@ SPEED_LEVERS: dict[str, list[str]] = {
     # in the pass that writes x's and x0's (train.fused_resid_mix; needs train.fold_attn_norm). Sessions 38-39
     "fused_resid_mix": [*_GATE_SET, "train.fused_resid_mix=true"],
     # the input stage as one op whose backward sums the embedding tables' gradients by token before adding them
-    # (train.fused_embed; lmcore.embed_kernel), on the gate set. Session 40
+    # (train.fused_embed; lmcore.embed_kernel), on the gate set. Sessions 40-41: no faster in training on one H200
     "fused_embed": [*_GATE_SET, "train.fused_embed=true"],
 }
 
