@@ -21,6 +21,8 @@
 #             gradient in its pass (train.fused_resid_mix; session 38, right under torch 2.11's compile in 39)
 #   EMB       CD + the input stage as one op, the tables' gradients summed by token (train.fused_embed; session 40;
 #             the same step as CD in session 41)
+#   COMBO     CD + inductor's combo kernels (train.inductor_combo_kernels: independent kernels as one launch;
+#             session 42)
 QF="train.fused_qkv=true train.fused_qkv_repeat_v=true train.fused_xsa_gate=true train.expand_kv=true"
 QF="$QF train.fused_mlp=true train.fold_output_scales=true train.foreach_grad_accum=true"
 QF="$QF train.compile_mode=reduce-overhead train.fused_mlp_pingpong=true train.ddp_split_graph=false"
@@ -36,4 +38,5 @@ ZERO="$CD train.mlp_zeroes_dq_accum=true"
 QUARTER="$CD train.fused_mlp_quarter_tiles=true"
 MIX="$CD train.fused_resid_mix=true"
 EMB="$CD train.fused_embed=true"
-export QF FAST DQ VNORM GATE PRESET MIXT CD SIGN ZERO QUARTER MIX EMB
+COMBO="$CD train.inductor_combo_kernels=true"
+export QF FAST DQ VNORM GATE PRESET MIXT CD SIGN ZERO QUARTER MIX EMB COMBO

@@ -254,6 +254,8 @@ def compile_kwargs(tc: TrainConfig) -> dict[str, Any]:
         options["triton.mix_order_reduction"] = False  # (torch < 2.11 has no such pass)
     if tc.inductor_coordinate_descent:  # (the max-autotune modes turn it on themselves)
         options["coordinate_descent_tuning"] = True
+    if tc.inductor_combo_kernels:
+        options["combo_kernels"] = True
     for name in MIX_ORDER_TUNING if tc.inductor_mix_order_tuning else ():
         if hasattr(inductor_config.triton, name):
             options[f"triton.{name}"] = True

@@ -142,6 +142,10 @@ def test_compile_arguments_of_the_switches():
     assert compile_kwargs(mix)["options"] == {"triton.mix_order_reduction_autotune_split_size": True,
                                               "triton.mix_order_reduction_allow_multi_stages": True}  # (torch 2.13 here)
     torch.compile(torch.nn.Linear(2, 2), **compile_kwargs(mix))
+    combo = preset("record", ["train.inductor_combo_kernels=true"]).train
+    assert compile_kwargs(combo)["options"] == {"triton.mix_order_reduction": False, "combo_kernels": True}
+    assert inductor_config.combo_kernels is False  # the option exists; off by default
+    torch.compile(torch.nn.Linear(2, 2), **compile_kwargs(combo))
     with pytest.raises(ConfigError, match="train.inductor_mix_order_tuning=true needs train.inductor_mix_order_reduction"):
         preset("record", ["train.inductor_mix_order_tuning=true"])
     for mode in ("reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):
