@@ -67,7 +67,7 @@ class TrainConfig:
     # (the weights' casts, the per-layer scales' products, ...) run as one launch a group of up to 8. A pointwise
     # sub-kernel computes what it did alone; a reduction's block size may change (fp32 rounding). Session 39's profile:
     # about 6,000 kernels a one-GPU step, 5.6 ms of gaps under 20 us between them, the weights' casts 1.5-3.4 us kernels
-    # of 88 calls each. Session 42
+    # of 88 calls each. Session 42, one H200, against CD: no gain (the profiled step's kernels +3.1 ms, wall +2.1 ms)
     inductor_combo_kernels: bool = False
     rope_cache: bool = True  # RoPE tables computed once for data.seq_len (GPT.cache_rope), not in the graph
     # q/k RMSNorm + RoPE + q_gain as one op (lmcore.kernels: Triton on CUDA, the same math in PyTorch

@@ -154,7 +154,8 @@ SPEED_LEVERS: dict[str, list[str]] = {
     # one H200: -1.8 ms a step on the fastest set (about 95 s more compile), -1.0 ms on record_fast's switches
     "coordinate_descent": ["train.inductor_coordinate_descent=true"],
     # inductor's combo kernels: independent kernels of one topological level (the weights' casts, ...) launched as one
-    # (train.inductor_combo_kernels; the same values up to reductions' block sizes). Session 42
+    # (train.inductor_combo_kernels; the same values up to reductions' block sizes). Session 42, one H200, against CD:
+    # no gain (the profiled step's kernels +3.1 ms, its wall +2.1 ms)
     "combo_kernels": ["train.inductor_combo_kernels=true"],
     # the fused MLP on the ping-pong kernel keeping pre's signs instead of pre (train.fused_mlp_sign, a deliberate
     # rounding change). Session 33, one H200, on the fastest set with coordinate descent: +0.4 ms a step (no gain),
