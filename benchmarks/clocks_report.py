@@ -55,9 +55,12 @@ def _unwrap(times: list[float]) -> list[float]:
     return out
 
 
-def stages(job_log: Path) -> list[tuple[str, float, float]]:
+def stages(job_log: Path, until: float | None = None) -> list[tuple[str, float, float]]:
     """(name, start, end) of each stage line of the log, in seconds of the job's first day; a
-    stage ends where the next begins, the last at the log's last stamped line. Stages that took
+    stage ends where the next begins, the last at the log's last stamped line or at `until` (the
+    last sample's time, in seconds of the same day) where that is later: a job that never ended
+    (the machine lost mid-run) keeps its last stage instead of losing it as one that took no
+    time. Stages that took
     no time (within the log's one-second stamps) are left out, and so are the lines of runs on
     GPUs other than GPU 0, whose clocks are the ones sampled: a pair's second run, started beside
     GPU 0's in the same second, would otherwise take its name."""
@@ -72,6 +75,8 @@ def stages(job_log: Path) -> list[tuple[str, float, float]]:
     if not marks:
         return []
     times = _unwrap([t for _, t in marks] + [last])
+    if until is not None and until > times[-1]:
+        times[-1] = until
     return [(name, times[i], times[i + 1]) for i, (name, _) in enumerate(marks) if times[i + 1] > times[i]]
 
 
@@ -195,10 +200,6 @@ def main(argv: list[str] | None = None) -> int:
         if not p.is_file():
             print(f"clocks_report: {p}: no such file", file=sys.stderr)
             return 2
-    spans = stages(args.job_log)
-    if not spans:
-        print(f"clocks_report: {args.job_log}: no stage lines ('HH:MM:SS == NAME')", file=sys.stderr)
-        return 2
     if args.energy is not None and not args.energy.is_file():
         print(f"clocks_report: {args.energy}: no such file", file=sys.stderr)
         return 2
@@ -207,6 +208,12 @@ def main(argv: list[str] | None = None) -> int:
         en = energy_samples(args.energy) if args.energy is not None else None
     except ValueError as e:  # a missing column, or a timestamp not in nvidia-smi's layout
         print(f"clocks_report: {e}", file=sys.stderr)
+        return 2
+    # the sampler starts with the job, so its times count from the log's first day too; a second past the last
+    # sample (the log's stamps are whole seconds), so that a job that never ended keeps its last sample
+    spans = stages(args.job_log, until=float(df["t"].max()) + 1 if not df.empty else None)
+    if not spans:
+        print(f"clocks_report: {args.job_log}: no stage lines ('HH:MM:SS == NAME')", file=sys.stderr)
         return 2
     print(report(df, spans, args.busy, en))
     if args.profiles is not None:

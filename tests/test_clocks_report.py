@@ -43,6 +43,32 @@ def test_stages_take_the_busy_samples_between_their_lines(tmp_path: Path):
                          "| report | 0 | 0 | - | - | - | - | - | - |"]
     log.write_text("10:00:00 == lm_after_2 (GPU 0,1, 9 s)\n10:00:05 == lm_v_x_1 (GPU 1, 14 s)\n10:00:07 done\n")
     assert clocks_report.stages(log) == [("lm_after_2", 36000, 36007)]  # 2 ranks: GPU 0's too
+    assert clocks_report.stages(log, until=36005.5) == [("lm_after_2", 36000, 36007)]  # the log's end is later
+
+
+def test_a_job_that_never_ended_keeps_its_last_stage(tmp_path: Path, capsys):
+    # the machine lost while GPU 0's last run was going: its stage line is the log's last stamped line, so it would
+    # take no time; it runs to the last sample instead (session 44's lm_solo_1, added by hand then)
+    log = tmp_path / "job.log"
+    log.write_text("10:00:00 == lm_after_1 (GPU 0, 1 s)\n10:00:03 == lm_solo_1 (GPU 0, 4 s)\n")
+    assert clocks_report.stages(log) == [("lm_after_1", 36000, 36003)]
+    assert clocks_report.stages(log, until=36006.25) == [("lm_after_1", 36000, 36003), ("lm_solo_1", 36003, 36006.25)]
+    csv = tmp_path / "clocks.csv"
+    csv.write_text(HEADER + "".join(_sample(f"10:00:0{i}", 1600 + 10 * i, 690.0, 100, True) for i in range(7)))
+    assert clocks_report.main([str(csv), str(log)]) == 0
+    assert capsys.readouterr().out.splitlines()[2:] == [
+        "| lm_after_1 | 3 | 3 | 1610 | 1600 | 690 | 700 | 100% | 60 |",
+        "| lm_solo_1 | 4 | 4 | 1645 | 1630 | 690 | 700 | 100% | 60 |"]  # to 10:00:07.25
+
+
+def test_session_44s_table_has_the_run_the_lost_machine_cut_short(capsys):
+    # GPU-a5cf18d8: the machine was lost at lm_solo_1's step 100; clocks.md made here from the files that came back
+    res = ROOT / "benchmarks" / "results" / "speed-2026-12-03-h200-s44"
+    args = [str(res / "clocks.csv"), str(res / "speed.log"), "--profiles", str(res), "--energy", str(res / "energy.csv")]
+    assert clocks_report.main(args) == 0
+    out = capsys.readouterr().out
+    assert out == (res / "clocks.md").read_text()
+    assert "| lm_solo_1 | 552 | 123 | 1650 | 1515 | 694 | 700 | 100% | 59 | 687.9 |" in out.splitlines()
 
 
 def test_older_drivers_name_and_bad_paths(tmp_path: Path, capsys):
@@ -69,7 +95,7 @@ def test_older_drivers_name_and_bad_paths(tmp_path: Path, capsys):
     ("speed-2026-11-29-h200x2-s19", "| lm_after_2 | 235 | 35 | 1740 | 1635 | 690 | 700 | 91% | 60 |"),
     # session 20's job hung after its first pair: GPU 0 ran orig_fa3_1, but its stage lines name no GPU
     # (they do since), so the pair's second line, orig_fa2_1's, names GPU 0's samples
-    ("speed-2026-11-29-h200x2-s20", "| orig_fa2_1 | 549 | 60 | 1845 | 1710 | 670 | 700 | 93% | 55 |"),
+    ("speed-2026-11-29-h200x2-s20", "| orig_fa2_1 | 3129 | 60 | 1845 | 1710 | 670 | 700 | 93% | 55 |"),
     ("speed-2026-11-29-h200x2-s21", "| lm_v_repeat_v_1 | 388 | 221 | 1680 | 1365 | 693 | 700 | 100% | 54 |"),
     ("speed-2026-11-29-h200x2-s21b", "| lm_before_2 | 273 | 39 | 1755 | 1680 | 691 | 700 | 87% | 52 |"),
     ("speed-2026-11-30-h200x2-s22", "| lm_solo_2 | 217 | 55 | 1755 | 1320 | 646 | 700 | 55% | 50 |"),
@@ -87,7 +113,9 @@ def test_committed_clocks_table_is_what_its_samples_give(capsys, job, row):
     # session 22's (GPU 0 is GPU-5a19d858), session 23's (GPU 0 is GPU-1f3810d9) and session 24's two (GPU-1ee68278; s24b GPU-48725ebc), session 25's (GPU-3af83493, made here), session 26's two (GPU-34632a62; s26b GPU-451d3400, as printed):
     # nvidia-smi's samples and the job's log as the device wrote them; clocks.md as the report gives them
     # (s16b's rerun here after zero-length stages were left out; s20's made here; s23's printed by the job
-    # with --profiles, as speed.sh runs it since session 22)
+    # with --profiles, as speed.sh runs it since session 22; s20's and s25's made again in session 45, when the
+    # last stage of a job that never ended began to run to the last sample: s20's hung pair counts its idle
+    # samples, s25's lm_after_2 appears)
     res = ROOT / "benchmarks" / "results" / job
     profiles = ["--profiles", str(res)] if "within each profiled step" in (res / "clocks.md").read_text() else []
     assert clocks_report.main([str(res / "clocks.csv"), str(res / "job.log"), *profiles]) == 0
