@@ -23,6 +23,8 @@
 #             the same step as CD in session 41)
 #   COMBO     CD + inductor's combo kernels (train.inductor_combo_kernels: independent kernels as one launch;
 #             session 42: 3.1 ms more kernel time a profiled step than CD, no gain)
+#   SMALL     CD + the two levers that took kernel time out but were flat alone: the input stage's op (EMB) and the
+#             ping-pong forward by quarter tiles (QUARTER); session 45, whether together they gain
 QF="train.fused_qkv=true train.fused_qkv_repeat_v=true train.fused_xsa_gate=true train.expand_kv=true"
 QF="$QF train.fused_mlp=true train.fold_output_scales=true train.foreach_grad_accum=true"
 QF="$QF train.compile_mode=reduce-overhead train.fused_mlp_pingpong=true train.ddp_split_graph=false"
@@ -39,4 +41,5 @@ QUARTER="$CD train.fused_mlp_quarter_tiles=true"
 MIX="$CD train.fused_resid_mix=true"
 EMB="$CD train.fused_embed=true"
 COMBO="$CD train.inductor_combo_kernels=true"
-export QF FAST DQ VNORM GATE PRESET MIXT CD SIGN ZERO QUARTER MIX EMB COMBO
+SMALL="$CD train.fused_embed=true train.fused_mlp_quarter_tiles=true"
+export QF FAST DQ VNORM GATE PRESET MIXT CD SIGN ZERO QUARTER MIX EMB COMBO SMALL

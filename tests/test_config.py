@@ -58,7 +58,7 @@ def test_every_lever_set_benchmarks_name_is_a_valid_record_config():
     # speed.sh's LEVERS / VARIANTS take these sets: one the config refuses would end a device call's run at its start
     sets = _lever_sets()
     assert list(sets) == ["QF", "FAST", "DQ", "VNORM", "GATE", "PRESET", "MIXT", "CD", "SIGN", "ZERO", "QUARTER",
-                          "MIX", "EMB", "COMBO"]
+                          "MIX", "EMB", "COMBO", "SMALL"]
     for out in sets.values():
         cfg = preset("record", out)  # raises ConfigError on a refused combination
         assert out and all(o.startswith("train.") and "=" in o for o in out)
@@ -69,6 +69,8 @@ def test_every_lever_set_benchmarks_name_is_a_valid_record_config():
     assert preset("record", sets["MIX"]).train.fused_resid_mix  # the mix op (needs fold_attn_norm, in CD)
     assert preset("record", sets["EMB"]).train.fused_embed  # the input stage's op
     assert preset("record", sets["COMBO"]).train.inductor_combo_kernels  # inductor's combo kernels on CD
+    small = preset("record", sets["SMALL"]).train  # EMB's and QUARTER's levers together on CD
+    assert small.fused_embed and small.fused_mlp_quarter_tiles and small.inductor_coordinate_descent
 
 
 def test_record_fast_switches_train_tiny_as_records_defaults(tmp_path):
