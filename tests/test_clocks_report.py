@@ -61,14 +61,18 @@ def test_a_job_that_never_ended_keeps_its_last_stage(tmp_path: Path, capsys):
         "| lm_solo_1 | 4 | 4 | 1645 | 1630 | 690 | 700 | 100% | 60 |"]  # to 10:00:07.25
 
 
-def test_session_44s_table_has_the_run_the_lost_machine_cut_short(capsys):
+@pytest.mark.parametrize("job, row", [
     # GPU-a5cf18d8: the machine was lost at lm_solo_1's step 100; clocks.md made here from the files that came back
-    res = ROOT / "benchmarks" / "results" / "speed-2026-12-03-h200-s44"
+    ("speed-2026-12-03-h200-s44", "| lm_solo_1 | 552 | 123 | 1650 | 1515 | 694 | 700 | 100% | 59 | 687.9 |"),
+    # GPU-4a07a7b0: a whole job, clocks.md as the job printed it
+    ("speed-2026-12-03-h200-s45", "| lm_solo_1 | 612 | 216 | 1575 | 1425 | 694 | 700 | 100% | 59 | 688.1 |")])
+def test_committed_tables_with_the_energy_counter(capsys, job, row):
+    res = ROOT / "benchmarks" / "results" / job
     args = [str(res / "clocks.csv"), str(res / "speed.log"), "--profiles", str(res), "--energy", str(res / "energy.csv")]
     assert clocks_report.main(args) == 0
     out = capsys.readouterr().out
     assert out == (res / "clocks.md").read_text()
-    assert "| lm_solo_1 | 552 | 123 | 1650 | 1515 | 694 | 700 | 100% | 59 | 687.9 |" in out.splitlines()
+    assert row in out.splitlines()
 
 
 def test_older_drivers_name_and_bad_paths(tmp_path: Path, capsys):

@@ -110,7 +110,7 @@ def test_kernel_sources_copies_the_top_triton_kernels(tmp_path: Path):
                                  "speed-2026-12-01-h200-s35", "speed-2026-12-02-h200-s36",
                                  "speed-2026-12-02-h200-s37", "speed-2026-12-02-h200-s38",
                                  "speed-2026-12-02-h200-s39", "speed-2026-12-02-h200-s41",
-                                 "speed-2026-12-03-h200-s44"])
+                                 "speed-2026-12-03-h200-s44", "speed-2026-12-03-h200-s45"])
 def test_committed_speed_table_is_what_its_results_give(capsys, job):
     # benchmarks/results/JOB holds the small files of one speed.sh job of issue 16 (session 5 on
     # two H200s, session 6 on one, session 7 on two); its speed_table.md (printed on the GPU
@@ -145,7 +145,8 @@ def test_committed_speed_table_is_what_its_results_give(capsys, job):
     # from this session) and solo CD, as printed; s41 the same shape on a fourth H200, after EMB (train.fused_embed) and
     # solo CD, as printed; s44 the same shape on a fifth H200, after COMBO (train.inductor_combo_kernels) and solo CD,
     # made here from the files of a job whose machine was given back at solo's step 100: solo has no profile and
-    # 100 of its 200 steps) must be what the report gives for them
+    # 100 of its 200 steps; s45 the same shape on a sixth H200, after CD and solo SMALL (EMB's and QUARTER's levers
+    # together), as printed) must be what the report gives for them
     res = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / job
     assert speed_report.main(res) == 0
     assert capsys.readouterr().out == (res / "speed_table.md").read_text()
