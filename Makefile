@@ -4,7 +4,7 @@ PY ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
 
-.PHONY: test smoke env clean-env fa3 fa3-dpsum-cpu test-torch211
+.PHONY: test smoke env clean-env fa3 fa3-dpsum-cpu test-torch211 device-carry
 
 $(VENV)/.ready: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -39,6 +39,11 @@ $(TORCH_BUILD_VENV)/bin/python:
 fa3-dpsum-cpu: $(TORCH_BUILD_VENV)/bin/python
 	PYTHON=$(TORCH_BUILD_VENV)/bin/python FA3_DPSUM=1 FA3_FWD64_CAUSAL_TILE=128x128 MAX_JOBS=$$(nproc) \
 	  bash scripts/build_fa3.sh .fa3/dpsum
+
+# The ignored folders a device job carries (.whl .data .ref .fa3; scripts/device_carry.sh says what each holds), made
+# from ../shared and a fetched mirror of the original's repository (MIRROR=its git directory). Not part of test.
+device-carry:
+	bash scripts/device_carry.sh
 
 # The CPU test suite under torch 2.11, the GPU machines' version (CI runs 2.13): in fa3-dpsum-cpu's venv, lmcore
 # installed there editable. Session 39: a dynamo bug of 2.11 (compiled gradients of an autograd.Function) that 2.13
