@@ -13,10 +13,13 @@ lmcore.mlp_pingpong.TILE and at TILE_QUARTER (train.fused_mlp_quarter_tiles), it
 runs it). With --attention, where flash_attn_interface imports (FA3; carry its wheel), also the attention's kernels
 at `record`'s micro-batch as the fastest sets run them (8 heads after train.expand_kv, head dim 64, causal): FA3's
 forward, and its forward and backward together, and cuBLAS's GEMMs of the fused q/k/v projection (512 -> 1,024)
-and the output projection (512 -> 512), each forward, dX and dW.
+and the output projection (512 -> 512), each forward, dX and dW. With --memory, memory-bound kernels at `record`'s
+micro-batch, for their watts against the GEMMs' (what a millisecond taken out of such a kernel saves at the power
+limit): a bf16 copy of the residual stream (tokens, 512), q's RMSNorm + RoPE + gain kernel forward and backward
+(lmcore.kernels; its PyTorch math off CUDA) and inductor's kernel for a residual add and the RMSNorm after it.
 
-usage: python benchmarks/energy_bench.py [--tokens 98304] [--seconds 3] [--idle 2] [--attention] [--rows REGEX]
-       [--json PATH]
+usage: python benchmarks/energy_bench.py [--tokens 98304] [--seconds 3] [--idle 2] [--attention] [--memory]
+       [--rows REGEX] [--json PATH]
 GPU only (sm_90) with pynvml.
 """
 
@@ -90,6 +93,36 @@ def attention_rows(tokens: int, seq: int = 2048, heads: int = 8, dim: int = 64,
     return rows
 
 
+def memory_rows(tokens: int, seq: int = 2048, device: str = "cuda",
+                compiler: Callable[[Callable], Callable] = torch.compile) -> dict[str, Callable[[], object]]:
+    """--memory's rows (module docstring), at `record`'s shapes; tokens a multiple of seq. `compiler` makes the
+    add + norm row's kernel (torch.compile: inductor's)."""
+    import lmcore.kernels as K
+    from lmcore.config import preset
+    from lmcore.layers import rms_norm, rope_tables
+
+    cfg = preset("record").model
+    torch.manual_seed(0)
+    x, a = (torch.randn(tokens, cfg.model_dim, device=device, dtype=torch.bfloat16) for _ in range(2))
+    y = torch.empty_like(x)
+    q = torch.randn(tokens // seq, seq, cfg.num_heads, cfg.head_dim, device=device, dtype=torch.bfloat16)
+    g = torch.randn_like(q)
+    gain = torch.full((cfg.num_heads,), 1.5, device=device)
+    cos, sin = rope_tables(cfg, seq, torch.device(device))
+    triton = K._use_triton(q, cos.size(-1))
+    fwd, bwd = (K._forward_triton, K._backward_triton) if triton else (K._forward_math, K._backward_math)
+    _, rstd = fwd(q, cos, sin, gain)
+
+    def add_norm(u: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = u + v
+        return h, rms_norm(h)
+
+    return {"copy of the residual stream (tokens, 512) bf16": lambda: y.copy_(x),
+            "q's RMSNorm + RoPE + gain, forward": lambda: fwd(q, cos, sin, gain),
+            "q's RMSNorm + RoPE + gain, backward": lambda: bwd(g, q, rstd, cos, sin, gain),
+            "inductor: residual add + RMSNorm": lambda f=compiler(add_norm): f(x, a)}
+
+
 def main() -> int:
     import pynvml
 
@@ -101,6 +134,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--idle", type=float, default=2.0)
     ap.add_argument("--attention", action="store_true", help="also FA3's and the attention's GEMMs' rows")
+    ap.add_argument("--memory", action="store_true", help="also memory-bound kernels' rows")
     ap.add_argument("--rows", default=None, help="only the rows whose name matches this regular expression")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -127,6 +161,7 @@ def main() -> int:
         "ping-pong backward, TILE": lambda: pingpong_bwd(g, wp, pre, PP.TILE, b_kn=True),
         "ping-pong backward, sign path": lambda: pingpong_bwd(g, wp, post, PP.TILE, b_kn=True, signs=signs),
         **(attention_rows(args.tokens) if args.attention else {}),
+        **(memory_rows(args.tokens) if args.memory else {}),
     }
     if args.rows:
         rows = {name: fn for name, fn in rows.items() if re.search(args.rows, name)}

@@ -433,3 +433,23 @@ def test_energy_bench_attention_rows_run_and_take_the_gradients(monkeypatch):
     assert tuple(rows["FA3 forward"]().shape) == (2, 32, 2, 8)
     assert rows["FA3 forward and backward"]() is None
     assert calls == [((2, 32, 2, 8), True, False), ((2, 32, 2, 8), True, True)]
+
+
+def test_energy_bench_memory_rows_run_at_records_shapes():
+    # energy_bench.memory_rows on CPU (the q/k kernel's PyTorch math; the add + norm uncompiled): each row runs, the
+    # copy writes the stream, the kernel rows give q's shapes and the norm's gradient
+    import energy_bench
+
+    torch = pytest.importorskip("torch")
+    rows = energy_bench.memory_rows(64, seq=32, device="cpu", compiler=lambda f: f)
+    assert list(rows) == ["copy of the residual stream (tokens, 512) bf16", "q's RMSNorm + RoPE + gain, forward",
+                          "q's RMSNorm + RoPE + gain, backward", "inductor: residual add + RMSNorm"]
+    y = rows["copy of the residual stream (tokens, 512) bf16"]()
+    assert y.shape == (64, 512) and y.dtype == torch.bfloat16 and y.abs().sum() > 0
+    out, rstd = rows["q's RMSNorm + RoPE + gain, forward"]()
+    assert out.shape == (2, 32, 8, 64) and rstd.shape == (2, 32, 8)
+    dx, dgain = rows["q's RMSNorm + RoPE + gain, backward"]()
+    assert dx.shape == (2, 32, 8, 64) and dgain.shape == (8,)
+    h, n = rows["inductor: residual add + RMSNorm"]()
+    assert h.shape == n.shape == (64, 512)
+    assert torch.allclose(n.float().pow(2).mean(-1), torch.ones(64), atol=0.02)
