@@ -62,6 +62,12 @@ def above_idle(row: dict, idle_watts: float) -> float:
     return row["j_per_call"] - idle_watts * row["ms"] / 1000
 
 
+def table_row(name: str, row: dict, idle_watts: float) -> str:
+    """The printed table's line for one row (its JSON's numbers; the heading in main)."""
+    return (f"| {name} | {row['ms']:.3f} | {row['j_per_call']:.4f} | {above_idle(row, idle_watts):.4f} "
+            f"| {row['watts']:.0f} | {row['sm_mhz']} | {CALLS_PER_STEP * row['j_per_call']:.2f} |")
+
+
 def attention_rows(tokens: int, seq: int = 2048, heads: int = 8, dim: int = 64,
                    device: str = "cuda") -> dict[str, Callable[[], object]]:
     """--attention's rows (module docstring), or none where flash_attn_interface does not import (a line says so)."""
@@ -178,8 +184,7 @@ def main() -> int:
     for name, fn in rows.items():
         energy_per_call(fn, args.seconds, energy, sync)  # warm-up, as long: the clock settles
         r = out["rows"][name] = energy_per_call(fn, args.seconds, energy, sync, clock)
-        print(f"| {name} | {r['ms']:.3f} | {r['j_per_call']:.4f} | {above_idle(r, idle_watts):.4f} | {r['watts']:.0f} "
-              f"| {r['sm_mhz']} | {CALLS_PER_STEP * r['j_per_call']:.2f} |", flush=True)
+        print(table_row(name, r, idle_watts), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

@@ -459,11 +459,12 @@ def test_session_45s_memory_rows_table_is_its_json():
     # results/energy-2026-12-03-h200-s45: table.md as the device call printed it, energy_memory.json as it wrote it
     import json
 
+    import energy_bench
+
     res = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "energy-2026-12-03-h200-s45"
     data = json.loads((res / "energy_memory.json").read_text())
     lines = [line for line in (res / "table.md").read_text().splitlines() if line.startswith("| ") and "---" not in line]
     assert len(lines) == 1 + len(data["rows"])
     for line, (name, r) in zip(lines[1:], data["rows"].items()):
-        assert line == (f"| {name} | {r['ms']:.3f} | {r['j_per_call']:.4f} | {r['j_per_call'] - data['idle_watts'] * r['ms'] / 1000:.4f} "
-                        f"| {r['watts']:.0f} | {r['sm_mhz']} | {88 * r['j_per_call']:.2f} |")
+        assert line == energy_bench.table_row(name, r, data["idle_watts"])
     assert f"idle {data['idle_watts']:.1f} W" in (res / "table.md").read_text().splitlines()[0]
